@@ -1,0 +1,53 @@
+// The attention module: what one decoder layer's self-attention does with the cache. Given the new
+// tokens' query, key and value states (RoPE already applied to q and k), it stores k and v through
+// cache.update, builds the mask from the 2D attention_mask [batch, past + new] and cache_position,
+// and computes softmax(Q·Kᵀ·scale + mask)·V over past + new keys on the cache's backend.
+//
+// Everything the step could reject (shapes, heads, mask length, cache_position) is checked before
+// cache.update runs, so a rejected step leaves the cache as it was.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+
+#include "kvcache/attention/mask.hpp"
+#include "kvcache/backend/cpu.hpp"
+#include "kvcache/cache/cache.hpp"
+#include "kvcache/tensor.hpp"
+
+namespace kvcache {
+
+struct AttentionOptions {
+  std::int64_t num_heads = 0;
+  std::int64_t num_kv_heads = 0;  // num_heads for multi-head attention, fewer for grouped-query
+  std::int64_t head_dim = 0;
+  std::optional<float> scale;  // default 1 / sqrt(head_dim)
+};
+
+class Attention {
+ public:
+  Attention(int layer_idx, AttentionOptions options);
+
+  /// One step of self-attention for layer layer_idx().
+  ///   query_states    [batch, num_heads, q_len, head_dim]     (after RoPE)
+  ///   key_states      [batch, num_kv_heads, q_len, head_dim]  (after RoPE; cached as given)
+  ///   value_states    [batch, num_kv_heads, q_len, head_dim]
+  ///   attention_mask  [batch, past + q_len] int64/int32/uint8, 1 = attend; undefined = no padding
+  ///   cache_position  [q_len] absolute cache slots of the new tokens
+  /// Returns [batch, q_len, num_heads, head_dim] in the query's dtype.
+  Tensor forward(const Tensor& query_states, const Tensor& key_states, const Tensor& value_states,
+                 Cache<cpu::Backend>& cache, const Tensor& attention_mask,
+                 std::span<const std::int64_t> cache_position) const;
+
+  int layer_idx() const { return layer_idx_; }
+  const AttentionOptions& options() const { return options_; }
+  float scale() const { return scale_; }
+
+ private:
+  int layer_idx_;
+  AttentionOptions options_;
+  float scale_;
+};
+
+}  // namespace kvcache

@@ -1,0 +1,39 @@
+// The attention mask of a step, from the two things a generation loop tracks: the 2D
+// attention_mask [batch, past + new] (1 = attend, 0 = padding) and cache_position [q_len] (the
+// absolute cache slot of each new token, shared by the batch and unaffected by padding). Key slot
+// j is visible to query i when j <= cache_position[i] and attention_mask[b, j] != 0.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kvcache/tensor.hpp"
+
+namespace kvcache {
+
+/// Checks a 2D attention mask against [batch, kv_length] and returns it as bytes (1 = attend),
+/// row-major. An undefined mask means "no padding" and gives an empty vector. Accepts int64,
+/// int32 and uint8 masks on the CPU; `where` names the caller in error messages.
+std::vector<std::uint8_t> mask_to_bytes(const Tensor& attention_mask, std::int64_t batch,
+                                        std::int64_t kv_length, const char* where);
+
+/// Checks cache_position: q_len entries, non-negative, each below kv_offset + kv_length.
+void check_cache_position(std::span<const std::int64_t> cache_position, std::int64_t q_len,
+                          std::int64_t kv_length, std::int64_t kv_offset, const char* where);
+
+/// The full boolean mask the attention applies, [batch, q_len, kv_length] uint8 (1 = visible),
+/// for inspection and for callers who run their own attention.
+Tensor make_attention_mask(const Tensor& attention_mask, std::span<const std::int64_t> cache_position,
+                           std::int64_t batch, std::int64_t kv_length, std::int64_t kv_offset = 0);
+
+/// A [batch, length] int64 mask of ones: every slot attends.
+Tensor ones_mask(std::int64_t batch, std::int64_t length);
+
+/// The seed's mask growth: `attention_mask` with `new_columns` columns of ones appended.
+Tensor extend_attention_mask(const Tensor& attention_mask, std::int64_t new_columns = 1);
+
+/// cache_position for a step: [start, start + q_len).
+std::vector<std::int64_t> make_cache_position(std::int64_t start, std::int64_t q_len);
+
+}  // namespace kvcache

@@ -1,0 +1,51 @@
+// The CPU backend: element copies between tensors, and the attention math over views, written with
+// Eigen maps over the tensors' memory and OpenMP across the cores. It owns no bookkeeping: caches
+// decide what to copy where, this file only moves and multiplies numbers.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string_view>
+
+#include "kvcache/tensor.hpp"
+
+namespace kvcache::cpu {
+
+/// Copies `src` into `dst` element by element. Shapes must match; dtypes may differ (converted with
+/// round-to-nearest-even); any strides. Both tensors on the CPU.
+void copy(const Tensor& dst, const Tensor& src);
+
+/// A new contiguous CPU tensor holding `src`'s elements, converted to `dtype`.
+Tensor cast(const Tensor& src, DType dtype);
+/// A new contiguous CPU tensor holding `src`'s elements in its own dtype.
+inline Tensor clone(const Tensor& src) { return cast(src, src.dtype()); }
+
+/// The backend a Cache is instantiated on: where its storage lives and how it copies.
+struct Backend {
+  static constexpr Device kDevice = Device::kCpu;
+  static constexpr std::string_view kName = "cpu";
+  /// Contiguous, uninitialised storage on this backend's device.
+  static Tensor empty(Shape shape, DType dtype) { return Tensor::empty(shape, dtype); }
+  /// Same-shape copy between two tensors on this backend's device.
+  static void copy(const Tensor& dst, const Tensor& src) { cpu::copy(dst, src); }
+};
+
+/// softmax(Q·Kᵀ·scale + mask)·V over given keys and values, grouped-query aware, softmax and
+/// accumulation in float32 whatever the input dtype.
+///   query           [batch, num_heads, q_len, head_dim]        float32 / float16 / bfloat16
+///   keys, values    [batch, num_kv_heads, kv_len, head_dim]    same dtype as query
+///   attention_mask  [batch, kv_len] int64 / int32 / uint8 (nonzero = attend), or undefined (all)
+///   cache_position  [q_len] absolute slot of each query; key j sits at slot kv_offset + j and is
+///                   visible to query i when kv_offset + j <= cache_position[i] and it is not padding
+///   out             [batch, q_len, num_heads, head_dim]        query's dtype (transformers' layout
+///                   after eager attention's transpose, ready for the output projection)
+/// num_heads must be a multiple of num_kv_heads. Query rows that see no key give zeros.
+/// Shapes are checked (kvcache::Error); `out` is written only after all checks pass.
+void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
+               const Tensor& attention_mask, std::span<const std::int64_t> cache_position,
+               std::int64_t kv_offset, float scale, const Tensor& out);
+
+/// Number of threads the CPU kernels use (OpenMP's maximum, 1 when built without OpenMP).
+int num_threads();
+
+}  // namespace kvcache::cpu

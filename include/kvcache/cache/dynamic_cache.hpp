@@ -1,0 +1,270 @@
+// DynamicCache: a cache that grows as tokens arrive, like transformers' DynamicCache, without its
+// cost. transformers appends with torch.cat, copying the whole layer every step (O(S) a step,
+// O(S²) a generation, two full copies alive at once). Here each layer owns capacity-managed
+// storage [batch, num_kv_heads, capacity, head_dim]; an update copies only its new tokens into the
+// free slots and returns views of the first past + q_len slots. When capacity runs out it grows
+// by 1.5× (at least to what the step needs), so appends cost amortised O(new tokens).
+//
+// Views returned by update() and to_legacy_cache() share ownership of the storage: they stay valid
+// memory after the cache grows, is reset or destroyed, but they alias it, so a later crop followed
+// by an update can overwrite slots an old view still covers. Take a copy (cpu::clone) to snapshot.
+//
+// Every mutating call checks all of its input before it changes anything and allocates before it
+// commits, so a call that throws leaves the cache as it was. Not thread-safe.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "kvcache/backend/cpu.hpp"
+#include "kvcache/cache/cache.hpp"
+#include "kvcache/cache/legacy.hpp"
+#include "kvcache/error.hpp"
+
+namespace kvcache {
+
+struct DynamicCacheOptions {
+  /// Token slots each layer allocates on its first update (at least what that update needs).
+  /// Setting it to prompt + max_new_tokens makes a whole generation run without regrowth.
+  std::int64_t initial_capacity = 0;
+};
+
+template <CacheBackend B = cpu::Backend>
+class DynamicCache : public Cache<B> {
+ public:
+  DynamicCache() = default;
+  explicit DynamicCache(DynamicCacheOptions options) : options_(options) {
+    KVCACHE_CHECK(options.initial_capacity >= 0,
+                  "DynamicCache: expected initial_capacity >= 0, got ", options.initial_capacity);
+  }
+
+  /// Builds a cache from the legacy format, copying every layer into cache storage (one copy of
+  /// the data; the legacy tensors are not referenced afterwards). Tensors must be on B's device.
+  static DynamicCache from_legacy_cache(const LegacyCache& legacy, DynamicCacheOptions options = {}) {
+    DynamicCache cache(options);
+    for (std::size_t i = 0; i < legacy.size(); ++i) {
+      cache.update(legacy[i].first, legacy[i].second, static_cast<int>(i));
+    }
+    return cache;
+  }
+
+  /// The legacy format as views of the cache's storage: no copy, O(layers). See the aliasing
+  /// note at the top of this file.
+  LegacyCache to_legacy_cache() const {
+    LegacyCache legacy;
+    legacy.reserve(layers_.size());
+    for (const auto& layer : layers_) legacy.emplace_back(layer.key_view(), layer.value_view());
+    return legacy;
+  }
+
+  std::pair<Tensor, Tensor> update(const Tensor& key_states, const Tensor& value_states,
+                                   int layer_idx, const CacheKwargs& kwargs = {}) override {
+    (void)kwargs;
+    check_states(key_states, value_states, layer_idx);
+    const bool new_layer = layer_idx == num_layers();
+    const std::int64_t q_len = key_states.size(2);
+    Layer staged = new_layer ? Layer{} : layers_[static_cast<std::size_t>(layer_idx)];
+    const std::int64_t past = staged.seq_len;
+    // Allocate first (may throw), then copy into slots past the committed length: until the
+    // commit below, nothing the cache exposes has changed.
+    staged.ensure_capacity(key_states, past + q_len, options_.initial_capacity);
+    B::copy(staged.keys.slice(2, past, past + q_len), key_states);
+    B::copy(staged.values.slice(2, past, past + q_len), value_states);
+    staged.seq_len = past + q_len;
+    if (new_layer) {
+      layers_.push_back(std::move(staged));  // may throw: the cache is still unchanged
+    } else {
+      layers_[static_cast<std::size_t>(layer_idx)] = std::move(staged);
+    }
+    const Layer& layer = layers_[static_cast<std::size_t>(layer_idx)];
+    return {layer.key_view(), layer.value_view()};
+  }
+
+  std::int64_t get_seq_length(int layer_idx = 0) const override {
+    KVCACHE_CHECK(layer_idx >= 0, "DynamicCache::get_seq_length: expected layer_idx >= 0, got ",
+                  layer_idx);
+    return layer_idx < num_layers() ? layers_[static_cast<std::size_t>(layer_idx)].seq_len : 0;
+  }
+
+  std::int64_t get_max_cache_shape(int layer_idx = 0) const override {
+    (void)layer_idx;
+    return -1;
+  }
+
+  MaskSizes get_mask_sizes(std::span<const std::int64_t> cache_position,
+                           int layer_idx) const override {
+    return {get_seq_length(layer_idx) + static_cast<std::int64_t>(cache_position.size()), 0};
+  }
+
+  int num_layers() const override { return static_cast<int>(layers_.size()); }
+
+  void reset() override {
+    for (auto& layer : layers_) layer.seq_len = 0;
+  }
+
+  void crop(std::int64_t max_length) override {
+    std::int64_t target = max_length;
+    if (max_length < 0) {
+      const std::int64_t length = get_seq_length();
+      KVCACHE_CHECK(-max_length <= length, "DynamicCache::crop(", max_length, "): expected to drop at most ",
+                    length, " tokens (the cache length), got ", -max_length);
+      target = length + max_length;
+    }
+    for (auto& layer : layers_) layer.seq_len = std::min(layer.seq_len, target);
+  }
+
+  void reorder_cache(std::span<const std::int64_t> beam_idx) override {
+    const std::int64_t batch = batch_size();
+    KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
+                  "DynamicCache::reorder_cache: expected ", batch, " beam indices (one per row), got ",
+                  beam_idx.size());
+    gather_batch(beam_idx, "reorder_cache");
+  }
+
+  void batch_repeat_interleave(std::int64_t repeats) override {
+    KVCACHE_CHECK(repeats >= 1, "DynamicCache::batch_repeat_interleave: expected repeats >= 1, got ",
+                  repeats);
+    const std::int64_t batch = std::max<std::int64_t>(batch_size(), 0);
+    std::vector<std::int64_t> rows(static_cast<std::size_t>(batch * repeats));
+    for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<std::int64_t>(i) / repeats;
+    gather_batch(rows, "batch_repeat_interleave");
+  }
+
+  void batch_select_indices(std::span<const std::int64_t> indices) override {
+    KVCACHE_CHECK(!indices.empty() || batch_size() < 0,
+                  "DynamicCache::batch_select_indices: expected at least one index, got none");
+    gather_batch(indices, "batch_select_indices");
+  }
+
+  std::size_t nbytes() const override {
+    std::size_t total = 0;
+    for (const auto& layer : layers_) total += layer.key_view().nbytes() + layer.value_view().nbytes();
+    return total;
+  }
+
+  std::size_t capacity_bytes() const override {
+    std::size_t total = 0;
+    for (const auto& layer : layers_) total += layer.keys.nbytes() + layer.values.nbytes();
+    return total;
+  }
+
+  /// Token slots layer `layer_idx` has allocated.
+  std::int64_t capacity(int layer_idx = 0) const {
+    return layer_idx < num_layers() ? layers_[static_cast<std::size_t>(layer_idx)].capacity() : 0;
+  }
+
+  /// Batch size of the rows held, or -1 while every layer is empty.
+  std::int64_t batch_size() const {
+    for (const auto& layer : layers_)
+      if (layer.seq_len > 0) return layer.keys.size(0);
+    return -1;
+  }
+
+ private:
+  struct Layer {
+    Tensor keys;    // [batch, num_kv_heads, capacity, head_dim], owning, on B::kDevice
+    Tensor values;  // same
+    std::int64_t seq_len = 0;  // slots [0, seq_len) hold tokens
+
+    std::int64_t capacity() const { return keys.defined() ? keys.size(2) : 0; }
+    Tensor key_view() const { return keys.defined() ? keys.slice(2, 0, seq_len) : keys; }
+    Tensor value_view() const { return values.defined() ? values.slice(2, 0, seq_len) : values; }
+
+    bool layout_matches(const Tensor& states) const {
+      return keys.defined() && keys.dtype() == states.dtype() && keys.size(0) == states.size(0) &&
+             keys.size(1) == states.size(1) && keys.size(3) == states.size(3);
+    }
+
+    // Makes room for `needed` tokens. An empty layer whose shape no longer fits is reallocated.
+    void ensure_capacity(const Tensor& states, std::int64_t needed, std::int64_t initial) {
+      if (layout_matches(states) && needed <= capacity()) return;
+      const bool keep = layout_matches(states) && seq_len > 0;
+      std::int64_t grown = std::max({needed, initial, std::int64_t{16}});
+      if (keep) grown = std::max(grown, capacity() + capacity() / 2);
+      const std::int64_t shape[4] = {states.size(0), states.size(1), grown, states.size(3)};
+      Tensor new_keys = B::empty(shape, states.dtype());
+      Tensor new_values = B::empty(shape, states.dtype());
+      if (keep) {
+        B::copy(new_keys.slice(2, 0, seq_len), key_view());
+        B::copy(new_values.slice(2, 0, seq_len), value_view());
+      }
+      keys = std::move(new_keys);
+      values = std::move(new_values);
+    }
+  };
+
+  void check_states(const Tensor& k, const Tensor& v, int layer_idx) const {
+    KVCACHE_CHECK(layer_idx >= 0 && layer_idx <= num_layers(), "DynamicCache::update: expected layer_idx in [0, ",
+                  num_layers(), "] (layers are added in order), got ", layer_idx);
+    KVCACHE_CHECK(k.defined() && v.defined(), "DynamicCache::update: expected defined key and value states, got ",
+                  k.describe(), " and ", v.describe());
+    KVCACHE_CHECK(k.rank() == 4, "DynamicCache::update: expected key_states [batch, num_kv_heads, q_len, head_dim], got ",
+                  k.describe());
+    KVCACHE_CHECK(v.rank() == 4 && v.size(0) == k.size(0) && v.size(1) == k.size(1) &&
+                      v.size(2) == k.size(2) && v.size(3) == k.size(3),
+                  "DynamicCache::update: expected value_states shaped like key_states ", k.shape_string(),
+                  ", got ", v.shape_string());
+    KVCACHE_CHECK(k.dtype() == v.dtype(), "DynamicCache::update: expected key and value states of one dtype, got ",
+                  dtype_name(k.dtype()), " and ", dtype_name(v.dtype()));
+    KVCACHE_CHECK(is_floating(k.dtype()), "DynamicCache::update: expected float32, float16 or bfloat16 states, got ",
+                  dtype_name(k.dtype()));
+    KVCACHE_CHECK(k.device() == B::kDevice && v.device() == B::kDevice, "DynamicCache::update: expected states on ",
+                  device_name(B::kDevice), " (the cache's backend), got ", device_name(k.device()), " and ",
+                  device_name(v.device()));
+    KVCACHE_CHECK(k.size(0) > 0 && k.size(1) > 0 && k.size(3) > 0,
+                  "DynamicCache::update: expected non-zero batch, num_kv_heads and head_dim, got ", k.shape_string());
+    if (layer_idx < num_layers()) {
+      const Layer& layer = layers_[static_cast<std::size_t>(layer_idx)];
+      if (layer.seq_len > 0) {
+        KVCACHE_CHECK(layer.layout_matches(k), "DynamicCache::update: layer ", layer_idx, " holds [",
+                      layer.keys.size(0), ", ", layer.keys.size(1), ", ", layer.seq_len, ", ", layer.keys.size(3),
+                      "] ", dtype_name(layer.keys.dtype()), "; expected new states [", layer.keys.size(0), ", ",
+                      layer.keys.size(1), ", q_len, ", layer.keys.size(3), "] ", dtype_name(layer.keys.dtype()),
+                      ", got ", k.describe());
+      }
+    }
+    const std::int64_t batch = batch_size();
+    KVCACHE_CHECK(batch < 0 || k.size(0) == batch, "DynamicCache::update: expected batch ", batch,
+                  " (the batch the cache holds), got ", k.size(0), " for layer ", layer_idx);
+  }
+
+  // Rebuilds every non-empty layer with batch rows `rows` of the old layout. All new storage is
+  // allocated and filled before any layer is replaced.
+  void gather_batch(std::span<const std::int64_t> rows, const char* op) {
+    const std::int64_t batch = batch_size();
+    if (batch < 0) return;  // nothing held: nothing to rearrange
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      KVCACHE_CHECK(rows[i] >= 0 && rows[i] < batch, "DynamicCache::", op, ": expected indices in [0, ", batch,
+                    "), got ", rows[i], " at position ", i);
+    }
+    std::vector<Layer> rebuilt = layers_;
+    for (auto& layer : rebuilt) {
+      if (layer.seq_len == 0) continue;
+      const std::int64_t shape[4] = {static_cast<std::int64_t>(rows.size()), layer.keys.size(1),
+                                     layer.capacity(), layer.keys.size(3)};
+      Tensor keys = B::empty(shape, layer.keys.dtype());
+      Tensor values = B::empty(shape, layer.values.dtype());
+      for (std::size_t i = 0; i < rows.size(); ++i) {
+        const auto dst = static_cast<std::int64_t>(i);
+        B::copy(keys.slice(0, dst, dst + 1).slice(2, 0, layer.seq_len),
+                layer.key_view().slice(0, rows[i], rows[i] + 1));
+        B::copy(values.slice(0, dst, dst + 1).slice(2, 0, layer.seq_len),
+                layer.value_view().slice(0, rows[i], rows[i] + 1));
+      }
+      layer.keys = std::move(keys);
+      layer.values = std::move(values);
+    }
+    layers_.swap(rebuilt);
+  }
+
+  DynamicCacheOptions options_;
+  std::vector<Layer> layers_;
+};
+
+extern template class DynamicCache<cpu::Backend>;
+
+}  // namespace kvcache

@@ -1,0 +1,15 @@
+// Umbrella header: everything a C++ inference loop needs from kvcache on the CPU. The CUDA
+// backend's host declarations are in <kvcache/backend/cuda.hpp> (link kvcache::cuda).
+#pragma once
+
+#include "kvcache/attention/attention.hpp"
+#include "kvcache/attention/mask.hpp"
+#include "kvcache/attention/rope.hpp"
+#include "kvcache/backend/cpu.hpp"
+#include "kvcache/cache/cache.hpp"
+#include "kvcache/cache/dynamic_cache.hpp"
+#include "kvcache/cache/legacy.hpp"
+#include "kvcache/error.hpp"
+#include "kvcache/float16.hpp"
+#include "kvcache/tensor.hpp"
+#include "kvcache/version.hpp"

@@ -1,0 +1,175 @@
+// Tensor construction, views and descriptions. CPU allocation lives here; device allocation lives
+// in each backend.
+#include "kvcache/tensor.hpp"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <sstream>
+
+namespace kvcache {
+
+DType parse_dtype(std::string_view name) {
+  if (name == "float32" || name == "f32" || name == "fp32") return DType::kFloat32;
+  if (name == "bfloat16" || name == "bf16") return DType::kBFloat16;
+  if (name == "float16" || name == "f16" || name == "fp16" || name == "half") return DType::kFloat16;
+  KVCACHE_FAIL("parse_dtype: expected float32, bfloat16 or float16, got '", name, "'");
+}
+
+std::array<std::int64_t, kMaxRank> contiguous_strides(Shape shape) {
+  std::array<std::int64_t, kMaxRank> strides{};
+  std::int64_t running = 1;
+  for (std::size_t i = shape.size(); i-- > 0;) {
+    strides[i] = running;
+    running *= shape[i];
+  }
+  return strides;
+}
+
+namespace {
+
+void check_shape(Shape shape, const char* where) {
+  KVCACHE_CHECK(shape.size() <= static_cast<std::size_t>(kMaxRank), where, ": expected rank <= ",
+                kMaxRank, ", got rank ", shape.size());
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    KVCACHE_CHECK(shape[i] >= 0, where, ": expected non-negative sizes, got ", shape[i],
+                  " in dimension ", i);
+  }
+}
+
+}  // namespace
+
+Tensor Tensor::from_storage(std::shared_ptr<void> storage, void* data, Shape shape, DType dtype,
+                            Device device, Shape strides) {
+  check_shape(shape, "Tensor");
+  KVCACHE_CHECK(strides.empty() || strides.size() == shape.size(),
+                "Tensor: expected one stride per dimension (", shape.size(), "), got ",
+                strides.size());
+  Tensor t;
+  t.storage_ = std::move(storage);
+  t.data_ = data;
+  t.rank_ = static_cast<int>(shape.size());
+  t.dtype_ = dtype;
+  t.device_ = device;
+  t.defined_ = true;
+  const auto contiguous = contiguous_strides(shape);
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    t.shape_[i] = shape[i];
+    t.strides_[i] = strides.empty() ? contiguous[i] : strides[i];
+  }
+  KVCACHE_CHECK(data != nullptr || t.numel() == 0, "Tensor: null data pointer for a tensor of ",
+                t.numel(), " elements");
+  return t;
+}
+
+Tensor Tensor::from_blob(void* data, Shape shape, DType dtype, Device device, Shape strides) {
+  return from_storage(nullptr, data, shape, dtype, device, strides);
+}
+
+Tensor Tensor::empty(Shape shape, DType dtype) {
+  check_shape(shape, "Tensor::empty");
+  std::int64_t count = 1;
+  for (auto s : shape) count *= s;
+  // Round up to the alignment so aligned_alloc's size rule holds; never allocate zero bytes.
+  const std::size_t bytes = static_cast<std::size_t>(count) * dtype_size(dtype);
+  const std::size_t padded = (bytes + 63) / 64 * 64 + 64;
+  void* memory = std::aligned_alloc(64, padded);
+  if (memory == nullptr) throw std::bad_alloc();
+  std::shared_ptr<void> storage(memory, [](void* p) { std::free(p); });
+  return from_storage(std::move(storage), memory, shape, dtype, Device::kCpu);
+}
+
+Tensor Tensor::zeros(Shape shape, DType dtype) {
+  Tensor t = empty(shape, dtype);
+  std::memset(t.data(), 0, t.nbytes());
+  return t;
+}
+
+std::int64_t Tensor::numel() const {
+  std::int64_t count = 1;
+  for (int i = 0; i < rank_; ++i) count *= shape_[static_cast<std::size_t>(i)];
+  return count;
+}
+
+int Tensor::wrap_dim(int dim) const {
+  const int wrapped = dim < 0 ? dim + rank_ : dim;
+  KVCACHE_CHECK(wrapped >= 0 && wrapped < rank_, "Tensor: dimension ", dim,
+                " out of range for a tensor of rank ", rank_);
+  return wrapped;
+}
+
+bool Tensor::is_contiguous() const {
+  std::int64_t expected = 1;
+  for (int i = rank_; i-- > 0;) {
+    const auto idx = static_cast<std::size_t>(i);
+    if (shape_[idx] != 1 && strides_[idx] != expected) return false;
+    expected *= shape_[idx];
+  }
+  return true;
+}
+
+Tensor Tensor::slice(int dim, std::int64_t start, std::int64_t end) const {
+  const auto d = static_cast<std::size_t>(wrap_dim(dim));
+  KVCACHE_CHECK(0 <= start && start <= end && end <= shape_[d], "Tensor::slice: expected 0 <= start <= end <= ",
+                shape_[d], " in dimension ", dim, ", got [", start, ", ", end, ")");
+  Tensor t = *this;
+  t.shape_[d] = end - start;
+  t.data_ = static_cast<std::byte*>(data_) +
+            start * strides_[d] * static_cast<std::int64_t>(element_size());
+  return t;
+}
+
+Tensor Tensor::transpose(int d0, int d1) const {
+  const auto a = static_cast<std::size_t>(wrap_dim(d0));
+  const auto b = static_cast<std::size_t>(wrap_dim(d1));
+  Tensor t = *this;
+  std::swap(t.shape_[a], t.shape_[b]);
+  std::swap(t.strides_[a], t.strides_[b]);
+  return t;
+}
+
+Tensor Tensor::view(Shape shape) const {
+  check_shape(shape, "Tensor::view");
+  std::int64_t count = 1;
+  for (auto s : shape) count *= s;
+  KVCACHE_CHECK(count == numel(), "Tensor::view: expected a shape of ", numel(),
+                " elements, got ", count);
+  KVCACHE_CHECK(is_contiguous(), "Tensor::view: expected a contiguous tensor, got strides of ",
+                describe());
+  return from_storage(storage_, data_, shape, dtype_, device_);
+}
+
+std::int64_t Tensor::offset(std::initializer_list<std::int64_t> index) const {
+  KVCACHE_CHECK(static_cast<int>(index.size()) == rank_, "Tensor::offset: expected ", rank_,
+                " indices, got ", index.size());
+  std::int64_t off = 0;
+  std::size_t i = 0;
+  for (auto v : index) {
+    KVCACHE_CHECK(v >= 0 && v < shape_[i], "Tensor::offset: index ", v, " out of range [0, ",
+                  shape_[i], ") in dimension ", i);
+    off += v * strides_[i++];
+  }
+  return off;
+}
+
+std::string Tensor::shape_string() const {
+  std::ostringstream out;
+  out << '[';
+  for (int i = 0; i < rank_; ++i) out << (i ? ", " : "") << shape_[static_cast<std::size_t>(i)];
+  out << ']';
+  return out.str();
+}
+
+std::string Tensor::describe() const {
+  if (!defined_) return "undefined tensor";
+  std::ostringstream out;
+  out << shape_string() << ' ' << dtype_name(dtype_) << ' ' << device_name(device_);
+  if (!is_contiguous()) {
+    out << " strides (";
+    for (int i = 0; i < rank_; ++i) out << (i ? ", " : "") << strides_[static_cast<std::size_t>(i)];
+    out << ')';
+  }
+  return out.str();
+}
+
+}  // namespace kvcache

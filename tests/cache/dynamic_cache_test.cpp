@@ -1,0 +1,367 @@
+// DynamicCache against the concatenating reference (transformers' torch.cat semantics): many step
+// patterns, every operation of the Cache API, and every error case, with the cache unchanged after
+// each rejected call.
+#include "kvcache/cache/dynamic_cache.hpp"
+
+#include <gtest/gtest.h>
+
+#include <random>
+#include <vector>
+
+#include "reference/reference.hpp"
+#include "test_util.hpp"
+
+namespace kvcache {
+namespace {
+
+using reference::Array4;
+using reference::ConcatCache;
+using testing::random_tensor;
+using testing::to_doubles;
+
+// Checks that every layer of `cache` holds exactly what the reference holds.
+void expect_same(const DynamicCache<>& cache, const ConcatCache& ref) {
+  ASSERT_EQ(cache.num_layers(), static_cast<int>(ref.keys.size()));
+  for (int layer = 0; layer < cache.num_layers(); ++layer) {
+    const auto legacy = cache.to_legacy_cache();
+    const Array4& rk = ref.keys[static_cast<std::size_t>(layer)];
+    const Tensor& k = legacy[static_cast<std::size_t>(layer)].first;
+    ASSERT_EQ(cache.get_seq_length(layer), rk.dims[2]) << "layer " << layer;
+    ASSERT_EQ(k.size(0), rk.dims[0]);
+    ASSERT_EQ(k.size(2), rk.dims[2]);
+    EXPECT_EQ(to_doubles(k), rk.data) << "keys of layer " << layer;
+    EXPECT_EQ(to_doubles(legacy[static_cast<std::size_t>(layer)].second), ref.values[static_cast<std::size_t>(layer)].data)
+        << "values of layer " << layer;
+  }
+}
+
+struct Pattern {
+  const char* name;
+  std::vector<std::int64_t> steps;  // q_len of each step
+};
+
+class DynamicCacheSteps : public ::testing::TestWithParam<std::tuple<Pattern, DType>> {};
+
+TEST_P(DynamicCacheSteps, MatchesConcatenation) {
+  const auto& [pattern, dtype] = GetParam();
+  std::mt19937 rng(7);
+  const int layers = 3;
+  const std::int64_t batch = 2, heads = 3, head_dim = 8;
+  DynamicCache<> cache;
+  ConcatCache ref;
+  for (std::int64_t q_len : pattern.steps) {
+    for (int layer = 0; layer < layers; ++layer) {
+      Tensor k = random_tensor({batch, heads, q_len, head_dim}, dtype, rng);
+      Tensor v = random_tensor({batch, heads, q_len, head_dim}, dtype, rng);
+      auto [keys, values] = cache.update(k, v, layer);
+      ref.update(k, v, layer);
+      // update returns views of past + new, [batch, heads, past + q_len, head_dim].
+      ASSERT_EQ(keys.size(2), ref.length(layer));
+      EXPECT_EQ(to_doubles(keys), ref.keys[static_cast<std::size_t>(layer)].data);
+      EXPECT_EQ(to_doubles(values), ref.values[static_cast<std::size_t>(layer)].data);
+      EXPECT_EQ(keys.dtype(), dtype);
+    }
+  }
+  expect_same(cache, ref);
+  EXPECT_EQ(cache.get_max_cache_shape(), -1);
+  const std::int64_t total = ref.length();
+  EXPECT_EQ(cache.nbytes(), static_cast<std::size_t>(layers * 2 * batch * heads * total * head_dim) * dtype_size(dtype));
+  EXPECT_GE(cache.capacity_bytes(), cache.nbytes());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Patterns, DynamicCacheSteps,
+    ::testing::Combine(::testing::Values(Pattern{"prefill_then_decode", {7, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}},
+                                         Pattern{"chunks", {5, 3, 16, 1, 9, 2, 33}},
+                                         Pattern{"decode_only", std::vector<std::int64_t>(40, 1)},
+                                         Pattern{"empty_steps", {4, 0, 1, 0, 2}},
+                                         Pattern{"one_long_prefill", {300}}),
+                       ::testing::Values(DType::kFloat32, DType::kBFloat16, DType::kFloat16)),
+    [](const auto& info) {
+      return std::string(std::get<0>(info.param).name) + "_" + std::string(dtype_name(std::get<1>(info.param)));
+    });
+
+TEST(DynamicCache, UpdateReturnsViewsNotCopies) {
+  std::mt19937 rng(1);
+  DynamicCache<> cache(DynamicCacheOptions{.initial_capacity = 64});
+  auto [k1, v1] = cache.update(random_tensor({1, 2, 4, 8}, DType::kFloat32, rng),
+                               random_tensor({1, 2, 4, 8}, DType::kFloat32, rng), 0);
+  auto [k2, v2] = cache.update(random_tensor({1, 2, 1, 8}, DType::kFloat32, rng),
+                               random_tensor({1, 2, 1, 8}, DType::kFloat32, rng), 0);
+  // No regrowth within capacity: both steps see the same storage, the second step only appended.
+  EXPECT_EQ(k1.data(), k2.data());
+  EXPECT_EQ(v1.data(), v2.data());
+  EXPECT_EQ(cache.capacity(0), 64);
+  EXPECT_FALSE(k2.is_contiguous());  // a window of [1, 2, 64, 8] storage
+  EXPECT_EQ(k2.stride(1), 64 * 8);
+}
+
+TEST(DynamicCache, GrowthIsGeometric) {
+  std::mt19937 rng(2);
+  DynamicCache<> cache;
+  int reallocations = 0;
+  const void* last = nullptr;
+  for (int step = 0; step < 2000; ++step) {
+    auto [k, v] = cache.update(random_tensor({1, 1, 1, 4}, DType::kFloat32, rng),
+                               random_tensor({1, 1, 1, 4}, DType::kFloat32, rng), 0);
+    if (k.data() != last) ++reallocations;
+    last = k.data();
+  }
+  // 1.5× growth from 16 slots reaches 2000 in about a dozen steps, not 2000.
+  EXPECT_LE(reallocations, 14);
+  EXPECT_GE(cache.capacity(), 2000);
+  EXPECT_LT(cache.capacity(), 2000 * 3 / 2 + 16);
+}
+
+TEST(DynamicCache, AcceptsStridedInput) {
+  // States as a model produces them: [batch, q_len, heads, head_dim] memory viewed as
+  // [batch, heads, q_len, head_dim].
+  std::mt19937 rng(3);
+  Tensor k_bshd = random_tensor({2, 5, 3, 4}, DType::kFloat32, rng);
+  Tensor v_bshd = random_tensor({2, 5, 3, 4}, DType::kFloat32, rng);
+  DynamicCache<> cache;
+  auto [keys, values] = cache.update(k_bshd.transpose(1, 2), v_bshd.transpose(1, 2), 0);
+  EXPECT_EQ(to_doubles(keys), to_doubles(k_bshd.transpose(1, 2)));
+  EXPECT_EQ(to_doubles(values), to_doubles(v_bshd.transpose(1, 2)));
+}
+
+TEST(DynamicCache, CallerBuffersAreCopiedNotReferenced) {
+  std::vector<float> k(1 * 1 * 2 * 4, 1.5f), v(8, -2.0f);
+  DynamicCache<> cache;
+  cache.update(Tensor::from_blob(k.data(), {1, 1, 2, 4}, DType::kFloat32),
+               Tensor::from_blob(v.data(), {1, 1, 2, 4}, DType::kFloat32), 0);
+  std::fill(k.begin(), k.end(), 9.0f);  // the caller reuses its buffer
+  const auto legacy = cache.to_legacy_cache();
+  for (double x : to_doubles(legacy[0].first)) EXPECT_EQ(x, 1.5);
+  for (double x : to_doubles(legacy[0].second)) EXPECT_EQ(x, -2.0);
+}
+
+// Fills a 2-layer cache with `length` tokens of `batch` rows, mirrored into `ref`.
+void fill(DynamicCache<>& cache, ConcatCache& ref, std::int64_t batch, std::int64_t length, std::mt19937& rng) {
+  for (std::int64_t done = 0; done < length;) {
+    const std::int64_t q = done == 0 ? std::min<std::int64_t>(length, 5) : 1;
+    for (int layer = 0; layer < 2; ++layer) {
+      Tensor k = random_tensor({batch, 2, q, 4}, DType::kFloat32, rng);
+      Tensor v = random_tensor({batch, 2, q, 4}, DType::kFloat32, rng);
+      cache.update(k, v, layer);
+      ref.update(k, v, layer);
+    }
+    done += q;
+  }
+}
+
+TEST(DynamicCache, CropKeepsPrefixAndAcceptsNegative) {
+  std::mt19937 rng(4);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 2, 12, rng);
+  cache.crop(9);
+  ref.crop(9);
+  expect_same(cache, ref);
+  cache.crop(-3);  // drop three
+  ref.crop(-3);
+  expect_same(cache, ref);
+  EXPECT_EQ(cache.get_seq_length(), 6);
+  cache.crop(100);  // past the length: nothing changes
+  EXPECT_EQ(cache.get_seq_length(), 6);
+  // Appending after a crop overwrites the dropped slots.
+  fill(cache, ref, 2, 3, rng);
+  expect_same(cache, ref);
+}
+
+TEST(DynamicCache, CropZeroEmptiesTheCache) {
+  // transformers bug #47433: crop(0) there leaves the cache untouched; here it empties it.
+  std::mt19937 rng(5);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 1, 4, rng);
+  cache.crop(0);
+  EXPECT_EQ(cache.get_seq_length(0), 0);
+  EXPECT_EQ(cache.get_seq_length(1), 0);
+  EXPECT_EQ(cache.nbytes(), 0u);
+  EXPECT_EQ(cache.num_layers(), 2);
+}
+
+TEST(DynamicCache, ResetEmptiesAndKeepsMemory) {
+  std::mt19937 rng(6);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 2, 10, rng);
+  const std::size_t capacity = cache.capacity_bytes();
+  cache.reset();
+  EXPECT_EQ(cache.get_seq_length(), 0);
+  EXPECT_EQ(cache.capacity_bytes(), capacity);
+  // After a reset a new batch size is welcome (a new conversation).
+  ConcatCache fresh;
+  fill(cache, fresh, 3, 4, rng);
+  expect_same(cache, fresh);
+}
+
+TEST(DynamicCache, ReorderCacheForBeams) {
+  std::mt19937 rng(8);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 4, 6, rng);
+  const std::vector<std::int64_t> beams = {2, 2, 0, 3};
+  cache.reorder_cache(beams);
+  ref.select(beams);
+  expect_same(cache, ref);
+  fill(cache, ref, 4, 2, rng);  // decoding goes on after the reorder
+  expect_same(cache, ref);
+}
+
+TEST(DynamicCache, BatchRepeatInterleave) {
+  std::mt19937 rng(9);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 2, 5, rng);
+  cache.batch_repeat_interleave(3);
+  ref.select({0, 0, 0, 1, 1, 1});
+  expect_same(cache, ref);
+  EXPECT_EQ(cache.batch_size(), 6);
+}
+
+TEST(DynamicCache, BatchSelectIndices) {
+  std::mt19937 rng(10);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 5, 7, rng);
+  cache.batch_select_indices(std::vector<std::int64_t>{4, 1});
+  ref.select({4, 1});
+  expect_same(cache, ref);
+  fill(cache, ref, 2, 1, rng);
+  expect_same(cache, ref);
+}
+
+TEST(DynamicCache, MaskSizesAreSeqLengthPlusQuery) {
+  std::mt19937 rng(11);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 1, 9, rng);
+  const std::vector<std::int64_t> next = {9, 10, 11};
+  const MaskSizes sizes = cache.get_mask_sizes(next, 0);
+  EXPECT_EQ(sizes.kv_length, 12);
+  EXPECT_EQ(sizes.kv_offset, 0);
+  EXPECT_EQ(cache.get_mask_sizes(next, 5).kv_length, 3);  // a layer not seen yet
+}
+
+TEST(DynamicCache, ViewsOutliveRegrowthAndTheCache) {
+  std::mt19937 rng(12);
+  Tensor keys;
+  std::vector<double> expected;
+  {
+    DynamicCache<> cache;
+    Tensor k = random_tensor({1, 1, 3, 4}, DType::kFloat32, rng);
+    keys = cache.update(k, k, 0).first;
+    expected = to_doubles(keys);
+    for (int i = 0; i < 100; ++i) cache.update(random_tensor({1, 1, 1, 4}, DType::kFloat32, rng),
+                                               random_tensor({1, 1, 1, 4}, DType::kFloat32, rng), 0);
+  }
+  EXPECT_TRUE(keys.owns_storage());
+  EXPECT_EQ(to_doubles(keys), expected);  // still readable: the view shares the old storage
+}
+
+// --- errors: each rejected call names what it expected and leaves the cache as it was ---------
+
+class DynamicCacheErrors : public ::testing::Test {
+ protected:
+  void SetUp() override { fill(cache_, ref_, 2, 6, rng_); }
+  void expect_unchanged() {
+    expect_same(cache_, ref_);
+    EXPECT_EQ(cache_.batch_size(), 2);
+  }
+  Tensor states(std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t d, DType dt = DType::kFloat32) {
+    return random_tensor({b, h, q, d}, dt, rng_);
+  }
+  std::mt19937 rng_{13};
+  DynamicCache<> cache_;
+  ConcatCache ref_;
+};
+
+TEST_F(DynamicCacheErrors, BatchChange) {
+  EXPECT_KVCACHE_ERROR(cache_.update(states(3, 2, 1, 4), states(3, 2, 1, 4), 0), "expected new states [2, 2, q_len, 4]");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, HeadsChange) {
+  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 4, 1, 4), states(2, 4, 1, 4), 1), "got [2, 4, 1, 4]");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, HeadDimChange) {
+  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 2, 1, 8), states(2, 2, 1, 8), 0), "layer 0 holds [2, 2, 6, 4]");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, KeyValueShapesDiffer) {
+  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 2, 1, 4), states(2, 2, 2, 4), 0),
+                       "expected value_states shaped like key_states [2, 2, 1, 4], got [2, 2, 2, 4]");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, KeyValueDtypesDiffer) {
+  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 2, 1, 4), states(2, 2, 1, 4, DType::kBFloat16), 0),
+                       "one dtype, got float32 and bfloat16");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, DtypeChangesBetweenSteps) {
+  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 2, 1, 4, DType::kFloat16), states(2, 2, 1, 4, DType::kFloat16), 0),
+                       "got [2, 2, 1, 4] float16 cpu");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, NonFloatStates) {
+  Tensor ints = Tensor::zeros({2, 2, 1, 4}, DType::kInt32);
+  EXPECT_KVCACHE_ERROR(cache_.update(ints, ints, 0), "expected float32, float16 or bfloat16 states, got int32");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, DeviceMismatch) {
+  std::vector<float> fake(16);
+  Tensor on_gpu = Tensor::from_blob(fake.data(), {2, 2, 1, 4}, DType::kFloat32, Device::kCuda);
+  EXPECT_KVCACHE_ERROR(cache_.update(on_gpu, on_gpu, 0), "expected states on cpu (the cache's backend), got cuda");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, LayerSkipped) {
+  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 2, 1, 4), states(2, 2, 1, 4), 3),
+                       "expected layer_idx in [0, 2] (layers are added in order), got 3");
+  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 2, 1, 4), states(2, 2, 1, 4), -1), "got -1");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, WrongRankOrUndefined) {
+  EXPECT_KVCACHE_ERROR(cache_.update(Tensor::zeros({2, 2, 4}, DType::kFloat32), Tensor::zeros({2, 2, 4}, DType::kFloat32), 0),
+                       "expected key_states [batch, num_kv_heads, q_len, head_dim]");
+  EXPECT_KVCACHE_ERROR(cache_.update(Tensor(), Tensor(), 0), "undefined tensor");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, NewLayerWithOtherBatch) {
+  EXPECT_KVCACHE_ERROR(cache_.update(states(3, 2, 1, 4), states(3, 2, 1, 4), 2),
+                       "expected batch 2 (the batch the cache holds), got 3");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, BeamIndexOutOfRange) {
+  EXPECT_KVCACHE_ERROR(cache_.reorder_cache(std::vector<std::int64_t>{0, 2}), "expected indices in [0, 2), got 2 at position 1");
+  EXPECT_KVCACHE_ERROR(cache_.reorder_cache(std::vector<std::int64_t>{0, -1}), "got -1 at position 1");
+  EXPECT_KVCACHE_ERROR(cache_.reorder_cache(std::vector<std::int64_t>{0}), "expected 2 beam indices (one per row), got 1");
+  EXPECT_KVCACHE_ERROR(cache_.batch_select_indices(std::vector<std::int64_t>{5}), "expected indices in [0, 2), got 5");
+  EXPECT_KVCACHE_ERROR(cache_.batch_select_indices(std::vector<std::int64_t>{}), "expected at least one index");
+  EXPECT_KVCACHE_ERROR(cache_.batch_repeat_interleave(0), "expected repeats >= 1, got 0");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, CropPastTheLength) {
+  EXPECT_KVCACHE_ERROR(cache_.crop(-7), "expected to drop at most 6 tokens (the cache length), got 7");
+  expect_unchanged();
+}
+
+TEST(DynamicCache, NegativeInitialCapacityIsAnError) {
+  EXPECT_KVCACHE_ERROR(DynamicCache<>(DynamicCacheOptions{.initial_capacity = -1}), "expected initial_capacity >= 0");
+}
+
+}  // namespace
+}  // namespace kvcache

@@ -1,0 +1,85 @@
+// DynamicCache on the CUDA backend against the same cache on the CPU: the same steps and batch
+// operations must leave identical keys and values. Skips where no GPU is present (CI).
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "kvcache/backend/cuda.hpp"
+#include "kvcache/cache/dynamic_cache.hpp"
+#include "test_util.hpp"
+
+namespace kvcache {
+namespace {
+
+using testing::random_tensor;
+using testing::to_doubles;
+
+class CudaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+void expect_same(const DynamicCache<cuda::Backend>& gpu, const DynamicCache<>& cpu) {
+  ASSERT_EQ(gpu.num_layers(), cpu.num_layers());
+  const auto g = gpu.to_legacy_cache();
+  const auto c = cpu.to_legacy_cache();
+  for (std::size_t i = 0; i < c.size(); ++i) {
+    EXPECT_EQ(g[i].first.device(), Device::kCuda);
+    EXPECT_EQ(to_doubles(cuda::to_host(g[i].first)), to_doubles(c[i].first)) << "keys of layer " << i;
+    EXPECT_EQ(to_doubles(cuda::to_host(g[i].second)), to_doubles(c[i].second)) << "values of layer " << i;
+  }
+}
+
+TEST_F(CudaTest, StridedCopyMatchesCpu) {
+  std::mt19937 rng(51);
+  Tensor host = random_tensor({2, 5, 3, 8}, DType::kBFloat16, rng);
+  Tensor device = cuda::to_device(host);
+  Tensor out = cuda::empty({2, 3, 5, 8}, DType::kBFloat16);
+  cuda::copy(out, device.transpose(1, 2));
+  EXPECT_EQ(to_doubles(cuda::to_host(out)), to_doubles(host.transpose(1, 2)));
+  EXPECT_KVCACHE_ERROR(cuda::copy(out, cuda::empty({2, 3, 5, 8}, DType::kFloat32)), "expected one dtype");
+}
+
+TEST_F(CudaTest, DynamicCacheMatchesCpu) {
+  std::mt19937 rng(52);
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
+    DynamicCache<cuda::Backend> gpu;
+    DynamicCache<> cpu;
+    for (std::int64_t q : {7, 1, 1, 3, 1, 30, 1}) {
+      for (int layer = 0; layer < 3; ++layer) {
+        Tensor k = random_tensor({3, 2, q, 16}, dtype, rng);
+        Tensor v = random_tensor({3, 2, q, 16}, dtype, rng);
+        auto [gk, gv] = gpu.update(cuda::to_device(k), cuda::to_device(v), layer);
+        auto [ck, cv] = cpu.update(k, v, layer);
+        ASSERT_EQ(gk.size(2), ck.size(2));
+      }
+    }
+    expect_same(gpu, cpu);
+    const std::vector<std::int64_t> beams = {2, 0, 0};
+    gpu.reorder_cache(beams);
+    cpu.reorder_cache(beams);
+    expect_same(gpu, cpu);
+    gpu.batch_repeat_interleave(2);
+    cpu.batch_repeat_interleave(2);
+    gpu.crop(-4);
+    cpu.crop(-4);
+    expect_same(gpu, cpu);
+    const std::vector<std::int64_t> keep = {5, 1};
+    gpu.batch_select_indices(keep);
+    cpu.batch_select_indices(keep);
+    expect_same(gpu, cpu);
+  }
+}
+
+TEST_F(CudaTest, HostStatesAreRejected) {
+  std::mt19937 rng(53);
+  DynamicCache<cuda::Backend> gpu;
+  Tensor host = random_tensor({1, 1, 1, 8}, DType::kFloat32, rng);
+  EXPECT_KVCACHE_ERROR(gpu.update(host, host, 0), "expected states on cuda (the cache's backend), got cpu");
+  EXPECT_EQ(gpu.num_layers(), 0);
+}
+
+}  // namespace
+}  // namespace kvcache
