@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <random>
+#include <sstream>
 
 #include "kvcache/attention/rope.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
@@ -82,9 +83,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionPrefill,
                                             ::testing::Values(DType::kFloat32, DType::kBFloat16, DType::kFloat16)),
                          [](const auto& info) {
                            const Shape& s = std::get<0>(info.param);
-                           return "b" + std::to_string(s.batch) + "_h" + std::to_string(s.heads) + "_kv" +
-                                  std::to_string(s.kv_heads) + "_q" + std::to_string(s.q_len) + "_d" +
-                                  std::to_string(s.head_dim) + "_" + std::string(dtype_name(std::get<1>(info.param)));
+                           std::ostringstream name;  // (operator+ on strings trips g++ 12's -Wrestrict)
+                           name << "b" << s.batch << "_h" << s.heads << "_kv" << s.kv_heads << "_q" << s.q_len
+                                << "_d" << s.head_dim << "_" << dtype_name(std::get<1>(info.param));
+                           return name.str();
                          });
 
 TEST(Attention, LeftPaddingMasksPadsAndGivesZerosNotNaN) {
