@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what kvcache needs to build and test, from Debian's packages, and nothing else:
+# CMake and a C++20 compiler, Eigen, GoogleTest, Google Benchmark and nlohmann_json. The CUDA
+# toolkit (nvcc, cuBLAS) is used when present and is not installed here. Safe to run again:
+# packages already present are left alone, and apt-get is skipped when nothing is missing.
+set -euo pipefail
+
+packages=(cmake g++ make libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]} == 0)); then
+  echo "install-deps: all packages present"
+  exit 0
+fi
+
+echo "install-deps: installing ${missing[*]}"
+sudo=""
+if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
