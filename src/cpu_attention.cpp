@@ -1,12 +1,18 @@
 // CPU attention: softmax(Q·Kᵀ·scale + mask)·V for every (batch row, kv head) group, with the
 // num_heads / num_kv_heads query heads that share a kv head processed together so each key and
-// value row is read from memory once per step. Keys and values are walked in chunks of
-// kKvChunk rows: float32 rows are used in place through Eigen maps, 16-bit rows are widened into a
-// per-thread float buffer first. Scores, softmax and the value accumulation are float32.
+// value row is read from memory once per step. Scores, softmax and accumulation are float32.
 //
-// Work is split over (batch, kv head, query block) items across OpenMP threads. Query blocks are
-// sized so a block's score matrix stays within kScoreBudget floats; keys past the last visible
-// slot of a block (the causal frontier) are never touched.
+// Two paths, chosen by how many query rows share a kv head in one call:
+// - Decode (few rows): a streaming kernel. Each key row is read once and dotted with every query
+//   row while it sits in L1; each value row is read once and added into every output row. No
+//   packing, so a step runs near memory bandwidth. The key range is split across threads when
+//   batch × num_kv_heads alone would leave a core idle; the pieces keep their own max and sum and
+//   are merged exactly as online softmax does (flash-decoding).
+// - Prefill (many rows): Eigen GEMMs over chunks of kKvChunk keys, whose packing cost is repaid by
+//   the many query rows. Query blocks keep a block's scores within kScoreBudget floats, and keys
+//   past a block's last visible slot (the causal frontier) are never touched.
+// 16-bit keys and values are widened chunk by chunk into a per-thread float buffer.
+
 // g++ 12 reports false -Wmaybe-uninitialized positives inside its own AVX-512 intrinsic headers
 // when Eigen's GEMM kernels are inlined here with -march=native.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -16,6 +22,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -29,11 +36,30 @@
 namespace kvcache::cpu {
 namespace {
 
-constexpr std::int64_t kKvChunk = 256;
+constexpr std::int64_t kKvChunk = 256;          // keys per GEMM chunk (prefill path)
+constexpr std::int64_t kStreamChunk = 64;       // keys widened at once (decode path, 16-bit)
 constexpr std::int64_t kScoreBudget = 1 << 19;  // floats per score block (2 MiB)
+constexpr std::int64_t kMaxStreamRows = 16;     // query rows per kv head served by the decode path
+constexpr std::int64_t kPieceKeys = 512;        // keys per piece of the decode path
+constexpr std::int64_t kMaxPieces = 1024;       // pieces per (batch row, kv head), at most
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using ConstRowMap = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
+
+struct Problem {
+  std::int64_t batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, n_rep;
+  std::int64_t kv_offset;
+  float scale;
+  const std::int64_t* cache_position;
+  const std::uint8_t* mask;  // [batch, kv_len], 1 = attend; null = no padding
+};
+
+// Per-thread buffers, reused across work items.
+struct Scratch {
+  RowMatrix q_rows, scores, acc;
+  std::vector<float> widened;
+};
 
 template <class T>
 void widen_rows(const T* src, std::int64_t row_stride, std::int64_t rows, std::int64_t cols,
@@ -45,43 +71,28 @@ void widen_rows(const T* src, std::int64_t row_stride, std::int64_t rows, std::i
   }
 }
 
-// Gives a float32 view of rows [start, start + rows) of a [seq, head_dim] slice whose head_dim is
-// contiguous: in place for float32, widened into `scratch` otherwise.
+// Rows [start, start + rows) of a [seq, head_dim] slice (head_dim contiguous) as float32: in place
+// for float32, widened into `widened` otherwise. Returns the first row and the row stride.
 template <class T>
-ConstRowMap rows_as_float(const T* base, std::int64_t row_stride, std::int64_t start,
-                          std::int64_t rows, std::int64_t cols, std::vector<float>& scratch) {
+std::pair<const float*, std::int64_t> rows_as_float(const T* base, std::int64_t row_stride,
+                                                    std::int64_t start, std::int64_t rows,
+                                                    std::int64_t cols, std::vector<float>& widened) {
   if constexpr (std::is_same_v<T, float>) {
-    return ConstRowMap(base + start * row_stride, rows, cols, Eigen::OuterStride<>(row_stride));
+    return {base + start * row_stride, row_stride};
   } else {
-    scratch.resize(static_cast<std::size_t>(rows * cols));
-    widen_rows(base + start * row_stride, row_stride, rows, cols, scratch.data());
-    return ConstRowMap(scratch.data(), rows, cols, Eigen::OuterStride<>(cols));
+    widened.resize(static_cast<std::size_t>(rows * cols));
+    widen_rows(base + start * row_stride, row_stride, rows, cols, widened.data());
+    return {widened.data(), cols};
   }
 }
 
-struct Problem {
-  std::int64_t batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, n_rep;
-  std::int64_t kv_offset;
-  float scale;
-  const std::int64_t* cache_position;
-  const std::uint8_t* mask;  // [batch, kv_len], 1 = attend; null = no padding
-};
-
+// Q rows of kv head `kvh` for queries [q0, q1), widened and pre-scaled: row g * (q1 - q0) + (i - q0)
+// holds query head kvh * n_rep + g at query i.
 template <class T>
-void attend_block(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
-                  const Tensor& out, std::int64_t b, std::int64_t kvh, std::int64_t q0,
-                  std::int64_t q1, RowMatrix& q_rows, RowMatrix& scores, RowMatrix& acc,
-                  std::vector<float>& scratch) {
-  const std::int64_t d = p.head_dim;
-  const std::int64_t qn = q1 - q0;
-  const std::int64_t rows = p.n_rep * qn;  // row r = g * qn + (i - q0) for query head kvh*n_rep+g
-  // Keys beyond the block's furthest query slot are invisible to every row.
-  std::int64_t max_pos = p.cache_position[q0];
-  for (std::int64_t i = q0; i < q1; ++i) max_pos = std::max(max_pos, p.cache_position[i]);
-  const std::int64_t kv_end = std::clamp<std::int64_t>(max_pos - p.kv_offset + 1, 0, p.kv_len);
-
-  // Q rows, widened and pre-scaled: [rows, d].
-  q_rows.resize(rows, d);
+void load_queries(const Problem& p, const Tensor& query, std::int64_t b, std::int64_t kvh,
+                  std::int64_t q0, std::int64_t q1, RowMatrix& q_rows) {
+  const std::int64_t d = p.head_dim, qn = q1 - q0;
+  q_rows.resize(p.n_rep * qn, d);
   const T* qbase = query.data_as<T>();
   for (std::int64_t g = 0; g < p.n_rep; ++g) {
     const std::int64_t h = kvh * p.n_rep + g;
@@ -91,85 +102,350 @@ void attend_block(const Problem& p, const Tensor& query, const Tensor& keys, con
       for (std::int64_t c = 0; c < d; ++c) dst[c] = to_float(src[c * query.stride(3)]) * p.scale;
     }
   }
+}
 
-  const T* kbase = keys.data_as<T>() + b * keys.stride(0) + kvh * keys.stride(1);
-  const T* vbase = values.data_as<T>() + b * values.stride(0) + kvh * values.stride(1);
-  scores.resize(rows, std::max<std::int64_t>(kv_end, 1));
-  for (std::int64_t c0 = 0; c0 < kv_end; c0 += kKvChunk) {
-    const std::int64_t cn = std::min(kKvChunk, kv_end - c0);
-    ConstRowMap k = rows_as_float(kbase, keys.stride(2), c0, cn, d, scratch);
-    scores.middleCols(c0, cn).noalias() = q_rows * k.transpose();
+// Last key (exclusive) that any of queries [q0, q1) can see.
+std::int64_t causal_end(const Problem& p, std::int64_t q0, std::int64_t q1) {
+  std::int64_t max_pos = p.cache_position[q0];
+  for (std::int64_t i = q0; i < q1; ++i) max_pos = std::max(max_pos, p.cache_position[i]);
+  return std::clamp<std::int64_t>(max_pos - p.kv_offset + 1, 0, p.kv_len);
+}
+
+struct RowStats {
+  float max = kNegInf;  // -inf when no key in the range is visible
+  float sum = 0.0f;
+};
+
+// Scores s[0, n) of keys j0 + [0, n) for query i become exp(s - max) where visible and 0 elsewhere
+// (unnormalised). Visible: the key's slot is <= cache_position[i] and it is not padding.
+RowStats masked_exp(const Problem& p, std::int64_t b, std::int64_t i, std::int64_t j0,
+                    std::int64_t n, float* s) {
+  const std::int64_t visible_end =
+      std::clamp<std::int64_t>(p.cache_position[i] - p.kv_offset + 1 - j0, 0, n);
+  const std::uint8_t* pad = p.mask ? p.mask + b * p.kv_len + j0 : nullptr;
+  Eigen::Map<Eigen::ArrayXf> row(s, n);
+  row.tail(n - visible_end) = kNegInf;
+  if (pad) {
+    for (std::int64_t j = 0; j < visible_end; ++j) s[j] = pad[j] ? s[j] : kNegInf;
   }
+  RowStats stats;
+  if (visible_end == 0) {
+    row.setZero();
+    return stats;
+  }
+  stats.max = row.head(visible_end).maxCoeff();
+  if (stats.max == kNegInf) {
+    row.setZero();
+    return stats;
+  }
+  row.head(visible_end) = (row.head(visible_end) - stats.max).exp();  // Eigen's vectorised exp
+  // Masked entries: exp(-inf) is clamped to a tiny number by the vectorised exp; make them 0.
+  row.tail(n - visible_end) = 0.0f;
+  if (pad) {
+    for (std::int64_t j = 0; j < visible_end; ++j) s[j] = pad[j] ? s[j] : 0.0f;
+  }
+  stats.sum = row.head(visible_end).sum();
+  return stats;
+}
 
-  // Mask and softmax per row, float32. A row with no visible key becomes all zeros.
-  const std::uint8_t* mask_row = p.mask ? p.mask + b * p.kv_len : nullptr;
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  std::vector<char> empty_row(static_cast<std::size_t>(rows), 0);
-  for (std::int64_t r = 0; r < rows; ++r) {
-    const std::int64_t i = q0 + r % qn;
-    const std::int64_t visible_end = std::clamp<std::int64_t>(p.cache_position[i] - p.kv_offset + 1, 0, kv_end);
-    float* s = scores.data() + r * scores.cols();
-    float row_max = kNegInf;
-    for (std::int64_t j = 0; j < kv_end; ++j) {
-      const bool visible = j < visible_end && (mask_row == nullptr || mask_row[j] != 0);
-      if (!visible) s[j] = kNegInf;
-      row_max = std::max(row_max, s[j]);
+template <class T>
+void store_row(const float* src, float factor, std::int64_t d, T* dst, std::int64_t stride) {
+  for (std::int64_t c = 0; c < d; ++c) dst[c * stride] = from_float<T>(src[c] * factor);
+}
+
+// --- decode path -------------------------------------------------------------------------------
+
+// Sixteen floats as one vector (a zmm register with AVX-512; the compiler splits it elsewhere).
+// Explicit vectors keep R rows of accumulators in registers, which plain loops did not.
+typedef float Vec16 __attribute__((vector_size(64)));
+constexpr std::int64_t kLanes = 16;
+
+inline Vec16 load16(const float* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+// Horizontal sum as a tree of halves (4 dependent adds, not 15: this runs once per key and row).
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef float Vec4 __attribute__((vector_size(16)));
+inline float sum16(Vec16 v) {
+  Vec8 lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const Vec8 s8 = lo + hi;
+  Vec4 lo4, hi4;
+  std::memcpy(&lo4, &s8, sizeof(lo4));
+  std::memcpy(&hi4, reinterpret_cast<const char*>(&s8) + sizeof(lo4), sizeof(hi4));
+  const Vec4 s4 = lo4 + hi4;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// Rows this far ahead are prefetched: the hardware prefetcher alone leaves each core well short
+// of its share of DRAM bandwidth when every 512-byte row also costs ~100 instructions. A prefetch
+// past the end of the buffer is harmless (prefetches never fault).
+constexpr std::int64_t kPrefetchRows = 16;
+inline void prefetch_row(const float* row, std::int64_t d) {
+  for (std::int64_t c = 0; c < d; c += 64 / sizeof(float)) __builtin_prefetch(row + c, 0, 1);
+}
+
+// Scores of R query rows against keys [0, n): scores[r * ld + j] = q[r] · k[j]. head_dim % 16 == 0.
+template <int R>
+void score_rows(const float* q, std::int64_t q_stride, const float* k, std::int64_t k_stride,
+                std::int64_t n, std::int64_t d, float* scores, std::int64_t ld) {
+  for (std::int64_t j = 0; j < n; ++j) {
+    const float* krow = k + j * k_stride;
+    prefetch_row(krow + kPrefetchRows * k_stride, d);
+    Vec16 acc[R] = {};
+    for (std::int64_t c = 0; c < d; c += kLanes) {
+      const Vec16 kv = load16(krow + c);
+      for (int r = 0; r < R; ++r) acc[r] += load16(q + r * q_stride + c) * kv;
     }
-    if (row_max == kNegInf) {
-      std::fill(s, s + kv_end, 0.0f);
-      empty_row[static_cast<std::size_t>(r)] = 1;
+    for (int r = 0; r < R; ++r) scores[r * ld + j] = sum16(acc[r]);
+  }
+}
+
+// out[r] += Σ_j w[r * ld + j] · v[j] for R rows, 64 columns at a time so the R × 4 accumulators
+// stay in registers while the value rows stream past. head_dim % 16 == 0.
+template <int R>
+void accumulate_rows(const float* w, std::int64_t ld, const float* v, std::int64_t v_stride,
+                     std::int64_t n, std::int64_t d, float* out, std::int64_t out_stride) {
+  for (std::int64_t c0 = 0; c0 < d; c0 += 4 * kLanes) {
+    const int blocks = static_cast<int>(std::min<std::int64_t>(4, (d - c0) / kLanes));
+    Vec16 acc[R][4] = {};
+    for (std::int64_t j = 0; j < n; ++j) {
+      const float* vrow = v + j * v_stride + c0;
+      prefetch_row(vrow + kPrefetchRows * v_stride, std::min<std::int64_t>(4 * kLanes, d - c0));
+      Vec16 vv[4];
+      for (int b = 0; b < blocks; ++b) vv[b] = load16(vrow + b * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const float weight = w[r * ld + j];
+        for (int b = 0; b < blocks; ++b) acc[r][b] += weight * vv[b];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < blocks; ++b) {
+        float* o = out + r * out_stride + c0 + b * kLanes;
+        store16(o, load16(o) + acc[r][b]);
+      }
+  }
+}
+
+// Scalar fallbacks for head_dim not a multiple of 16.
+void score_rows_any(const float* q, std::int64_t q_stride, int rows, const float* k, std::int64_t k_stride,
+                    std::int64_t n, std::int64_t d, float* scores, std::int64_t ld) {
+  for (std::int64_t j = 0; j < n; ++j)
+    for (int r = 0; r < rows; ++r) {
+      float s = 0;
+      for (std::int64_t c = 0; c < d; ++c) s += q[r * q_stride + c] * k[j * k_stride + c];
+      scores[r * ld + j] = s;
+    }
+}
+
+void accumulate_rows_any(const float* w, std::int64_t ld, int rows, const float* v, std::int64_t v_stride,
+                         std::int64_t n, std::int64_t d, float* out, std::int64_t out_stride) {
+  for (std::int64_t j = 0; j < n; ++j)
+    for (int r = 0; r < rows; ++r)
+      for (std::int64_t c = 0; c < d; ++c) out[r * out_stride + c] += w[r * ld + j] * v[j * v_stride + c];
+}
+
+// Dispatches groups of up to four rows to the register-blocked kernels.
+void score_all(const float* q, std::int64_t q_stride, std::int64_t rows, const float* k, std::int64_t k_stride,
+               std::int64_t n, std::int64_t d, float* scores, std::int64_t ld) {
+  for (std::int64_t r = 0; r < rows; r += 4) {
+    const auto group = static_cast<int>(std::min<std::int64_t>(4, rows - r));
+    const float* qr = q + r * q_stride;
+    float* sr = scores + r * ld;
+    if (d % kLanes != 0) {
+      score_rows_any(qr, q_stride, group, k, k_stride, n, d, sr, ld);
       continue;
     }
-    float sum = 0.0f;
-    for (std::int64_t j = 0; j < kv_end; ++j) {
-      s[j] = std::exp(s[j] - row_max);
-      sum += s[j];
-    }
-    const float inv = 1.0f / sum;
-    for (std::int64_t j = 0; j < kv_end; ++j) s[j] *= inv;
-  }
-
-  acc.setZero(rows, d);
-  for (std::int64_t c0 = 0; c0 < kv_end; c0 += kKvChunk) {
-    const std::int64_t cn = std::min(kKvChunk, kv_end - c0);
-    ConstRowMap v = rows_as_float(vbase, values.stride(2), c0, cn, d, scratch);
-    acc.noalias() += scores.middleCols(c0, cn) * v;
-  }
-
-  T* obase = out.data_as<T>();
-  for (std::int64_t g = 0; g < p.n_rep; ++g) {
-    const std::int64_t h = kvh * p.n_rep + g;
-    for (std::int64_t i = q0; i < q1; ++i) {
-      const std::int64_t r = g * qn + (i - q0);
-      const float* src = acc.data() + r * d;
-      T* dst = obase + b * out.stride(0) + i * out.stride(1) + h * out.stride(2);
-      const bool zero = empty_row[static_cast<std::size_t>(r)] != 0;
-      for (std::int64_t c = 0; c < d; ++c) dst[c * out.stride(3)] = from_float<T>(zero ? 0.0f : src[c]);
+    switch (group) {
+      case 4: score_rows<4>(qr, q_stride, k, k_stride, n, d, sr, ld); break;
+      case 3: score_rows<3>(qr, q_stride, k, k_stride, n, d, sr, ld); break;
+      case 2: score_rows<2>(qr, q_stride, k, k_stride, n, d, sr, ld); break;
+      default: score_rows<1>(qr, q_stride, k, k_stride, n, d, sr, ld); break;
     }
   }
 }
 
+void accumulate_all(const float* w, std::int64_t ld, std::int64_t rows, const float* v, std::int64_t v_stride,
+                    std::int64_t n, std::int64_t d, float* out, std::int64_t out_stride) {
+  for (std::int64_t r = 0; r < rows; r += 4) {
+    const auto group = static_cast<int>(std::min<std::int64_t>(4, rows - r));
+    const float* wr = w + r * ld;
+    float* orow = out + r * out_stride;
+    if (d % kLanes != 0) {
+      accumulate_rows_any(wr, ld, group, v, v_stride, n, d, orow, out_stride);
+      continue;
+    }
+    switch (group) {
+      case 4: accumulate_rows<4>(wr, ld, v, v_stride, n, d, orow, out_stride); break;
+      case 3: accumulate_rows<3>(wr, ld, v, v_stride, n, d, orow, out_stride); break;
+      case 2: accumulate_rows<2>(wr, ld, v, v_stride, n, d, orow, out_stride); break;
+      default: accumulate_rows<1>(wr, ld, v, v_stride, n, d, orow, out_stride); break;
+    }
+  }
+}
+
+inline void axpy(float w, const float* x, float* y, std::int64_t d) {
+  for (std::int64_t c = 0; c < d; ++c) y[c] += w * x[c];
+}
+
+// One piece of the decode path: every query row of kv head `kvh` against keys [j0, j1). Writes
+// per row: max, sum, and the unnormalised sum of exp-weighted values, to partial[r * (d + 2)].
 template <class T>
-void run(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
-         const Tensor& out) {
+void decode_piece(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
+                  std::int64_t b, std::int64_t kvh, std::int64_t j0, std::int64_t j1, float* partial,
+                  Scratch& w) {
+  const std::int64_t d = p.head_dim, rows = p.n_rep * p.q_len, n = std::max<std::int64_t>(j1 - j0, 0);
+  load_queries<T>(p, query, b, kvh, 0, p.q_len, w.q_rows);
+  w.scores.resize(rows, std::max<std::int64_t>(n, 1));
+  const T* kbase = keys.data_as<T>() + b * keys.stride(0) + kvh * keys.stride(1);
+  const T* vbase = values.data_as<T>() + b * values.stride(0) + kvh * values.stride(1);
+  const std::int64_t ld = w.scores.cols();
+
+  // Scores: each key row is read once and used by every query row.
+  for (std::int64_t c0 = 0; c0 < n; c0 += kStreamChunk) {
+    const std::int64_t cn = std::min(kStreamChunk, n - c0);
+    auto [k, k_stride] = rows_as_float(kbase, keys.stride(2), j0 + c0, cn, d, w.widened);
+    score_all(w.q_rows.data(), d, rows, k, k_stride, cn, d, w.scores.data() + c0, ld);
+  }
+
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const RowStats stats = masked_exp(p, b, r % p.q_len, j0, n, w.scores.data() + r * ld);
+    partial[r * (d + 2)] = stats.max;
+    partial[r * (d + 2) + 1] = stats.sum;
+    std::fill_n(partial + r * (d + 2) + 2, d, 0.0f);
+  }
+
+  // Values: each value row is read once and added into every output row.
+  for (std::int64_t c0 = 0; c0 < n; c0 += kStreamChunk) {
+    const std::int64_t cn = std::min(kStreamChunk, n - c0);
+    auto [v, v_stride] = rows_as_float(vbase, values.stride(2), j0 + c0, cn, d, w.widened);
+    accumulate_all(w.scores.data() + c0, ld, rows, v, v_stride, cn, d, partial + 2, d + 2);
+  }
+}
+
+template <class T>
+void run_decode(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
+                const Tensor& out) {
+  const std::int64_t d = p.head_dim, rows = p.n_rep * p.q_len;
+  const std::int64_t groups = p.batch * p.num_kv_heads;
+  const std::int64_t kv_end = causal_end(p, 0, p.q_len);
+  // Pieces of about kPieceKeys keys: a piece's keys and then its values are read close together
+  // in time (two streams in flight per core instead of one), and there are enough pieces for
+  // every thread whatever batch × num_kv_heads is. Each piece leaves rows × (d + 2) floats.
+  const std::int64_t splits = std::clamp<std::int64_t>(kv_end / kPieceKeys, 1, kMaxPieces);
+  const std::int64_t piece = (kv_end + splits - 1) / splits;
+  const std::int64_t row_floats = d + 2;
+  // Reused across calls: a decode step should not pay for zeroing a fresh buffer. Every field a
+  // piece owns is written by decode_piece before the merge reads it.
+  thread_local std::vector<float> partials;
+  // (thread_local to the caller; the OpenMP workers reach it through this pointer.)
+  partials.resize(std::max(partials.size(), static_cast<std::size_t>(groups * splits * rows * row_floats)));
+  float* const part_base = partials.data();
+
+#pragma omp parallel
+  {
+    Scratch w;
+#pragma omp for schedule(dynamic, 1)
+    for (std::int64_t item = 0; item < groups * splits; ++item) {
+      const std::int64_t s = item % splits, g = item / splits;
+      const std::int64_t j0 = std::min(s * piece, kv_end), j1 = std::min(j0 + piece, kv_end);
+      decode_piece<T>(p, query, keys, values, g / p.num_kv_heads, g % p.num_kv_heads, j0, j1,
+                      part_base + item * rows * row_floats, w);
+    }
+    // Merge the pieces of each row: rescale each to the global max, add, normalise.
+#pragma omp for schedule(static)
+    for (std::int64_t gr = 0; gr < groups * rows; ++gr) {
+      const std::int64_t g = gr / rows, r = gr % rows;
+      const std::int64_t b = g / p.num_kv_heads, kvh = g % p.num_kv_heads;
+      const std::int64_t h = kvh * p.n_rep + r / p.q_len, i = r % p.q_len;
+      float global_max = kNegInf;
+      for (std::int64_t s = 0; s < splits; ++s)
+        global_max = std::max(global_max, part_base[((g * splits + s) * rows + r) * row_floats]);
+      T* dst = out.data_as<T>() + b * out.stride(0) + i * out.stride(1) + h * out.stride(2);
+      std::vector<float> acc(static_cast<std::size_t>(d), 0.0f);
+      float total = 0.0f;
+      if (global_max != kNegInf) {
+        for (std::int64_t s = 0; s < splits; ++s) {
+          const float* part = part_base + ((g * splits + s) * rows + r) * row_floats;
+          if (part[0] == kNegInf) continue;
+          const float factor = std::exp(part[0] - global_max);
+          total += part[1] * factor;
+          axpy(factor, part + 2, acc.data(), d);
+        }
+      }
+      // A row that sees no key at all gives zeros (left padding), never NaN.
+      store_row(acc.data(), total > 0.0f ? 1.0f / total : 0.0f, d, dst, out.stride(3));
+    }
+  }
+}
+
+// --- prefill path ------------------------------------------------------------------------------
+
+template <class T>
+void prefill_block(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
+                   const Tensor& out, std::int64_t b, std::int64_t kvh, std::int64_t q0,
+                   std::int64_t q1, Scratch& w) {
+  const std::int64_t d = p.head_dim, qn = q1 - q0, rows = p.n_rep * qn;
+  const std::int64_t kv_end = causal_end(p, q0, q1);
+  load_queries<T>(p, query, b, kvh, q0, q1, w.q_rows);
+  const T* kbase = keys.data_as<T>() + b * keys.stride(0) + kvh * keys.stride(1);
+  const T* vbase = values.data_as<T>() + b * values.stride(0) + kvh * values.stride(1);
+  w.scores.resize(rows, std::max<std::int64_t>(kv_end, 1));
+  for (std::int64_t c0 = 0; c0 < kv_end; c0 += kKvChunk) {
+    const std::int64_t cn = std::min(kKvChunk, kv_end - c0);
+    auto [k, k_stride] = rows_as_float(kbase, keys.stride(2), c0, cn, d, w.widened);
+    w.scores.middleCols(c0, cn).noalias() = w.q_rows * ConstRowMap(k, cn, d, Eigen::OuterStride<>(k_stride)).transpose();
+  }
+  std::vector<float> inv_sum(static_cast<std::size_t>(rows));
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const RowStats stats = masked_exp(p, b, q0 + r % qn, 0, kv_end, w.scores.data() + r * w.scores.cols());
+    inv_sum[static_cast<std::size_t>(r)] = stats.sum > 0.0f ? 1.0f / stats.sum : 0.0f;
+  }
+  w.acc.setZero(rows, d);
+  for (std::int64_t c0 = 0; c0 < kv_end; c0 += kKvChunk) {
+    const std::int64_t cn = std::min(kKvChunk, kv_end - c0);
+    auto [v, v_stride] = rows_as_float(vbase, values.stride(2), c0, cn, d, w.widened);
+    w.acc.noalias() += w.scores.middleCols(c0, cn) * ConstRowMap(v, cn, d, Eigen::OuterStride<>(v_stride));
+  }
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t h = kvh * p.n_rep + r / qn, i = q0 + r % qn;
+    T* dst = out.data_as<T>() + b * out.stride(0) + i * out.stride(1) + h * out.stride(2);
+    store_row(w.acc.data() + r * d, inv_sum[static_cast<std::size_t>(r)], d, dst, out.stride(3));
+  }
+}
+
+template <class T>
+void run_prefill(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
+                 const Tensor& out) {
   // Query block: as many queries as keep n_rep × block × kv_len scores within budget.
   const std::int64_t per_query = p.n_rep * std::max<std::int64_t>(p.kv_len, 1);
-  const std::int64_t block = std::clamp<std::int64_t>(kScoreBudget / per_query, 1, std::max<std::int64_t>(p.q_len, 1));
+  const std::int64_t block = std::clamp<std::int64_t>(kScoreBudget / per_query, 1, p.q_len);
   const std::int64_t q_blocks = (p.q_len + block - 1) / block;
   const std::int64_t items = p.batch * p.num_kv_heads * q_blocks;
 #pragma omp parallel
   {
-    RowMatrix q_rows, scores, acc;
-    std::vector<float> scratch;
+    Scratch w;
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t item = 0; item < items; ++item) {
       const std::int64_t qb = item % q_blocks;
       const std::int64_t kvh = (item / q_blocks) % p.num_kv_heads;
       const std::int64_t b = item / (q_blocks * p.num_kv_heads);
       const std::int64_t q0 = qb * block;
-      attend_block<T>(p, query, keys, values, out, b, kvh, q0, std::min(p.q_len, q0 + block), q_rows,
-                      scores, acc, scratch);
+      prefill_block<T>(p, query, keys, values, out, b, kvh, q0, std::min(p.q_len, q0 + block), w);
     }
+  }
+}
+
+template <class T>
+void run(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& out) {
+  if (p.n_rep * p.q_len <= kMaxStreamRows) {
+    run_decode<T>(p, query, keys, values, out);
+  } else {
+    run_prefill<T>(p, query, keys, values, out);
   }
 }
 

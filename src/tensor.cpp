@@ -91,11 +91,8 @@ std::int64_t Tensor::numel() const {
   return count;
 }
 
-int Tensor::wrap_dim(int dim) const {
-  const int wrapped = dim < 0 ? dim + rank_ : dim;
-  KVCACHE_CHECK(wrapped >= 0 && wrapped < rank_, "Tensor: dimension ", dim,
-                " out of range for a tensor of rank ", rank_);
-  return wrapped;
+void Tensor::throw_bad_dim(int dim) const {
+  KVCACHE_FAIL("Tensor: dimension ", dim, " out of range for a tensor of rank ", rank_);
 }
 
 bool Tensor::is_contiguous() const {

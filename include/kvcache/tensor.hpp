@@ -163,7 +163,13 @@ class Tensor {
   std::string shape_string() const;
 
  private:
-  int wrap_dim(int dim) const;
+  // Inline: size()/stride() sit on every cache step's path. Out of range throws.
+  int wrap_dim(int dim) const {
+    const int wrapped = dim < 0 ? dim + rank_ : dim;
+    if (wrapped < 0 || wrapped >= rank_) [[unlikely]] throw_bad_dim(dim);
+    return wrapped;
+  }
+  [[noreturn]] void throw_bad_dim(int dim) const;
 
   std::shared_ptr<void> storage_;  // keeps owned memory alive; null for borrowed memory
   void* data_ = nullptr;           // first element

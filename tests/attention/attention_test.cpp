@@ -318,3 +318,36 @@ TEST(Attention, BadOptionsAreErrors) {
 
 }  // namespace
 }  // namespace kvcache
+
+namespace kvcache {
+namespace {
+
+// The decode path splits long key ranges across threads and merges the pieces; pieces that are
+// all padding must drop out of the merge. Checked against the float64 reference with a long,
+// heavily left-padded row and a few query tokens at once.
+TEST(Attention, SplitDecodeMatchesReference) {
+  std::mt19937 rng(37);
+  const std::int64_t batch = 2, heads = 4, kv_heads = 2, dim = 64, past = 3000;
+  for (std::int64_t q_len : {1, 3}) {
+    Attention attention(0, {.num_heads = heads, .num_kv_heads = kv_heads, .head_dim = dim});
+    DynamicCache<> cache;
+    Tensor k0 = random_tensor({batch, kv_heads, past, dim}, DType::kFloat32, rng);
+    Tensor v0 = random_tensor({batch, kv_heads, past, dim}, DType::kFloat32, rng);
+    cache.update(k0, v0, 0);
+    reference::ConcatCache ref;
+    ref.update(k0, v0, 0);
+    Tensor q = random_tensor({batch, heads, q_len, dim}, DType::kFloat32, rng);
+    Tensor k = random_tensor({batch, kv_heads, q_len, dim}, DType::kFloat32, rng);
+    Tensor v = random_tensor({batch, kv_heads, q_len, dim}, DType::kFloat32, rng);
+    Tensor mask = left_padded_mask({0, 2100}, past + q_len);
+    const auto pos = make_cache_position(past, q_len);
+    const auto got = to_doubles(attention.forward(q, k, v, cache, mask, pos));
+    ref.update(k, v, 0);
+    const Array4 expected =
+        reference::attention(Array4::from(q), ref.keys[0], ref.values[0], mask_rows(mask), pos, 0, 1.0 / 8.0);
+    EXPECT_LT(testing::compare(got, expected.data).max_abs, 2e-5) << "q_len " << q_len;
+  }
+}
+
+}  // namespace
+}  // namespace kvcache
