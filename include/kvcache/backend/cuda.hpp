@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string_view>
 
 #include "kvcache/tensor.hpp"
@@ -25,6 +26,9 @@ Stream current_stream();
 
 /// A new contiguous, uninitialised tensor in device memory (freed when its last view goes).
 Tensor empty(Shape shape, DType dtype);
+inline Tensor empty(std::initializer_list<std::int64_t> shape, DType dtype) {
+  return empty(Shape(shape.begin(), shape.size()), dtype);
+}
 
 /// Same-shape, same-dtype copy between two CUDA tensors with any strides.
 void copy(const Tensor& dst, const Tensor& src);
