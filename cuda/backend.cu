@@ -18,10 +18,10 @@ struct Strided4 {
 };
 
 template <class Word>
-__global__ void strided_copy_kernel(Word* __restrict__ dst, const Word* __restrict__ src, Strided4 s,
-                                    std::int64_t total) {
-  for (std::int64_t linear = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; linear < total;
-       linear += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+__global__ void strided_copy_kernel(Word* __restrict__ dst, const Word* __restrict__ src,
+                                    Strided4 s, std::int64_t total) {
+  for (std::int64_t linear = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+       linear < total; linear += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     std::int64_t rest = linear, dst_off = 0, src_off = 0;
     for (int d = 3; d >= 0; --d) {
       const std::int64_t i = rest % s.shape[d];
@@ -57,8 +57,8 @@ void set_stream(Stream stream) { g_stream = static_cast<cudaStream_t>(stream); }
 Stream current_stream() { return g_stream; }
 
 Tensor empty(Shape shape, DType dtype) {
-  KVCACHE_CHECK(shape.size() <= static_cast<std::size_t>(kMaxRank), "cuda::empty: expected rank <= ", kMaxRank,
-                ", got ", shape.size());
+  KVCACHE_CHECK(shape.size() <= static_cast<std::size_t>(kMaxRank),
+                "cuda::empty: expected rank <= ", kMaxRank, ", got ", shape.size());
   std::int64_t count = 1;
   for (auto s : shape) {
     KVCACHE_CHECK(s >= 0, "cuda::empty: expected non-negative sizes, got ", s);
@@ -73,12 +73,14 @@ Tensor empty(Shape shape, DType dtype) {
 }
 
 void copy(const Tensor& dst, const Tensor& src) {
-  KVCACHE_CHECK(dst.defined() && src.defined() && dst.device() == Device::kCuda && src.device() == Device::kCuda,
-                "cuda::copy: expected two CUDA tensors, got ", dst.describe(), " and ", src.describe());
-  KVCACHE_CHECK(dst.dtype() == src.dtype(), "cuda::copy: expected one dtype, got ", dtype_name(dst.dtype()),
-                " and ", dtype_name(src.dtype()));
-  KVCACHE_CHECK(dst.rank() == src.rank(), "cuda::copy: expected equal shapes, got ", dst.shape_string(), " and ",
-                src.shape_string());
+  KVCACHE_CHECK(dst.defined() && src.defined() && dst.device() == Device::kCuda &&
+                    src.device() == Device::kCuda,
+                "cuda::copy: expected two CUDA tensors, got ", dst.describe(), " and ",
+                src.describe());
+  KVCACHE_CHECK(dst.dtype() == src.dtype(), "cuda::copy: expected one dtype, got ",
+                dtype_name(dst.dtype()), " and ", dtype_name(src.dtype()));
+  KVCACHE_CHECK(dst.rank() == src.rank(), "cuda::copy: expected equal shapes, got ",
+                dst.shape_string(), " and ", src.shape_string());
   Strided4 s{};
   const int pad = kMaxRank - dst.rank();
   for (int d = 0; d < kMaxRank; ++d) {
@@ -86,8 +88,8 @@ void copy(const Tensor& dst, const Tensor& src) {
     s.dst_strides[d] = s.src_strides[d] = 0;
   }
   for (int d = 0; d < dst.rank(); ++d) {
-    KVCACHE_CHECK(dst.size(d) == src.size(d), "cuda::copy: expected equal shapes, got ", dst.shape_string(),
-                  " and ", src.shape_string());
+    KVCACHE_CHECK(dst.size(d) == src.size(d), "cuda::copy: expected equal shapes, got ",
+                  dst.shape_string(), " and ", src.shape_string());
     s.shape[pad + d] = dst.size(d);
     s.dst_strides[pad + d] = dst.stride(d);
     s.src_strides[pad + d] = src.stride(d);
@@ -112,21 +114,23 @@ Tensor to_device(const Tensor& host) {
   KVCACHE_CHECK(host.defined() && host.device() == Device::kCpu && host.is_contiguous(),
                 "cuda::to_device: expected a contiguous CPU tensor, got ", host.describe());
   Tensor out = empty(host.shape(), host.dtype());
-  KVCACHE_CUDA_CHECK(cudaMemcpyAsync(out.data(), host.data(), host.nbytes(), cudaMemcpyHostToDevice, g_stream));
+  KVCACHE_CUDA_CHECK(
+      cudaMemcpyAsync(out.data(), host.data(), host.nbytes(), cudaMemcpyHostToDevice, g_stream));
   KVCACHE_CUDA_CHECK(cudaStreamSynchronize(g_stream));
   return out;
 }
 
 Tensor to_host(const Tensor& device) {
-  KVCACHE_CHECK(device.defined() && device.device() == Device::kCuda, "cuda::to_host: expected a CUDA tensor, got ",
-                device.describe());
+  KVCACHE_CHECK(device.defined() && device.device() == Device::kCuda,
+                "cuda::to_host: expected a CUDA tensor, got ", device.describe());
   Tensor packed = device;
   if (!device.is_contiguous()) {
     packed = empty(device.shape(), device.dtype());
     copy(packed, device);
   }
   Tensor out = Tensor::empty(device.shape(), device.dtype());
-  KVCACHE_CUDA_CHECK(cudaMemcpyAsync(out.data(), packed.data(), out.nbytes(), cudaMemcpyDeviceToHost, g_stream));
+  KVCACHE_CUDA_CHECK(
+      cudaMemcpyAsync(out.data(), packed.data(), out.nbytes(), cudaMemcpyDeviceToHost, g_stream));
   KVCACHE_CUDA_CHECK(cudaStreamSynchronize(g_stream));
   return out;
 }

@@ -6,11 +6,11 @@
 
 #include "kvcache/error.hpp"
 
-#define KVCACHE_CUDA_CHECK(call)                                                          \
-  do {                                                                                    \
-    const cudaError_t kvcache_status_ = (call);                                           \
-    if (kvcache_status_ != cudaSuccess) [[unlikely]] {                                    \
-      KVCACHE_FAIL("CUDA call ", #call, " failed: ", cudaGetErrorName(kvcache_status_), \
-                   " (", cudaGetErrorString(kvcache_status_), ")");                       \
-    }                                                                                     \
+#define KVCACHE_CUDA_CHECK(call)                                                              \
+  do {                                                                                        \
+    const cudaError_t kvcache_status_ = (call);                                               \
+    if (kvcache_status_ != cudaSuccess) [[unlikely]] {                                        \
+      KVCACHE_FAIL("CUDA call ", #call, " failed: ", cudaGetErrorName(kvcache_status_), " (", \
+                   cudaGetErrorString(kvcache_status_), ")");                                 \
+    }                                                                                         \
   } while (false)

@@ -76,7 +76,8 @@ void widen_rows(const T* src, std::int64_t row_stride, std::int64_t rows, std::i
 template <class T>
 std::pair<const float*, std::int64_t> rows_as_float(const T* base, std::int64_t row_stride,
                                                     std::int64_t start, std::int64_t rows,
-                                                    std::int64_t cols, std::vector<float>& widened) {
+                                                    std::int64_t cols,
+                                                    std::vector<float>& widened) {
   if constexpr (std::is_same_v<T, float>) {
     return {base + start * row_stride, row_stride};
   } else {
@@ -86,8 +87,8 @@ std::pair<const float*, std::int64_t> rows_as_float(const T* base, std::int64_t 
   }
 }
 
-// Q rows of kv head `kvh` for queries [q0, q1), widened and pre-scaled: row g * (q1 - q0) + (i - q0)
-// holds query head kvh * n_rep + g at query i.
+// Q rows of kv head `kvh` for queries [q0, q1), widened and pre-scaled: row g * (q1 - q0) + (i -
+// q0) holds query head kvh * n_rep + g at query i.
 template <class T>
 void load_queries(const Problem& p, const Tensor& query, std::int64_t b, std::int64_t kvh,
                   std::int64_t q0, std::int64_t q1, RowMatrix& q_rows) {
@@ -232,8 +233,9 @@ void accumulate_rows(const float* w, std::int64_t ld, const float* v, std::int64
 }
 
 // Scalar fallbacks for head_dim not a multiple of 16.
-void score_rows_any(const float* q, std::int64_t q_stride, int rows, const float* k, std::int64_t k_stride,
-                    std::int64_t n, std::int64_t d, float* scores, std::int64_t ld) {
+void score_rows_any(const float* q, std::int64_t q_stride, int rows, const float* k,
+                    std::int64_t k_stride, std::int64_t n, std::int64_t d, float* scores,
+                    std::int64_t ld) {
   for (std::int64_t j = 0; j < n; ++j)
     for (int r = 0; r < rows; ++r) {
       float s = 0;
@@ -242,16 +244,19 @@ void score_rows_any(const float* q, std::int64_t q_stride, int rows, const float
     }
 }
 
-void accumulate_rows_any(const float* w, std::int64_t ld, int rows, const float* v, std::int64_t v_stride,
-                         std::int64_t n, std::int64_t d, float* out, std::int64_t out_stride) {
+void accumulate_rows_any(const float* w, std::int64_t ld, int rows, const float* v,
+                         std::int64_t v_stride, std::int64_t n, std::int64_t d, float* out,
+                         std::int64_t out_stride) {
   for (std::int64_t j = 0; j < n; ++j)
     for (int r = 0; r < rows; ++r)
-      for (std::int64_t c = 0; c < d; ++c) out[r * out_stride + c] += w[r * ld + j] * v[j * v_stride + c];
+      for (std::int64_t c = 0; c < d; ++c)
+        out[r * out_stride + c] += w[r * ld + j] * v[j * v_stride + c];
 }
 
 // Dispatches groups of up to four rows to the register-blocked kernels.
-void score_all(const float* q, std::int64_t q_stride, std::int64_t rows, const float* k, std::int64_t k_stride,
-               std::int64_t n, std::int64_t d, float* scores, std::int64_t ld) {
+void score_all(const float* q, std::int64_t q_stride, std::int64_t rows, const float* k,
+               std::int64_t k_stride, std::int64_t n, std::int64_t d, float* scores,
+               std::int64_t ld) {
   for (std::int64_t r = 0; r < rows; r += 4) {
     const auto group = static_cast<int>(std::min<std::int64_t>(4, rows - r));
     const float* qr = q + r * q_stride;
@@ -261,16 +266,25 @@ void score_all(const float* q, std::int64_t q_stride, std::int64_t rows, const f
       continue;
     }
     switch (group) {
-      case 4: score_rows<4>(qr, q_stride, k, k_stride, n, d, sr, ld); break;
-      case 3: score_rows<3>(qr, q_stride, k, k_stride, n, d, sr, ld); break;
-      case 2: score_rows<2>(qr, q_stride, k, k_stride, n, d, sr, ld); break;
-      default: score_rows<1>(qr, q_stride, k, k_stride, n, d, sr, ld); break;
+      case 4:
+        score_rows<4>(qr, q_stride, k, k_stride, n, d, sr, ld);
+        break;
+      case 3:
+        score_rows<3>(qr, q_stride, k, k_stride, n, d, sr, ld);
+        break;
+      case 2:
+        score_rows<2>(qr, q_stride, k, k_stride, n, d, sr, ld);
+        break;
+      default:
+        score_rows<1>(qr, q_stride, k, k_stride, n, d, sr, ld);
+        break;
     }
   }
 }
 
-void accumulate_all(const float* w, std::int64_t ld, std::int64_t rows, const float* v, std::int64_t v_stride,
-                    std::int64_t n, std::int64_t d, float* out, std::int64_t out_stride) {
+void accumulate_all(const float* w, std::int64_t ld, std::int64_t rows, const float* v,
+                    std::int64_t v_stride, std::int64_t n, std::int64_t d, float* out,
+                    std::int64_t out_stride) {
   for (std::int64_t r = 0; r < rows; r += 4) {
     const auto group = static_cast<int>(std::min<std::int64_t>(4, rows - r));
     const float* wr = w + r * ld;
@@ -280,10 +294,18 @@ void accumulate_all(const float* w, std::int64_t ld, std::int64_t rows, const fl
       continue;
     }
     switch (group) {
-      case 4: accumulate_rows<4>(wr, ld, v, v_stride, n, d, orow, out_stride); break;
-      case 3: accumulate_rows<3>(wr, ld, v, v_stride, n, d, orow, out_stride); break;
-      case 2: accumulate_rows<2>(wr, ld, v, v_stride, n, d, orow, out_stride); break;
-      default: accumulate_rows<1>(wr, ld, v, v_stride, n, d, orow, out_stride); break;
+      case 4:
+        accumulate_rows<4>(wr, ld, v, v_stride, n, d, orow, out_stride);
+        break;
+      case 3:
+        accumulate_rows<3>(wr, ld, v, v_stride, n, d, orow, out_stride);
+        break;
+      case 2:
+        accumulate_rows<2>(wr, ld, v, v_stride, n, d, orow, out_stride);
+        break;
+      default:
+        accumulate_rows<1>(wr, ld, v, v_stride, n, d, orow, out_stride);
+        break;
     }
   }
 }
@@ -296,9 +318,10 @@ inline void axpy(float w, const float* x, float* y, std::int64_t d) {
 // per row: max, sum, and the unnormalised sum of exp-weighted values, to partial[r * (d + 2)].
 template <class T>
 void decode_piece(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
-                  std::int64_t b, std::int64_t kvh, std::int64_t j0, std::int64_t j1, float* partial,
-                  Scratch& w) {
-  const std::int64_t d = p.head_dim, rows = p.n_rep * p.q_len, n = std::max<std::int64_t>(j1 - j0, 0);
+                  std::int64_t b, std::int64_t kvh, std::int64_t j0, std::int64_t j1,
+                  float* partial, Scratch& w) {
+  const std::int64_t d = p.head_dim, rows = p.n_rep * p.q_len,
+                     n = std::max<std::int64_t>(j1 - j0, 0);
   load_queries<T>(p, query, b, kvh, 0, p.q_len, w.q_rows);
   w.scores.resize(rows, std::max<std::int64_t>(n, 1));
   const T* kbase = keys.data_as<T>() + b * keys.stride(0) + kvh * keys.stride(1);
@@ -343,7 +366,8 @@ void run_decode(const Problem& p, const Tensor& query, const Tensor& keys, const
   // piece owns is written by decode_piece before the merge reads it.
   thread_local std::vector<float> partials;
   // (thread_local to the caller; the OpenMP workers reach it through this pointer.)
-  partials.resize(std::max(partials.size(), static_cast<std::size_t>(groups * splits * rows * row_floats)));
+  partials.resize(
+      std::max(partials.size(), static_cast<std::size_t>(groups * splits * rows * row_floats)));
   float* const part_base = partials.data();
 
 #pragma omp parallel
@@ -398,18 +422,21 @@ void prefill_block(const Problem& p, const Tensor& query, const Tensor& keys, co
   for (std::int64_t c0 = 0; c0 < kv_end; c0 += kKvChunk) {
     const std::int64_t cn = std::min(kKvChunk, kv_end - c0);
     auto [k, k_stride] = rows_as_float(kbase, keys.stride(2), c0, cn, d, w.widened);
-    w.scores.middleCols(c0, cn).noalias() = w.q_rows * ConstRowMap(k, cn, d, Eigen::OuterStride<>(k_stride)).transpose();
+    w.scores.middleCols(c0, cn).noalias() =
+        w.q_rows * ConstRowMap(k, cn, d, Eigen::OuterStride<>(k_stride)).transpose();
   }
   std::vector<float> inv_sum(static_cast<std::size_t>(rows));
   for (std::int64_t r = 0; r < rows; ++r) {
-    const RowStats stats = masked_exp(p, b, q0 + r % qn, 0, kv_end, w.scores.data() + r * w.scores.cols());
+    const RowStats stats =
+        masked_exp(p, b, q0 + r % qn, 0, kv_end, w.scores.data() + r * w.scores.cols());
     inv_sum[static_cast<std::size_t>(r)] = stats.sum > 0.0f ? 1.0f / stats.sum : 0.0f;
   }
   w.acc.setZero(rows, d);
   for (std::int64_t c0 = 0; c0 < kv_end; c0 += kKvChunk) {
     const std::int64_t cn = std::min(kKvChunk, kv_end - c0);
     auto [v, v_stride] = rows_as_float(vbase, values.stride(2), c0, cn, d, w.widened);
-    w.acc.noalias() += w.scores.middleCols(c0, cn) * ConstRowMap(v, cn, d, Eigen::OuterStride<>(v_stride));
+    w.acc.noalias() +=
+        w.scores.middleCols(c0, cn) * ConstRowMap(v, cn, d, Eigen::OuterStride<>(v_stride));
   }
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t h = kvh * p.n_rep + r / qn, i = q0 + r % qn;
@@ -441,7 +468,8 @@ void run_prefill(const Problem& p, const Tensor& query, const Tensor& keys, cons
 }
 
 template <class T>
-void run(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& out) {
+void run(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
+         const Tensor& out) {
   if (p.n_rep * p.q_len <= kMaxStreamRows) {
     run_decode<T>(p, query, keys, values, out);
   } else {
@@ -464,36 +492,49 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
                std::int64_t kv_offset, float scale, const Tensor& out) {
   const char* where = "cpu::attention";
   for (const Tensor* t : {&query, &keys, &values, &out}) {
-    KVCACHE_CHECK(t->defined() && t->rank() == 4, where, ": expected rank-4 tensors, got ", t->describe());
-    KVCACHE_CHECK(t->device() == Device::kCpu, where, ": expected CPU tensors, got ", t->describe());
-    KVCACHE_CHECK(t->dtype() == query.dtype(), where, ": expected every tensor in ", dtype_name(query.dtype()),
-                  " (the query's dtype), got ", t->describe());
+    KVCACHE_CHECK(t->defined() && t->rank() == 4, where, ": expected rank-4 tensors, got ",
+                  t->describe());
+    KVCACHE_CHECK(t->device() == Device::kCpu, where, ": expected CPU tensors, got ",
+                  t->describe());
+    KVCACHE_CHECK(t->dtype() == query.dtype(), where, ": expected every tensor in ",
+                  dtype_name(query.dtype()), " (the query's dtype), got ", t->describe());
   }
   KVCACHE_CHECK(is_floating(query.dtype()), where, ": expected float32, float16 or bfloat16, got ",
                 dtype_name(query.dtype()));
   const std::int64_t batch = query.size(0), num_heads = query.size(1), q_len = query.size(2),
                      head_dim = query.size(3);
   const std::int64_t num_kv_heads = keys.size(1), kv_len = keys.size(2);
-  KVCACHE_CHECK(keys.size(0) == batch && keys.size(3) == head_dim, where, ": expected keys [", batch,
-                ", num_kv_heads, kv_len, ", head_dim, "], got ", keys.shape_string());
-  KVCACHE_CHECK(values.size(0) == batch && values.size(1) == num_kv_heads && values.size(2) == kv_len &&
-                    values.size(3) == head_dim,
-                where, ": expected values shaped like keys ", keys.shape_string(), ", got ", values.shape_string());
-  KVCACHE_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, where, ": expected num_heads (", num_heads,
-                ") to be a multiple of num_kv_heads, got ", num_kv_heads);
-  KVCACHE_CHECK(out.size(0) == batch && out.size(1) == q_len && out.size(2) == num_heads && out.size(3) == head_dim,
-                where, ": expected out [", batch, ", ", q_len, ", ", num_heads, ", ", head_dim, "], got ",
-                out.shape_string());
+  KVCACHE_CHECK(keys.size(0) == batch && keys.size(3) == head_dim, where, ": expected keys [",
+                batch, ", num_kv_heads, kv_len, ", head_dim, "], got ", keys.shape_string());
+  KVCACHE_CHECK(values.size(0) == batch && values.size(1) == num_kv_heads &&
+                    values.size(2) == kv_len && values.size(3) == head_dim,
+                where, ": expected values shaped like keys ", keys.shape_string(), ", got ",
+                values.shape_string());
+  KVCACHE_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, where, ": expected num_heads (",
+                num_heads, ") to be a multiple of num_kv_heads, got ", num_kv_heads);
+  KVCACHE_CHECK(out.size(0) == batch && out.size(1) == q_len && out.size(2) == num_heads &&
+                    out.size(3) == head_dim,
+                where, ": expected out [", batch, ", ", q_len, ", ", num_heads, ", ", head_dim,
+                "], got ", out.shape_string());
   KVCACHE_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, where,
-                ": expected keys and values with contiguous head_dim, got ", keys.describe(), " and ",
-                values.describe());
-  KVCACHE_CHECK(static_cast<std::int64_t>(cache_position.size()) == q_len, where, ": expected ", q_len,
-                " cache positions (one per query), got ", cache_position.size());
+                ": expected keys and values with contiguous head_dim, got ", keys.describe(),
+                " and ", values.describe());
+  KVCACHE_CHECK(static_cast<std::int64_t>(cache_position.size()) == q_len, where, ": expected ",
+                q_len, " cache positions (one per query), got ", cache_position.size());
   const std::vector<std::uint8_t> mask = mask_to_bytes(attention_mask, batch, kv_len, where);
   if (batch == 0 || q_len == 0) return;
 
-  Problem p{batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, num_heads / num_kv_heads, kv_offset,
-            scale, cache_position.data(), mask.empty() ? nullptr : mask.data()};
+  Problem p{batch,
+            num_heads,
+            num_kv_heads,
+            q_len,
+            kv_len,
+            head_dim,
+            num_heads / num_kv_heads,
+            kv_offset,
+            scale,
+            cache_position.data(),
+            mask.empty() ? nullptr : mask.data()};
   switch (query.dtype()) {
     case DType::kFloat32:
       return run<float>(p, query, keys, values, out);

@@ -77,7 +77,8 @@ void copy(const Tensor& dst, const Tensor& src) {
   const Dims4 s = pad_to_4(src);
   const std::int64_t row = d.shape[3];
   const std::size_t elt = dst.element_size();
-  const bool memcpy_rows = dst.dtype() == src.dtype() && (row == 1 || (d.strides[3] == 1 && s.strides[3] == 1));
+  const bool memcpy_rows =
+      dst.dtype() == src.dtype() && (row == 1 || (d.strides[3] == 1 && s.strides[3] == 1));
   auto* dst_base = static_cast<std::byte*>(dst.data());
   const auto* src_base = static_cast<const std::byte*>(src.data());
   if (memcpy_rows) {

@@ -38,26 +38,29 @@ std::vector<std::uint8_t> mask_to_bytes(const Tensor& attention_mask, std::int64
 
 void check_cache_position(std::span<const std::int64_t> cache_position, std::int64_t q_len,
                           std::int64_t kv_length, std::int64_t kv_offset, const char* where) {
-  KVCACHE_CHECK(static_cast<std::int64_t>(cache_position.size()) == q_len, where, ": expected ", q_len,
-                " cache positions (one per new token), got ", cache_position.size());
+  KVCACHE_CHECK(static_cast<std::int64_t>(cache_position.size()) == q_len, where, ": expected ",
+                q_len, " cache positions (one per new token), got ", cache_position.size());
   for (std::size_t i = 0; i < cache_position.size(); ++i) {
     KVCACHE_CHECK(cache_position[i] >= 0 && cache_position[i] < kv_offset + kv_length, where,
-                  ": expected cache_position in [0, ", kv_offset + kv_length, ") (past + new), got ",
-                  cache_position[i], " at index ", i);
+                  ": expected cache_position in [0, ", kv_offset + kv_length,
+                  ") (past + new), got ", cache_position[i], " at index ", i);
   }
 }
 
-Tensor make_attention_mask(const Tensor& attention_mask, std::span<const std::int64_t> cache_position,
-                           std::int64_t batch, std::int64_t kv_length, std::int64_t kv_offset) {
+Tensor make_attention_mask(const Tensor& attention_mask,
+                           std::span<const std::int64_t> cache_position, std::int64_t batch,
+                           std::int64_t kv_length, std::int64_t kv_offset) {
   const auto q_len = static_cast<std::int64_t>(cache_position.size());
-  const std::vector<std::uint8_t> padding = mask_to_bytes(attention_mask, batch, kv_length, "make_attention_mask");
+  const std::vector<std::uint8_t> padding =
+      mask_to_bytes(attention_mask, batch, kv_length, "make_attention_mask");
   Tensor out = Tensor::empty({batch, q_len, kv_length}, DType::kUInt8);
   auto* o = out.data_as<std::uint8_t>();
   for (std::int64_t b = 0; b < batch; ++b)
     for (std::int64_t i = 0; i < q_len; ++i)
       for (std::int64_t j = 0; j < kv_length; ++j) {
         const bool causal = kv_offset + j <= cache_position[static_cast<std::size_t>(i)];
-        const bool attend = padding.empty() || padding[static_cast<std::size_t>(b * kv_length + j)] != 0;
+        const bool attend =
+            padding.empty() || padding[static_cast<std::size_t>(b * kv_length + j)] != 0;
         o[(b * q_len + i) * kv_length + j] = causal && attend ? 1 : 0;
       }
   return out;
@@ -71,8 +74,10 @@ Tensor ones_mask(std::int64_t batch, std::int64_t length) {
 
 Tensor extend_attention_mask(const Tensor& attention_mask, std::int64_t new_columns) {
   KVCACHE_CHECK(attention_mask.defined() && attention_mask.rank() == 2,
-                "extend_attention_mask: expected a [batch, length] mask, got ", attention_mask.describe());
-  KVCACHE_CHECK(new_columns >= 0, "extend_attention_mask: expected new_columns >= 0, got ", new_columns);
+                "extend_attention_mask: expected a [batch, length] mask, got ",
+                attention_mask.describe());
+  KVCACHE_CHECK(new_columns >= 0, "extend_attention_mask: expected new_columns >= 0, got ",
+                new_columns);
   const std::int64_t batch = attention_mask.size(0), length = attention_mask.size(1);
   Tensor out = ones_mask(batch, length + new_columns);
   cpu::copy(out.slice(1, 0, length), cpu::cast(attention_mask, DType::kInt64));
@@ -80,8 +85,9 @@ Tensor extend_attention_mask(const Tensor& attention_mask, std::int64_t new_colu
 }
 
 std::vector<std::int64_t> make_cache_position(std::int64_t start, std::int64_t q_len) {
-  KVCACHE_CHECK(start >= 0 && q_len >= 0, "make_cache_position: expected start >= 0 and q_len >= 0, got ",
-                start, " and ", q_len);
+  KVCACHE_CHECK(start >= 0 && q_len >= 0,
+                "make_cache_position: expected start >= 0 and q_len >= 0, got ", start, " and ",
+                q_len);
   std::vector<std::int64_t> out(static_cast<std::size_t>(q_len));
   std::iota(out.begin(), out.end(), start);
   return out;

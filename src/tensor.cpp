@@ -12,7 +12,8 @@ namespace kvcache {
 DType parse_dtype(std::string_view name) {
   if (name == "float32" || name == "f32" || name == "fp32") return DType::kFloat32;
   if (name == "bfloat16" || name == "bf16") return DType::kBFloat16;
-  if (name == "float16" || name == "f16" || name == "fp16" || name == "half") return DType::kFloat16;
+  if (name == "float16" || name == "f16" || name == "fp16" || name == "half")
+    return DType::kFloat16;
   KVCACHE_FAIL("parse_dtype: expected float32, bfloat16 or float16, got '", name, "'");
 }
 
@@ -29,8 +30,8 @@ std::array<std::int64_t, kMaxRank> contiguous_strides(Shape shape) {
 namespace {
 
 void check_shape(Shape shape, const char* where) {
-  KVCACHE_CHECK(shape.size() <= static_cast<std::size_t>(kMaxRank), where, ": expected rank <= ",
-                kMaxRank, ", got rank ", shape.size());
+  KVCACHE_CHECK(shape.size() <= static_cast<std::size_t>(kMaxRank), where,
+                ": expected rank <= ", kMaxRank, ", got rank ", shape.size());
   for (std::size_t i = 0; i < shape.size(); ++i) {
     KVCACHE_CHECK(shape[i] >= 0, where, ": expected non-negative sizes, got ", shape[i],
                   " in dimension ", i);
@@ -107,8 +108,9 @@ bool Tensor::is_contiguous() const {
 
 Tensor Tensor::slice(int dim, std::int64_t start, std::int64_t end) const {
   const auto d = static_cast<std::size_t>(wrap_dim(dim));
-  KVCACHE_CHECK(0 <= start && start <= end && end <= shape_[d], "Tensor::slice: expected 0 <= start <= end <= ",
-                shape_[d], " in dimension ", dim, ", got [", start, ", ", end, ")");
+  KVCACHE_CHECK(0 <= start && start <= end && end <= shape_[d],
+                "Tensor::slice: expected 0 <= start <= end <= ", shape_[d], " in dimension ", dim,
+                ", got [", start, ", ", end, ")");
   Tensor t = *this;
   t.shape_[d] = end - start;
   t.data_ = static_cast<std::byte*>(data_) +
@@ -129,8 +131,8 @@ Tensor Tensor::view(Shape shape) const {
   check_shape(shape, "Tensor::view");
   std::int64_t count = 1;
   for (auto s : shape) count *= s;
-  KVCACHE_CHECK(count == numel(), "Tensor::view: expected a shape of ", numel(),
-                " elements, got ", count);
+  KVCACHE_CHECK(count == numel(), "Tensor::view: expected a shape of ", numel(), " elements, got ",
+                count);
   KVCACHE_CHECK(is_contiguous(), "Tensor::view: expected a contiguous tensor, got strides of ",
                 describe());
   return from_storage(storage_, data_, shape, dtype_, device_);

@@ -64,7 +64,8 @@ TEST(Tensor, BadArgumentsAreErrors) {
   EXPECT_KVCACHE_ERROR(t.slice(1, 2, 5), "expected 0 <= start <= end <= 3");
   EXPECT_KVCACHE_ERROR(t.size(2), "dimension 2 out of range for a tensor of rank 2");
   EXPECT_KVCACHE_ERROR(t.data_as<bfloat16>(), "expected dtype bfloat16, got float32");
-  EXPECT_KVCACHE_ERROR(Tensor::empty({1, 2, 3, 4, 5}, DType::kFloat32), "expected rank <= 4, got rank 5");
+  EXPECT_KVCACHE_ERROR(Tensor::empty({1, 2, 3, 4, 5}, DType::kFloat32),
+                       "expected rank <= 4, got rank 5");
   EXPECT_KVCACHE_ERROR(Tensor::empty({2, -1}, DType::kFloat32), "expected non-negative sizes");
   EXPECT_KVCACHE_ERROR(Tensor::from_blob(nullptr, {2}, DType::kFloat32), "null data pointer");
   EXPECT_KVCACHE_ERROR(parse_dtype("float64"), "got 'float64'");
@@ -73,18 +74,22 @@ TEST(Tensor, BadArgumentsAreErrors) {
 
 TEST(Float16, RoundTripsAndRounds) {
   // Values exactly representable in both formats survive.
-  for (float x : {0.0f, -0.0f, 1.0f, -2.5f, 0.15625f, 65504.0f, 6.103515625e-05f, 5.9604644775390625e-08f}) {
+  for (float x :
+       {0.0f, -0.0f, 1.0f, -2.5f, 0.15625f, 65504.0f, 6.103515625e-05f, 5.9604644775390625e-08f}) {
     EXPECT_EQ(fp16_to_float(float_to_fp16(x)), x) << x;
   }
-  for (float x : {0.0f, 1.0f, -3.0f, std::ldexp(1.5f, 100), -std::ldexp(1.25f, -64)}) EXPECT_EQ(bf16_to_float(float_to_bf16(x)), x) << x;
+  for (float x : {0.0f, 1.0f, -3.0f, std::ldexp(1.5f, 100), -std::ldexp(1.25f, -64)})
+    EXPECT_EQ(bf16_to_float(float_to_bf16(x)), x) << x;
   // Round to nearest even: 1 + 2^-11 is halfway between 1 and 1 + 2^-10 in binary16.
   EXPECT_EQ(fp16_to_float(float_to_fp16(1.0f + std::ldexp(1.0f, -11))), 1.0f);
-  EXPECT_EQ(fp16_to_float(float_to_fp16(1.0f + 3 * std::ldexp(1.0f, -11))), 1.0f + std::ldexp(1.0f, -9));
+  EXPECT_EQ(fp16_to_float(float_to_fp16(1.0f + 3 * std::ldexp(1.0f, -11))),
+            1.0f + std::ldexp(1.0f, -9));
   EXPECT_TRUE(std::isinf(fp16_to_float(float_to_fp16(70000.0f))));
   EXPECT_TRUE(std::isnan(fp16_to_float(float_to_fp16(NAN))));
   EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(NAN))));
   EXPECT_EQ(bf16_to_float(float_to_bf16(1.0f + std::ldexp(1.0f, -8))), 1.0f);  // tie to even
-  EXPECT_EQ(bf16_to_float(float_to_bf16(1.0f + 3 * std::ldexp(1.0f, -8))), 1.0f + std::ldexp(1.0f, -6));
+  EXPECT_EQ(bf16_to_float(float_to_bf16(1.0f + 3 * std::ldexp(1.0f, -8))),
+            1.0f + std::ldexp(1.0f, -6));
 }
 
 TEST(Float16, ExhaustiveHalfRoundTrip) {
@@ -106,7 +111,8 @@ TEST(CpuCopy, ConvertsBetweenDtypesWithAnyStrides) {
   const auto got = to_doubles(half);
   for (std::size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], expected[i], 1e-3);
   Tensor dst = Tensor::zeros({2, 3, 4, 5}, DType::kFloat32);
-  EXPECT_KVCACHE_ERROR(cpu::copy(dst.slice(0, 0, 1), src), "expected equal shapes, got [1, 3, 4, 5] and [2, 3, 4, 5]");
+  EXPECT_KVCACHE_ERROR(cpu::copy(dst.slice(0, 0, 1), src),
+                       "expected equal shapes, got [1, 3, 4, 5] and [2, 3, 4, 5]");
 }
 
 }  // namespace

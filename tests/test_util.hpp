@@ -47,13 +47,14 @@ inline std::vector<double> to_doubles(const Tensor& t) {
     for (std::int64_t b = 0; b < dims[1]; ++b)
       for (std::int64_t c = 0; c < dims[2]; ++c)
         for (std::int64_t d = 0; d < dims[3]; ++d)
-          out.push_back(element(t, a * strides[0] + b * strides[1] + c * strides[2] + d * strides[3]));
+          out.push_back(
+              element(t, a * strides[0] + b * strides[1] + c * strides[2] + d * strides[3]));
   return out;
 }
 
 /// A new CPU tensor of `dtype` with uniform random values in [-scale, scale), never all zero.
-inline Tensor random_tensor(std::initializer_list<std::int64_t> shape, DType dtype, std::mt19937& rng,
-                            float scale = 1.0f) {
+inline Tensor random_tensor(std::initializer_list<std::int64_t> shape, DType dtype,
+                            std::mt19937& rng, float scale = 1.0f) {
   Tensor f = Tensor::empty(shape, DType::kFloat32);
   std::uniform_real_distribution<float> dist(-scale, scale);
   float* p = f.data_as<float>();
@@ -91,14 +92,14 @@ inline ErrorStats compare(const std::vector<double>& actual, const std::vector<d
 }
 
 /// Expects `statement` to throw kvcache::Error whose message contains `needle`.
-#define EXPECT_KVCACHE_ERROR(statement, needle)                                           \
-  do {                                                                                    \
-    try {                                                                                 \
-      statement;                                                                          \
-      ADD_FAILURE() << "expected kvcache::Error containing \"" << (needle) << "\"";     \
-    } catch (const ::kvcache::Error& e) {                                                 \
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();       \
-    }                                                                                     \
+#define EXPECT_KVCACHE_ERROR(statement, needle)                                     \
+  do {                                                                              \
+    try {                                                                           \
+      statement;                                                                    \
+      ADD_FAILURE() << "expected kvcache::Error containing \"" << (needle) << "\""; \
+    } catch (const ::kvcache::Error& e) {                                           \
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what(); \
+    }                                                                               \
   } while (false)
 
 }  // namespace kvcache::testing

@@ -28,7 +28,8 @@ std::string concat(Parts&&... parts) {
 
 [[noreturn]] inline void throw_error(const char* file, int line, const std::string& message) {
   std::string where(file);
-  if (auto slash = where.find_last_of('/'); slash != std::string::npos) where = where.substr(slash + 1);
+  if (auto slash = where.find_last_of('/'); slash != std::string::npos)
+    where = where.substr(slash + 1);
   throw Error(message + " [" + where + ":" + std::to_string(line) + "]");
 }
 
@@ -37,12 +38,11 @@ std::string concat(Parts&&... parts) {
 
 /// Throws kvcache::Error built from the message parts when `cond` is false.
 /// Usage: KVCACHE_CHECK(a == b, "update: expected head_dim ", a, ", got ", b);
-#define KVCACHE_CHECK(cond, ...)                                                     \
-  do {                                                                               \
-    if (!(cond)) [[unlikely]] {                                                      \
-      ::kvcache::detail::throw_error(__FILE__, __LINE__,                             \
-                                     ::kvcache::detail::concat(__VA_ARGS__));        \
-    }                                                                                \
+#define KVCACHE_CHECK(cond, ...)                                                                  \
+  do {                                                                                            \
+    if (!(cond)) [[unlikely]] {                                                                   \
+      ::kvcache::detail::throw_error(__FILE__, __LINE__, ::kvcache::detail::concat(__VA_ARGS__)); \
+    }                                                                                             \
   } while (false)
 
 /// Throws kvcache::Error unconditionally.

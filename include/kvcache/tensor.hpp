@@ -74,13 +74,20 @@ DType parse_dtype(std::string_view name);
 /// The DType of a C++ element type, for typed access.
 template <class T>
 constexpr DType dtype_of() {
-  if constexpr (std::is_same_v<T, float>) return DType::kFloat32;
-  else if constexpr (std::is_same_v<T, float16>) return DType::kFloat16;
-  else if constexpr (std::is_same_v<T, bfloat16>) return DType::kBFloat16;
-  else if constexpr (std::is_same_v<T, std::int32_t>) return DType::kInt32;
-  else if constexpr (std::is_same_v<T, std::int64_t>) return DType::kInt64;
-  else if constexpr (std::is_same_v<T, std::uint8_t>) return DType::kUInt8;
-  else static_assert(sizeof(T) == 0, "kvcache: no DType for this element type");
+  if constexpr (std::is_same_v<T, float>)
+    return DType::kFloat32;
+  else if constexpr (std::is_same_v<T, float16>)
+    return DType::kFloat16;
+  else if constexpr (std::is_same_v<T, bfloat16>)
+    return DType::kBFloat16;
+  else if constexpr (std::is_same_v<T, std::int32_t>)
+    return DType::kInt32;
+  else if constexpr (std::is_same_v<T, std::int64_t>)
+    return DType::kInt64;
+  else if constexpr (std::is_same_v<T, std::uint8_t>)
+    return DType::kUInt8;
+  else
+    static_assert(sizeof(T) == 0, "kvcache: no DType for this element type");
 }
 
 using Shape = std::span<const std::int64_t>;
@@ -166,7 +173,8 @@ class Tensor {
   // Inline: size()/stride() sit on every cache step's path. Out of range throws.
   int wrap_dim(int dim) const {
     const int wrapped = dim < 0 ? dim + rank_ : dim;
-    if (wrapped < 0 || wrapped >= rank_) [[unlikely]] throw_bad_dim(dim);
+    if (wrapped < 0 || wrapped >= rank_) [[unlikely]]
+      throw_bad_dim(dim);
     return wrapped;
   }
   [[noreturn]] void throw_bad_dim(int dim) const;

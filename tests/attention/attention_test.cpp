@@ -37,7 +37,8 @@ std::vector<std::vector<int>> mask_rows(const Tensor& mask) {
   const auto flat = to_doubles(mask);
   for (std::int64_t b = 0; b < mask.size(0); ++b) {
     rows.emplace_back();
-    for (std::int64_t j = 0; j < mask.size(1); ++j) rows.back().push_back(static_cast<int>(flat[static_cast<std::size_t>(b * mask.size(1) + j)]));
+    for (std::int64_t j = 0; j < mask.size(1); ++j)
+      rows.back().push_back(static_cast<int>(flat[static_cast<std::size_t>(b * mask.size(1) + j)]));
   }
   return rows;
 }
@@ -46,7 +47,8 @@ std::vector<std::vector<int>> mask_rows(const Tensor& mask) {
 Tensor left_padded_mask(const std::vector<std::int64_t>& pads, std::int64_t length) {
   Tensor mask = ones_mask(static_cast<std::int64_t>(pads.size()), length);
   for (std::size_t b = 0; b < pads.size(); ++b)
-    for (std::int64_t j = 0; j < pads[b]; ++j) mask.data_as<std::int64_t>()[static_cast<std::int64_t>(b) * length + j] = 0;
+    for (std::int64_t j = 0; j < pads[b]; ++j)
+      mask.data_as<std::int64_t>()[static_cast<std::int64_t>(b) * length + j] = 0;
   return mask;
 }
 
@@ -62,32 +64,36 @@ TEST_P(AttentionPrefill, MatchesFloat64Reference) {
   Tensor q = random_tensor({s.batch, s.heads, s.q_len, s.head_dim}, dtype, rng);
   Tensor k = random_tensor({s.batch, s.kv_heads, s.q_len, s.head_dim}, dtype, rng);
   Tensor v = random_tensor({s.batch, s.kv_heads, s.q_len, s.head_dim}, dtype, rng);
-  Attention attention(0, {.num_heads = s.heads, .num_kv_heads = s.kv_heads, .head_dim = s.head_dim});
+  Attention attention(0,
+                      {.num_heads = s.heads, .num_kv_heads = s.kv_heads, .head_dim = s.head_dim});
   DynamicCache<> cache;
   const auto cache_position = make_cache_position(0, s.q_len);
   Tensor out = attention.forward(q, k, v, cache, Tensor(), cache_position);
-  ASSERT_EQ(out.shape_string(), Tensor::empty({s.batch, s.q_len, s.heads, s.head_dim}, dtype).shape_string());
+  ASSERT_EQ(out.shape_string(),
+            Tensor::empty({s.batch, s.q_len, s.heads, s.head_dim}, dtype).shape_string());
   EXPECT_EQ(out.dtype(), dtype);
-  const Array4 expected = reference::attention(Array4::from(q), Array4::from(k), Array4::from(v), {}, cache_position,
-                                               0, 1.0 / std::sqrt(static_cast<double>(s.head_dim)));
+  const Array4 expected =
+      reference::attention(Array4::from(q), Array4::from(k), Array4::from(v), {}, cache_position, 0,
+                           1.0 / std::sqrt(static_cast<double>(s.head_dim)));
   const auto err = testing::compare(to_doubles(out), expected.data);
   EXPECT_LT(err.max_abs, tolerance(dtype)) << "max rel " << err.max_rel;
   EXPECT_EQ(cache.get_seq_length(), s.q_len);
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, AttentionPrefill,
-                         ::testing::Combine(::testing::Values(Shape{2, 4, 4, 9, 16},     // MHA
-                                                              Shape{1, 8, 2, 37, 32},    // GQA
-                                                              Shape{2, 6, 3, 300, 64},   // several kv chunks
-                                                              Shape{1, 8, 2, 600, 32}),  // several query blocks
-                                            ::testing::Values(DType::kFloat32, DType::kBFloat16, DType::kFloat16)),
-                         [](const auto& info) {
-                           const Shape& s = std::get<0>(info.param);
-                           std::ostringstream name;  // (operator+ on strings trips g++ 12's -Wrestrict)
-                           name << "b" << s.batch << "_h" << s.heads << "_kv" << s.kv_heads << "_q" << s.q_len
-                                << "_d" << s.head_dim << "_" << dtype_name(std::get<1>(info.param));
-                           return name.str();
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, AttentionPrefill,
+    ::testing::Combine(::testing::Values(Shape{2, 4, 4, 9, 16},     // MHA
+                                         Shape{1, 8, 2, 37, 32},    // GQA
+                                         Shape{2, 6, 3, 300, 64},   // several kv chunks
+                                         Shape{1, 8, 2, 600, 32}),  // several query blocks
+                       ::testing::Values(DType::kFloat32, DType::kBFloat16, DType::kFloat16)),
+    [](const auto& info) {
+      const Shape& s = std::get<0>(info.param);
+      std::ostringstream name;  // (operator+ on strings trips g++ 12's -Wrestrict)
+      name << "b" << s.batch << "_h" << s.heads << "_kv" << s.kv_heads << "_q" << s.q_len << "_d"
+           << s.head_dim << "_" << dtype_name(std::get<1>(info.param));
+      return name.str();
+    });
 
 TEST(Attention, LeftPaddingMasksPadsAndGivesZerosNotNaN) {
   std::mt19937 rng(32);
@@ -100,27 +106,29 @@ TEST(Attention, LeftPaddingMasksPadsAndGivesZerosNotNaN) {
   DynamicCache<> cache;
   const auto pos = make_cache_position(0, len);
   Tensor out = attention.forward(q, k, v, cache, mask, pos);
-  const Array4 expected = reference::attention(Array4::from(q), Array4::from(k), Array4::from(v), mask_rows(mask), pos,
-                                               0, 1.0 / 4.0);
+  const Array4 expected = reference::attention(Array4::from(q), Array4::from(k), Array4::from(v),
+                                               mask_rows(mask), pos, 0, 1.0 / 4.0);
   const auto got = to_doubles(out);
   EXPECT_LT(testing::compare(got, expected.data).max_abs, 2e-5);
   // Query rows at padded slots see no key at all: zeros (transformers #47651 gives NaN there).
   for (std::int64_t i = 0; i < 7; ++i)
     for (std::int64_t h = 0; h < heads; ++h)
-      for (std::int64_t c = 0; c < dim; ++c) EXPECT_EQ(got[static_cast<std::size_t>(((2 * len + i) * heads + h) * dim + c)], 0.0);
+      for (std::int64_t c = 0; c < dim; ++c)
+        EXPECT_EQ(got[static_cast<std::size_t>(((2 * len + i) * heads + h) * dim + c)], 0.0);
   for (double x : got) EXPECT_FALSE(std::isnan(x));
   // Padding changes nothing for the real tokens: row 1 equals attending over its unpadded
   // suffix alone, as a batch of one with no mask.
   DynamicCache<> alone;
   const std::int64_t pad = 3, real = len - pad;
   const auto unpadded = to_doubles(attention.forward(
-      q.slice(0, 1, 2).slice(2, pad, len), k.slice(0, 1, 2).slice(2, pad, len), v.slice(0, 1, 2).slice(2, pad, len),
-      alone, Tensor(), make_cache_position(0, real)));
+      q.slice(0, 1, 2).slice(2, pad, len), k.slice(0, 1, 2).slice(2, pad, len),
+      v.slice(0, 1, 2).slice(2, pad, len), alone, Tensor(), make_cache_position(0, real)));
   double worst = 0;
   for (std::int64_t i = 0; i < real; ++i)
     for (std::int64_t x = 0; x < heads * dim; ++x)
-      worst = std::max(worst, std::abs(unpadded[static_cast<std::size_t>(i * heads * dim + x)] -
-                                       got[static_cast<std::size_t>(((len + pad + i) * heads) * dim + x)]));
+      worst = std::max(
+          worst, std::abs(unpadded[static_cast<std::size_t>(i * heads * dim + x)] -
+                          got[static_cast<std::size_t>(((len + pad + i) * heads) * dim + x)]));
   EXPECT_LT(worst, 1e-6);
 }
 
@@ -138,7 +146,8 @@ TEST(Attention, ChunkedPrefillEqualsOneShot) {
     one_shot_cache.update(k.slice(2, 0, 1), v.slice(2, 0, 1), layer);
     one_shot_cache.crop(0);
   }
-  const auto one_shot = to_doubles(attention.forward(q, k, v, one_shot_cache, mask, make_cache_position(0, len)));
+  const auto one_shot =
+      to_doubles(attention.forward(q, k, v, one_shot_cache, mask, make_cache_position(0, len)));
 
   DynamicCache<> chunked_cache;
   for (int layer = 0; layer < 3; ++layer) {
@@ -149,8 +158,9 @@ TEST(Attention, ChunkedPrefillEqualsOneShot) {
   const std::int64_t bounds[] = {0, 13, 14, 29, 40};
   for (int c = 0; c + 1 < 5; ++c) {
     const std::int64_t a = bounds[c], b = bounds[c + 1];
-    Tensor part = attention.forward(q.slice(2, a, b), k.slice(2, a, b), v.slice(2, a, b), chunked_cache,
-                                    mask.slice(1, 0, b), make_cache_position(a, b - a));
+    Tensor part =
+        attention.forward(q.slice(2, a, b), k.slice(2, a, b), v.slice(2, a, b), chunked_cache,
+                          mask.slice(1, 0, b), make_cache_position(a, b - a));
     const auto got = to_doubles(part);  // [batch, b - a, heads, dim]
     for (std::int64_t r = 0; r < batch; ++r)
       for (std::int64_t i = 0; i < b - a; ++i)
@@ -168,7 +178,8 @@ TEST(Attention, ChunkedPrefillEqualsOneShot) {
 TEST(Attention, DecodeWithCacheEqualsFullRecomputation) {
   for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
     std::mt19937 rng(34);
-    const std::int64_t batch = 3, heads = 6, kv_heads = 2, dim = 32, prompt = 9, steps = 12, total = prompt + steps;
+    const std::int64_t batch = 3, heads = 6, kv_heads = 2, dim = 32, prompt = 9, steps = 12,
+                       total = prompt + steps;
     const std::vector<std::int64_t> pads = {0, 2, 6};
     // Raw (pre-RoPE) states for every position, as a model would produce them.
     Tensor q_all = random_tensor({batch, heads, total, dim}, dtype, rng);
@@ -200,7 +211,8 @@ TEST(Attention, DecodeWithCacheEqualsFullRecomputation) {
       rope.apply(fq, full_pos);
       rope.apply(fk, full_pos);
       DynamicCache<> scratch;
-      const auto without = to_doubles(attention.forward(fq, fk, fv, scratch, full_mask, make_cache_position(0, upto)));
+      const auto without = to_doubles(
+          attention.forward(fq, fk, fv, scratch, full_mask, make_cache_position(0, upto)));
       // Compare the step's query rows with the same rows of the full computation.
       const std::int64_t row = heads * dim;
       double worst = 0;
@@ -212,7 +224,8 @@ TEST(Attention, DecodeWithCacheEqualsFullRecomputation) {
             ASSERT_FALSE(std::isnan(a));
             worst = std::max(worst, std::abs(a - e));
           }
-      EXPECT_LE(worst, dtype == DType::kFloat32 ? 1e-6 : 1e-2) << "step " << step << " " << dtype_name(dtype);
+      EXPECT_LE(worst, dtype == DType::kFloat32 ? 1e-6 : 1e-2)
+          << "step " << step << " " << dtype_name(dtype);
 
       // The seed's loop: grow the mask by one column, cache_position = last + 1, positions + 1.
       start = upto;
@@ -229,12 +242,13 @@ TEST(Attention, ResultMatchesReferenceAfterDecodeSteps) {
   // Decode outputs checked against the float64 reference directly (not only self-consistency).
   std::mt19937 rng(35);
   const std::int64_t heads = 8, kv_heads = 2, dim = 64, prompt = 70;
-  Attention attention(0, {.num_heads = heads, .num_kv_heads = kv_heads, .head_dim = dim, .scale = 0.1f});
+  Attention attention(
+      0, {.num_heads = heads, .num_kv_heads = kv_heads, .head_dim = dim, .scale = 0.1f});
   DynamicCache<> cache;
   Tensor k0 = random_tensor({1, kv_heads, prompt, dim}, DType::kFloat32, rng);
   Tensor v0 = random_tensor({1, kv_heads, prompt, dim}, DType::kFloat32, rng);
-  attention.forward(random_tensor({1, heads, prompt, dim}, DType::kFloat32, rng), k0, v0, cache, Tensor(),
-                    make_cache_position(0, prompt));
+  attention.forward(random_tensor({1, heads, prompt, dim}, DType::kFloat32, rng), k0, v0, cache,
+                    Tensor(), make_cache_position(0, prompt));
   reference::ConcatCache ref;
   ref.update(k0, v0, 0);
   for (std::int64_t t = prompt; t < prompt + 5; ++t) {
@@ -244,7 +258,8 @@ TEST(Attention, ResultMatchesReferenceAfterDecodeSteps) {
     const std::vector<std::int64_t> pos = {t};
     const auto got = to_doubles(attention.forward(q, k, v, cache, ones_mask(1, t + 1), pos));
     ref.update(k, v, 0);
-    const Array4 expected = reference::attention(Array4::from(q), ref.keys[0], ref.values[0], {}, pos, 0, 0.1);
+    const Array4 expected =
+        reference::attention(Array4::from(q), ref.keys[0], ref.values[0], {}, pos, 0, 0.1);
     EXPECT_LT(testing::compare(got, expected.data).max_abs, 2e-5);
   }
 }
@@ -254,8 +269,10 @@ TEST(Attention, ResultMatchesReferenceAfterDecodeSteps) {
 class AttentionErrors : public ::testing::Test {
  protected:
   void SetUp() override {
-    attention_.forward(random_tensor({2, 4, 5, 8}, DType::kFloat32, rng_), random_tensor({2, 2, 5, 8}, DType::kFloat32, rng_),
-                       random_tensor({2, 2, 5, 8}, DType::kFloat32, rng_), cache_, ones_mask(2, 5), make_cache_position(0, 5));
+    attention_.forward(random_tensor({2, 4, 5, 8}, DType::kFloat32, rng_),
+                       random_tensor({2, 2, 5, 8}, DType::kFloat32, rng_),
+                       random_tensor({2, 2, 5, 8}, DType::kFloat32, rng_), cache_, ones_mask(2, 5),
+                       make_cache_position(0, 5));
     before_ = to_doubles(cache_.to_legacy_cache()[0].first);
   }
   void expect_unchanged() {
@@ -273,10 +290,12 @@ class AttentionErrors : public ::testing::Test {
 
 TEST_F(AttentionErrors, MaskLengthMustBePastPlusNew) {
   const std::vector<std::int64_t> pos = {5};
-  EXPECT_KVCACHE_ERROR(attention_.forward(t(2, 4, 1, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), cache_, ones_mask(2, 5), pos),
-                       "expected attention_mask [batch, past + new] = [2, 6], got [2, 5]");
-  EXPECT_KVCACHE_ERROR(attention_.forward(t(2, 4, 1, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), cache_, ones_mask(3, 6), pos),
-                       "got [3, 6]");
+  EXPECT_KVCACHE_ERROR(
+      attention_.forward(t(2, 4, 1, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), cache_, ones_mask(2, 5), pos),
+      "expected attention_mask [batch, past + new] = [2, 6], got [2, 5]");
+  EXPECT_KVCACHE_ERROR(
+      attention_.forward(t(2, 4, 1, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), cache_, ones_mask(3, 6), pos),
+      "got [3, 6]");
   expect_unchanged();
 }
 
@@ -284,36 +303,43 @@ TEST_F(AttentionErrors, MaskValuesMustBeZeroOrOne) {
   Tensor mask = ones_mask(2, 6);
   mask.data_as<std::int64_t>()[3] = -100;
   const std::vector<std::int64_t> pos = {5};
-  EXPECT_KVCACHE_ERROR(attention_.forward(t(2, 4, 1, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), cache_, mask, pos),
-                       "expected attention_mask values 0 or 1, got -100 at row 0, column 3");
+  EXPECT_KVCACHE_ERROR(
+      attention_.forward(t(2, 4, 1, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), cache_, mask, pos),
+      "expected attention_mask values 0 or 1, got -100 at row 0, column 3");
   expect_unchanged();
 }
 
 TEST_F(AttentionErrors, CachePositionMustFit) {
   const std::vector<std::int64_t> two = {5, 6};
-  EXPECT_KVCACHE_ERROR(attention_.forward(t(2, 4, 1, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), cache_, ones_mask(2, 6), two),
-                       "expected 1 cache positions (one per new token), got 2");
+  EXPECT_KVCACHE_ERROR(
+      attention_.forward(t(2, 4, 1, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), cache_, ones_mask(2, 6), two),
+      "expected 1 cache positions (one per new token), got 2");
   const std::vector<std::int64_t> far = {9};
-  EXPECT_KVCACHE_ERROR(attention_.forward(t(2, 4, 1, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), cache_, ones_mask(2, 6), far),
-                       "expected cache_position in [0, 6) (past + new), got 9");
+  EXPECT_KVCACHE_ERROR(
+      attention_.forward(t(2, 4, 1, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), cache_, ones_mask(2, 6), far),
+      "expected cache_position in [0, 6) (past + new), got 9");
   expect_unchanged();
 }
 
 TEST_F(AttentionErrors, HeadsAndShapesMustMatch) {
   const std::vector<std::int64_t> pos = {5};
-  EXPECT_KVCACHE_ERROR(attention_.forward(t(2, 3, 1, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), cache_, ones_mask(2, 6), pos),
-                       "expected query_states [batch, 4, q_len, 8], got [2, 3, 1, 8]");
-  EXPECT_KVCACHE_ERROR(attention_.forward(t(2, 4, 1, 8), t(2, 4, 1, 8), t(2, 4, 1, 8), cache_, ones_mask(2, 6), pos),
-                       "expected key/value states [2, 2, 1, 8], got [2, 4, 1, 8]");
-  EXPECT_KVCACHE_ERROR(attention_.forward(t(3, 4, 1, 8), t(3, 2, 1, 8), t(3, 2, 1, 8), cache_, ones_mask(3, 6), pos),
-                       "expected new states [2, 2, q_len, 8] float32, got [3, 2, 1, 8]");
+  EXPECT_KVCACHE_ERROR(
+      attention_.forward(t(2, 3, 1, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), cache_, ones_mask(2, 6), pos),
+      "expected query_states [batch, 4, q_len, 8], got [2, 3, 1, 8]");
+  EXPECT_KVCACHE_ERROR(
+      attention_.forward(t(2, 4, 1, 8), t(2, 4, 1, 8), t(2, 4, 1, 8), cache_, ones_mask(2, 6), pos),
+      "expected key/value states [2, 2, 1, 8], got [2, 4, 1, 8]");
+  EXPECT_KVCACHE_ERROR(
+      attention_.forward(t(3, 4, 1, 8), t(3, 2, 1, 8), t(3, 2, 1, 8), cache_, ones_mask(3, 6), pos),
+      "expected new states [2, 2, q_len, 8] float32, got [3, 2, 1, 8]");
   expect_unchanged();
 }
 
 TEST(Attention, BadOptionsAreErrors) {
   EXPECT_KVCACHE_ERROR(Attention(0, {.num_heads = 6, .num_kv_heads = 4, .head_dim = 8}),
                        "expected num_heads (6) to be a multiple of num_kv_heads, got 4");
-  EXPECT_KVCACHE_ERROR(Attention(-1, {.num_heads = 4, .num_kv_heads = 4, .head_dim = 8}), "expected layer_idx >= 0");
+  EXPECT_KVCACHE_ERROR(Attention(-1, {.num_heads = 4, .num_kv_heads = 4, .head_dim = 8}),
+                       "expected layer_idx >= 0");
 }
 
 }  // namespace
@@ -343,8 +369,8 @@ TEST(Attention, SplitDecodeMatchesReference) {
     const auto pos = make_cache_position(past, q_len);
     const auto got = to_doubles(attention.forward(q, k, v, cache, mask, pos));
     ref.update(k, v, 0);
-    const Array4 expected =
-        reference::attention(Array4::from(q), ref.keys[0], ref.values[0], mask_rows(mask), pos, 0, 1.0 / 8.0);
+    const Array4 expected = reference::attention(Array4::from(q), ref.keys[0], ref.values[0],
+                                                 mask_rows(mask), pos, 0, 1.0 / 8.0);
     EXPECT_LT(testing::compare(got, expected.data).max_abs, 2e-5) << "q_len " << q_len;
   }
 }

@@ -45,10 +45,12 @@ TEST(Mask, ChecksShapeDtypeAndValues) {
   Tensor mask = ones_mask(2, 4);
   EXPECT_EQ(mask_to_bytes(mask, 2, 4, "test").size(), 8u);
   EXPECT_TRUE(mask_to_bytes(Tensor(), 2, 4, "test").empty());
-  EXPECT_KVCACHE_ERROR(mask_to_bytes(mask, 2, 5, "test"), "test: expected attention_mask [batch, past + new] = [2, 5], got [2, 4]");
+  EXPECT_KVCACHE_ERROR(mask_to_bytes(mask, 2, 5, "test"),
+                       "test: expected attention_mask [batch, past + new] = [2, 5], got [2, 4]");
   EXPECT_KVCACHE_ERROR(mask_to_bytes(Tensor::zeros({2, 4}, DType::kFloat32), 2, 4, "test"),
                        "expected an int64, int32 or uint8 attention_mask, got float32");
-  EXPECT_KVCACHE_ERROR(check_cache_position(std::vector<std::int64_t>{-1}, 1, 4, 0, "test"), "got -1 at index 0");
+  EXPECT_KVCACHE_ERROR(check_cache_position(std::vector<std::int64_t>{-1}, 1, 4, 0, "test"),
+                       "got -1 at index 0");
   EXPECT_KVCACHE_ERROR(make_cache_position(-1, 2), "expected start >= 0");
 }
 

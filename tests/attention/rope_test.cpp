@@ -18,7 +18,8 @@ using testing::to_doubles;
 
 std::vector<double> default_inv_freq(std::int64_t dim, double theta) {
   std::vector<double> f;
-  for (std::int64_t k = 0; k < dim / 2; ++k) f.push_back(1.0 / std::pow(theta, static_cast<double>(2 * k) / static_cast<double>(dim)));
+  for (std::int64_t k = 0; k < dim / 2; ++k)
+    f.push_back(1.0 / std::pow(theta, static_cast<double>(2 * k) / static_cast<double>(dim)));
   return f;
 }
 
@@ -26,19 +27,26 @@ TEST(Rope, DefaultInverseFrequencies) {
   const RotaryEmbedding rope({.head_dim = 64, .rope_theta = 10000.0});
   const auto expected = default_inv_freq(64, 10000.0);
   ASSERT_EQ(rope.inv_freq().size(), expected.size());
-  for (std::size_t k = 0; k < expected.size(); ++k) EXPECT_NEAR(rope.inv_freq()[k], expected[k], 2e-7 * expected[k]) << k;
+  for (std::size_t k = 0; k < expected.size(); ++k)
+    EXPECT_NEAR(rope.inv_freq()[k], expected[k], 2e-7 * expected[k]) << k;
   EXPECT_EQ(rope.attention_scaling(), 1.0f);
 }
 
 TEST(Rope, LinearScalingDividesFrequencies) {
-  const RotaryEmbedding rope({.head_dim = 32, .rope_theta = 10000.0, .scaling = {.type = RopeType::kLinear, .factor = 4.0}});
+  const RotaryEmbedding rope({.head_dim = 32,
+                              .rope_theta = 10000.0,
+                              .scaling = {.type = RopeType::kLinear, .factor = 4.0}});
   const auto expected = default_inv_freq(32, 10000.0);
-  for (std::size_t k = 0; k < expected.size(); ++k) EXPECT_NEAR(rope.inv_freq()[k], expected[k] / 4.0, 2e-7 * expected[k]);
+  for (std::size_t k = 0; k < expected.size(); ++k)
+    EXPECT_NEAR(rope.inv_freq()[k], expected[k] / 4.0, 2e-7 * expected[k]);
 }
 
 TEST(Rope, Llama3ScalingMatchesItsDefinition) {
   // Llama 3.1's parameters: factor 8, low/high frequency factors 1 and 4, original context 8192.
-  const RopeScaling scaling{.type = RopeType::kLlama3, .factor = 8.0, .low_freq_factor = 1.0, .high_freq_factor = 4.0,
+  const RopeScaling scaling{.type = RopeType::kLlama3,
+                            .factor = 8.0,
+                            .low_freq_factor = 1.0,
+                            .high_freq_factor = 4.0,
                             .original_max_position_embeddings = 8192};
   const RotaryEmbedding rope({.head_dim = 128, .rope_theta = 500000.0, .scaling = scaling});
   const auto base = default_inv_freq(128, 500000.0);
@@ -93,7 +101,8 @@ TEST(Rope, RotationMatchesFloat64Reference) {
 TEST(Rope, CosSinAreCastToTheRequestedDtype) {
   const RotaryEmbedding rope({.head_dim = 8});
   std::vector<std::int64_t> p = {0, 3};
-  auto [cos, sin] = rope.cos_sin(Tensor::from_blob(p.data(), {1, 2}, DType::kInt64), DType::kBFloat16);
+  auto [cos, sin] =
+      rope.cos_sin(Tensor::from_blob(p.data(), {1, 2}, DType::kInt64), DType::kBFloat16);
   EXPECT_EQ(cos.dtype(), DType::kBFloat16);
   EXPECT_EQ(cos.shape_string(), "[1, 2, 8]");
   const auto c = to_doubles(cos);

@@ -30,7 +30,8 @@ void expect_same(const DynamicCache<>& cache, const ConcatCache& ref) {
     ASSERT_EQ(k.size(0), rk.dims[0]);
     ASSERT_EQ(k.size(2), rk.dims[2]);
     EXPECT_EQ(to_doubles(k), rk.data) << "keys of layer " << layer;
-    EXPECT_EQ(to_doubles(legacy[static_cast<std::size_t>(layer)].second), ref.values[static_cast<std::size_t>(layer)].data)
+    EXPECT_EQ(to_doubles(legacy[static_cast<std::size_t>(layer)].second),
+              ref.values[static_cast<std::size_t>(layer)].data)
         << "values of layer " << layer;
   }
 }
@@ -65,20 +66,25 @@ TEST_P(DynamicCacheSteps, MatchesConcatenation) {
   expect_same(cache, ref);
   EXPECT_EQ(cache.get_max_cache_shape(), -1);
   const std::int64_t total = ref.length();
-  EXPECT_EQ(cache.nbytes(), static_cast<std::size_t>(layers * 2 * batch * heads * total * head_dim) * dtype_size(dtype));
+  EXPECT_EQ(
+      cache.nbytes(),
+      static_cast<std::size_t>(layers * 2 * batch * heads * total * head_dim) * dtype_size(dtype));
   EXPECT_GE(cache.capacity_bytes(), cache.nbytes());
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Patterns, DynamicCacheSteps,
-    ::testing::Combine(::testing::Values(Pattern{"prefill_then_decode", {7, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}},
+    ::testing::Combine(::testing::Values(Pattern{"prefill_then_decode",
+                                                 {7, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                  1, 1, 1, 1, 1, 1, 1, 1, 1, 1}},
                                          Pattern{"chunks", {5, 3, 16, 1, 9, 2, 33}},
                                          Pattern{"decode_only", std::vector<std::int64_t>(40, 1)},
                                          Pattern{"empty_steps", {4, 0, 1, 0, 2}},
                                          Pattern{"one_long_prefill", {300}}),
                        ::testing::Values(DType::kFloat32, DType::kBFloat16, DType::kFloat16)),
     [](const auto& info) {
-      return std::string(std::get<0>(info.param).name) + "_" + std::string(dtype_name(std::get<1>(info.param)));
+      return std::string(std::get<0>(info.param).name) + "_" +
+             std::string(dtype_name(std::get<1>(info.param)));
     });
 
 TEST(DynamicCache, UpdateReturnsViewsNotCopies) {
@@ -137,7 +143,8 @@ TEST(DynamicCache, CallerBuffersAreCopiedNotReferenced) {
 }
 
 // Fills a 2-layer cache with `length` tokens of `batch` rows, mirrored into `ref`.
-void fill(DynamicCache<>& cache, ConcatCache& ref, std::int64_t batch, std::int64_t length, std::mt19937& rng) {
+void fill(DynamicCache<>& cache, ConcatCache& ref, std::int64_t batch, std::int64_t length,
+          std::mt19937& rng) {
   for (std::int64_t done = 0; done < length;) {
     const std::int64_t q = done == 0 ? std::min<std::int64_t>(length, 5) : 1;
     for (int layer = 0; layer < 2; ++layer) {
@@ -254,8 +261,9 @@ TEST(DynamicCache, ViewsOutliveRegrowthAndTheCache) {
     Tensor k = random_tensor({1, 1, 3, 4}, DType::kFloat32, rng);
     keys = cache.update(k, k, 0).first;
     expected = to_doubles(keys);
-    for (int i = 0; i < 100; ++i) cache.update(random_tensor({1, 1, 1, 4}, DType::kFloat32, rng),
-                                               random_tensor({1, 1, 1, 4}, DType::kFloat32, rng), 0);
+    for (int i = 0; i < 100; ++i)
+      cache.update(random_tensor({1, 1, 1, 4}, DType::kFloat32, rng),
+                   random_tensor({1, 1, 1, 4}, DType::kFloat32, rng), 0);
   }
   EXPECT_TRUE(keys.owns_storage());
   EXPECT_EQ(to_doubles(keys), expected);  // still readable: the view shares the old storage
@@ -270,7 +278,8 @@ class DynamicCacheErrors : public ::testing::Test {
     expect_same(cache_, ref_);
     EXPECT_EQ(cache_.batch_size(), 2);
   }
-  Tensor states(std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t d, DType dt = DType::kFloat32) {
+  Tensor states(std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t d,
+                DType dt = DType::kFloat32) {
     return random_tensor({b, h, q, d}, dt, rng_);
   }
   std::mt19937 rng_{13};
@@ -279,23 +288,27 @@ class DynamicCacheErrors : public ::testing::Test {
 };
 
 TEST_F(DynamicCacheErrors, BatchChange) {
-  EXPECT_KVCACHE_ERROR(cache_.update(states(3, 2, 1, 4), states(3, 2, 1, 4), 0), "expected new states [2, 2, q_len, 4]");
+  EXPECT_KVCACHE_ERROR(cache_.update(states(3, 2, 1, 4), states(3, 2, 1, 4), 0),
+                       "expected new states [2, 2, q_len, 4]");
   expect_unchanged();
 }
 
 TEST_F(DynamicCacheErrors, HeadsChange) {
-  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 4, 1, 4), states(2, 4, 1, 4), 1), "got [2, 4, 1, 4]");
+  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 4, 1, 4), states(2, 4, 1, 4), 1),
+                       "got [2, 4, 1, 4]");
   expect_unchanged();
 }
 
 TEST_F(DynamicCacheErrors, HeadDimChange) {
-  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 2, 1, 8), states(2, 2, 1, 8), 0), "layer 0 holds [2, 2, 6, 4]");
+  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 2, 1, 8), states(2, 2, 1, 8), 0),
+                       "layer 0 holds [2, 2, 6, 4]");
   expect_unchanged();
 }
 
 TEST_F(DynamicCacheErrors, KeyValueShapesDiffer) {
-  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 2, 1, 4), states(2, 2, 2, 4), 0),
-                       "expected value_states shaped like key_states [2, 2, 1, 4], got [2, 2, 2, 4]");
+  EXPECT_KVCACHE_ERROR(
+      cache_.update(states(2, 2, 1, 4), states(2, 2, 2, 4), 0),
+      "expected value_states shaped like key_states [2, 2, 1, 4], got [2, 2, 2, 4]");
   expect_unchanged();
 }
 
@@ -306,21 +319,24 @@ TEST_F(DynamicCacheErrors, KeyValueDtypesDiffer) {
 }
 
 TEST_F(DynamicCacheErrors, DtypeChangesBetweenSteps) {
-  EXPECT_KVCACHE_ERROR(cache_.update(states(2, 2, 1, 4, DType::kFloat16), states(2, 2, 1, 4, DType::kFloat16), 0),
-                       "got [2, 2, 1, 4] float16 cpu");
+  EXPECT_KVCACHE_ERROR(
+      cache_.update(states(2, 2, 1, 4, DType::kFloat16), states(2, 2, 1, 4, DType::kFloat16), 0),
+      "got [2, 2, 1, 4] float16 cpu");
   expect_unchanged();
 }
 
 TEST_F(DynamicCacheErrors, NonFloatStates) {
   Tensor ints = Tensor::zeros({2, 2, 1, 4}, DType::kInt32);
-  EXPECT_KVCACHE_ERROR(cache_.update(ints, ints, 0), "expected float32, float16 or bfloat16 states, got int32");
+  EXPECT_KVCACHE_ERROR(cache_.update(ints, ints, 0),
+                       "expected float32, float16 or bfloat16 states, got int32");
   expect_unchanged();
 }
 
 TEST_F(DynamicCacheErrors, DeviceMismatch) {
   std::vector<float> fake(16);
   Tensor on_gpu = Tensor::from_blob(fake.data(), {2, 2, 1, 4}, DType::kFloat32, Device::kCuda);
-  EXPECT_KVCACHE_ERROR(cache_.update(on_gpu, on_gpu, 0), "expected states on cpu (the cache's backend), got cuda");
+  EXPECT_KVCACHE_ERROR(cache_.update(on_gpu, on_gpu, 0),
+                       "expected states on cpu (the cache's backend), got cuda");
   expect_unchanged();
 }
 
@@ -332,7 +348,8 @@ TEST_F(DynamicCacheErrors, LayerSkipped) {
 }
 
 TEST_F(DynamicCacheErrors, WrongRankOrUndefined) {
-  EXPECT_KVCACHE_ERROR(cache_.update(Tensor::zeros({2, 2, 4}, DType::kFloat32), Tensor::zeros({2, 2, 4}, DType::kFloat32), 0),
+  EXPECT_KVCACHE_ERROR(cache_.update(Tensor::zeros({2, 2, 4}, DType::kFloat32),
+                                     Tensor::zeros({2, 2, 4}, DType::kFloat32), 0),
                        "expected key_states [batch, num_kv_heads, q_len, head_dim]");
   EXPECT_KVCACHE_ERROR(cache_.update(Tensor(), Tensor(), 0), "undefined tensor");
   expect_unchanged();
@@ -345,22 +362,29 @@ TEST_F(DynamicCacheErrors, NewLayerWithOtherBatch) {
 }
 
 TEST_F(DynamicCacheErrors, BeamIndexOutOfRange) {
-  EXPECT_KVCACHE_ERROR(cache_.reorder_cache(std::vector<std::int64_t>{0, 2}), "expected indices in [0, 2), got 2 at position 1");
-  EXPECT_KVCACHE_ERROR(cache_.reorder_cache(std::vector<std::int64_t>{0, -1}), "got -1 at position 1");
-  EXPECT_KVCACHE_ERROR(cache_.reorder_cache(std::vector<std::int64_t>{0}), "expected 2 beam indices (one per row), got 1");
-  EXPECT_KVCACHE_ERROR(cache_.batch_select_indices(std::vector<std::int64_t>{5}), "expected indices in [0, 2), got 5");
-  EXPECT_KVCACHE_ERROR(cache_.batch_select_indices(std::vector<std::int64_t>{}), "expected at least one index");
+  EXPECT_KVCACHE_ERROR(cache_.reorder_cache(std::vector<std::int64_t>{0, 2}),
+                       "expected indices in [0, 2), got 2 at position 1");
+  EXPECT_KVCACHE_ERROR(cache_.reorder_cache(std::vector<std::int64_t>{0, -1}),
+                       "got -1 at position 1");
+  EXPECT_KVCACHE_ERROR(cache_.reorder_cache(std::vector<std::int64_t>{0}),
+                       "expected 2 beam indices (one per row), got 1");
+  EXPECT_KVCACHE_ERROR(cache_.batch_select_indices(std::vector<std::int64_t>{5}),
+                       "expected indices in [0, 2), got 5");
+  EXPECT_KVCACHE_ERROR(cache_.batch_select_indices(std::vector<std::int64_t>{}),
+                       "expected at least one index");
   EXPECT_KVCACHE_ERROR(cache_.batch_repeat_interleave(0), "expected repeats >= 1, got 0");
   expect_unchanged();
 }
 
 TEST_F(DynamicCacheErrors, CropPastTheLength) {
-  EXPECT_KVCACHE_ERROR(cache_.crop(-7), "expected to drop at most 6 tokens (the cache length), got 7");
+  EXPECT_KVCACHE_ERROR(cache_.crop(-7),
+                       "expected to drop at most 6 tokens (the cache length), got 7");
   expect_unchanged();
 }
 
 TEST(DynamicCache, NegativeInitialCapacityIsAnError) {
-  EXPECT_KVCACHE_ERROR(DynamicCache<>(DynamicCacheOptions{.initial_capacity = -1}), "expected initial_capacity >= 0");
+  EXPECT_KVCACHE_ERROR(DynamicCache<>(DynamicCacheOptions{.initial_capacity = -1}),
+                       "expected initial_capacity >= 0");
 }
 
 }  // namespace

@@ -15,8 +15,8 @@ namespace {
 using testing::random_tensor;
 using testing::to_doubles;
 
-LegacyCache make_legacy(int layers, std::int64_t batch, std::int64_t heads, std::int64_t seq, std::int64_t dim,
-                        DType dtype, std::mt19937& rng) {
+LegacyCache make_legacy(int layers, std::int64_t batch, std::int64_t heads, std::int64_t seq,
+                        std::int64_t dim, DType dtype, std::mt19937& rng) {
   LegacyCache legacy;
   for (int i = 0; i < layers; ++i) {
     legacy.emplace_back(random_tensor({batch, heads, seq, dim}, dtype, rng),
@@ -43,7 +43,8 @@ TEST(LegacyCache, RoundTripIsLossless) {
     // And back again: a cache built from the views equals the first.
     const auto again = DynamicCache<>::from_legacy_cache(back);
     const LegacyCache twice = again.to_legacy_cache();
-    for (std::size_t i = 0; i < legacy.size(); ++i) EXPECT_EQ(to_doubles(twice[i].first), to_doubles(legacy[i].first));
+    for (std::size_t i = 0; i < legacy.size(); ++i)
+      EXPECT_EQ(to_doubles(twice[i].first), to_doubles(legacy[i].first));
   }
 }
 
@@ -74,11 +75,14 @@ TEST(LegacyCache, BadLayersAreErrors) {
   std::mt19937 rng(23);
   LegacyCache legacy = make_legacy(3, 2, 2, 4, 8, DType::kFloat32, rng);
   legacy[1].second = random_tensor({2, 2, 5, 8}, DType::kFloat32, rng);
-  EXPECT_KVCACHE_ERROR(DynamicCache<>::from_legacy_cache(legacy),
-                       "expected value_states shaped like key_states [2, 2, 4, 8], got [2, 2, 5, 8]");
+  EXPECT_KVCACHE_ERROR(
+      DynamicCache<>::from_legacy_cache(legacy),
+      "expected value_states shaped like key_states [2, 2, 4, 8], got [2, 2, 5, 8]");
   legacy = make_legacy(2, 2, 2, 4, 8, DType::kFloat32, rng);
-  legacy[1] = {random_tensor({3, 2, 4, 8}, DType::kFloat32, rng), random_tensor({3, 2, 4, 8}, DType::kFloat32, rng)};
-  EXPECT_KVCACHE_ERROR(DynamicCache<>::from_legacy_cache(legacy), "expected batch 2 (the batch the cache holds), got 3");
+  legacy[1] = {random_tensor({3, 2, 4, 8}, DType::kFloat32, rng),
+               random_tensor({3, 2, 4, 8}, DType::kFloat32, rng)};
+  EXPECT_KVCACHE_ERROR(DynamicCache<>::from_legacy_cache(legacy),
+                       "expected batch 2 (the batch the cache holds), got 3");
 }
 
 }  // namespace

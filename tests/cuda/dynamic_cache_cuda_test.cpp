@@ -27,8 +27,10 @@ void expect_same(const DynamicCache<cuda::Backend>& gpu, const DynamicCache<>& c
   const auto c = cpu.to_legacy_cache();
   for (std::size_t i = 0; i < c.size(); ++i) {
     EXPECT_EQ(g[i].first.device(), Device::kCuda);
-    EXPECT_EQ(to_doubles(cuda::to_host(g[i].first)), to_doubles(c[i].first)) << "keys of layer " << i;
-    EXPECT_EQ(to_doubles(cuda::to_host(g[i].second)), to_doubles(c[i].second)) << "values of layer " << i;
+    EXPECT_EQ(to_doubles(cuda::to_host(g[i].first)), to_doubles(c[i].first))
+        << "keys of layer " << i;
+    EXPECT_EQ(to_doubles(cuda::to_host(g[i].second)), to_doubles(c[i].second))
+        << "values of layer " << i;
   }
 }
 
@@ -39,7 +41,8 @@ TEST_F(CudaTest, StridedCopyMatchesCpu) {
   Tensor out = cuda::empty({2, 3, 5, 8}, DType::kBFloat16);
   cuda::copy(out, device.transpose(1, 2));
   EXPECT_EQ(to_doubles(cuda::to_host(out)), to_doubles(host.transpose(1, 2)));
-  EXPECT_KVCACHE_ERROR(cuda::copy(out, cuda::empty({2, 3, 5, 8}, DType::kFloat32)), "expected one dtype");
+  EXPECT_KVCACHE_ERROR(cuda::copy(out, cuda::empty({2, 3, 5, 8}, DType::kFloat32)),
+                       "expected one dtype");
 }
 
 TEST_F(CudaTest, DynamicCacheMatchesCpu) {
@@ -77,7 +80,8 @@ TEST_F(CudaTest, HostStatesAreRejected) {
   std::mt19937 rng(53);
   DynamicCache<cuda::Backend> gpu;
   Tensor host = random_tensor({1, 1, 1, 8}, DType::kFloat32, rng);
-  EXPECT_KVCACHE_ERROR(gpu.update(host, host, 0), "expected states on cuda (the cache's backend), got cpu");
+  EXPECT_KVCACHE_ERROR(gpu.update(host, host, 0),
+                       "expected states on cuda (the cache's backend), got cpu");
   EXPECT_EQ(gpu.num_layers(), 0);
 }
 

@@ -75,11 +75,15 @@ struct ConcatCache {
       keys.emplace_back();
       values.emplace_back();
     }
-    keys[static_cast<std::size_t>(layer)] = cat_seq(keys[static_cast<std::size_t>(layer)], Array4::from(k));
-    values[static_cast<std::size_t>(layer)] = cat_seq(values[static_cast<std::size_t>(layer)], Array4::from(v));
+    keys[static_cast<std::size_t>(layer)] =
+        cat_seq(keys[static_cast<std::size_t>(layer)], Array4::from(k));
+    values[static_cast<std::size_t>(layer)] =
+        cat_seq(values[static_cast<std::size_t>(layer)], Array4::from(v));
   }
   std::int64_t length(int layer = 0) const {
-    return static_cast<std::size_t>(layer) < keys.size() ? keys[static_cast<std::size_t>(layer)].dims[2] : 0;
+    return static_cast<std::size_t>(layer) < keys.size()
+               ? keys[static_cast<std::size_t>(layer)].dims[2]
+               : 0;
   }
   void crop(std::int64_t max_length) {
     if (max_length < 0) max_length = length() + max_length;
@@ -108,8 +112,9 @@ inline Array4 attention(const Array4& q, const Array4& k, const Array4& v,
         const std::int64_t kvh = h / n_rep;
         double mx = -std::numeric_limits<double>::infinity();
         for (std::int64_t j = 0; j < kv_len; ++j) {
-          const bool visible = kv_offset + j <= cache_position[static_cast<std::size_t>(i)] &&
-                               (mask.empty() || mask[static_cast<std::size_t>(b)][static_cast<std::size_t>(j)] != 0);
+          const bool visible =
+              kv_offset + j <= cache_position[static_cast<std::size_t>(i)] &&
+              (mask.empty() || mask[static_cast<std::size_t>(b)][static_cast<std::size_t>(j)] != 0);
           double s = -std::numeric_limits<double>::infinity();
           if (visible) {
             s = 0;
@@ -127,7 +132,8 @@ inline Array4 attention(const Array4& q, const Array4& k, const Array4& v,
         }
         for (std::int64_t c = 0; c < d; ++c) {
           double acc = 0;
-          for (std::int64_t j = 0; j < kv_len; ++j) acc += scores[static_cast<std::size_t>(j)] * v.at(b, kvh, j, c);
+          for (std::int64_t j = 0; j < kv_len; ++j)
+            acc += scores[static_cast<std::size_t>(j)] * v.at(b, kvh, j, c);
           out.at(b, i, h, c) = acc / sum;
         }
       }
@@ -143,8 +149,9 @@ inline Array4 rope(const Array4& x, const std::vector<std::vector<std::int64_t>>
     for (std::int64_t h = 0; h < x.dims[1]; ++h)
       for (std::int64_t i = 0; i < x.dims[2]; ++i)
         for (std::int64_t k = 0; k < half; ++k) {
-          const double angle = inv_freq[static_cast<std::size_t>(k)] *
-                               static_cast<double>(pos[static_cast<std::size_t>(b)][static_cast<std::size_t>(i)]);
+          const double angle =
+              inv_freq[static_cast<std::size_t>(k)] *
+              static_cast<double>(pos[static_cast<std::size_t>(b)][static_cast<std::size_t>(i)]);
           const double x1 = x.at(b, h, i, k), x2 = x.at(b, h, i, k + half);
           out.at(b, h, i, k) = x1 * std::cos(angle) - x2 * std::sin(angle);
           out.at(b, h, i, k + half) = x2 * std::cos(angle) + x1 * std::sin(angle);

@@ -24,8 +24,9 @@ void check_cache_position(std::span<const std::int64_t> cache_position, std::int
 
 /// The full boolean mask the attention applies, [batch, q_len, kv_length] uint8 (1 = visible),
 /// for inspection and for callers who run their own attention.
-Tensor make_attention_mask(const Tensor& attention_mask, std::span<const std::int64_t> cache_position,
-                           std::int64_t batch, std::int64_t kv_length, std::int64_t kv_offset = 0);
+Tensor make_attention_mask(const Tensor& attention_mask,
+                           std::span<const std::int64_t> cache_position, std::int64_t batch,
+                           std::int64_t kv_length, std::int64_t kv_offset = 0);
 
 /// A [batch, length] int64 mask of ones: every slot attends.
 Tensor ones_mask(std::int64_t batch, std::int64_t length);

@@ -1,8 +1,8 @@
 // Rotary position embeddings as transformers' Llama family applies them: the rotate_half
 // convention (the first and second halves of head_dim form the rotated pairs), inverse
 // frequencies and cos/sin computed in float32 and cast to the activations' dtype, applied to q and
-// k before the cache update (keys are cached after RoPE). Scaling types: default, linear and llama3;
-// other types (yarn, dynamic, longrope) are named in errors until they are implemented.
+// k before the cache update (keys are cached after RoPE). Scaling types: default, linear and
+// llama3; other types (yarn, dynamic, longrope) are named in errors until they are implemented.
 //
 // Position ids come from the attention mask, not from cache_position: a left-padded row's first
 // real token has position 0 (cumsum(mask) - 1, padded slots set to 1, as transformers does).
@@ -66,8 +66,9 @@ class RotaryEmbedding {
   float attention_scaling_ = 1.0f;
 };
 
-/// Position ids of a (left-)padded batch: cumsum(attention_mask, -1) - 1 with padded slots set to 1,
-/// [batch, length] int64. With q_len >= 0, only the last q_len columns (the new tokens of a step).
+/// Position ids of a (left-)padded batch: cumsum(attention_mask, -1) - 1 with padded slots set to
+/// 1, [batch, length] int64. With q_len >= 0, only the last q_len columns (the new tokens of a
+/// step).
 Tensor position_ids_from_attention_mask(const Tensor& attention_mask, std::int64_t q_len = -1);
 
 /// The next decode step's position ids: last column + 1 per row, [batch, 1] int64.

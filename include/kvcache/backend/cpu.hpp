@@ -36,7 +36,8 @@ struct Backend {
 ///   keys, values    [batch, num_kv_heads, kv_len, head_dim]    same dtype as query
 ///   attention_mask  [batch, kv_len] int64 / int32 / uint8 (nonzero = attend), or undefined (all)
 ///   cache_position  [q_len] absolute slot of each query; key j sits at slot kv_offset + j and is
-///                   visible to query i when kv_offset + j <= cache_position[i] and it is not padding
+///                   visible to query i when kv_offset + j <= cache_position[i] and it is not
+///                   padding
 ///   out             [batch, q_len, num_heads, head_dim]        query's dtype (transformers' layout
 ///                   after eager attention's transpose, ready for the output projection)
 /// num_heads must be a multiple of num_kv_heads. Query rows that see no key give zeros.

@@ -23,14 +23,14 @@ template <class B>
 concept CacheBackend = requires(Shape shape, DType dtype, const Tensor& t) {
   { B::kDevice } -> std::convertible_to<Device>;
   { B::empty(shape, dtype) } -> std::same_as<Tensor>;
-  { B::copy(t, t) };
+  {B::copy(t, t)};
 };
 
 /// Extra per-call information some caches need (transformers' cache_kwargs). DynamicCache ignores
 /// it; sliding-window and static caches read cache_position, sink caches the RoPE sin/cos.
 struct CacheKwargs {
   std::span<const std::int64_t> cache_position;  // [q_len] absolute slots of the new tokens
-  Tensor sin;                                     // RoPE sin/cos used for the new keys
+  Tensor sin;                                    // RoPE sin/cos used for the new keys
   Tensor cos;
 };
 

@@ -44,7 +44,8 @@ class DynamicCache : public Cache<B> {
 
   /// Builds a cache from the legacy format, copying every layer into cache storage (one copy of
   /// the data; the legacy tensors are not referenced afterwards). Tensors must be on B's device.
-  static DynamicCache from_legacy_cache(const LegacyCache& legacy, DynamicCacheOptions options = {}) {
+  static DynamicCache from_legacy_cache(const LegacyCache& legacy,
+                                        DynamicCacheOptions options = {}) {
     DynamicCache cache(options);
     for (std::size_t i = 0; i < legacy.size(); ++i) {
       cache.update(legacy[i].first, legacy[i].second, static_cast<int>(i));
@@ -110,8 +111,9 @@ class DynamicCache : public Cache<B> {
     std::int64_t target = max_length;
     if (max_length < 0) {
       const std::int64_t length = get_seq_length();
-      KVCACHE_CHECK(-max_length <= length, "DynamicCache::crop(", max_length, "): expected to drop at most ",
-                    length, " tokens (the cache length), got ", -max_length);
+      KVCACHE_CHECK(-max_length <= length, "DynamicCache::crop(", max_length,
+                    "): expected to drop at most ", length, " tokens (the cache length), got ",
+                    -max_length);
       target = length + max_length;
     }
     for (auto& layer : layers_) layer.seq_len = std::min(layer.seq_len, target);
@@ -120,14 +122,14 @@ class DynamicCache : public Cache<B> {
   void reorder_cache(std::span<const std::int64_t> beam_idx) override {
     const std::int64_t batch = batch_size();
     KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
-                  "DynamicCache::reorder_cache: expected ", batch, " beam indices (one per row), got ",
-                  beam_idx.size());
+                  "DynamicCache::reorder_cache: expected ", batch,
+                  " beam indices (one per row), got ", beam_idx.size());
     gather_batch(beam_idx, "reorder_cache");
   }
 
   void batch_repeat_interleave(std::int64_t repeats) override {
-    KVCACHE_CHECK(repeats >= 1, "DynamicCache::batch_repeat_interleave: expected repeats >= 1, got ",
-                  repeats);
+    KVCACHE_CHECK(repeats >= 1,
+                  "DynamicCache::batch_repeat_interleave: expected repeats >= 1, got ", repeats);
     const std::int64_t batch = std::max<std::int64_t>(batch_size(), 0);
     std::vector<std::int64_t> rows(static_cast<std::size_t>(batch * repeats));
     for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<std::int64_t>(i) / repeats;
@@ -142,7 +144,8 @@ class DynamicCache : public Cache<B> {
 
   std::size_t nbytes() const override {
     std::size_t total = 0;
-    for (const auto& layer : layers_) total += layer.key_view().nbytes() + layer.value_view().nbytes();
+    for (const auto& layer : layers_)
+      total += layer.key_view().nbytes() + layer.value_view().nbytes();
     return total;
   }
 
@@ -166,8 +169,8 @@ class DynamicCache : public Cache<B> {
 
  private:
   struct Layer {
-    Tensor keys;    // [batch, num_kv_heads, capacity, head_dim], owning, on B::kDevice
-    Tensor values;  // same
+    Tensor keys;               // [batch, num_kv_heads, capacity, head_dim], owning, on B::kDevice
+    Tensor values;             // same
     std::int64_t seq_len = 0;  // slots [0, seq_len) hold tokens
 
     std::int64_t capacity() const { return keys.defined() ? keys.size(2) : 0; }
@@ -198,32 +201,41 @@ class DynamicCache : public Cache<B> {
   };
 
   void check_states(const Tensor& k, const Tensor& v, int layer_idx) const {
-    KVCACHE_CHECK(layer_idx >= 0 && layer_idx <= num_layers(), "DynamicCache::update: expected layer_idx in [0, ",
-                  num_layers(), "] (layers are added in order), got ", layer_idx);
-    KVCACHE_CHECK(k.defined() && v.defined(), "DynamicCache::update: expected defined key and value states, got ",
-                  k.describe(), " and ", v.describe());
-    KVCACHE_CHECK(k.rank() == 4, "DynamicCache::update: expected key_states [batch, num_kv_heads, q_len, head_dim], got ",
-                  k.describe());
+    KVCACHE_CHECK(layer_idx >= 0 && layer_idx <= num_layers(),
+                  "DynamicCache::update: expected layer_idx in [0, ", num_layers(),
+                  "] (layers are added in order), got ", layer_idx);
+    KVCACHE_CHECK(k.defined() && v.defined(),
+                  "DynamicCache::update: expected defined key and value states, got ", k.describe(),
+                  " and ", v.describe());
+    KVCACHE_CHECK(
+        k.rank() == 4,
+        "DynamicCache::update: expected key_states [batch, num_kv_heads, q_len, head_dim], got ",
+        k.describe());
     KVCACHE_CHECK(v.rank() == 4 && v.size(0) == k.size(0) && v.size(1) == k.size(1) &&
                       v.size(2) == k.size(2) && v.size(3) == k.size(3),
-                  "DynamicCache::update: expected value_states shaped like key_states ", k.shape_string(),
-                  ", got ", v.shape_string());
-    KVCACHE_CHECK(k.dtype() == v.dtype(), "DynamicCache::update: expected key and value states of one dtype, got ",
+                  "DynamicCache::update: expected value_states shaped like key_states ",
+                  k.shape_string(), ", got ", v.shape_string());
+    KVCACHE_CHECK(k.dtype() == v.dtype(),
+                  "DynamicCache::update: expected key and value states of one dtype, got ",
                   dtype_name(k.dtype()), " and ", dtype_name(v.dtype()));
-    KVCACHE_CHECK(is_floating(k.dtype()), "DynamicCache::update: expected float32, float16 or bfloat16 states, got ",
+    KVCACHE_CHECK(is_floating(k.dtype()),
+                  "DynamicCache::update: expected float32, float16 or bfloat16 states, got ",
                   dtype_name(k.dtype()));
-    KVCACHE_CHECK(k.device() == B::kDevice && v.device() == B::kDevice, "DynamicCache::update: expected states on ",
-                  device_name(B::kDevice), " (the cache's backend), got ", device_name(k.device()), " and ",
+    KVCACHE_CHECK(k.device() == B::kDevice && v.device() == B::kDevice,
+                  "DynamicCache::update: expected states on ", device_name(B::kDevice),
+                  " (the cache's backend), got ", device_name(k.device()), " and ",
                   device_name(v.device()));
     KVCACHE_CHECK(k.size(0) > 0 && k.size(1) > 0 && k.size(3) > 0,
-                  "DynamicCache::update: expected non-zero batch, num_kv_heads and head_dim, got ", k.shape_string());
+                  "DynamicCache::update: expected non-zero batch, num_kv_heads and head_dim, got ",
+                  k.shape_string());
     if (layer_idx < num_layers()) {
       const Layer& layer = layers_[static_cast<std::size_t>(layer_idx)];
       if (layer.seq_len > 0) {
-        KVCACHE_CHECK(layer.layout_matches(k), "DynamicCache::update: layer ", layer_idx, " holds [",
-                      layer.keys.size(0), ", ", layer.keys.size(1), ", ", layer.seq_len, ", ", layer.keys.size(3),
-                      "] ", dtype_name(layer.keys.dtype()), "; expected new states [", layer.keys.size(0), ", ",
-                      layer.keys.size(1), ", q_len, ", layer.keys.size(3), "] ", dtype_name(layer.keys.dtype()),
+        KVCACHE_CHECK(layer.layout_matches(k), "DynamicCache::update: layer ", layer_idx,
+                      " holds [", layer.keys.size(0), ", ", layer.keys.size(1), ", ", layer.seq_len,
+                      ", ", layer.keys.size(3), "] ", dtype_name(layer.keys.dtype()),
+                      "; expected new states [", layer.keys.size(0), ", ", layer.keys.size(1),
+                      ", q_len, ", layer.keys.size(3), "] ", dtype_name(layer.keys.dtype()),
                       ", got ", k.describe());
       }
     }
@@ -238,8 +250,8 @@ class DynamicCache : public Cache<B> {
     const std::int64_t batch = batch_size();
     if (batch < 0) return;  // nothing held: nothing to rearrange
     for (std::size_t i = 0; i < rows.size(); ++i) {
-      KVCACHE_CHECK(rows[i] >= 0 && rows[i] < batch, "DynamicCache::", op, ": expected indices in [0, ", batch,
-                    "), got ", rows[i], " at position ", i);
+      KVCACHE_CHECK(rows[i] >= 0 && rows[i] < batch, "DynamicCache::", op,
+                    ": expected indices in [0, ", batch, "), got ", rows[i], " at position ", i);
     }
     std::vector<Layer> rebuilt = layers_;
     for (auto& layer : rebuilt) {
