@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.hpp"
 #include "kvcache/kvcache.hpp"
 
 namespace {
@@ -259,42 +260,7 @@ void register_benchmarks() {
   prefill->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 
-// Shows runs on the console like the default reporter and keeps each benchmark's counters (the
-// median's when --benchmark_repetitions gives aggregates) for the summary.
-class CollectingReporter : public benchmark::ConsoleReporter {
- public:
-  using ConsoleReporter::ConsoleReporter;
-
-  void ReportRuns(const std::vector<Run>& runs) override {
-    ConsoleReporter::ReportRuns(runs);
-    for (const Run& run : runs) {
-      if (run.error_occurred) continue;
-      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
-      if (run.run_type == Run::RT_Aggregate && !median) continue;
-      std::string key = run.run_name.function_name;
-      if (!run.run_name.args.empty()) key += "/" + run.run_name.args;
-      Seen& seen = seen_[key];
-      if (seen.from_median && !median) continue;
-      seen = {run.counters, median};
-    }
-  }
-
-  /// Counter `counter` of benchmark `name` ("<function>/<args>"), or a negative value if it did
-  /// not run (filtered out or failed).
-  double counter(const std::string& name, const std::string& counter) const {
-    auto it = seen_.find(name);
-    if (it == seen_.end()) return -1.0;
-    auto c = it->second.counters.find(counter);
-    return c == it->second.counters.end() ? -1.0 : c->second.value;
-  }
-
- private:
-  struct Seen {
-    benchmark::UserCounters counters;
-    bool from_median = false;
-  };
-  std::map<std::string, Seen> seen_;
-};
+using kvcache::bench::CollectingReporter;
 
 void print_summary(const CollectingReporter& reporter) {
   std::printf("\n");
@@ -334,13 +300,5 @@ void print_summary(const CollectingReporter& reporter) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  register_benchmarks();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  CollectingReporter reporter(isatty(STDOUT_FILENO) ? benchmark::ConsoleReporter::OO_Color
-                                                    : benchmark::ConsoleReporter::OO_None);
-  benchmark::RunSpecifiedBenchmarks(&reporter);
-  print_summary(reporter);
-  benchmark::Shutdown();
-  return 0;
+  return kvcache::bench::run_main(argc, argv, register_benchmarks, print_summary);
 }

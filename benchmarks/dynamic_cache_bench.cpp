@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench_util.hpp"
 #include "kvcache/kvcache.hpp"
 
 namespace {
@@ -166,43 +167,7 @@ void register_benchmarks() {
   }
 }
 
-// Shows runs on the console like the default reporter and keeps each benchmark's times per
-// iteration (the median's when --benchmark_repetitions gives aggregates) for the summary.
-class CollectingReporter : public benchmark::ConsoleReporter {
- public:
-  struct Times {
-    double cpu_ns = -1.0;  // negative: did not run (filtered out or failed)
-    double real_ns = -1.0;
-  };
-
-  using ConsoleReporter::ConsoleReporter;
-
-  void ReportRuns(const std::vector<Run>& runs) override {
-    ConsoleReporter::ReportRuns(runs);
-    for (const Run& run : runs) {
-      if (run.error_occurred) continue;
-      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
-      if (run.run_type == Run::RT_Aggregate && !median) continue;
-      Seen& seen = seen_[run.run_name.function_name + "/" + run.run_name.args];
-      if (seen.from_median && !median) continue;
-      const double to_ns = 1e9 / benchmark::GetTimeUnitMultiplier(run.time_unit);
-      seen = {{run.GetAdjustedCPUTime() * to_ns, run.GetAdjustedRealTime() * to_ns}, median};
-    }
-  }
-
-  /// Times per iteration of `name` ("<function>/<args>").
-  Times times(const std::string& name) const {
-    auto it = seen_.find(name);
-    return it == seen_.end() ? Times{} : it->second.times;
-  }
-
- private:
-  struct Seen {
-    Times times;
-    bool from_median = false;
-  };
-  std::map<std::string, Seen> seen_;
-};
+using kvcache::bench::CollectingReporter;
 
 // The ratio is judged on CPU time: these benchmarks are single-threaded, and on a small shared VM
 // CPU time is what the code costs while real time also counts whoever else had the core.
@@ -213,8 +178,8 @@ void print_flatness(const CollectingReporter& reporter) {
     const std::string dtype_name(kvcache::dtype_name(dtype));
     for (const char* family : {"BM_DynamicCacheUpdate", "BM_NaiveConcatUpdate"}) {
       const std::string prefix = std::string(family) + "/" + dtype_name + "/";
-      const auto short_run = reporter.times(prefix + std::to_string(kFlatShort));
-      const auto long_run = reporter.times(prefix + std::to_string(kFlatLong));
+      const auto short_run = reporter.result(prefix + std::to_string(kFlatShort));
+      const auto long_run = reporter.result(prefix + std::to_string(kFlatLong));
       if (short_run.cpu_ns <= 0 || long_run.cpu_ns <= 0) continue;
       const double cpu_ratio = long_run.cpu_ns / short_run.cpu_ns;
       const bool judged = std::string_view(family) == "BM_DynamicCacheUpdate";
@@ -231,13 +196,5 @@ void print_flatness(const CollectingReporter& reporter) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  register_benchmarks();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  CollectingReporter reporter(isatty(STDOUT_FILENO) ? benchmark::ConsoleReporter::OO_Color
-                                                    : benchmark::ConsoleReporter::OO_None);
-  benchmark::RunSpecifiedBenchmarks(&reporter);
-  print_flatness(reporter);
-  benchmark::Shutdown();
-  return 0;
+  return kvcache::bench::run_main(argc, argv, register_benchmarks, print_flatness);
 }

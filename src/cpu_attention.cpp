@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -253,61 +254,51 @@ void accumulate_rows_any(const float* w, std::int64_t ld, int rows, const float*
         out[r * out_stride + c] += w[r * ld + j] * v[j * v_stride + c];
 }
 
-// Dispatches groups of up to four rows to the register-blocked kernels.
-void score_all(const float* q, std::int64_t q_stride, std::int64_t rows, const float* k,
-               std::int64_t k_stride, std::int64_t n, std::int64_t d, float* scores,
-               std::int64_t ld) {
+// Calls f(std::integral_constant<int, R>, first_row) for groups of R <= 4 rows, so each group
+// runs a register-blocked kernel compiled for its row count.
+template <class F>
+void for_row_groups(std::int64_t rows, F&& f) {
   for (std::int64_t r = 0; r < rows; r += 4) {
-    const auto group = static_cast<int>(std::min<std::int64_t>(4, rows - r));
-    const float* qr = q + r * q_stride;
-    float* sr = scores + r * ld;
-    if (d % kLanes != 0) {
-      score_rows_any(qr, q_stride, group, k, k_stride, n, d, sr, ld);
-      continue;
-    }
-    switch (group) {
+    switch (std::min<std::int64_t>(4, rows - r)) {
       case 4:
-        score_rows<4>(qr, q_stride, k, k_stride, n, d, sr, ld);
+        f(std::integral_constant<int, 4>{}, r);
         break;
       case 3:
-        score_rows<3>(qr, q_stride, k, k_stride, n, d, sr, ld);
+        f(std::integral_constant<int, 3>{}, r);
         break;
       case 2:
-        score_rows<2>(qr, q_stride, k, k_stride, n, d, sr, ld);
+        f(std::integral_constant<int, 2>{}, r);
         break;
       default:
-        score_rows<1>(qr, q_stride, k, k_stride, n, d, sr, ld);
+        f(std::integral_constant<int, 1>{}, r);
         break;
     }
   }
 }
 
+void score_all(const float* q, std::int64_t q_stride, std::int64_t rows, const float* k,
+               std::int64_t k_stride, std::int64_t n, std::int64_t d, float* scores,
+               std::int64_t ld) {
+  for_row_groups(rows, [&](auto group, std::int64_t r) {
+    if (d % kLanes == 0) {
+      score_rows<group()>(q + r * q_stride, q_stride, k, k_stride, n, d, scores + r * ld, ld);
+    } else {
+      score_rows_any(q + r * q_stride, q_stride, group(), k, k_stride, n, d, scores + r * ld, ld);
+    }
+  });
+}
+
 void accumulate_all(const float* w, std::int64_t ld, std::int64_t rows, const float* v,
                     std::int64_t v_stride, std::int64_t n, std::int64_t d, float* out,
                     std::int64_t out_stride) {
-  for (std::int64_t r = 0; r < rows; r += 4) {
-    const auto group = static_cast<int>(std::min<std::int64_t>(4, rows - r));
-    const float* wr = w + r * ld;
-    float* orow = out + r * out_stride;
-    if (d % kLanes != 0) {
-      accumulate_rows_any(wr, ld, group, v, v_stride, n, d, orow, out_stride);
-      continue;
+  for_row_groups(rows, [&](auto group, std::int64_t r) {
+    if (d % kLanes == 0) {
+      accumulate_rows<group()>(w + r * ld, ld, v, v_stride, n, d, out + r * out_stride, out_stride);
+    } else {
+      accumulate_rows_any(w + r * ld, ld, group(), v, v_stride, n, d, out + r * out_stride,
+                          out_stride);
     }
-    switch (group) {
-      case 4:
-        accumulate_rows<4>(wr, ld, v, v_stride, n, d, orow, out_stride);
-        break;
-      case 3:
-        accumulate_rows<3>(wr, ld, v, v_stride, n, d, orow, out_stride);
-        break;
-      case 2:
-        accumulate_rows<2>(wr, ld, v, v_stride, n, d, orow, out_stride);
-        break;
-      default:
-        accumulate_rows<1>(wr, ld, v, v_stride, n, d, orow, out_stride);
-        break;
-    }
-  }
+  });
 }
 
 inline void axpy(float w, const float* x, float* y, std::int64_t d) {

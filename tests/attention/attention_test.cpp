@@ -82,10 +82,12 @@ TEST_P(AttentionPrefill, MatchesFloat64Reference) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, AttentionPrefill,
-    ::testing::Combine(::testing::Values(Shape{2, 4, 4, 9, 16},     // MHA
-                                         Shape{1, 8, 2, 37, 32},    // GQA
-                                         Shape{2, 6, 3, 300, 64},   // several kv chunks
-                                         Shape{1, 8, 2, 600, 32}),  // several query blocks
+    ::testing::Combine(::testing::Values(Shape{2, 4, 4, 9, 16},    // MHA
+                                         Shape{1, 8, 2, 37, 32},   // GQA
+                                         Shape{2, 6, 3, 300, 64},  // several kv chunks
+                                         Shape{1, 8, 2, 600, 32},  // several query blocks
+                                         Shape{2, 4, 2, 5, 24},    // decode path, odd head_dim
+                                         Shape{1, 3, 3, 1, 80}),   // one query, head_dim 5 × 16
                        ::testing::Values(DType::kFloat32, DType::kBFloat16, DType::kFloat16)),
     [](const auto& info) {
       const Shape& s = std::get<0>(info.param);

@@ -1,6 +1,7 @@
-// Packaging check, add_subdirectory flavour: a program built with kvcache's source tree. It fills a
-// DynamicCache with a 3-token prompt and one decode step and exits non-zero unless the cache
-// reports 4 tokens, so CTest fails when the package builds but does not work.
+// Packaging check, shared by both consumer projects (find_package against the installed kvcache,
+// add_subdirectory of its source tree; KVCACHE_CONSUMER names which). It fills a DynamicCache with
+// a 3-token prompt and one decode step and exits non-zero unless the cache reports 4 tokens, so
+// CTest fails when the package builds but does not work.
 #include <cstdint>
 #include <iostream>
 #include <kvcache/kvcache.hpp>
@@ -22,7 +23,7 @@ int main() {
   cache.update(states(3), states(3), /*layer_idx=*/0);                // prompt
   const auto [keys, values] = cache.update(states(1), states(1), 0);  // one decode step
   const std::int64_t seq_len = cache.get_seq_length();
-  std::cout << "kvcache " << kvcache::kVersion << " (add_subdirectory): seq_len " << seq_len
+  std::cout << "kvcache " << kvcache::kVersion << " (" KVCACHE_CONSUMER "): seq_len " << seq_len
             << ", keys " << keys.describe() << "\n";
   if (seq_len != 4 || keys.size(2) != 4 || values.size(2) != 4) {
     std::cerr << "expected 4 cached tokens, got " << seq_len << "\n";
