@@ -192,18 +192,68 @@ inline void prefetch_row(const float* row, std::int64_t d) {
 }
 
 // Scores of R query rows against keys [0, n): scores[r * ld + j] = q[r] · k[j]. head_dim % 16 == 0.
+// The four horizontal sums of a, b, c, d as lanes 0..3, by halving all four together: 12 vector
+// operations where four separate trees take about 28.
+inline void sum16x4(Vec16 a, Vec16 b, Vec16 c, Vec16 d, float* out) {
+  const Vec16 ab =
+      __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+      __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const Vec16 cd =
+      __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+      __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  // Lanes 4r..4r+3 now hold row r's four partial sums.
+  const Vec16 u =
+      __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+      __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const Vec16 v =
+      __builtin_shufflevector(u, u, 0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13) +
+      __builtin_shufflevector(u, u, 2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15);
+  out[0] = v[0] + v[1];
+  out[1] = v[2] + v[3];
+  out[2] = v[4] + v[5];
+  out[3] = v[6] + v[7];
+}
+
+// Scores of R query rows against keys [0, n): scores[r * ld + j] = q[r] · k[j]. head_dim % 16 == 0.
+// Two keys per iteration share the query loads.
 template <int R>
 void score_rows(const float* q, std::int64_t q_stride, const float* k, std::int64_t k_stride,
                 std::int64_t n, std::int64_t d, float* scores, std::int64_t ld) {
-  for (std::int64_t j = 0; j < n; ++j) {
+  auto finish = [&](const Vec16* acc, std::int64_t j) {
+    if constexpr (R == 4) {
+      float four[4];
+      sum16x4(acc[0], acc[1], acc[2], acc[3], four);
+      for (int r = 0; r < 4; ++r) scores[r * ld + j] = four[r];
+    } else {
+      for (int r = 0; r < R; ++r) scores[r * ld + j] = sum16(acc[r]);
+    }
+  };
+  std::int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    const float* k0 = k + j * k_stride;
+    const float* k1 = k0 + k_stride;
+    prefetch_row(k0 + kPrefetchRows * k_stride, d);
+    prefetch_row(k1 + kPrefetchRows * k_stride, d);
+    Vec16 acc0[R] = {}, acc1[R] = {};
+    for (std::int64_t c = 0; c < d; c += kLanes) {
+      const Vec16 kv0 = load16(k0 + c), kv1 = load16(k1 + c);
+      for (int r = 0; r < R; ++r) {
+        const Vec16 qv = load16(q + r * q_stride + c);
+        acc0[r] += qv * kv0;
+        acc1[r] += qv * kv1;
+      }
+    }
+    finish(acc0, j);
+    finish(acc1, j + 1);
+  }
+  for (; j < n; ++j) {
     const float* krow = k + j * k_stride;
-    prefetch_row(krow + kPrefetchRows * k_stride, d);
     Vec16 acc[R] = {};
     for (std::int64_t c = 0; c < d; c += kLanes) {
       const Vec16 kv = load16(krow + c);
       for (int r = 0; r < R; ++r) acc[r] += load16(q + r * q_stride + c) * kv;
     }
-    for (int r = 0; r < R; ++r) scores[r * ld + j] = sum16(acc[r]);
+    finish(acc, j);
   }
 }
 
