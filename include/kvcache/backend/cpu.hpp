@@ -46,6 +46,28 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
                const Tensor& attention_mask, std::span<const std::int64_t> cache_position,
                std::int64_t kv_offset, float scale, const Tensor& out);
 
+// --- dense layers (the model's building blocks) ---------------------------------------------
+// All take and return contiguous float32 CPU tensors; weights may be float32, bfloat16 or float16
+// (16-bit weights are widened on the fly). Threaded over the output features with OpenMP.
+
+/// y = x · Wᵀ (+ bias): x [rows, in] float32, weight [out, in], bias [out] or undefined;
+/// returns [rows, out] float32.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
+
+/// RMSNorm as transformers computes it: x · rsqrt(mean(x²) + eps) · weight, per row of x
+/// [rows, hidden] float32; weight [hidden]. Returns a new tensor.
+Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps);
+
+/// The SiLU-gated MLP's middle: silu(gate) · up, elementwise, [rows, n] float32 each.
+Tensor silu_mul(const Tensor& gate, const Tensor& up);
+
+/// y += x elementwise (same shape, float32, contiguous).
+void add_inplace(const Tensor& y, const Tensor& x);
+
+/// Rows of `table` [vocab, hidden] picked by `ids` (int64, any shape, values checked against
+/// vocab): returns [numel(ids), hidden] float32.
+Tensor embedding(const Tensor& table, const Tensor& ids);
+
 /// Number of threads the CPU kernels use (OpenMP's maximum, 1 when built without OpenMP).
 int num_threads();
 

@@ -1,0 +1,66 @@
+// Generation loops over a LlamaModel and a DynamicCache: generate() for the whole job (greedy or
+// sampled, EOS handling, a callback per token, timings), and the pieces a hand-written loop needs,
+// the seed's Python loop in C++:
+//
+//   DynamicCache<> past_key_values;
+//   Tensor attention_mask = ...;                                   // [batch, prompt_len]
+//   auto cache_position = make_cache_position(0, prompt_len);      // torch.arange(prompt_len)
+//   Tensor input_ids = prompt;
+//   for (int i = 0; i < max_new_tokens; ++i) {
+//     Tensor logits = model.forward({.input_ids = input_ids, .attention_mask = attention_mask,
+//                                    .cache_position = cache_position,
+//                                    .past_key_values = &past_key_values, .logits_to_keep = 1});
+//     auto next = argmax_last(logits);                             // logits[:, -1].argmax(-1)
+//     input_ids = token_column(next);
+//     attention_mask = extend_attention_mask(attention_mask);      // one more column of ones
+//     cache_position = {cache_position.back() + 1};                // cache_position[-1:] + 1
+//   }
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "kvcache/cache/dynamic_cache.hpp"
+#include "kvcache/generation/config.hpp"
+#include "kvcache/model/llama.hpp"
+
+namespace kvcache {
+
+struct GenerateResult {
+  std::vector<std::vector<std::int64_t>>
+      new_tokens;  // per row, max_new_tokens or fewer if all stopped
+  double prefill_ms = 0;
+  double decode_ms = 0;  // all steps after the prefill
+  std::int64_t decode_steps = 0;
+  double decode_tokens_per_s = 0;  // decode steps × batch / decode time
+  std::int64_t cache_length = 0;   // tokens in the cache at the end
+  std::size_t cache_bytes = 0;     // bytes of keys and values held
+};
+
+/// Called for every generated token: (row, token, step). Return false to stop generating.
+using TokenCallback = std::function<bool(std::int64_t row, std::int64_t token, std::int64_t step)>;
+
+/// Generates up to config.max_new_tokens tokens after `input_ids` [batch, prompt_len] (left-padded;
+/// `attention_mask` [batch, prompt_len] marks real tokens, undefined = no padding). Rows that emit
+/// an EOS token are finished and emit pad_token_id afterwards; generation stops when all are.
+/// Uses `cache` when given (which may hold an earlier conversation: the mask must then cover it),
+/// else a fresh DynamicCache.
+GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
+                        const Tensor& attention_mask, const GenerationConfig& config,
+                        DynamicCache<>* cache = nullptr, const TokenCallback& on_token = {});
+
+/// [batch, 1] int64 column of the given tokens (the next step's input_ids).
+Tensor token_column(const std::vector<std::int64_t>& tokens);
+
+/// Left-pads rows of token ids into input_ids [batch, longest] (pad_token_id) and the matching
+/// attention_mask (0 for pads). Every row needs at least one token.
+std::pair<Tensor, Tensor> left_pad(const std::vector<std::vector<std::int64_t>>& rows,
+                                   std::int64_t pad_token_id);
+
+/// Picks the next token of one row from its logits [vocab] float32: greedy, or sampled with
+/// temperature, top-k and top-p (in that order, as transformers applies them).
+std::int64_t choose_token(const float* logits, std::int64_t vocab, const GenerationConfig& config,
+                          std::uint64_t& rng_state);
+
+}  // namespace kvcache

@@ -1,0 +1,59 @@
+// The model configuration, read from a Hugging Face config.json: LlamaForCausalLM,
+// Qwen2ForCausalLM and MistralForCausalLM. Both RoPE forms are understood: the older top-level
+// `rope_theta` + `rope_scaling`, and transformers 5's `rope_parameters`. Unknown architectures,
+// activations and RoPE types are errors that name them.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kvcache/attention/rope.hpp"
+#include "kvcache/tensor.hpp"
+
+namespace kvcache {
+
+struct ModelConfig {
+  std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"
+  std::string model_type;    // "llama", "qwen2", "mistral"
+  std::int64_t vocab_size = 0;
+  std::int64_t hidden_size = 0;
+  std::int64_t intermediate_size = 0;
+  std::int64_t num_hidden_layers = 0;
+  std::int64_t num_attention_heads = 0;
+  std::int64_t num_key_value_heads = 0;  // defaults to num_attention_heads
+  std::int64_t head_dim = 0;             // defaults to hidden_size / num_attention_heads
+  std::int64_t max_position_embeddings = 0;
+  double rms_norm_eps = 1e-6;
+  std::string hidden_act = "silu";  // only silu is served
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;  // q/k/v/o biases (Llama); Qwen2 always has q/k/v biases
+  bool mlp_bias = false;
+  bool qkv_bias = false;                       // resolved: whether q/k/v projections carry biases
+  bool o_bias = false;                         // resolved: whether o_proj carries a bias
+  std::optional<std::int64_t> sliding_window;  // Mistral (and Qwen2 when use_sliding_window)
+  /// Per layer, as transformers resolves it: "full_attention" or "sliding_attention". Mistral
+  /// slides every layer when sliding_window is set; Qwen2 only layers >= max_window_layers (or as
+  /// its config's own layer_types says); Llama none.
+  std::vector<std::string> layer_types;
+  RopeOptions rope;  // head_dim, theta, scaling
+  std::optional<std::int64_t> bos_token_id;
+  std::vector<std::int64_t> eos_token_ids;  // eos_token_id may be an int or a list
+  std::optional<std::int64_t> pad_token_id;
+  std::optional<DType> torch_dtype;  // "dtype" / "torch_dtype" when present
+
+  /// The window layer `layer_idx` attends over, or none for full attention.
+  std::optional<std::int64_t> layer_sliding_window(std::int64_t layer_idx) const {
+    const auto i = static_cast<std::size_t>(layer_idx);
+    if (!sliding_window || layer_idx < 0 || i >= layer_types.size()) return std::nullopt;
+    return layer_types[i] == "sliding_attention" ? sliding_window : std::nullopt;
+  }
+
+  /// Parses config.json text; `where` names the source in errors.
+  static ModelConfig from_json(const std::string& text, const std::string& where = "config.json");
+  /// Reads and parses a config.json file.
+  static ModelConfig from_file(const std::string& path);
+};
+
+}  // namespace kvcache

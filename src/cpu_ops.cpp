@@ -1,0 +1,161 @@
+// Dense CPU layers for the models: linear (GEMV/GEMM through Eigen, threaded over output
+// features), RMSNorm, the SiLU gate, residual adds and the embedding lookup. Activations are
+// float32; weights may be 16-bit, widened a block of rows at a time into a per-thread buffer.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored \
+    "-Wmaybe-uninitialized"  // g++ 12 false positives in Eigen's AVX-512 paths
+#endif
+#define EIGEN_DONT_PARALLELIZE
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kvcache/backend/cpu.hpp"
+
+namespace kvcache::cpu {
+namespace {
+
+using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using ConstRowMap = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
+using RowMap = Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>>;
+
+void check_f32_matrix(const Tensor& t, const char* where, const char* what) {
+  KVCACHE_CHECK(t.defined() && t.rank() == 2 && t.dtype() == DType::kFloat32 &&
+                    t.device() == Device::kCpu && t.is_contiguous(),
+                where, ": expected ", what, " as a contiguous [rows, n] float32 CPU tensor, got ",
+                t.describe());
+}
+
+// Output features per work item: enough rows of W to amortise a GEMM's packing, few enough that
+// both cores get work on the smallest projections.
+constexpr std::int64_t kOutBlock = 64;
+
+template <class T>
+void linear_blocks(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y) {
+  const std::int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  const ConstRowMap X(x.data_as<float>(), rows, in, Eigen::OuterStride<>(in));
+  const T* w = weight.data_as<T>();
+  const float* b = bias.defined() ? bias.data_as<float>() : nullptr;
+  const std::int64_t blocks = (out + kOutBlock - 1) / kOutBlock;
+#pragma omp parallel
+  {
+    std::vector<float> widened;
+#pragma omp for schedule(static)
+    for (std::int64_t blk = 0; blk < blocks; ++blk) {
+      const std::int64_t o0 = blk * kOutBlock, on = std::min(kOutBlock, out - o0);
+      const float* wf;
+      if constexpr (std::is_same_v<T, float>) {
+        wf = w + o0 * in;
+      } else {
+        widened.resize(static_cast<std::size_t>(on * in));
+        for (std::int64_t i = 0; i < on * in; ++i)
+          widened[static_cast<std::size_t>(i)] = to_float(w[o0 * in + i]);
+        wf = widened.data();
+      }
+      RowMap Y(y.data_as<float>() + o0, rows, on, Eigen::OuterStride<>(out));
+      Y.noalias() = X * ConstRowMap(wf, on, in, Eigen::OuterStride<>(in)).transpose();
+      if (b) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(b + o0, on);
+    }
+  }
+}
+
+}  // namespace
+
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  const char* where = "cpu::linear";
+  check_f32_matrix(x, where, "x");
+  KVCACHE_CHECK(weight.defined() && weight.rank() == 2 && is_floating(weight.dtype()) &&
+                    weight.device() == Device::kCpu && weight.is_contiguous(),
+                where, ": expected a contiguous [out, in] float weight on the CPU, got ",
+                weight.describe());
+  KVCACHE_CHECK(weight.size(1) == x.size(1), where, ": expected x with ", weight.size(1),
+                " features (the weight's in), got ", x.shape_string());
+  if (bias.defined()) {
+    KVCACHE_CHECK(
+        bias.rank() == 1 && bias.size(0) == weight.size(0) && bias.dtype() == DType::kFloat32,
+        where, ": expected bias [", weight.size(0), "] float32, got ", bias.describe());
+  }
+  Tensor y = Tensor::empty({x.size(0), weight.size(0)}, DType::kFloat32);
+  if (x.size(0) == 0 || weight.size(0) == 0) return y;
+  switch (weight.dtype()) {
+    case DType::kFloat32:
+      linear_blocks<float>(x, weight, bias, y);
+      break;
+    case DType::kBFloat16:
+      linear_blocks<bfloat16>(x, weight, bias, y);
+      break;
+    default:
+      linear_blocks<float16>(x, weight, bias, y);
+      break;
+  }
+  return y;
+}
+
+Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps) {
+  check_f32_matrix(x, "cpu::rms_norm", "x");
+  KVCACHE_CHECK(weight.defined() && weight.rank() == 1 && weight.size(0) == x.size(1) &&
+                    weight.dtype() == DType::kFloat32,
+                "cpu::rms_norm: expected weight [", x.size(1), "] float32, got ",
+                weight.describe());
+  const std::int64_t rows = x.size(0), n = x.size(1);
+  Tensor y = Tensor::empty({rows, n}, DType::kFloat32);
+  const float* w = weight.data_as<float>();
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* in = x.data_as<float>() + r * n;
+    float* out = y.data_as<float>() + r * n;
+    // transformers: variance = x.pow(2).mean(-1); x * torch.rsqrt(variance + eps); weight * x.
+    float sum = 0.0f;
+    for (std::int64_t i = 0; i < n; ++i) sum += in[i] * in[i];
+    const float inv = 1.0f / std::sqrt(sum / static_cast<float>(n) + eps);
+    for (std::int64_t i = 0; i < n; ++i) out[i] = w[i] * (in[i] * inv);
+  }
+  return y;
+}
+
+Tensor silu_mul(const Tensor& gate, const Tensor& up) {
+  check_f32_matrix(gate, "cpu::silu_mul", "gate");
+  check_f32_matrix(up, "cpu::silu_mul", "up");
+  KVCACHE_CHECK(gate.size(0) == up.size(0) && gate.size(1) == up.size(1),
+                "cpu::silu_mul: expected equal shapes, got ", gate.shape_string(), " and ",
+                up.shape_string());
+  Tensor y = Tensor::empty({gate.size(0), gate.size(1)}, DType::kFloat32);
+  const float* g = gate.data_as<float>();
+  const float* u = up.data_as<float>();
+  float* o = y.data_as<float>();
+  const std::int64_t n = gate.numel();
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (std::int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  return y;
+}
+
+void add_inplace(const Tensor& y, const Tensor& x) {
+  KVCACHE_CHECK(y.dtype() == DType::kFloat32 && x.dtype() == DType::kFloat32 && y.is_contiguous() &&
+                    x.is_contiguous() && y.numel() == x.numel(),
+                "cpu::add_inplace: expected two contiguous float32 tensors of one size, got ",
+                y.describe(), " and ", x.describe());
+  float* a = y.data_as<float>();
+  const float* b = x.data_as<float>();
+  for (std::int64_t i = 0; i < y.numel(); ++i) a[i] += b[i];
+}
+
+Tensor embedding(const Tensor& table, const Tensor& ids) {
+  KVCACHE_CHECK(
+      table.defined() && table.rank() == 2 && is_floating(table.dtype()) && table.is_contiguous(),
+      "cpu::embedding: expected a contiguous [vocab, hidden] table, got ", table.describe());
+  KVCACHE_CHECK(ids.defined() && ids.dtype() == DType::kInt64 && ids.is_contiguous(),
+                "cpu::embedding: expected contiguous int64 ids, got ", ids.describe());
+  const std::int64_t vocab = table.size(0), hidden = table.size(1), n = ids.numel();
+  const std::int64_t* id = ids.data_as<std::int64_t>();
+  for (std::int64_t i = 0; i < n; ++i) {
+    KVCACHE_CHECK(id[i] >= 0 && id[i] < vocab, "cpu::embedding: expected token ids in [0, ", vocab,
+                  ") (the vocabulary), got ", id[i], " at position ", i);
+  }
+  Tensor out = Tensor::empty({n, hidden}, DType::kFloat32);
+  for (std::int64_t i = 0; i < n; ++i) {
+    copy(out.slice(0, i, i + 1), table.slice(0, id[i], id[i] + 1));
+  }
+  return out;
+}
+
+}  // namespace kvcache::cpu

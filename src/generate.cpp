@@ -1,0 +1,156 @@
+// generate(): the seed's loop with transformers' generate() conventions — position ids from the
+// mask, cache_position shared by the batch, finished rows emitting pad — plus sampling and timing.
+#include "kvcache/generation/generate.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "kvcache/attention/mask.hpp"
+#include "kvcache/error.hpp"
+
+namespace kvcache {
+
+Tensor token_column(const std::vector<std::int64_t>& tokens) {
+  Tensor out = Tensor::empty({static_cast<std::int64_t>(tokens.size()), 1}, DType::kInt64);
+  std::copy(tokens.begin(), tokens.end(), out.data_as<std::int64_t>());
+  return out;
+}
+
+std::pair<Tensor, Tensor> left_pad(const std::vector<std::vector<std::int64_t>>& rows,
+                                   std::int64_t pad_token_id) {
+  KVCACHE_CHECK(!rows.empty(), "left_pad: expected at least one row, got none");
+  std::size_t longest = 0;
+  for (std::size_t r = 0; r < rows.size(); ++r) {
+    KVCACHE_CHECK(!rows[r].empty(), "left_pad: expected at least one token in every row, row ", r,
+                  " is empty");
+    longest = std::max(longest, rows[r].size());
+  }
+  const auto batch = static_cast<std::int64_t>(rows.size()),
+             len = static_cast<std::int64_t>(longest);
+  Tensor ids = Tensor::empty({batch, len}, DType::kInt64);
+  Tensor mask = Tensor::zeros({batch, len}, DType::kInt64);
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const auto& row = rows[static_cast<std::size_t>(b)];
+    const std::int64_t pad = len - static_cast<std::int64_t>(row.size());
+    for (std::int64_t j = 0; j < len; ++j) {
+      ids.data_as<std::int64_t>()[b * len + j] =
+          j < pad ? pad_token_id : row[static_cast<std::size_t>(j - pad)];
+      mask.data_as<std::int64_t>()[b * len + j] = j < pad ? 0 : 1;
+    }
+  }
+  return {ids, mask};
+}
+
+std::int64_t choose_token(const float* logits, std::int64_t vocab, const GenerationConfig& config,
+                          std::uint64_t& rng_state) {
+  if (!config.do_sample) {
+    return std::max_element(logits, logits + vocab) - logits;  // first maximum, as torch.argmax
+  }
+  KVCACHE_CHECK(config.temperature > 0.0f, "generate: expected temperature > 0 when sampling, got ",
+                config.temperature);
+  KVCACHE_CHECK(config.top_p > 0.0f && config.top_p <= 1.0f,
+                "generate: expected top_p in (0, 1], got ", config.top_p);
+  // Candidates sorted by logit, best first; top-k and top-p then cut the tail.
+  std::vector<std::int64_t> order(static_cast<std::size_t>(vocab));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::int64_t a, std::int64_t b) { return logits[a] > logits[b]; });
+  std::size_t keep = order.size();
+  if (config.top_k > 0) keep = std::min<std::size_t>(keep, static_cast<std::size_t>(config.top_k));
+  std::vector<double> probs(keep);
+  const double top = logits[order[0]] / config.temperature;
+  double sum = 0;
+  for (std::size_t i = 0; i < keep; ++i) {
+    probs[i] = std::exp(logits[order[i]] / config.temperature - top);
+    sum += probs[i];
+  }
+  if (config.top_p < 1.0f) {
+    // Keep the smallest prefix whose probability reaches top_p (at least one token).
+    double running = 0;
+    std::size_t cut = 0;
+    while (cut < keep) {
+      running += probs[cut] / sum;
+      ++cut;
+      if (running >= config.top_p) break;
+    }
+    keep = cut;
+    probs.resize(keep);
+  }
+  std::mt19937_64 rng(rng_state);
+  rng_state = rng();
+  std::discrete_distribution<std::size_t> pick(probs.begin(), probs.end());
+  return order[pick(rng)];
+}
+
+GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
+                        const Tensor& attention_mask, const GenerationConfig& config,
+                        DynamicCache<>* cache, const TokenCallback& on_token) {
+  using Clock = std::chrono::steady_clock;
+  KVCACHE_CHECK(input_ids.defined() && input_ids.rank() == 2 && input_ids.dtype() == DType::kInt64,
+                "generate: expected input_ids [batch, prompt_len] int64, got ",
+                input_ids.describe());
+  KVCACHE_CHECK(config.max_new_tokens >= 0, "generate: expected max_new_tokens >= 0, got ",
+                config.max_new_tokens);
+  const std::int64_t batch = input_ids.size(0), prompt = input_ids.size(1),
+                     vocab = model.config().vocab_size;
+  DynamicCache<> local(DynamicCacheOptions{.initial_capacity = prompt + config.max_new_tokens});
+  DynamicCache<>& past_key_values = cache ? *cache : local;
+  const std::int64_t past = past_key_values.get_seq_length();
+  Tensor mask = attention_mask.defined() ? attention_mask : ones_mask(batch, past + prompt);
+  const std::int64_t pad = config.pad_token_id.value_or(0);
+
+  GenerateResult result;
+  result.new_tokens.assign(static_cast<std::size_t>(batch), {});
+  std::vector<bool> finished(static_cast<std::size_t>(batch), false);
+  std::uint64_t rng_state = config.seed;
+  std::vector<std::int64_t> cache_position = make_cache_position(past, prompt);
+  Tensor step_ids = input_ids;
+  const auto start = Clock::now();
+  auto decode_start = start;
+  for (std::int64_t step = 0; step < config.max_new_tokens; ++step) {
+    const Tensor logits = model.forward({.input_ids = step_ids,
+                                         .attention_mask = mask,
+                                         .cache_position = cache_position,
+                                         .past_key_values = &past_key_values,
+                                         .logits_to_keep = 1});
+    if (step == 0) {
+      decode_start = Clock::now();
+      result.prefill_ms = std::chrono::duration<double, std::milli>(decode_start - start).count();
+    }
+    std::vector<std::int64_t> next(static_cast<std::size_t>(batch));
+    bool keep_going = true;
+    for (std::int64_t b = 0; b < batch; ++b) {
+      const auto row = static_cast<std::size_t>(b);
+      next[row] = finished[row]
+                      ? pad
+                      : choose_token(logits.data_as<float>() + b * vocab, vocab, config, rng_state);
+      result.new_tokens[row].push_back(next[row]);
+      if (!finished[row] && std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(),
+                                      next[row]) != config.eos_token_ids.end()) {
+        finished[row] = true;
+      }
+      if (on_token && !on_token(b, next[row], step)) keep_going = false;
+    }
+    if (step > 0) ++result.decode_steps;
+    if (!keep_going || std::all_of(finished.begin(), finished.end(), [](bool f) { return f; }))
+      break;
+    if (step + 1 == config.max_new_tokens) break;  // the last token needs no forward pass
+    step_ids = token_column(next);
+    mask = extend_attention_mask(mask);
+    cache_position = {cache_position.back() + 1};
+  }
+  const auto end = Clock::now();
+  result.decode_ms = std::chrono::duration<double, std::milli>(end - decode_start).count();
+  if (result.decode_steps > 0 && result.decode_ms > 0) {
+    result.decode_tokens_per_s =
+        static_cast<double>(result.decode_steps * batch) / (result.decode_ms / 1000.0);
+  }
+  result.cache_length = past_key_values.get_seq_length();
+  result.cache_bytes = past_key_values.nbytes();
+  return result;
+}
+
+}  // namespace kvcache

@@ -1,0 +1,229 @@
+// The Llama-family model on random weights: the properties a cached forward pass must have
+// (decode with the cache equals recomputation without it; left padding changes nothing for the
+// real tokens), generate()'s contract (greedy equals the hand-written loop, EOS rows emit pad,
+// seeded sampling repeats), and clear errors for bad input. Parity with transformers itself is
+// checked on fixtures in parity_test.cpp.
+#include "kvcache/model/llama.hpp"
+
+#include <gtest/gtest.h>
+
+#include "kvcache/generation/generate.hpp"
+#include "test_util.hpp"
+
+namespace kvcache {
+namespace {
+
+using testing::to_doubles;
+
+ModelConfig tiny_config(const std::string& arch = "LlamaForCausalLM") {
+  ModelConfig c;
+  c.architecture = arch;
+  c.vocab_size = 97;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 16;
+  c.max_position_embeddings = 256;
+  c.rms_norm_eps = 1e-5;
+  c.qkv_bias = arch == "Qwen2ForCausalLM";
+  c.rope = {.head_dim = 16, .rope_theta = 10000.0};
+  return c;
+}
+
+LlamaModel tiny_model(const ModelConfig& c, std::uint64_t seed = 1) {
+  return LlamaModel::from_weights(c, random_llama_weights(c, seed, DType::kFloat32, 0.3f));
+}
+
+// Logits [1, 1, vocab] of row b's last position as doubles.
+std::vector<double> row_logits(const Tensor& logits, std::int64_t b) {
+  const std::int64_t vocab = logits.size(2), pos = logits.size(1) - 1;
+  const auto all = to_doubles(logits.slice(0, b, b + 1).slice(1, pos, pos + 1));
+  (void)vocab;
+  return all;
+}
+
+TEST(Llama, DecodeWithCacheEqualsRecomputation) {
+  for (const char* arch : {"LlamaForCausalLM", "Qwen2ForCausalLM"}) {
+    const ModelConfig c = tiny_config(arch);
+    const LlamaModel model = tiny_model(c);
+    // Two rows, the second left-padded by three.
+    const std::vector<std::vector<std::int64_t>> prompts = {{3, 14, 15, 92, 65, 35}, {89, 79, 32}};
+    auto [ids, mask] = left_pad(prompts, 0);
+    DynamicCache<> cache;
+    std::vector<std::int64_t> cache_position = make_cache_position(0, ids.size(1));
+    Tensor step_ids = ids;
+    std::vector<std::vector<std::int64_t>> full = prompts;
+    for (int step = 0; step < 6; ++step) {
+      const Tensor logits = model.forward({.input_ids = step_ids,
+                                           .attention_mask = mask,
+                                           .cache_position = cache_position,
+                                           .past_key_values = &cache,
+                                           .logits_to_keep = 1});
+      // Without a cache: the whole sequence so far in one pass.
+      auto [full_ids, full_mask] = left_pad(full, 0);
+      const Tensor fresh =
+          model.forward({.input_ids = full_ids, .attention_mask = full_mask, .logits_to_keep = 1});
+      for (std::int64_t b = 0; b < 2; ++b) {
+        const auto err = testing::compare(row_logits(logits, b), row_logits(fresh, b));
+        EXPECT_LT(err.max_abs, 2e-5) << arch << " step " << step << " row " << b;
+      }
+      const auto next = argmax_last(logits);
+      for (std::size_t b = 0; b < 2; ++b) full[b].push_back(next[b]);
+      step_ids = token_column(next);
+      mask = extend_attention_mask(mask);
+      cache_position = {cache_position.back() + 1};
+    }
+    EXPECT_EQ(cache.get_seq_length(), 6 + 5);
+  }
+}
+
+TEST(Llama, LeftPaddingChangesNothingForRealTokens) {
+  const ModelConfig c = tiny_config();
+  const LlamaModel model = tiny_model(c);
+  auto [padded_ids, padded_mask] = left_pad({{1, 2, 3, 4, 5, 6, 7}, {40, 41, 42}}, 0);
+  auto [alone_ids, alone_mask] = left_pad({{40, 41, 42}}, 0);
+  const Tensor padded = model.forward({.input_ids = padded_ids, .attention_mask = padded_mask});
+  const Tensor alone = model.forward({.input_ids = alone_ids, .attention_mask = alone_mask});
+  // Row 1's last three positions against the row on its own.
+  const auto a = to_doubles(padded.slice(0, 1, 2).slice(1, 4, 7));
+  const auto b = to_doubles(alone);
+  EXPECT_LT(testing::compare(a, b).max_abs, 2e-5);
+  for (double x : to_doubles(padded)) ASSERT_FALSE(std::isnan(x));  // padded positions too
+}
+
+TEST(Llama, LogitsToKeep) {
+  const LlamaModel model = tiny_model(tiny_config());
+  auto [ids, mask] = left_pad({{1, 2, 3, 4, 5}}, 0);
+  const Tensor all = model.forward({.input_ids = ids, .attention_mask = mask});
+  const Tensor last2 =
+      model.forward({.input_ids = ids, .attention_mask = mask, .logits_to_keep = 2});
+  EXPECT_EQ(all.shape_string(), "[1, 5, 97]");
+  EXPECT_EQ(last2.shape_string(), "[1, 2, 97]");
+  EXPECT_LT(testing::compare(to_doubles(last2), to_doubles(all.slice(1, 3, 5))).max_abs, 1e-6);
+}
+
+TEST(Llama, SixteenBitWeightsMatchTheirFloat32Widening) {
+  const ModelConfig c = tiny_config();
+  const auto weights = random_llama_weights(c, 3, DType::kBFloat16, 0.3f);
+  const LlamaModel kept = LlamaModel::from_weights(c, weights);  // bf16 held, widened per product
+  const LlamaModel widened = LlamaModel::from_weights(c, weights, {.dtype = DType::kFloat32});
+  auto [ids, mask] = left_pad({{7, 8, 9, 10}}, 0);
+  const auto a = to_doubles(kept.forward({.input_ids = ids, .attention_mask = mask}));
+  const auto b = to_doubles(widened.forward({.input_ids = ids, .attention_mask = mask}));
+  EXPECT_LT(testing::compare(a, b).max_abs, 1e-5);
+  EXPECT_LT(kept.weight_bytes(), widened.weight_bytes());
+}
+
+TEST(Generate, GreedyEqualsTheCustomLoopAndEosRowsEmitPad) {
+  const LlamaModel model = tiny_model(tiny_config());
+  auto [ids, mask] = left_pad({{11, 12, 13}, {21, 22, 23, 24, 25}}, 0);
+  const GenerateResult greedy = generate(model, ids, mask, {.max_new_tokens = 8});
+  ASSERT_EQ(greedy.new_tokens.size(), 2u);
+  ASSERT_EQ(greedy.new_tokens[0].size(), 8u);
+  EXPECT_EQ(greedy.cache_length, 5 + 7);  // the last token is never fed back
+  EXPECT_GT(greedy.cache_bytes, 0u);
+
+  // Hand-written loop, as the seed writes it.
+  DynamicCache<> cache;
+  std::vector<std::int64_t> pos = make_cache_position(0, 5);
+  Tensor step = ids, m = mask;
+  for (int i = 0; i < 8; ++i) {
+    const auto next = argmax_last(model.forward({.input_ids = step,
+                                                 .attention_mask = m,
+                                                 .cache_position = pos,
+                                                 .past_key_values = &cache,
+                                                 .logits_to_keep = 1}));
+    EXPECT_EQ(next[0], greedy.new_tokens[0][static_cast<std::size_t>(i)]);
+    EXPECT_EQ(next[1], greedy.new_tokens[1][static_cast<std::size_t>(i)]);
+    step = token_column(next);
+    m = extend_attention_mask(m);
+    pos = {pos.back() + 1};
+  }
+
+  // Row 0 stops at its third token: afterwards it emits the pad id while row 1 goes on.
+  const std::int64_t eos = greedy.new_tokens[0][2];
+  const GenerateResult stopped =
+      generate(model, ids, mask, {.max_new_tokens = 8, .eos_token_ids = {eos}, .pad_token_id = 96});
+  for (std::size_t i = 0; i < stopped.new_tokens[0].size(); ++i) {
+    EXPECT_EQ(stopped.new_tokens[0][i], i <= 2 ? greedy.new_tokens[0][i] : 96) << i;
+  }
+}
+
+TEST(Generate, SeededSamplingRepeatsAndTopKOneIsGreedy) {
+  const LlamaModel model = tiny_model(tiny_config());
+  auto [ids, mask] = left_pad({{5, 6, 7}}, 0);
+  const GenerationConfig sample{
+      .max_new_tokens = 10, .do_sample = true, .temperature = 1.5f, .top_p = 0.9f, .seed = 42};
+  const auto a = generate(model, ids, mask, sample).new_tokens;
+  const auto b = generate(model, ids, mask, sample).new_tokens;
+  EXPECT_EQ(a, b);
+  GenerationConfig other = sample;
+  other.seed = 43;
+  EXPECT_NE(generate(model, ids, mask, other).new_tokens, a);  // 10 tokens at temperature 1.5
+  const auto top1 =
+      generate(model, ids, mask, {.max_new_tokens = 10, .do_sample = true, .top_k = 1, .seed = 7})
+          .new_tokens;
+  EXPECT_EQ(top1, generate(model, ids, mask, {.max_new_tokens = 10}).new_tokens);
+}
+
+TEST(Generate, StreamingCallbackSeesEveryTokenAndCanStop) {
+  const LlamaModel model = tiny_model(tiny_config());
+  auto [ids, mask] = left_pad({{5, 6, 7}}, 0);
+  std::vector<std::int64_t> seen;
+  const auto result = generate(model, ids, mask, {.max_new_tokens = 10}, nullptr,
+                               [&](std::int64_t, std::int64_t token, std::int64_t step) {
+                                 seen.push_back(token);
+                                 return step < 3;  // stop after the fourth token
+                               });
+  EXPECT_EQ(seen.size(), 4u);
+  EXPECT_EQ(seen, result.new_tokens[0]);
+}
+
+TEST(Llama, BadInputIsAClearErrorAndLeavesTheCache) {
+  const LlamaModel model = tiny_model(tiny_config());
+  auto [ids, mask] = left_pad({{1, 2, 3}}, 0);
+  DynamicCache<> cache;
+  model.forward({.input_ids = ids, .attention_mask = mask, .past_key_values = &cache});
+  const std::vector<double> before = to_doubles(cache.to_legacy_cache()[0].first);
+  std::vector<std::int64_t> bad = {1, 200};
+  EXPECT_KVCACHE_ERROR(
+      model.forward({.input_ids = Tensor::from_blob(bad.data(), {1, 2}, DType::kInt64),
+                     .past_key_values = &cache}),
+      "expected token ids in [0, 97) (the vocabulary), got 200");
+  EXPECT_KVCACHE_ERROR(
+      model.forward(
+          {.input_ids = token_column({4}), .attention_mask = mask, .past_key_values = &cache}),
+      "expected attention_mask [batch, past + new] = [1, 4], got [1, 3]");
+  EXPECT_EQ(cache.get_seq_length(), 3);
+  EXPECT_EQ(to_doubles(cache.to_legacy_cache()[0].first), before);
+}
+
+TEST(Llama, MistralPastItsSlidingWindowIsAnError) {
+  ModelConfig c = tiny_config("MistralForCausalLM");
+  c.sliding_window = 6;
+  const LlamaModel model = tiny_model(c);
+  auto [ok_ids, ok_mask] = left_pad({{1, 2, 3, 4, 5, 6}}, 0);
+  EXPECT_NO_THROW(model.forward({.input_ids = ok_ids, .attention_mask = ok_mask}));
+  auto [ids, mask] = left_pad({{1, 2, 3, 4, 5, 6, 7}}, 0);
+  EXPECT_KVCACHE_ERROR(model.forward({.input_ids = ids, .attention_mask = mask}),
+                       "uses a sliding window of 6 tokens and the sequence reaches 7");
+}
+
+TEST(Llama, MissingWeightsAreNamed) {
+  const ModelConfig c = tiny_config();
+  auto weights = random_llama_weights(c, 1);
+  std::erase_if(weights,
+                [](const auto& w) { return w.first == "model.layers.1.mlp.up_proj.weight"; });
+  EXPECT_KVCACHE_ERROR(
+      LlamaModel::from_weights(c, weights),
+      "expected tensor 'model.layers.1.mlp.up_proj.weight', which the checkpoint does not hold");
+  auto wrong = random_llama_weights(c, 1);
+  wrong[0].second = Tensor::zeros({5, 5}, DType::kFloat32);
+  EXPECT_KVCACHE_ERROR(LlamaModel::from_weights(c, wrong),
+                       "expected 'model.embed_tokens.weight' shaped [97, 32], got [5, 5]");
+}
+
+}  // namespace
+}  // namespace kvcache

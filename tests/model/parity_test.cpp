@@ -1,0 +1,143 @@
+// Parity with transformers, the oracle. Each fixture under tests/data (made by
+// tools/make_reference.py: transformers in float32, eager attention, on the CPU) holds a small
+// random checkpoint and what transformers computed with it over a left-padded batch: the cache
+// after prefill, the last-position logits of each step of the seed's DynamicCache loop, the
+// greedy tokens of that loop, and generate()'s tokens. Here kvcache runs the same loop and the same
+// generate() and must agree: tokens exactly, logits within 1e-4 relative, cached keys and values
+// at real (non-padding) positions within float32 rounding.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "kvcache/generation/generate.hpp"
+#include "kvcache/model/llama.hpp"
+#include "kvcache/model/safetensors.hpp"
+#include "test_util.hpp"
+
+#ifndef KVCACHE_TEST_DATA_DIR
+#error "KVCACHE_TEST_DATA_DIR must name tests/data"
+#endif
+
+namespace kvcache {
+namespace {
+
+using testing::to_doubles;
+
+std::vector<std::vector<std::int64_t>> rows_of(const Tensor& t) {
+  std::vector<std::vector<std::int64_t>> rows;
+  const auto flat = to_doubles(t);
+  for (std::int64_t b = 0; b < t.size(0); ++b) {
+    rows.emplace_back();
+    for (std::int64_t j = 0; j < t.size(1); ++j)
+      rows.back().push_back(
+          static_cast<std::int64_t>(flat[static_cast<std::size_t>(b * t.size(1) + j)]));
+  }
+  return rows;
+}
+
+// Largest |a − e| over the row, relative to the row's largest |e| (logits are compared as rows).
+double relative_row_error(const std::vector<double>& a, const std::vector<double>& e) {
+  double diff = 0, scale = 1e-6;
+  for (std::size_t i = 0; i < e.size(); ++i) {
+    diff = std::max(diff, std::abs(a[i] - e[i]));
+    scale = std::max(scale, std::abs(e[i]));
+  }
+  return diff / scale;
+}
+
+class Parity : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(Parity, MatchesTransformers) {
+  const std::string dir = std::string(KVCACHE_TEST_DATA_DIR) + "/" + GetParam();
+  ASSERT_TRUE(std::filesystem::exists(dir + "/expected.json"))
+      << "missing fixture " << dir << " (make it with tools/make_reference.py)";
+  std::ifstream json_in(dir + "/expected.json");
+  const nlohmann::json meta = nlohmann::json::parse(json_in);
+  const SafetensorsFile expected = SafetensorsFile::open(dir + "/expected.safetensors");
+  const LlamaModel model = LlamaModel::from_pretrained(dir);
+  const ModelConfig& c = model.config();
+
+  const Tensor input_ids = cpu::clone(expected.tensor("input_ids"));
+  Tensor mask = cpu::clone(expected.tensor("attention_mask"));
+  const auto loop_tokens = rows_of(expected.tensor("loop_tokens"));
+  const Tensor step_logits = expected.tensor("step_logits");  // [steps, batch, vocab]
+  const std::int64_t batch = input_ids.size(0), prompt = input_ids.size(1);
+  const auto new_tokens = static_cast<std::int64_t>(loop_tokens[0].size());
+  const std::int64_t logit_steps = step_logits.size(0);
+
+  // The seed's loop.
+  DynamicCache<> cache;
+  std::vector<std::int64_t> cache_position = make_cache_position(0, prompt);
+  Tensor step_ids = input_ids;
+  double worst_logits = 0;
+  std::vector<std::vector<std::int64_t>> ours(static_cast<std::size_t>(batch));
+  for (std::int64_t step = 0; step < new_tokens; ++step) {
+    const Tensor logits = model.forward({.input_ids = step_ids,
+                                         .attention_mask = mask,
+                                         .cache_position = cache_position,
+                                         .past_key_values = &cache,
+                                         .logits_to_keep = 1});
+    if (step == 0) {
+      // The cache after prefill, at the positions the mask marks real.
+      const auto legacy = cache.to_legacy_cache();
+      double worst = 0;
+      for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
+        for (const char* side : {"keys", "values"}) {
+          const Tensor want =
+              expected.tensor(std::string("prefill_") + side + "." + std::to_string(l));
+          const Tensor& got = std::string(side) == "keys"
+                                  ? legacy[static_cast<std::size_t>(l)].first
+                                  : legacy[static_cast<std::size_t>(l)].second;
+          ASSERT_EQ(got.shape_string(), want.shape_string());
+          for (std::int64_t b = 0; b < batch; ++b)
+            for (std::int64_t j = 0; j < prompt; ++j) {
+              if (mask.data_as<std::int64_t>()[b * prompt + j] == 0) continue;
+              const auto g = to_doubles(got.slice(0, b, b + 1).slice(2, j, j + 1));
+              const auto w = to_doubles(want.slice(0, b, b + 1).slice(2, j, j + 1));
+              for (std::size_t i = 0; i < g.size(); ++i)
+                worst = std::max(worst, std::abs(g[i] - w[i]) / std::max(1.0, std::abs(w[i])));
+            }
+        }
+      }
+      EXPECT_LT(worst, 1e-5) << "cache after prefill";
+    }
+    const auto next = argmax_last(logits);
+    if (step < logit_steps) {
+      for (std::int64_t b = 0; b < batch; ++b) {
+        const auto got = to_doubles(logits.slice(0, b, b + 1));
+        const auto want = to_doubles(step_logits.slice(0, step, step + 1).slice(1, b, b + 1));
+        worst_logits = std::max(worst_logits, relative_row_error(got, want));
+      }
+    }
+    for (std::int64_t b = 0; b < batch; ++b)
+      ours[static_cast<std::size_t>(b)].push_back(next[static_cast<std::size_t>(b)]);
+    step_ids = token_column(next);
+    mask = extend_attention_mask(mask);
+    cache_position = {cache_position.back() + 1};
+  }
+  EXPECT_LT(worst_logits, 1e-4) << "step logits, relative to each row's largest";
+  EXPECT_EQ(ours, loop_tokens) << "greedy tokens of the seed's loop";
+
+  // generate(), with the fixture's EOS and pad settings.
+  GenerationConfig config{.max_new_tokens = new_tokens};
+  if (meta.contains("eos_token_id") && !meta["eos_token_id"].is_null()) {
+    config.eos_token_ids = {meta["eos_token_id"].get<std::int64_t>()};
+  }
+  config.pad_token_id = meta.value("pad_token_id", std::int64_t{0});
+  const GenerateResult result =
+      generate(model, input_ids, cpu::clone(expected.tensor("attention_mask")), config);
+  EXPECT_EQ(result.new_tokens, rows_of(expected.tensor("generate_tokens"))) << "generate()";
+  std::printf("[ parity   ] %s: %lld steps, max relative logit error %.2e\n", GetParam(),
+              static_cast<long long>(new_tokens), worst_logits);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, Parity,
+                         ::testing::Values("llama_mha", "llama_gqa", "qwen2_bias", "mistral",
+                                           "llama_tied_bf16", "llama_sharded", "llama3_rope",
+                                           "llama_v4_config", "llama_long", "llama_eos"),
+                         [](const auto& info) { return std::string(info.param); });
+
+}  // namespace
+}  // namespace kvcache
