@@ -33,9 +33,12 @@
 
 #include "kvcache/attention/mask.hpp"
 #include "kvcache/backend/cpu.hpp"
+#include "simd.hpp"
 
 namespace kvcache::cpu {
 namespace {
+
+using namespace simd;
 
 constexpr std::int64_t kKvChunk = 256;          // keys per GEMM chunk (prefill path)
 constexpr std::int64_t kStreamChunk = 64;       // keys widened at once (decode path, 16-bit)
@@ -157,63 +160,7 @@ void store_row(const float* src, float factor, std::int64_t d, T* dst, std::int6
 
 // --- decode path -------------------------------------------------------------------------------
 
-// Sixteen floats as one vector (a zmm register with AVX-512; the compiler splits it elsewhere).
-// Explicit vectors keep R rows of accumulators in registers, which plain loops did not.
-typedef float Vec16 __attribute__((vector_size(64)));
-constexpr std::int64_t kLanes = 16;
-
-inline Vec16 load16(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
-// Horizontal sum as a tree of halves (4 dependent adds, not 15: this runs once per key and row).
-typedef float Vec8 __attribute__((vector_size(32)));
-typedef float Vec4 __attribute__((vector_size(16)));
-inline float sum16(Vec16 v) {
-  Vec8 lo, hi;
-  std::memcpy(&lo, &v, sizeof(lo));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-  const Vec8 s8 = lo + hi;
-  Vec4 lo4, hi4;
-  std::memcpy(&lo4, &s8, sizeof(lo4));
-  std::memcpy(&hi4, reinterpret_cast<const char*>(&s8) + sizeof(lo4), sizeof(hi4));
-  const Vec4 s4 = lo4 + hi4;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
-
-// Rows this far ahead are prefetched: the hardware prefetcher alone leaves each core well short
-// of its share of DRAM bandwidth when every 512-byte row also costs ~100 instructions. A prefetch
-// past the end of the buffer is harmless (prefetches never fault).
-constexpr std::int64_t kPrefetchRows = 16;
-inline void prefetch_row(const float* row, std::int64_t d) {
-  for (std::int64_t c = 0; c < d; c += 64 / sizeof(float)) __builtin_prefetch(row + c, 0, 1);
-}
-
 // Scores of R query rows against keys [0, n): scores[r * ld + j] = q[r] · k[j]. head_dim % 16 == 0.
-// The four horizontal sums of a, b, c, d as lanes 0..3, by halving all four together: 12 vector
-// operations where four separate trees take about 28.
-inline void sum16x4(Vec16 a, Vec16 b, Vec16 c, Vec16 d, float* out) {
-  const Vec16 ab =
-      __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-      __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  const Vec16 cd =
-      __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-      __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  // Lanes 4r..4r+3 now hold row r's four partial sums.
-  const Vec16 u =
-      __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-      __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  const Vec16 v =
-      __builtin_shufflevector(u, u, 0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13) +
-      __builtin_shufflevector(u, u, 2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15);
-  out[0] = v[0] + v[1];
-  out[1] = v[2] + v[3];
-  out[2] = v[4] + v[5];
-  out[3] = v[6] + v[7];
-}
-
 // Scores of R query rows against keys [0, n): scores[r * ld + j] = q[r] · k[j]. head_dim % 16 == 0.
 // Two keys per iteration share the query loads.
 template <int R>

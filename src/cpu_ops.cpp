@@ -11,7 +11,10 @@
 #include <cmath>
 #include <vector>
 
+#include <omp.h>
+
 #include "kvcache/backend/cpu.hpp"
+#include "simd.hpp"
 
 namespace kvcache::cpu {
 namespace {
@@ -37,13 +40,17 @@ void linear_blocks(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   const ConstRowMap X(x.data_as<float>(), rows, in, Eigen::OuterStride<>(in));
   const T* w = weight.data_as<T>();
   const float* b = bias.defined() ? bias.data_as<float>() : nullptr;
-  const std::int64_t blocks = (out + kOutBlock - 1) / kOutBlock;
+  // Many rows (prefill): one block per thread, so each thread packs x once; few rows: small blocks.
+  const std::int64_t block =
+      rows > 16 ? std::max<std::int64_t>(kOutBlock, (out + num_threads() - 1) / num_threads())
+                : kOutBlock;
+  const std::int64_t blocks = (out + block - 1) / block;
 #pragma omp parallel
   {
     std::vector<float> widened;
 #pragma omp for schedule(static)
     for (std::int64_t blk = 0; blk < blocks; ++blk) {
-      const std::int64_t o0 = blk * kOutBlock, on = std::min(kOutBlock, out - o0);
+      const std::int64_t o0 = blk * block, on = std::min(block, out - o0);
       const float* wf;
       if constexpr (std::is_same_v<T, float>) {
         wf = w + o0 * in;
@@ -56,6 +63,84 @@ void linear_blocks(const Tensor& x, const Tensor& weight, const Tensor& bias, co
       RowMap Y(y.data_as<float>() + o0, rows, on, Eigen::OuterStride<>(out));
       Y.noalias() = X * ConstRowMap(wf, on, in, Eigen::OuterStride<>(in)).transpose();
       if (b) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(b + o0, on);
+    }
+  }
+}
+
+// Rows of x up to which the GEMV kernel serves (decode and small batches); above, Eigen's GEMM.
+constexpr std::int64_t kGemvRows = 4;
+
+// y[r, o] = x[r] · w[o] (+ bias[o]) for R rows of x and outputs [o0, o1): each weight row is read
+// once for all R rows, four weight rows at a time so 4 × R accumulators stay in registers.
+// 16-bit weights are widened in registers, so a decode step reads 2 bytes per weight, not 4.
+template <class T, int R>
+void gemv_range(const float* x, std::int64_t in, const T* w, std::int64_t o0, std::int64_t o1,
+                const float* bias, float* y, std::int64_t out) {
+  using namespace simd;
+  const std::int64_t vec_end = in / kLanes * kLanes;
+  auto tail = [&](const T* wrow, std::int64_t r) {
+    float s = 0.0f;
+    for (std::int64_t c = vec_end; c < in; ++c) s += to_float(wrow[c]) * x[r * in + c];
+    return s;
+  };
+  std::int64_t o = o0;
+  for (; o + 4 <= o1; o += 4) {
+    const T* w0 = w + o * in;
+    Vec16 acc[4][R] = {};
+    for (std::int64_t c = 0; c < vec_end; c += kLanes) {
+      const Vec16 wv[4] = {load16(w0 + c), load16(w0 + in + c), load16(w0 + 2 * in + c),
+                           load16(w0 + 3 * in + c)};
+      for (int r = 0; r < R; ++r) {
+        const Vec16 xv = load16(x + r * in + c);
+        for (int i = 0; i < 4; ++i) acc[i][r] += wv[i] * xv;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float four[4];
+      sum16x4(acc[0][r], acc[1][r], acc[2][r], acc[3][r], four);
+      for (int i = 0; i < 4; ++i) {
+        y[r * out + o + i] = four[i] + tail(w0 + i * in, r) + (bias ? bias[o + i] : 0.0f);
+      }
+    }
+  }
+  for (; o < o1; ++o) {
+    const T* wrow = w + o * in;
+    for (int r = 0; r < R; ++r) {
+      Vec16 acc = {};
+      for (std::int64_t c = 0; c < vec_end; c += kLanes)
+        acc += load16(wrow + c) * load16(x + r * in + c);
+      y[r * out + o] = sum16(acc) + tail(wrow, r) + (bias ? bias[o] : 0.0f);
+    }
+  }
+}
+
+template <class T>
+void gemv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y) {
+  const std::int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  const float* xp = x.data_as<float>();
+  const T* w = weight.data_as<T>();
+  const float* b = bias.defined() ? bias.data_as<float>() : nullptr;
+  float* yp = y.data_as<float>();
+  // Contiguous output ranges per thread, multiples of 4 rows: each thread streams its share.
+#pragma omp parallel
+  {
+    const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const std::int64_t quads = (out + 3) / 4;
+    const std::int64_t o0 = std::min(out, quads * t / threads * 4),
+                       o1 = std::min(out, quads * (t + 1) / threads * 4);
+    switch (rows) {
+      case 1:
+        gemv_range<T, 1>(xp, in, w, o0, o1, b, yp, out);
+        break;
+      case 2:
+        gemv_range<T, 2>(xp, in, w, o0, o1, b, yp, out);
+        break;
+      case 3:
+        gemv_range<T, 3>(xp, in, w, o0, o1, b, yp, out);
+        break;
+      default:
+        gemv_range<T, 4>(xp, in, w, o0, o1, b, yp, out);
+        break;
     }
   }
 }
@@ -78,6 +163,14 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   }
   Tensor y = Tensor::empty({x.size(0), weight.size(0)}, DType::kFloat32);
   if (x.size(0) == 0 || weight.size(0) == 0) return y;
+  if (x.size(0) <= kGemvRows && weight.dtype() != DType::kFloat16) {
+    if (weight.dtype() == DType::kFloat32) {
+      gemv<float>(x, weight, bias, y);
+    } else {
+      gemv<bfloat16>(x, weight, bias, y);
+    }
+    return y;
+  }
   switch (weight.dtype()) {
     case DType::kFloat32:
       linear_blocks<float>(x, weight, bias, y);
