@@ -11,7 +11,6 @@
 // Model shape (a Llama-3-8B-like layer): 32 query heads, 8 kv heads, head_dim 128, float32,
 // batch 1.
 #include <benchmark/benchmark.h>
-#include <omp.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -44,76 +43,14 @@ constexpr double kColdBytes = 512.0 * (1 << 20);
 
 // --- streaming read ------------------------------------------------------------------------
 
-// 1 GiB: far past the last-level cache (the VM reports 480 MiB, but reads of 256 MiB already run
-// at DRAM speed here), so the read measures DRAM.
-constexpr std::int64_t kStreamFloats = (std::int64_t{1} << 30) / 4;
-constexpr int kStreamCalibrationPasses = 7;
+// BM_StreamingRead (the yardstick) and its calibration live in bench_util.hpp; only the sized
+// reads are this program's own.
+
 constexpr std::int64_t kSizedReadMiB[] = {32, 64, 128, 256};
 
-// Every pass's seconds from BM_StreamingRead (all repetitions), and their median in bytes/s.
-std::vector<double> g_stream_pass_seconds;
-double g_stream_bytes_per_second = 0.0;
-
-// A float buffer [count] touched first by the threads that later read it, outside any timing, so
-// page faults and zeroing never count as read time.
-Tensor make_stream_buffer(std::int64_t count) {
-  Tensor buffer = Tensor::empty({count}, DType::kFloat32);
-  float* data = buffer.data_as<float>();
-#pragma omp parallel for schedule(static)
-  for (std::int64_t i = 0; i < count; ++i) data[i] = static_cast<float>(i & 1023) * 1e-3f;
-  return buffer;
-}
-
-const Tensor& stream_buffer() {
-  static const Tensor buffer = make_stream_buffer(kStreamFloats);
-  return buffer;
-}
-
-// One pass: each of the library's threads sums its contiguous share of the buffer. 64 independent
-// partial sums keep the adds off the critical path so the loop is bound by loads alone.
-double stream_pass_seconds(const Tensor& buffer) {
-  const float* data = buffer.data_as<float>();
-  const std::int64_t count = buffer.numel();
-  const auto start = std::chrono::steady_clock::now();
-  float total = 0.0f;
-#pragma omp parallel reduction(+ : total)
-  {
-    const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    constexpr std::int64_t kLanes = 64;  // the share boundaries stay multiples of this
-    const std::int64_t blocks = count / kLanes;
-    const std::int64_t begin = blocks * t / threads * kLanes;
-    const std::int64_t end = blocks * (t + 1) / threads * kLanes;
-    float partial[kLanes] = {};
-    for (std::int64_t i = begin; i < end; i += kLanes)
-      for (std::int64_t j = 0; j < kLanes; ++j) partial[j] += data[i + j];
-    for (float p : partial) total += p;
-  }
-  benchmark::DoNotOptimize(total);
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const std::size_t n = values.size();
-  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
-}
-
-constexpr double stream_bytes() { return static_cast<double>(kStreamFloats) * 4.0; }
-
-void bm_streaming_read(benchmark::State& state) {
-  const Tensor& buffer = stream_buffer();
-  stream_pass_seconds(buffer);  // warm the TLB and the threads; not a measurement
-  for (auto _ : state) {
-    const double seconds = stream_pass_seconds(buffer);
-    state.SetIterationTime(seconds);
-    g_stream_pass_seconds.push_back(seconds);
-  }
-  g_stream_bytes_per_second = stream_bytes() / median(g_stream_pass_seconds);
-  state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(stream_bytes()));
-  state.counters["threads"] = kvcache::cpu::num_threads();
-  // The figure the attention ratios divide by: median pass over every repetition so far, GB/s.
-  state.counters["median_GBps"] = g_stream_bytes_per_second * 1e-9;
-}
+using kvcache::bench::make_stream_buffer;
+using kvcache::bench::stream_pass_seconds;
+using kvcache::bench::streaming_bytes_per_second;
 
 // The same read over smaller buffers, to show where the last-level cache ends: the single-layer
 // decode benchmark below reads 4 to 134 MB per step, and which side of that line it falls on
@@ -124,20 +61,6 @@ void bm_streaming_read_size(benchmark::State& state) {
   stream_pass_seconds(buffer);
   for (auto _ : state) state.SetIterationTime(stream_pass_seconds(buffer));
   state.SetBytesProcessed(state.iterations() * mib * (1 << 20));
-}
-
-// The streaming bandwidth the attention ratios use. When BM_StreamingRead was filtered out, a few
-// passes are timed here so bw_ratio still means something.
-double streaming_bytes_per_second() {
-  if (g_stream_bytes_per_second <= 0.0) {
-    const Tensor& buffer = stream_buffer();
-    stream_pass_seconds(buffer);
-    std::vector<double> seconds;
-    for (int i = 0; i < kStreamCalibrationPasses; ++i)
-      seconds.push_back(stream_pass_seconds(buffer));
-    g_stream_bytes_per_second = stream_bytes() / median(seconds);
-  }
-  return g_stream_bytes_per_second;
 }
 
 // --- attention -------------------------------------------------------------------------------
@@ -242,9 +165,7 @@ void bm_attention_prefill_cpu(benchmark::State& state) {
 
 void register_benchmarks() {
   // Registered first so it runs first and the decode ratios divide by this run's figure.
-  benchmark::RegisterBenchmark("BM_StreamingRead", bm_streaming_read)
-      ->UseManualTime()
-      ->Unit(benchmark::kMillisecond);
+  kvcache::bench::register_streaming_read();
   auto* sized = benchmark::RegisterBenchmark("BM_StreamingReadSize", bm_streaming_read_size);
   for (std::int64_t mib : kSizedReadMiB) sized->Arg(mib);
   sized->UseManualTime()->Unit(benchmark::kMillisecond);
@@ -264,9 +185,10 @@ using kvcache::bench::CollectingReporter;
 
 void print_summary(const CollectingReporter& reporter) {
   std::printf("\n");
-  if (g_stream_bytes_per_second > 0.0) {
+  const double stream = kvcache::bench::streaming_read().bytes_per_second;
+  if (stream > 0.0) {
     std::printf("Streaming read (%d threads, 1 GiB, median pass): %.1f GB/s\n",
-                kvcache::cpu::num_threads(), g_stream_bytes_per_second * 1e-9);
+                kvcache::cpu::num_threads(), stream * 1e-9);
   }
   for (const char* family : {"BM_AttentionDecodeCpu", "BM_AttentionDecodeColdCpu"}) {
     bool header = false;

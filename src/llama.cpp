@@ -167,12 +167,17 @@ Tensor LlamaModel::forward(const ForwardArgs& args) const {
   if (cache_position.empty()) cache_position = make_cache_position(past, q_len);
   KVCACHE_CHECK(static_cast<std::int64_t>(cache_position.size()) == q_len, where, ": expected ",
                 q_len, " cache positions (one per input token), got ", cache_position.size());
-  if (c.sliding_window) {
-    KVCACHE_CHECK(cache_position.back() < *c.sliding_window, where, ": this ", c.architecture,
-                  " uses a sliding window of ", *c.sliding_window,
+  // Layers with a sliding window (Mistral; Qwen2's upper layers when enabled) would attend to
+  // fewer keys than a DynamicCache holds once the sequence passes the window.
+  for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::optional<std::int64_t> window =
+        c.layer_types.empty() ? c.sliding_window : c.layer_sliding_window(l);
+    KVCACHE_CHECK(!window || cache_position.back() < *window, where, ": layer ", l, " of this ",
+                  c.architecture, " uses a sliding window of ", *window,
                   " tokens and the sequence reaches ", cache_position.back() + 1,
-                  "; kvcache has no sliding-window cache yet, and full attention "
-                  "past the window would silently differ from the model");
+                  "; kvcache has no sliding-window cache yet, and full attention past the window "
+                  "would silently "
+                  "differ from the model");
   }
   Tensor mask =
       args.attention_mask.defined() ? args.attention_mask : ones_mask(batch, past + q_len);
