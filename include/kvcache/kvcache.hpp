@@ -1,5 +1,6 @@
-// Umbrella header: everything a C++ inference loop needs from kvcache on the CPU. The CUDA
-// backend's host declarations are in <kvcache/backend/cuda.hpp> (link kvcache::cuda).
+// Umbrella header: everything a C++ inference loop needs from kvcache on the CPU: tensors, caches,
+// attention, models and generation. The CUDA backend's host declarations are in
+// <kvcache/backend/cuda.hpp> (link kvcache::cuda).
 #pragma once
 
 #include "kvcache/attention/attention.hpp"
@@ -11,5 +12,10 @@
 #include "kvcache/cache/legacy.hpp"
 #include "kvcache/error.hpp"
 #include "kvcache/float16.hpp"
+#include "kvcache/generation/config.hpp"
+#include "kvcache/generation/generate.hpp"
+#include "kvcache/model/config.hpp"
+#include "kvcache/model/llama.hpp"
+#include "kvcache/model/safetensors.hpp"
 #include "kvcache/tensor.hpp"
 #include "kvcache/version.hpp"
