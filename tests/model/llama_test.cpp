@@ -105,15 +105,27 @@ TEST(Llama, LogitsToKeep) {
 }
 
 TEST(Llama, SixteenBitWeightsMatchTheirFloat32Widening) {
-  const ModelConfig c = tiny_config();
-  const auto weights = random_llama_weights(c, 3, DType::kBFloat16, 0.3f);
-  const LlamaModel kept = LlamaModel::from_weights(c, weights);  // bf16 held, widened per product
-  const LlamaModel widened = LlamaModel::from_weights(c, weights, {.dtype = DType::kFloat32});
-  auto [ids, mask] = left_pad({{7, 8, 9, 10}}, 0);
-  const auto a = to_doubles(kept.forward({.input_ids = ids, .attention_mask = mask}));
-  const auto b = to_doubles(widened.forward({.input_ids = ids, .attention_mask = mask}));
-  EXPECT_LT(testing::compare(a, b).max_abs, 1e-5);
-  EXPECT_LT(kept.weight_bytes(), widened.weight_bytes());
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    const ModelConfig c = tiny_config();
+    const auto weights = random_llama_weights(c, 3, dtype, 0.3f);
+    const LlamaModel kept = LlamaModel::from_weights(c, weights);  // bf16 held, widened per product
+    const LlamaModel widened = LlamaModel::from_weights(c, weights, {.dtype = DType::kFloat32});
+    auto [ids, mask] = left_pad({{7, 8, 9, 10}}, 0);
+    const auto a = to_doubles(kept.forward({.input_ids = ids, .attention_mask = mask}));
+    const auto b = to_doubles(widened.forward({.input_ids = ids, .attention_mask = mask}));
+    EXPECT_LT(testing::compare(a, b).max_abs, 1e-5);
+    EXPECT_LT(kept.weight_bytes(), widened.weight_bytes());
+    // Decode-sized batches take the GEMV path: the same check with one and three rows.
+    for (const auto& rows : {std::vector<std::vector<std::int64_t>>{{7}}, {{7}, {8}, {9}}}) {
+      auto [ids1, mask1] = left_pad(rows, 0);
+      EXPECT_LT(testing::compare(
+                    to_doubles(kept.forward({.input_ids = ids1, .attention_mask = mask1})),
+                    to_doubles(widened.forward({.input_ids = ids1, .attention_mask = mask1})))
+                    .max_abs,
+                1e-5)
+          << dtype_name(dtype);
+    }
+  }
 }
 
 TEST(Generate, GreedyEqualsTheCustomLoopAndEosRowsEmitPad) {
