@@ -1,0 +1,331 @@
+// Greedy decoding with a whole Llama-family model on the CPU, against the memory it has to read and
+// against llama.cpp on the same machine kind. At short context a decode step of a small model reads
+// every weight once (the LM head too: the embeddings are tied), so its floor is weight bytes over
+// the streaming-read bandwidth. This program measures that read (BM_StreamingRead, shared with
+// attention_bench), one decode step at fixed context lengths (tokens/s, weight GB/s, and
+// floor_ratio = the fraction of the bandwidth floor reached), a one-shot 256-token prefill, and a
+// whole kvcache::generate() (128-token prompt, 64 new tokens; what the greedy_decode example
+// reports), then prints our figures beside llama.cpp's and how flat decode stays from 128 to 4096
+// tokens of context.
+//
+// Model shape: SmolLM2-135M (LlamaForCausalLM: vocab 49152, hidden 576, 30 layers, 9 query heads,
+// 3 kv heads, head_dim 64, intermediate 1536, tied embeddings, rope_theta 100000), random weights
+// held as float32 and as bfloat16, batch 1. Keys and values are float32 whatever the weights'
+// dtype, as the activations are.
+#include <benchmark/benchmark.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bench_util.hpp"
+#include "kvcache/generation/generate.hpp"
+#include "kvcache/kvcache.hpp"
+#include "kvcache/model/llama.hpp"
+
+namespace {
+
+using kvcache::DType;
+using kvcache::DynamicCache;
+using kvcache::LlamaModel;
+using kvcache::Tensor;
+
+constexpr std::int64_t kVocab = 49152;
+constexpr std::int64_t kLayers = 30;
+constexpr std::int64_t kKvHeads = 3;
+constexpr std::int64_t kHeadDim = 64;
+constexpr DType kDTypes[] = {DType::kFloat32, DType::kBFloat16};
+constexpr std::int64_t kContexts[] = {128, 512, 1024, 2048, 4096};
+constexpr std::int64_t kShortContext = 128;  // the peer comparison and the flatness ratio's base
+constexpr std::int64_t kLongContext = 4096;
+constexpr std::int64_t kPrefillTokens = 256;
+constexpr std::int64_t kGeneratePrompt = 128;
+constexpr std::int64_t kGenerateNewTokens = 64;
+// One seed for both dtypes: the bfloat16 model is the float32 one rounded.
+constexpr std::uint64_t kWeightSeed = 135;
+constexpr float kWeightScale = 0.05f;
+
+// llama.cpp on this machine kind, the same model shape (the figures). Its 16-bit figures
+// are float16, the nearest thing it has to our bfloat16 weights.
+struct Peer {
+  const char* name;
+  double decode_tokens_per_s;
+  double prefill_tokens_per_s;
+};
+
+Peer peer_for(DType dtype) {
+  return dtype == DType::kFloat32 ? Peer{"llama.cpp f32", 44.8, 860.0}
+                                  : Peer{"llama.cpp f16", 62.0, 853.0};
+}
+
+kvcache::ModelConfig smollm2_135m_config() {
+  kvcache::ModelConfig c;
+  c.architecture = "LlamaForCausalLM";
+  c.model_type = "llama";
+  c.vocab_size = kVocab;
+  c.hidden_size = 576;
+  c.intermediate_size = 1536;
+  c.num_hidden_layers = kLayers;
+  c.num_attention_heads = 9;
+  c.num_key_value_heads = kKvHeads;
+  c.head_dim = kHeadDim;
+  c.max_position_embeddings = 8192;
+  c.rms_norm_eps = 1e-5;
+  c.tie_word_embeddings = true;
+  c.qkv_bias = false;
+  c.o_bias = false;
+  c.layer_types.assign(kLayers, "full_attention");
+  c.rope = {.head_dim = kHeadDim, .rope_theta = 100000.0};
+  return c;
+}
+
+// The models built so far, one per dtype. Building one (random weights for 135M parameters) takes
+// seconds, so each is built once, on first use, and only for the dtypes whose benchmarks run.
+std::map<DType, LlamaModel>& models() {
+  static std::map<DType, LlamaModel> built;
+  return built;
+}
+
+const LlamaModel& model(DType dtype) {
+  auto it = models().find(dtype);
+  if (it == models().end()) {
+    const kvcache::ModelConfig config = smollm2_135m_config();
+    // No LoadOptions: the weights stay in the dtype they were made in.
+    it = models()
+             .emplace(dtype, LlamaModel::from_weights(
+                                 config, kvcache::random_llama_weights(config, kWeightSeed, dtype,
+                                                                       kWeightScale)))
+             .first;
+  }
+  return it->second;
+}
+
+// Uniform token ids [1, count] int64.
+Tensor random_tokens(std::int64_t count, std::uint32_t seed) {
+  Tensor ids = Tensor::empty({1, count}, DType::kInt64);
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<std::int64_t> dist(0, kVocab - 1);
+  auto* data = ids.data_as<std::int64_t>();
+  for (std::int64_t i = 0; i < count; ++i) data[i] = dist(rng);
+  return ids;
+}
+
+// Uniform [-1, 1) float32 keys or values [1, kv_heads, seq_len, head_dim] for the cache's fill.
+Tensor random_states(std::int64_t seq_len, std::uint32_t seed) {
+  Tensor t = Tensor::empty({1, kKvHeads, seq_len, kHeadDim}, DType::kFloat32);
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  float* data = t.data_as<float>();
+  for (std::int64_t i = 0; i < t.numel(); ++i) data[i] = dist(rng);
+  return t;
+}
+
+// One decode step on a cache holding `context` tokens in every layer: forward of one token with
+// the LM head for it alone, the greedy choice, then the cache cropped back to `context`.
+void bm_greedy_decode_cpu(benchmark::State& state, DType dtype) {
+  const std::int64_t context = state.range(0);
+  const LlamaModel& m = model(dtype);
+  const double stream = kvcache::bench::streaming_bytes_per_second();
+  // Filled directly (no prefill through the model): the same random K/V in every layer.
+  DynamicCache<> cache;
+  const Tensor past_keys = random_states(context, 1);
+  const Tensor past_values = random_states(context, 2);
+  for (int layer = 0; layer < kLayers; ++layer) cache.update(past_keys, past_values, layer);
+  const kvcache::ForwardArgs args{.input_ids = random_tokens(1, 3),
+                                  .attention_mask = kvcache::ones_mask(1, context + 1),
+                                  .cache_position = {context},
+                                  .past_key_values = &cache,
+                                  .logits_to_keep = 1};
+  // The fill leaves capacity == context, so the first step regrows every layer; pay it untimed.
+  benchmark::DoNotOptimize(kvcache::argmax_last(m.forward(args)).data());
+  cache.crop(context);
+  const auto start = std::chrono::steady_clock::now();
+  for (auto _ : state) {
+    const std::vector<std::int64_t> next = kvcache::argmax_last(m.forward(args));
+    benchmark::DoNotOptimize(next.data());
+    cache.crop(context);  // O(1): back to `context` tokens, so every step reads the same amount
+  }
+  // Timed here so the ratios print as plain numbers; the loop's own overhead is microseconds
+  // against steps of milliseconds.
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double steps_per_second = static_cast<double>(state.iterations()) / seconds;
+  const auto weight_bytes = static_cast<double>(m.weight_bytes());
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(1.0, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["weight_GBps"] = weight_bytes * steps_per_second * 1e-9;
+  // Achieved tokens/s over the floor's (streaming bytes/s / weight bytes).
+  state.counters["floor_ratio"] = steps_per_second * weight_bytes / stream;
+}
+
+// One forward of a prompt into an empty cache, LM head for the last position, greedy choice.
+void bm_greedy_prefill_cpu(benchmark::State& state, DType dtype) {
+  const std::int64_t tokens = state.range(0);
+  const LlamaModel& m = model(dtype);
+  DynamicCache<> cache;
+  const kvcache::ForwardArgs args{.input_ids = random_tokens(tokens, 4),
+                                  .attention_mask = kvcache::ones_mask(1, tokens),
+                                  .cache_position = kvcache::make_cache_position(0, tokens),
+                                  .past_key_values = &cache,
+                                  .logits_to_keep = 1};
+  // The first forward allocates every layer's storage; pay it untimed, as a reused cache would.
+  benchmark::DoNotOptimize(kvcache::argmax_last(m.forward(args)).data());
+  cache.reset();
+  for (auto _ : state) {
+    const std::vector<std::int64_t> next = kvcache::argmax_last(m.forward(args));
+    benchmark::DoNotOptimize(next.data());
+    cache.reset();  // O(layers): empty again, memory kept
+  }
+  state.counters["tokens_per_s"] = benchmark::Counter(
+      static_cast<double>(tokens), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// A whole greedy generation as the greedy_decode example runs it (fresh cache sized for the job),
+// reporting generate()'s own timings, averaged over iterations.
+void bm_greedy_generate_cpu(benchmark::State& state, DType dtype) {
+  const LlamaModel& m = model(dtype);
+  const Tensor prompt = random_tokens(kGeneratePrompt, 5);
+  kvcache::GenerationConfig config;
+  config.max_new_tokens = kGenerateNewTokens;
+  double decode_tokens_per_s = 0.0, prefill_ms = 0.0;
+  for (auto _ : state) {
+    const kvcache::GenerateResult result = kvcache::generate(m, prompt, Tensor(), config);
+    benchmark::DoNotOptimize(result.new_tokens.data());
+    decode_tokens_per_s += result.decode_tokens_per_s;
+    prefill_ms += result.prefill_ms;
+  }
+  state.counters["decode_tokens_per_s"] =
+      benchmark::Counter(decode_tokens_per_s, benchmark::Counter::kAvgIterations);
+  state.counters["prefill_ms"] = benchmark::Counter(prefill_ms, benchmark::Counter::kAvgIterations);
+}
+
+// "<family>/<dtype>". Built by appending: g++ 12 gives a false -Wrestrict for "literal" + string.
+std::string family_name(const char* family, DType dtype) {
+  std::string name = family;
+  name += '/';
+  name += kvcache::dtype_name(dtype);
+  return name;
+}
+
+void register_benchmarks() {
+  // Registered first so it runs first and floor_ratio divides by this run's figure.
+  kvcache::bench::register_streaming_read();
+  for (DType dtype : kDTypes) {
+    auto* decode = benchmark::RegisterBenchmark(family_name("BM_GreedyDecodeCpu", dtype).c_str(),
+                                                bm_greedy_decode_cpu, dtype);
+    for (std::int64_t context : kContexts) decode->Arg(context);
+    decode->ArgName("ctx")->UseRealTime()->Unit(benchmark::kMillisecond);
+  }
+  for (DType dtype : kDTypes) {
+    benchmark::RegisterBenchmark(family_name("BM_GreedyPrefillCpu", dtype).c_str(),
+                                 bm_greedy_prefill_cpu, dtype)
+        ->Arg(kPrefillTokens)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+  for (DType dtype : kDTypes) {
+    benchmark::RegisterBenchmark(family_name("BM_GreedyGenerateCpu", dtype).c_str(),
+                                 bm_greedy_generate_cpu, dtype)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+}
+
+using kvcache::bench::CollectingReporter;
+
+std::string decode_name(DType dtype, std::int64_t context) {
+  return family_name("BM_GreedyDecodeCpu", dtype) + "/ctx:" + std::to_string(context);
+}
+
+// "meets peer" or how far below it ours is.
+std::string verdict(double ours, double peer) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%.2fx of it, %s", ours / peer,
+                ours >= peer ? "meets peer" : "BELOW peer");
+  return text;
+}
+
+void print_summary(const CollectingReporter& reporter) {
+  std::printf("\n");
+  const double stream = kvcache::bench::streaming_read().bytes_per_second;
+  if (stream > 0.0) {
+    std::printf("Streaming read (%d threads, 1 GiB, median pass): %.1f GB/s\n",
+                kvcache::cpu::num_threads(), stream * 1e-9);
+  }
+  for (DType dtype : kDTypes) {
+    const auto it = models().find(dtype);
+    if (it == models().end()) continue;
+    const auto bytes = static_cast<double>(it->second.weight_bytes());
+    std::printf("Weights, %s: %.1f MB", std::string(kvcache::dtype_name(dtype)).c_str(),
+                bytes * 1e-6);
+    if (stream > 0.0) std::printf("; bandwidth floor %.1f tokens/s", stream / bytes);
+    std::printf("\n");
+  }
+
+  bool peer_header = false;
+  auto print_peer_header = [&peer_header] {
+    if (peer_header) return;
+    std::printf(
+        "Against llama.cpp on this machine kind (decode at %lld tokens of context, prefill "
+        "of %lld tokens):\n",
+        static_cast<long long>(kShortContext), static_cast<long long>(kPrefillTokens));
+    peer_header = true;
+  };
+  for (DType dtype : kDTypes) {
+    const std::string name(kvcache::dtype_name(dtype));
+    const Peer peer = peer_for(dtype);
+    const std::string short_name = decode_name(dtype, kShortContext);
+    const double decode = reporter.counter(short_name, "tokens_per_s");
+    const double floor_ratio = reporter.counter(short_name, "floor_ratio");
+    if (decode >= 0) {
+      print_peer_header();
+      std::printf("  %-8s decode  %7.1f tokens/s (%.2f of the floor)  (peer: %s) %7.1f: %s\n",
+                  name.c_str(), decode, floor_ratio, peer.name, peer.decode_tokens_per_s,
+                  verdict(decode, peer.decode_tokens_per_s).c_str());
+    }
+    const double prefill = reporter.counter(
+        family_name("BM_GreedyPrefillCpu", dtype) + "/" + std::to_string(kPrefillTokens),
+        "tokens_per_s");
+    if (prefill >= 0) {
+      print_peer_header();
+      std::printf("  %-8s prefill %7.1f tokens/s                      (peer: %s) %7.1f: %s\n",
+                  name.c_str(), prefill, peer.name, peer.prefill_tokens_per_s,
+                  verdict(prefill, peer.prefill_tokens_per_s).c_str());
+    }
+  }
+
+  bool header = false;
+  for (DType dtype : kDTypes) {
+    const double short_run = reporter.counter(decode_name(dtype, kShortContext), "tokens_per_s");
+    const double long_run = reporter.counter(decode_name(dtype, kLongContext), "tokens_per_s");
+    if (short_run <= 0 || long_run <= 0) continue;
+    if (!header) {
+      std::printf("Decode flatness: tokens/s at %lld tokens of context / at %lld (1.00 = flat):\n",
+                  static_cast<long long>(kLongContext), static_cast<long long>(kShortContext));
+      header = true;
+    }
+    std::printf("  %-8s %.2f (%.1f / %.1f tokens/s)\n",
+                std::string(kvcache::dtype_name(dtype)).c_str(), long_run / short_run, long_run,
+                short_run);
+  }
+
+  for (DType dtype : kDTypes) {
+    const std::string name = family_name("BM_GreedyGenerateCpu", dtype);
+    const double decode = reporter.counter(name, "decode_tokens_per_s");
+    if (decode < 0) continue;
+    std::printf("%s (%lld-token prompt, %lld new tokens): decode %.1f tokens/s, prefill %.1f ms\n",
+                name.c_str(), static_cast<long long>(kGeneratePrompt),
+                static_cast<long long>(kGenerateNewTokens), decode,
+                reporter.counter(name, "prefill_ms"));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return kvcache::bench::run_main(argc, argv, register_benchmarks, print_summary);
+}
