@@ -185,11 +185,7 @@ using kvcache::bench::CollectingReporter;
 
 void print_summary(const CollectingReporter& reporter) {
   std::printf("\n");
-  const double stream = kvcache::bench::streaming_read().bytes_per_second;
-  if (stream > 0.0) {
-    std::printf("Streaming read (%d threads, 1 GiB, median pass): %.1f GB/s\n",
-                kvcache::cpu::num_threads(), stream * 1e-9);
-  }
+  kvcache::bench::print_streaming_read();
   for (const char* family : {"BM_AttentionDecodeCpu", "BM_AttentionDecodeColdCpu"}) {
     bool header = false;
     for (std::int64_t seq_len : kDecodeLengths) {

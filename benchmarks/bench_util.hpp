@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <string>
 #include <vector>
@@ -186,6 +187,23 @@ int run_main(int argc, char** argv, Register register_benchmarks, Summary print_
   print_summary(reporter);
   benchmark::Shutdown();
   return 0;
+}
+
+/// "<family>/<dtype>". Built by appending: g++ 12 gives a false -Wrestrict for "literal" + string.
+inline std::string family_name(const char* family, DType dtype) {
+  std::string name = family;
+  name += '/';
+  name += kvcache::dtype_name(dtype);
+  return name;
+}
+
+/// The summary's first line: this run's streaming read, when it ran or was calibrated.
+inline void print_streaming_read() {
+  const double stream = streaming_read().bytes_per_second;
+  if (stream > 0.0) {
+    std::printf("Streaming read (%d threads, 1 GiB, median pass): %.1f GB/s\n",
+                kvcache::cpu::num_threads(), stream * 1e-9);
+  }
 }
 
 }  // namespace kvcache::bench

@@ -132,23 +132,16 @@ void bm_dynamic_cache_generation(benchmark::State& state, DType dtype, bool rese
   state.counters["allocations"] = static_cast<double>(allocations);
 }
 
-// "<family>/<dtype>". Built by appending: g++ 12 gives a false -Wrestrict for "literal" + string.
-std::string family_name(const char* family, DType dtype) {
-  std::string name = family;
-  name += '/';
-  name += kvcache::dtype_name(dtype);
-  return name;
-}
-
 void register_benchmarks() {
   for (DType dtype : kDTypes) {
-    benchmark::RegisterBenchmark(family_name("BM_DynamicCacheUpdate", dtype).c_str(),
-                                 bm_dynamic_cache_update, dtype)
+    benchmark::RegisterBenchmark(
+        kvcache::bench::family_name("BM_DynamicCacheUpdate", dtype).c_str(),
+        bm_dynamic_cache_update, dtype)
         ->RangeMultiplier(2)
         ->Range(kFlatShort, kFlatLong);
   }
   for (DType dtype : kDTypes) {
-    benchmark::RegisterBenchmark(family_name("BM_NaiveConcatUpdate", dtype).c_str(),
+    benchmark::RegisterBenchmark(kvcache::bench::family_name("BM_NaiveConcatUpdate", dtype).c_str(),
                                  bm_naive_concat_update, dtype)
         ->RangeMultiplier(2)
         ->Range(kFlatShort, kFlatLong)
@@ -158,8 +151,8 @@ void register_benchmarks() {
     for (bool reserve : {false, true}) {
       const char* family =
           reserve ? "BM_DynamicCacheGenerationReserved" : "BM_DynamicCacheGeneration";
-      benchmark::RegisterBenchmark(family_name(family, dtype).c_str(), bm_dynamic_cache_generation,
-                                   dtype, reserve)
+      benchmark::RegisterBenchmark(kvcache::bench::family_name(family, dtype).c_str(),
+                                   bm_dynamic_cache_generation, dtype, reserve)
           ->Arg(1024)
           ->Arg(8192)
           ->Unit(benchmark::kMicrosecond);

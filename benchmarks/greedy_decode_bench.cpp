@@ -203,32 +203,25 @@ void bm_greedy_generate_cpu(benchmark::State& state, DType dtype) {
   state.counters["prefill_ms"] = benchmark::Counter(prefill_ms, benchmark::Counter::kAvgIterations);
 }
 
-// "<family>/<dtype>". Built by appending: g++ 12 gives a false -Wrestrict for "literal" + string.
-std::string family_name(const char* family, DType dtype) {
-  std::string name = family;
-  name += '/';
-  name += kvcache::dtype_name(dtype);
-  return name;
-}
-
 void register_benchmarks() {
   // Registered first so it runs first and floor_ratio divides by this run's figure.
   kvcache::bench::register_streaming_read();
   for (DType dtype : kDTypes) {
-    auto* decode = benchmark::RegisterBenchmark(family_name("BM_GreedyDecodeCpu", dtype).c_str(),
-                                                bm_greedy_decode_cpu, dtype);
+    auto* decode = benchmark::RegisterBenchmark(
+        kvcache::bench::family_name("BM_GreedyDecodeCpu", dtype).c_str(), bm_greedy_decode_cpu,
+        dtype);
     for (std::int64_t context : kContexts) decode->Arg(context);
     decode->ArgName("ctx")->UseRealTime()->Unit(benchmark::kMillisecond);
   }
   for (DType dtype : kDTypes) {
-    benchmark::RegisterBenchmark(family_name("BM_GreedyPrefillCpu", dtype).c_str(),
+    benchmark::RegisterBenchmark(kvcache::bench::family_name("BM_GreedyPrefillCpu", dtype).c_str(),
                                  bm_greedy_prefill_cpu, dtype)
         ->Arg(kPrefillTokens)
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
   }
   for (DType dtype : kDTypes) {
-    benchmark::RegisterBenchmark(family_name("BM_GreedyGenerateCpu", dtype).c_str(),
+    benchmark::RegisterBenchmark(kvcache::bench::family_name("BM_GreedyGenerateCpu", dtype).c_str(),
                                  bm_greedy_generate_cpu, dtype)
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
@@ -238,7 +231,8 @@ void register_benchmarks() {
 using kvcache::bench::CollectingReporter;
 
 std::string decode_name(DType dtype, std::int64_t context) {
-  return family_name("BM_GreedyDecodeCpu", dtype) + "/ctx:" + std::to_string(context);
+  return kvcache::bench::family_name("BM_GreedyDecodeCpu", dtype) +
+         "/ctx:" + std::to_string(context);
 }
 
 // "meets peer" or how far below it ours is.
@@ -251,11 +245,8 @@ std::string verdict(double ours, double peer) {
 
 void print_summary(const CollectingReporter& reporter) {
   std::printf("\n");
+  kvcache::bench::print_streaming_read();
   const double stream = kvcache::bench::streaming_read().bytes_per_second;
-  if (stream > 0.0) {
-    std::printf("Streaming read (%d threads, 1 GiB, median pass): %.1f GB/s\n",
-                kvcache::cpu::num_threads(), stream * 1e-9);
-  }
   for (DType dtype : kDTypes) {
     const auto it = models().find(dtype);
     if (it == models().end()) continue;
@@ -287,9 +278,10 @@ void print_summary(const CollectingReporter& reporter) {
                   name.c_str(), decode, floor_ratio, peer.name, peer.decode_tokens_per_s,
                   verdict(decode, peer.decode_tokens_per_s).c_str());
     }
-    const double prefill = reporter.counter(
-        family_name("BM_GreedyPrefillCpu", dtype) + "/" + std::to_string(kPrefillTokens),
-        "tokens_per_s");
+    const double prefill =
+        reporter.counter(kvcache::bench::family_name("BM_GreedyPrefillCpu", dtype) + "/" +
+                             std::to_string(kPrefillTokens),
+                         "tokens_per_s");
     if (prefill >= 0) {
       print_peer_header();
       std::printf("  %-8s prefill %7.1f tokens/s                      (peer: %s) %7.1f: %s\n",
@@ -314,7 +306,7 @@ void print_summary(const CollectingReporter& reporter) {
   }
 
   for (DType dtype : kDTypes) {
-    const std::string name = family_name("BM_GreedyGenerateCpu", dtype);
+    const std::string name = kvcache::bench::family_name("BM_GreedyGenerateCpu", dtype);
     const double decode = reporter.counter(name, "decode_tokens_per_s");
     if (decode < 0) continue;
     std::printf("%s (%lld-token prompt, %lld new tokens): decode %.1f tokens/s, prefill %.1f ms\n",

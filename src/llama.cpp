@@ -95,31 +95,30 @@ LlamaModel LlamaModel::from_weights(ModelConfig config,
   }
   for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
+    // Matrices [rows, cols] in the requested dtype; vectors [n] in float32 when `wanted`.
+    auto matrix = [&](const std::string& name, std::int64_t rows, std::int64_t cols) {
+      return hold_matrix(require(weights, p + name, {rows, cols}, where), options.dtype);
+    };
+    auto vector = [&](const std::string& name, bool wanted, std::int64_t n) {
+      return optional_vector(weights, p + name, wanted, n, where);
+    };
     Layer layer;
-    layer.input_norm = hold_vector(require(weights, p + "input_layernorm.weight", {hidden}, where));
-    layer.post_norm =
-        hold_vector(require(weights, p + "post_attention_layernorm.weight", {hidden}, where));
-    layer.q = hold_matrix(require(weights, p + "self_attn.q_proj.weight", {q_out, hidden}, where),
-                          options.dtype);
-    layer.k = hold_matrix(require(weights, p + "self_attn.k_proj.weight", {kv_out, hidden}, where),
-                          options.dtype);
-    layer.v = hold_matrix(require(weights, p + "self_attn.v_proj.weight", {kv_out, hidden}, where),
-                          options.dtype);
-    layer.o = hold_matrix(require(weights, p + "self_attn.o_proj.weight", {hidden, q_out}, where),
-                          options.dtype);
-    layer.q_bias = optional_vector(weights, p + "self_attn.q_proj.bias", c.qkv_bias, q_out, where);
-    layer.k_bias = optional_vector(weights, p + "self_attn.k_proj.bias", c.qkv_bias, kv_out, where);
-    layer.v_bias = optional_vector(weights, p + "self_attn.v_proj.bias", c.qkv_bias, kv_out, where);
-    layer.o_bias = optional_vector(weights, p + "self_attn.o_proj.bias", c.o_bias, hidden, where);
-    layer.gate = hold_matrix(require(weights, p + "mlp.gate_proj.weight", {inter, hidden}, where),
-                             options.dtype);
-    layer.up = hold_matrix(require(weights, p + "mlp.up_proj.weight", {inter, hidden}, where),
-                           options.dtype);
-    layer.down = hold_matrix(require(weights, p + "mlp.down_proj.weight", {hidden, inter}, where),
-                             options.dtype);
-    layer.gate_bias = optional_vector(weights, p + "mlp.gate_proj.bias", c.mlp_bias, inter, where);
-    layer.up_bias = optional_vector(weights, p + "mlp.up_proj.bias", c.mlp_bias, inter, where);
-    layer.down_bias = optional_vector(weights, p + "mlp.down_proj.bias", c.mlp_bias, hidden, where);
+    layer.input_norm = vector("input_layernorm.weight", true, hidden);
+    layer.post_norm = vector("post_attention_layernorm.weight", true, hidden);
+    layer.q = matrix("self_attn.q_proj.weight", q_out, hidden);
+    layer.k = matrix("self_attn.k_proj.weight", kv_out, hidden);
+    layer.v = matrix("self_attn.v_proj.weight", kv_out, hidden);
+    layer.o = matrix("self_attn.o_proj.weight", hidden, q_out);
+    layer.q_bias = vector("self_attn.q_proj.bias", c.qkv_bias, q_out);
+    layer.k_bias = vector("self_attn.k_proj.bias", c.qkv_bias, kv_out);
+    layer.v_bias = vector("self_attn.v_proj.bias", c.qkv_bias, kv_out);
+    layer.o_bias = vector("self_attn.o_proj.bias", c.o_bias, hidden);
+    layer.gate = matrix("mlp.gate_proj.weight", inter, hidden);
+    layer.up = matrix("mlp.up_proj.weight", inter, hidden);
+    layer.down = matrix("mlp.down_proj.weight", hidden, inter);
+    layer.gate_bias = vector("mlp.gate_proj.bias", c.mlp_bias, inter);
+    layer.up_bias = vector("mlp.up_proj.bias", c.mlp_bias, inter);
+    layer.down_bias = vector("mlp.down_proj.bias", c.mlp_bias, hidden);
     model.layers_.push_back(std::move(layer));
   }
   model.config_ = std::move(config);
