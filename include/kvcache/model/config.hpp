@@ -14,6 +14,8 @@
 
 namespace kvcache {
 
+class GgufFile;
+
 struct ModelConfig {
   std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"
   std::string model_type;    // "llama", "qwen2", "mistral"
@@ -54,6 +56,9 @@ struct ModelConfig {
   static ModelConfig from_json(const std::string& text, const std::string& where = "config.json");
   /// Reads and parses a config.json file.
   static ModelConfig from_file(const std::string& path);
+  /// The config of a llama-architecture GGUF file, from its `llama.*` and `tokenizer.ggml.*`
+  /// metadata (tied embeddings when it has no output.weight tensor).
+  static ModelConfig from_gguf(const GgufFile& file);
 };
 
 }  // namespace kvcache

@@ -44,7 +44,14 @@ class LlamaModel {
  public:
   /// Loads config.json and the safetensors weights from `dir`. Throws kvcache::Error naming the
   /// file and tensor for anything missing or malformed.
+  /// `path` may also be a .gguf file (see from_gguf).
   static LlamaModel from_pretrained(const std::string& dir, LoadOptions options = {});
+
+  /// Loads a llama-architecture GGUF file (llama.cpp's format): the config from its metadata, the
+  /// weights under transformers' names with llama.cpp's q/k row permutation undone. Quantized
+  /// weights (Q8_0, Q4_0, Q4_1) are dequantized once at load, to float32 by default or to
+  /// options.dtype: the default model's 92 MiB of Q4_1 become 538 MB of float32 (269 MB bfloat16).
+  static LlamaModel from_gguf(const std::string& path, LoadOptions options = {});
 
   const ModelConfig& config() const { return config_; }
 

@@ -1,0 +1,118 @@
+// Llama-family models from GGUF files: metadata to ModelConfig, llama.cpp's tensor names to
+// transformers', and the q/k row permutation llama.cpp's converter applies undone, so the model
+// (and its rotate_half RoPE) sees exactly the weights transformers sees when it loads the file.
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kvcache/backend/cpu.hpp"
+#include "kvcache/error.hpp"
+#include "kvcache/model/config.hpp"
+#include "kvcache/model/gguf.hpp"
+#include "kvcache/model/llama.hpp"
+
+namespace kvcache {
+namespace {
+
+// llama.cpp's converter stores q (and k) rows of each head interleaved: GGUF row h·hd + 2i + j
+// holds transformers' row h·hd + j·hd/2 + i. This puts them back.
+Tensor unpermute_rows(const Tensor& w, std::int64_t heads) {
+  const std::int64_t rows = w.size(0), hd = rows / heads, half = hd / 2;
+  KVCACHE_CHECK(rows % heads == 0 && hd % 2 == 0, "GGUF: expected q/k rows divisible into ", heads,
+                " heads of even size, got ", w.shape_string());
+  Tensor out = Tensor::empty(w.shape(), w.dtype());
+  for (std::int64_t h = 0; h < heads; ++h)
+    for (std::int64_t i = 0; i < half; ++i)
+      for (std::int64_t j = 0; j < 2; ++j) {
+        const std::int64_t from = h * hd + 2 * i + j, to = h * hd + j * half + i;
+        cpu::copy(out.slice(0, to, to + 1), w.slice(0, from, from + 1));
+      }
+  return out;
+}
+
+}  // namespace
+
+ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
+  const std::string where = f.path();
+  const std::string arch = f.get_string("general.architecture").value_or("");
+  KVCACHE_CHECK(arch == "llama", where, ": expected general.architecture 'llama', got '", arch,
+                "' (other GGUF architectures are not supported yet)");
+  auto need = [&](const std::string& key) {
+    const auto v = f.get_int(key);
+    KVCACHE_CHECK(v.has_value(), where, ": expected metadata key '", key, "'");
+    return *v;
+  };
+  ModelConfig c;
+  c.architecture = "LlamaForCausalLM";
+  c.model_type = "llama";
+  c.hidden_size = need("llama.embedding_length");
+  c.intermediate_size = need("llama.feed_forward_length");
+  c.num_hidden_layers = need("llama.block_count");
+  c.num_attention_heads = need("llama.attention.head_count");
+  c.num_key_value_heads =
+      f.get_int("llama.attention.head_count_kv").value_or(c.num_attention_heads);
+  c.max_position_embeddings = need("llama.context_length");
+  KVCACHE_CHECK(c.num_attention_heads > 0 && c.num_key_value_heads > 0 &&
+                    c.num_attention_heads % c.num_key_value_heads == 0 &&
+                    c.hidden_size % c.num_attention_heads == 0,
+                where, ": expected head counts that divide, got ", c.num_attention_heads,
+                " heads, ", c.num_key_value_heads, " kv heads, hidden ", c.hidden_size);
+  c.head_dim = f.get_int("llama.attention.key_length")
+                   .value_or(f.get_int("llama.rope.dimension_count")
+                                 .value_or(c.hidden_size / c.num_attention_heads));
+  const auto tokens = f.get_string_array("tokenizer.ggml.tokens");
+  c.vocab_size = f.get_int("llama.vocab_size").value_or(static_cast<std::int64_t>(tokens.size()));
+  c.rms_norm_eps = f.get_float("llama.attention.layer_norm_rms_epsilon").value_or(1e-5);
+  c.tie_word_embeddings = f.find_tensor("output.weight") == nullptr;
+  c.rope.head_dim = c.head_dim;
+  c.rope.rope_theta = f.get_float("llama.rope.freq_base").value_or(10000.0);
+  const std::string scaling = f.get_string("llama.rope.scaling.type").value_or("none");
+  if (scaling == "linear") {
+    c.rope.scaling.type = RopeType::kLinear;
+    c.rope.scaling.factor = f.get_float("llama.rope.scaling.factor").value_or(1.0);
+  } else {
+    KVCACHE_CHECK(scaling == "none", where, ": RoPE scaling type '", scaling,
+                  "' is not supported yet");
+  }
+  KVCACHE_CHECK(f.find_tensor("rope_freqs.weight") == nullptr, where,
+                ": per-frequency RoPE factors (rope_freqs.weight, llama3 scaling in GGUF) are not "
+                "supported yet");
+  c.bos_token_id = f.get_int("tokenizer.ggml.bos_token_id");
+  if (const auto eos = f.get_int("tokenizer.ggml.eos_token_id")) c.eos_token_ids = {*eos};
+  c.pad_token_id = f.get_int("tokenizer.ggml.padding_token_id");
+  return c;
+}
+
+LlamaModel LlamaModel::from_gguf(const std::string& path, LoadOptions options) {
+  const GgufFile file = GgufFile::open(path);
+  ModelConfig config = ModelConfig::from_gguf(file);
+  // Quantized weights become float32 unless another dtype was asked for.
+  if (!options.dtype) options.dtype = DType::kFloat32;
+  std::vector<std::pair<std::string, Tensor>> weights;
+  auto take = [&](const std::string& gguf_name, const std::string& name,
+                  std::int64_t unpermute_heads = 0) {
+    if (file.find_tensor(gguf_name) == nullptr) return;
+    Tensor t = file.to_float32(gguf_name);
+    if (unpermute_heads > 0) t = unpermute_rows(t, unpermute_heads);
+    weights.emplace_back(name, std::move(t));
+  };
+  take("token_embd.weight", "model.embed_tokens.weight");
+  take("output_norm.weight", "model.norm.weight");
+  take("output.weight", "lm_head.weight");
+  for (std::int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    const std::string g = "blk." + std::to_string(l) + ".",
+                      p = "model.layers." + std::to_string(l) + ".";
+    take(g + "attn_norm.weight", p + "input_layernorm.weight");
+    take(g + "ffn_norm.weight", p + "post_attention_layernorm.weight");
+    take(g + "attn_q.weight", p + "self_attn.q_proj.weight", config.num_attention_heads);
+    take(g + "attn_k.weight", p + "self_attn.k_proj.weight", config.num_key_value_heads);
+    take(g + "attn_v.weight", p + "self_attn.v_proj.weight");
+    take(g + "attn_output.weight", p + "self_attn.o_proj.weight");
+    take(g + "ffn_gate.weight", p + "mlp.gate_proj.weight");
+    take(g + "ffn_up.weight", p + "mlp.up_proj.weight");
+    take(g + "ffn_down.weight", p + "mlp.down_proj.weight");
+  }
+  return from_weights(std::move(config), weights, options);
+}
+
+}  // namespace kvcache
