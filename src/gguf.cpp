@@ -9,11 +9,6 @@
 // (and for Q4_1 an fp16 minimum m) and small integers q, and an element is d * q (+ m) in float32.
 #include "kvcache/model/gguf.hpp"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <bit>
 #include <cerrno>
@@ -25,6 +20,7 @@
 
 #include "kvcache/error.hpp"
 #include "kvcache/float16.hpp"
+#include "mapped_file.hpp"
 
 // Every number in a GGUF file is little-endian (version 3 files may be big-endian, which is
 // detected and refused); they are read with memcpy as host integers.
@@ -33,41 +29,10 @@ static_assert(std::endian::native == std::endian::little,
 
 namespace kvcache {
 
-/// The read-only mapping of a whole file; views share it through aliasing shared_ptrs, so it is
-/// unmapped when the last view (or the GgufFile) goes away.
-struct GgufFile::Mapping {
-  void* addr = MAP_FAILED;
-  std::size_t size = 0;
-
-  Mapping() = default;
-  Mapping(const Mapping&) = delete;
-  Mapping& operator=(const Mapping&) = delete;
-  ~Mapping() {
-    if (addr != MAP_FAILED) (void)::munmap(addr, size);  // nothing useful to do on failure
-  }
-  const std::byte* bytes() const { return static_cast<const std::byte*>(addr); }
-};
-
 namespace {
 
 using ValueType = GgufValue::Type;
 
-// Closes a descriptor on every path out of open(); the mapping outlives it.
-class FileDescriptor {
- public:
-  explicit FileDescriptor(int fd) : fd_(fd) {}
-  FileDescriptor(const FileDescriptor&) = delete;
-  FileDescriptor& operator=(const FileDescriptor&) = delete;
-  ~FileDescriptor() {
-    if (fd_ >= 0) (void)::close(fd_);
-  }
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
-
-std::string errno_text() { return std::strerror(errno); }
 
 // --- tensor types --------------------------------------------------------------------------------
 
@@ -546,25 +511,11 @@ GgufFile GgufFile::open(const std::string& path) {
   GgufFile file;
   file.path_ = path;
 
-  const FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  KVCACHE_CHECK(fd.get() >= 0, "GGUF ", path, ": cannot open: ", errno_text());
-  struct stat st {};
-  KVCACHE_CHECK(::fstat(fd.get(), &st) == 0, "GGUF ", path, ": cannot stat: ", errno_text());
-  KVCACHE_CHECK(S_ISREG(st.st_mode), "GGUF ", path, ": expected a regular file");
-  const auto file_size = static_cast<std::uint64_t>(st.st_size);
   constexpr std::uint64_t kHeaderBytes = 4 + 4 + 8 + 8;  // magic, version, two counts
-  KVCACHE_CHECK(file_size >= kHeaderBytes, "GGUF ", path, ": expected at least ", kHeaderBytes,
-                " bytes (magic, version, tensor and metadata counts), got a file of ", file_size,
-                " bytes");
-
-  auto mapping = std::make_shared<Mapping>();
-  mapping->size = static_cast<std::size_t>(file_size);
-  // Read-only and private, as for safetensors: a file truncated on disk while mapped raises
-  // SIGBUS on the next read of a lost page, so checkpoints must be replaced, not rewritten.
-  mapping->addr = ::mmap(nullptr, mapping->size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
-  KVCACHE_CHECK(mapping->addr != MAP_FAILED, "GGUF ", path, ": cannot map ", file_size,
-                " bytes: ", errno_text());
+  const auto mapping = detail::MappedFile::open(path, "GGUF", kHeaderBytes,
+                                                "magic, version, tensor and metadata counts");
   file.mapping_ = mapping;
+  const std::uint64_t file_size = mapping->size();
   const std::byte* bytes = mapping->bytes();
   Reader in(file.path_, bytes, file_size);
 
@@ -772,7 +723,7 @@ std::vector<std::int64_t> GgufFile::get_int_array(const std::string& key) const 
 const std::byte* GgufFile::data(const GgufTensorInfo& info) const {
   // Infos from tensors() were checked at open; one built by hand is checked here.
   const auto data_size =
-      static_cast<std::uint64_t>(mapping_->bytes() + mapping_->size - data_begin_);
+      static_cast<std::uint64_t>(mapping_->bytes() + mapping_->size() - data_begin_);
   KVCACHE_CHECK(info.offset <= data_size && info.nbytes <= data_size - info.offset, "GGUF ", path_,
                 ": tensor ", quote(info.name), ": bytes [", info.offset, ", ", info.offset, " + ",
                 info.nbytes, ") lie outside the ", data_size, "-byte data section");

@@ -4,11 +4,6 @@
 // out, so a truncated or hostile file is a kvcache::Error, never a read past the mapping.
 #include "kvcache/model/safetensors.hpp"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <bit>
 #include <cerrno>
@@ -25,6 +20,7 @@
 
 #include "kvcache/backend/cpu.hpp"
 #include "kvcache/error.hpp"
+#include "mapped_file.hpp"
 
 // The file's numbers (header length, tensor elements) are little-endian; views hand the mapped
 // bytes out as they are, which is only right on a little-endian host.
@@ -36,39 +32,7 @@ namespace kvcache {
 // ordered_json keeps the header's key order, so entries() lists tensors as the file does.
 using Json = nlohmann::ordered_json;
 
-/// The read-only mapping of a whole file; views share it through aliasing shared_ptrs, so it is
-/// unmapped when the last view (or the SafetensorsFile) goes away.
-struct SafetensorsFile::Mapping {
-  void* addr = MAP_FAILED;
-  std::size_t size = 0;
-  std::uint64_t data_start = 0;  // 8 + header length: where data_offsets count from
-
-  Mapping() = default;
-  Mapping(const Mapping&) = delete;
-  Mapping& operator=(const Mapping&) = delete;
-  ~Mapping() {
-    if (addr != MAP_FAILED) (void)::munmap(addr, size);  // nothing useful to do on failure
-  }
-  const std::byte* bytes() const { return static_cast<const std::byte*>(addr); }
-};
-
 namespace {
-
-// Closes a descriptor on every path out of open(); the mapping outlives it (POSIX keeps a mapping
-// valid after close), so no descriptor is held per shard.
-class FileDescriptor {
- public:
-  explicit FileDescriptor(int fd) : fd_(fd) {}
-  FileDescriptor(const FileDescriptor&) = delete;
-  FileDescriptor& operator=(const FileDescriptor&) = delete;
-  ~FileDescriptor() {
-    if (fd_ >= 0) (void)::close(fd_);
-  }
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
 
 struct DTypeInfo {
   std::string_view name;
@@ -219,25 +183,9 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   SafetensorsFile file;
   file.path_ = path;
 
-  const FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  KVCACHE_CHECK(fd.get() >= 0, "safetensors ", path, ": cannot open: ", errno_text());
-  struct stat st {};
-  KVCACHE_CHECK(::fstat(fd.get(), &st) == 0, "safetensors ", path, ": cannot stat: ", errno_text());
-  KVCACHE_CHECK(S_ISREG(st.st_mode), "safetensors ", path, ": expected a regular file");
-  const auto file_size = static_cast<std::uint64_t>(st.st_size);
-  KVCACHE_CHECK(file_size >= 8, "safetensors ", path,
-                ": expected at least 8 bytes (the header length), got a file of ", file_size,
-                " bytes");
-
-  auto mapping = std::make_shared<Mapping>();
-  mapping->size = static_cast<std::size_t>(file_size);
-  // Read-only and private: nothing done through a view can reach the file. A file truncated on
-  // disk while mapped raises SIGBUS on the next read of a lost page, which no check here can
-  // prevent, so checkpoints must be replaced (written elsewhere, renamed), not rewritten in place.
-  mapping->addr = ::mmap(nullptr, mapping->size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
-  KVCACHE_CHECK(mapping->addr != MAP_FAILED, "safetensors ", path, ": cannot map ", file_size,
-                " bytes: ", errno_text());
+  const auto mapping = detail::MappedFile::open(path, "safetensors", 8, "the header length");
   file.mapping_ = mapping;
+  const std::uint64_t file_size = mapping->size();
   const std::byte* bytes = mapping->bytes();
 
   std::uint64_t header_len = 0;
@@ -247,7 +195,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
                 " runs past the end of the file (", file_size - 8,
                 " bytes follow the 8-byte length)");
   const std::uint64_t data_size = file_size - 8 - header_len;
-  mapping->data_start = 8 + header_len;
+  file.data_start_ = 8 + header_len;
 
   const auto* header_begin = reinterpret_cast<const char*>(bytes + 8);
   Json header;
@@ -307,7 +255,7 @@ Tensor SafetensorsFile::tensor(const std::string& name) const {
   // not). kvcache's CPU code reads weights through byte pointers and memcpy or converts them
   // first, which is well-defined either way; code that dereferences data_as<T>() directly must
   // check alignment or copy. The mapping is read-only: writing through the view faults.
-  void* data = const_cast<std::byte*>(mapping_->bytes() + mapping_->data_start + entry->begin);
+  void* data = const_cast<std::byte*>(mapping_->bytes() + data_start_ + entry->begin);
   // The aliasing constructor shares ownership of the whole mapping while pointing at the tensor.
   std::shared_ptr<void> storage(mapping_, data);
   return Tensor::from_storage(std::move(storage), data,

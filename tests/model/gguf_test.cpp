@@ -22,41 +22,19 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.hpp"
 #include "test_util.hpp"
 
 namespace kvcache {
 namespace {
 
-namespace fs = std::filesystem;
-using VT = GgufValue::Type;
-
-// A fresh directory per test (pid + test name + counter), removed with everything in it.
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() / ("kvcache_gguf_" + std::to_string(::getpid()) + "_" +
-                                         info->name() + "_" + std::to_string(counter++));
-    fs::create_directories(path_);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
+using testing::write_bytes;
+struct TempDir : testing::TempDir {
+  TempDir() : testing::TempDir("kvcache_gguf") {}
 };
 
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  ASSERT_TRUE(out.good()) << path;
-}
+namespace fs = std::filesystem;
+using VT = GgufValue::Type;
 
 // --- a tiny GGUF writer --------------------------------------------------------------------------
 

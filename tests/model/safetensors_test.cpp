@@ -16,44 +16,20 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.hpp"
 #include "test_util.hpp"
 
 namespace kvcache {
 namespace {
 
+using testing::write_bytes;
+struct TempDir : testing::TempDir {
+  TempDir() : testing::TempDir("kvcache_safetensors") {}
+};
+
 namespace fs = std::filesystem;
 using testing::random_tensor;
 using testing::to_doubles;
-
-// A fresh directory per test (pid + test name + counter, so parallel ctest runs never share one),
-// removed with everything in it at the end.
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() / ("kvcache_safetensors_" + std::to_string(::getpid()) + "_" +
-                                         info->name() + "_" + std::to_string(counter++));
-    fs::create_directories(path_);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  std::string str() const { return path_.string(); }
-
- private:
-  fs::path path_;
-};
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  ASSERT_TRUE(out.good()) << path;
-}
 
 // A raw file: little-endian header length, the header text as given, then `data_size` bytes.
 std::string raw_file(const std::string& header, std::size_t data_size,

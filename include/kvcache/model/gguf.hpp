@@ -21,6 +21,10 @@
 
 namespace kvcache {
 
+namespace detail {
+class MappedFile;
+}  // namespace detail
+
 /// ggml tensor types, with llama.cpp's numbering (only some are served; see dequantize_row).
 /// Numbers 4, 5 and 31..33 are retired in ggml and read as unknown types.
 enum class GgufType : std::uint32_t {
@@ -137,9 +141,8 @@ class GgufFile {
   Tensor view(const std::string& name) const;
 
  private:
-  struct Mapping;
   std::string path_;
-  std::shared_ptr<Mapping> mapping_;
+  std::shared_ptr<detail::MappedFile> mapping_;
   std::uint32_t version_ = 0;
   std::uint64_t alignment_ = 32;
   std::map<std::string, GgufValue> metadata_;

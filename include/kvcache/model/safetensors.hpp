@@ -18,6 +18,10 @@
 
 namespace kvcache {
 
+namespace detail {
+class MappedFile;
+}  // namespace detail
+
 /// One tensor's entry in a safetensors header.
 struct SafetensorsEntry {
   std::string name;
@@ -49,9 +53,9 @@ class SafetensorsFile {
   Tensor tensor(const std::string& name) const;
 
  private:
-  struct Mapping;
   std::string path_;
-  std::shared_ptr<Mapping> mapping_;
+  std::shared_ptr<detail::MappedFile> mapping_;
+  std::uint64_t data_start_ = 0;  // 8 + header length: where data_offsets count from
   std::vector<SafetensorsEntry> entries_;
   std::map<std::string, std::size_t> index_;
   std::map<std::string, std::string> metadata_;

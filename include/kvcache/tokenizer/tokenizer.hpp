@@ -1,0 +1,128 @@
+// Byte-level BPE tokenizers (GPT-2, Llama-3, SmolLM2, Qwen2 style), read from a GGUF file's
+// tokenizer metadata or from transformers' tokenizer.json, encoding and decoding as transformers'
+// fast tokenizer does (its encodings are the tests' oracle: tools/make_tokenizer_reference.py).
+//
+// encode(): special tokens are matched whole first (longest match at the leftmost position, as the
+// tokenizers library does); the text between them is split into pre-tokens by the model's
+// pre-tokenizer regexes (PCRE2 with Unicode properties: \p{L}, \p{N}, white space), each
+// pre-token's bytes are mapped to GPT-2's byte alphabet and merged by rank, lowest first. decode()
+// maps tokens back to bytes and replaces invalid UTF-8 with U+FFFD as transformers does;
+// StreamDecoder emits text token by token and holds back an incomplete trailing character until its
+// last byte comes.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace kvcache {
+
+class GgufFile;
+
+/// Kinds of vocabulary entries, with GGUF's numbering (tokenizer.ggml.token_type).
+enum class TokenType : std::int32_t {
+  kNormal = 1,
+  kUnknown = 2,
+  kControl = 3,      // special tokens: <|im_start|>, <|endoftext|>, ...; skipped by skip_special
+  kUserDefined = 4,  // added tokens that are not special: always matched whole, never skipped
+  kUnused = 5,
+  kByte = 6,
+};
+
+/// The parts a byte-level BPE tokenizer is built from, as GGUF metadata holds them. from_gguf()
+/// reads a file into one of these; tests and converters can fill one by hand.
+struct BpeVocabulary {
+  /// Vocabulary strings by id: normal tokens in GPT-2's byte alphabet ("Ġworld"), added tokens
+  /// (control, user-defined) as their text ("<|im_start|>").
+  std::vector<std::string> tokens;
+  /// Merges by rank, each "left right" (two vocabulary strings joined by one space).
+  std::vector<std::string> merges;
+  /// TokenType numbers by id; empty means all normal.
+  std::vector<std::int32_t> token_types;
+  /// llama.cpp's pre-tokenizer name (tokenizer.ggml.pre): "smollm", "gpt2", "default" (both GPT-2's
+  /// regex, as transformers reads GGUF files) or "llama-bpe" (Llama 3's regex, merges ignored for
+  /// pre-tokens that are whole vocabulary entries). Any other name is an error naming it.
+  std::string pre = "default";
+  std::optional<std::int64_t> bos_token_id, eos_token_id, pad_token_id, unk_token_id;
+  bool add_bos_token = false;
+  std::optional<std::string> chat_template;
+};
+
+class Tokenizer {
+ public:
+  /// Reads tokenizer.ggml.* (model "gpt2": tokens, merges, token_type, pre, bos/eos/pad/unknown
+  /// ids, add_bos_token) and tokenizer.chat_template. Throws kvcache::Error for another model
+  /// ("llama" SentencePiece, ...), an unknown pre-tokenizer, or inconsistent arrays.
+  static Tokenizer from_gguf(const GgufFile& file);
+
+  /// Reads transformers' tokenizer.json: model BPE (vocab, merges as "a b" strings or [a, b]
+  /// pairs, ignore_merges), added_tokens (special, lstrip, rstrip), no normalizer, pre_tokenizer
+  /// ByteLevel or a Sequence of Split (regex, Isolated or Removed), Digits and ByteLevel. A
+  /// tokenizer_config.json beside it supplies bos/eos/pad/unk tokens, add_bos_token and the chat
+  /// template. Anything else (SentencePiece models, normalizers, other pre-tokenizers) throws.
+  static Tokenizer from_json_file(const std::string& path);
+
+  /// Builds from parts (what from_gguf reads); throws as from_gguf does.
+  static Tokenizer from_vocabulary(const BpeVocabulary& vocabulary);
+
+  /// Token ids of UTF-8 `text` (transformers' tokenizer(text, add_special_tokens=False)); no BOS
+  /// or EOS is added. With parse_special, control tokens written in the text ("<|im_end|>") become
+  /// their ids; without, they are encoded as plain text (split_special_tokens=True). User-defined
+  /// tokens are matched either way. Invalid UTF-8 is an error naming the byte offset.
+  std::vector<std::int64_t> encode(std::string_view text, bool parse_special = true) const;
+
+  /// Text of `ids`; invalid UTF-8 (a character cut between ids) becomes U+FFFD, as in
+  /// transformers. skip_special drops control tokens. An id out of range is an error.
+  std::string decode(std::span<const std::int64_t> ids, bool skip_special = false) const;
+
+  /// The vocabulary string of `id` ("Ġworld", "<|im_end|>"); token_id() is its inverse.
+  const std::string& token_text(std::int64_t id) const;
+  /// The bytes `id` decodes to (" world"); may be part of a UTF-8 character.
+  const std::string& token_bytes(std::int64_t id) const;
+  TokenType token_type(std::int64_t id) const;
+  std::optional<std::int64_t> token_id(std::string_view token) const;
+  std::int64_t vocab_size() const;
+
+  std::optional<std::int64_t> bos_token_id() const;
+  std::optional<std::int64_t> eos_token_id() const;
+  std::optional<std::int64_t> pad_token_id() const;
+  std::optional<std::int64_t> unk_token_id() const;
+  /// Whether the model expects BOS before a prompt (GGUF tokenizer.ggml.add_bos_token,
+  /// tokenizer_config.json add_bos_token); encode() never adds it.
+  bool add_bos_token() const;
+  /// The chat template shipped with the tokenizer (GGUF tokenizer.chat_template,
+  /// tokenizer_config.json chat_template), if any.
+  const std::optional<std::string>& chat_template() const;
+  /// The pre-tokenizer, in words ("smollm", "tokenizer.json: Digits, ByteLevel", ...).
+  const std::string& pre_tokenizer() const;
+
+ private:
+  struct Impl;
+  explicit Tokenizer(std::shared_ptr<const Impl> impl);
+  std::shared_ptr<const Impl> impl_;  // immutable once built, so copies share it
+  friend class StreamDecoder;
+};
+
+/// Decodes ids one at a time for streaming output. push() returns the text that is complete so
+/// far and holds back the bytes of a character whose last byte has not come yet; flush() returns
+/// what is held (as U+FFFD if incomplete). The concatenation of every push() and the final
+/// flush() equals Tokenizer::decode of all the ids, and each piece is valid UTF-8.
+class StreamDecoder {
+ public:
+  /// Keeps a reference to `tokenizer`'s vocabulary (shared, so the Tokenizer may go first).
+  explicit StreamDecoder(const Tokenizer& tokenizer, bool skip_special = false);
+
+  std::string push(std::int64_t id);
+  std::string flush();
+
+ private:
+  std::shared_ptr<const Tokenizer::Impl> impl_;
+  bool skip_special_;
+  std::string pending_;  // bytes of an incomplete UTF-8 character (at most 3)
+};
+
+}  // namespace kvcache
