@@ -1,46 +1,61 @@
-// greedy_decode: the project's main job. Loads a Llama-family checkpoint (config.json +
-// safetensors), runs the seed's generation loop through kvcache::generate() with a DynamicCache,
-// and prints the new tokens, prefill time, decode tokens/s and the cache's size.
+// greedy_decode: the project's main job, the seed document's conversation in C++. Loads a
+// Llama-family checkpoint (a GGUF file, or a folder with config.json + safetensors), applies the
+// model's chat template to the prompt, runs greedy generation through kvcache::generate() with a
+// DynamicCache, and prints the answer as it is produced, then prefill time, decode tokens/s and the
+// cache's size. With no arguments it asks the default model (SmolLM2-135M-Instruct, installed by
+// scripts/setup-model.sh) the seed's question.
 //
-//   greedy_decode [--model DIR] [--prompt TEXT | --input-ids "1,2,3;4,5"] [--max-new-tokens N]
-//                 [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--cache dynamic] [--json]
+//   greedy_decode [--model PATH] [--prompt TEXT | --input-ids "1,2,3;4,5"] [--raw] [--system TEXT]
+//                 [--chat] [--max-new-tokens N] [--device cpu|cuda]
+//                 [--dtype float32|bfloat16|float16] [--cache dynamic] [--json]
 //
-// Rows given with --input-ids (';' separates rows) are left-padded with the config's pad_token_id
-// (0 when it has none) and the attention mask is built to match. With --json the last line of
-// stdout is one JSON object: new_tokens (per row), prefill_ms, decode_tokens_per_s, cache_bytes.
+// Rows given with --input-ids (';' separates rows) are left-padded with the model's pad id (0 when
+// it has none) and the attention mask is built to match. --raw sends the prompt without the chat
+// template; --system replaces the template's default system prompt; --chat reads one user turn per
+// line from stdin and keeps the conversation in one DynamicCache, prefilling only each new turn.
+// With --json the last line of stdout is one JSON object: new_tokens (per row), prefill_ms,
+// decode_tokens_per_s, cache_bytes.
+#include <cctype>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
-#include <kvcache/generation/generate.hpp>
 #include <kvcache/kvcache.hpp>
+#include <kvcache/model/gguf.hpp>
+#include <kvcache/tokenizer/chat_template.hpp>
+#include <kvcache/tokenizer/tokenizer.hpp>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#ifndef KVCACHE_DEFAULT_MODEL_DIR
-#define KVCACHE_DEFAULT_MODEL_DIR "tests/data/llama_gqa"
+#ifndef KVCACHE_DEFAULT_MODEL_PATH
+#define KVCACHE_DEFAULT_MODEL_PATH "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #endif
 
 namespace {
 
 struct Options {
-  std::string model = KVCACHE_DEFAULT_MODEL_DIR;
+  std::string model = KVCACHE_DEFAULT_MODEL_PATH;
   std::string prompt;
   std::string input_ids;
-  std::int64_t max_new_tokens = 32;
+  bool raw = false;
+  std::optional<std::string> system;
+  bool chat = false;
+  std::int64_t max_new_tokens = 64;
   std::string device = "cpu";
-  std::string dtype;  // empty: as stored
+  std::string dtype;  // empty: as stored (GGUF: float32)
   std::string cache = "dynamic";
   bool json = false;
 };
 
 const char* kUsage =
-    "usage: greedy_decode [--model DIR] [--prompt TEXT | --input-ids \"1,2,3;4,5\"]\n"
-    "                     [--max-new-tokens N] [--device cpu|cuda] [--dtype "
-    "float32|bfloat16|float16]\n"
-    "                     [--cache dynamic] [--json]\n";
+    "usage: greedy_decode [--model PATH] [--prompt TEXT | --input-ids \"1,2,3;4,5\"] [--raw]\n"
+    "                     [--system TEXT] [--chat] [--max-new-tokens N] [--device cpu|cuda]\n"
+    "                     [--dtype float32|bfloat16|float16] [--cache dynamic] [--json]\n";
+
+const char* kSeedQuestion = "Hello, what's your name.";
 
 [[noreturn]] void fail(const std::string& message) {
   std::cerr << "greedy_decode: " << message << "\n";
@@ -55,13 +70,19 @@ Options parse(int argc, char** argv) {
       if (i + 1 >= argc) fail(arg + " expects a value\n" + kUsage);
       return argv[++i];
     };
-    if (arg == "--model")
+    if (arg == "--model") {
       o.model = value();
-    else if (arg == "--prompt")
+    } else if (arg == "--prompt") {
       o.prompt = value();
-    else if (arg == "--input-ids")
+    } else if (arg == "--input-ids") {
       o.input_ids = value();
-    else if (arg == "--max-new-tokens") {
+    } else if (arg == "--raw") {
+      o.raw = true;
+    } else if (arg == "--system") {
+      o.system = value();
+    } else if (arg == "--chat") {
+      o.chat = true;
+    } else if (arg == "--max-new-tokens") {
       const std::string v = value();
       try {
         std::size_t used = 0;
@@ -70,15 +91,15 @@ Options parse(int argc, char** argv) {
       } catch (const std::exception&) {
         fail("--max-new-tokens expects a positive integer, got '" + v + "'");
       }
-    } else if (arg == "--device")
+    } else if (arg == "--device") {
       o.device = value();
-    else if (arg == "--dtype")
+    } else if (arg == "--dtype") {
       o.dtype = value();
-    else if (arg == "--cache")
+    } else if (arg == "--cache") {
       o.cache = value();
-    else if (arg == "--json")
+    } else if (arg == "--json") {
       o.json = true;
-    else if (arg == "--help" || arg == "-h") {
+    } else if (arg == "--help" || arg == "-h") {
       std::cout << kUsage;
       std::exit(0);
     } else {
@@ -86,10 +107,13 @@ Options parse(int argc, char** argv) {
     }
   }
   if (!o.prompt.empty() && !o.input_ids.empty()) fail("give --prompt or --input-ids, not both");
+  if (o.chat && (!o.input_ids.empty() || o.json))
+    fail("--chat reads text turns; it takes neither --input-ids nor --json");
   if (o.device != "cpu" && o.device != "cuda")
     fail("--device expects cpu or cuda, got '" + o.device + "'");
-  if (o.cache != "dynamic")
+  if (o.cache != "dynamic") {
     fail("--cache expects dynamic (the only cache kvcache has so far), got '" + o.cache + "'");
+  }
   return o;
 }
 
@@ -120,41 +144,76 @@ std::vector<std::vector<std::int64_t>> parse_ids(const std::string& text) {
   return rows;
 }
 
+bool is_gguf(const std::string& path) {
+  return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0;
+}
+
+// The model's tokenizer: from the GGUF metadata, or a folder's tokenizer.json; none otherwise.
+std::optional<kvcache::Tokenizer> load_tokenizer(const std::string& path) {
+  if (is_gguf(path)) return kvcache::Tokenizer::from_gguf(kvcache::GgufFile::open(path));
+  const std::string json = path + "/tokenizer.json";
+  if (std::filesystem::exists(json)) return kvcache::Tokenizer::from_json_file(json);
+  return std::nullopt;
+}
+
+void print_stats(const kvcache::GenerateResult& r, std::int64_t prompt_tokens, std::size_t rows) {
+  std::printf("prefill: %.2f ms for %lld tokens x %zu rows\n", r.prefill_ms,
+              static_cast<long long>(prompt_tokens), rows);
+  std::printf("decode: %.1f tokens/s (%lld steps)\n", r.decode_tokens_per_s,
+              static_cast<long long>(r.decode_steps));
+  std::printf("cache: %lld tokens, %zu bytes\n", static_cast<long long>(r.cache_length),
+              r.cache_bytes);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  using namespace kvcache;
   const Options o = parse(argc, argv);
-  if (!std::filesystem::is_directory(o.model))
-    fail("model folder '" + o.model + "' does not exist");
+  if (!std::filesystem::exists(o.model)) {
+    fail(
+        "model '" + o.model + "' does not exist" +
+        (o.model == KVCACHE_DEFAULT_MODEL_PATH ? " (install it with scripts/setup-model.sh)" : ""));
+  }
   if (o.device == "cuda")
     fail("--device cuda: the CUDA model path is not implemented yet; use --device cpu");
-  if (!o.prompt.empty()) {
-    fail(
-        "--prompt needs a tokenizer, and kvcache cannot read this model's yet; pass token ids with "
-        "--input-ids");
-  }
   try {
-    kvcache::LoadOptions load;
-    if (!o.dtype.empty()) load.dtype = kvcache::parse_dtype(o.dtype);
-    const kvcache::LlamaModel model = kvcache::LlamaModel::from_pretrained(o.model, load);
-    const kvcache::ModelConfig& config = model.config();
-
-    // Without a prompt: a fixed short sequence of ids the model's vocabulary holds.
-    const auto rows = parse_ids(o.input_ids.empty() ? "1,2,3,4,5,6,7,8" : o.input_ids);
-    for (std::size_t r = 0; r < rows.size(); ++r)
-      for (std::int64_t id : rows[r])
-        if (id < 0 || id >= config.vocab_size)
-          fail("token id " + std::to_string(id) + " in row " + std::to_string(r) +
-               " is outside the vocabulary [0, " + std::to_string(config.vocab_size) + ")");
-
+    LoadOptions load;
+    if (!o.dtype.empty()) load.dtype = parse_dtype(o.dtype);
+    const LlamaModel model = LlamaModel::from_pretrained(o.model, load);
+    const ModelConfig& config = model.config();
+    const std::optional<Tokenizer> tokenizer =
+        o.input_ids.empty() ? load_tokenizer(o.model) : std::nullopt;
     const std::int64_t pad = config.pad_token_id.value_or(0);
-    const auto [input_ids, attention_mask] = kvcache::left_pad(rows, pad);
-    kvcache::GenerationConfig gen;
+    GenerationConfig gen;
     gen.max_new_tokens = o.max_new_tokens;
     gen.pad_token_id = pad;
-    const kvcache::GenerateResult result = kvcache::generate(model, input_ids, attention_mask, gen);
 
-    if (!o.json) {
+    if (!tokenizer) {
+      // Token ids in, token ids out (models without a tokenizer kvcache can read).
+      if (!o.prompt.empty() || o.chat) {
+        fail("this model has no tokenizer kvcache can read; pass token ids with --input-ids");
+      }
+      const auto rows = parse_ids(o.input_ids.empty() ? "1,2,3,4,5,6,7,8" : o.input_ids);
+      for (std::size_t r = 0; r < rows.size(); ++r)
+        for (std::int64_t id : rows[r])
+          if (id < 0 || id >= config.vocab_size)
+            fail("token id " + std::to_string(id) + " in row " + std::to_string(r) +
+                 " is outside the vocabulary [0, " + std::to_string(config.vocab_size) + ")");
+      const auto [input_ids, attention_mask] = left_pad(rows, pad);
+      const GenerateResult result = generate(model, input_ids, attention_mask, gen);
+      if (o.json) {
+        nlohmann::json out;
+        out["model"] = o.model;
+        out["new_tokens"] = result.new_tokens;
+        out["prefill_ms"] = result.prefill_ms;
+        out["decode_tokens_per_s"] = result.decode_tokens_per_s;
+        out["decode_steps"] = result.decode_steps;
+        out["cache_length"] = result.cache_length;
+        out["cache_bytes"] = result.cache_bytes;
+        std::cout << out.dump() << "\n";
+        return 0;
+      }
       std::cout << "model: " << o.model << " (" << config.architecture << ", "
                 << config.num_hidden_layers << " layers, vocab " << config.vocab_size << ")\n";
       for (std::size_t r = 0; r < result.new_tokens.size(); ++r) {
@@ -162,24 +221,101 @@ int main(int argc, char** argv) {
         for (std::int64_t t : result.new_tokens[r]) std::cout << ' ' << t;
         std::cout << "\n";
       }
-      std::printf("prefill: %.2f ms for %lld tokens x %zu rows\n", result.prefill_ms,
-                  static_cast<long long>(input_ids.size(1)), rows.size());
-      std::printf("decode: %.1f tokens/s (%lld steps)\n", result.decode_tokens_per_s,
-                  static_cast<long long>(result.decode_steps));
-      std::printf("cache: %lld tokens, %zu bytes\n", static_cast<long long>(result.cache_length),
-                  result.cache_bytes);
-    } else {
+      print_stats(result, input_ids.size(1), rows.size());
+      return 0;
+    }
+
+    // Text in, text out.
+    gen.eos_token_ids = config.eos_token_ids;
+    if (tokenizer->eos_token_id() && gen.eos_token_ids.empty())
+      gen.eos_token_ids = {*tokenizer->eos_token_id()};
+    std::optional<ChatTemplate> chat_template;
+    if (!o.raw) {
+      if (!tokenizer->chat_template())
+        fail("this model has no chat template; use --raw to send the text as is");
+      try {
+        chat_template = ChatTemplate::parse(*tokenizer->chat_template());
+      } catch (const Error& e) {
+        fail(std::string(e.what()) + " (use --raw to send the text as is)");
+      }
+    }
+    std::vector<ChatMessage> messages;
+    if (o.system) messages.push_back({"system", *o.system});
+    // The conversation's cache. After each turn it holds everything but the last generated token,
+    // which is `pending` and opens the next turn's prefill; `covered` is how much of the chat
+    // rendering the cache plus `pending` already stand for.
+    DynamicCache<> cache;
+    std::vector<std::int64_t> pending;
+    std::size_t covered = 0;
+    const std::string end_of_turn = "<|im_end|>";
+    auto run_turn = [&](const std::string& user_text) {
+      std::string text = user_text;
+      if (chat_template) {
+        messages.push_back({"user", user_text});
+        text = chat_template->apply(messages, /*add_generation_prompt=*/true).substr(covered);
+      }
+      std::vector<std::int64_t> ids = pending;
+      const std::vector<std::int64_t> encoded = tokenizer->encode(text);
+      ids.insert(ids.end(), encoded.begin(), encoded.end());
+      if (ids.empty()) fail("the prompt encodes to no tokens");
+      const auto [input_ids, unused_mask] = left_pad({ids}, pad);
+      const std::int64_t past = cache.get_seq_length();
+      const Tensor mask = extend_attention_mask(ones_mask(1, past), input_ids.size(1));
+      StreamDecoder stream(*tokenizer, /*skip_special=*/true);
+      std::vector<std::int64_t> answer;
+      const GenerateResult result = generate(model, input_ids, mask, gen, &cache,
+                                             [&](std::int64_t, std::int64_t token, std::int64_t) {
+                                               answer.push_back(token);
+                                               if (!o.json)
+                                                 std::cout << stream.push(token) << std::flush;
+                                               return true;
+                                             });
+      if (!o.json) std::cout << stream.flush() << "\n";
+      pending = {answer.back()};
+      if (chat_template) {
+        const bool ended = tokenizer->token_text(answer.back()) == end_of_turn;
+        if (ended) answer.pop_back();
+        messages.push_back({"assistant", tokenizer->decode(answer, /*skip_special=*/true)});
+        const std::string rendered =
+            chat_template->apply(messages, /*add_generation_prompt=*/false);
+        // Rendered, the answer ends "<|im_end|>\n": with the end-of-turn token pending, all but
+        // the newline is covered; cut off by max_new_tokens, the end-of-turn marker is not.
+        covered = rendered.size() - (ended ? 1 : end_of_turn.size() + 1);
+      }
+      return std::pair{result, static_cast<std::int64_t>(ids.size())};
+    };
+
+    if (o.chat) {
+      std::cout << "chat with " << o.model << " (empty line or end of input to stop)\n";
+      std::string line;
+      while (std::cout << "> " << std::flush, std::getline(std::cin, line) && !line.empty()) {
+        const auto [result, prefilled] = run_turn(line);
+        std::printf(
+            "[prefill %lld new tokens, %.1f ms; decode %.1f tokens/s; cache %lld tokens, %zu "
+            "bytes]\n",
+            static_cast<long long>(prefilled), result.prefill_ms, result.decode_tokens_per_s,
+            static_cast<long long>(result.cache_length), result.cache_bytes);
+      }
+      return 0;
+    }
+    const std::string prompt = o.prompt.empty() ? kSeedQuestion : o.prompt;
+    if (!o.json) std::cout << "> " << prompt << "\n";
+    const auto [result, prompt_tokens] = run_turn(prompt);
+    if (o.json) {
       nlohmann::json out;
       out["model"] = o.model;
       out["new_tokens"] = result.new_tokens;
+      out["text"] = tokenizer->decode(result.new_tokens[0], true);
       out["prefill_ms"] = result.prefill_ms;
       out["decode_tokens_per_s"] = result.decode_tokens_per_s;
       out["decode_steps"] = result.decode_steps;
       out["cache_length"] = result.cache_length;
       out["cache_bytes"] = result.cache_bytes;
       std::cout << out.dump() << "\n";
+    } else {
+      print_stats(result, prompt_tokens, 1);
     }
-  } catch (const kvcache::Error& e) {
+  } catch (const Error& e) {
     fail(e.what());
   }
   return 0;

@@ -177,7 +177,8 @@ std::string byte_level_decode(std::string_view token) {
 constexpr std::string_view kGpt2Pattern =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 constexpr std::string_view kLlama3Pattern =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*)"
+    R"(|\s*[\r\n]+|\s+(?!\S)|\s+)";
 
 // Oniguruma's \s (the tokenizers library's engine) is Unicode's White_Space. Spelling \s and \S
 // out as that class keeps the split independent of what the installed PCRE2's \s covers under UCP.
@@ -342,12 +343,13 @@ struct Tokenizer::Impl {
     return (static_cast<std::uint64_t>(left) << 32) | static_cast<std::uint64_t>(right);
   }
 
-  // Appends the text pieces of `segment` and the added tokens in it, in order. Pass 1 matches
-  // added tokens with normalized == false, pass 2 the others, as the tokenizers library does.
   struct Segment {
     std::string_view text;
     std::int64_t id = -1;  // >= 0: an added token
   };
+  // Appends the text runs of `text` and the added tokens in it, in order (leftmost match, longest
+  // first). Pass 1 matches added tokens with normalized == false, pass 2 the others in what pass 1
+  // left, as the tokenizers library does.
   void split_added(std::string_view text, bool parse_special, bool normalized_pass,
                    std::vector<Segment>& out) const {
     std::size_t pos = 0, text_begin = 0;

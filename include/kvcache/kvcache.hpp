@@ -18,4 +18,6 @@
 #include "kvcache/model/llama.hpp"
 #include "kvcache/model/safetensors.hpp"
 #include "kvcache/tensor.hpp"
+#include "kvcache/tokenizer/chat_template.hpp"
+#include "kvcache/tokenizer/tokenizer.hpp"
 #include "kvcache/version.hpp"

@@ -43,9 +43,11 @@ struct BpeVocabulary {
   std::vector<std::string> merges;
   /// TokenType numbers by id; empty means all normal.
   std::vector<std::int32_t> token_types;
-  /// llama.cpp's pre-tokenizer name (tokenizer.ggml.pre): "smollm", "gpt2", "default" (both GPT-2's
-  /// regex, as transformers reads GGUF files) or "llama-bpe" (Llama 3's regex, merges ignored for
-  /// pre-tokens that are whole vocabulary entries). Any other name is an error naming it.
+  /// llama.cpp's pre-tokenizer name (tokenizer.ggml.pre): "smollm" (each \p{N} character on its
+  /// own, then GPT-2's regex, as SmolLM2's tokenizer.json and llama.cpp split; transformers' gguf
+  /// integration skips the digit step), "gpt2" and "default" (GPT-2's regex, which is also what
+  /// transformers uses for any GGUF file) or "llama-bpe" (Llama 3's regex; a pre-token that is a
+  /// whole vocabulary entry is not merged). Any other name is an error naming it.
   std::string pre = "default";
   std::optional<std::int64_t> bos_token_id, eos_token_id, pad_token_id, unk_token_id;
   bool add_bos_token = false;

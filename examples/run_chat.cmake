@@ -1,0 +1,21 @@
+# Runs greedy_decode --chat with INPUT on stdin and checks that it answered every turn and that the
+# second turn reused the cache (its prefill smaller than the cache the first turn left).
+execute_process(COMMAND ${PROGRAM} --chat --max-new-tokens 24 INPUT_FILE ${INPUT} RESULT_VARIABLE rc
+                OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "greedy_decode --chat exited ${rc}\n${out}${err}")
+endif()
+string(REGEX MATCHALL "prefill [0-9]+ new tokens" prefills "${out}")
+string(REGEX MATCHALL "cache [0-9]+ tokens" caches "${out}")
+list(LENGTH prefills count)
+if(NOT count EQUAL 2)
+  message(FATAL_ERROR "expected 2 answered turns, got ${count}:\n${out}")
+endif()
+list(GET caches 0 first_cache)
+list(GET prefills 1 second_prefill)
+string(REGEX REPLACE "[^0-9]" "" first_cache "${first_cache}")
+string(REGEX REPLACE "[^0-9]" "" second_prefill "${second_prefill}")
+if(NOT second_prefill LESS first_cache)
+  message(FATAL_ERROR "turn 2 prefilled ${second_prefill} tokens, not fewer than the ${first_cache} cached:\n${out}")
+endif()
+message(STATUS "turn 2 prefilled ${second_prefill} tokens on top of ${first_cache} cached\n${out}")
