@@ -33,7 +33,6 @@ namespace {
 
 using ValueType = GgufValue::Type;
 
-
 // --- tensor types --------------------------------------------------------------------------------
 
 struct TypeInfo {

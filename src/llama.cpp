@@ -64,7 +64,8 @@ Tensor optional_vector(const WeightMap& weights, const std::string& name, bool w
 }  // namespace
 
 LlamaModel LlamaModel::from_pretrained(const std::string& dir, LoadOptions options) {
-  if (dir.size() > 5 && dir.compare(dir.size() - 5, 5, ".gguf") == 0) return from_gguf(dir, options);
+  if (dir.size() > 5 && dir.compare(dir.size() - 5, 5, ".gguf") == 0)
+    return from_gguf(dir, options);
   ModelConfig config = ModelConfig::from_file(dir + "/config.json");
   const SafetensorsCheckpoint checkpoint = SafetensorsCheckpoint::open(dir);
   std::vector<std::pair<std::string, Tensor>> weights;
