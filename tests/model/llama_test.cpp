@@ -38,10 +38,8 @@ LlamaModel tiny_model(const ModelConfig& c, std::uint64_t seed = 1) {
 
 // Logits [1, 1, vocab] of row b's last position as doubles.
 std::vector<double> row_logits(const Tensor& logits, std::int64_t b) {
-  const std::int64_t vocab = logits.size(2), pos = logits.size(1) - 1;
-  const auto all = to_doubles(logits.slice(0, b, b + 1).slice(1, pos, pos + 1));
-  (void)vocab;
-  return all;
+  const std::int64_t pos = logits.size(1) - 1;
+  return to_doubles(logits.slice(0, b, b + 1).slice(1, pos, pos + 1));
 }
 
 TEST(Llama, DecodeWithCacheEqualsRecomputation) {
@@ -102,6 +100,22 @@ TEST(Llama, LogitsToKeep) {
   EXPECT_EQ(all.shape_string(), "[1, 5, 97]");
   EXPECT_EQ(last2.shape_string(), "[1, 2, 97]");
   EXPECT_LT(testing::compare(to_doubles(last2), to_doubles(all.slice(1, 3, 5))).max_abs, 1e-6);
+}
+
+TEST(Llama, UseCacheFalseLeavesTheCacheAlone) {
+  const LlamaModel model = tiny_model(tiny_config());
+  auto [ids, mask] = left_pad({{4, 8, 15, 16}}, 0);
+  DynamicCache<> cache;
+  model.forward({.input_ids = ids, .attention_mask = mask, .past_key_values = &cache});
+  const Tensor step = token_column({23});
+  const Tensor grown = extend_attention_mask(mask);
+  const auto peek = to_doubles(model.forward(
+      {.input_ids = step, .attention_mask = grown, .past_key_values = &cache, .use_cache = false}));
+  EXPECT_EQ(cache.get_seq_length(), 4);  // not updated
+  const auto real = to_doubles(
+      model.forward({.input_ids = step, .attention_mask = grown, .past_key_values = &cache}));
+  EXPECT_EQ(cache.get_seq_length(), 5);
+  EXPECT_LT(testing::compare(peek, real).max_abs, 1e-6);  // same attention over past + new
 }
 
 TEST(Llama, SixteenBitWeightsMatchTheirFloat32Widening) {
