@@ -2,8 +2,8 @@
 // scripts/setup-model.sh). transformers loaded the same file through its gguf integration
 // (float32, eager attention, CPU) and generated greedily for a few conversations and raw prompts
 // (tools/make_smollm2_reference.py, tests/data/smollm2_reference.json). kvcache must produce the
-// same ids, token for token. The prompt ids come from transformers' tokenizer until kvcache has
-// its own.
+// same ids, token for token — and, from text, the same prompt ids through its own chat template
+// and tokenizer, and the same answer text.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -11,7 +11,10 @@
 #include <nlohmann/json.hpp>
 
 #include "kvcache/generation/generate.hpp"
+#include "kvcache/model/gguf.hpp"
 #include "kvcache/model/llama.hpp"
+#include "kvcache/tokenizer/chat_template.hpp"
+#include "kvcache/tokenizer/tokenizer.hpp"
 #include "test_util.hpp"
 
 #ifndef KVCACHE_DEFAULT_MODEL_PATH
@@ -46,6 +49,36 @@ TEST(SmolLM2, GreedyIdsEqualTransformers) {
     const GenerateResult result = generate(model, ids, mask, config);
     EXPECT_EQ(result.new_tokens[0], want)
         << c["name"].get<std::string>() << ": transformers wrote " << c["text"].get<std::string>();
+  }
+}
+
+// Text to text: kvcache's chat template and tokenizer give transformers' prompt ids, and the
+// answer decodes to transformers' text.
+TEST(SmolLM2, PromptsFromTextEqualTransformers) {
+  ASSERT_TRUE(std::filesystem::exists(KVCACHE_DEFAULT_MODEL_PATH))
+      << KVCACHE_DEFAULT_MODEL_PATH << " is missing: run scripts/setup-model.sh";
+  std::ifstream in(std::string(KVCACHE_TEST_DATA_DIR) + "/smollm2_reference.json");
+  const nlohmann::json reference = nlohmann::json::parse(in);
+  const Tokenizer tokenizer = Tokenizer::from_gguf(GgufFile::open(KVCACHE_DEFAULT_MODEL_PATH));
+  ASSERT_TRUE(tokenizer.chat_template().has_value());
+  const ChatTemplate chat = ChatTemplate::parse(*tokenizer.chat_template());
+  for (const auto& c : reference["cases"]) {
+    std::string prompt;
+    if (c.contains("messages")) {
+      std::vector<ChatMessage> messages;
+      for (const auto& m : c["messages"]) {
+        messages.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
+      }
+      prompt = chat.apply(messages, /*add_generation_prompt=*/true);
+    } else {
+      prompt = c["raw_text"].get<std::string>();
+    }
+    const std::string name = c["name"].get<std::string>();
+    EXPECT_EQ(prompt, c["prompt"].get<std::string>()) << name;
+    EXPECT_EQ(tokenizer.encode(prompt), c["input_ids"].get<std::vector<std::int64_t>>()) << name;
+    EXPECT_EQ(tokenizer.decode(c["new_tokens"].get<std::vector<std::int64_t>>()),
+              c["text"].get<std::string>())
+        << name;
   }
 }
 
