@@ -47,14 +47,15 @@ Tensor Attention::forward(const Tensor& query_states, const Tensor& key_states,
                 dtype_name(query_states.dtype()));
   const MaskSizes sizes = cache.get_mask_sizes(cache_position, layer_idx_);
   check_cache_position(cache_position, q_len, sizes.kv_length, sizes.kv_offset, where);
-  mask_to_bytes(attention_mask, batch, sizes.kv_length, where);  // validates before the update
+  // Checked (and converted once) before the update, so a bad mask leaves the cache as it was.
+  const std::vector<std::uint8_t> mask =
+      mask_to_bytes(attention_mask, batch, sizes.kv_length, where);
 
   Tensor out = Tensor::empty({batch, q_len, o.num_heads, o.head_dim}, query_states.dtype());
   CacheKwargs kwargs;
   kwargs.cache_position = cache_position;
   auto [keys, values] = cache.update(key_states, value_states, layer_idx_, kwargs);
-  cpu::attention(query_states, keys, values, attention_mask, cache_position, sizes.kv_offset,
-                 scale_, out);
+  cpu::attention(query_states, keys, values, mask, cache_position, sizes.kv_offset, scale_, out);
   return out;
 }
 

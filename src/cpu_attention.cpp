@@ -478,6 +478,17 @@ int num_threads() {
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
                const Tensor& attention_mask, std::span<const std::int64_t> cache_position,
                std::int64_t kv_offset, float scale, const Tensor& out) {
+  KVCACHE_CHECK(query.defined() && query.rank() == 4 && keys.defined() && keys.rank() == 4,
+                "cpu::attention: expected rank-4 query and keys, got ", query.describe(), " and ",
+                keys.describe());
+  const std::vector<std::uint8_t> mask =
+      mask_to_bytes(attention_mask, query.size(0), keys.size(2), "cpu::attention");
+  attention(query, keys, values, mask, cache_position, kv_offset, scale, out);
+}
+
+void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
+               std::span<const std::uint8_t> mask, std::span<const std::int64_t> cache_position,
+               std::int64_t kv_offset, float scale, const Tensor& out) {
   const char* where = "cpu::attention";
   for (const Tensor* t : {&query, &keys, &values, &out}) {
     KVCACHE_CHECK(t->defined() && t->rank() == 4, where, ": expected rank-4 tensors, got ",
@@ -509,7 +520,9 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
                 " and ", values.describe());
   KVCACHE_CHECK(static_cast<std::int64_t>(cache_position.size()) == q_len, where, ": expected ",
                 q_len, " cache positions (one per query), got ", cache_position.size());
-  const std::vector<std::uint8_t> mask = mask_to_bytes(attention_mask, batch, kv_len, where);
+  KVCACHE_CHECK(mask.empty() || static_cast<std::int64_t>(mask.size()) == batch * kv_len, where,
+                ": expected a padding mask of [batch, kv_len] = ", batch * kv_len, " bytes, got ",
+                mask.size());
   if (batch == 0 || q_len == 0) return;
 
   Problem p{batch,

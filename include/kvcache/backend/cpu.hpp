@@ -46,6 +46,14 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
                const Tensor& attention_mask, std::span<const std::int64_t> cache_position,
                std::int64_t kv_offset, float scale, const Tensor& out);
 
+/// The same with the padding mask already as bytes ([batch, kv_len] row-major, nonzero = attend;
+/// empty = no padding), as kvcache::mask_to_bytes gives it: callers that checked the mask once
+/// (the attention module) do not convert it again.
+void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
+               std::span<const std::uint8_t> mask_bytes,
+               std::span<const std::int64_t> cache_position, std::int64_t kv_offset, float scale,
+               const Tensor& out);
+
 // --- dense layers (the model's building blocks) ---------------------------------------------
 // All take and return contiguous float32 CPU tensors; weights may be float32, bfloat16 or float16
 // (16-bit weights are widened on the fly). Threaded over the output features with OpenMP.
