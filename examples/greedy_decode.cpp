@@ -156,6 +156,19 @@ std::optional<kvcache::Tokenizer> load_tokenizer(const std::string& path) {
   return std::nullopt;
 }
 
+// The --json line: the generated ids of each row and the run's figures.
+nlohmann::json result_json(const std::string& model, const kvcache::GenerateResult& r) {
+  nlohmann::json out;
+  out["model"] = model;
+  out["new_tokens"] = r.new_tokens;
+  out["prefill_ms"] = r.prefill_ms;
+  out["decode_tokens_per_s"] = r.decode_tokens_per_s;
+  out["decode_steps"] = r.decode_steps;
+  out["cache_length"] = r.cache_length;
+  out["cache_bytes"] = r.cache_bytes;
+  return out;
+}
+
 void print_stats(const kvcache::GenerateResult& r, std::int64_t prompt_tokens, std::size_t rows) {
   std::printf("prefill: %.2f ms for %lld tokens x %zu rows\n", r.prefill_ms,
               static_cast<long long>(prompt_tokens), rows);
@@ -203,15 +216,7 @@ int main(int argc, char** argv) {
       const auto [input_ids, attention_mask] = left_pad(rows, pad);
       const GenerateResult result = generate(model, input_ids, attention_mask, gen);
       if (o.json) {
-        nlohmann::json out;
-        out["model"] = o.model;
-        out["new_tokens"] = result.new_tokens;
-        out["prefill_ms"] = result.prefill_ms;
-        out["decode_tokens_per_s"] = result.decode_tokens_per_s;
-        out["decode_steps"] = result.decode_steps;
-        out["cache_length"] = result.cache_length;
-        out["cache_bytes"] = result.cache_bytes;
-        std::cout << out.dump() << "\n";
+        std::cout << result_json(o.model, result).dump() << "\n";
         return 0;
       }
       std::cout << "model: " << o.model << " (" << config.architecture << ", "
@@ -302,15 +307,8 @@ int main(int argc, char** argv) {
     if (!o.json) std::cout << "> " << prompt << "\n";
     const auto [result, prompt_tokens] = run_turn(prompt);
     if (o.json) {
-      nlohmann::json out;
-      out["model"] = o.model;
-      out["new_tokens"] = result.new_tokens;
+      nlohmann::json out = result_json(o.model, result);
       out["text"] = tokenizer->decode(result.new_tokens[0], true);
-      out["prefill_ms"] = result.prefill_ms;
-      out["decode_tokens_per_s"] = result.decode_tokens_per_s;
-      out["decode_steps"] = result.decode_steps;
-      out["cache_length"] = result.cache_length;
-      out["cache_bytes"] = result.cache_bytes;
       std::cout << out.dump() << "\n";
     } else {
       print_stats(result, prompt_tokens, 1);
