@@ -7,6 +7,7 @@
 #include "kvcache/attention/mask.hpp"
 #include "kvcache/attention/rope.hpp"
 #include "kvcache/backend/cpu.hpp"
+#include "kvcache/backend/quantized.hpp"
 #include "kvcache/cache/cache.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
 #include "kvcache/cache/legacy.hpp"

@@ -1,0 +1,151 @@
+// Quantized weight matrices for the CPU backend: ggml's Q8_0 and Q4_1 blocks kept as blocks in
+// memory (not widened at load) and multiplied by kernels that read them directly, so a decode step
+// reads 0.625 (Q4_1) or 1.0625 (Q8_0) bytes per weight instead of 4 (float32) or 2 (bfloat16).
+//
+// Numerics, stated once here and in linear()'s comment:
+// - Up to 4 rows of x (decode): each 32-element block of each x row is quantized to int8 with the
+//   float32 scale amax/127 (rounded to nearest, ties to even), as llama.cpp's q8 activations are;
+//   block dot products are exact integers, scaled and summed in float32. The weights are used
+//   exactly; the error is x's rounding (at most half a step, amax/254, per element).
+// - More rows (prefill): with AMX-BF16 (Sapphire Rapids and later) each weight is dequantized
+//   exactly (d·q + m in float32) and rounded to bfloat16, x is rounded to bfloat16, and products
+//   are accumulated in float32 by the tile unit. Without AMX, weights are dequantized exactly to
+//   float32 a panel at a time and multiplied in float32 (no rounding beyond float32's).
+// - Exact float32 throughout is one load option away (LoadOptions::dtype = kFloat32 dequantizes
+//   every matrix once at load); the real-model parity tests use it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string_view>
+
+#include "kvcache/tensor.hpp"
+
+namespace kvcache::cpu {
+
+/// Block formats a QuantizedMatrix holds, each 32 weights along a row:
+///   Q8_0: fp16 scale d and 32 int8 q; weight = d·q.
+///   Q4_1: fp16 scale d, fp16 minimum m and 32 4-bit q; weight = d·q + m.
+enum class QuantFormat : std::uint8_t { kQ8_0, kQ4_1 };
+
+/// "Q8_0" or "Q4_1".
+std::string_view quant_format_name(QuantFormat format);
+
+/// Weights per block (32 for both formats).
+constexpr std::int64_t kQuantBlock = 32;
+
+/// A [rows, cols] weight matrix held as quantized blocks along each row (cols a multiple of 32).
+///
+/// Layout (repacked from ggml's interleaved blocks so kernels load 64 payload bytes at a time):
+/// each row is its blocks' payloads back to back — Q4_1: 16 bytes per block, ggml's nibble order
+/// (byte i holds element i in its low nibble and element i + 16 in its high nibble); Q8_0: 32
+/// bytes per block, each int8 stored as the unsigned byte q + 128 — then the blocks' fp16 scales,
+/// then (Q4_1) the blocks' fp16 minimums. A row takes exactly the bytes its ggml blocks take.
+/// Rows are contiguous. Copies share the storage (it is never written after construction).
+class QuantizedMatrix {
+ public:
+  QuantizedMatrix() = default;
+
+  /// Copies ggml blocks (row-major: rows × cols/32 blocks, as llama.cpp stores a [rows, cols]
+  /// tensor) into the repacked layout. Throws kvcache::Error when cols is not a positive multiple
+  /// of 32, rows is not positive, or `blocks` does not hold exactly the bytes the shape needs.
+  static QuantizedMatrix from_ggml(QuantFormat format, std::span<const std::byte> blocks,
+                                   std::int64_t rows, std::int64_t cols);
+
+  /// Quantizes a float [rows, cols] CPU tensor (float32/bfloat16/float16) with ggml's reference
+  /// rounding (Q8_0: d = amax/127, q = round(w/d); Q4_1: d = (max−min)/15, m = min,
+  /// q = round((w−m)/d) clamped to 0..15), for tests, benchmarks and float checkpoints run
+  /// quantized.
+  static QuantizedMatrix quantize(const Tensor& weight, QuantFormat format);
+
+  bool defined() const { return storage_.defined(); }
+  QuantFormat format() const { return format_; }
+  std::int64_t rows() const { return rows_; }
+  std::int64_t cols() const { return cols_; }
+  std::int64_t blocks_per_row() const { return cols_ / kQuantBlock; }
+  std::size_t row_bytes() const { return row_bytes_; }
+  std::size_t nbytes() const { return row_bytes_ * static_cast<std::size_t>(rows_); }
+  /// "Q4_1 [576, 1536]".
+  std::string describe() const;
+
+  /// Start of row r's bytes (r checked).
+  const std::uint8_t* row(std::int64_t r) const;
+
+  /// The matrix with its rows reordered: row i of the result is row order[i] of this one. Every
+  /// index is checked; the result may repeat or drop rows.
+  QuantizedMatrix gather_rows(std::span<const std::int64_t> order) const;
+
+  /// Rows [r0, r1) dequantized into dst ([r1 − r0, cols] row-major float32): exactly d·q (+ m)
+  /// in float32, as ggml dequantizes. Range checked.
+  void dequantize_rows(std::int64_t r0, std::int64_t r1, float* dst) const;
+
+  /// The whole matrix as a float32 [rows, cols] tensor.
+  Tensor dequantize() const;
+
+ private:
+  Tensor storage_;  // uint8 [rows, row_bytes]
+  QuantFormat format_ = QuantFormat::kQ8_0;
+  std::int64_t rows_ = 0, cols_ = 0;
+  std::size_t row_bytes_ = 0;
+};
+
+/// A model's weight matrix [out, in]: dense (a float32/bfloat16/float16 tensor) or quantized.
+/// Converts implicitly from either, so layers hold one type whatever the checkpoint held.
+class Weight {
+ public:
+  Weight() = default;
+  Weight(Tensor dense) : dense_(std::move(dense)) {}  // NOLINT(google-explicit-constructor)
+  Weight(QuantizedMatrix q) : quantized_(std::move(q)) {}  // NOLINT(google-explicit-constructor)
+
+  bool defined() const { return dense_.defined() || quantized_.defined(); }
+  bool is_quantized() const { return quantized_.defined(); }
+  const Tensor& dense() const { return dense_; }
+  const QuantizedMatrix& quantized() const { return quantized_; }
+  std::int64_t rows() const;
+  std::int64_t cols() const;
+  std::size_t nbytes() const;
+  /// Where the bytes live, to tell tied weights apart (the same pointer means the same matrix).
+  const void* data() const;
+  /// "Q4_1 [576, 1536]" or the dense tensor's describe().
+  std::string describe() const;
+
+ private:
+  Tensor dense_;
+  QuantizedMatrix quantized_;
+};
+
+/// y = x · Wᵀ (+ bias) with W quantized: x [rows, in] contiguous float32, bias [out] float32 or
+/// undefined; returns [rows, out] float32. Numerics as this header's opening comment says:
+/// ≤ 4 rows use int8 x per block (AVX-512 VNNI when the CPU has it, portable C++ otherwise, same
+/// integers); more rows use AMX-BF16 when present, float32 otherwise. Threaded over outputs.
+Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias = Tensor());
+
+/// linear() for either kind of weight.
+Tensor linear(const Tensor& x, const Weight& weight, const Tensor& bias = Tensor());
+
+/// Rows of a quantized `table` [vocab, hidden] picked by `ids` (int64, values checked), exactly
+/// dequantized: returns [numel(ids), hidden] float32.
+Tensor embedding(const QuantizedMatrix& table, const Tensor& ids);
+
+/// embedding() for either kind of table.
+Tensor embedding(const Weight& table, const Tensor& ids);
+
+/// Instruction sets the quantized kernels can use, from least to most. The best one the CPU (and
+/// the OS, for AMX's tile state) allows is used unless capped with set_cpu_isa_limit.
+enum class CpuIsa : std::uint8_t { kPortable, kAvx512Vnni, kAmx };
+
+/// "portable", "avx512-vnni" or "amx".
+std::string_view cpu_isa_name(CpuIsa isa);
+
+/// The best instruction set this machine offers the kernels (detected once).
+CpuIsa detected_cpu_isa();
+
+/// Caps the instruction set the quantized kernels use (process-wide; for tests that compare the
+/// paths and for debugging); kAmx lifts the cap. Returns the previous cap.
+CpuIsa set_cpu_isa_limit(CpuIsa limit);
+
+/// The instruction set in use: min(detected, limit).
+CpuIsa active_cpu_isa();
+
+}  // namespace kvcache::cpu

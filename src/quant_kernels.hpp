@@ -1,0 +1,70 @@
+// Private to the CPU backend: the pieces the quantized linear layers share — x quantized to int8
+// per 32-element block in the order each format's kernels read it, and the kernel entry points
+// (portable C++, AVX-512 VNNI, AMX-BF16) that src/quantized.cpp dispatches between.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kvcache/backend/quantized.hpp"
+
+namespace kvcache::cpu::quant {
+
+// Element i (0..31) of block b of an x row sits at this index of the row's int8 q in a format's
+// order. Q8_0 keeps x in order. Q4_1 groups blocks by four: a group's first 16·n bytes hold its n
+// blocks' elements 0..15 (block after block), the next 16·n their elements 16..31 — matching the
+// low and high nibbles of the weights' 64 payload bytes, so one int32 lane of a dot product
+// always sums four products of one block.
+inline std::int64_t x_index(QuantFormat format, std::int64_t b, std::int64_t i, std::int64_t nb) {
+  if (format == QuantFormat::kQ8_0) return b * kQuantBlock + i;
+  const std::int64_t g = b / 4, in_group = std::min<std::int64_t>(4, nb - 4 * g);
+  return g * 128 + (i < 16 ? 0 : 16 * in_group) + (b - 4 * g) * 16 + (i & 15);
+}
+
+// Lanes a 16-lane int32 dot product gives each block: Q4_1 four (4 blocks per 64 payload bytes),
+// Q8_0 eight (2 blocks per 64 bytes). Chunks of 64 payload bytes per row: ceil(nb / blocks).
+inline std::int64_t blocks_per_chunk(QuantFormat format) {
+  return format == QuantFormat::kQ4_1 ? 4 : 2;
+}
+
+// Rows of x quantized for one format's GEMV kernels (rows ≤ 4).
+struct QuantizedX {
+  QuantFormat format = QuantFormat::kQ8_0;
+  std::int64_t rows = 0, cols = 0, nb = 0, chunks = 0;
+  std::vector<std::int8_t> q;      // [rows, cols] in x_index order
+  std::vector<float> d;            // [rows, nb] block scales: x ≈ d·q
+  std::vector<float> s;            // [rows, nb] d·Σq (Q4_1's minimum term)
+  std::vector<float> drep;         // [rows, chunks, 16] d of each lane's block
+  std::vector<std::int32_t> corr;  // [rows, cols/4] −128·(sum of each lane's 4 q) (Q8_0's offset)
+
+  const std::int8_t* q_row(std::int64_t r) const { return q.data() + r * cols; }
+  const float* d_row(std::int64_t r) const { return d.data() + r * nb; }
+  const float* s_row(std::int64_t r) const { return s.data() + r * nb; }
+  const float* drep_row(std::int64_t r) const { return drep.data() + r * chunks * 16; }
+  const std::int32_t* corr_row(std::int64_t r) const { return corr.data() + r * (cols / 4); }
+};
+
+// Quantizes x [rows, cols] (row-major float32) for `format`: d = amax/127 per block, q =
+// round-to-nearest-even(x/d) (all zero when amax is 0).
+void quantize_x(QuantFormat format, const float* x, std::int64_t rows, std::int64_t cols,
+                QuantizedX& out);
+
+// y[r, o] = Σ_blocks (weight row o's block · x row r's block) + bias[o] for o in [o0, o1), every
+// x row of `x`; y is [x.rows, out] row-major. Portable and AVX-512 VNNI versions compute the same
+// integers and differ only in float32 summation order.
+void gemv_portable(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o0, std::int64_t o1,
+                   const float* bias, float* y);
+void gemv_avx512(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o0, std::int64_t o1,
+                 const float* bias, float* y);
+
+// y = x · Wᵀ (+ bias) for many rows on the AMX tile unit: weights dequantized and rounded to
+// bfloat16 a panel at a time, x rounded to bfloat16, float32 accumulation. x [m, w.cols()]
+// row-major float32, y [m, w.rows()]. Uses every OpenMP thread; call only when
+// active_cpu_isa() == kAmx.
+void linear_amx(const float* x, std::int64_t m, const QuantizedMatrix& w, const float* bias,
+                float* y);
+
+// Sets up the calling process for AMX (the kernel's tile-data permission); false when refused.
+bool enable_amx();
+
+}  // namespace kvcache::cpu::quant

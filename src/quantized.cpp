@@ -1,0 +1,434 @@
+// Quantized weight matrices: repacking ggml blocks, dequantizing, quantizing floats, the portable
+// GEMV kernel and x's int8 quantization, and the dispatch of linear() between the decode (GEMV)
+// and prefill (AMX or float32 panel) paths.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored \
+    "-Wmaybe-uninitialized"  // g++ 12 false positives in Eigen's AVX-512 paths
+#endif
+#define EIGEN_DONT_PARALLELIZE
+#include <Eigen/Core>
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <omp.h>
+
+#include "kvcache/backend/cpu.hpp"
+#include "kvcache/backend/quantized.hpp"
+#include "kvcache/error.hpp"
+#include "kvcache/float16.hpp"
+#include "quant_kernels.hpp"
+
+namespace kvcache::cpu {
+namespace {
+
+// Bytes one block takes in ggml's interleaved layout, and its payload in ours.
+std::size_t ggml_block_bytes(QuantFormat f) { return f == QuantFormat::kQ4_1 ? 20 : 34; }
+std::size_t payload_bytes(QuantFormat f) { return f == QuantFormat::kQ4_1 ? 16 : 32; }
+
+float load_half(const std::uint8_t* p) {
+  std::uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return fp16_to_float(float16{bits});
+}
+
+void check_shape(QuantFormat format, std::int64_t rows, std::int64_t cols, const char* where) {
+  KVCACHE_CHECK(rows > 0 && cols > 0 && cols % kQuantBlock == 0, where, ": expected a ",
+                quant_format_name(format), " matrix with rows > 0 and columns a positive multiple of ",
+                kQuantBlock, ", got [", rows, ", ", cols, "]");
+}
+
+}  // namespace
+
+std::string_view quant_format_name(QuantFormat format) {
+  return format == QuantFormat::kQ4_1 ? "Q4_1" : "Q8_0";
+}
+
+QuantizedMatrix QuantizedMatrix::from_ggml(QuantFormat format, std::span<const std::byte> blocks,
+                                           std::int64_t rows, std::int64_t cols) {
+  const char* where = "QuantizedMatrix::from_ggml";
+  check_shape(format, rows, cols, where);
+  const std::int64_t nb = cols / kQuantBlock;
+  const std::size_t ggml_row = static_cast<std::size_t>(nb) * ggml_block_bytes(format);
+  KVCACHE_CHECK(static_cast<std::size_t>(rows) <= blocks.size() / ggml_row &&
+                    blocks.size() == ggml_row * static_cast<std::size_t>(rows),
+                where, ": expected ", rows, " rows of ", ggml_row, " bytes (", nb, " ",
+                quant_format_name(format), " blocks) for [", rows, ", ", cols, "], got ",
+                blocks.size(), " bytes");
+  QuantizedMatrix m;
+  m.format_ = format;
+  m.rows_ = rows;
+  m.cols_ = cols;
+  m.row_bytes_ = ggml_row;
+  m.storage_ = Tensor::empty({rows, static_cast<std::int64_t>(ggml_row)}, DType::kUInt8);
+  const std::size_t payload = payload_bytes(format);
+  const auto* src = reinterpret_cast<const std::uint8_t*>(blocks.data());
+#pragma omp parallel for schedule(static) if (rows > 256)
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::uint8_t* in = src + static_cast<std::size_t>(r) * ggml_row;
+    std::uint8_t* out = m.storage_.data_as<std::uint8_t>() + static_cast<std::size_t>(r) * ggml_row;
+    std::uint8_t* scales = out + static_cast<std::size_t>(nb) * payload;
+    for (std::int64_t b = 0; b < nb; ++b, in += ggml_block_bytes(format)) {
+      std::memcpy(scales + 2 * b, in, 2);  // d
+      if (format == QuantFormat::kQ4_1) {
+        std::memcpy(scales + 2 * nb + 2 * b, in + 2, 2);  // m
+        std::memcpy(out + b * 16, in + 4, 16);
+      } else {
+        // int8 q stored as the unsigned byte q + 128 (VNNI multiplies unsigned by signed bytes).
+        for (int i = 0; i < 32; ++i) out[b * 32 + i] = static_cast<std::uint8_t>(in[2 + i] ^ 0x80);
+      }
+    }
+  }
+  return m;
+}
+
+QuantizedMatrix QuantizedMatrix::quantize(const Tensor& weight, QuantFormat format) {
+  const char* where = "QuantizedMatrix::quantize";
+  KVCACHE_CHECK(weight.defined() && weight.rank() == 2 && is_floating(weight.dtype()) &&
+                    weight.device() == Device::kCpu,
+                where, ": expected a float [rows, cols] CPU tensor, got ", weight.describe());
+  const std::int64_t rows = weight.size(0), cols = weight.size(1);
+  check_shape(format, rows, cols, where);
+  const Tensor w = weight.dtype() == DType::kFloat32 && weight.is_contiguous()
+                       ? weight
+                       : cast(weight, DType::kFloat32);
+  const std::int64_t nb = cols / kQuantBlock;
+  const std::size_t block = ggml_block_bytes(format);
+  std::vector<std::byte> ggml(static_cast<std::size_t>(rows * nb) * block);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t b = 0; b < nb; ++b) {
+      const float* x = w.data_as<float>() + r * cols + b * kQuantBlock;
+      std::byte* out = ggml.data() + static_cast<std::size_t>(r * nb + b) * block;
+      auto put_half = [](std::byte* p, float v) {
+        const std::uint16_t bits = float_to_fp16(v).bits;
+        std::memcpy(p, &bits, 2);
+      };
+      if (format == QuantFormat::kQ8_0) {
+        // ggml's quantize_row_q8_0_ref: d = amax / 127, q = roundf(x / d).
+        float amax = 0.0f;
+        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        put_half(out, d);
+        for (int i = 0; i < 32; ++i)
+          out[2 + i] = static_cast<std::byte>(static_cast<std::int8_t>(std::roundf(x[i] * id)));
+      } else {
+        // ggml's quantize_row_q4_1_ref: d = (max − min) / 15, m = min, q = round((x − m) / d).
+        float lo = x[0], hi = x[0];
+        for (int i = 1; i < 32; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
+        const float d = (hi - lo) / 15.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        put_half(out, d);
+        put_half(out + 2, lo);
+        for (int i = 0; i < 16; ++i) {
+          const int q0 = std::min(15, static_cast<int>((x[i] - lo) * id + 0.5f));
+          const int q1 = std::min(15, static_cast<int>((x[i + 16] - lo) * id + 0.5f));
+          out[4 + i] = static_cast<std::byte>(q0 | (q1 << 4));
+        }
+      }
+    }
+  }
+  return from_ggml(format, ggml, rows, cols);
+}
+
+std::string QuantizedMatrix::describe() const {
+  if (!defined()) return "QuantizedMatrix(undefined)";
+  return std::string(quant_format_name(format_)) + " [" + std::to_string(rows_) + ", " +
+         std::to_string(cols_) + "]";
+}
+
+const std::uint8_t* QuantizedMatrix::row(std::int64_t r) const {
+  KVCACHE_CHECK(r >= 0 && r < rows_, "QuantizedMatrix::row: expected a row in [0, ", rows_,
+                "), got ", r);
+  return storage_.data_as<std::uint8_t>() + static_cast<std::size_t>(r) * row_bytes_;
+}
+
+QuantizedMatrix QuantizedMatrix::gather_rows(std::span<const std::int64_t> order) const {
+  KVCACHE_CHECK(defined() && !order.empty(),
+                "QuantizedMatrix::gather_rows: expected a defined matrix and at least one row");
+  for (std::size_t i = 0; i < order.size(); ++i) {
+    KVCACHE_CHECK(order[i] >= 0 && order[i] < rows_, "QuantizedMatrix::gather_rows: expected rows "
+                  "in [0, ", rows_, "), got ", order[i], " at position ", i);
+  }
+  QuantizedMatrix m = *this;
+  m.rows_ = static_cast<std::int64_t>(order.size());
+  m.storage_ = Tensor::empty({m.rows_, static_cast<std::int64_t>(row_bytes_)}, DType::kUInt8);
+  for (std::size_t i = 0; i < order.size(); ++i) {
+    std::memcpy(m.storage_.data_as<std::uint8_t>() + i * row_bytes_, row(order[i]), row_bytes_);
+  }
+  return m;
+}
+
+void QuantizedMatrix::dequantize_rows(std::int64_t r0, std::int64_t r1, float* dst) const {
+  KVCACHE_CHECK(0 <= r0 && r0 <= r1 && r1 <= rows_, "QuantizedMatrix::dequantize_rows: expected 0 "
+                "<= r0 <= r1 <= ", rows_, ", got [", r0, ", ", r1, ")");
+  const std::int64_t nb = blocks_per_row();
+  for (std::int64_t r = r0; r < r1; ++r, dst += cols_) {
+    const std::uint8_t* p = storage_.data_as<std::uint8_t>() + static_cast<std::size_t>(r) * row_bytes_;
+    const std::uint8_t* scales = p + static_cast<std::size_t>(nb) * payload_bytes(format_);
+    for (std::int64_t b = 0; b < nb; ++b) {
+      const float d = load_half(scales + 2 * b);
+      float* out = dst + b * kQuantBlock;
+      if (format_ == QuantFormat::kQ8_0) {
+        for (int i = 0; i < 32; ++i)
+          out[i] = d * static_cast<float>(static_cast<int>(p[b * 32 + i]) - 128);
+      } else {
+        const float m = load_half(scales + 2 * nb + 2 * b);
+        for (int i = 0; i < 16; ++i) {
+          const unsigned q = p[b * 16 + i];
+          out[i] = static_cast<float>(q & 0x0Fu) * d + m;
+          out[i + 16] = static_cast<float>(q >> 4) * d + m;
+        }
+      }
+    }
+  }
+}
+
+Tensor QuantizedMatrix::dequantize() const {
+  KVCACHE_CHECK(defined(), "QuantizedMatrix::dequantize: the matrix is undefined");
+  Tensor out = Tensor::empty({rows_, cols_}, DType::kFloat32);
+  dequantize_rows(0, rows_, out.data_as<float>());
+  return out;
+}
+
+// --- Weight --------------------------------------------------------------------------------------
+
+std::int64_t Weight::rows() const { return is_quantized() ? quantized_.rows() : dense_.size(0); }
+std::int64_t Weight::cols() const { return is_quantized() ? quantized_.cols() : dense_.size(1); }
+std::size_t Weight::nbytes() const {
+  return is_quantized() ? quantized_.nbytes() : (dense_.defined() ? dense_.nbytes() : 0);
+}
+const void* Weight::data() const {
+  return is_quantized() ? static_cast<const void*>(quantized_.row(0)) : dense_.data();
+}
+std::string Weight::describe() const {
+  return is_quantized() ? quantized_.describe() : dense_.describe();
+}
+
+// --- instruction sets ------------------------------------------------------------------------------
+
+namespace {
+
+CpuIsa detect() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  if (!vnni) return CpuIsa::kPortable;
+  return quant::enable_amx() ? CpuIsa::kAmx : CpuIsa::kAvx512Vnni;
+#else
+  return CpuIsa::kPortable;
+#endif
+}
+
+std::atomic<CpuIsa> isa_limit{CpuIsa::kAmx};
+
+}  // namespace
+
+std::string_view cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kPortable:
+      return "portable";
+    case CpuIsa::kAvx512Vnni:
+      return "avx512-vnni";
+    default:
+      return "amx";
+  }
+}
+
+CpuIsa detected_cpu_isa() {
+  static const CpuIsa isa = detect();
+  return isa;
+}
+
+CpuIsa set_cpu_isa_limit(CpuIsa limit) { return isa_limit.exchange(limit); }
+
+CpuIsa active_cpu_isa() { return std::min(detected_cpu_isa(), isa_limit.load()); }
+
+// --- x quantization and the portable kernel --------------------------------------------------
+
+namespace quant {
+
+void quantize_x(QuantFormat format, const float* x, std::int64_t rows, std::int64_t cols,
+                QuantizedX& out) {
+  const std::int64_t nb = cols / kQuantBlock, per_chunk = blocks_per_chunk(format);
+  out.format = format;
+  out.rows = rows;
+  out.cols = cols;
+  out.nb = nb;
+  out.chunks = (nb + per_chunk - 1) / per_chunk;
+  out.q.resize(static_cast<std::size_t>(rows * cols));
+  out.d.resize(static_cast<std::size_t>(rows * nb));
+  out.s.resize(static_cast<std::size_t>(rows * nb));
+  out.drep.assign(static_cast<std::size_t>(rows * out.chunks * 16), 0.0f);
+  out.corr.resize(static_cast<std::size_t>(rows * cols / 4));
+  const std::int64_t lanes_per_block = 16 / per_chunk;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    std::int8_t* q = out.q.data() + r * cols;
+    for (std::int64_t b = 0; b < nb; ++b) {
+      const float* v = x + r * cols + b * kQuantBlock;
+      float amax = 0.0f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+      int sum = 0;
+      for (int i = 0; i < 32; ++i) {
+        const int qi = static_cast<int>(std::nearbyint(v[i] * id));
+        q[x_index(format, b, i, nb)] = static_cast<std::int8_t>(qi);
+        sum += qi;
+      }
+      out.d[static_cast<std::size_t>(r * nb + b)] = d;
+      out.s[static_cast<std::size_t>(r * nb + b)] = d * static_cast<float>(sum);
+      const std::int64_t chunk = b / per_chunk, slot = b % per_chunk;
+      float* rep = out.drep.data() + (r * out.chunks + chunk) * 16;
+      for (std::int64_t l = 0; l < lanes_per_block; ++l) rep[slot * lanes_per_block + l] = d;
+    }
+    for (std::int64_t l = 0; l < cols / 4; ++l) {
+      out.corr[static_cast<std::size_t>(r * (cols / 4) + l)] =
+          -128 * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+    }
+  }
+}
+
+void gemv_portable(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o0, std::int64_t o1,
+                   const float* bias, float* y) {
+  const std::int64_t nb = w.blocks_per_row(), cols = w.cols(), out = w.rows();
+  const bool q41 = w.format() == QuantFormat::kQ4_1;
+  for (std::int64_t o = o0; o < o1; ++o) {
+    const std::uint8_t* p = w.row(o);
+    const std::uint8_t* scales = p + nb * (q41 ? 16 : 32);
+    for (std::int64_t r = 0; r < x.rows; ++r) {
+      const std::int8_t* q = x.q_row(r);
+      float acc = 0.0f;
+      for (std::int64_t b = 0; b < nb; ++b) {
+        std::int32_t dot = 0;
+        float extra = 0.0f;
+        if (q41) {
+          for (int i = 0; i < 16; ++i) {
+            const unsigned n = p[b * 16 + i];
+            dot += static_cast<std::int32_t>(n & 0x0Fu) * q[x_index(w.format(), b, i, nb)] +
+                   static_cast<std::int32_t>(n >> 4) * q[x_index(w.format(), b, i + 16, nb)];
+          }
+          extra = load_half(scales + 2 * nb + 2 * b) * x.s_row(r)[b];
+        } else {
+          for (int i = 0; i < 32; ++i) dot += (static_cast<int>(p[b * 32 + i]) - 128) * q[b * 32 + i];
+        }
+        acc += static_cast<float>(dot) * (load_half(scales + 2 * b) * x.d_row(r)[b]) + extra;
+      }
+      y[r * out + o] = acc + (bias ? bias[o] : 0.0f);
+    }
+  }
+  (void)cols;
+}
+
+}  // namespace quant
+
+// --- linear and embedding ----------------------------------------------------------------------
+
+namespace {
+
+// Rows of x up to which the GEMV kernels serve (decode, small batches).
+constexpr std::int64_t kGemvRows = 4;
+
+void linear_gemv(const Tensor& x, const QuantizedMatrix& w, const float* bias, float* y,
+                 CpuIsa isa) {
+  thread_local quant::QuantizedX qx;
+  quant::quantize_x(w.format(), x.data_as<float>(), x.size(0), x.size(1), qx);
+  const std::int64_t out = w.rows();
+#pragma omp parallel
+  {
+    const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const std::int64_t quads = (out + 3) / 4;
+    const std::int64_t o0 = std::min(out, quads * t / threads * 4),
+                       o1 = std::min(out, quads * (t + 1) / threads * 4);
+    if (isa >= CpuIsa::kAvx512Vnni) {
+      quant::gemv_avx512(w, qx, o0, o1, bias, y);
+    } else {
+      quant::gemv_portable(w, qx, o0, o1, bias, y);
+    }
+  }
+}
+
+using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using ConstRowMap = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
+using RowMap = Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>>;
+
+// Many rows without AMX: panels of weight rows dequantized exactly to float32, then Eigen's GEMM.
+void linear_panels(const Tensor& x, const QuantizedMatrix& w, const float* bias, float* y) {
+  const std::int64_t rows = x.size(0), in = x.size(1), out = w.rows();
+  const ConstRowMap X(x.data_as<float>(), rows, in, Eigen::OuterStride<>(in));
+  constexpr std::int64_t kPanel = 64;
+  const std::int64_t panels = (out + kPanel - 1) / kPanel;
+#pragma omp parallel
+  {
+    std::vector<float> dense;
+#pragma omp for schedule(static)
+    for (std::int64_t p = 0; p < panels; ++p) {
+      const std::int64_t o0 = p * kPanel, on = std::min(kPanel, out - o0);
+      dense.resize(static_cast<std::size_t>(on * in));
+      w.dequantize_rows(o0, o0 + on, dense.data());
+      RowMap Y(y + o0, rows, on, Eigen::OuterStride<>(out));
+      Y.noalias() = X * ConstRowMap(dense.data(), on, in, Eigen::OuterStride<>(in)).transpose();
+      if (bias) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bias + o0, on);
+    }
+  }
+}
+
+}  // namespace
+
+Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias) {
+  const char* where = "cpu::linear";
+  KVCACHE_CHECK(x.defined() && x.rank() == 2 && x.dtype() == DType::kFloat32 &&
+                    x.device() == Device::kCpu && x.is_contiguous(),
+                where, ": expected x as a contiguous [rows, n] float32 CPU tensor, got ",
+                x.describe());
+  KVCACHE_CHECK(weight.defined(), where, ": the quantized weight is undefined");
+  KVCACHE_CHECK(weight.cols() == x.size(1), where, ": expected x with ", weight.cols(),
+                " features (the weight's in), got ", x.shape_string());
+  if (bias.defined()) {
+    KVCACHE_CHECK(bias.rank() == 1 && bias.size(0) == weight.rows() &&
+                      bias.dtype() == DType::kFloat32 && bias.is_contiguous(),
+                  where, ": expected bias [", weight.rows(), "] float32, got ", bias.describe());
+  }
+  Tensor y = Tensor::empty({x.size(0), weight.rows()}, DType::kFloat32);
+  if (x.size(0) == 0) return y;
+  const float* b = bias.defined() ? bias.data_as<float>() : nullptr;
+  const CpuIsa isa = active_cpu_isa();
+  if (x.size(0) <= kGemvRows) {
+    linear_gemv(x, weight, b, y.data_as<float>(), isa);
+  } else if (isa == CpuIsa::kAmx) {
+    quant::linear_amx(x.data_as<float>(), x.size(0), weight, b, y.data_as<float>());
+  } else {
+    linear_panels(x, weight, b, y.data_as<float>());
+  }
+  return y;
+}
+
+Tensor linear(const Tensor& x, const Weight& weight, const Tensor& bias) {
+  KVCACHE_CHECK(weight.defined(), "cpu::linear: the weight is undefined");
+  return weight.is_quantized() ? linear(x, weight.quantized(), bias)
+                               : linear(x, weight.dense(), bias);
+}
+
+Tensor embedding(const QuantizedMatrix& table, const Tensor& ids) {
+  KVCACHE_CHECK(table.defined(), "cpu::embedding: the quantized table is undefined");
+  KVCACHE_CHECK(ids.defined() && ids.dtype() == DType::kInt64 && ids.is_contiguous(),
+                "cpu::embedding: expected contiguous int64 ids, got ", ids.describe());
+  const std::int64_t vocab = table.rows(), n = ids.numel();
+  const std::int64_t* id = ids.data_as<std::int64_t>();
+  for (std::int64_t i = 0; i < n; ++i) {
+    KVCACHE_CHECK(id[i] >= 0 && id[i] < vocab, "cpu::embedding: expected token ids in [0, ", vocab,
+                  ") (the vocabulary), got ", id[i], " at position ", i);
+  }
+  Tensor out = Tensor::empty({n, table.cols()}, DType::kFloat32);
+  for (std::int64_t i = 0; i < n; ++i)
+    table.dequantize_rows(id[i], id[i] + 1, out.data_as<float>() + i * table.cols());
+  return out;
+}
+
+Tensor embedding(const Weight& table, const Tensor& ids) {
+  KVCACHE_CHECK(table.defined(), "cpu::embedding: the table is undefined");
+  return table.is_quantized() ? embedding(table.quantized(), ids) : embedding(table.dense(), ids);
+}
+
+}  // namespace kvcache::cpu
