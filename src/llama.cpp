@@ -18,33 +18,67 @@
 namespace kvcache {
 namespace {
 
-using WeightMap = std::map<std::string, Tensor>;
+using WeightMap = std::map<std::string, cpu::Weight>;
+
+std::string shape_text(std::span<const std::int64_t> shape) {
+  std::string text = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + "]";
+}
 
 // Looks a parameter up; the error names it and what the architecture expected.
-Tensor require(const WeightMap& weights, const std::string& name,
-               std::initializer_list<std::int64_t> shape, const std::string& where) {
+const cpu::Weight& find(const WeightMap& weights, const std::string& name,
+                        const std::string& where) {
   auto it = weights.find(name);
   KVCACHE_CHECK(it != weights.end(), where, ": expected tensor '", name,
                 "', which the checkpoint does not hold");
-  const Tensor& t = it->second;
-  const std::vector<std::int64_t> want(shape);
-  bool same = t.rank() == static_cast<int>(want.size());
-  for (int i = 0; same && i < t.rank(); ++i) same = t.size(i) == want[static_cast<std::size_t>(i)];
-  std::string want_str = "[";
-  for (std::size_t i = 0; i < want.size(); ++i)
-    want_str += (i ? ", " : "") + std::to_string(want[i]);
-  want_str += "]";
-  KVCACHE_CHECK(same, where, ": expected '", name, "' shaped ", want_str, ", got ",
-                t.shape_string());
+  return it->second;
+}
+
+// A weight matrix [rows, cols], dense in a float dtype or quantized.
+cpu::Weight require_matrix(const WeightMap& weights, const std::string& name, std::int64_t rows,
+                           std::int64_t cols, const std::string& where) {
+  const cpu::Weight& w = find(weights, name, where);
+  const std::int64_t want[] = {rows, cols};
+  if (w.is_quantized()) {
+    KVCACHE_CHECK(w.rows() == rows && w.cols() == cols, where, ": expected '", name, "' shaped ",
+                  shape_text(want), ", got ", w.describe());
+    return w;
+  }
+  const Tensor& t = w.dense();
+  KVCACHE_CHECK(t.rank() == 2 && t.size(0) == rows && t.size(1) == cols, where, ": expected '",
+                name, "' shaped ", shape_text(want), ", got ", t.shape_string());
+  KVCACHE_CHECK(is_floating(t.dtype()), where, ": expected '", name, "' in a float dtype, got ",
+                dtype_name(t.dtype()));
+  return w;
+}
+
+// A vector [size] (norm weights, biases): always dense.
+Tensor require_vector(const WeightMap& weights, const std::string& name, std::int64_t size,
+                      const std::string& where) {
+  const cpu::Weight& w = find(weights, name, where);
+  KVCACHE_CHECK(!w.is_quantized(), where, ": expected '", name,
+                "' as a float vector, got a quantized ", w.describe());
+  const Tensor& t = w.dense();
+  KVCACHE_CHECK(t.rank() == 1 && t.size(0) == size, where, ": expected '", name, "' shaped [",
+                size, "], got ", t.shape_string());
   KVCACHE_CHECK(is_floating(t.dtype()), where, ": expected '", name, "' in a float dtype, got ",
                 dtype_name(t.dtype()));
   return t;
 }
 
-// A weight matrix as the model holds it: in `dtype` when given, else as stored. float32 data is
-// used in place when 4-byte aligned (safetensors does not promise alignment); otherwise copied.
-Tensor hold_matrix(const Tensor& t, std::optional<DType> dtype) {
-  const DType target = dtype.value_or(t.dtype());
+// A weight matrix as the model holds it. Quantized: kept, or dequantized when a dtype is asked
+// for. Dense: quantized when asked for; else in `dtype` when given, else as stored — float32 data
+// is used in place when 4-byte aligned (safetensors does not promise alignment), else copied.
+cpu::Weight hold_matrix(const cpu::Weight& w, const LoadOptions& options) {
+  if (w.is_quantized()) {
+    if (!options.dtype) return w;
+    const Tensor dense = w.quantized().dequantize();
+    return *options.dtype == DType::kFloat32 ? dense : cpu::cast(dense, *options.dtype);
+  }
+  const Tensor& t = w.dense();
+  if (options.quantize) return cpu::QuantizedMatrix::quantize(t, *options.quantize);
+  const DType target = options.dtype.value_or(t.dtype());
   const bool aligned = reinterpret_cast<std::uintptr_t>(t.data()) % dtype_size(target) == 0;
   if (target == t.dtype() && aligned && t.is_contiguous()) return t;
   return cpu::cast(t, target);
@@ -58,7 +92,7 @@ Tensor hold_vector(const Tensor& t) {
 Tensor optional_vector(const WeightMap& weights, const std::string& name, bool wanted,
                        std::int64_t size, const std::string& where) {
   if (!wanted) return Tensor();
-  return hold_vector(require(weights, name, {size}, where));
+  return hold_vector(require_vector(weights, name, size, where));
 }
 
 }  // namespace
@@ -77,9 +111,20 @@ LlamaModel LlamaModel::from_pretrained(const std::string& dir, LoadOptions optio
 LlamaModel LlamaModel::from_weights(ModelConfig config,
                                     const std::vector<std::pair<std::string, Tensor>>& list,
                                     LoadOptions options) {
+  return from_weights(std::move(config),
+                      std::vector<std::pair<std::string, cpu::Weight>>(list.begin(), list.end()),
+                      options);
+}
+
+LlamaModel LlamaModel::from_weights(ModelConfig config,
+                                    const std::vector<std::pair<std::string, cpu::Weight>>& list,
+                                    LoadOptions options) {
   const std::string where = "LlamaModel(" + config.architecture + ")";
   KVCACHE_CHECK(!options.dtype || is_floating(*options.dtype), where,
                 ": expected a float weight dtype, got ", dtype_name(*options.dtype));
+  KVCACHE_CHECK(!options.dtype || !options.quantize, where,
+                ": LoadOptions asks for both a dtype (", dtype_name(*options.dtype),
+                ") and quantization; choose one");
   WeightMap weights(list.begin(), list.end());
   const ModelConfig& c = config;
   const std::int64_t hidden = c.hidden_size, inter = c.intermediate_size, hd = c.head_dim;
@@ -87,19 +132,19 @@ LlamaModel LlamaModel::from_weights(ModelConfig config,
 
   LlamaModel model;
   model.embed_tokens_ = hold_matrix(
-      require(weights, "model.embed_tokens.weight", {c.vocab_size, hidden}, where), options.dtype);
-  model.final_norm_ = hold_vector(require(weights, "model.norm.weight", {hidden}, where));
+      require_matrix(weights, "model.embed_tokens.weight", c.vocab_size, hidden, where), options);
+  model.final_norm_ = hold_vector(require_vector(weights, "model.norm.weight", hidden, where));
   if (c.tie_word_embeddings) {
     model.lm_head_ = model.embed_tokens_;
   } else {
-    model.lm_head_ = hold_matrix(require(weights, "lm_head.weight", {c.vocab_size, hidden}, where),
-                                 options.dtype);
+    model.lm_head_ = hold_matrix(
+        require_matrix(weights, "lm_head.weight", c.vocab_size, hidden, where), options);
   }
   for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     // Matrices [rows, cols] in the requested dtype; vectors [n] in float32 when `wanted`.
     auto matrix = [&](const std::string& name, std::int64_t rows, std::int64_t cols) {
-      return hold_matrix(require(weights, p + name, {rows, cols}, where), options.dtype);
+      return hold_matrix(require_matrix(weights, p + name, rows, cols, where), options);
     };
     auto vector = [&](const std::string& name, bool wanted, std::int64_t n) {
       return optional_vector(weights, p + name, wanted, n, where);
@@ -131,9 +176,10 @@ std::size_t LlamaModel::weight_bytes() const {
   std::size_t total = embed_tokens_.nbytes() + final_norm_.nbytes();
   if (lm_head_.data() != embed_tokens_.data()) total += lm_head_.nbytes();
   for (const Layer& l : layers_) {
-    for (const Tensor* t :
-         {&l.input_norm, &l.post_norm, &l.q, &l.k, &l.v, &l.o, &l.q_bias, &l.k_bias, &l.v_bias,
-          &l.o_bias, &l.gate, &l.up, &l.down, &l.gate_bias, &l.up_bias, &l.down_bias}) {
+    for (const cpu::Weight* w : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down})
+      total += w->nbytes();
+    for (const Tensor* t : {&l.input_norm, &l.post_norm, &l.q_bias, &l.k_bias, &l.v_bias,
+                            &l.o_bias, &l.gate_bias, &l.up_bias, &l.down_bias}) {
       if (t->defined()) total += t->nbytes();
     }
   }

@@ -16,17 +16,25 @@ namespace {
 
 // llama.cpp's converter stores q (and k) rows of each head interleaved: GGUF row h·hd + 2i + j
 // holds transformers' row h·hd + j·hd/2 + i. This puts them back.
-Tensor unpermute_rows(const Tensor& w, std::int64_t heads) {
-  const std::int64_t rows = w.size(0), hd = rows / heads, half = hd / 2;
+// Row i of the result is row order[i] of the GGUF tensor.
+std::vector<std::int64_t> unpermuted_order(std::int64_t rows, std::int64_t heads) {
+  const std::int64_t hd = rows / heads, half = hd / 2;
   KVCACHE_CHECK(rows % heads == 0 && hd % 2 == 0, "GGUF: expected q/k rows divisible into ", heads,
-                " heads of even size, got ", w.shape_string());
-  Tensor out = Tensor::empty(w.shape(), w.dtype());
+                " heads of even size, got ", rows, " rows");
+  std::vector<std::int64_t> order(static_cast<std::size_t>(rows));
   for (std::int64_t h = 0; h < heads; ++h)
     for (std::int64_t i = 0; i < half; ++i)
-      for (std::int64_t j = 0; j < 2; ++j) {
-        const std::int64_t from = h * hd + 2 * i + j, to = h * hd + j * half + i;
-        cpu::copy(out.slice(0, to, to + 1), w.slice(0, from, from + 1));
-      }
+      for (std::int64_t j = 0; j < 2; ++j)
+        order[static_cast<std::size_t>(h * hd + j * half + i)] = h * hd + 2 * i + j;
+  return order;
+}
+
+Tensor gather_rows(const Tensor& w, const std::vector<std::int64_t>& order) {
+  Tensor out = Tensor::empty(w.shape(), w.dtype());
+  for (std::size_t to = 0; to < order.size(); ++to) {
+    const auto t = static_cast<std::int64_t>(to);
+    cpu::copy(out.slice(0, t, t + 1), w.slice(0, order[to], order[to] + 1));
+  }
   return out;
 }
 
@@ -86,14 +94,27 @@ ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
 LlamaModel LlamaModel::from_gguf(const std::string& path, LoadOptions options) {
   const GgufFile file = GgufFile::open(path);
   ModelConfig config = ModelConfig::from_gguf(file);
-  // Quantized weights become float32 unless another dtype was asked for.
-  if (!options.dtype) options.dtype = DType::kFloat32;
-  std::vector<std::pair<std::string, Tensor>> weights;
+  // Q8_0 and Q4_1 matrices are repacked as blocks (from_weights dequantizes them if options ask
+  // for a dtype); every other served type is read as float32.
+  std::vector<std::pair<std::string, cpu::Weight>> weights;
   auto take = [&](const std::string& gguf_name, const std::string& name,
                   std::int64_t unpermute_heads = 0) {
-    if (file.find_tensor(gguf_name) == nullptr) return;
+    const GgufTensorInfo* info = file.find_tensor(gguf_name);
+    if (info == nullptr) return;
+    const bool blocks = info->ne.size() == 2 &&
+                        (info->type == GgufType::kQ8_0 || info->type == GgufType::kQ4_1);
+    if (blocks) {
+      const auto format =
+          info->type == GgufType::kQ4_1 ? cpu::QuantFormat::kQ4_1 : cpu::QuantFormat::kQ8_0;
+      cpu::QuantizedMatrix m = cpu::QuantizedMatrix::from_ggml(
+          format, {file.data(*info), static_cast<std::size_t>(info->nbytes)}, info->ne[1],
+          info->ne[0]);
+      if (unpermute_heads > 0) m = m.gather_rows(unpermuted_order(m.rows(), unpermute_heads));
+      weights.emplace_back(name, std::move(m));
+      return;
+    }
     Tensor t = file.to_float32(gguf_name);
-    if (unpermute_heads > 0) t = unpermute_rows(t, unpermute_heads);
+    if (unpermute_heads > 0) t = gather_rows(t, unpermuted_order(t.size(0), unpermute_heads));
     weights.emplace_back(name, std::move(t));
   };
   take("token_embd.weight", "model.embed_tokens.weight");

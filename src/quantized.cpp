@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -222,7 +223,22 @@ CpuIsa detect() {
 #endif
 }
 
-std::atomic<CpuIsa> isa_limit{CpuIsa::kAmx};
+// The cap starts from the environment: KVCACHE_CPU_ISA=portable|avx512-vnni|amx.
+CpuIsa initial_limit() {
+  const char* env = std::getenv("KVCACHE_CPU_ISA");
+  if (env == nullptr) return CpuIsa::kAmx;
+  const std::string_view name(env);
+  for (const CpuIsa isa : {CpuIsa::kPortable, CpuIsa::kAvx512Vnni, CpuIsa::kAmx}) {
+    if (name == cpu_isa_name(isa)) return isa;
+  }
+  KVCACHE_CHECK(false, "KVCACHE_CPU_ISA: expected portable, avx512-vnni or amx, got '", name, "'");
+  return CpuIsa::kAmx;
+}
+
+std::atomic<CpuIsa>& isa_limit() {
+  static std::atomic<CpuIsa> limit{initial_limit()};
+  return limit;
+}
 
 }  // namespace
 
@@ -242,9 +258,9 @@ CpuIsa detected_cpu_isa() {
   return isa;
 }
 
-CpuIsa set_cpu_isa_limit(CpuIsa limit) { return isa_limit.exchange(limit); }
+CpuIsa set_cpu_isa_limit(CpuIsa limit) { return isa_limit().exchange(limit); }
 
-CpuIsa active_cpu_isa() { return std::min(detected_cpu_isa(), isa_limit.load()); }
+CpuIsa active_cpu_isa() { return std::min(detected_cpu_isa(), isa_limit().load()); }
 
 // --- x quantization and the portable kernel --------------------------------------------------
 
@@ -311,7 +327,14 @@ void gemv_portable(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o
           }
           extra = load_half(scales + 2 * nb + 2 * b) * x.s_row(r)[b];
         } else {
-          for (int i = 0; i < 32; ++i) dot += (static_cast<int>(p[b * 32 + i]) - 128) * q[b * 32 + i];
+          // Σ byte·q − 128·Σq, as the VNNI kernel computes it. (g++ 12 with AVX-VNNI vectorizes
+          // the signed-by-signed form, Σ (byte − 128)·q, into wrong code.)
+          std::int32_t sum_q = 0;
+          for (int i = 0; i < 32; ++i) {
+            dot += static_cast<std::int32_t>(p[b * 32 + i]) * q[b * 32 + i];
+            sum_q += q[b * 32 + i];
+          }
+          dot -= 128 * sum_q;
         }
         acc += static_cast<float>(dot) * (load_half(scales + 2 * b) * x.d_row(r)[b]) + extra;
       }
@@ -332,7 +355,10 @@ constexpr std::int64_t kGemvRows = 4;
 
 void linear_gemv(const Tensor& x, const QuantizedMatrix& w, const float* bias, float* y,
                  CpuIsa isa) {
-  thread_local quant::QuantizedX qx;
+  // The caller's scratch, named by a reference: inside the parallel region the thread_local name
+  // would mean each worker's own (empty) copy.
+  thread_local quant::QuantizedX scratch;
+  quant::QuantizedX& qx = scratch;
   quant::quantize_x(w.format(), x.data_as<float>(), x.size(0), x.size(1), qx);
   const std::int64_t out = w.rows();
 #pragma omp parallel

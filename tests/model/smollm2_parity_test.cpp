@@ -25,7 +25,9 @@ namespace kvcache {
 namespace {
 
 const LlamaModel& default_model() {
-  static const LlamaModel model = LlamaModel::from_gguf(KVCACHE_DEFAULT_MODEL_PATH);
+  // float32: every weight dequantized exactly, as transformers loads the file.
+  static const LlamaModel model =
+      LlamaModel::from_gguf(KVCACHE_DEFAULT_MODEL_PATH, {.dtype = DType::kFloat32});
   return model;
 }
 

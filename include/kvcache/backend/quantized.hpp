@@ -132,7 +132,8 @@ Tensor embedding(const QuantizedMatrix& table, const Tensor& ids);
 Tensor embedding(const Weight& table, const Tensor& ids);
 
 /// Instruction sets the quantized kernels can use, from least to most. The best one the CPU (and
-/// the OS, for AMX's tile state) allows is used unless capped with set_cpu_isa_limit.
+/// the OS, for AMX's tile state) allows is used unless capped with set_cpu_isa_limit or, from the
+/// start, with the environment variable KVCACHE_CPU_ISA=portable|avx512-vnni|amx.
 enum class CpuIsa : std::uint8_t { kPortable, kAvx512Vnni, kAmx };
 
 /// "portable", "avx512-vnni" or "amx".

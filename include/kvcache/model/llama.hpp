@@ -4,10 +4,13 @@
 // cos/sin in float32, softmax in float32, SiLU-gated MLP, and the LM head only for the positions
 // asked for. Keys and values go through a Cache, so any cache kind of the CPU backend plugs in.
 //
-// Weights are read from a safetensors checkpoint. Activations are float32. float32 weights are
-// used in place from the memory-mapped file (no copy) when suitably aligned; bfloat16 and float16
-// weights are kept as they are by default and widened block by block inside each matrix product,
-// or converted once to float32 at load with LoadOptions::dtype = kFloat32.
+// Weights are read from a safetensors checkpoint or a GGUF file. Activations are float32. float32
+// weights are used in place from the memory-mapped file (no copy) when suitably aligned; bfloat16
+// and float16 weights are kept as they are by default and widened block by block inside each
+// matrix product, or converted once to float32 at load with LoadOptions::dtype = kFloat32. Q8_0
+// and Q4_1 matrices from GGUF stay quantized (cpu::QuantizedMatrix, read by kernels that use the
+// blocks directly; numerics in kvcache/backend/quantized.hpp) unless LoadOptions::dtype asks for
+// a float dtype; LoadOptions::quantize turns float matrices into blocks at load.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +20,7 @@
 #include <vector>
 
 #include "kvcache/backend/cpu.hpp"
+#include "kvcache/backend/quantized.hpp"
 #include "kvcache/cache/cache.hpp"
 #include "kvcache/model/config.hpp"
 #include "kvcache/tensor.hpp"
@@ -24,9 +28,13 @@
 namespace kvcache {
 
 struct LoadOptions {
-  /// Dtype the weights are held in: empty keeps each tensor's dtype from the file; kFloat32
-  /// widens 16-bit weights once at load; kBFloat16 / kFloat16 narrow float32 weights.
+  /// Dtype the weights are held in: empty keeps each matrix as the file holds it (quantized
+  /// blocks included); kFloat32 widens 16-bit weights and dequantizes quantized ones exactly, once
+  /// at load; kBFloat16 / kFloat16 narrow float32 weights (and dequantized ones).
   std::optional<DType> dtype;
+  /// Quantizes float weight matrices (not norms or biases) to this block format at load, with
+  /// ggml's reference rounding; matrices already quantized are kept. Not combinable with dtype.
+  std::optional<cpu::QuantFormat> quantize;
 };
 
 /// Inputs of one forward pass, named as transformers names them.
@@ -48,9 +56,10 @@ class LlamaModel {
   static LlamaModel from_pretrained(const std::string& dir, LoadOptions options = {});
 
   /// Loads a llama-architecture GGUF file (llama.cpp's format): the config from its metadata, the
-  /// weights under transformers' names with llama.cpp's q/k row permutation undone. Quantized
-  /// weights (Q8_0, Q4_0, Q4_1) are dequantized once at load, to float32 by default or to
-  /// options.dtype: the default model's 92 MiB of Q4_1 become 538 MB of float32 (269 MB bfloat16).
+  /// weights under transformers' names with llama.cpp's q/k row permutation undone. Q8_0 and
+  /// Q4_1 matrices stay quantized by default (the default model holds 92 MiB of blocks); with
+  /// options.dtype they are dequantized once at load (the default model: 538 MB as float32,
+  /// 269 MB as bfloat16). Q4_0 is dequantized to float32 (or options.dtype) in any case.
   static LlamaModel from_gguf(const std::string& path, LoadOptions options = {});
 
   const ModelConfig& config() const { return config_; }
@@ -67,22 +76,26 @@ class LlamaModel {
   static LlamaModel from_weights(ModelConfig config,
                                  const std::vector<std::pair<std::string, Tensor>>& weights,
                                  LoadOptions options = {});
+  /// The same with matrices that may be quantized.
+  static LlamaModel from_weights(ModelConfig config,
+                                 const std::vector<std::pair<std::string, cpu::Weight>>& weights,
+                                 LoadOptions options = {});
 
  private:
   struct Layer {
     Tensor input_norm, post_norm;           // [hidden] float32
-    Tensor q, k, v, o;                      // [out, in]
+    cpu::Weight q, k, v, o;                 // [out, in]
     Tensor q_bias, k_bias, v_bias, o_bias;  // [out] float32 or undefined
-    Tensor gate, up, down;                  // [inter, hidden], [inter, hidden], [hidden, inter]
+    cpu::Weight gate, up, down;             // [inter, hidden], [inter, hidden], [hidden, inter]
     Tensor gate_bias, up_bias, down_bias;
   };
 
   LlamaModel() = default;
 
   ModelConfig config_;
-  Tensor embed_tokens_;  // [vocab, hidden]
-  Tensor final_norm_;    // [hidden] float32
-  Tensor lm_head_;       // [vocab, hidden] (the embedding when tied)
+  cpu::Weight embed_tokens_;  // [vocab, hidden]
+  Tensor final_norm_;         // [hidden] float32
+  cpu::Weight lm_head_;       // [vocab, hidden] (the embedding when tied)
   std::vector<Layer> layers_;
 };
 
