@@ -14,7 +14,10 @@
 // template; --system replaces the template's default system prompt; --chat reads one user turn per
 // line from stdin and keeps the conversation in one DynamicCache, prefilling only each new turn.
 // With --json the last line of stdout is one JSON object: new_tokens (per row), prefill_ms,
-// decode_tokens_per_s, cache_bytes.
+// decode_tokens_per_s, cache_bytes. Without --dtype a GGUF file's Q8_0/Q4_1 matrices stay blocks
+// and are multiplied as such (fast; x is rounded to int8 per block, see
+// kvcache/backend/quantized.hpp); --dtype float32 dequantizes them exactly at load, which is how
+// the parity tests match transformers token for token.
 #include <cctype>
 #include <cstdint>
 #include <cstdio>
@@ -45,7 +48,7 @@ struct Options {
   bool chat = false;
   std::int64_t max_new_tokens = 64;
   std::string device = "cpu";
-  std::string dtype;  // empty: as stored (GGUF: float32)
+  std::string dtype;  // empty: as stored (GGUF Q8_0/Q4_1: quantized blocks)
   std::string cache = "dynamic";
   bool json = false;
 };

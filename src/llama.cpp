@@ -254,11 +254,12 @@ Tensor LlamaModel::forward(const ForwardArgs& args) const {
     const Layer& w = layers_[l];
     const Tensor x = cpu::rms_norm(hidden, w.input_norm, static_cast<float>(c.rms_norm_eps));
     // Projections come out [batch * q_len, heads * head_dim]; viewed as [batch, heads, q_len, hd].
-    const Tensor q = cpu::linear(x, w.q, w.q_bias).view({batch, q_len, heads, hd}).transpose(1, 2);
-    const Tensor k =
-        cpu::linear(x, w.k, w.k_bias).view({batch, q_len, kv_heads, hd}).transpose(1, 2);
-    const Tensor v =
-        cpu::linear(x, w.v, w.v_bias).view({batch, q_len, kv_heads, hd}).transpose(1, 2);
+    const cpu::Weight* qkv[] = {&w.q, &w.k, &w.v};
+    const Tensor* qkv_bias[] = {&w.q_bias, &w.k_bias, &w.v_bias};
+    const std::vector<Tensor> proj = cpu::linear_fused(x, qkv, qkv_bias);
+    const Tensor q = proj[0].view({batch, q_len, heads, hd}).transpose(1, 2);
+    const Tensor k = proj[1].view({batch, q_len, kv_heads, hd}).transpose(1, 2);
+    const Tensor v = proj[2].view({batch, q_len, kv_heads, hd}).transpose(1, 2);
     RotaryEmbedding::apply_rotary(q, cos, sin);
     RotaryEmbedding::apply_rotary(k, cos, sin);
     const Attention attention(static_cast<int>(l),
@@ -268,8 +269,10 @@ Tensor LlamaModel::forward(const ForwardArgs& args) const {
     cpu::add_inplace(hidden, cpu::linear(attn.view({batch * q_len, heads * hd}), w.o, w.o_bias));
 
     const Tensor y = cpu::rms_norm(hidden, w.post_norm, static_cast<float>(c.rms_norm_eps));
-    const Tensor act =
-        cpu::silu_mul(cpu::linear(y, w.gate, w.gate_bias), cpu::linear(y, w.up, w.up_bias));
+    const cpu::Weight* gate_up[] = {&w.gate, &w.up};
+    const Tensor* gate_up_bias[] = {&w.gate_bias, &w.up_bias};
+    const std::vector<Tensor> mlp = cpu::linear_fused(y, gate_up, gate_up_bias);
+    const Tensor act = cpu::silu_mul(mlp[0], mlp[1]);
     cpu::add_inplace(hidden, cpu::linear(act, w.down, w.down_bias));
   }
 

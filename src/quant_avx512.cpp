@@ -10,6 +10,7 @@
 // the CPU has it (quantized.cpp checks).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // g++ 12: _mm512_undefined_* in intrinsics
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 
@@ -25,105 +26,161 @@ namespace {
 
 // Bytes ahead of the row being read that are prefetched, so enough DRAM requests are in flight
 // while each thread walks its contiguous share of rows.
-constexpr std::int64_t kPrefetchBytes = 2048;
+constexpr std::int64_t kPrefetchBytes = 8192;
 
 KVCACHE_AVX512 inline void prefetch_ahead(const std::uint8_t* row, std::size_t bytes) {
   for (std::size_t c = 0; c < bytes; c += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchBytes + c), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchBytes + c), _MM_HINT_T1);
 }
 
-template <int R>
-KVCACHE_AVX512 void gemv_q4_1(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o0,
-                              std::int64_t o1, const float* bias, float* y) {
-  const std::int64_t nb = w.blocks_per_row(), out = w.rows();
-  const std::int64_t full = nb / 4, tail = nb % 4;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  const __mmask64 tail_bytes = tail ? (~0ULL >> (64 - 16 * tail)) : 0;
-  const __mmask8 tail_halves = static_cast<__mmask8>((1u << tail) - 1);
-  if (o0 >= o1) return;
-  const std::uint8_t* first = w.row(o0);
-  for (std::int64_t o = o0; o < o1; ++o) {
-    const std::uint8_t* p = first + static_cast<std::size_t>(o - o0) * w.row_bytes();
-    const std::uint8_t* dw = p + nb * 16;
-    const std::uint8_t* mw = dw + nb * 2;
-    prefetch_ahead(p, w.row_bytes());
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    auto group = [&](std::int64_t g, __m512i v, __m128i d4, std::int64_t hi_offset, __mmask64 m) {
-      const __m512i lo = _mm512_and_si512(v, low4);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-      const __m512 dscale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d4)));
-      for (int r = 0; r < R; ++r) {
-        const std::int8_t* xq = x.q_row(r) + g * 128;
-        const __m512i xlo = _mm512_maskz_loadu_epi8(m, xq);
-        const __m512i xhi = _mm512_maskz_loadu_epi8(m, xq + hi_offset);
-        const __m512i dot =
-            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
-        const __m512 scale = _mm512_mul_ps(dscale, _mm512_loadu_ps(x.drep_row(r) + g * 16));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
-      }
-    };
-    for (std::int64_t g = 0; g < full; ++g) {
-      group(g, _mm512_loadu_si512(p + g * 64), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(dw + g * 8)),
-            64, ~0ULL);
-    }
-    if (tail) {
-      group(full, _mm512_maskz_loadu_epi8(tail_bytes, p + full * 64),
-            _mm_maskz_loadu_epi16(tail_halves, dw + full * 8), 16 * tail, tail_bytes);
-    }
-    // The minimums: Σ_b m_b · (d_x · Σq_x)_b, sixteen blocks at a time.
-    for (int r = 0; r < R; ++r) {
-      __m512 macc = _mm512_setzero_ps();
-      for (std::int64_t b = 0; b < nb; b += 16) {
-        const __mmask16 m = nb - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - b)) - 1);
-        const __m512 mins = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, mw + b * 2));
-        macc = _mm512_fmadd_ps(mins, _mm512_maskz_loadu_ps(m, x.s_row(r) + b), macc);
-      }
-      y[r * out + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], macc)) + (bias ? bias[o] : 0.0f);
-    }
+// The four horizontal sums of a, b, c, d as one 128-bit vector [Σa, Σb, Σc, Σd]: about half the
+// operations of four separate reductions, which matter when a row is only 4.5 groups long.
+KVCACHE_AVX512 inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  auto half = [](__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  };
+  const __m256 ab = _mm256_hadd_ps(half(a), half(b)), cd = _mm256_hadd_ps(half(c), half(d));
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);  // [a b c d | a b c d] partial sums
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// Sums of RB accumulator rows (RB = 1 or 4) into out[0..RB).
+template <int RB>
+KVCACHE_AVX512 inline void reduce_rows(const __m512 (&acc)[RB], float* out) {
+  if constexpr (RB == 4) {
+    _mm_storeu_ps(out, sum4(acc[0], acc[1], acc[2], acc[3]));
+  } else {
+    for (int i = 0; i < RB; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
   }
 }
 
-template <int R>
-KVCACHE_AVX512 void gemv_q8_0(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o0,
-                              std::int64_t o1, const float* bias, float* y) {
-  const std::int64_t nb = w.blocks_per_row(), out = w.rows();
-  const std::int64_t full = nb / 2;
-  const bool odd = nb % 2 != 0;
-  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  if (o0 >= o1) return;
-  const std::uint8_t* first = w.row(o0);
-  for (std::int64_t o = o0; o < o1; ++o) {
-    const std::uint8_t* p = first + static_cast<std::size_t>(o - o0) * w.row_bytes();
-    const std::uint8_t* dw = p + nb * 32;
-    prefetch_ahead(p, w.row_bytes());
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    auto chunk = [&](std::int64_t c, __m512i v, __m128i d2, __mmask64 m, __mmask16 lanes) {
-      const __m512 dscale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d2)));
+// Q4_1: RB consecutive weight rows (from p, row_bytes apart) against R rows of x; sums[i][r].
+// Each group's x bytes and scales are loaded once for all RB rows.
+template <int RB, int R>
+KVCACHE_AVX512 inline void q4_1_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
+                                     const QuantizedX& x, float (&sums)[R][RB]) {
+  const std::int64_t full = nb / 4, tail = nb % 4;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc[R][RB];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
+  // One group of n ≤ 4 blocks at payload byte g·64; `m` masks its 16·n bytes.
+  auto group = [&](std::int64_t g, std::int64_t n, __mmask64 m) {
+    __m512i xlo[R], xhi[R];
+    __m512 xd[R];
+    for (int r = 0; r < R; ++r) {
+      const std::int8_t* xq = x.q_row(r) + g * 128;
+      xlo[r] = _mm512_maskz_loadu_epi8(m, xq);
+      xhi[r] = _mm512_maskz_loadu_epi8(m, xq + 16 * n);
+      xd[r] = _mm512_loadu_ps(x.drep_row(r) + g * 16);
+    }
+    for (int i = 0; i < RB; ++i) {
+      const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
+      const __m512i v = _mm512_maskz_loadu_epi8(m, row + g * 64);
+      const __m512i lo = _mm512_and_si512(v, low4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      const __m128i d4 = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1),
+                                               row + nb * 16 + g * 8);
+      const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d4)));
       for (int r = 0; r < R; ++r) {
-        const __m512i start = _mm512_maskz_loadu_epi32(lanes, x.corr_row(r) + c * 16);
-        const __m512i dot =
-            _mm512_dpbusd_epi32(start, v, _mm512_maskz_loadu_epi8(m, x.q_row(r) + c * 64));
-        const __m512 scale = _mm512_mul_ps(dscale, _mm512_loadu_ps(x.drep_row(r) + c * 16));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+        const __m512i dot = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[r]), hi, xhi[r]);
+        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, xd[r]), acc[r][i]);
       }
-    };
-    for (std::int64_t c = 0; c < full; ++c) {
-      std::uint32_t d2;
-      __builtin_memcpy(&d2, dw + c * 4, 4);
-      chunk(c, _mm512_loadu_si512(p + c * 64), _mm_cvtsi32_si128(static_cast<int>(d2)), ~0ULL,
-            0xFFFF);
     }
-    if (odd) {
-      std::uint16_t d1;
-      __builtin_memcpy(&d1, dw + full * 4, 2);
-      chunk(full, _mm512_maskz_loadu_epi8(0xFFFFFFFFULL, p + full * 64), _mm_cvtsi32_si128(d1),
-            0xFFFFFFFFULL, 0x00FF);
+  };
+  for (std::int64_t g = 0; g < full; ++g) group(g, 4, ~0ULL);
+  if (tail) group(full, tail, ~0ULL >> (64 - 16 * tail));
+  // The minimums: Σ_b m_b · (d_x · Σq_x)_b, sixteen blocks at a time.
+  for (std::int64_t b = 0; b < nb; b += 16) {
+    const __mmask16 m = nb - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - b)) - 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_maskz_loadu_ps(m, x.s_row(r) + b);
+      for (int i = 0; i < RB; ++i) {
+        const std::uint8_t* mins = p + static_cast<std::size_t>(i) * row_bytes + nb * 18 + b * 2;
+        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, mins)), s, acc[r][i]);
+      }
     }
-    for (int r = 0; r < R; ++r)
-      y[r * out + o] = _mm512_reduce_add_ps(acc[r]) + (bias ? bias[o] : 0.0f);
+  }
+  for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
+}
+
+// Q8_0: the same shape of loop, two blocks per 64 payload bytes, the accumulator starting from
+// −128·Σ(x bytes) per lane to undo the stored offset.
+template <int RB, int R>
+KVCACHE_AVX512 inline void q8_0_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
+                                     const QuantizedX& x, float (&sums)[R][RB]) {
+  const std::int64_t full = nb / 2;
+  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc[R][RB];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
+  // One chunk of n ≤ 2 blocks at payload byte c·64.
+  auto chunk = [&](std::int64_t c, std::int64_t n) {
+    const __mmask64 m = n == 2 ? ~0ULL : 0xFFFFFFFFULL;
+    const __mmask16 lanes = n == 2 ? 0xFFFF : 0x00FF;
+    __m512i xq[R], start[R];
+    __m512 xd[R];
+    for (int r = 0; r < R; ++r) {
+      xq[r] = _mm512_maskz_loadu_epi8(m, x.q_row(r) + c * 64);
+      start[r] = _mm512_maskz_loadu_epi32(lanes, x.corr_row(r) + c * 16);
+      xd[r] = _mm512_loadu_ps(x.drep_row(r) + c * 16);
+    }
+    for (int i = 0; i < RB; ++i) {
+      const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
+      const __m512i v = _mm512_maskz_loadu_epi8(m, row + c * 64);
+      const __m128i d2 = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1),
+                                               row + nb * 32 + c * 4);
+      const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d2)));
+      for (int r = 0; r < R; ++r) {
+        const __m512i dot = _mm512_dpbusd_epi32(start[r], v, xq[r]);
+        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, xd[r]), acc[r][i]);
+      }
+    }
+  };
+  for (std::int64_t c = 0; c < full; ++c) chunk(c, 2);
+  if (nb % 2) chunk(full, 1);
+  for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
+}
+
+// Rows [o0, o1) of w against every row of x: four weight rows at a time for one x row (decode),
+// one at a time for several, each row's bytes prefetched ahead of use.
+template <int R>
+KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o0,
+                              std::int64_t o1, const float* bias, float* y) {
+  if (o0 >= o1) return;
+  constexpr int RB = R == 1 ? 4 : 1;
+  const std::int64_t nb = w.blocks_per_row(), out = w.rows();
+  const std::size_t row_bytes = w.row_bytes();
+  const bool q41 = w.format() == QuantFormat::kQ4_1;
+  const std::uint8_t* first = w.row(o0);
+  auto store = [&](std::int64_t o, int n, const float* sums_r, int r) {
+    for (int i = 0; i < n; ++i)
+      y[r * out + o + i] = sums_r[i] + (bias ? bias[o + i] : 0.0f);
+  };
+  std::int64_t o = o0;
+  for (; o + RB <= o1; o += RB) {
+    const std::uint8_t* p = first + static_cast<std::size_t>(o - o0) * row_bytes;
+    prefetch_ahead(p, RB * row_bytes);
+    float sums[R][RB];
+    if (q41) {
+      q4_1_rows<RB, R>(p, row_bytes, nb, x, sums);
+    } else {
+      q8_0_rows<RB, R>(p, row_bytes, nb, x, sums);
+    }
+    for (int r = 0; r < R; ++r) store(o, RB, sums[r], r);
+  }
+  for (; o < o1; ++o) {
+    const std::uint8_t* p = first + static_cast<std::size_t>(o - o0) * row_bytes;
+    float sums[R][1];
+    if (q41) {
+      q4_1_rows<1, R>(p, row_bytes, nb, x, sums);
+    } else {
+      q8_0_rows<1, R>(p, row_bytes, nb, x, sums);
+    }
+    for (int r = 0; r < R; ++r) store(o, 1, sums[r], r);
   }
 }
 
@@ -131,16 +188,15 @@ KVCACHE_AVX512 void gemv_q8_0(const QuantizedMatrix& w, const QuantizedX& x, std
 
 void gemv_avx512(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o0, std::int64_t o1,
                  const float* bias, float* y) {
-  const bool q41 = w.format() == QuantFormat::kQ4_1;
   switch (x.rows) {
     case 1:
-      return q41 ? gemv_q4_1<1>(w, x, o0, o1, bias, y) : gemv_q8_0<1>(w, x, o0, o1, bias, y);
+      return gemv_rows<1>(w, x, o0, o1, bias, y);
     case 2:
-      return q41 ? gemv_q4_1<2>(w, x, o0, o1, bias, y) : gemv_q8_0<2>(w, x, o0, o1, bias, y);
+      return gemv_rows<2>(w, x, o0, o1, bias, y);
     case 3:
-      return q41 ? gemv_q4_1<3>(w, x, o0, o1, bias, y) : gemv_q8_0<3>(w, x, o0, o1, bias, y);
+      return gemv_rows<3>(w, x, o0, o1, bias, y);
     default:
-      return q41 ? gemv_q4_1<4>(w, x, o0, o1, bias, y) : gemv_q8_0<4>(w, x, o0, o1, bias, y);
+      return gemv_rows<4>(w, x, o0, o1, bias, y);
   }
 }
 

@@ -379,6 +379,22 @@ using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::Ro
 using ConstRowMap = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
 using RowMap = Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>>;
 
+void check_linear_args(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias) {
+  const char* where = "cpu::linear";
+  KVCACHE_CHECK(x.defined() && x.rank() == 2 && x.dtype() == DType::kFloat32 &&
+                    x.device() == Device::kCpu && x.is_contiguous(),
+                where, ": expected x as a contiguous [rows, n] float32 CPU tensor, got ",
+                x.describe());
+  KVCACHE_CHECK(weight.defined(), where, ": the quantized weight is undefined");
+  KVCACHE_CHECK(weight.cols() == x.size(1), where, ": expected x with ", weight.cols(),
+                " features (the weight's in), got ", x.shape_string());
+  if (bias.defined()) {
+    KVCACHE_CHECK(bias.rank() == 1 && bias.size(0) == weight.rows() &&
+                      bias.dtype() == DType::kFloat32 && bias.is_contiguous(),
+                  where, ": expected bias [", weight.rows(), "] float32, got ", bias.describe());
+  }
+}
+
 // Many rows without AMX: panels of weight rows dequantized exactly to float32, then Eigen's GEMM.
 void linear_panels(const Tensor& x, const QuantizedMatrix& w, const float* bias, float* y) {
   const std::int64_t rows = x.size(0), in = x.size(1), out = w.rows();
@@ -403,19 +419,7 @@ void linear_panels(const Tensor& x, const QuantizedMatrix& w, const float* bias,
 }  // namespace
 
 Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias) {
-  const char* where = "cpu::linear";
-  KVCACHE_CHECK(x.defined() && x.rank() == 2 && x.dtype() == DType::kFloat32 &&
-                    x.device() == Device::kCpu && x.is_contiguous(),
-                where, ": expected x as a contiguous [rows, n] float32 CPU tensor, got ",
-                x.describe());
-  KVCACHE_CHECK(weight.defined(), where, ": the quantized weight is undefined");
-  KVCACHE_CHECK(weight.cols() == x.size(1), where, ": expected x with ", weight.cols(),
-                " features (the weight's in), got ", x.shape_string());
-  if (bias.defined()) {
-    KVCACHE_CHECK(bias.rank() == 1 && bias.size(0) == weight.rows() &&
-                      bias.dtype() == DType::kFloat32 && bias.is_contiguous(),
-                  where, ": expected bias [", weight.rows(), "] float32, got ", bias.describe());
-  }
+  check_linear_args(x, weight, bias);
   Tensor y = Tensor::empty({x.size(0), weight.rows()}, DType::kFloat32);
   if (x.size(0) == 0) return y;
   const float* b = bias.defined() ? bias.data_as<float>() : nullptr;
@@ -434,6 +438,65 @@ Tensor linear(const Tensor& x, const Weight& weight, const Tensor& bias) {
   KVCACHE_CHECK(weight.defined(), "cpu::linear: the weight is undefined");
   return weight.is_quantized() ? linear(x, weight.quantized(), bias)
                                : linear(x, weight.dense(), bias);
+}
+
+std::vector<Tensor> linear_fused(const Tensor& x, std::span<const Weight* const> weights,
+                                 std::span<const Tensor* const> biases) {
+  const char* where = "cpu::linear_fused";
+  KVCACHE_CHECK(biases.empty() || biases.size() == weights.size(), where, ": expected ",
+                weights.size(), " biases (one per weight) or none, got ", biases.size());
+  auto bias_of = [&](std::size_t i) { return biases.empty() ? Tensor() : *biases[i]; };
+  bool fusable = !weights.empty() && x.defined() && x.rank() == 2 && x.size(0) <= kGemvRows;
+  for (const Weight* w : weights) {
+    fusable = fusable && w != nullptr && w->is_quantized() &&
+              w->quantized().format() == weights[0]->quantized().format();
+  }
+  std::vector<Tensor> out;
+  if (!fusable) {
+    for (std::size_t i = 0; i < weights.size(); ++i) {
+      KVCACHE_CHECK(weights[i] != nullptr, where, ": weight ", i, " is null");
+      out.push_back(linear(x, *weights[i], bias_of(i)));
+    }
+    return out;
+  }
+  // Every check linear() makes, before anything is computed.
+  std::int64_t total = 0;
+  for (std::size_t i = 0; i < weights.size(); ++i) {
+    const QuantizedMatrix& w = weights[i]->quantized();
+    check_linear_args(x, w, bias_of(i));
+    out.push_back(Tensor::empty({x.size(0), w.rows()}, DType::kFloat32));
+    total += w.rows();
+  }
+  if (x.size(0) == 0) return out;
+  thread_local quant::QuantizedX scratch;
+  quant::QuantizedX& qx = scratch;  // see linear_gemv
+  quant::quantize_x(weights[0]->quantized().format(), x.data_as<float>(), x.size(0), x.size(1),
+                    qx);
+  const CpuIsa isa = active_cpu_isa();
+#pragma omp parallel
+  {
+    // This thread's share of the outputs of all weights, as one range cut at quads of rows.
+    const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const std::int64_t quads = (total + 3) / 4;
+    const std::int64_t begin = std::min(total, quads * t / threads * 4),
+                       end = std::min(total, quads * (t + 1) / threads * 4);
+    std::int64_t offset = 0;
+    for (std::size_t i = 0; i < weights.size(); ++i) {
+      const QuantizedMatrix& w = weights[i]->quantized();
+      const std::int64_t o0 = std::clamp(begin - offset, std::int64_t{0}, w.rows()),
+                         o1 = std::clamp(end - offset, std::int64_t{0}, w.rows());
+      offset += w.rows();
+      if (o0 >= o1) continue;
+      const Tensor b = bias_of(i);
+      const float* bp = b.defined() ? b.data_as<float>() : nullptr;
+      if (isa >= CpuIsa::kAvx512Vnni) {
+        quant::gemv_avx512(w, qx, o0, o1, bp, out[i].data_as<float>());
+      } else {
+        quant::gemv_portable(w, qx, o0, o1, bp, out[i].data_as<float>());
+      }
+    }
+  }
+  return out;
 }
 
 Tensor embedding(const QuantizedMatrix& table, const Tensor& ids) {

@@ -249,6 +249,36 @@ TEST_P(QuantizedFormats, EmbeddingRowsAreExact) {
   EXPECT_KVCACHE_ERROR(cpu::embedding(weight, ids), "token ids in [0, 11)");
 }
 
+TEST_P(QuantizedFormats, FusedProjectionsEqualSeparateOnes) {
+  const QuantFormat f = GetParam();
+  std::mt19937 rng(8);
+  const std::int64_t in = 96;
+  const cpu::Weight a = QuantizedMatrix::from_ggml(f, random_ggml(f, 13, in, rng), 13, in);
+  const cpu::Weight b = QuantizedMatrix::from_ggml(f, random_ggml(f, 3, in, rng), 3, in);
+  const cpu::Weight c = QuantizedMatrix::from_ggml(f, random_ggml(f, 29, in, rng), 29, in);
+  const Tensor bias_b = testing::random_tensor({3}, DType::kFloat32, rng);
+  const Tensor none;
+  const cpu::Weight* weights[] = {&a, &b, &c};
+  const Tensor* biases[] = {&none, &bias_b, &none};
+  for (const std::int64_t rows : {1, 3, 4, 7}) {  // 7 rows: not fused, one linear() each
+    const Tensor x = testing::random_tensor({rows, in}, DType::kFloat32, rng);
+    const std::vector<Tensor> fused = cpu::linear_fused(x, weights, biases);
+    ASSERT_EQ(fused.size(), 3u);
+    for (std::size_t i = 0; i < 3; ++i) {
+      const Tensor alone = cpu::linear(x, *weights[i], *biases[i]);
+      EXPECT_EQ(floats(fused[i]), floats(alone)) << "rows " << rows << " weight " << i;
+    }
+  }
+  // A bad bias is reported before anything is computed, naming what was expected.
+  const Tensor wrong = Tensor::zeros({4}, DType::kFloat32);
+  const Tensor* bad[] = {&none, &wrong, &none};
+  EXPECT_KVCACHE_ERROR(cpu::linear_fused(Tensor::zeros({1, in}, DType::kFloat32), weights, bad),
+                       "expected bias [3] float32");
+  const Tensor* two[] = {&none, &none};
+  EXPECT_KVCACHE_ERROR(cpu::linear_fused(Tensor::zeros({1, in}, DType::kFloat32), weights, two),
+                       "expected 3 biases");
+}
+
 INSTANTIATE_TEST_SUITE_P(Quantized, QuantizedFormats,
                          ::testing::Values(QuantFormat::kQ8_0, QuantFormat::kQ4_1),
                          [](const auto& info) { return std::string(quant_format_name(info.param)); });

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <span>
 #include <string_view>
+#include <vector>
 
 #include "kvcache/tensor.hpp"
 
@@ -123,6 +124,14 @@ Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias
 
 /// linear() for either kind of weight.
 Tensor linear(const Tensor& x, const Weight& weight, const Tensor& bias = Tensor());
+
+/// Several projections of one x (q/k/v; gate/up): the same as linear(x, weights[i], biases[i])
+/// for each i, but when every weight is quantized in one format and x has ≤ 4 rows, x is
+/// quantized once and all outputs are computed in one parallel region (their rows split across
+/// threads as one range), which saves a fork/join and a quantization per extra weight on every
+/// decode step. `biases` is empty or has one (possibly undefined) tensor per weight.
+std::vector<Tensor> linear_fused(const Tensor& x, std::span<const Weight* const> weights,
+                                 std::span<const Tensor* const> biases = {});
 
 /// Rows of a quantized `table` [vocab, hidden] picked by `ids` (int64, values checked), exactly
 /// dequantized: returns [numel(ids), hidden] float32.
