@@ -14,6 +14,7 @@
 #endif
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "quant_kernels.hpp"
@@ -185,6 +186,49 @@ KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std
 }
 
 }  // namespace
+
+KVCACHE_AVX512 void quantize_x_avx512(QuantFormat format, const float* x, std::int64_t rows,
+                                      std::int64_t cols, QuantizedX& out) {
+  const std::int64_t nb = cols / kQuantBlock, per_chunk = blocks_per_chunk(format);
+  const std::int64_t lanes_per_block = 16 / per_chunk;
+  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (std::int64_t r = 0; r < rows; ++r) {
+    std::int8_t* q = out.q.data() + r * cols;
+    for (std::int64_t b = 0; b < nb; ++b) {
+      const float* v = x + r * cols + b * kQuantBlock;
+      const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, sign_off),
+                                                             _mm512_and_ps(v1, sign_off)));
+      // The same float operations as the portable quantize_x, rounded the same way (to nearest
+      // even, the MXCSR default), so both give identical bytes.
+      const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + x_index(format, b, 0, nb)),
+                       _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + x_index(format, b, 16, nb)),
+                       _mm512_cvtsepi32_epi8(q1));
+      const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      out.d[static_cast<std::size_t>(r * nb + b)] = d;
+      out.s[static_cast<std::size_t>(r * nb + b)] = d * static_cast<float>(sum);
+      float* rep = out.drep.data() + (r * out.chunks + b / per_chunk) * 16;
+      for (std::int64_t l = 0; l < lanes_per_block; ++l) rep[(b % per_chunk) * lanes_per_block + l] = d;
+    }
+    if (format == QuantFormat::kQ8_0) {
+      // −128 · (sum of each lane's four bytes): VPDPBUSD of 128s against the bytes, negated.
+      const __m512i k128 = _mm512_set1_epi8(static_cast<char>(0x80));
+      std::int32_t* corr = out.corr.data() + r * (cols / 4);
+      for (std::int64_t c = 0; c < cols; c += 64) {
+        const std::int64_t n = std::min<std::int64_t>(64, cols - c);  // 64 or 32 bytes
+        const __mmask64 m = ~0ULL >> (64 - n);
+        const __m512i sums =
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), k128, _mm512_maskz_loadu_epi8(m, q + c));
+        _mm512_mask_storeu_epi32(corr + c / 4, static_cast<__mmask16>(0xFFFFu >> (16 - n / 4)),
+                                 _mm512_sub_epi32(_mm512_setzero_si512(), sums));
+      }
+    }
+  }
+}
 
 void gemv_avx512(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o0, std::int64_t o1,
                  const float* bias, float* y) {

@@ -49,6 +49,10 @@ struct QuantizedX {
 void quantize_x(QuantFormat format, const float* x, std::int64_t rows, std::int64_t cols,
                 QuantizedX& out);
 
+// The same bytes and scales from AVX-512 (sizes already set by quantize_x, which calls it).
+void quantize_x_avx512(QuantFormat format, const float* x, std::int64_t rows, std::int64_t cols,
+                       QuantizedX& out);
+
 // y[r, o] = Σ_blocks (weight row o's block · x row r's block) + bias[o] for o in [o0, o1), every
 // x row of `x`; y is [x.rows, out] row-major. Portable and AVX-512 VNNI versions compute the same
 // integers and differ only in float32 summation order.

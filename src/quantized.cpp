@@ -279,6 +279,10 @@ void quantize_x(QuantFormat format, const float* x, std::int64_t rows, std::int6
   out.s.resize(static_cast<std::size_t>(rows * nb));
   out.drep.assign(static_cast<std::size_t>(rows * out.chunks * 16), 0.0f);
   out.corr.resize(static_cast<std::size_t>(rows * cols / 4));
+  if (active_cpu_isa() >= CpuIsa::kAvx512Vnni) {
+    quantize_x_avx512(format, x, rows, cols, out);
+    return;
+  }
   const std::int64_t lanes_per_block = 16 / per_chunk;
   for (std::int64_t r = 0; r < rows; ++r) {
     std::int8_t* q = out.q.data() + r * cols;
