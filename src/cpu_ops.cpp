@@ -200,6 +200,7 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps) {
   const std::int64_t rows = x.size(0), n = x.size(1);
   Tensor y = Tensor::empty({rows, n}, DType::kFloat32);
   const float* w = weight.data_as<float>();
+#pragma omp parallel for schedule(static) if (rows > 16)
   for (std::int64_t r = 0; r < rows; ++r) {
     const float* in = x.data_as<float>() + r * n;
     float* out = y.data_as<float>() + r * n;
@@ -223,8 +224,24 @@ Tensor silu_mul(const Tensor& gate, const Tensor& up) {
   const float* u = up.data_as<float>();
   float* o = y.data_as<float>();
   const std::int64_t n = gate.numel();
+  // silu(g) = g / (1 + e^−g), as torch computes it in float32; e^x sixteen lanes at a time where
+  // the build has AVX-512 (within about 1 ulp of expf; prefill spent an eighth of its time in
+  // scalar expf).
+  const std::int64_t chunks = (n + 1023) / 1024;
 #pragma omp parallel for schedule(static) if (n > 65536)
-  for (std::int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  for (std::int64_t c = 0; c < chunks; ++c) {
+    const std::int64_t end = std::min(n, (c + 1) * 1024);
+    std::int64_t i = c * 1024;
+#ifdef __AVX512F__
+    for (; i + 16 <= end; i += 16) {
+      const __m512 gv = _mm512_loadu_ps(g + i);
+      const __m512 e = simd::exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+      _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                            _mm512_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < end; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
   return y;
 }
 
@@ -235,7 +252,9 @@ void add_inplace(const Tensor& y, const Tensor& x) {
                 y.describe(), " and ", x.describe());
   float* a = y.data_as<float>();
   const float* b = x.data_as<float>();
-  for (std::int64_t i = 0; i < y.numel(); ++i) a[i] += b[i];
+  const std::int64_t n = y.numel();
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (std::int64_t i = 0; i < n; ++i) a[i] += b[i];
 }
 
 Tensor embedding(const Tensor& table, const Tensor& ids) {

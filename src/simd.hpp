@@ -93,4 +93,27 @@ inline Vec16 load16(const bfloat16* p) {
   return v;
 }
 
+#ifdef __AVX512F__
+// e^x for sixteen floats, within about 1 ulp of expf: e^x = 2^n · e^r with n = round(x·log2 e)
+// and r = x − n·ln 2 (ln 2 in two parts, so r is exact to float precision), e^r from Cephes'
+// degree-6 polynomial on |r| ≤ ln2/2, and 2^n applied by VSCALEFPS (which overflows to +inf and
+// underflows through the subnormals to 0 as expf does). Inputs are clamped to [-104, 89] first,
+// past where expf is already 0 or +inf, so r stays finite; NaN comes out finite.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 er = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(er, n);
+}
+#endif
+
 }  // namespace kvcache::cpu::simd
