@@ -8,8 +8,9 @@
 //   block dot products are exact integers, scaled and summed in float32. The weights are used
 //   exactly; the error is x's rounding (at most half a step, amax/254, per element).
 // - More rows (prefill): with AMX-BF16 (Sapphire Rapids and later) each weight is dequantized
-//   exactly (d·q + m in float32) and rounded to bfloat16, x is rounded to bfloat16, and products
-//   are accumulated in float32 by the tile unit. Without AMX, weights are dequantized exactly to
+//   exactly (d·q + m in float32) and rounded to bfloat16, x is rounded to bfloat16 (elements below
+//   float32's normal range, |x| < 2⁻¹²⁶, count as zero), and products are accumulated in float32
+//   by the tile unit, starting from the bias. Without AMX, weights are dequantized exactly to
 //   float32 a panel at a time and multiplied in float32 (no rounding beyond float32's).
 // - Exact float32 throughout is one load option away (LoadOptions::dtype = kFloat32 dequantizes
 //   every matrix once at load); the real-model parity tests use it.
