@@ -94,6 +94,14 @@ std::map<DType, LlamaModel>& models() {
   return built;
 }
 
+constexpr kvcache::cpu::QuantFormat kFormats[] = {kvcache::cpu::QuantFormat::kQ8_0,
+                                                  kvcache::cpu::QuantFormat::kQ4_1};
+
+// "q8_0" / "q4_1".
+std::string format_name(kvcache::cpu::QuantFormat f) {
+  return f == kvcache::cpu::QuantFormat::kQ8_0 ? "q8_0" : "q4_1";
+}
+
 // How the default model (SmolLM2-135M-Instruct Q4_1, installed by scripts/setup-model.sh) is held:
 // as its blocks (no dtype; greedy_decode's default) or dequantized at load to a dtype.
 using Holding = std::optional<DType>;
@@ -118,6 +126,24 @@ const LlamaModel& default_model(Holding h) {
   if (it == default_models().end()) {
     it = default_models()
              .emplace(h, LlamaModel::from_gguf(KVCACHE_DEFAULT_MODEL_PATH, {.dtype = h}))
+             .first;
+  }
+  return it->second;
+}
+
+// The random-weight model quantized at load (LoadOptions::quantize), like a GGUF file of that
+// format: Q8_0 for llama.cpp's Q8_0 figures, Q4_1 beside the real file.
+const LlamaModel& quantized_model(kvcache::cpu::QuantFormat format) {
+  static std::map<kvcache::cpu::QuantFormat, LlamaModel> built;
+  auto it = built.find(format);
+  if (it == built.end()) {
+    const kvcache::ModelConfig config = smollm2_135m_config();
+    it = built
+             .emplace(format, LlamaModel::from_weights(
+                                  config,
+                                  kvcache::random_llama_weights(config, kWeightSeed,
+                                                                DType::kFloat32, kWeightScale),
+                                  {.quantize = format}))
              .first;
   }
   return it->second;
@@ -161,9 +187,24 @@ Tensor random_states(std::int64_t seq_len, std::uint32_t seed) {
 
 // One decode step on a cache holding `context` tokens in every layer: forward of one token with
 // the LM head for it alone, the greedy choice, then the cache cropped back to `context`.
+void decode_steps(benchmark::State& state, const LlamaModel& m);
+void prefill_runs(benchmark::State& state, const LlamaModel& m);
+
 void bm_greedy_decode_cpu(benchmark::State& state, DType dtype, std::optional<Holding> real) {
+  decode_steps(state, model(dtype, real));
+}
+void bm_greedy_prefill_cpu(benchmark::State& state, DType dtype, std::optional<Holding> real) {
+  prefill_runs(state, model(dtype, real));
+}
+void bm_quantized_decode_cpu(benchmark::State& state, kvcache::cpu::QuantFormat format) {
+  decode_steps(state, quantized_model(format));
+}
+void bm_quantized_prefill_cpu(benchmark::State& state, kvcache::cpu::QuantFormat format) {
+  prefill_runs(state, quantized_model(format));
+}
+
+void decode_steps(benchmark::State& state, const LlamaModel& m) {
   const std::int64_t context = state.range(0);
-  const LlamaModel& m = model(dtype, real);
   const double stream = kvcache::bench::streaming_bytes_per_second();
   // Filled directly (no prefill through the model): the same random K/V in every layer.
   DynamicCache<> cache;
@@ -198,9 +239,8 @@ void bm_greedy_decode_cpu(benchmark::State& state, DType dtype, std::optional<Ho
 }
 
 // One forward of a prompt into an empty cache, LM head for the last position, greedy choice.
-void bm_greedy_prefill_cpu(benchmark::State& state, DType dtype, std::optional<Holding> real) {
+void prefill_runs(benchmark::State& state, const LlamaModel& m) {
   const std::int64_t tokens = state.range(0);
-  const LlamaModel& m = model(dtype, real);
   DynamicCache<> cache;
   const kvcache::ForwardArgs args{.input_ids = random_tokens(tokens, 4),
                                   .attention_mask = kvcache::ones_mask(1, tokens),
@@ -269,6 +309,19 @@ void register_benchmarks() {
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
     }
+  }
+  for (const kvcache::cpu::QuantFormat f : kFormats) {
+    const std::string suffix = "/random_" + format_name(f);
+    benchmark::RegisterBenchmark(("BM_GreedyDecodeCpu" + suffix).c_str(), bm_quantized_decode_cpu, f)
+        ->Arg(kShortContext)
+        ->ArgName("ctx")
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(("BM_GreedyPrefillCpu" + suffix).c_str(), bm_quantized_prefill_cpu,
+                                 f)
+        ->Arg(kPrefillTokens)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
   }
   for (DType dtype : kDTypes) {
     benchmark::RegisterBenchmark(kvcache::bench::family_name("BM_GreedyGenerateCpu", dtype).c_str(),
@@ -375,6 +428,27 @@ void print_summary(const CollectingReporter& reporter) {
     std::printf("  prefill %7.1f tokens/s                      llama.cpp 1793 best: %s; 384 "
                 "without AMX: %s\n",
                 prefill, verdict(prefill, 1793.0).c_str(), verdict(prefill, 384.0).c_str());
+  }
+
+  // The random-weight model quantized at load, against llama.cpp's figures for those formats
+  // (issue #4: Q8_0 169 / 1977, Q4_1 241 / 1793, best build).
+  for (const kvcache::cpu::QuantFormat f : kFormats) {
+    const std::string suffix = "/random_" + format_name(f);
+    const double decode = reporter.counter(
+        "BM_GreedyDecodeCpu" + suffix + "/ctx:" + std::to_string(kShortContext), "tokens_per_s");
+    const double prefill = reporter.counter(
+        "BM_GreedyPrefillCpu" + suffix + "/" + std::to_string(kPrefillTokens), "tokens_per_s");
+    if (decode < 0 && prefill < 0) continue;
+    const bool q8 = f == kvcache::cpu::QuantFormat::kQ8_0;
+    const double peer_decode = q8 ? 169.0 : 241.0, peer_prefill = q8 ? 1977.0 : 1793.0;
+    std::printf("Random weights quantized to %s: decode %.1f tokens/s (%.2f of the floor; llama.cpp "
+                "%.0f: %s), prefill %.1f tokens/s (llama.cpp %.0f: %s)\n",
+                format_name(f).c_str(), decode,
+                reporter.counter("BM_GreedyDecodeCpu" + suffix + "/ctx:" +
+                                     std::to_string(kShortContext),
+                                 "floor_ratio"),
+                peer_decode, verdict(decode, peer_decode).c_str(), prefill, peer_prefill,
+                verdict(prefill, peer_prefill).c_str());
   }
 
   for (DType dtype : kDTypes) {
