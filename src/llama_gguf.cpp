@@ -1,6 +1,9 @@
 // Llama-family models from GGUF files: metadata to ModelConfig, llama.cpp's tensor names to
 // transformers', and the q/k row permutation llama.cpp's converter applies undone, so the model
 // (and its rotate_half RoPE) sees exactly the weights transformers sees when it loads the file.
+#include <cstdint>
+#include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -94,26 +97,36 @@ ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
 LlamaModel LlamaModel::from_gguf(const std::string& path, LoadOptions options) {
   const GgufFile file = GgufFile::open(path);
   ModelConfig config = ModelConfig::from_gguf(file);
-  // Q8_0 and Q4_1 matrices are repacked as blocks (from_weights dequantizes them if options ask
-  // for a dtype); every other served type is read as float32.
+  // Q8_0, Q4_1 and Q4_0 matrices are repacked as blocks (from_weights dequantizes them if options
+  // ask for a dtype).
   std::vector<std::pair<std::string, cpu::Weight>> weights;
   auto take = [&](const std::string& gguf_name, const std::string& name,
                   std::int64_t unpermute_heads = 0) {
     const GgufTensorInfo* info = file.find_tensor(gguf_name);
     if (info == nullptr) return;
-    const bool blocks = info->ne.size() == 2 &&
-                        (info->type == GgufType::kQ8_0 || info->type == GgufType::kQ4_1);
-    if (blocks) {
+    const bool matrix = info->ne.size() == 2;
+    const std::span<const std::byte> bytes{file.data(*info), static_cast<std::size_t>(info->nbytes)};
+    std::optional<cpu::QuantizedMatrix> blocks;
+    if (matrix && (info->type == GgufType::kQ8_0 || info->type == GgufType::kQ4_1)) {
       const auto format =
           info->type == GgufType::kQ4_1 ? cpu::QuantFormat::kQ4_1 : cpu::QuantFormat::kQ8_0;
-      cpu::QuantizedMatrix m = cpu::QuantizedMatrix::from_ggml(
-          format, {file.data(*info), static_cast<std::size_t>(info->nbytes)}, info->ne[1],
-          info->ne[0]);
-      if (unpermute_heads > 0) m = m.gather_rows(unpermuted_order(m.rows(), unpermute_heads));
-      weights.emplace_back(name, std::move(m));
+      blocks = cpu::QuantizedMatrix::from_ggml(format, bytes, info->ne[1], info->ne[0]);
+    } else if (matrix && info->type == GgufType::kQ4_0) {
+      blocks = cpu::QuantizedMatrix::from_ggml_q4_0(bytes, info->ne[1], info->ne[0]);
+    }
+    if (blocks) {
+      if (unpermute_heads > 0)
+        blocks = blocks->gather_rows(unpermuted_order(blocks->rows(), unpermute_heads));
+      weights.emplace_back(name, std::move(*blocks));
       return;
     }
-    Tensor t = file.to_float32(gguf_name);
+    // F32 / F16 / BF16 are used in place from the mapping (from_weights converts or copies them
+    // as options say); anything else, or data the file left misaligned, is read as float32.
+    const bool plain = info->type == GgufType::kF32 || info->type == GgufType::kF16 ||
+                       info->type == GgufType::kBF16;
+    const std::size_t element = info->type == GgufType::kF32 ? 4 : 2;
+    const bool aligned = reinterpret_cast<std::uintptr_t>(file.data(*info)) % element == 0;
+    Tensor t = plain && aligned ? file.view(gguf_name) : file.to_float32(gguf_name);
     if (unpermute_heads > 0) t = gather_rows(t, unpermuted_order(t.size(0), unpermute_heads));
     weights.emplace_back(name, std::move(t));
   };

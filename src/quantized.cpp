@@ -86,6 +86,32 @@ QuantizedMatrix QuantizedMatrix::from_ggml(QuantFormat format, std::span<const s
   return m;
 }
 
+std::optional<QuantizedMatrix> QuantizedMatrix::from_ggml_q4_0(std::span<const std::byte> blocks,
+                                                               std::int64_t rows,
+                                                               std::int64_t cols) {
+  const char* where = "QuantizedMatrix::from_ggml_q4_0";
+  check_shape(QuantFormat::kQ4_1, rows, cols, where);
+  constexpr std::size_t kQ4_0 = 18;  // fp16 d, 16 bytes of nibbles
+  const std::size_t count = static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols / 32);
+  KVCACHE_CHECK(count <= blocks.size() / kQ4_0 && blocks.size() == count * kQ4_0, where,
+                ": expected ", count, " Q4_0 blocks (", count * kQ4_0, " bytes) for [", rows, ", ",
+                cols, "], got ", blocks.size(), " bytes");
+  std::vector<std::byte> q4_1(count * 20);
+  for (std::size_t b = 0; b < count; ++b) {
+    const std::byte* in = blocks.data() + b * kQ4_0;
+    std::byte* out = q4_1.data() + b * 20;
+    std::uint16_t d_bits;
+    std::memcpy(&d_bits, in, 2);
+    const float m = -8.0f * fp16_to_float(float16{d_bits});
+    if (!std::isfinite(m) || std::fabs(m) > 65504.0f) return std::nullopt;
+    const std::uint16_t m_bits = float_to_fp16(m).bits;  // exact: a power-of-two multiple
+    std::memcpy(out, in, 2);
+    std::memcpy(out + 2, &m_bits, 2);
+    std::memcpy(out + 4, in + 2, 16);
+  }
+  return from_ggml(QuantFormat::kQ4_1, q4_1, rows, cols);
+}
+
 QuantizedMatrix QuantizedMatrix::quantize(const Tensor& weight, QuantFormat format) {
   const char* where = "QuantizedMatrix::quantize";
   KVCACHE_CHECK(weight.defined() && weight.rank() == 2 && is_floating(weight.dtype()) &&

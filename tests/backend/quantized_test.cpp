@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -299,6 +300,32 @@ TEST(Quantized, RealBlocksOfTheDefaultModelKeepTheirValues) {
     ++checked;
   }
   EXPECT_GE(checked, 2);
+}
+
+TEST(Quantized, Q4_0BlocksBecomeQ4_1WithTheSameValues) {
+  std::mt19937 rng(9);
+  const std::int64_t rows = 5, cols = 96;
+  std::vector<std::byte> q4_0(static_cast<std::size_t>(rows * cols / 32) * 18);
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (auto& b : q4_0) b = static_cast<std::byte>(byte(rng));
+  for (std::size_t b = 0; b < q4_0.size() / 18; ++b) {
+    // Scales of every size fp16 has that 8·d does not overflow, signs included, zero too.
+    const float d = b == 0 ? 0.0f : std::ldexp(b % 2 ? 1.0f : -1.0f, static_cast<int>(b % 36) - 24);
+    const std::uint16_t bits = float_to_fp16(d).bits;
+    std::memcpy(q4_0.data() + b * 18, &bits, 2);
+  }
+  const std::optional<QuantizedMatrix> m = QuantizedMatrix::from_ggml_q4_0(q4_0, rows, cols);
+  ASSERT_TRUE(m.has_value());
+  EXPECT_EQ(m->format(), QuantFormat::kQ4_1);
+  std::vector<float> expected(static_cast<std::size_t>(rows * cols));
+  dequantize_row(GgufType::kQ4_0, q4_0.data(), expected.data(), rows * cols);
+  EXPECT_EQ(floats(m->dequantize()), expected);  // bit for bit
+  // A scale whose 8·d overflows fp16 cannot be a Q4_1 minimum: no matrix, the caller dequantizes.
+  const std::uint16_t big = float_to_fp16(10000.0f).bits;
+  std::memcpy(q4_0.data() + 18, &big, 2);
+  EXPECT_FALSE(QuantizedMatrix::from_ggml_q4_0(q4_0, rows, cols).has_value());
+  EXPECT_KVCACHE_ERROR(QuantizedMatrix::from_ggml_q4_0(q4_0, rows + 1, cols),
+                       "expected 18 Q4_0 blocks (324 bytes) for [6, 96], got 270 bytes");
 }
 
 TEST(Quantized, BadShapesAndInputsAreClearErrors) {

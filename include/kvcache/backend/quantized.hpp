@@ -18,6 +18,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -54,6 +55,13 @@ class QuantizedMatrix {
   /// of 32, rows is not positive, or `blocks` does not hold exactly the bytes the shape needs.
   static QuantizedMatrix from_ggml(QuantFormat format, std::span<const std::byte> blocks,
                                    std::int64_t rows, std::int64_t cols);
+
+  /// ggml's Q4_0 blocks (fp16 d, 32 4-bit q; weight = d·(q − 8)) held as Q4_1 with m = −8·d,
+  /// which gives every weight bit for bit (q·d and 8·d are exact in float32, so is their sum) at
+  /// 20 bytes per block instead of 18. Empty when some 8·d overflows fp16 (|d| > 8188); the
+  /// caller dequantizes such a tensor instead. Sizes are checked as in from_ggml.
+  static std::optional<QuantizedMatrix> from_ggml_q4_0(std::span<const std::byte> blocks,
+                                                       std::int64_t rows, std::int64_t cols);
 
   /// Quantizes a float [rows, cols] CPU tensor (float32/bfloat16/float16) with ggml's reference
   /// rounding (Q8_0: d = amax/127, q = round(w/d); Q4_1: d = (max−min)/15, m = min,

@@ -57,9 +57,11 @@ class LlamaModel {
 
   /// Loads a llama-architecture GGUF file (llama.cpp's format): the config from its metadata, the
   /// weights under transformers' names with llama.cpp's q/k row permutation undone. Q8_0 and
-  /// Q4_1 matrices stay quantized by default (the default model holds 92 MiB of blocks); with
-  /// options.dtype they are dequantized once at load (the default model: 538 MB as float32,
-  /// 269 MB as bfloat16). Q4_0 is dequantized to float32 (or options.dtype) in any case.
+  /// Q4_1 matrices stay quantized by default (the default model holds 92 MiB of blocks), Q4_0 ones
+  /// too, as Q4_1 blocks with the same values (11% more bytes); F32/F16/BF16 tensors are used in
+  /// place from the mapping. With options.dtype quantized matrices are dequantized once at load
+  /// (the default model: 538 MB as float32, 269 MB as bfloat16). Other types are errors naming
+  /// the type.
   static LlamaModel from_gguf(const std::string& path, LoadOptions options = {});
 
   const ModelConfig& config() const { return config_; }
