@@ -11,6 +11,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // g++ 12: _mm512_undefined_* in intrinsics
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments between this file's own functions
 #endif
 #include <immintrin.h>
 
@@ -36,11 +37,14 @@ KVCACHE_AVX512 inline void prefetch_ahead(const std::uint8_t* row, std::size_t b
 
 // The four horizontal sums of a, b, c, d as one 128-bit vector [Σa, Σb, Σc, Σd]: about half the
 // operations of four separate reductions, which matter when a row is only 4.5 groups long.
+// (Helpers are functions, not lambdas: a lambda does not inherit the target attribute, and without
+// -march=native its intrinsics fail to inline.)
+KVCACHE_AVX512 inline __m256 half(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v),
+                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
 KVCACHE_AVX512 inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  auto half = [](__m512 v) {
-    return _mm256_add_ps(_mm512_castps512_ps256(v),
-                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  };
   const __m256 ab = _mm256_hadd_ps(half(a), half(b)), cd = _mm256_hadd_ps(half(c), half(d));
   const __m256 abcd = _mm256_hadd_ps(ab, cd);  // [a b c d | a b c d] partial sums
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
@@ -56,44 +60,49 @@ KVCACHE_AVX512 inline void reduce_rows(const __m512 (&acc)[RB], float* out) {
   }
 }
 
-// Q4_1: RB consecutive weight rows (from p, row_bytes apart) against R rows of x; sums[i][r].
-// Each group's x bytes and scales are loaded once for all RB rows.
+// Q4_1, one group of n ≤ 4 blocks at payload byte g·64 (`m` masks its 16·n bytes) of RB
+// consecutive weight rows (from p, row_bytes apart) against R rows of x, into acc[r][i]. The
+// group's x bytes and scales are loaded once for all RB rows.
+template <int RB, int R>
+KVCACHE_AVX512 inline void q4_1_group(const std::uint8_t* p, std::size_t row_bytes,
+                                      std::int64_t nb, const QuantizedX& x, std::int64_t g,
+                                      std::int64_t n, __mmask64 m, __m512 (&acc)[R][RB]) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512i xlo[R], xhi[R];
+  __m512 xd[R];
+  for (int r = 0; r < R; ++r) {
+    const std::int8_t* xq = x.q_row(r) + g * 128;
+    xlo[r] = _mm512_maskz_loadu_epi8(m, xq);
+    xhi[r] = _mm512_maskz_loadu_epi8(m, xq + 16 * n);
+    xd[r] = _mm512_loadu_ps(x.drep_row(r) + g * 16);
+  }
+  for (int i = 0; i < RB; ++i) {
+    const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
+    const __m512i v = _mm512_maskz_loadu_epi8(m, row + g * 64);
+    const __m512i lo = _mm512_and_si512(v, low4);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    const __m128i d4 =
+        _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), row + nb * 16 + g * 8);
+    const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d4)));
+    for (int r = 0; r < R; ++r) {
+      const __m512i dot = _mm512_dpbusd_epi32(
+          _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[r]), hi, xhi[r]);
+      acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, xd[r]), acc[r][i]);
+    }
+  }
+}
+
+// Q4_1: RB consecutive weight rows against R rows of x; sums[r][i].
 template <int RB, int R>
 KVCACHE_AVX512 inline void q4_1_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
                                      const QuantizedX& x, float (&sums)[R][RB]) {
   const std::int64_t full = nb / 4, tail = nb % 4;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   __m512 acc[R][RB];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
-  // One group of n ≤ 4 blocks at payload byte g·64; `m` masks its 16·n bytes.
-  auto group = [&](std::int64_t g, std::int64_t n, __mmask64 m) {
-    __m512i xlo[R], xhi[R];
-    __m512 xd[R];
-    for (int r = 0; r < R; ++r) {
-      const std::int8_t* xq = x.q_row(r) + g * 128;
-      xlo[r] = _mm512_maskz_loadu_epi8(m, xq);
-      xhi[r] = _mm512_maskz_loadu_epi8(m, xq + 16 * n);
-      xd[r] = _mm512_loadu_ps(x.drep_row(r) + g * 16);
-    }
-    for (int i = 0; i < RB; ++i) {
-      const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
-      const __m512i v = _mm512_maskz_loadu_epi8(m, row + g * 64);
-      const __m512i lo = _mm512_and_si512(v, low4);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-      const __m128i d4 = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1),
-                                               row + nb * 16 + g * 8);
-      const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d4)));
-      for (int r = 0; r < R; ++r) {
-        const __m512i dot = _mm512_dpbusd_epi32(
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[r]), hi, xhi[r]);
-        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, xd[r]), acc[r][i]);
-      }
-    }
-  };
-  for (std::int64_t g = 0; g < full; ++g) group(g, 4, ~0ULL);
-  if (tail) group(full, tail, ~0ULL >> (64 - 16 * tail));
+  for (std::int64_t g = 0; g < full; ++g) q4_1_group<RB, R>(p, row_bytes, nb, x, g, 4, ~0ULL, acc);
+  if (tail) q4_1_group<RB, R>(p, row_bytes, nb, x, full, tail, ~0ULL >> (64 - 16 * tail), acc);
   // The minimums: Σ_b m_b · (d_x · Σq_x)_b, sixteen blocks at a time.
   for (std::int64_t b = 0; b < nb; b += 16) {
     const __mmask16 m = nb - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - b)) - 1);
@@ -101,48 +110,51 @@ KVCACHE_AVX512 inline void q4_1_rows(const std::uint8_t* p, std::size_t row_byte
       const __m512 s = _mm512_maskz_loadu_ps(m, x.s_row(r) + b);
       for (int i = 0; i < RB; ++i) {
         const std::uint8_t* mins = p + static_cast<std::size_t>(i) * row_bytes + nb * 18 + b * 2;
-        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, mins)), s, acc[r][i]);
+        acc[r][i] =
+            _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, mins)), s, acc[r][i]);
       }
     }
   }
   for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
 }
 
-// Q8_0: the same shape of loop, two blocks per 64 payload bytes, the accumulator starting from
-// −128·Σ(x bytes) per lane to undo the stored offset.
+// Q8_0, one chunk of n ≤ 2 blocks at payload byte c·64: the same shape as q4_1_group, the
+// accumulator starting from −128·Σ(x bytes) per lane to undo the stored offset.
+template <int RB, int R>
+KVCACHE_AVX512 inline void q8_0_chunk(const std::uint8_t* p, std::size_t row_bytes,
+                                      std::int64_t nb, const QuantizedX& x, std::int64_t c,
+                                      std::int64_t n, __m512 (&acc)[R][RB]) {
+  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __mmask64 m = n == 2 ? ~0ULL : 0xFFFFFFFFULL;
+  const __mmask16 lanes = n == 2 ? 0xFFFF : 0x00FF;
+  __m512i xq[R], start[R];
+  __m512 xd[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = _mm512_maskz_loadu_epi8(m, x.q_row(r) + c * 64);
+    start[r] = _mm512_maskz_loadu_epi32(lanes, x.corr_row(r) + c * 16);
+    xd[r] = _mm512_loadu_ps(x.drep_row(r) + c * 16);
+  }
+  for (int i = 0; i < RB; ++i) {
+    const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
+    const __m512i v = _mm512_maskz_loadu_epi8(m, row + c * 64);
+    const __m128i d2 =
+        _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), row + nb * 32 + c * 4);
+    const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d2)));
+    for (int r = 0; r < R; ++r) {
+      const __m512i dot = _mm512_dpbusd_epi32(start[r], v, xq[r]);
+      acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, xd[r]), acc[r][i]);
+    }
+  }
+}
+
 template <int RB, int R>
 KVCACHE_AVX512 inline void q8_0_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
                                      const QuantizedX& x, float (&sums)[R][RB]) {
-  const std::int64_t full = nb / 2;
-  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   __m512 acc[R][RB];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
-  // One chunk of n ≤ 2 blocks at payload byte c·64.
-  auto chunk = [&](std::int64_t c, std::int64_t n) {
-    const __mmask64 m = n == 2 ? ~0ULL : 0xFFFFFFFFULL;
-    const __mmask16 lanes = n == 2 ? 0xFFFF : 0x00FF;
-    __m512i xq[R], start[R];
-    __m512 xd[R];
-    for (int r = 0; r < R; ++r) {
-      xq[r] = _mm512_maskz_loadu_epi8(m, x.q_row(r) + c * 64);
-      start[r] = _mm512_maskz_loadu_epi32(lanes, x.corr_row(r) + c * 16);
-      xd[r] = _mm512_loadu_ps(x.drep_row(r) + c * 16);
-    }
-    for (int i = 0; i < RB; ++i) {
-      const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
-      const __m512i v = _mm512_maskz_loadu_epi8(m, row + c * 64);
-      const __m128i d2 = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1),
-                                               row + nb * 32 + c * 4);
-      const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d2)));
-      for (int r = 0; r < R; ++r) {
-        const __m512i dot = _mm512_dpbusd_epi32(start[r], v, xq[r]);
-        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, xd[r]), acc[r][i]);
-      }
-    }
-  };
-  for (std::int64_t c = 0; c < full; ++c) chunk(c, 2);
-  if (nb % 2) chunk(full, 1);
+  for (std::int64_t c = 0; c < nb / 2; ++c) q8_0_chunk<RB, R>(p, row_bytes, nb, x, c, 2, acc);
+  if (nb % 2) q8_0_chunk<RB, R>(p, row_bytes, nb, x, nb / 2, 1, acc);
   for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
 }
 
@@ -157,10 +169,6 @@ KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std
   const std::size_t row_bytes = w.row_bytes();
   const bool q41 = w.format() == QuantFormat::kQ4_1;
   const std::uint8_t* first = w.row(o0);
-  auto store = [&](std::int64_t o, int n, const float* sums_r, int r) {
-    for (int i = 0; i < n; ++i)
-      y[r * out + o + i] = sums_r[i] + (bias ? bias[o + i] : 0.0f);
-  };
   std::int64_t o = o0;
   for (; o + RB <= o1; o += RB) {
     const std::uint8_t* p = first + static_cast<std::size_t>(o - o0) * row_bytes;
@@ -171,7 +179,8 @@ KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std
     } else {
       q8_0_rows<RB, R>(p, row_bytes, nb, x, sums);
     }
-    for (int r = 0; r < R; ++r) store(o, RB, sums[r], r);
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < RB; ++i) y[r * out + o + i] = sums[r][i] + (bias ? bias[o + i] : 0.0f);
   }
   for (; o < o1; ++o) {
     const std::uint8_t* p = first + static_cast<std::size_t>(o - o0) * row_bytes;
@@ -181,7 +190,7 @@ KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std
     } else {
       q8_0_rows<1, R>(p, row_bytes, nb, x, sums);
     }
-    for (int r = 0; r < R; ++r) store(o, 1, sums[r], r);
+    for (int r = 0; r < R; ++r) y[r * out + o] = sums[r][0] + (bias ? bias[o] : 0.0f);
   }
 }
 
