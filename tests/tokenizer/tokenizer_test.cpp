@@ -220,14 +220,15 @@ TEST(TokenizerJson, EncodesAndDecodesLikeTransformers) {
     const Tokenizer tok =
         Tokenizer::from_json_file(kDataDir + "/" + ref["path"].get<std::string>());
     EXPECT_EQ(tok.vocab_size(), ref["vocab_size"].get<std::int64_t>());
-    auto id_or_none = [&](const char* key) -> std::optional<std::int64_t> {
-      if (ref[key].is_null()) return std::nullopt;
-      return ref[key].get<std::int64_t>();
+    // (ref passed in: clang 14 cannot capture a structured binding.)
+    auto id_or_none = [](const nlohmann::json& r, const char* key) -> std::optional<std::int64_t> {
+      if (r[key].is_null()) return std::nullopt;
+      return r[key].get<std::int64_t>();
     };
-    EXPECT_EQ(tok.bos_token_id(), id_or_none("bos_token_id"));
-    EXPECT_EQ(tok.eos_token_id(), id_or_none("eos_token_id"));
-    EXPECT_EQ(tok.pad_token_id(), id_or_none("pad_token_id"));
-    EXPECT_EQ(tok.unk_token_id(), id_or_none("unk_token_id"));
+    EXPECT_EQ(tok.bos_token_id(), id_or_none(ref, "bos_token_id"));
+    EXPECT_EQ(tok.eos_token_id(), id_or_none(ref, "eos_token_id"));
+    EXPECT_EQ(tok.pad_token_id(), id_or_none(ref, "pad_token_id"));
+    EXPECT_EQ(tok.unk_token_id(), id_or_none(ref, "unk_token_id"));
     EXPECT_EQ(tok.chat_template().has_value(), style == "smollm");
     EXPECT_EQ(tok.token_type(*tok.token_id("<extra>")), TokenType::kUserDefined);
     EXPECT_EQ(tok.token_type(*tok.token_id("<mask>")), TokenType::kControl);
