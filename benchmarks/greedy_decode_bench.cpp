@@ -297,8 +297,8 @@ void register_benchmarks() {
   }
   if (std::filesystem::exists(KVCACHE_DEFAULT_MODEL_PATH)) {
     for (Holding h : kHoldings) {
-      benchmark::RegisterBenchmark(real_name("BM_GreedyDecodeCpu", h).c_str(),
-                                   bm_greedy_decode_cpu, DType::kFloat32, h)
+      benchmark::RegisterBenchmark(real_name("BM_GreedyDecodeCpu", h).c_str(), bm_greedy_decode_cpu,
+                                   DType::kFloat32, h)
           ->Arg(kShortContext)
           ->ArgName("ctx")
           ->UseRealTime()
@@ -312,7 +312,8 @@ void register_benchmarks() {
   }
   for (const kvcache::cpu::QuantFormat f : kFormats) {
     const std::string suffix = "/random_" + format_name(f);
-    benchmark::RegisterBenchmark(("BM_GreedyDecodeCpu" + suffix).c_str(), bm_quantized_decode_cpu, f)
+    benchmark::RegisterBenchmark(("BM_GreedyDecodeCpu" + suffix).c_str(), bm_quantized_decode_cpu,
+                                 f)
         ->Arg(kShortContext)
         ->ArgName("ctx")
         ->UseRealTime()
@@ -418,16 +419,18 @@ void print_summary(const CollectingReporter& reporter) {
         real_name("BM_GreedyPrefillCpu", h) + "/" + std::to_string(kPrefillTokens), "tokens_per_s");
     if (decode < 0 && prefill < 0) continue;
     const auto it = default_models().find(h);
-    std::printf("SmolLM2-135M-Instruct Q4_1 held as %s (%.1f MB of weights):\n",
-                holding_name(h).c_str(),
-                it == default_models().end() ? 0.0 : static_cast<double>(it->second.weight_bytes()) * 1e-6);
-    std::printf("  decode  %7.1f tokens/s (%.2f of the floor)  llama.cpp 241.0 best: %s; 121.6 "
-                "without AMX: %s\n",
-                decode, reporter.counter(decode_run, "floor_ratio"), verdict(decode, 241.0).c_str(),
-                verdict(decode, 121.6).c_str());
-    std::printf("  prefill %7.1f tokens/s                      llama.cpp 1793 best: %s; 384 "
-                "without AMX: %s\n",
-                prefill, verdict(prefill, 1793.0).c_str(), verdict(prefill, 384.0).c_str());
+    std::printf(
+        "SmolLM2-135M-Instruct Q4_1 held as %s (%.1f MB of weights):\n", holding_name(h).c_str(),
+        it == default_models().end() ? 0.0 : static_cast<double>(it->second.weight_bytes()) * 1e-6);
+    std::printf(
+        "  decode  %7.1f tokens/s (%.2f of the floor)  llama.cpp 241.0 best: %s; 121.6 "
+        "without AMX: %s\n",
+        decode, reporter.counter(decode_run, "floor_ratio"), verdict(decode, 241.0).c_str(),
+        verdict(decode, 121.6).c_str());
+    std::printf(
+        "  prefill %7.1f tokens/s                      llama.cpp 1793 best: %s; 384 "
+        "without AMX: %s\n",
+        prefill, verdict(prefill, 1793.0).c_str(), verdict(prefill, 384.0).c_str());
   }
 
   // The random-weight model quantized at load, against llama.cpp's figures for those formats
@@ -441,14 +444,14 @@ void print_summary(const CollectingReporter& reporter) {
     if (decode < 0 && prefill < 0) continue;
     const bool q8 = f == kvcache::cpu::QuantFormat::kQ8_0;
     const double peer_decode = q8 ? 169.0 : 241.0, peer_prefill = q8 ? 1977.0 : 1793.0;
-    std::printf("Random weights quantized to %s: decode %.1f tokens/s (%.2f of the floor; llama.cpp "
-                "%.0f: %s), prefill %.1f tokens/s (llama.cpp %.0f: %s)\n",
-                format_name(f).c_str(), decode,
-                reporter.counter("BM_GreedyDecodeCpu" + suffix + "/ctx:" +
-                                     std::to_string(kShortContext),
-                                 "floor_ratio"),
-                peer_decode, verdict(decode, peer_decode).c_str(), prefill, peer_prefill,
-                verdict(prefill, peer_prefill).c_str());
+    std::printf(
+        "Random weights quantized to %s: decode %.1f tokens/s (%.2f of the floor; llama.cpp "
+        "%.0f: %s), prefill %.1f tokens/s (llama.cpp %.0f: %s)\n",
+        format_name(f).c_str(), decode,
+        reporter.counter("BM_GreedyDecodeCpu" + suffix + "/ctx:" + std::to_string(kShortContext),
+                         "floor_ratio"),
+        peer_decode, verdict(decode, peer_decode).c_str(), prefill, peer_prefill,
+        verdict(prefill, peer_prefill).c_str());
   }
 
   for (DType dtype : kDTypes) {

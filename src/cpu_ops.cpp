@@ -236,8 +236,9 @@ Tensor silu_mul(const Tensor& gate, const Tensor& up) {
     for (; i + 16 <= end; i += 16) {
       const __m512 gv = _mm512_loadu_ps(g + i);
       const __m512 e = simd::exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-      _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
-                                            _mm512_loadu_ps(u + i)));
+      _mm512_storeu_ps(o + i,
+                       _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                     _mm512_loadu_ps(u + i)));
     }
 #endif
     for (; i < end; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];

@@ -60,8 +60,8 @@ Tensor require_vector(const WeightMap& weights, const std::string& name, std::in
   KVCACHE_CHECK(!w.is_quantized(), where, ": expected '", name,
                 "' as a float vector, got a quantized ", w.describe());
   const Tensor& t = w.dense();
-  KVCACHE_CHECK(t.rank() == 1 && t.size(0) == size, where, ": expected '", name, "' shaped [",
-                size, "], got ", t.shape_string());
+  KVCACHE_CHECK(t.rank() == 1 && t.size(0) == size, where, ": expected '", name, "' shaped [", size,
+                "], got ", t.shape_string());
   KVCACHE_CHECK(is_floating(t.dtype()), where, ": expected '", name, "' in a float dtype, got ",
                 dtype_name(t.dtype()));
   return t;
@@ -122,9 +122,8 @@ LlamaModel LlamaModel::from_weights(ModelConfig config,
   const std::string where = "LlamaModel(" + config.architecture + ")";
   KVCACHE_CHECK(!options.dtype || is_floating(*options.dtype), where,
                 ": expected a float weight dtype, got ", dtype_name(*options.dtype));
-  KVCACHE_CHECK(!options.dtype || !options.quantize, where,
-                ": LoadOptions asks for both a dtype (", dtype_name(*options.dtype),
-                ") and quantization; choose one");
+  KVCACHE_CHECK(!options.dtype || !options.quantize, where, ": LoadOptions asks for both a dtype (",
+                dtype_name(*options.dtype), ") and quantization; choose one");
   WeightMap weights(list.begin(), list.end());
   const ModelConfig& c = config;
   const std::int64_t hidden = c.hidden_size, inter = c.intermediate_size, hd = c.head_dim;
@@ -178,8 +177,8 @@ std::size_t LlamaModel::weight_bytes() const {
   for (const Layer& l : layers_) {
     for (const cpu::Weight* w : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down})
       total += w->nbytes();
-    for (const Tensor* t : {&l.input_norm, &l.post_norm, &l.q_bias, &l.k_bias, &l.v_bias,
-                            &l.o_bias, &l.gate_bias, &l.up_bias, &l.down_bias}) {
+    for (const Tensor* t : {&l.input_norm, &l.post_norm, &l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias,
+                            &l.gate_bias, &l.up_bias, &l.down_bias}) {
       if (t->defined()) total += t->nbytes();
     }
   }

@@ -105,7 +105,8 @@ LlamaModel LlamaModel::from_gguf(const std::string& path, LoadOptions options) {
     const GgufTensorInfo* info = file.find_tensor(gguf_name);
     if (info == nullptr) return;
     const bool matrix = info->ne.size() == 2;
-    const std::span<const std::byte> bytes{file.data(*info), static_cast<std::size_t>(info->nbytes)};
+    const std::span<const std::byte> bytes{file.data(*info),
+                                           static_cast<std::size_t>(info->nbytes)};
     std::optional<cpu::QuantizedMatrix> blocks;
     if (matrix && (info->type == GgufType::kQ8_0 || info->type == GgufType::kQ4_1)) {
       const auto format =

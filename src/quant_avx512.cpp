@@ -64,9 +64,9 @@ KVCACHE_AVX512 inline void reduce_rows(const __m512 (&acc)[RB], float* out) {
 // consecutive weight rows (from p, row_bytes apart) against R rows of x, into acc[r][i]. The
 // group's x bytes and scales are loaded once for all RB rows.
 template <int RB, int R>
-KVCACHE_AVX512 inline void q4_1_group(const std::uint8_t* p, std::size_t row_bytes,
-                                      std::int64_t nb, const QuantizedX& x, std::int64_t g,
-                                      std::int64_t n, __mmask64 m, __m512 (&acc)[R][RB]) {
+KVCACHE_AVX512 inline void q4_1_group(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
+                                      const QuantizedX& x, std::int64_t g, std::int64_t n,
+                                      __mmask64 m, __m512 (&acc)[R][RB]) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   __m512i xlo[R], xhi[R];
@@ -86,8 +86,8 @@ KVCACHE_AVX512 inline void q4_1_group(const std::uint8_t* p, std::size_t row_byt
         _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), row + nb * 16 + g * 8);
     const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d4)));
     for (int r = 0; r < R; ++r) {
-      const __m512i dot = _mm512_dpbusd_epi32(
-          _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[r]), hi, xhi[r]);
+      const __m512i dot =
+          _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[r]), hi, xhi[r]);
       acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, xd[r]), acc[r][i]);
     }
   }
@@ -121,9 +121,9 @@ KVCACHE_AVX512 inline void q4_1_rows(const std::uint8_t* p, std::size_t row_byte
 // Q8_0, one chunk of n ≤ 2 blocks at payload byte c·64: the same shape as q4_1_group, the
 // accumulator starting from −128·Σ(x bytes) per lane to undo the stored offset.
 template <int RB, int R>
-KVCACHE_AVX512 inline void q8_0_chunk(const std::uint8_t* p, std::size_t row_bytes,
-                                      std::int64_t nb, const QuantizedX& x, std::int64_t c,
-                                      std::int64_t n, __m512 (&acc)[R][RB]) {
+KVCACHE_AVX512 inline void q8_0_chunk(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
+                                      const QuantizedX& x, std::int64_t c, std::int64_t n,
+                                      __m512 (&acc)[R][RB]) {
   const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   const __mmask64 m = n == 2 ? ~0ULL : 0xFFFFFFFFULL;
   const __mmask16 lanes = n == 2 ? 0xFFFF : 0x00FF;
@@ -206,8 +206,8 @@ KVCACHE_AVX512 void quantize_x_avx512(QuantFormat format, const float* x, std::i
     for (std::int64_t b = 0; b < nb; ++b) {
       const float* v = x + r * cols + b * kQuantBlock;
       const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, sign_off),
-                                                             _mm512_and_ps(v1, sign_off)));
+      const float amax = _mm512_reduce_max_ps(
+          _mm512_max_ps(_mm512_and_ps(v0, sign_off), _mm512_and_ps(v1, sign_off)));
       // The same float operations as the portable quantize_x, rounded the same way (to nearest
       // even, the MXCSR default), so both give identical bytes.
       const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
@@ -221,7 +221,8 @@ KVCACHE_AVX512 void quantize_x_avx512(QuantFormat format, const float* x, std::i
       out.d[static_cast<std::size_t>(r * nb + b)] = d;
       out.s[static_cast<std::size_t>(r * nb + b)] = d * static_cast<float>(sum);
       float* rep = out.drep.data() + (r * out.chunks + b / per_chunk) * 16;
-      for (std::int64_t l = 0; l < lanes_per_block; ++l) rep[(b % per_chunk) * lanes_per_block + l] = d;
+      for (std::int64_t l = 0; l < lanes_per_block; ++l)
+        rep[(b % per_chunk) * lanes_per_block + l] = d;
     }
     if (format == QuantFormat::kQ8_0) {
       // −128 · (sum of each lane's four bytes): VPDPBUSD of 128s against the bytes, negated.

@@ -38,8 +38,9 @@ float load_half(const std::uint8_t* p) {
 
 void check_shape(QuantFormat format, std::int64_t rows, std::int64_t cols, const char* where) {
   KVCACHE_CHECK(rows > 0 && cols > 0 && cols % kQuantBlock == 0, where, ": expected a ",
-                quant_format_name(format), " matrix with rows > 0 and columns a positive multiple of ",
-                kQuantBlock, ", got [", rows, ", ", cols, "]");
+                quant_format_name(format),
+                " matrix with rows > 0 and columns a positive multiple of ", kQuantBlock, ", got [",
+                rows, ", ", cols, "]");
 }
 
 }  // namespace
@@ -175,8 +176,10 @@ QuantizedMatrix QuantizedMatrix::gather_rows(std::span<const std::int64_t> order
   KVCACHE_CHECK(defined() && !order.empty(),
                 "QuantizedMatrix::gather_rows: expected a defined matrix and at least one row");
   for (std::size_t i = 0; i < order.size(); ++i) {
-    KVCACHE_CHECK(order[i] >= 0 && order[i] < rows_, "QuantizedMatrix::gather_rows: expected rows "
-                  "in [0, ", rows_, "), got ", order[i], " at position ", i);
+    KVCACHE_CHECK(order[i] >= 0 && order[i] < rows_,
+                  "QuantizedMatrix::gather_rows: expected rows "
+                  "in [0, ",
+                  rows_, "), got ", order[i], " at position ", i);
   }
   QuantizedMatrix m = *this;
   m.rows_ = static_cast<std::int64_t>(order.size());
@@ -188,11 +191,14 @@ QuantizedMatrix QuantizedMatrix::gather_rows(std::span<const std::int64_t> order
 }
 
 void QuantizedMatrix::dequantize_rows(std::int64_t r0, std::int64_t r1, float* dst) const {
-  KVCACHE_CHECK(0 <= r0 && r0 <= r1 && r1 <= rows_, "QuantizedMatrix::dequantize_rows: expected 0 "
-                "<= r0 <= r1 <= ", rows_, ", got [", r0, ", ", r1, ")");
+  KVCACHE_CHECK(0 <= r0 && r0 <= r1 && r1 <= rows_,
+                "QuantizedMatrix::dequantize_rows: expected 0 "
+                "<= r0 <= r1 <= ",
+                rows_, ", got [", r0, ", ", r1, ")");
   const std::int64_t nb = blocks_per_row();
   for (std::int64_t r = r0; r < r1; ++r, dst += cols_) {
-    const std::uint8_t* p = storage_.data_as<std::uint8_t>() + static_cast<std::size_t>(r) * row_bytes_;
+    const std::uint8_t* p =
+        storage_.data_as<std::uint8_t>() + static_cast<std::size_t>(r) * row_bytes_;
     const std::uint8_t* scales = p + static_cast<std::size_t>(nb) * payload_bytes(format_);
     for (std::int64_t b = 0; b < nb; ++b) {
       const float d = load_half(scales + 2 * b);
@@ -233,7 +239,8 @@ std::string Weight::describe() const {
   return is_quantized() ? quantized_.describe() : dense_.describe();
 }
 
-// --- instruction sets ------------------------------------------------------------------------------
+// --- instruction sets
+// ------------------------------------------------------------------------------
 
 namespace {
 
@@ -500,8 +507,7 @@ std::vector<Tensor> linear_fused(const Tensor& x, std::span<const Weight* const>
   if (x.size(0) == 0) return out;
   thread_local quant::QuantizedX scratch;
   quant::QuantizedX& qx = scratch;  // see linear_gemv
-  quant::quantize_x(weights[0]->quantized().format(), x.data_as<float>(), x.size(0), x.size(1),
-                    qx);
+  quant::quantize_x(weights[0]->quantized().format(), x.data_as<float>(), x.size(0), x.size(1), qx);
   const CpuIsa isa = active_cpu_isa();
 #pragma omp parallel
   {

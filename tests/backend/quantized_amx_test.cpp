@@ -29,7 +29,7 @@ using kvcache::testing::random_tensor;
 
 #define SKIP_WITHOUT_AMX()                                                          \
   do {                                                                              \
-    if (kvcache::cpu::active_cpu_isa() != CpuIsa::kAmx)                           \
+    if (kvcache::cpu::active_cpu_isa() != CpuIsa::kAmx)                             \
       GTEST_SKIP() << "this CPU (or its OS) does not offer AMX-BF16 to the kernel"; \
   } while (false)
 

@@ -44,7 +44,9 @@ std::vector<std::byte> random_ggml(QuantFormat format, std::int64_t rows, std::i
   return out;
 }
 
-GgufType ggml_type(QuantFormat f) { return f == QuantFormat::kQ4_1 ? GgufType::kQ4_1 : GgufType::kQ8_0; }
+GgufType ggml_type(QuantFormat f) {
+  return f == QuantFormat::kQ4_1 ? GgufType::kQ4_1 : GgufType::kQ8_0;
+}
 
 std::vector<float> floats(const Tensor& t) {
   return {t.data_as<float>(), t.data_as<float>() + t.numel()};
@@ -234,8 +236,7 @@ TEST_P(QuantizedFormats, ManyRowsWithoutAmxAreTheExactFloat32Product) {
 TEST_P(QuantizedFormats, EmbeddingRowsAreExact) {
   const QuantFormat f = GetParam();
   std::mt19937 rng(6);
-  const QuantizedMatrix table =
-      QuantizedMatrix::from_ggml(f, random_ggml(f, 11, 64, rng), 11, 64);
+  const QuantizedMatrix table = QuantizedMatrix::from_ggml(f, random_ggml(f, 11, 64, rng), 11, 64);
   Tensor ids = Tensor::empty({2, 2}, DType::kInt64);
   const std::int64_t picks[] = {10, 0, 3, 10};
   std::copy(picks, picks + 4, ids.data_as<std::int64_t>());
@@ -282,12 +283,15 @@ TEST_P(QuantizedFormats, FusedProjectionsEqualSeparateOnes) {
 
 INSTANTIATE_TEST_SUITE_P(Quantized, QuantizedFormats,
                          ::testing::Values(QuantFormat::kQ8_0, QuantFormat::kQ4_1),
-                         [](const auto& info) { return std::string(quant_format_name(info.param)); });
+                         [](const auto& info) {
+                           return std::string(quant_format_name(info.param));
+                         });
 
 TEST(Quantized, RealBlocksOfTheDefaultModelKeepTheirValues) {
   // tests/data/gguf/smollm2_blocks.gguf holds rows copied from SmolLM2's Q8_0 embedding and Q4_1
   // layers; the GGUF reader's float32 values for them are checked against the gguf package.
-  const GgufFile file = GgufFile::open(std::string(KVCACHE_TEST_DATA_DIR) + "/gguf/smollm2_blocks.gguf");
+  const GgufFile file =
+      GgufFile::open(std::string(KVCACHE_TEST_DATA_DIR) + "/gguf/smollm2_blocks.gguf");
   int checked = 0;
   for (const GgufTensorInfo& info : file.tensors()) {
     if (info.type != GgufType::kQ8_0 && info.type != GgufType::kQ4_1) continue;
@@ -347,9 +351,9 @@ TEST(Quantized, BadShapesAndInputsAreClearErrors) {
       "expected bias [2] float32");
   EXPECT_KVCACHE_ERROR(w.gather_rows(std::vector<std::int64_t>{0, 2}), "rows in [0, 2), got 2");
   EXPECT_KVCACHE_ERROR(w.dequantize_rows(1, 3, nullptr), "0 <= r0 <= r1 <= 2");
-  EXPECT_KVCACHE_ERROR(QuantizedMatrix::quantize(Tensor::zeros({2, 40}, DType::kFloat32),
-                                                 QuantFormat::kQ8_0),
-                       "multiple of 32");
+  EXPECT_KVCACHE_ERROR(
+      QuantizedMatrix::quantize(Tensor::zeros({2, 40}, DType::kFloat32), QuantFormat::kQ8_0),
+      "multiple of 32");
   EXPECT_EQ(cpu::Weight(w).describe(), "Q4_1 [2, 64]");
 }
 

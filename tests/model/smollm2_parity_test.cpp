@@ -112,7 +112,8 @@ TEST(SmolLM2, QuantizedBlocksStayCloseToTheExactModel) {
   auto max_diff = [](const Tensor& a, const Tensor& b) {
     double d = 0;
     for (std::int64_t i = 0; i < a.numel(); ++i)
-      d = std::max(d, static_cast<double>(std::fabs(a.data_as<float>()[i] - b.data_as<float>()[i])));
+      d = std::max(d,
+                   static_cast<double>(std::fabs(a.data_as<float>()[i] - b.data_as<float>()[i])));
     return d;
   };
   for (const auto& c : reference["cases"]) {

@@ -105,7 +105,7 @@ class QuantizedMatrix {
 class Weight {
  public:
   Weight() = default;
-  Weight(Tensor dense) : dense_(std::move(dense)) {}  // NOLINT(google-explicit-constructor)
+  Weight(Tensor dense) : dense_(std::move(dense)) {}       // NOLINT(google-explicit-constructor)
   Weight(QuantizedMatrix q) : quantized_(std::move(q)) {}  // NOLINT(google-explicit-constructor)
 
   bool defined() const { return dense_.defined() || quantized_.defined(); }
