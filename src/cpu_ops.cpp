@@ -13,6 +13,7 @@
 
 #include <omp.h>
 
+#include "cpu_internal.hpp"
 #include "kvcache/backend/cpu.hpp"
 #include "simd.hpp"
 
@@ -33,39 +34,6 @@ void check_f32_matrix(const Tensor& t, const char* where, const char* what) {
 // Output features per work item: enough rows of W to amortise a GEMM's packing, few enough that
 // both cores get work on the smallest projections.
 constexpr std::int64_t kOutBlock = 64;
-
-template <class T>
-void linear_blocks(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y) {
-  const std::int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
-  const ConstRowMap X(x.data_as<float>(), rows, in, Eigen::OuterStride<>(in));
-  const T* w = weight.data_as<T>();
-  const float* b = bias.defined() ? bias.data_as<float>() : nullptr;
-  // Many rows (prefill): one block per thread, so each thread packs x once; few rows: small blocks.
-  const std::int64_t block =
-      rows > 16 ? std::max<std::int64_t>(kOutBlock, (out + num_threads() - 1) / num_threads())
-                : kOutBlock;
-  const std::int64_t blocks = (out + block - 1) / block;
-#pragma omp parallel
-  {
-    std::vector<float> widened;
-#pragma omp for schedule(static)
-    for (std::int64_t blk = 0; blk < blocks; ++blk) {
-      const std::int64_t o0 = blk * block, on = std::min(block, out - o0);
-      const float* wf;
-      if constexpr (std::is_same_v<T, float>) {
-        wf = w + o0 * in;
-      } else {
-        widened.resize(static_cast<std::size_t>(on * in));
-        for (std::int64_t i = 0; i < on * in; ++i)
-          widened[static_cast<std::size_t>(i)] = to_float(w[o0 * in + i]);
-        wf = widened.data();
-      }
-      RowMap Y(y.data_as<float>() + o0, rows, on, Eigen::OuterStride<>(out));
-      Y.noalias() = X * ConstRowMap(wf, on, in, Eigen::OuterStride<>(in)).transpose();
-      if (b) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(b + o0, on);
-    }
-  }
-}
 
 // Rows of x up to which the GEMV kernel serves (decode and small batches); above, Eigen's GEMM.
 constexpr std::int64_t kGemvRows = 4;
@@ -153,6 +121,31 @@ void gemv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tenso
 
 }  // namespace
 
+namespace detail {
+
+void linear_panels(const float* x, std::int64_t rows, std::int64_t in, std::int64_t out,
+                   const float* bias, float* y, const PanelRows& panel_rows) {
+  const ConstRowMap X(x, rows, in, Eigen::OuterStride<>(in));
+  const std::int64_t block =
+      rows > 16 ? std::max<std::int64_t>(kOutBlock, (out + num_threads() - 1) / num_threads())
+                : kOutBlock;
+  const std::int64_t blocks = (out + block - 1) / block;
+#pragma omp parallel
+  {
+    std::vector<float> scratch;
+#pragma omp for schedule(static)
+    for (std::int64_t blk = 0; blk < blocks; ++blk) {
+      const std::int64_t o0 = blk * block, on = std::min(block, out - o0);
+      const float* wf = panel_rows(o0, on, scratch);
+      RowMap Y(y + o0, rows, on, Eigen::OuterStride<>(out));
+      Y.noalias() = X * ConstRowMap(wf, on, in, Eigen::OuterStride<>(in)).transpose();
+      if (bias) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bias + o0, on);
+    }
+  }
+}
+
+}  // namespace detail
+
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   const char* where = "cpu::linear";
   check_f32_matrix(x, where, "x");
@@ -177,17 +170,25 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
     }
     return y;
   }
-  switch (weight.dtype()) {
-    case DType::kFloat32:
-      linear_blocks<float>(x, weight, bias, y);
-      break;
-    case DType::kBFloat16:
-      linear_blocks<bfloat16>(x, weight, bias, y);
-      break;
-    default:
-      linear_blocks<float16>(x, weight, bias, y);
-      break;
-  }
+  // Many rows: Eigen's GEMM over panels of W; 16-bit rows are widened a panel at a time.
+  const std::int64_t in = weight.size(1);
+  detail::linear_panels(
+      x.data_as<float>(), x.size(0), in, weight.size(0),
+      bias.defined() ? bias.data_as<float>() : nullptr, y.data_as<float>(),
+      [&](std::int64_t o0, std::int64_t n, std::vector<float>& scratch) -> const float* {
+        if (weight.dtype() == DType::kFloat32) return weight.data_as<float>() + o0 * in;
+        scratch.resize(static_cast<std::size_t>(n * in));
+        const auto widen = [&](const auto* w) {
+          for (std::int64_t i = 0; i < n * in; ++i)
+            scratch[static_cast<std::size_t>(i)] = to_float(w[o0 * in + i]);
+        };
+        if (weight.dtype() == DType::kBFloat16) {
+          widen(weight.data_as<bfloat16>());
+        } else {
+          widen(weight.data_as<float16>());
+        }
+        return scratch.data();
+      });
   return y;
 }
 

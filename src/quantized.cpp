@@ -1,12 +1,6 @@
 // Quantized weight matrices: repacking ggml blocks, dequantizing, quantizing floats, the portable
 // GEMV kernel and x's int8 quantization, and the dispatch of linear() between the decode (GEMV)
 // and prefill (AMX or float32 panel) paths.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored \
-    "-Wmaybe-uninitialized"  // g++ 12 false positives in Eigen's AVX-512 paths
-#endif
-#define EIGEN_DONT_PARALLELIZE
-#include <Eigen/Core>
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -17,6 +11,7 @@
 
 #include <omp.h>
 
+#include "cpu_internal.hpp"
 #include "kvcache/backend/cpu.hpp"
 #include "kvcache/backend/quantized.hpp"
 #include "kvcache/error.hpp"
@@ -412,10 +407,6 @@ void linear_gemv(const Tensor& x, const QuantizedMatrix& w, const float* bias, f
   }
 }
 
-using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using ConstRowMap = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
-using RowMap = Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>>;
-
 void check_linear_args(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias) {
   const char* where = "cpu::linear";
   KVCACHE_CHECK(x.defined() && x.rank() == 2 && x.dtype() == DType::kFloat32 &&
@@ -432,27 +423,6 @@ void check_linear_args(const Tensor& x, const QuantizedMatrix& weight, const Ten
   }
 }
 
-// Many rows without AMX: panels of weight rows dequantized exactly to float32, then Eigen's GEMM.
-void linear_panels(const Tensor& x, const QuantizedMatrix& w, const float* bias, float* y) {
-  const std::int64_t rows = x.size(0), in = x.size(1), out = w.rows();
-  const ConstRowMap X(x.data_as<float>(), rows, in, Eigen::OuterStride<>(in));
-  constexpr std::int64_t kPanel = 64;
-  const std::int64_t panels = (out + kPanel - 1) / kPanel;
-#pragma omp parallel
-  {
-    std::vector<float> dense;
-#pragma omp for schedule(static)
-    for (std::int64_t p = 0; p < panels; ++p) {
-      const std::int64_t o0 = p * kPanel, on = std::min(kPanel, out - o0);
-      dense.resize(static_cast<std::size_t>(on * in));
-      w.dequantize_rows(o0, o0 + on, dense.data());
-      RowMap Y(y + o0, rows, on, Eigen::OuterStride<>(out));
-      Y.noalias() = X * ConstRowMap(dense.data(), on, in, Eigen::OuterStride<>(in)).transpose();
-      if (bias) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bias + o0, on);
-    }
-  }
-}
-
 }  // namespace
 
 Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias) {
@@ -466,7 +436,14 @@ Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias
   } else if (isa == CpuIsa::kAmx) {
     quant::linear_amx(x.data_as<float>(), x.size(0), weight, b, y.data_as<float>());
   } else {
-    linear_panels(x, weight, b, y.data_as<float>());
+    // Without AMX: panels of weight rows dequantized exactly to float32, then Eigen's GEMM.
+    detail::linear_panels(x.data_as<float>(), x.size(0), x.size(1), weight.rows(), b,
+                          y.data_as<float>(),
+                          [&](std::int64_t o0, std::int64_t n, std::vector<float>& scratch) {
+                            scratch.resize(static_cast<std::size_t>(n * weight.cols()));
+                            weight.dequantize_rows(o0, o0 + n, scratch.data());
+                            return static_cast<const float*>(scratch.data());
+                          });
   }
   return y;
 }
