@@ -12,10 +12,9 @@ namespace kvcache::cpu::detail {
 using PanelRows =
     std::function<const float*(std::int64_t o0, std::int64_t n, std::vector<float>& scratch)>;
 
-// y [rows, out] = x [rows, in] · Wᵀ (+ bias), W handed over a panel of output rows at a time by
-// `panel_rows`, each panel one Eigen GEMM. Threaded over panels: many rows (prefill) get one
-// panel per thread, so each thread packs x once; few rows get panels of 64.
+// y [rows, out] = x [rows, in] · Wᵀ (+ bias), W handed over `panel` output rows at a time by
+// `panel_rows`, each panel one Eigen GEMM, threaded over panels.
 void linear_panels(const float* x, std::int64_t rows, std::int64_t in, std::int64_t out,
-                   const float* bias, float* y, const PanelRows& panel_rows);
+                   std::int64_t panel, const float* bias, float* y, const PanelRows& panel_rows);
 
 }  // namespace kvcache::cpu::detail

@@ -124,11 +124,8 @@ void gemv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tenso
 namespace detail {
 
 void linear_panels(const float* x, std::int64_t rows, std::int64_t in, std::int64_t out,
-                   const float* bias, float* y, const PanelRows& panel_rows) {
+                   std::int64_t block, const float* bias, float* y, const PanelRows& panel_rows) {
   const ConstRowMap X(x, rows, in, Eigen::OuterStride<>(in));
-  const std::int64_t block =
-      rows > 16 ? std::max<std::int64_t>(kOutBlock, (out + num_threads() - 1) / num_threads())
-                : kOutBlock;
   const std::int64_t blocks = (out + block - 1) / block;
 #pragma omp parallel
   {
@@ -170,10 +167,14 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
     }
     return y;
   }
-  // Many rows: Eigen's GEMM over panels of W; 16-bit rows are widened a panel at a time.
-  const std::int64_t in = weight.size(1);
+  // Many rows: Eigen's GEMM over panels of W; 16-bit rows are widened a panel at a time. Many
+  // rows (prefill) get one panel per thread, so each thread packs x once; few rows panels of 64.
+  const std::int64_t in = weight.size(1), out = weight.size(0);
+  const std::int64_t panel =
+      x.size(0) > 16 ? std::max<std::int64_t>(kOutBlock, (out + num_threads() - 1) / num_threads())
+                     : kOutBlock;
   detail::linear_panels(
-      x.data_as<float>(), x.size(0), in, weight.size(0),
+      x.data_as<float>(), x.size(0), in, out, panel,
       bias.defined() ? bias.data_as<float>() : nullptr, y.data_as<float>(),
       [&](std::int64_t o0, std::int64_t n, std::vector<float>& scratch) -> const float* {
         if (weight.dtype() == DType::kFloat32) return weight.data_as<float>() + o0 * in;

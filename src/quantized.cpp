@@ -436,8 +436,10 @@ Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias
   } else if (isa == CpuIsa::kAmx) {
     quant::linear_amx(x.data_as<float>(), x.size(0), weight, b, y.data_as<float>());
   } else {
-    // Without AMX: panels of weight rows dequantized exactly to float32, then Eigen's GEMM.
-    detail::linear_panels(x.data_as<float>(), x.size(0), x.size(1), weight.rows(), b,
+    // Without AMX: panels of 64 weight rows dequantized exactly to float32, then Eigen's GEMM
+    // (small panels stay in L2 between the dequantization and the GEMM; one panel per thread, as
+    // dense weights use, measured 16% slower).
+    detail::linear_panels(x.data_as<float>(), x.size(0), x.size(1), weight.rows(), 64, b,
                           y.data_as<float>(),
                           [&](std::int64_t o0, std::int64_t n, std::vector<float>& scratch) {
                             scratch.resize(static_cast<std::size_t>(n * weight.cols()));
