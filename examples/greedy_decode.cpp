@@ -2,8 +2,8 @@
 // Llama-family checkpoint (a GGUF file, or a folder with config.json + safetensors), applies the
 // model's chat template to the prompt, runs greedy generation through kvcache::generate() with a
 // DynamicCache, and prints the answer as it is produced, then prefill time, decode tokens/s and the
-// cache's size. With no arguments it asks the default model (SmolLM2-135M-Instruct, installed by
-// scripts/setup-model.sh) the seed's question.
+// cache's size (and the bytes of weights held). With no arguments it asks the default model
+// (SmolLM2-135M-Instruct, installed by scripts/setup-model.sh) the seed's question.
 //
 //   greedy_decode [--model PATH] [--prompt TEXT | --input-ids "1,2,3;4,5"] [--raw] [--system TEXT]
 //                 [--chat] [--max-new-tokens N] [--device cpu|cuda]
@@ -172,7 +172,9 @@ nlohmann::json result_json(const std::string& model, const kvcache::GenerateResu
   return out;
 }
 
-void print_stats(const kvcache::GenerateResult& r, std::int64_t prompt_tokens, std::size_t rows) {
+void print_stats(const kvcache::GenerateResult& r, std::int64_t prompt_tokens, std::size_t rows,
+                 const kvcache::LlamaModel& model) {
+  std::printf("weights: %.1f MB held\n", static_cast<double>(model.weight_bytes()) * 1e-6);
   std::printf("prefill: %.2f ms for %lld tokens x %zu rows\n", r.prefill_ms,
               static_cast<long long>(prompt_tokens), rows);
   std::printf("decode: %.1f tokens/s (%lld steps)\n", r.decode_tokens_per_s,
@@ -229,7 +231,7 @@ int main(int argc, char** argv) {
         for (std::int64_t t : result.new_tokens[r]) std::cout << ' ' << t;
         std::cout << "\n";
       }
-      print_stats(result, input_ids.size(1), rows.size());
+      print_stats(result, input_ids.size(1), rows.size(), model);
       return 0;
     }
 
@@ -314,7 +316,7 @@ int main(int argc, char** argv) {
       out["text"] = tokenizer->decode(result.new_tokens[0], true);
       std::cout << out.dump() << "\n";
     } else {
-      print_stats(result, prompt_tokens, 1);
+      print_stats(result, prompt_tokens, 1, model);
     }
   } catch (const Error& e) {
     fail(e.what());
