@@ -385,24 +385,37 @@ namespace {
 // Rows of x up to which the GEMV kernels serve (decode, small batches).
 constexpr std::int64_t kGemvRows = 4;
 
-void linear_gemv(const Tensor& x, const QuantizedMatrix& w, const float* bias, float* y,
-                 CpuIsa isa) {
+// y_i = x · W_iᵀ (+ bias_i) for ≤ 4 rows of x and matrices of one format: x quantized once, then
+// one parallel region whose threads each take a share of all the matrices' output rows, cut as
+// one range at quads of rows. linear() calls it with one matrix, linear_fused() with several.
+void gemv(const Tensor& x, std::span<const QuantizedMatrix* const> ws,
+          std::span<const float* const> biases, std::span<float* const> ys) {
   // The caller's scratch, named by a reference: inside the parallel region the thread_local name
   // would mean each worker's own (empty) copy.
   thread_local quant::QuantizedX scratch;
   quant::QuantizedX& qx = scratch;
-  quant::quantize_x(w.format(), x.data_as<float>(), x.size(0), x.size(1), qx);
-  const std::int64_t out = w.rows();
+  quant::quantize_x(ws[0]->format(), x.data_as<float>(), x.size(0), x.size(1), qx);
+  const CpuIsa isa = active_cpu_isa();
+  std::int64_t total = 0;
+  for (const QuantizedMatrix* w : ws) total += w->rows();
 #pragma omp parallel
   {
     const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const std::int64_t quads = (out + 3) / 4;
-    const std::int64_t o0 = std::min(out, quads * t / threads * 4),
-                       o1 = std::min(out, quads * (t + 1) / threads * 4);
-    if (isa >= CpuIsa::kAvx512Vnni) {
-      quant::gemv_avx512(w, qx, o0, o1, bias, y);
-    } else {
-      quant::gemv_portable(w, qx, o0, o1, bias, y);
+    const std::int64_t quads = (total + 3) / 4;
+    const std::int64_t begin = std::min(total, quads * t / threads * 4),
+                       end = std::min(total, quads * (t + 1) / threads * 4);
+    std::int64_t offset = 0;
+    for (std::size_t i = 0; i < ws.size(); ++i) {
+      const QuantizedMatrix& w = *ws[i];
+      const std::int64_t o0 = std::clamp(begin - offset, std::int64_t{0}, w.rows()),
+                         o1 = std::clamp(end - offset, std::int64_t{0}, w.rows());
+      offset += w.rows();
+      if (o0 >= o1) continue;
+      if (isa >= CpuIsa::kAvx512Vnni) {
+        quant::gemv_avx512(w, qx, o0, o1, biases[i], ys[i]);
+      } else {
+        quant::gemv_portable(w, qx, o0, o1, biases[i], ys[i]);
+      }
     }
   }
 }
@@ -432,7 +445,9 @@ Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias
   const float* b = bias.defined() ? bias.data_as<float>() : nullptr;
   const CpuIsa isa = active_cpu_isa();
   if (x.size(0) <= kGemvRows) {
-    linear_gemv(x, weight, b, y.data_as<float>(), isa);
+    const QuantizedMatrix* w = &weight;
+    float* yp = y.data_as<float>();
+    gemv(x, {&w, 1}, {&b, 1}, {&yp, 1});
   } else if (isa == CpuIsa::kAmx) {
     quant::linear_amx(x.data_as<float>(), x.size(0), weight, b, y.data_as<float>());
   } else {
@@ -476,41 +491,19 @@ std::vector<Tensor> linear_fused(const Tensor& x, std::span<const Weight* const>
     return out;
   }
   // Every check linear() makes, before anything is computed.
-  std::int64_t total = 0;
+  std::vector<const QuantizedMatrix*> ws;
+  std::vector<const float*> bs;
+  std::vector<float*> ys;
   for (std::size_t i = 0; i < weights.size(); ++i) {
     const QuantizedMatrix& w = weights[i]->quantized();
-    check_linear_args(x, w, bias_of(i));
+    const Tensor bias = bias_of(i);
+    check_linear_args(x, w, bias);
     out.push_back(Tensor::empty({x.size(0), w.rows()}, DType::kFloat32));
-    total += w.rows();
+    ws.push_back(&w);
+    bs.push_back(bias.defined() ? bias.data_as<float>() : nullptr);
+    ys.push_back(out.back().data_as<float>());
   }
-  if (x.size(0) == 0) return out;
-  thread_local quant::QuantizedX scratch;
-  quant::QuantizedX& qx = scratch;  // see linear_gemv
-  quant::quantize_x(weights[0]->quantized().format(), x.data_as<float>(), x.size(0), x.size(1), qx);
-  const CpuIsa isa = active_cpu_isa();
-#pragma omp parallel
-  {
-    // This thread's share of the outputs of all weights, as one range cut at quads of rows.
-    const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const std::int64_t quads = (total + 3) / 4;
-    const std::int64_t begin = std::min(total, quads * t / threads * 4),
-                       end = std::min(total, quads * (t + 1) / threads * 4);
-    std::int64_t offset = 0;
-    for (std::size_t i = 0; i < weights.size(); ++i) {
-      const QuantizedMatrix& w = weights[i]->quantized();
-      const std::int64_t o0 = std::clamp(begin - offset, std::int64_t{0}, w.rows()),
-                         o1 = std::clamp(end - offset, std::int64_t{0}, w.rows());
-      offset += w.rows();
-      if (o0 >= o1) continue;
-      const Tensor b = bias_of(i);
-      const float* bp = b.defined() ? b.data_as<float>() : nullptr;
-      if (isa >= CpuIsa::kAvx512Vnni) {
-        quant::gemv_avx512(w, qx, o0, o1, bp, out[i].data_as<float>());
-      } else {
-        quant::gemv_portable(w, qx, o0, o1, bp, out[i].data_as<float>());
-      }
-    }
-  }
+  if (x.size(0) > 0) gemv(x, ws, bs, ys);
   return out;
 }
 
