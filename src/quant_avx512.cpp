@@ -198,8 +198,7 @@ KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std
 
 KVCACHE_AVX512 void quantize_x_avx512(QuantFormat format, const float* x, std::int64_t rows,
                                       std::int64_t cols, QuantizedX& out) {
-  const std::int64_t nb = cols / kQuantBlock, per_chunk = blocks_per_chunk(format);
-  const std::int64_t lanes_per_block = 16 / per_chunk;
+  const std::int64_t nb = cols / kQuantBlock;
   const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   for (std::int64_t r = 0; r < rows; ++r) {
     std::int8_t* q = out.q.data() + r * cols;
@@ -220,9 +219,6 @@ KVCACHE_AVX512 void quantize_x_avx512(QuantFormat format, const float* x, std::i
       const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
       out.d[static_cast<std::size_t>(r * nb + b)] = d;
       out.s[static_cast<std::size_t>(r * nb + b)] = d * static_cast<float>(sum);
-      float* rep = out.drep.data() + (r * out.chunks + b / per_chunk) * 16;
-      for (std::int64_t l = 0; l < lanes_per_block; ++l)
-        rep[(b % per_chunk) * lanes_per_block + l] = d;
     }
     if (format == QuantFormat::kQ8_0) {
       // −128 · (sum of each lane's four bytes): VPDPBUSD of 128s against the bytes, negated.

@@ -49,7 +49,8 @@ struct QuantizedX {
 void quantize_x(QuantFormat format, const float* x, std::int64_t rows, std::int64_t cols,
                 QuantizedX& out);
 
-// The same bytes and scales from AVX-512 (sizes already set by quantize_x, which calls it).
+// quantize_x's q, d, s and corr from AVX-512, the same bytes as its portable loop (sizes already
+// set, and drep filled afterwards, by quantize_x, which calls it).
 void quantize_x_avx512(QuantFormat format, const float* x, std::int64_t rows, std::int64_t cols,
                        QuantizedX& out);
 

@@ -294,6 +294,11 @@ CpuIsa active_cpu_isa() { return std::min(detected_cpu_isa(), isa_limit().load()
 
 namespace quant {
 
+namespace {
+void quantize_x_portable(QuantFormat format, const float* x, std::int64_t rows, std::int64_t cols,
+                         QuantizedX& out);
+}  // namespace
+
 void quantize_x(QuantFormat format, const float* x, std::int64_t rows, std::int64_t cols,
                 QuantizedX& out) {
   const std::int64_t nb = cols / kQuantBlock, per_chunk = blocks_per_chunk(format);
@@ -305,13 +310,30 @@ void quantize_x(QuantFormat format, const float* x, std::int64_t rows, std::int6
   out.q.resize(static_cast<std::size_t>(rows * cols));
   out.d.resize(static_cast<std::size_t>(rows * nb));
   out.s.resize(static_cast<std::size_t>(rows * nb));
-  out.drep.assign(static_cast<std::size_t>(rows * out.chunks * 16), 0.0f);
+  out.drep.assign(static_cast<std::size_t>(rows * out.chunks * 16), 0.0f);  // tails stay 0
   out.corr.resize(static_cast<std::size_t>(rows * cols / 4));
   if (active_cpu_isa() >= CpuIsa::kAvx512Vnni) {
     quantize_x_avx512(format, x, rows, cols, out);
-    return;
+  } else {
+    quantize_x_portable(format, x, rows, cols, out);
   }
+  // Each lane's block scale, for the kernels' per-lane multiply.
   const std::int64_t lanes_per_block = 16 / per_chunk;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t b = 0; b < nb; ++b) {
+      float* rep = out.drep.data() + (r * out.chunks + b / per_chunk) * 16;
+      std::fill_n(rep + (b % per_chunk) * lanes_per_block, lanes_per_block,
+                  out.d[static_cast<std::size_t>(r * nb + b)]);
+    }
+  }
+}
+
+namespace {
+
+// q, d, s and corr of quantize_x in plain C++.
+void quantize_x_portable(QuantFormat format, const float* x, std::int64_t rows, std::int64_t cols,
+                         QuantizedX& out) {
+  const std::int64_t nb = cols / kQuantBlock;
   for (std::int64_t r = 0; r < rows; ++r) {
     std::int8_t* q = out.q.data() + r * cols;
     for (std::int64_t b = 0; b < nb; ++b) {
@@ -327,9 +349,6 @@ void quantize_x(QuantFormat format, const float* x, std::int64_t rows, std::int6
       }
       out.d[static_cast<std::size_t>(r * nb + b)] = d;
       out.s[static_cast<std::size_t>(r * nb + b)] = d * static_cast<float>(sum);
-      const std::int64_t chunk = b / per_chunk, slot = b % per_chunk;
-      float* rep = out.drep.data() + (r * out.chunks + chunk) * 16;
-      for (std::int64_t l = 0; l < lanes_per_block; ++l) rep[slot * lanes_per_block + l] = d;
     }
     for (std::int64_t l = 0; l < cols / 4; ++l) {
       out.corr[static_cast<std::size_t>(r * (cols / 4) + l)] =
@@ -337,6 +356,8 @@ void quantize_x(QuantFormat format, const float* x, std::int64_t rows, std::int6
     }
   }
 }
+
+}  // namespace
 
 void gemv_portable(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o0, std::int64_t o1,
                    const float* bias, float* y) {
