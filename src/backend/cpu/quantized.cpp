@@ -11,7 +11,7 @@
 
 #include <omp.h>
 
-#include "cpu_internal.hpp"
+#include "internal.hpp"
 #include "kvcache/backend/cpu.hpp"
 #include "kvcache/backend/quantized.hpp"
 #include "kvcache/error.hpp"

@@ -13,7 +13,7 @@
 
 #include <omp.h>
 
-#include "cpu_internal.hpp"
+#include "internal.hpp"
 #include "kvcache/backend/cpu.hpp"
 #include "simd.hpp"
 
