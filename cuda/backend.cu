@@ -1,9 +1,18 @@
-// CUDA backend: device memory, stream choice and the strided copy kernel the caches use to
-// append new tokens and rearrange batch rows. The copy moves whole elements of 1, 2, 4 or 8 bytes
-// (dtype conversion is not its job), one thread per element of the destination.
+// CUDA backend: device discovery, the stream work is issued on, device memory from a
+// stream-ordered pool, and host <-> device copies.
+//
+// Memory: every device tensor comes from cudaMallocAsync on the current stream, out of the
+// device's default pool with its release threshold raised to "keep everything". Freed blocks go
+// back to the pool (cudaFreeAsync, stream-ordered), so once a forward pass of some shape has run,
+// the next one of that shape is served from memory the pool already holds: a warm decode step
+// makes no call that reaches the driver's allocator. memory_stats() reads the pool's counters.
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 
 #include "check.cuh"
+#include "dtype.cuh"
 #include "kvcache/backend/cuda.hpp"
 
 namespace kvcache::cuda {
@@ -11,38 +20,27 @@ namespace {
 
 thread_local cudaStream_t g_stream = nullptr;
 
-struct Strided4 {
-  std::int64_t shape[4];
-  std::int64_t dst_strides[4];
-  std::int64_t src_strides[4];
-};
-
-template <class Word>
-__global__ void strided_copy_kernel(Word* __restrict__ dst, const Word* __restrict__ src,
-                                    Strided4 s, std::int64_t total) {
-  for (std::int64_t linear = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-       linear < total; linear += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    std::int64_t rest = linear, dst_off = 0, src_off = 0;
-    for (int d = 3; d >= 0; --d) {
-      const std::int64_t i = rest % s.shape[d];
-      rest /= s.shape[d];
-      dst_off += i * s.dst_strides[d];
-      src_off += i * s.src_strides[d];
-    }
-    dst[dst_off] = src[src_off];
-  }
-}
-
-template <class Word>
-void launch_copy(const Tensor& dst, const Tensor& src, const Strided4& s, std::int64_t total) {
-  constexpr int kThreads = 256;
-  const std::int64_t blocks = std::min<std::int64_t>((total + kThreads - 1) / kThreads, 65535);
-  strided_copy_kernel<Word><<<static_cast<unsigned>(blocks), kThreads, 0, g_stream>>>(
-      static_cast<Word*>(dst.data()), static_cast<const Word*>(src.data()), s, total);
-  KVCACHE_CUDA_CHECK(cudaGetLastError());
+// The device's default pool, configured once per process to keep what it reserves.
+cudaMemPool_t pool() {
+  static cudaMemPool_t p = [] {
+    int device = 0;
+    KVCACHE_CUDA_CHECK(cudaGetDevice(&device));
+    cudaMemPool_t handle = nullptr;
+    KVCACHE_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&handle, device));
+    std::uint64_t keep = std::numeric_limits<std::uint64_t>::max();
+    KVCACHE_CUDA_CHECK(cudaMemPoolSetAttribute(handle, cudaMemPoolAttrReleaseThreshold, &keep));
+    return handle;
+  }();
+  return p;
 }
 
 }  // namespace
+
+namespace detail {
+cudaStream_t stream() { return g_stream; }
+}  // namespace detail
+
+bool built_with_cuda() { return true; }
 
 int device_count() {
   int count = 0;
@@ -51,6 +49,11 @@ int device_count() {
     return 0;
   }
   return count;
+}
+
+void require_device(const char* where) {
+  KVCACHE_CHECK(device_count() > 0, where,
+                ": expected a CUDA device, got none (no GPU or no driver on this machine)");
 }
 
 void set_stream(Stream stream) { g_stream = static_cast<cudaStream_t>(stream); }
@@ -62,52 +65,20 @@ Tensor empty(Shape shape, DType dtype) {
   std::int64_t count = 1;
   for (auto s : shape) {
     KVCACHE_CHECK(s >= 0, "cuda::empty: expected non-negative sizes, got ", s);
+    KVCACHE_CHECK(s == 0 || count <= std::numeric_limits<std::int64_t>::max() / s,
+                  "cuda::empty: the element count of this shape overflows");
     count *= s;
   }
+  KVCACHE_CHECK(static_cast<std::uint64_t>(count) <=
+                    std::numeric_limits<std::uint64_t>::max() / dtype_size(dtype),
+                "cuda::empty: the byte count of this shape overflows");
   const std::size_t bytes = static_cast<std::size_t>(count) * dtype_size(dtype);
   void* memory = nullptr;
-  KVCACHE_CUDA_CHECK(cudaMalloc(&memory, bytes == 0 ? 1 : bytes));
-  // Never throw from a deleter: a failed free at teardown is ignored.
-  std::shared_ptr<void> storage(memory, [](void* p) { (void)cudaFree(p); });
+  (void)pool();
+  KVCACHE_CUDA_CHECK(cudaMallocAsync(&memory, bytes == 0 ? 1 : bytes, g_stream));
+  // Freed on the stream current at the time of the free; never throws from the deleter.
+  std::shared_ptr<void> storage(memory, [](void* p) { (void)cudaFreeAsync(p, g_stream); });
   return Tensor::from_storage(std::move(storage), memory, shape, dtype, Device::kCuda);
-}
-
-void copy(const Tensor& dst, const Tensor& src) {
-  KVCACHE_CHECK(dst.defined() && src.defined() && dst.device() == Device::kCuda &&
-                    src.device() == Device::kCuda,
-                "cuda::copy: expected two CUDA tensors, got ", dst.describe(), " and ",
-                src.describe());
-  KVCACHE_CHECK(dst.dtype() == src.dtype(), "cuda::copy: expected one dtype, got ",
-                dtype_name(dst.dtype()), " and ", dtype_name(src.dtype()));
-  KVCACHE_CHECK(dst.rank() == src.rank(), "cuda::copy: expected equal shapes, got ",
-                dst.shape_string(), " and ", src.shape_string());
-  Strided4 s{};
-  const int pad = kMaxRank - dst.rank();
-  for (int d = 0; d < kMaxRank; ++d) {
-    s.shape[d] = 1;
-    s.dst_strides[d] = s.src_strides[d] = 0;
-  }
-  for (int d = 0; d < dst.rank(); ++d) {
-    KVCACHE_CHECK(dst.size(d) == src.size(d), "cuda::copy: expected equal shapes, got ",
-                  dst.shape_string(), " and ", src.shape_string());
-    s.shape[pad + d] = dst.size(d);
-    s.dst_strides[pad + d] = dst.stride(d);
-    s.src_strides[pad + d] = src.stride(d);
-  }
-  const std::int64_t total = dst.numel();
-  if (total == 0) return;
-  switch (dst.element_size()) {
-    case 1:
-      return launch_copy<std::uint8_t>(dst, src, s, total);
-    case 2:
-      return launch_copy<std::uint16_t>(dst, src, s, total);
-    case 4:
-      return launch_copy<std::uint32_t>(dst, src, s, total);
-    case 8:
-      return launch_copy<std::uint64_t>(dst, src, s, total);
-    default:
-      KVCACHE_FAIL("cuda::copy: unsupported element size ", dst.element_size());
-  }
 }
 
 Tensor to_device(const Tensor& host) {
@@ -135,6 +106,67 @@ Tensor to_host(const Tensor& device) {
   return out;
 }
 
+namespace {
+
+// The page-locked buffer upload() stages through, and an event marking the stream point after
+// its last copy: the buffer is rewritten only once that copy has run (by then it has, in a
+// generation loop, since each step ends by reading the chosen ids back).
+struct Staging {
+  void* host = nullptr;
+  std::size_t capacity = 0;
+  cudaEvent_t copied = nullptr;
+  ~Staging() {
+    if (copied) (void)cudaEventDestroy(copied);
+    if (host) (void)cudaFreeHost(host);
+  }
+};
+thread_local Staging g_staging;
+
+}  // namespace
+
+Tensor upload(const void* host, std::size_t bytes) {
+  Tensor out = empty({static_cast<std::int64_t>(bytes)}, DType::kUInt8);
+  if (bytes == 0) return out;
+  Staging& s = g_staging;
+  if (s.copied == nullptr)
+    KVCACHE_CUDA_CHECK(cudaEventCreateWithFlags(&s.copied, cudaEventDisableTiming));
+  KVCACHE_CUDA_CHECK(cudaEventSynchronize(s.copied));
+  if (s.capacity < bytes) {
+    const std::size_t grown = std::max<std::size_t>(bytes, 2 * s.capacity);
+    void* fresh = nullptr;
+    KVCACHE_CUDA_CHECK(cudaMallocHost(&fresh, grown));
+    if (s.host) (void)cudaFreeHost(s.host);
+    s.host = fresh;
+    s.capacity = grown;
+  }
+  std::memcpy(s.host, host, bytes);
+  KVCACHE_CUDA_CHECK(cudaMemcpyAsync(out.data(), s.host, bytes, cudaMemcpyHostToDevice, g_stream));
+  KVCACHE_CUDA_CHECK(cudaEventRecord(s.copied, g_stream));
+  return out;
+}
+
 void synchronize() { KVCACHE_CUDA_CHECK(cudaStreamSynchronize(g_stream)); }
+
+MemoryStats memory_stats() {
+  synchronize();
+  MemoryStats stats;
+  std::uint64_t value = 0;
+  KVCACHE_CUDA_CHECK(cudaMemPoolGetAttribute(pool(), cudaMemPoolAttrUsedMemCurrent, &value));
+  stats.in_use = value;
+  KVCACHE_CUDA_CHECK(cudaMemPoolGetAttribute(pool(), cudaMemPoolAttrUsedMemHigh, &value));
+  stats.peak_in_use = value;
+  KVCACHE_CUDA_CHECK(cudaMemPoolGetAttribute(pool(), cudaMemPoolAttrReservedMemCurrent, &value));
+  stats.reserved = value;
+  KVCACHE_CUDA_CHECK(cudaMemPoolGetAttribute(pool(), cudaMemPoolAttrReservedMemHigh, &value));
+  stats.peak_reserved = value;
+  return stats;
+}
+
+void reset_peak_memory_stats() {
+  synchronize();
+  std::uint64_t zero = 0;
+  KVCACHE_CUDA_CHECK(cudaMemPoolSetAttribute(pool(), cudaMemPoolAttrUsedMemHigh, &zero));
+  KVCACHE_CUDA_CHECK(cudaMemPoolSetAttribute(pool(), cudaMemPoolAttrReservedMemHigh, &zero));
+}
 
 }  // namespace kvcache::cuda

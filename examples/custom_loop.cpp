@@ -12,8 +12,10 @@
 //       inputs = {"input_ids": next_token_ids, "attention_mask": attention_mask}
 //       cache_position = cache_position[-1:] + 1
 //
-// Run it with a model folder (default: the small model under tests/data). It checks its tokens
-// against kvcache::generate() and exits non-zero if they differ.
+// Run it with a model folder (default: the small model under tests/data), and `--device cuda` to
+// run the very same loop on the GPU: the model is loaded there and the cache is a
+// DynamicCache<cuda::Backend>; nothing else changes. It checks its tokens against
+// kvcache::generate() and exits non-zero if they differ.
 #include <cstdint>
 #include <iostream>
 #include <kvcache/generation/generate.hpp>
@@ -25,11 +27,15 @@
 #define KVCACHE_DEFAULT_MODEL_DIR "tests/data/llama_gqa"
 #endif
 
-int main(int argc, char** argv) {
-  using namespace kvcache;
-  const std::string dir = argc > 1 ? argv[1] : KVCACHE_DEFAULT_MODEL_DIR;
+namespace {
+
+using namespace kvcache;
+
+// The loop on backend B (cpu::Backend or cuda::Backend).
+template <class B>
+int run(const std::string& dir) {
   try {
-    const LlamaModel model = LlamaModel::from_pretrained(dir);
+    const LlamaModel model = LlamaModel::from_pretrained(dir, {.device = B::kDevice});
     const std::int64_t max_new_tokens = 10;
 
     // Two prompts of different lengths, left-padded; the mask marks the real tokens.
@@ -37,7 +43,7 @@ int main(int argc, char** argv) {
         left_pad({{5, 17, 42, 7, 99}, {23, 8}}, model.config().pad_token_id.value_or(0));
     const std::int64_t batch = input_ids.size(0);
 
-    DynamicCache<> past_key_values;  // DynamicCache()
+    DynamicCache<B> past_key_values;  // DynamicCache()
     std::vector<std::int64_t> cache_position = make_cache_position(0, input_ids.size(1));  // arange
     std::vector<std::vector<std::int64_t>> generated(static_cast<std::size_t>(batch));
     Tensor step_ids = input_ids;
@@ -78,4 +84,25 @@ int main(int argc, char** argv) {
     return 1;
   }
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string dir = KVCACHE_DEFAULT_MODEL_DIR;
+  bool gpu = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--device" && i + 1 < argc) {
+      const std::string device = argv[++i];
+      if (device != "cpu" && device != "cuda") {
+        std::cerr << "custom_loop: --device expects cpu or cuda, got '" << device << "'\n";
+        return 2;
+      }
+      gpu = device == "cuda";
+    } else {
+      dir = arg;
+    }
+  }
+  return gpu ? run<cuda::Backend>(dir) : run<cpu::Backend>(dir);
 }

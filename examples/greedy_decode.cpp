@@ -14,7 +14,10 @@
 // template; --system replaces the template's default system prompt; --chat reads one user turn per
 // line from stdin and keeps the conversation in one DynamicCache, prefilling only each new turn.
 // With --json the last line of stdout is one JSON object: new_tokens (per row), prefill_ms,
-// decode_tokens_per_s, cache_bytes. Without --dtype a GGUF file's Q8_0/Q4_1 matrices stay blocks
+// decode_tokens_per_s, cache_bytes. --device cuda loads the weights onto the GPU (a GGUF file's
+// quantized matrices as bfloat16; --dtype float32 for the exact mode) and runs the same
+// generate() with a DynamicCache<cuda::Backend>; it reports peak device memory beside the weights
+// and the cache. Without --dtype a GGUF file's Q8_0/Q4_1 matrices stay blocks
 // and are multiplied as such (fast; x is rounded to int8 per block, see
 // kvcache/backend/quantized.hpp); --dtype float32 dequantizes them exactly at load, which is how
 // the parity tests match transformers token for token.
@@ -172,15 +175,32 @@ nlohmann::json result_json(const std::string& model, const kvcache::GenerateResu
   return out;
 }
 
+// The --json line's device figures (GPU only): peak device memory beside the weights.
+void add_device_json(nlohmann::json& out, const kvcache::LlamaModel& model) {
+  out["device"] = std::string(kvcache::device_name(model.device()));
+  out["weight_bytes"] = model.weight_bytes();
+  if (model.device() == kvcache::Device::kCuda)
+    out["peak_device_bytes"] = kvcache::cuda::memory_stats().peak_in_use;
+}
+
 void print_stats(const kvcache::GenerateResult& r, std::int64_t prompt_tokens, std::size_t rows,
                  const kvcache::LlamaModel& model) {
-  std::printf("weights: %.1f MB held\n", static_cast<double>(model.weight_bytes()) * 1e-6);
+  std::printf("weights: %.1f MB held on %s\n", static_cast<double>(model.weight_bytes()) * 1e-6,
+              std::string(kvcache::device_name(model.device())).c_str());
   std::printf("prefill: %.2f ms for %lld tokens x %zu rows\n", r.prefill_ms,
               static_cast<long long>(prompt_tokens), rows);
   std::printf("decode: %.1f tokens/s (%lld steps)\n", r.decode_tokens_per_s,
               static_cast<long long>(r.decode_steps));
   std::printf("cache: %lld tokens, %zu bytes\n", static_cast<long long>(r.cache_length),
               r.cache_bytes);
+  if (model.device() == kvcache::Device::kCuda) {
+    const kvcache::cuda::MemoryStats m = kvcache::cuda::memory_stats();
+    std::printf(
+        "device memory: peak %.1f MB in use (weights %.1f MB + cache + workspace), %.1f MB "
+        "reserved\n",
+        static_cast<double>(m.peak_in_use) * 1e-6, static_cast<double>(model.weight_bytes()) * 1e-6,
+        static_cast<double>(m.peak_reserved) * 1e-6);
+  }
 }
 
 }  // namespace
@@ -193,11 +213,10 @@ int main(int argc, char** argv) {
         "model '" + o.model + "' does not exist" +
         (o.model == KVCACHE_DEFAULT_MODEL_PATH ? " (install it with scripts/setup-model.sh)" : ""));
   }
-  if (o.device == "cuda")
-    fail("--device cuda: the CUDA model path is not implemented yet; use --device cpu");
   try {
     LoadOptions load;
     if (!o.dtype.empty()) load.dtype = parse_dtype(o.dtype);
+    if (o.device == "cuda") load.device = Device::kCuda;
     const LlamaModel model = LlamaModel::from_pretrained(o.model, load);
     const ModelConfig& config = model.config();
     const std::optional<Tokenizer> tokenizer =
@@ -221,7 +240,9 @@ int main(int argc, char** argv) {
       const auto [input_ids, attention_mask] = left_pad(rows, pad);
       const GenerateResult result = generate(model, input_ids, attention_mask, gen);
       if (o.json) {
-        std::cout << result_json(o.model, result).dump() << "\n";
+        nlohmann::json out = result_json(o.model, result);
+        add_device_json(out, model);
+        std::cout << out.dump() << "\n";
         return 0;
       }
       std::cout << "model: " << o.model << " (" << config.architecture << ", "
@@ -254,7 +275,10 @@ int main(int argc, char** argv) {
     // The conversation's cache. After each turn it holds everything but the last generated token,
     // which is `pending` and opens the next turn's prefill; `covered` is how much of the chat
     // rendering the cache plus `pending` already stand for.
-    DynamicCache<> cache;
+    DynamicCache<> cpu_cache;
+    DynamicCache<cuda::Backend> gpu_cache;
+    const bool on_gpu = model.device() == Device::kCuda;
+    const CacheRef cache = on_gpu ? CacheRef(&gpu_cache) : CacheRef(&cpu_cache);
     std::vector<std::int64_t> pending;
     std::size_t covered = 0;
     const std::string end_of_turn = "<|im_end|>";
@@ -269,11 +293,11 @@ int main(int argc, char** argv) {
       ids.insert(ids.end(), encoded.begin(), encoded.end());
       if (ids.empty()) fail("the prompt encodes to no tokens");
       const auto [input_ids, unused_mask] = left_pad({ids}, pad);
-      const std::int64_t past = cache.get_seq_length();
+      const std::int64_t past = on_gpu ? gpu_cache.get_seq_length() : cpu_cache.get_seq_length();
       const Tensor mask = extend_attention_mask(ones_mask(1, past), input_ids.size(1));
       StreamDecoder stream(*tokenizer, /*skip_special=*/true);
       std::vector<std::int64_t> answer;
-      const GenerateResult result = generate(model, input_ids, mask, gen, &cache,
+      const GenerateResult result = generate(model, input_ids, mask, gen, cache,
                                              [&](std::int64_t, std::int64_t token, std::int64_t) {
                                                answer.push_back(token);
                                                if (!o.json)
@@ -314,6 +338,7 @@ int main(int argc, char** argv) {
     if (o.json) {
       nlohmann::json out = result_json(o.model, result);
       out["text"] = tokenizer->decode(result.new_tokens[0], true);
+      add_device_json(out, model);
       std::cout << out.dump() << "\n";
     } else {
       print_stats(result, prompt_tokens, 1, model);

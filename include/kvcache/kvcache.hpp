@@ -1,12 +1,13 @@
-// Umbrella header: everything a C++ inference loop needs from kvcache on the CPU: tensors, caches,
-// attention, models and generation. The CUDA backend's host declarations are in
-// <kvcache/backend/cuda.hpp> (link kvcache::cuda).
+// Umbrella header: everything a C++ inference loop needs from kvcache, on the CPU or the GPU:
+// tensors, caches, attention, models and generation (the CUDA backend's host declarations,
+// kvcache/backend/cuda.hpp, come with it and need no CUDA headers).
 #pragma once
 
 #include "kvcache/attention/attention.hpp"
 #include "kvcache/attention/mask.hpp"
 #include "kvcache/attention/rope.hpp"
 #include "kvcache/backend/cpu.hpp"
+#include "kvcache/backend/cuda.hpp"
 #include "kvcache/backend/quantized.hpp"
 #include "kvcache/cache/cache.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"

@@ -1,4 +1,4 @@
-// The attention module's CPU path: check the step, update the cache, attend over its views.
+// The attention module on either backend: check the step, update the cache, attend over its views.
 #include "kvcache/attention/attention.hpp"
 
 #include <cmath>
@@ -19,10 +19,11 @@ Attention::Attention(int layer_idx, AttentionOptions options)
   scale_ = options.scale.value_or(1.0f / std::sqrt(static_cast<float>(options.head_dim)));
 }
 
+template <CacheBackend B>
 Tensor Attention::forward(const Tensor& query_states, const Tensor& key_states,
-                          const Tensor& value_states, Cache<cpu::Backend>& cache,
-                          const Tensor& attention_mask,
-                          std::span<const std::int64_t> cache_position) const {
+                          const Tensor& value_states, Cache<B>& cache, const Tensor& attention_mask,
+                          std::span<const std::int64_t> cache_position,
+                          const Tensor& cache_position_device) const {
   const char* where = "Attention::forward";
   const AttentionOptions& o = options_;
   KVCACHE_CHECK(query_states.defined() && query_states.rank() == 4 &&
@@ -40,23 +41,64 @@ Tensor Attention::forward(const Tensor& query_states, const Tensor& key_states,
                   dtype_name(query_states.dtype()), " (the query's dtype), got ",
                   dtype_name(t->dtype()));
   }
-  KVCACHE_CHECK(query_states.device() == Device::kCpu, where, ": expected CPU tensors, got ",
-                query_states.describe());
+  for (const Tensor* t : {&query_states, &key_states, &value_states}) {
+    KVCACHE_CHECK(t->device() == B::kDevice, where, ": expected states on ",
+                  device_name(B::kDevice), " (the cache's device), got ", t->describe());
+  }
   KVCACHE_CHECK(is_floating(query_states.dtype()), where,
                 ": expected float32, float16 or bfloat16 states, got ",
                 dtype_name(query_states.dtype()));
   const MaskSizes sizes = cache.get_mask_sizes(cache_position, layer_idx_);
   check_cache_position(cache_position, q_len, sizes.kv_length, sizes.kv_offset, where);
-  // Checked (and converted once) before the update, so a bad mask leaves the cache as it was.
-  const std::vector<std::uint8_t> mask =
-      mask_to_bytes(attention_mask, batch, sizes.kv_length, where);
-
-  Tensor out = Tensor::empty({batch, q_len, o.num_heads, o.head_dim}, query_states.dtype());
   CacheKwargs kwargs;
   kwargs.cache_position = cache_position;
-  auto [keys, values] = cache.update(key_states, value_states, layer_idx_, kwargs);
-  cpu::attention(query_states, keys, values, mask, cache_position, sizes.kv_offset, scale_, out);
-  return out;
+
+  if constexpr (B::kDevice == Device::kCpu) {
+    // Checked (and converted once) before the update, so a bad mask leaves the cache as it was.
+    const std::vector<std::uint8_t> mask =
+        mask_to_bytes(attention_mask, batch, sizes.kv_length, where);
+    Tensor out = Tensor::empty({batch, q_len, o.num_heads, o.head_dim}, query_states.dtype());
+    auto [keys, values] = cache.update(key_states, value_states, layer_idx_, kwargs);
+    cpu::attention(query_states, keys, values, mask, cache_position, sizes.kv_offset, scale_, out);
+    return out;
+  } else {
+    // The mask as device bytes: given so by the caller, or checked here and sent over.
+    Tensor mask = attention_mask;
+    if (mask.defined() && mask.device() == Device::kCuda) {
+      KVCACHE_CHECK(mask.rank() == 2 && mask.dtype() == DType::kUInt8 && mask.is_contiguous() &&
+                        mask.size(0) == batch && mask.size(1) == sizes.kv_length,
+                    where, ": expected a device attention_mask [", batch, ", ", sizes.kv_length,
+                    "] uint8 contiguous, got ", mask.describe());
+    } else {
+      const std::vector<std::uint8_t> bytes =
+          mask_to_bytes(attention_mask, batch, sizes.kv_length, where);
+      mask = bytes.empty() ? Tensor() : cuda::upload(bytes.data(), bytes.size());
+    }
+    Tensor positions = cache_position_device;
+    if (positions.defined()) {
+      KVCACHE_CHECK(positions.device() == Device::kCuda && positions.dtype() == DType::kInt64 &&
+                        positions.rank() == 1 && positions.size(0) == q_len,
+                    where, ": expected cache_position_device [", q_len, "] int64 on cuda, got ",
+                    positions.describe());
+    } else {
+      const Tensor bytes = cuda::upload(cache_position.data(), cache_position.size_bytes());
+      positions = Tensor::from_storage(bytes.storage(), bytes.data(), Shape(&q_len, 1),
+                                       DType::kInt64, Device::kCuda);
+    }
+    Tensor out = cuda::empty({batch, q_len, o.num_heads, o.head_dim}, query_states.dtype());
+    auto [keys, values] = cache.update(key_states, value_states, layer_idx_, kwargs);
+    cuda::attention(query_states, keys, values, mask, positions, sizes.kv_offset, scale_, out);
+    return out;
+  }
 }
+
+template Tensor Attention::forward<cpu::Backend>(const Tensor&, const Tensor&, const Tensor&,
+                                                 Cache<cpu::Backend>&, const Tensor&,
+                                                 std::span<const std::int64_t>,
+                                                 const Tensor&) const;
+template Tensor Attention::forward<cuda::Backend>(const Tensor&, const Tensor&, const Tensor&,
+                                                  Cache<cuda::Backend>&, const Tensor&,
+                                                  std::span<const std::int64_t>,
+                                                  const Tensor&) const;
 
 }  // namespace kvcache

@@ -85,19 +85,47 @@ std::int64_t choose_token(const float* logits, std::int64_t vocab, const Generat
   return order[pick(rng)];
 }
 
-GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
-                        const Tensor& attention_mask, const GenerationConfig& config,
-                        DynamicCache<>* cache, const TokenCallback& on_token) {
+namespace {
+
+// The next token of every row, from logits [batch, 1, vocab] on the model's device: on the GPU the
+// choice runs there and only the ids come back.
+// Finished rows get pad_token_id; on the CPU they draw nothing from the sampler's state.
+std::vector<std::int64_t> choose_tokens(const Tensor& logits, const GenerationConfig& config,
+                                        std::uint64_t& rng_state,
+                                        const std::vector<bool>& finished) {
+  const std::int64_t batch = logits.size(0), vocab = logits.size(2);
+  if (logits.device() == Device::kCuda) {
+    if (!config.do_sample) return argmax_last(logits);
+    std::vector<float> uniforms(static_cast<std::size_t>(batch));
+    for (float& u : uniforms) {
+      std::mt19937_64 rng(rng_state);
+      rng_state = rng();
+      u = std::uniform_real_distribution<float>(0.0f, 1.0f)(rng);
+    }
+    const Tensor host_u = Tensor::from_blob(uniforms.data(), {batch}, DType::kFloat32);
+    const Tensor ids =
+        cuda::to_host(cuda::sample(last_position(logits), config.temperature, config.top_k,
+                                   config.top_p, cuda::to_device(host_u)));
+    return {ids.data_as<std::int64_t>(), ids.data_as<std::int64_t>() + batch};
+  }
+  std::vector<std::int64_t> next(static_cast<std::size_t>(batch));
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const auto row = static_cast<std::size_t>(b);
+    next[row] = finished[row]
+                    ? config.pad_token_id.value_or(0)
+                    : choose_token(logits.data_as<float>() + b * vocab, vocab, config, rng_state);
+  }
+  return next;
+}
+
+template <class B>
+GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
+                           const Tensor& attention_mask, const GenerationConfig& config,
+                           Cache<B>* cache, const TokenCallback& on_token) {
   using Clock = std::chrono::steady_clock;
-  KVCACHE_CHECK(input_ids.defined() && input_ids.rank() == 2 && input_ids.dtype() == DType::kInt64,
-                "generate: expected input_ids [batch, prompt_len] int64, got ",
-                input_ids.describe());
-  KVCACHE_CHECK(config.max_new_tokens >= 0, "generate: expected max_new_tokens >= 0, got ",
-                config.max_new_tokens);
-  const std::int64_t batch = input_ids.size(0), prompt = input_ids.size(1),
-                     vocab = model.config().vocab_size;
-  DynamicCache<> local(DynamicCacheOptions{.initial_capacity = prompt + config.max_new_tokens});
-  DynamicCache<>& past_key_values = cache ? *cache : local;
+  const std::int64_t batch = input_ids.size(0), prompt = input_ids.size(1);
+  DynamicCache<B> local(DynamicCacheOptions{.initial_capacity = prompt + config.max_new_tokens});
+  Cache<B>& past_key_values = cache ? *cache : local;
   const std::int64_t past = past_key_values.get_seq_length();
   Tensor mask = attention_mask.defined() ? attention_mask : ones_mask(batch, past + prompt);
   const std::int64_t pad = config.pad_token_id.value_or(0);
@@ -116,17 +144,15 @@ GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
                                          .cache_position = cache_position,
                                          .past_key_values = &past_key_values,
                                          .logits_to_keep = 1});
+    std::vector<std::int64_t> next = choose_tokens(logits, config, rng_state, finished);
     if (step == 0) {
       decode_start = Clock::now();
       result.prefill_ms = std::chrono::duration<double, std::milli>(decode_start - start).count();
     }
-    std::vector<std::int64_t> next(static_cast<std::size_t>(batch));
     bool keep_going = true;
     for (std::int64_t b = 0; b < batch; ++b) {
       const auto row = static_cast<std::size_t>(b);
-      next[row] = finished[row]
-                      ? pad
-                      : choose_token(logits.data_as<float>() + b * vocab, vocab, config, rng_state);
+      if (finished[row]) next[row] = pad;
       result.new_tokens[row].push_back(next[row]);
       if (!finished[row] && std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(),
                                       next[row]) != config.eos_token_ids.end()) {
@@ -151,6 +177,27 @@ GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
   result.cache_length = past_key_values.get_seq_length();
   result.cache_bytes = past_key_values.nbytes();
   return result;
+}
+
+}  // namespace
+
+GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
+                        const Tensor& attention_mask, const GenerationConfig& config,
+                        CacheRef cache, const TokenCallback& on_token) {
+  KVCACHE_CHECK(input_ids.defined() && input_ids.rank() == 2 && input_ids.dtype() == DType::kInt64,
+                "generate: expected input_ids [batch, prompt_len] int64, got ",
+                input_ids.describe());
+  KVCACHE_CHECK(config.max_new_tokens >= 0, "generate: expected max_new_tokens >= 0, got ",
+                config.max_new_tokens);
+  KVCACHE_CHECK(!cache || cache.device() == model.device(), "generate: expected a cache on ",
+                device_name(model.device()), " (the model's device), got a cache on ",
+                device_name(cache.device()));
+  if (model.device() == Device::kCuda) {
+    return generate_on<cuda::Backend>(model, input_ids, attention_mask, config,
+                                      cache.get<cuda::Backend>(), on_token);
+  }
+  return generate_on<cpu::Backend>(model, input_ids, attention_mask, config,
+                                   cache.get<cpu::Backend>(), on_token);
 }
 
 }  // namespace kvcache

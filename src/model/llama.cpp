@@ -1,12 +1,17 @@
-// Loading and running Llama-family models on the CPU. The forward pass reads top to bottom like
-// transformers' LlamaModel.forward: embed, then per layer RMSNorm → q/k/v → RoPE → attention
-// through the cache → o_proj → residual → RMSNorm → SiLU MLP → residual, then the final norm and
-// the LM head for the kept positions.
+// Loading and running Llama-family models on the CPU or the GPU. The forward pass reads top to
+// bottom like transformers' LlamaModel.forward: embed, then per layer RMSNorm → q/k/v → RoPE →
+// attention through the cache → o_proj → residual → RMSNorm → SiLU MLP → residual, then the final
+// norm and the LM head for the kept positions. It is written once (forward_on<B>); the helpers in
+// the anonymous namespace below hold the only places where the two backends differ.
 #include "kvcache/model/llama.hpp"
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <random>
+#include <tuple>
 
 #include "kvcache/attention/attention.hpp"
 #include "kvcache/attention/mask.hpp"
@@ -14,6 +19,7 @@
 #include "kvcache/cache/dynamic_cache.hpp"
 #include "kvcache/error.hpp"
 #include "kvcache/model/safetensors.hpp"
+#include "kvcache/tensor.hpp"
 
 namespace kvcache {
 namespace {
@@ -95,9 +101,170 @@ Tensor optional_vector(const WeightMap& weights, const std::string& name, bool w
   return hold_vector(require_vector(weights, name, size, where));
 }
 
+// --- the GPU's holding of weights ---------------------------------------------------------------
+
+// The one dtype a model on the GPU holds its matrices in: the asked one, else bfloat16 when the
+// checkpoint has bfloat16 or quantized matrices, float16 when its matrices are float16, float32
+// when they are all float32.
+DType gpu_weight_dtype(const WeightMap& weights, const LoadOptions& options) {
+  if (options.dtype) return *options.dtype;
+  bool f16 = false;
+  for (const auto& [name, w] : weights) {
+    if (w.is_quantized() || w.dense().dtype() == DType::kBFloat16) return DType::kBFloat16;
+    if (w.dense().rank() == 2 && w.dense().dtype() == DType::kFloat16) f16 = true;
+  }
+  return f16 ? DType::kFloat16 : DType::kFloat32;
+}
+
+// A tensor on the GPU in `dtype`: sent over as stored (so a 16-bit checkpoint crosses the bus at
+// 2 bytes a weight) and converted there.
+Tensor to_gpu(const Tensor& t, DType dtype) {
+  const Tensor on_device =
+      t.device() == Device::kCuda ? t : cuda::to_device(t.is_contiguous() ? t : cpu::clone(t));
+  if (on_device.dtype() == dtype && on_device.is_contiguous()) return on_device;
+  return cuda::cast(on_device, dtype);
+}
+
+// A matrix on the GPU: quantized blocks are dequantized exactly on the host and rounded to
+// `dtype` on the device.
+Tensor gpu_matrix(const cpu::Weight& w, DType dtype) {
+  return to_gpu(w.is_quantized() ? w.quantized().dequantize() : w.dense(), dtype);
+}
+
+// Several matrices [rows_i, cols] stacked into one [Σ rows_i, cols] device matrix (q|k|v,
+// gate|up), so one GEMM computes all of them; the parts are handed back as row views of it.
+Tensor fuse_rows(std::span<cpu::Weight* const> parts, DType dtype) {
+  std::int64_t rows = 0;
+  for (const cpu::Weight* w : parts) rows += w->rows();
+  const std::int64_t cols = parts[0]->cols();
+  Tensor fused = cuda::empty({rows, cols}, dtype);
+  std::int64_t r0 = 0;
+  for (cpu::Weight* w : parts) {
+    const std::int64_t r1 = r0 + w->rows();
+    cuda::copy(fused.slice(0, r0, r1), gpu_matrix(*w, dtype));
+    *w = fused.slice(0, r0, r1);
+    r0 = r1;
+  }
+  return fused;
+}
+
+// --- where the forward pass differs per backend ---------------------------------------------
+
+// A [rows, heads · head_dim] projection output (rows = batch · q_len, any row stride) seen as
+// [batch, heads, q_len, head_dim], the layout attention and the cache take; no copy.
+Tensor split_heads(const Tensor& p, std::int64_t batch, std::int64_t q_len, std::int64_t heads,
+                   std::int64_t head_dim) {
+  const std::int64_t row = p.stride(0);
+  const std::int64_t shape[4] = {batch, heads, q_len, head_dim};
+  const std::int64_t strides[4] = {q_len * row, head_dim, row, 1};
+  return Tensor::from_storage(p.storage(), p.data(), shape, p.dtype(), p.device(), strides);
+}
+
+// Bytes `offset..` of an uploaded buffer seen as a contiguous tensor of `shape` and `dtype`.
+Tensor view_bytes(const Tensor& bytes, std::size_t offset,
+                  std::initializer_list<std::int64_t> shape, DType dtype) {
+  return Tensor::from_storage(bytes.storage(), static_cast<std::uint8_t*>(bytes.data()) + offset,
+                              Shape(shape.begin(), shape.size()), dtype, bytes.device());
+}
+
+// A step's inputs on the backend's device. On the CPU they stay where they are; on the GPU ids,
+// position ids, cache positions and the mask bytes travel in one upload.
+struct StepInputs {
+  Tensor ids;             // [batch · q_len] int64
+  Tensor position_ids;    // [batch, q_len] int64
+  Tensor cache_position;  // [q_len] int64 (GPU only)
+  Tensor mask;            // CPU: the caller's mask; GPU: uint8 [batch, kv_len], or undefined
+};
+
+template <class B>
+StepInputs step_inputs(const Tensor& ids, const Tensor& position_ids,
+                       std::span<const std::int64_t> cache_position, const Tensor& mask,
+                       std::int64_t kv_len, const char* where) {
+  if constexpr (B::kDevice == Device::kCpu) {
+    (void)cache_position, (void)kv_len, (void)where;
+    return {cpu::clone(ids), position_ids, Tensor(), mask};
+  } else {
+    const std::int64_t batch = ids.size(0), q_len = ids.size(1);
+    const std::vector<std::uint8_t> bytes = mask_to_bytes(mask, batch, kv_len, where);
+    // A mask of all ones is sent as none: the kernels then read no mask at all.
+    const bool padded = std::find(bytes.begin(), bytes.end(), std::uint8_t{0}) != bytes.end();
+    const std::size_t n_ids = static_cast<std::size_t>(batch * q_len);
+    const std::size_t pos_at = 8 * n_ids, cp_at = pos_at + 8 * n_ids,
+                      mask_at = cp_at + 8 * static_cast<std::size_t>(q_len);
+    std::vector<std::uint8_t> host(mask_at + (padded ? bytes.size() : 0));
+    const Tensor ids_c = cpu::clone(ids), pos_c = cpu::clone(position_ids);
+    std::memcpy(host.data(), ids_c.data(), 8 * n_ids);
+    std::memcpy(host.data() + pos_at, pos_c.data(), 8 * n_ids);
+    std::memcpy(host.data() + cp_at, cache_position.data(), 8 * cache_position.size());
+    if (padded) std::memcpy(host.data() + mask_at, bytes.data(), bytes.size());
+    const Tensor up = cuda::upload(host.data(), host.size());
+    return {view_bytes(up, 0, {batch * q_len}, DType::kInt64),
+            view_bytes(up, pos_at, {batch, q_len}, DType::kInt64),
+            view_bytes(up, cp_at, {q_len}, DType::kInt64),
+            padded ? view_bytes(up, mask_at, {batch, kv_len}, DType::kUInt8) : Tensor()};
+  }
+}
+
+// RMSNorm: float32 out on the CPU; the weights' dtype on the GPU (what the next GEMM reads).
+template <class B>
+Tensor norm(const Tensor& x, const Tensor& weight, double eps, DType gpu_dtype) {
+  if constexpr (B::kDevice == Device::kCpu) {
+    (void)gpu_dtype;
+    return cpu::rms_norm(x, weight, static_cast<float>(eps));
+  } else {
+    return cuda::rms_norm(x, weight, static_cast<float>(eps), gpu_dtype);
+  }
+}
+
+// Several projections of one x. CPU: cpu::linear_fused. GPU: one GEMM over the fused matrix,
+// biases added per part, the parts handed back as column views of the one output.
+template <class B>
+std::vector<Tensor> project(const Tensor& x, std::span<const cpu::Weight* const> weights,
+                            std::span<const Tensor* const> biases, const Tensor& fused) {
+  if constexpr (B::kDevice == Device::kCpu) {
+    (void)fused;
+    return cpu::linear_fused(x, weights, biases);
+  } else {
+    Tensor out = cuda::empty({x.size(0), fused.size(0)}, fused.dtype());
+    cuda::linear(x, fused, out);
+    std::vector<Tensor> parts;
+    std::int64_t c0 = 0;
+    for (std::size_t i = 0; i < weights.size(); ++i) {
+      const std::int64_t c1 = c0 + weights[i]->rows();
+      parts.push_back(out.slice(1, c0, c1));
+      if (biases[i]->defined()) cuda::add_bias(parts.back(), *biases[i]);
+      c0 = c1;
+    }
+    return parts;
+  }
+}
+
+// hidden += x · Wᵀ (+ bias): the residual add, inside the GEMM on the GPU.
+template <class B>
+void add_projection(const Tensor& hidden, const Tensor& x, const cpu::Weight& w,
+                    const Tensor& bias) {
+  if constexpr (B::kDevice == Device::kCpu) {
+    cpu::add_inplace(hidden, cpu::linear(x, w, bias));
+  } else {
+    cuda::linear(x, w.dense(), hidden, 1.0f);
+    if (bias.defined()) cuda::add_bias(hidden, bias);
+  }
+}
+
+template <class B>
+Tensor silu_mul(const Tensor& gate, const Tensor& up) {
+  if constexpr (B::kDevice == Device::kCpu) {
+    return cpu::silu_mul(gate, up);
+  } else {
+    return cuda::silu_mul(gate, up);
+  }
+}
+
 }  // namespace
 
 LlamaModel LlamaModel::from_pretrained(const std::string& dir, LoadOptions options) {
+  // Before any file is read: no GPU is a clear error, not minutes of loading first.
+  if (options.device == Device::kCuda) cuda::require_device("LlamaModel::from_pretrained");
   if (dir.size() > 5 && dir.compare(dir.size() - 5, 5, ".gguf") == 0)
     return from_gguf(dir, options);
   ModelConfig config = ModelConfig::from_file(dir + "/config.json");
@@ -124,48 +291,80 @@ LlamaModel LlamaModel::from_weights(ModelConfig config,
                 ": expected a float weight dtype, got ", dtype_name(*options.dtype));
   KVCACHE_CHECK(!options.dtype || !options.quantize, where, ": LoadOptions asks for both a dtype (",
                 dtype_name(*options.dtype), ") and quantization; choose one");
+  KVCACHE_CHECK(options.device == Device::kCpu || !options.quantize, where,
+                ": LoadOptions::quantize is for the CPU; on cuda quantized files are held as "
+                "bfloat16");
   WeightMap weights(list.begin(), list.end());
+  const bool on_gpu = options.device == Device::kCuda;
+  if (on_gpu) cuda::require_device(where.c_str());
+  const DType gpu_dtype = on_gpu ? gpu_weight_dtype(weights, options) : DType::kFloat32;
+  // The holding of a matrix and of a vector on the chosen device.
+  auto hold_m = [&](const cpu::Weight& w) -> cpu::Weight {
+    return on_gpu ? cpu::Weight(gpu_matrix(w, gpu_dtype)) : hold_matrix(w, options);
+  };
+  auto hold_v = [&](const Tensor& t) {
+    return on_gpu ? to_gpu(t, DType::kFloat32) : hold_vector(t);
+  };
   const ModelConfig& c = config;
   const std::int64_t hidden = c.hidden_size, inter = c.intermediate_size, hd = c.head_dim;
   const std::int64_t q_out = c.num_attention_heads * hd, kv_out = c.num_key_value_heads * hd;
 
   LlamaModel model;
-  model.embed_tokens_ = hold_matrix(
-      require_matrix(weights, "model.embed_tokens.weight", c.vocab_size, hidden, where), options);
-  model.final_norm_ = hold_vector(require_vector(weights, "model.norm.weight", hidden, where));
+  model.device_ = options.device;
+  model.kv_dtype_ = gpu_dtype;
+  model.embed_tokens_ =
+      hold_m(require_matrix(weights, "model.embed_tokens.weight", c.vocab_size, hidden, where));
+  model.final_norm_ = hold_v(require_vector(weights, "model.norm.weight", hidden, where));
   if (c.tie_word_embeddings) {
     model.lm_head_ = model.embed_tokens_;
   } else {
-    model.lm_head_ = hold_matrix(
-        require_matrix(weights, "lm_head.weight", c.vocab_size, hidden, where), options);
+    model.lm_head_ = hold_m(require_matrix(weights, "lm_head.weight", c.vocab_size, hidden, where));
   }
   for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     // Matrices [rows, cols] in the requested dtype; vectors [n] in float32 when `wanted`.
-    auto matrix = [&](const std::string& name, std::int64_t rows, std::int64_t cols) {
-      return hold_matrix(require_matrix(weights, p + name, rows, cols, where), options);
+    // On the GPU the matrices that get fused are only checked here; fuse_rows holds them.
+    auto matrix = [&](const std::string& name, std::int64_t rows, std::int64_t cols,
+                      bool fused = false) -> cpu::Weight {
+      const cpu::Weight& w = require_matrix(weights, p + name, rows, cols, where);
+      return on_gpu && fused ? w : hold_m(w);
     };
     auto vector = [&](const std::string& name, bool wanted, std::int64_t n) {
-      return optional_vector(weights, p + name, wanted, n, where);
+      if (!on_gpu) return optional_vector(weights, p + name, wanted, n, where);
+      return wanted ? hold_v(require_vector(weights, p + name, n, where)) : Tensor();
     };
     Layer layer;
     layer.input_norm = vector("input_layernorm.weight", true, hidden);
     layer.post_norm = vector("post_attention_layernorm.weight", true, hidden);
-    layer.q = matrix("self_attn.q_proj.weight", q_out, hidden);
-    layer.k = matrix("self_attn.k_proj.weight", kv_out, hidden);
-    layer.v = matrix("self_attn.v_proj.weight", kv_out, hidden);
+    layer.q = matrix("self_attn.q_proj.weight", q_out, hidden, true);
+    layer.k = matrix("self_attn.k_proj.weight", kv_out, hidden, true);
+    layer.v = matrix("self_attn.v_proj.weight", kv_out, hidden, true);
     layer.o = matrix("self_attn.o_proj.weight", hidden, q_out);
     layer.q_bias = vector("self_attn.q_proj.bias", c.qkv_bias, q_out);
     layer.k_bias = vector("self_attn.k_proj.bias", c.qkv_bias, kv_out);
     layer.v_bias = vector("self_attn.v_proj.bias", c.qkv_bias, kv_out);
     layer.o_bias = vector("self_attn.o_proj.bias", c.o_bias, hidden);
-    layer.gate = matrix("mlp.gate_proj.weight", inter, hidden);
-    layer.up = matrix("mlp.up_proj.weight", inter, hidden);
+    layer.gate = matrix("mlp.gate_proj.weight", inter, hidden, true);
+    layer.up = matrix("mlp.up_proj.weight", inter, hidden, true);
     layer.down = matrix("mlp.down_proj.weight", hidden, inter);
     layer.gate_bias = vector("mlp.gate_proj.bias", c.mlp_bias, inter);
     layer.up_bias = vector("mlp.up_proj.bias", c.mlp_bias, inter);
     layer.down_bias = vector("mlp.down_proj.bias", c.mlp_bias, hidden);
+    if (on_gpu) {
+      cpu::Weight* qkv[] = {&layer.q, &layer.k, &layer.v};
+      cpu::Weight* gate_up[] = {&layer.gate, &layer.up};
+      layer.qkv_fused = fuse_rows(qkv, gpu_dtype);
+      layer.gate_up_fused = fuse_rows(gate_up, gpu_dtype);
+    }
     model.layers_.push_back(std::move(layer));
+  }
+  if (on_gpu) {
+    const RotaryEmbedding rope(c.rope);
+    Tensor inv_freq =
+        Tensor::empty({static_cast<std::int64_t>(rope.inv_freq().size())}, DType::kFloat32);
+    std::copy(rope.inv_freq().begin(), rope.inv_freq().end(), inv_freq.data_as<float>());
+    model.inv_freq_ = cuda::to_device(inv_freq);
+    cuda::synchronize();
   }
   model.config_ = std::move(config);
   return model;
@@ -186,6 +385,16 @@ std::size_t LlamaModel::weight_bytes() const {
 }
 
 Tensor LlamaModel::forward(const ForwardArgs& args) const {
+  const CacheRef& given = args.past_key_values;
+  KVCACHE_CHECK(!given || given.device() == device_, "LlamaModel::forward: expected a cache on ",
+                device_name(device_), " (the model's device), got a cache on ",
+                device_name(given.device()));
+  if (device_ == Device::kCuda) return forward_on<cuda::Backend>(args, given.get<cuda::Backend>());
+  return forward_on<cpu::Backend>(args, given.get<cpu::Backend>());
+}
+
+template <class B>
+Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given) const {
   const char* where = "LlamaModel::forward";
   const ModelConfig& c = config_;
   const Tensor& ids = args.input_ids;
@@ -196,16 +405,21 @@ Tensor LlamaModel::forward(const ForwardArgs& args) const {
   const std::int64_t batch = ids.size(0), q_len = ids.size(1);
   KVCACHE_CHECK(batch > 0 && q_len > 0, where, ": expected at least one row and one token, got ",
                 ids.shape_string());
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t i = 0; i < q_len; ++i) {
+      const std::int64_t id = ids.data_as<std::int64_t>()[ids.offset({b, i})];
+      KVCACHE_CHECK(id >= 0 && id < c.vocab_size, where, ": expected token ids in [0, ",
+                    c.vocab_size, ") (the vocabulary), got ", id, " at row ", b, ", position ", i);
+    }
 
-  DynamicCache<> local_cache;
-  Cache<cpu::Backend>* cache =
-      args.past_key_values && args.use_cache ? args.past_key_values : &local_cache;
+  DynamicCache<B> local_cache;
+  Cache<B>* cache = given && args.use_cache ? given : &local_cache;
   // use_cache = false with a cache given: attend over a copy of it and leave it unchanged.
-  if (args.past_key_values && !args.use_cache) {
-    const auto* dynamic = dynamic_cast<const DynamicCache<>*>(args.past_key_values);
+  if (given && !args.use_cache) {
+    const auto* dynamic = dynamic_cast<const DynamicCache<B>*>(given);
     KVCACHE_CHECK(dynamic != nullptr, where,
                   ": use_cache=false with a non-dynamic cache is not supported");
-    local_cache = DynamicCache<>::from_legacy_cache(dynamic->to_legacy_cache());
+    local_cache = DynamicCache<B>::from_legacy_cache(dynamic->to_legacy_cache());
   }
   const std::int64_t past = cache->get_seq_length(0);
 
@@ -238,61 +452,89 @@ Tensor LlamaModel::forward(const ForwardArgs& args) const {
                   mask.shape_string());
     position_ids = position_ids_from_attention_mask(mask, q_len);
   }
-  KVCACHE_CHECK(
-      position_ids.rank() == 2 && position_ids.size(0) == batch && position_ids.size(1) == q_len,
-      where, ": expected position_ids [", batch, ", ", q_len, "], got ",
-      position_ids.shape_string());
+  KVCACHE_CHECK(position_ids.device() == Device::kCpu && position_ids.dtype() == DType::kInt64 &&
+                    position_ids.rank() == 2 && position_ids.size(0) == batch &&
+                    position_ids.size(1) == q_len,
+                where, ": expected position_ids [", batch, ", ", q_len, "] int64 on the CPU, got ",
+                position_ids.describe());
 
   const std::int64_t heads = c.num_attention_heads, kv_heads = c.num_key_value_heads,
                      hd = c.head_dim;
+  const StepInputs in =
+      step_inputs<B>(ids, position_ids, cache_position, mask, past + q_len, where);
   const RotaryEmbedding rope(c.rope);
-  const auto [cos, sin] = rope.cos_sin(position_ids, DType::kFloat32);
-  Tensor hidden = cpu::embedding(embed_tokens_, cpu::clone(ids));  // [batch * q_len, hidden]
+  // RoPE: cos/sin tables made once per step on the CPU; computed inside the kernel on the GPU.
+  Tensor cos, sin;
+  if constexpr (B::kDevice == Device::kCpu)
+    std::tie(cos, sin) = rope.cos_sin(position_ids, DType::kFloat32);
+  auto rotate = [&](const Tensor& x) {
+    if constexpr (B::kDevice == Device::kCpu) {
+      RotaryEmbedding::apply_rotary(x, cos, sin);
+    } else {
+      cuda::rope(x, in.position_ids, inv_freq_, rope.attention_scaling());
+    }
+  };
+  Tensor hidden;  // [batch · q_len, hidden] float32: the residual stream
+  if constexpr (B::kDevice == Device::kCpu) {
+    hidden = cpu::embedding(embed_tokens_, in.ids);
+  } else {
+    hidden = cuda::embedding(embed_tokens_.dense(), in.ids);
+  }
 
   for (std::size_t l = 0; l < layers_.size(); ++l) {
     const Layer& w = layers_[l];
-    const Tensor x = cpu::rms_norm(hidden, w.input_norm, static_cast<float>(c.rms_norm_eps));
-    // Projections come out [batch * q_len, heads * head_dim]; viewed as [batch, heads, q_len, hd].
+    const Tensor x = norm<B>(hidden, w.input_norm, c.rms_norm_eps, kv_dtype_);
+    // Projections come out [batch * q_len, heads * head_dim]; seen as [batch, heads, q_len, hd].
     const cpu::Weight* qkv[] = {&w.q, &w.k, &w.v};
     const Tensor* qkv_bias[] = {&w.q_bias, &w.k_bias, &w.v_bias};
-    const std::vector<Tensor> proj = cpu::linear_fused(x, qkv, qkv_bias);
-    const Tensor q = proj[0].view({batch, q_len, heads, hd}).transpose(1, 2);
-    const Tensor k = proj[1].view({batch, q_len, kv_heads, hd}).transpose(1, 2);
-    const Tensor v = proj[2].view({batch, q_len, kv_heads, hd}).transpose(1, 2);
-    RotaryEmbedding::apply_rotary(q, cos, sin);
-    RotaryEmbedding::apply_rotary(k, cos, sin);
+    const std::vector<Tensor> proj = project<B>(x, qkv, qkv_bias, w.qkv_fused);
+    const Tensor q = split_heads(proj[0], batch, q_len, heads, hd);
+    const Tensor k = split_heads(proj[1], batch, q_len, kv_heads, hd);
+    const Tensor v = split_heads(proj[2], batch, q_len, kv_heads, hd);
+    rotate(q);
+    rotate(k);
     const Attention attention(static_cast<int>(l),
                               {.num_heads = heads, .num_kv_heads = kv_heads, .head_dim = hd});
-    const Tensor attn =
-        attention.forward(q, k, v, *cache, mask, cache_position);  // [batch, q_len, heads, hd]
-    cpu::add_inplace(hidden, cpu::linear(attn.view({batch * q_len, heads * hd}), w.o, w.o_bias));
+    const Tensor attn = attention.forward(q, k, v, *cache, in.mask, cache_position,
+                                          in.cache_position);  // [batch, q_len, heads, hd]
+    add_projection<B>(hidden, attn.view({batch * q_len, heads * hd}), w.o, w.o_bias);
 
-    const Tensor y = cpu::rms_norm(hidden, w.post_norm, static_cast<float>(c.rms_norm_eps));
+    const Tensor y = norm<B>(hidden, w.post_norm, c.rms_norm_eps, kv_dtype_);
     const cpu::Weight* gate_up[] = {&w.gate, &w.up};
     const Tensor* gate_up_bias[] = {&w.gate_bias, &w.up_bias};
-    const std::vector<Tensor> mlp = cpu::linear_fused(y, gate_up, gate_up_bias);
-    const Tensor act = cpu::silu_mul(mlp[0], mlp[1]);
-    cpu::add_inplace(hidden, cpu::linear(act, w.down, w.down_bias));
+    const std::vector<Tensor> mlp = project<B>(y, gate_up, gate_up_bias, w.gate_up_fused);
+    add_projection<B>(hidden, silu_mul<B>(mlp[0], mlp[1]), w.down, w.down_bias);
   }
 
   // The LM head only for the last `keep` positions of every row.
   const std::int64_t keep = args.logits_to_keep > 0 ? std::min(args.logits_to_keep, q_len) : q_len;
-  Tensor last = Tensor::empty({batch * keep, c.hidden_size}, DType::kFloat32);
-  for (std::int64_t b = 0; b < batch; ++b) {
-    cpu::copy(last.slice(0, b * keep, (b + 1) * keep),
-              hidden.slice(0, b * q_len + q_len - keep, (b + 1) * q_len));
+  Tensor last = B::empty(std::array<std::int64_t, 3>{batch, keep, c.hidden_size}, DType::kFloat32);
+  B::copy(last, hidden.view({batch, q_len, c.hidden_size}).slice(1, q_len - keep, q_len));
+  const Tensor normed =
+      norm<B>(last.view({batch * keep, c.hidden_size}), final_norm_, c.rms_norm_eps, kv_dtype_);
+  if constexpr (B::kDevice == Device::kCpu) {
+    return cpu::linear(normed, lm_head_).view({batch, keep, c.vocab_size});
+  } else {
+    Tensor logits = cuda::empty({batch * keep, c.vocab_size}, DType::kFloat32);
+    cuda::linear(normed, lm_head_.dense(), logits);
+    return logits.view({batch, keep, c.vocab_size});
   }
-  const Tensor normed = cpu::rms_norm(last, final_norm_, static_cast<float>(c.rms_norm_eps));
-  return cpu::linear(normed, lm_head_).view({batch, keep, c.vocab_size});
 }
 
 std::vector<std::pair<std::string, Tensor>> random_llama_weights(const ModelConfig& c,
                                                                  std::uint64_t seed, DType dtype,
-                                                                 float scale) {
+                                                                 float scale, Device device) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> dist(-scale, scale);
   std::vector<std::pair<std::string, Tensor>> out;
+  std::uint64_t stream = seed;  // the GPU's fills: one counter-based stream per tensor
   auto add = [&](const std::string& name, std::initializer_list<std::int64_t> shape, float center) {
+    if (device == Device::kCuda) {
+      Tensor t = cuda::empty(shape, dtype);
+      cuda::fill_uniform(t, ++stream, center - scale, center + scale);
+      out.emplace_back(name, t);
+      return;
+    }
     Tensor t = Tensor::empty(shape, DType::kFloat32);
     for (std::int64_t i = 0; i < t.numel(); ++i) t.data_as<float>()[i] = center + dist(rng);
     out.emplace_back(name, dtype == DType::kFloat32 ? t : cpu::cast(t, dtype));
@@ -329,11 +571,26 @@ std::vector<std::pair<std::string, Tensor>> random_llama_weights(const ModelConf
   return out;
 }
 
+Tensor last_position(const Tensor& logits) {
+  KVCACHE_CHECK(logits.defined() && logits.rank() == 3 && logits.size(1) > 0,
+                "last_position: expected logits [batch, positions, vocab], got ",
+                logits.describe());
+  const Tensor last = logits.slice(1, logits.size(1) - 1, logits.size(1));
+  const std::int64_t shape[2] = {logits.size(0), logits.size(2)};
+  const std::int64_t strides[2] = {logits.stride(0), logits.stride(2)};
+  return Tensor::from_storage(last.storage(), last.data(), shape, last.dtype(), last.device(),
+                              strides);
+}
+
 std::vector<std::int64_t> argmax_last(const Tensor& logits) {
   KVCACHE_CHECK(logits.defined() && logits.rank() == 3 && logits.dtype() == DType::kFloat32 &&
                     logits.size(1) > 0,
                 "argmax_last: expected logits [batch, positions, vocab] float32, got ",
                 logits.describe());
+  if (logits.device() == Device::kCuda) {
+    const Tensor ids = cuda::to_host(cuda::argmax(last_position(logits)));
+    return {ids.data_as<std::int64_t>(), ids.data_as<std::int64_t>() + ids.numel()};
+  }
   std::vector<std::int64_t> out;
   const std::int64_t vocab = logits.size(2);
   for (std::int64_t b = 0; b < logits.size(0); ++b) {

@@ -95,6 +95,7 @@ ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
 }
 
 LlamaModel LlamaModel::from_gguf(const std::string& path, LoadOptions options) {
+  if (options.device == Device::kCuda) cuda::require_device("LlamaModel::from_gguf");
   const GgufFile file = GgufFile::open(path);
   ModelConfig config = ModelConfig::from_gguf(file);
   // Q8_0, Q4_1 and Q4_0 matrices are repacked as blocks (from_weights dequantizes them if options

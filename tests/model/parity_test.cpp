@@ -5,12 +5,19 @@
 // greedy tokens of that loop, and generate()'s tokens. Here kvcache runs the same loop and the same
 // generate() and must agree: tokens exactly, logits within 1e-4 relative, cached keys and values
 // at real (non-padding) positions within float32 rounding.
+//
+// One test body for both backends: each fixture runs on the CPU and, where a GPU is usable, on the
+// GPU with float32 weights (the exact mode: cuBLAS in true float32, float32 caches), with a
+// DynamicCache of that backend — the seed's loop unchanged, only the cache type and the load
+// option differ. Without a GPU the CUDA instances skip.
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <tuple>
 
+#include "kvcache/backend/cuda.hpp"
 #include "kvcache/generation/generate.hpp"
 #include "kvcache/model/llama.hpp"
 #include "kvcache/model/safetensors.hpp"
@@ -24,6 +31,9 @@ namespace kvcache {
 namespace {
 
 using testing::to_doubles;
+
+// A tensor's elements on the host, wherever it lives.
+Tensor on_host(const Tensor& t) { return t.device() == Device::kCuda ? cuda::to_host(t) : t; }
 
 std::vector<std::vector<std::int64_t>> rows_of(const Tensor& t) {
   std::vector<std::vector<std::int64_t>> rows;
@@ -47,16 +57,18 @@ double relative_row_error(const std::vector<double>& a, const std::vector<double
   return diff / scale;
 }
 
-class Parity : public ::testing::TestWithParam<const char*> {};
-
-TEST_P(Parity, MatchesTransformers) {
-  const std::string dir = std::string(KVCACHE_TEST_DATA_DIR) + "/" + GetParam();
+template <class B>
+void expect_parity(const std::string& fixture) {
+  const std::string dir = std::string(KVCACHE_TEST_DATA_DIR) + "/" + fixture;
   ASSERT_TRUE(std::filesystem::exists(dir + "/expected.json"))
       << "missing fixture " << dir << " (make it with tools/make_reference.py)";
   std::ifstream json_in(dir + "/expected.json");
   const nlohmann::json meta = nlohmann::json::parse(json_in);
   const SafetensorsFile expected = SafetensorsFile::open(dir + "/expected.safetensors");
-  const LlamaModel model = LlamaModel::from_pretrained(dir);
+  LoadOptions load;
+  if constexpr (B::kDevice == Device::kCuda)
+    load = {.dtype = DType::kFloat32, .device = Device::kCuda};
+  const LlamaModel model = LlamaModel::from_pretrained(dir, load);
   const ModelConfig& c = model.config();
 
   const Tensor input_ids = cpu::clone(expected.tensor("input_ids"));
@@ -68,7 +80,7 @@ TEST_P(Parity, MatchesTransformers) {
   const std::int64_t logit_steps = step_logits.size(0);
 
   // The seed's loop.
-  DynamicCache<> cache;
+  DynamicCache<B> cache;
   std::vector<std::int64_t> cache_position = make_cache_position(0, prompt);
   Tensor step_ids = input_ids;
   double worst_logits = 0;
@@ -87,9 +99,9 @@ TEST_P(Parity, MatchesTransformers) {
         for (const char* side : {"keys", "values"}) {
           const Tensor want =
               expected.tensor(std::string("prefill_") + side + "." + std::to_string(l));
-          const Tensor& got = std::string(side) == "keys"
-                                  ? legacy[static_cast<std::size_t>(l)].first
-                                  : legacy[static_cast<std::size_t>(l)].second;
+          const Tensor got =
+              on_host(std::string(side) == "keys" ? legacy[static_cast<std::size_t>(l)].first
+                                                  : legacy[static_cast<std::size_t>(l)].second);
           ASSERT_EQ(got.shape_string(), want.shape_string());
           for (std::int64_t b = 0; b < batch; ++b)
             for (std::int64_t j = 0; j < prompt; ++j) {
@@ -103,10 +115,12 @@ TEST_P(Parity, MatchesTransformers) {
       }
       EXPECT_LT(worst, 1e-5) << "cache after prefill";
     }
+    EXPECT_EQ(logits.device(), B::kDevice);
     const auto next = argmax_last(logits);
     if (step < logit_steps) {
+      const Tensor host_logits = on_host(logits);
       for (std::int64_t b = 0; b < batch; ++b) {
-        const auto got = to_doubles(logits.slice(0, b, b + 1));
+        const auto got = to_doubles(host_logits.slice(0, b, b + 1));
         const auto want = to_doubles(step_logits.slice(0, step, step + 1).slice(1, b, b + 1));
         worst_logits = std::max(worst_logits, relative_row_error(got, want));
       }
@@ -129,15 +143,30 @@ TEST_P(Parity, MatchesTransformers) {
   const GenerateResult result =
       generate(model, input_ids, cpu::clone(expected.tensor("attention_mask")), config);
   EXPECT_EQ(result.new_tokens, rows_of(expected.tensor("generate_tokens"))) << "generate()";
-  std::printf("[ parity   ] %s: %lld steps, max relative logit error %.2e\n", GetParam(),
-              static_cast<long long>(new_tokens), worst_logits);
+  std::printf("[ parity   ] %s on %s: %lld steps, max relative logit error %.2e\n", fixture.c_str(),
+              std::string(device_name(B::kDevice)).c_str(), static_cast<long long>(new_tokens),
+              worst_logits);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, Parity,
-                         ::testing::Values("llama_mha", "llama_gqa", "qwen2_bias", "mistral",
-                                           "llama_tied_bf16", "llama_sharded", "llama3_rope",
-                                           "llama_v4_config", "llama_long", "llama_eos"),
-                         [](const auto& info) { return std::string(info.param); });
+class Parity : public ::testing::TestWithParam<std::tuple<const char*, Device>> {};
+
+TEST_P(Parity, MatchesTransformers) {
+  const auto [fixture, device] = GetParam();
+  if (device == Device::kCpu) return expect_parity<cpu::Backend>(fixture);
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  expect_parity<cuda::Backend>(fixture);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, Parity,
+    ::testing::Combine(::testing::Values("llama_mha", "llama_gqa", "qwen2_bias", "mistral",
+                                         "llama_tied_bf16", "llama_sharded", "llama3_rope",
+                                         "llama_v4_config", "llama_long", "llama_eos"),
+                       ::testing::Values(Device::kCpu, Device::kCuda)),
+    [](const auto& info) {
+      return std::string(std::get<0>(info.param)) + "_" +
+             std::string(device_name(std::get<1>(info.param)));
+    });
 
 }  // namespace
 }  // namespace kvcache

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "kvcache/backend/cuda.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
 #include "kvcache/generation/generate.hpp"
 #include "kvcache/model/gguf.hpp"
@@ -33,12 +34,23 @@ const LlamaModel& default_model() {
   return model;
 }
 
-TEST(SmolLM2, GreedyIdsEqualTransformers) {
+// The same exact model on the GPU (float32 weights, cuBLAS in true float32).
+const LlamaModel& default_model_cuda() {
+  static const LlamaModel model = LlamaModel::from_gguf(
+      KVCACHE_DEFAULT_MODEL_PATH, {.dtype = DType::kFloat32, .device = Device::kCuda});
+  return model;
+}
+
+class SmolLM2Device : public ::testing::TestWithParam<Device> {};
+
+// One body for both backends: the GPU instance skips where no GPU is usable.
+TEST_P(SmolLM2Device, GreedyIdsEqualTransformers) {
   ASSERT_TRUE(std::filesystem::exists(KVCACHE_DEFAULT_MODEL_PATH))
       << KVCACHE_DEFAULT_MODEL_PATH << " is missing: run scripts/setup-model.sh";
+  if (GetParam() == Device::kCuda && cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::ifstream in(std::string(KVCACHE_TEST_DATA_DIR) + "/smollm2_reference.json");
   const nlohmann::json reference = nlohmann::json::parse(in);
-  const LlamaModel& model = default_model();
+  const LlamaModel& model = GetParam() == Device::kCuda ? default_model_cuda() : default_model();
   EXPECT_EQ(model.config().vocab_size, 49152);
   EXPECT_EQ(model.config().num_hidden_layers, 30);
   EXPECT_TRUE(model.config().tie_word_embeddings);
@@ -53,6 +65,88 @@ TEST(SmolLM2, GreedyIdsEqualTransformers) {
     const GenerateResult result = generate(model, ids, mask, config);
     EXPECT_EQ(result.new_tokens[0], want)
         << c["name"].get<std::string>() << ": transformers wrote " << c["text"].get<std::string>();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, SmolLM2Device, ::testing::Values(Device::kCpu, Device::kCuda),
+                         [](const auto& info) { return std::string(device_name(info.param)); });
+
+// bfloat16 on the GPU against bfloat16 on the CPU, teacher-forced with the CPU's greedy tokens so
+// both see the same inputs every step: the CPU holds bfloat16 weights and computes in float32; the
+// GPU also rounds the projections' inputs, the keys and values and the attention output to
+// bfloat16. Every step's logits must stay within 1.0 of the CPU's (logits reach about 38), and the
+// first step where the two greedy choices differ is reported.
+TEST(SmolLM2, Bfloat16OnTheGpuTracksTheCpu) {
+  ASSERT_TRUE(std::filesystem::exists(KVCACHE_DEFAULT_MODEL_PATH))
+      << KVCACHE_DEFAULT_MODEL_PATH << " is missing: run scripts/setup-model.sh";
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const LlamaModel cpu_model =
+      LlamaModel::from_gguf(KVCACHE_DEFAULT_MODEL_PATH, {.dtype = DType::kBFloat16});
+  const LlamaModel gpu_model = LlamaModel::from_gguf(
+      KVCACHE_DEFAULT_MODEL_PATH, {.dtype = DType::kBFloat16, .device = Device::kCuda});
+  EXPECT_EQ(gpu_model.kv_dtype(), DType::kBFloat16);
+  std::ifstream in(std::string(KVCACHE_TEST_DATA_DIR) + "/smollm2_reference.json");
+  const nlohmann::json reference = nlohmann::json::parse(in);
+  for (const auto& c : reference["cases"]) {
+    const std::string name = c["name"].get<std::string>();
+    Tensor ids = left_pad({c["input_ids"].get<std::vector<std::int64_t>>()}, 0).first;
+    DynamicCache<> cpu_cache;
+    DynamicCache<cuda::Backend> gpu_cache;
+    double worst = 0;
+    std::int64_t first_differ = -1;
+    constexpr std::int64_t kSteps = 32;
+    for (std::int64_t step = 0; step < kSteps; ++step) {
+      const Tensor a =
+          cpu_model.forward({.input_ids = ids, .past_key_values = &cpu_cache, .logits_to_keep = 1});
+      const Tensor g =
+          gpu_model.forward({.input_ids = ids, .past_key_values = &gpu_cache, .logits_to_keep = 1});
+      const Tensor b = cuda::to_host(g);
+      for (std::int64_t i = 0; i < a.numel(); ++i)
+        worst = std::max(
+            worst, static_cast<double>(std::fabs(a.data_as<float>()[i] - b.data_as<float>()[i])));
+      const std::int64_t want = argmax_last(a)[0];
+      if (first_differ < 0 && argmax_last(g)[0] != want) first_differ = step;
+      ids = token_column({want});
+    }
+    EXPECT_LT(worst, 1.0) << name;
+    std::printf(
+        "[ bf16     ] %s: max |logit difference| GPU vs CPU %.3f over %lld steps; greedy "
+        "choices %s\n",
+        name.c_str(), worst, static_cast<long long>(kSteps),
+        first_differ < 0 ? "all equal"
+                         : ("first differ at step " + std::to_string(first_differ)).c_str());
+  }
+}
+
+// A model on the GPU refuses a cache on the CPU (and the other way round), naming both devices.
+TEST(SmolLM2, CacheOnTheWrongDeviceIsAnError) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const LlamaModel& gpu = default_model_cuda();
+  DynamicCache<> cpu_cache;
+  const Tensor ids = token_column({1, 2});
+  try {
+    gpu.forward({.input_ids = ids, .past_key_values = &cpu_cache});
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("expected a cache on cuda"), std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("got a cache on cpu"), std::string::npos) << e.what();
+  }
+  DynamicCache<cuda::Backend> gpu_cache;
+  EXPECT_THROW(default_model().forward({.input_ids = ids, .past_key_values = &gpu_cache}), Error);
+  EXPECT_EQ(cpu_cache.get_seq_length(), 0);
+  EXPECT_EQ(gpu_cache.get_seq_length(), 0);
+}
+
+// Where no GPU is usable, asking for one is a clear error, not a crash.
+TEST(SmolLM2, CudaWithoutAGpuIsAClearError) {
+  if (cuda::device_count() > 0) GTEST_SKIP() << "a GPU is present";
+  ASSERT_TRUE(std::filesystem::exists(KVCACHE_DEFAULT_MODEL_PATH));
+  try {
+    LlamaModel::from_gguf(KVCACHE_DEFAULT_MODEL_PATH, {.device = Device::kCuda});
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("expected a CUDA device"), std::string::npos) << e.what();
   }
 }
 

@@ -5,6 +5,12 @@
 //
 // Everything the step could reject (shapes, heads, mask length, cache_position) is checked before
 // cache.update runs, so a rejected step leaves the cache as it was.
+//
+// One module for both backends: forward() is a template over the cache's backend (instantiated
+// for cpu::Backend and cuda::Backend). The states must live on the cache's device; the mask may
+// be a host tensor on either backend (checked and, for the GPU, sent over) or, for the GPU, a
+// device uint8 [batch, past + q_len] tensor already made (the model sends it once per step, not
+// once per layer).
 #pragma once
 
 #include <cstdint>
@@ -13,6 +19,7 @@
 
 #include "kvcache/attention/mask.hpp"
 #include "kvcache/backend/cpu.hpp"
+#include "kvcache/backend/cuda.hpp"
 #include "kvcache/cache/cache.hpp"
 #include "kvcache/tensor.hpp"
 
@@ -34,11 +41,15 @@ class Attention {
   ///   key_states      [batch, num_kv_heads, q_len, head_dim]  (after RoPE; cached as given)
   ///   value_states    [batch, num_kv_heads, q_len, head_dim]
   ///   attention_mask  [batch, past + q_len] int64/int32/uint8, 1 = attend; undefined = no padding
-  ///   cache_position  [q_len] absolute cache slots of the new tokens
-  /// Returns [batch, q_len, num_heads, head_dim] in the query's dtype.
+  ///   cache_position  [q_len] absolute cache slots of the new tokens (host memory)
+  ///   cache_position_device  the same on the GPU as int64 [q_len] (CUDA only; undefined: sent
+  ///                   here)
+  /// Returns [batch, q_len, num_heads, head_dim] in the query's dtype, on the cache's device.
+  template <CacheBackend B>
   Tensor forward(const Tensor& query_states, const Tensor& key_states, const Tensor& value_states,
-                 Cache<cpu::Backend>& cache, const Tensor& attention_mask,
-                 std::span<const std::int64_t> cache_position) const;
+                 Cache<B>& cache, const Tensor& attention_mask,
+                 std::span<const std::int64_t> cache_position,
+                 const Tensor& cache_position_device = Tensor()) const;
 
   int layer_idx() const { return layer_idx_; }
   const AttentionOptions& options() const { return options_; }

@@ -1,12 +1,26 @@
-// The CUDA backend, host side: device allocation, copies between device tensors and to and from
-// the host, and the Backend a Cache is instantiated on (DynamicCache<cuda::Backend>). Compiles
-// without nvcc; the kernels live in cuda/ and ship in the kvcache::cuda library.
+// The CUDA backend, host side: device memory, copies between device tensors and to and from the
+// host, the Backend a Cache is instantiated on (DynamicCache<cuda::Backend>), and the operations
+// the model's forward pass runs on the GPU (the same set cpu.hpp offers the CPU: embedding,
+// RMSNorm, RoPE, linear through cuBLAS, SiLU·mul, residual add, attention, argmax and sampling).
+// Compiles without nvcc; the kernels live in cuda/, one file per operation, and are built into the
+// library when CMake finds nvcc (KVCACHE_CUDA). A library built without them still declares these
+// functions: each then throws kvcache::Error saying the CUDA backend is not built.
 //
-// Every CUDA call is checked; a failure throws kvcache::Error naming the call and CUDA's message.
-// Work is issued on the current stream (set_stream), default stream 0, and copies to or from the
-// host synchronise it.
+// Conventions every function here keeps:
+// - Every CUDA and cuBLAS call is checked; a failure throws kvcache::Error naming the call and
+//   CUDA's message. Tensor arguments are checked (device, dtype, shape) before any launch.
+// - Work is issued on the current stream (set_stream; default: the legacy default stream) and is
+//   asynchronous: nothing here waits for the GPU except to_host, to_device, synchronize and
+//   memory_stats. Kernels never allocate; where a function returns a new tensor, the memory comes
+//   from the stream-ordered pool below.
+// - Device memory comes from CUDA's stream-ordered allocator (cudaMallocAsync) with a pool that
+//   keeps what it has reserved, so once a decode step has run, later steps of the same shapes are
+//   served from the pool with no call into the driver (the "workspace sized at first use").
+// - "Any row stride" means the last dimension is contiguous (stride 1) and the other strides are
+//   free: views into a fused projection's output are accepted without a copy.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <string_view>
@@ -15,8 +29,15 @@
 
 namespace kvcache::cuda {
 
-/// Number of CUDA devices usable by this process (0 when there is no GPU or no driver).
+/// True when this library was built with the CUDA kernels (nvcc was found at configure time).
+bool built_with_cuda();
+
+/// Number of CUDA devices usable by this process (0 when there is no GPU, no driver, or the
+/// library was built without CUDA).
 int device_count();
+
+/// Throws kvcache::Error unless a GPU is usable ("--device cuda on a machine without a GPU").
+void require_device(const char* where);
 
 /// Opaque cudaStream_t, so this header needs no CUDA headers.
 using Stream = void*;
@@ -24,7 +45,8 @@ using Stream = void*;
 void set_stream(Stream stream);
 Stream current_stream();
 
-/// A new contiguous, uninitialised tensor in device memory (freed when its last view goes).
+/// A new contiguous, uninitialised tensor in device memory (freed, stream-ordered, when its last
+/// view goes).
 Tensor empty(Shape shape, DType dtype);
 inline Tensor empty(std::initializer_list<std::int64_t> shape, DType dtype) {
   return empty(Shape(shape.begin(), shape.size()), dtype);
@@ -33,12 +55,30 @@ inline Tensor empty(std::initializer_list<std::int64_t> shape, DType dtype) {
 /// Same-shape, same-dtype copy between two CUDA tensors with any strides.
 void copy(const Tensor& dst, const Tensor& src);
 
-/// A contiguous device copy of a CPU tensor, and a contiguous host copy of a CUDA tensor.
+/// A contiguous device copy of a CPU tensor, and a contiguous host copy of a CUDA tensor. Both
+/// wait for the copy to finish.
 Tensor to_device(const Tensor& host);
 Tensor to_host(const Tensor& device);
 
+/// A device tensor (uint8 [bytes]) holding a copy of `bytes` host bytes, sent on the current stream
+/// without waiting for the GPU: the bytes go through a page-locked staging buffer (kept per
+/// thread, grown as needed), so the copy is truly asynchronous and `host` may be reused at once.
+/// A forward pass sends all of a step's small inputs (ids, positions, mask) in one call.
+Tensor upload(const void* host, std::size_t bytes);
+
 /// Blocks until the backend's stream has finished its work.
 void synchronize();
+
+/// Device memory taken from the pool: bytes in use now and at most since the last reset, and
+/// bytes the pool holds from the driver (reserved) now and at most.
+struct MemoryStats {
+  std::size_t in_use = 0;
+  std::size_t peak_in_use = 0;
+  std::size_t reserved = 0;
+  std::size_t peak_reserved = 0;
+};
+MemoryStats memory_stats();
+void reset_peak_memory_stats();
 
 struct Backend {
   static constexpr Device kDevice = Device::kCuda;
@@ -46,5 +86,75 @@ struct Backend {
   static Tensor empty(Shape shape, DType dtype) { return cuda::empty(shape, dtype); }
   static void copy(const Tensor& dst, const Tensor& src) { cuda::copy(dst, src); }
 };
+
+// --- the model's operations ---------------------------------------------------------------------
+// All tensors on the GPU. Float dtypes are float32, bfloat16 and float16; arithmetic is float32
+// inside every kernel, results are rounded once to the output dtype (round to nearest even).
+
+/// Fills a contiguous float tensor with uniform values in [lo, hi) from a counter-based generator
+/// (element i's value depends only on seed and i), for random test and benchmark weights.
+void fill_uniform(const Tensor& t, std::uint64_t seed, float lo, float hi);
+
+/// A new contiguous device tensor holding `src`'s elements (any strides) converted to `dtype`.
+Tensor cast(const Tensor& src, DType dtype);
+
+/// Rows of `table` [vocab, hidden] (float32/bfloat16/float16, contiguous) picked by `ids` (int64,
+/// contiguous, any shape): returns [numel(ids), hidden] float32. The ids are read on the device,
+/// so the caller checks them against vocab on the host first.
+Tensor embedding(const Tensor& table, const Tensor& ids);
+
+/// RMSNorm as the CPU computes it: x · rsqrt(mean(x²) + eps) · weight per row, in float32;
+/// x [rows, hidden] float32 (any row stride), weight [hidden] float32; returns [rows, hidden] in
+/// `out_dtype`.
+Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, DType out_dtype);
+
+/// y += bias per row: y [rows, n] float (any row stride), bias [n] float32.
+void add_bias(const Tensor& y, const Tensor& bias);
+
+/// silu(gate) · up elementwise: gate and up [rows, n] of one float dtype (any row stride, so
+/// the two halves of a fused gate/up output work); returns contiguous [rows, n] of that dtype.
+Tensor silu_mul(const Tensor& gate, const Tensor& up);
+
+/// y += x elementwise: same shape, float32, contiguous.
+void add_inplace(const Tensor& y, const Tensor& x);
+
+/// RoPE in place with transformers' rotate_half convention: x [batch, heads, q_len, head_dim]
+/// float (any strides, last dim contiguous) becomes x·cos + rotate_half(x)·sin, where
+/// cos/sin = cos/sin(inv_freq[k] · position) · attention_scaling in float32 (the angle rounded to
+/// float32 as transformers rounds it); position_ids [batch, q_len] int64 contiguous; inv_freq
+/// [head_dim / 2] float32.
+void rope(const Tensor& x, const Tensor& position_ids, const Tensor& inv_freq,
+          float attention_scaling);
+
+/// out = x · weightᵀ + beta · out through cuBLAS, accumulating in float32: x [rows, in] (any row
+/// stride), weight [out_features, in] contiguous, of one dtype (bfloat16, float16 or float32; a
+/// float32 product runs in true float32, TF32 off); out [rows, out_features] (any row stride) in
+/// the weight's dtype or float32. beta = 1 adds the product into out (the residual add, fused).
+void linear(const Tensor& x, const Tensor& weight, const Tensor& out, float beta = 0.0f);
+
+/// softmax(Q·Kᵀ·scale + mask)·V, as cpu::attention computes it, grouped-query aware:
+///   query           [batch, num_heads, q_len, head_dim]        any strides, last dim contiguous
+///   keys, values    [batch, num_kv_heads, kv_len, head_dim]    query's dtype, same stride rules
+///   mask            [batch, kv_len] uint8 contiguous (nonzero = attend), or undefined (none)
+///   cache_position  [q_len] int64: key j (absolute slot kv_offset + j) is visible to query i
+///                   when kv_offset + j <= cache_position[i] and mask[b, j] != 0
+///   out             [batch, q_len, num_heads, head_dim] contiguous, query's dtype
+/// Softmax and accumulation in float32. Query rows that see no key give zeros, never NaN.
+/// Decode (few query rows) splits long contexts across blocks and merges the pieces
+/// (flash-decoding); prefill of bfloat16/float16 uses tensor cores. Any even head_dim up to 256.
+void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
+               const Tensor& cache_position, std::int64_t kv_offset, float scale,
+               const Tensor& out);
+
+/// The first maximum of every row: logits [rows, vocab] float32 (any row stride) → [rows] int64.
+Tensor argmax(const Tensor& logits);
+
+/// One token per row drawn from softmax(logits / temperature) restricted to the top_k best
+/// (0 = all) and then to the smallest set whose probability reaches top_p (1 = all), as
+/// kvcache::choose_token applies them: logits [rows, vocab] float32 (any row stride), `uniforms`
+/// [rows] float32 in [0, 1), one draw per row, made by the caller (so a seed gives the same tokens
+/// on every backend); returns [rows] int64.
+Tensor sample(const Tensor& logits, float temperature, std::int64_t top_k, float top_p,
+              const Tensor& uniforms);
 
 }  // namespace kvcache::cuda

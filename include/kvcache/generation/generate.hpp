@@ -1,6 +1,6 @@
-// Generation loops over a LlamaModel and a DynamicCache: generate() for the whole job (greedy or
-// sampled, EOS handling, a callback per token, timings), and the pieces a hand-written loop needs,
-// the seed's Python loop in C++:
+// Generation loops over a LlamaModel and a cache of its backend: generate() for the whole job
+// (greedy or sampled, EOS handling, a callback per token, timings), and the pieces a hand-written
+// loop needs, the seed's Python loop in C++:
 //
 //   DynamicCache<> past_key_values;
 //   Tensor attention_mask = ...;                                   // [batch, prompt_len]
@@ -45,10 +45,12 @@ using TokenCallback = std::function<bool(std::int64_t row, std::int64_t token, s
 /// `attention_mask` [batch, prompt_len] marks real tokens, undefined = no padding). Rows that emit
 /// an EOS token are finished and emit pad_token_id afterwards; generation stops when all are.
 /// Uses `cache` when given (which may hold an earlier conversation: the mask must then cover it),
-/// else a fresh DynamicCache.
+/// else a fresh DynamicCache, of the model's backend either way. On the GPU the logits stay there:
+/// the token choice (argmax, or sampling from one uniform per row drawn on the host from `seed`)
+/// runs on the device and only the chosen ids come back, the step's one wait for the GPU.
 GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
                         const Tensor& attention_mask, const GenerationConfig& config,
-                        DynamicCache<>* cache = nullptr, const TokenCallback& on_token = {});
+                        CacheRef cache = {}, const TokenCallback& on_token = {});
 
 /// [batch, 1] int64 column of the given tokens (the next step's input_ids).
 Tensor token_column(const std::vector<std::int64_t>& tokens);

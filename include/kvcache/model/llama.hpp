@@ -1,6 +1,6 @@
-// Llama-family decoder-only models on the CPU: LlamaForCausalLM (MHA and GQA, tied or untied
-// embeddings, attention and MLP biases, explicit head_dim), Qwen2ForCausalLM (q/k/v biases) and
-// MistralForCausalLM. The forward pass follows transformers' numerics: RMSNorm in float32, RoPE
+// Llama-family decoder-only models on the CPU or a GPU: LlamaForCausalLM (MHA and GQA, tied or
+// untied embeddings, attention and MLP biases, explicit head_dim), Qwen2ForCausalLM (q/k/v biases)
+// and MistralForCausalLM. The forward pass follows transformers' numerics: RMSNorm in float32, RoPE
 // cos/sin in float32, softmax in float32, SiLU-gated MLP, and the LM head only for the positions
 // asked for. Keys and values go through a Cache, so any cache kind of the CPU backend plugs in.
 //
@@ -11,6 +11,26 @@
 // and Q4_1 matrices from GGUF stay quantized (cpu::QuantizedMatrix, read by kernels that use the
 // blocks directly; numerics in kvcache/backend/quantized.hpp) unless LoadOptions::dtype asks for
 // a float dtype; LoadOptions::quantize turns float matrices into blocks at load.
+//
+// One model, two backends. The device is chosen at load (LoadOptions::device): the weights move
+// there once, and forward() runs one body, templated on the backend (cpu::Backend or
+// cuda::Backend), whose few device-specific steps (which kernel computes a projection, where the
+// step's ids and mask live) are `if constexpr` branches of small helpers in src/model/llama.cpp.
+// The cache passed in must be of the model's backend (a DynamicCache<cuda::Backend> for a model on
+// the GPU); anything else is a kvcache::Error naming both devices.
+//
+// On the GPU: matrices are held in one float dtype (LoadOptions::dtype, else bfloat16 when the file
+// holds bfloat16 or quantized blocks — Q8_0/Q4_1/Q4_0 are dequantized exactly and rounded to
+// bfloat16 at load, 2 bytes a weight against the blocks' 0.56–1.06 —, float16 when it holds only
+// float16, float32 when only float32); q/k/v and gate/up are stored as one fused matrix each so a
+// step runs one GEMM for them. Activations between layers (the residual stream) are float32; the
+// normed inputs of the projections, the keys and values (so the cache) and the attention output
+// are in the weights' dtype; products accumulate in float32 (cuBLAS), the o and down projections
+// add into the residual stream inside the GEMM. With float32 weights every step is float32 (TF32
+// off), which is how the GPU matches transformers token for token. forward() returns logits on
+// the model's device; a decode step's only wait for the GPU is reading the chosen ids back
+// (argmax_last), and all of a step's inputs (ids, positions, mask) travel in one host-to-device
+// copy.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +40,7 @@
 #include <vector>
 
 #include "kvcache/backend/cpu.hpp"
+#include "kvcache/backend/cuda.hpp"
 #include "kvcache/backend/quantized.hpp"
 #include "kvcache/cache/cache.hpp"
 #include "kvcache/model/config.hpp"
@@ -35,6 +56,36 @@ struct LoadOptions {
   /// Quantizes float weight matrices (not norms or biases) to this block format at load, with
   /// ggml's reference rounding; matrices already quantized are kept. Not combinable with dtype.
   std::optional<cpu::QuantFormat> quantize;
+  /// Where the weights live and the forward pass runs: Device::kCpu, or Device::kCuda (the
+  /// current CUDA device; an error where none is usable). Quantize is CPU-only.
+  Device device = Device::kCpu;
+};
+
+/// The cache a forward pass reads and extends: a pointer to a cache of either backend (or null).
+/// Converts from any Cache<cpu::Backend>* or Cache<cuda::Backend>*, so `&dynamic_cache` fits.
+class CacheRef {
+ public:
+  CacheRef() = default;
+  CacheRef(std::nullptr_t) {}                              // NOLINT(google-explicit-constructor)
+  CacheRef(Cache<cpu::Backend>* cache) : cpu_(cache) {}    // NOLINT(google-explicit-constructor)
+  CacheRef(Cache<cuda::Backend>* cache) : cuda_(cache) {}  // NOLINT(google-explicit-constructor)
+
+  explicit operator bool() const { return cpu_ != nullptr || cuda_ != nullptr; }
+  /// The device of the cache's backend (kCpu for a null reference).
+  Device device() const { return cuda_ ? Device::kCuda : Device::kCpu; }
+  /// The cache as Cache<B>*, or null when it is of the other backend (or null).
+  template <class B>
+  Cache<B>* get() const {
+    if constexpr (B::kDevice == Device::kCpu) {
+      return cpu_;
+    } else {
+      return cuda_;
+    }
+  }
+
+ private:
+  Cache<cpu::Backend>* cpu_ = nullptr;
+  Cache<cuda::Backend>* cuda_ = nullptr;
 };
 
 /// Inputs of one forward pass, named as transformers names them.
@@ -42,10 +93,11 @@ struct ForwardArgs {
   Tensor input_ids;       // [batch, q_len] int64
   Tensor attention_mask;  // [batch, past + q_len] int64/int32/uint8; undefined = all ones
   Tensor position_ids;    // [batch, q_len] int64; undefined = from the mask (cumsum − 1, pads 1)
-  std::vector<std::int64_t> cache_position;        // [q_len]; empty = past .. past + q_len − 1
-  Cache<cpu::Backend>* past_key_values = nullptr;  // null: a cache local to this call
-  bool use_cache = true;                           // false: the given cache is not updated
-  std::int64_t logits_to_keep = 0;                 // last positions to compute logits for; 0 = all
+  std::vector<std::int64_t> cache_position;  // [q_len]; empty = past .. past + q_len − 1
+  CacheRef past_key_values;         // of the model's backend; null: a cache local to this call
+  bool use_cache = true;            // false: the given cache is not updated
+  std::int64_t logits_to_keep = 0;  // last positions to compute logits for; 0 = all
+  // input_ids, attention_mask and position_ids are host (CPU) tensors on either backend.
 };
 
 class LlamaModel {
@@ -66,8 +118,14 @@ class LlamaModel {
 
   const ModelConfig& config() const { return config_; }
 
-  /// Logits [batch, kept positions, vocab_size] float32.
+  /// Logits [batch, kept positions, vocab_size] float32, on the model's device.
   Tensor forward(const ForwardArgs& args) const;
+
+  /// The device the weights live on and forward() runs on.
+  Device device() const { return device_; }
+  /// The dtype of the keys and values forward() stores in the cache (float32 on the CPU; the
+  /// weights' dtype on the GPU).
+  DType kv_dtype() const { return kv_dtype_; }
 
   /// Bytes of weights held (what a decode step reads).
   std::size_t weight_bytes() const;
@@ -90,25 +148,41 @@ class LlamaModel {
     Tensor q_bias, k_bias, v_bias, o_bias;  // [out] float32 or undefined
     cpu::Weight gate, up, down;             // [inter, hidden], [inter, hidden], [hidden, inter]
     Tensor gate_bias, up_bias, down_bias;
+    // GPU only: [q_out + 2·kv_out, hidden] and [2·inter, hidden], of which q/k/v and gate/up are
+    // row views; undefined on the CPU.
+    Tensor qkv_fused, gate_up_fused;
   };
 
   LlamaModel() = default;
+  template <class B>
+  Tensor forward_on(const ForwardArgs& args, Cache<B>* cache) const;
+  void move_to_cuda(const LoadOptions& options);
 
   ModelConfig config_;
   cpu::Weight embed_tokens_;  // [vocab, hidden]
   Tensor final_norm_;         // [hidden] float32
   cpu::Weight lm_head_;       // [vocab, hidden] (the embedding when tied)
   std::vector<Layer> layers_;
+  Device device_ = Device::kCpu;
+  DType kv_dtype_ = DType::kFloat32;
+  Tensor inv_freq_;  // GPU only: RoPE's inverse frequencies [head_dim / 2] float32
 };
 
 /// Random weights for `config` under transformers' parameter names, uniform in [-scale, scale)
-/// (norm weights near 1), for tests and benchmarks that need a model of a given shape.
+/// (norm weights near 1), for tests and benchmarks that need a model of a given shape. On
+/// Device::kCuda they are drawn on the GPU (a counter-based generator, not the CPU's sequence), so
+/// a 7B-shaped model takes seconds to make.
 std::vector<std::pair<std::string, Tensor>> random_llama_weights(const ModelConfig& config,
                                                                  std::uint64_t seed,
                                                                  DType dtype = DType::kFloat32,
-                                                                 float scale = 0.1f);
+                                                                 float scale = 0.1f,
+                                                                 Device device = Device::kCpu);
 
-/// The greedy choice per row: argmax over the last position of logits [batch, positions, vocab].
+/// The greedy choice per row: argmax over the last position of logits [batch, positions, vocab]
+/// on either device (CUDA logits: computed on the GPU, only the ids come back).
 std::vector<std::int64_t> argmax_last(const Tensor& logits);
+
+/// The last position of logits [batch, positions, vocab] as a [batch, vocab] view (no copy).
+Tensor last_position(const Tensor& logits);
 
 }  // namespace kvcache

@@ -1,0 +1,295 @@
+// cuda::attention against what the GPU can do, in one run so the ratios need no other program:
+//
+// - BM_DeviceCopyCuda: a 1 GiB cudaMemcpy device to device, counted as read + write (2 GiB per
+//   copy): the bandwidth a memory-bound kernel can hope for (4.18 TB/s on the H200). Registered
+//   first, so it runs first and the decode rows divide by this run's figure.
+// - BM_DecodeAttentionCuda/<batch>/<context>: one decode step's attention (q_len 1, 32 query heads,
+//   8 kv heads, head_dim 128, bfloat16, no padding mask), K+V bytes read per second and their
+//   ratio to the device copy (copy_ratio; target >= 0.85). Every timed call reads a different
+//   layer's keys and values, cycling through enough layers that at least 512 MiB lies between two
+//   reads of the same bytes: the 50 MiB L2 never holds them, as in a real model's step.
+// - BM_PrefillAttentionCuda/<shape>/512: a 512-token causal prefill from an empty cache, batch 1,
+//   TinyLlama's attention (32 / 4 heads, head_dim 64) and Llama-2-7B's (32 / 32, head_dim 128),
+//   bfloat16, in TFLOP/s (4 · heads · head_dim flops per visible (query, key) pair).
+// All GPU time comes from CUDA events around a batch of calls (UseManualTime), after warm-up
+// calls; one iteration is a batch, and call_us is the time of one call. The decode rows also
+// replay the same calls as a CUDA graph (graph_call_us, graph_copy_ratio): without the host's
+// launch cost between calls, which at batch 1 is comparable to the kernels' time. Every
+// benchmark skips where no GPU is present.
+#include <benchmark/benchmark.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kvcache/backend/cuda.hpp"
+#include "kvcache/tensor.hpp"
+
+namespace {
+
+using kvcache::DType;
+using kvcache::Tensor;
+namespace cuda = kvcache::cuda;
+
+constexpr int kCallsPerIteration = 20;  // calls between two events
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess)
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+}
+
+cudaStream_t stream() { return static_cast<cudaStream_t>(cuda::current_stream()); }
+
+bool skip_without_device(benchmark::State& state) {
+  if (cuda::device_count() > 0) return false;
+  state.SkipWithError("no CUDA device");
+  return true;
+}
+
+// Seconds of GPU time between two events recorded around `work` on the backend's stream.
+class EventTimer {
+ public:
+  EventTimer() {
+    check(cudaEventCreate(&start_), "cudaEventCreate");
+    check(cudaEventCreate(&stop_), "cudaEventCreate");
+  }
+  ~EventTimer() {
+    (void)cudaEventDestroy(start_);
+    (void)cudaEventDestroy(stop_);
+  }
+  EventTimer(const EventTimer&) = delete;
+  EventTimer& operator=(const EventTimer&) = delete;
+
+  template <class Work>
+  double seconds(Work&& work) {
+    check(cudaEventRecord(start_, stream()), "cudaEventRecord");
+    work();
+    check(cudaEventRecord(stop_, stream()), "cudaEventRecord");
+    check(cudaEventSynchronize(stop_), "cudaEventSynchronize");
+    float ms = 0.0f;
+    check(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
+    return ms * 1e-3;
+  }
+
+ private:
+  cudaEvent_t start_ = nullptr, stop_ = nullptr;
+};
+
+// --- device copy ---------------------------------------------------------------------------------
+
+constexpr std::size_t kCopyBytes = std::size_t{1} << 30;
+double g_copy_bytes_per_second = 0.0;  // read + write, set by BM_DeviceCopyCuda
+
+double time_copies(const Tensor& dst, const Tensor& src, int copies, EventTimer& timer) {
+  return timer.seconds([&] {
+    for (int i = 0; i < copies; ++i)
+      check(cudaMemcpyAsync(dst.data(), src.data(), kCopyBytes, cudaMemcpyDeviceToDevice, stream()),
+            "cudaMemcpyAsync");
+  });
+}
+
+void bm_device_copy_cuda(benchmark::State& state) {
+  if (skip_without_device(state)) return;
+  constexpr int kCopies = 4;  // per iteration
+  const auto n = static_cast<std::int64_t>(kCopyBytes);
+  const Tensor src = cuda::empty({n}, DType::kUInt8), dst = cuda::empty({n}, DType::kUInt8);
+  check(cudaMemsetAsync(src.data(), 1, kCopyBytes, stream()), "cudaMemsetAsync");
+  check(cudaMemsetAsync(dst.data(), 0, kCopyBytes, stream()), "cudaMemsetAsync");
+  EventTimer timer;
+  time_copies(dst, src, 2, timer);  // warm-up
+  double total = 0.0;
+  for (auto _ : state) {
+    const double s = time_copies(dst, src, kCopies, timer);
+    state.SetIterationTime(s);
+    total += s;
+  }
+  const double bytes = 2.0 * static_cast<double>(kCopyBytes) * kCopies;  // read + write
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes) * state.iterations());
+  g_copy_bytes_per_second = bytes * static_cast<double>(state.iterations()) / total;
+  state.counters["call_us"] = total / (static_cast<double>(state.iterations()) * kCopies) * 1e6;
+}
+
+// The copy bandwidth the ratios divide by; measured here when BM_DeviceCopyCuda was filtered out.
+double copy_bytes_per_second() {
+  if (g_copy_bytes_per_second <= 0.0) {
+    const auto n = static_cast<std::int64_t>(kCopyBytes);
+    const Tensor src = cuda::empty({n}, DType::kUInt8), dst = cuda::empty({n}, DType::kUInt8);
+    check(cudaMemsetAsync(src.data(), 1, kCopyBytes, stream()), "cudaMemsetAsync");
+    EventTimer timer;
+    time_copies(dst, src, 2, timer);
+    const double s = time_copies(dst, src, 8, timer);
+    g_copy_bytes_per_second = 2.0 * static_cast<double>(kCopyBytes) * 8 / s;
+  }
+  return g_copy_bytes_per_second;
+}
+
+// --- attention -----------------------------------------------------------------------------------
+
+Tensor uniform(std::initializer_list<std::int64_t> shape, std::uint64_t seed) {
+  Tensor t = cuda::empty(shape, DType::kBFloat16);
+  cuda::fill_uniform(t, seed, -1.0f, 1.0f);
+  return t;
+}
+
+Tensor positions(std::int64_t first, std::int64_t count) {
+  Tensor host = Tensor::empty({count}, DType::kInt64);
+  for (std::int64_t i = 0; i < count; ++i) host.data_as<std::int64_t>()[i] = first + i;
+  return cuda::to_device(host);
+}
+
+// Seconds per call of `record` (kCallsPerIteration calls) captured once into a CUDA graph on a
+// stream of its own and replayed; 0 when the capture fails (then the row has no graph counters).
+template <class Record>
+double graph_seconds_per_call(Record&& record) {
+  constexpr int kReplays = 20;
+  const cuda::Stream previous = cuda::current_stream();
+  cudaStream_t capture = nullptr;
+  check(cudaStreamCreateWithFlags(&capture, cudaStreamNonBlocking), "cudaStreamCreate");
+  cuda::set_stream(capture);
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  double seconds = 0.0;
+  bool captured = false;
+  if (cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
+    try {
+      record();
+    } catch (const std::exception&) {
+      // not capturable: fall through with captured = false
+    }
+    captured = cudaStreamEndCapture(capture, &graph) == cudaSuccess && graph != nullptr &&
+               cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+  }
+  if (captured) {
+    EventTimer timer;
+    timer.seconds([&] {
+      for (int i = 0; i < 3; ++i) check(cudaGraphLaunch(exec, capture), "cudaGraphLaunch");
+    });
+    seconds = timer.seconds([&] {
+      for (int i = 0; i < kReplays; ++i) check(cudaGraphLaunch(exec, capture), "cudaGraphLaunch");
+    });
+    seconds /= static_cast<double>(kReplays) * kCallsPerIteration;
+  }
+  (void)cudaGetLastError();  // a failed capture leaves its error behind
+  if (exec) (void)cudaGraphExecDestroy(exec);
+  if (graph) (void)cudaGraphDestroy(graph);
+  check(cudaStreamSynchronize(capture), "cudaStreamSynchronize");
+  cuda::set_stream(previous);
+  (void)cudaStreamDestroy(capture);
+  return seconds;
+}
+
+constexpr std::int64_t kDecodeHeads = 32, kDecodeKvHeads = 8, kDecodeHeadDim = 128;
+constexpr double kColdBytes = 512.0 * (1 << 20);  // K+V between two reads of the same layer
+
+void bm_decode_attention_cuda(benchmark::State& state) {
+  if (skip_without_device(state)) return;
+  const std::int64_t batch = state.range(0), context = state.range(1);
+  // Keys and values [batch, kv_heads, context, head_dim] bfloat16, one pair per layer.
+  const double kv_bytes = 2.0 * batch * kDecodeKvHeads * context * kDecodeHeadDim * 2;
+  const int layers = std::max(1, static_cast<int>((kColdBytes + kv_bytes - 1) / kv_bytes));
+  std::vector<Tensor> keys, values;
+  for (int l = 0; l < layers; ++l) {
+    keys.push_back(uniform({batch, kDecodeKvHeads, context, kDecodeHeadDim}, 2 * l + 1));
+    values.push_back(uniform({batch, kDecodeKvHeads, context, kDecodeHeadDim}, 2 * l + 2));
+  }
+  const Tensor query = uniform({batch, kDecodeHeads, 1, kDecodeHeadDim}, 999);
+  const Tensor cache_position = positions(context - 1, 1);
+  const Tensor out = cuda::empty({batch, 1, kDecodeHeads, kDecodeHeadDim}, DType::kBFloat16);
+  const float scale = 0.08838834764831845f;  // 1 / sqrt(128)
+
+  int layer = 0;
+  auto calls = [&](int count) {
+    for (int c = 0; c < count; ++c) {
+      cuda::attention(query, keys[layer], values[layer], Tensor(), cache_position, 0, scale, out);
+      layer = (layer + 1) % layers;
+    }
+  };
+  EventTimer timer;
+  timer.seconds([&] { calls(2 * layers + 4); });  // warm-up: plans, pool, clocks
+  double total = 0.0;
+  for (auto _ : state) {
+    const double s = timer.seconds([&] { calls(kCallsPerIteration); });
+    state.SetIterationTime(s);
+    total += s;
+  }
+  const double reads = kv_bytes * kCallsPerIteration * static_cast<double>(state.iterations());
+  state.SetBytesProcessed(static_cast<std::int64_t>(reads));
+  state.counters["call_us"] =
+      total / (static_cast<double>(state.iterations()) * kCallsPerIteration) * 1e6;
+  state.counters["layers"] = layers;
+  state.counters["copy_ratio"] = reads / total / copy_bytes_per_second();
+
+  // The same calls replayed as a CUDA graph, as a model's decode step runs: no host launch cost
+  // between the kernels, so small shapes show the kernels' own bandwidth.
+  const double graph_s = graph_seconds_per_call([&] { calls(kCallsPerIteration); });
+  if (graph_s > 0.0) {
+    state.counters["graph_call_us"] = graph_s * 1e6;
+    state.counters["graph_copy_ratio"] = kv_bytes / graph_s / copy_bytes_per_second();
+  }
+}
+
+struct PrefillShape {
+  const char* name;
+  std::int64_t heads, kv_heads, head_dim;
+};
+constexpr PrefillShape kPrefillShapes[] = {{"tinyllama_1.1b", 32, 4, 64},
+                                           {"llama2_7b", 32, 32, 128}};
+constexpr std::int64_t kPrefillTokens = 512;
+constexpr int kPrefillCalls = 10;
+
+void bm_prefill_attention_cuda(benchmark::State& state, const PrefillShape& shape) {
+  if (skip_without_device(state)) return;
+  const std::int64_t q = kPrefillTokens;
+  const Tensor query = uniform({1, shape.heads, q, shape.head_dim}, 11);
+  const Tensor keys = uniform({1, shape.kv_heads, q, shape.head_dim}, 12);
+  const Tensor values = uniform({1, shape.kv_heads, q, shape.head_dim}, 13);
+  const Tensor cache_position = positions(0, q);
+  const Tensor out = cuda::empty({1, q, shape.heads, shape.head_dim}, DType::kBFloat16);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
+  auto calls = [&](int count) {
+    for (int c = 0; c < count; ++c)
+      cuda::attention(query, keys, values, Tensor(), cache_position, 0, scale, out);
+  };
+  EventTimer timer;
+  timer.seconds([&] { calls(3); });
+  double total = 0.0;
+  for (auto _ : state) {
+    const double s = timer.seconds([&] { calls(kPrefillCalls); });
+    state.SetIterationTime(s);
+    total += s;
+  }
+  // Q·Kᵀ and P·V: 2 · 2 · head_dim flops per visible (query, key) pair, q (q + 1) / 2 pairs.
+  const double flops = 4.0 * shape.heads * shape.head_dim * (q * (q + 1) / 2.0);
+  state.counters["TFLOPs"] = benchmark::Counter(flops * kPrefillCalls * 1e-12,
+                                                benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["call_us"] =
+      total / (static_cast<double>(state.iterations()) * kPrefillCalls) * 1e6;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::RegisterBenchmark("BM_DeviceCopyCuda", bm_device_copy_cuda)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+  auto* decode = benchmark::RegisterBenchmark("BM_DecodeAttentionCuda", bm_decode_attention_cuda);
+  for (std::int64_t batch : {1, 8, 32})
+    for (std::int64_t context : {4096, 16384}) decode->Args({batch, context});
+  decode->UseManualTime()->Unit(benchmark::kMicrosecond);
+  for (const PrefillShape& shape : kPrefillShapes) {
+    const std::string name =
+        std::string("BM_PrefillAttentionCuda/") + shape.name + "/" + std::to_string(kPrefillTokens);
+    benchmark::RegisterBenchmark(name.c_str(), bm_prefill_attention_cuda, shape)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  }
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,132 @@
+// kvcache::cuda::attention: the argument checks and the choice of kernel. Everything is checked
+// before anything is launched, so a call that throws has written nothing.
+//
+// Paths (attention.cuh declares them):
+// - prefill (q_len > kMaxDecodeQLen), float16/bfloat16, head_dim 64 or 128, 16-byte aligned rows:
+//   the tensor-core flash-attention-2 kernel (prefill_attention.cu);
+// - decode (q_len <= kMaxDecodeQLen), head_dim 64 or 128, aligned rows, any float dtype: the
+//   flash-decoding kernel, split across blocks along the keys when batch × kv_heads alone would
+//   leave SMs idle, then merged (decode_attention.cu);
+// - anything else (float32 prefill, other head dims, unaligned views): the generic SIMT kernel,
+//   with the same splitting.
+#include <cstdint>
+#include <limits>
+#include <utility>
+
+#include "attention.cuh"
+#include "check.cuh"
+#include "dtype.cuh"
+#include "kvcache/backend/cuda.hpp"
+
+namespace kvcache::cuda {
+
+void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
+               const Tensor& cache_position, std::int64_t kv_offset, float scale,
+               const Tensor& out) {
+  const char* where = "cuda::attention";
+  const std::pair<const char*, const Tensor*> operands[] = {
+      {"query", &query}, {"keys", &keys}, {"values", &values}, {"out", &out}};
+  for (const auto& [name, t] : operands) {
+    KVCACHE_CHECK(t->defined() && t->rank() == 4, where, ": expected ", name,
+                  " as a rank-4 tensor, got ", t->defined() ? t->describe() : "undefined");
+    KVCACHE_CHECK(t->device() == Device::kCuda, where, ": expected ", name,
+                  " on the cuda device, got ", t->describe());
+    KVCACHE_CHECK(t->dtype() == query.dtype(), where, ": expected ", name, " in ",
+                  dtype_name(query.dtype()), " (the query's dtype), got ", t->describe());
+  }
+  const DType dtype = query.dtype();
+  KVCACHE_CHECK(is_floating(dtype), where, ": expected float32, float16 or bfloat16, got ",
+                dtype_name(dtype));
+  const std::int64_t batch = query.size(0), num_heads = query.size(1), q_len = query.size(2),
+                     head_dim = query.size(3);
+  const std::int64_t num_kv_heads = keys.size(1), kv_len = keys.size(2);
+  KVCACHE_CHECK(keys.size(0) == batch && keys.size(3) == head_dim, where, ": expected keys [",
+                batch, ", num_kv_heads, kv_len, ", head_dim, "], got ", keys.shape_string());
+  KVCACHE_CHECK(values.size(0) == batch && values.size(1) == num_kv_heads &&
+                    values.size(2) == kv_len && values.size(3) == head_dim,
+                where, ": expected values shaped like keys ", keys.shape_string(), ", got ",
+                values.shape_string());
+  KVCACHE_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, where, ": expected num_heads (",
+                num_heads, ") to be a multiple of num_kv_heads, got ", num_kv_heads);
+  KVCACHE_CHECK(out.size(0) == batch && out.size(1) == q_len && out.size(2) == num_heads &&
+                    out.size(3) == head_dim,
+                where, ": expected out [", batch, ", ", q_len, ", ", num_heads, ", ", head_dim,
+                "], got ", out.shape_string());
+  KVCACHE_CHECK(head_dim > 0 && head_dim <= 256 && head_dim % 2 == 0, where,
+                ": expected an even head_dim up to 256, got ", head_dim);
+  KVCACHE_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1, where,
+                ": expected query, keys and values with a contiguous last dimension, got ",
+                query.describe(), ", ", keys.describe(), " and ", values.describe());
+  KVCACHE_CHECK(out.is_contiguous(), where, ": expected a contiguous out, got ", out.describe());
+  KVCACHE_CHECK(cache_position.defined() && cache_position.device() == Device::kCuda &&
+                    cache_position.dtype() == DType::kInt64 && cache_position.rank() == 1 &&
+                    cache_position.size(0) == q_len && cache_position.is_contiguous(),
+                where, ": expected cache_position [", q_len, "] int64 contiguous on cuda, got ",
+                cache_position.defined() ? cache_position.describe() : "undefined");
+  KVCACHE_CHECK(reinterpret_cast<std::uintptr_t>(cache_position.data()) % 8 == 0, where,
+                ": expected cache_position 8-byte aligned, got address ", cache_position.data());
+  if (mask.defined()) {
+    // [batch, kv_len], or the same bytes flat ([batch · kv_len], as upload() returns them).
+    const bool shaped = (mask.rank() == 2 && mask.size(0) == batch && mask.size(1) == kv_len) ||
+                        (mask.rank() == 1 && mask.size(0) == batch * kv_len);
+    KVCACHE_CHECK(mask.device() == Device::kCuda && mask.dtype() == DType::kUInt8 && shaped &&
+                      mask.is_contiguous(),
+                  where, ": expected a padding mask [", batch, ", ", kv_len,
+                  "] uint8 contiguous on cuda, got ", mask.describe());
+  }
+  constexpr std::int64_t kIntMax = std::numeric_limits<int>::max();
+  KVCACHE_CHECK(batch * num_heads <= kIntMax && q_len * num_heads <= kIntMax && kv_len <= kIntMax,
+                where, ": expected sizes that fit 32-bit indices, got query ", query.shape_string(),
+                " and keys ", keys.shape_string());
+  if (batch == 0 || q_len == 0 || num_heads == 0) return;
+
+  detail::AttentionView view{};
+  view.query = query.data();
+  view.keys = keys.data();
+  view.values = values.data();
+  view.out = out.data();
+  view.mask = mask.defined() ? static_cast<const std::uint8_t*>(mask.data()) : nullptr;
+  view.cache_position = static_cast<const std::int64_t*>(cache_position.data());
+  view.q_stride_batch = query.stride(0);
+  view.q_stride_head = query.stride(1);
+  view.q_stride_seq = query.stride(2);
+  view.k_stride_batch = keys.stride(0);
+  view.k_stride_head = keys.stride(1);
+  view.k_stride_seq = keys.stride(2);
+  view.v_stride_batch = values.stride(0);
+  view.v_stride_head = values.stride(1);
+  view.v_stride_seq = values.stride(2);
+  view.batch = static_cast<int>(batch);
+  view.num_heads = static_cast<int>(num_heads);
+  view.num_kv_heads = static_cast<int>(num_kv_heads);
+  view.q_len = static_cast<int>(q_len);
+  view.kv_len = static_cast<int>(kv_len);
+  view.head_dim = static_cast<int>(head_dim);
+  view.group = static_cast<int>(num_heads / num_kv_heads);
+  view.rows = static_cast<int>(q_len * view.group);
+  view.kv_offset = kv_offset;
+  view.scale_log2 = scale * 1.4426950408889634f;  // log2(e): the kernels use exp2
+
+  const cudaStream_t stream = detail::stream();
+  const bool decode = q_len <= detail::kMaxDecodeQLen;
+  if (!decode && detail::prefill_supported(view, dtype)) {
+    KVCACHE_CUDA_CHECK(detail::launch_prefill_attention(view, dtype, stream));
+    return;
+  }
+  const bool fast_rows =
+      (head_dim == 64 || head_dim == 128) && detail::rows_are_16b_aligned(view, dtype);
+  const detail::SplitKernel kernel =
+      decode && fast_rows ? detail::SplitKernel::kDecode : detail::SplitKernel::kGeneric;
+  const detail::SplitPlan plan = detail::plan_split(view, dtype, kernel);
+  // Split partials: float32 [units, splits, rows, head_dim] then float2 [units, splits, rows]
+  // (attention.cuh); from the stream-ordered pool, released once the merge has run.
+  Tensor workspace;
+  float* partials = nullptr;
+  if (plan.splits > 1) {
+    workspace = empty({detail::split_workspace_floats(view, plan)}, DType::kFloat32);
+    partials = workspace.data_as<float>();
+  }
+  KVCACHE_CUDA_CHECK(detail::launch_split_attention(view, dtype, plan, partials, stream));
+}
+
+}  // namespace kvcache::cuda

@@ -1,0 +1,783 @@
+// Flash-decoding: attention for a few query positions against a long cache, bound by the bytes of
+// keys and values it reads. Three kernels:
+//
+// - decode_attention_kernel<T, D, R> (head_dim D = 64 or 128, 16-byte aligned rows): one block of
+//   4 warps per (batch row, kv head, key split, block of R packed query rows). All R rows (the
+//   kv head's query heads, times the few positions) are scored against every key the block reads,
+//   so each key and value byte leaves HBM once. Each warp streams its own tiles of keys (tiles w,
+//   w + 4, w + 8, ... of the block's range) through a 4-stage cp.async pipeline in its own slice
+//   of shared memory, keeping ~3 tiles (12 KiB) in flight per warp, ~36-48 KiB per SM, which is
+//   what HBM3e's latency × bandwidth asks for. The warps never wait for each other inside the
+//   loop; each keeps its own online-softmax state, and the four are combined once at the end.
+// - generic_attention_kernel<T> (any even head_dim up to 256, any alignment, decode or prefill):
+//   a plain SIMT flash-attention, 16 packed rows per block, tiles of 32 keys widened to float32 in
+//   shared memory. The float32 prefill and the odd shapes of the tests run here.
+// - merge_partials_kernel<T>: when a long context is split across blocks (so that batch × kv
+//   heads alone does not leave SMs idle), each split leaves (max, sum, unnormalised output) per
+//   row and this kernel rescales them to the common max and normalises, one warp per row.
+//
+// Numerics: scores are q·k · scale · log2(e) in float32 (the factor folded into q), softmax is
+// exp2 of the score minus the running max, accumulation is float32; a row that sees no key keeps
+// max = -inf and sum = 0 and is written as zeros. Within a lane, every exp2 is guarded so that
+// -inf - -inf never appears.
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "attention.cuh"
+#include "check.cuh"
+#include "dtype.cuh"
+
+namespace kvcache::cuda::detail {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// --- 16-byte chunks to float32 -------------------------------------------------------------------
+
+__device__ __forceinline__ void chunk_to_float(const float* p, float (&f)[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  f[0] = v.x;
+  f[1] = v.y;
+  f[2] = v.z;
+  f[3] = v.w;
+}
+
+__device__ __forceinline__ void chunk_to_float(const __nv_bfloat16* p, float (&f)[8]) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const unsigned words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    __nv_bfloat162 pair;
+    static_assert(sizeof(pair) == sizeof(unsigned));
+    __builtin_memcpy(&pair, &words[k], sizeof(pair));
+    const float2 two = __bfloat1622float2(pair);
+    f[2 * k] = two.x;
+    f[2 * k + 1] = two.y;
+  }
+}
+
+__device__ __forceinline__ void chunk_to_float(const __half* p, float (&f)[8]) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const unsigned words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    __half2 pair;
+    static_assert(sizeof(pair) == sizeof(unsigned));
+    __builtin_memcpy(&pair, &words[k], sizeof(pair));
+    const float2 two = __half22float2(pair);
+    f[2 * k] = two.x;
+    f[2 * k + 1] = two.y;
+  }
+}
+
+// --- the flash-decoding kernel
+// ---------------------------------------------------------------------
+
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeThreads = kDecodeWarps * 32;
+constexpr int kDecodeStages = 4;
+constexpr int kDecodeTileBytes = 2048;  // one warp's key (or value) tile in one stage
+// Shared memory of one block: per warp, kDecodeStages × (key tile, value tile).
+constexpr int kDecodeSmemBytes = kDecodeWarps * kDecodeStages * 2 * kDecodeTileBytes;  // 64 KiB
+
+// How a warp covers key rows of D elements of T: each lane owns one 16-byte chunk of a row, the
+// kLanesPerKey lanes of a row reduce their partial dot products with shuffles, and a warp covers
+// kKeysPerPass keys at once. Every tile takes kPasses passes (4 for every T and D here).
+template <class T, int D>
+struct DecodeShape {
+  static constexpr int kElems = 16 / static_cast<int>(sizeof(T));  // elements per chunk
+  static constexpr int kLanesPerKey = D / kElems;                  // 8, 16 or 32
+  static constexpr int kKeysPerPass = 32 / kLanesPerKey;           // 4, 2 or 1
+  static constexpr int kTileKeys = kDecodeTileBytes / (D * static_cast<int>(sizeof(T)));
+  static constexpr int kPasses = kTileKeys / kKeysPerPass;
+  static constexpr int kChunksPerLane = kDecodeTileBytes / 16 / 32;  // cp.async per lane per tile
+  static constexpr int kBlockKeys = kTileKeys * kDecodeWarps;        // keys of one block round
+  static_assert(kLanesPerKey >= 1 && kLanesPerKey <= 32 && 32 % kLanesPerKey == 0);
+  static_assert(kTileKeys % kKeysPerPass == 0 && kPasses >= 1);
+};
+
+template <class T, int D, int R>
+__global__ void __launch_bounds__(kDecodeThreads)
+    decode_attention_kernel(const AttentionView p, const SplitPlan plan,
+                            float* __restrict__ partial_out, float2* __restrict__ partial_stats) {
+  using S = DecodeShape<T, D>;
+  constexpr int E = S::kElems, LPK = S::kLanesPerKey, KPP = S::kKeysPerPass;
+  // Pipeline buffers; reused at the end for the cross-warp combine (see below).
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int chunk = lane % LPK;        // the 16-byte chunk of a row this lane reads
+  const int key_in_pass = lane / LPK;  // which of the pass's keys this lane's group reads
+
+  // blockIdx.x = (unit · splits + split) · row_blocks + row_block, unit = b · num_kv_heads + kvh.
+  int index = static_cast<int>(blockIdx.x);
+  const int row_block = index % plan.row_blocks;
+  index /= plan.row_blocks;
+  const int split = index % plan.splits;
+  const int unit = index / plan.splits;
+  const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+  const int row0 = row_block * R;
+
+  // This lane's chunk of the block's R query rows, in registers, pre-scaled:
+  //   q[r][e] = query[b, h(row0 + r), i(row0 + r), chunk · E + e] · scale · log2(e).
+  // Rows past p.rows (the last block's padding) are zeros that see no key.
+  float q[R][E];
+  int limit[R];  // key j is visible to row r iff j <= limit[r] (and not padding)
+  int max_limit = -1;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = row0 + r;
+    if (row < p.rows) {
+      const T* src = static_cast<const T*>(p.query) + query_row_offset(p, b, kv_head, row);
+      float f[E];
+      chunk_to_float(src + chunk * E, f);
+#pragma unroll
+      for (int e = 0; e < E; ++e) q[r][e] = f[e] * p.scale_log2;
+      limit[r] = row_key_limit(p, row);
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) q[r][e] = 0.0f;
+      limit[r] = -1;
+    }
+    max_limit = max(max_limit, limit[r]);
+  }
+
+  // The block's keys [key_begin, key_end): its split, cut at the causal frontier of its rows.
+  const int key_begin = split * plan.keys_per_split;
+  const int key_end = min(min(p.kv_len, key_begin + plan.keys_per_split), max_limit + 1);
+  const int tiles =
+      key_end > key_begin ? (key_end - key_begin + S::kTileKeys - 1) / S::kTileKeys : 0;
+  const int my_tiles = tiles > warp ? (tiles - warp + kDecodeWarps - 1) / kDecodeWarps : 0;
+
+  const T* key_base =
+      static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head;
+  const T* value_base =
+      static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head;
+  const std::uint8_t* mask_row =
+      p.mask ? p.mask + static_cast<std::int64_t>(b) * p.kv_len : nullptr;
+
+  // This warp's slice: stage s holds the key tile [kTileKeys][D] at s · 2 · kTileBytes and the
+  // value tile right after it, rows packed (row k of the tile = key key0 + k), unswizzled: a pass
+  // reads 32 consecutive 16-byte chunks, which no two lanes share a bank for.
+  unsigned char* const warp_smem = smem + warp * (kDecodeStages * 2 * kDecodeTileBytes);
+
+  // Tile `local` of this warp is block tile warp + local · kDecodeWarps.
+  auto tile_key0 = [&](int local) {
+    return key_begin + (warp + local * kDecodeWarps) * S::kTileKeys;
+  };
+  auto load_tile = [&](int stage, int local) {
+    unsigned char* key_tile = warp_smem + stage * 2 * kDecodeTileBytes;
+    unsigned char* value_tile = key_tile + kDecodeTileBytes;
+    const int key0 = tile_key0(local);
+#pragma unroll
+    for (int c = 0; c < S::kChunksPerLane; ++c) {
+      const int flat = c * 32 + lane;  // chunk index inside the tile: row flat / LPK
+      const int key = key0 + flat / LPK;
+      const bool in_range = key < key_end;
+      const std::int64_t row = in_range ? key : key_begin;  // any valid row when zero-filling
+      const int col = (flat % LPK) * E;
+      cp_async_16(key_tile + flat * 16, key_base + row * p.k_stride_seq + col, in_range);
+      cp_async_16(value_tile + flat * 16, value_base + row * p.v_stride_seq + col, in_range);
+    }
+  };
+
+  // Online softmax state of this lane: m is the same in every lane of the warp (the tile max is
+  // reduced over the warp); l and acc hold this lane group's keys only and are reduced over the
+  // groups at the end.
+  float m[R], l[R], acc[R][E];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
+  }
+
+  // Prologue: the first kDecodeStages - 1 tiles. One commit group per tile (empty groups past the
+  // end keep the group count, and so the wait below, uniform).
+#pragma unroll
+  for (int s = 0; s < kDecodeStages - 1; ++s) {
+    if (s < my_tiles) load_tile(s, s);
+    cp_async_commit();
+  }
+
+  for (int local = 0; local < my_tiles; ++local) {
+    // Refill the stage the previous iteration consumed (every lane is past it: __syncwarp below).
+    const int ahead = local + kDecodeStages - 1;
+    if (ahead < my_tiles) load_tile(ahead % kDecodeStages, ahead);
+    cp_async_commit();
+    cp_async_wait<kDecodeStages - 1>();  // this lane's copies of tile `local` have landed
+    __syncwarp();                        // ... and every other lane's
+
+    const unsigned char* key_tile = warp_smem + (local % kDecodeStages) * 2 * kDecodeTileBytes;
+    const T* keys_s = reinterpret_cast<const T*>(key_tile);
+    const T* values_s = reinterpret_cast<const T*>(key_tile + kDecodeTileBytes);
+    const int key0 = tile_key0(local);
+
+    // Scores of this lane group's keys, one per pass: s[pass][r] = q[r] · k (scaled), or -inf.
+    float s[S::kPasses][R];
+#pragma unroll
+    for (int pass = 0; pass < S::kPasses; ++pass) {
+      const int k = pass * KPP + key_in_pass;
+      float kf[E];
+      chunk_to_float(keys_s + k * D + chunk * E, kf);
+      float dot[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        dot[r] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) dot[r] = fmaf(q[r][e], kf[e], dot[r]);
+      }
+#pragma unroll
+      for (int offset = LPK / 2; offset > 0; offset /= 2) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) dot[r] += __shfl_xor_sync(kFullMask, dot[r], offset);
+      }
+      const int key = key0 + k;
+      const bool attend = key < key_end && (mask_row == nullptr || __ldg(mask_row + key) != 0);
+#pragma unroll
+      for (int r = 0; r < R; ++r) s[pass][r] = attend && key <= limit[r] ? dot[r] : kNegInf;
+    }
+
+    // Online softmax over the tile: new max (over the warp), rescale, probabilities.
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float tile_max = s[0][r];
+#pragma unroll
+      for (int pass = 1; pass < S::kPasses; ++pass) tile_max = fmaxf(tile_max, s[pass][r]);
+#pragma unroll
+      for (int offset = LPK; offset < 32; offset *= 2)
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, offset));
+      const float m_new = fmaxf(m[r], tile_max);
+      // m_new == -inf: nothing seen yet, everything is still 0 (and -inf - -inf must not happen).
+      const float alpha = m_new == kNegInf ? 1.0f : exp2f(m[r] - m_new);
+      m[r] = m_new;
+      l[r] *= alpha;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[r][e] *= alpha;
+#pragma unroll
+      for (int pass = 0; pass < S::kPasses; ++pass) {
+        s[pass][r] = s[pass][r] == kNegInf ? 0.0f : exp2f(s[pass][r] - m_new);
+        l[r] += s[pass][r];
+      }
+    }
+
+    // acc[r] += p · v over this lane group's keys (masked keys have p = 0 and, past the range,
+    // zero-filled rows).
+#pragma unroll
+    for (int pass = 0; pass < S::kPasses; ++pass) {
+      const int k = pass * KPP + key_in_pass;
+      float vf[E];
+      chunk_to_float(values_s + k * D + chunk * E, vf);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[r][e] = fmaf(s[pass][r], vf[e], acc[r][e]);
+      }
+    }
+    __syncwarp();  // every lane is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();
+
+  // Sum l and acc over the lane groups of the warp (lanes with the same chunk).
+#pragma unroll
+  for (int offset = LPK; offset < 32; offset *= 2) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      l[r] += __shfl_xor_sync(kFullMask, l[r], offset);
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[r][e] += __shfl_xor_sync(kFullMask, acc[r][e], offset);
+    }
+  }
+
+  allow_dependent_launch();
+  __syncthreads();  // every warp is done with its pipeline slice: the buffer is reused below
+
+  // Cross-warp combine, in the same shared memory (floats):
+  //   red_out   [kDecodeWarps][R][D]  each warp's acc
+  //   red_max   [kDecodeWarps][R]     each warp's m
+  //   red_sum   [kDecodeWarps][R]     each warp's l
+  float* red_out = reinterpret_cast<float*>(smem);
+  float* red_max = red_out + kDecodeWarps * R * D;
+  float* red_sum = red_max + kDecodeWarps * R;
+  static_assert((kDecodeWarps * R * D + 2 * kDecodeWarps * R) * 4 <= kDecodeSmemBytes);
+  if (lane < LPK) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) red_out[(warp * R + r) * D + chunk * E + e] = acc[r][e];
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      red_max[warp * R + r] = m[r];
+      red_sum[warp * R + r] = l[r];
+    }
+  }
+  __syncthreads();
+
+  T* out = static_cast<T*>(p.out);
+  for (int idx = static_cast<int>(threadIdx.x); idx < R * D; idx += kDecodeThreads) {
+    const int r = idx / D, d = idx % D, row = row0 + r;
+    if (row >= p.rows) continue;
+    float block_max = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) block_max = fmaxf(block_max, red_max[w * R + r]);
+    float o = 0.0f, sum = 0.0f;
+    if (block_max != kNegInf) {
+#pragma unroll
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        const float f = exp2f(red_max[w * R + r] - block_max);  // exp2(-inf) = 0: empty warp
+        o = fmaf(f, red_out[(w * R + r) * D + d], o);
+        sum = fmaf(f, red_sum[w * R + r], sum);
+      }
+    }
+    if (plan.splits == 1) {
+      // sum >= 1 whenever a key was seen (the max key contributes exp2(0)); else zeros.
+      out[out_row_offset(p, b, kv_head, row) + d] = from_f32<T>(sum > 0.0f ? o / sum : 0.0f);
+    } else {
+      const std::int64_t prow =
+          (static_cast<std::int64_t>(unit) * plan.splits + split) * p.rows + row;
+      partial_out[prow * D + d] = o;
+      if (d == 0) partial_stats[prow] = make_float2(block_max, sum);
+    }
+  }
+}
+
+// --- the generic SIMT kernel
+// -----------------------------------------------------------------------
+
+constexpr int kGenericWarps = 4;
+constexpr int kGenericThreads = kGenericWarps * 32;
+constexpr int kGenericRowsPerWarp = 4;
+constexpr int kGenericRows = kGenericWarps * kGenericRowsPerWarp;  // packed rows per block
+constexpr int kGenericTileKeys = 32;                               // one key per lane
+constexpr int kGenericMaxDimsPerLane = 256 / 32;
+
+// Shared memory (floats) for head_dim d: q rows [16][d], key tile [32][d + 1] (odd row stride:
+// lane j reads row j column c, so the 32 lanes hit 32 banks), value tile [32][d], probabilities
+// [4 warps][4 rows][32].
+constexpr std::size_t generic_smem_bytes(int d) {
+  return sizeof(float) *
+         (static_cast<std::size_t>(kGenericRows) * d + kGenericTileKeys * (d + 1) +
+          kGenericTileKeys * d + kGenericWarps * kGenericRowsPerWarp * kGenericTileKeys);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kGenericThreads)
+    generic_attention_kernel(const AttentionView p, const SplitPlan plan,
+                             float* __restrict__ partial_out, float2* __restrict__ partial_stats) {
+  extern __shared__ float gsmem[];
+  const int D = p.head_dim;
+  float* q_s = gsmem;                             // [16][D]   q · scale · log2(e)
+  float* k_s = q_s + kGenericRows * D;            // [32][D+1] key tile, float32
+  float* v_s = k_s + kGenericTileKeys * (D + 1);  // [32][D]   value tile, float32
+  float* p_s = v_s + kGenericTileKeys * D;        // [4][4][32] probabilities per warp row
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32, lane = tid % 32;
+
+  // blockIdx.x = (unit · splits + split) · row_blocks + row_block (as the decode kernel).
+  int index = static_cast<int>(blockIdx.x);
+  const int row_block = index % plan.row_blocks;
+  index /= plan.row_blocks;
+  const int split = index % plan.splits;
+  const int unit = index / plan.splits;
+  const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+  const int row0 = row_block * kGenericRows;
+
+  // This warp's rows are row0 + warp · 4 + k; the block's frontier is the max over all 16.
+  int limit[kGenericRowsPerWarp];
+#pragma unroll
+  for (int k = 0; k < kGenericRowsPerWarp; ++k) {
+    const int row = row0 + warp * kGenericRowsPerWarp + k;
+    limit[k] = row < p.rows ? row_key_limit(p, row) : -1;
+  }
+  int max_limit = -1;
+  for (int rr = 0; rr < kGenericRows; ++rr) {
+    if (row0 + rr < p.rows) max_limit = max(max_limit, row_key_limit(p, row0 + rr));
+  }
+  const int key_begin = split * plan.keys_per_split;
+  const int key_end = min(min(p.kv_len, key_begin + plan.keys_per_split), max_limit + 1);
+
+  const T* query = static_cast<const T*>(p.query);
+  for (int idx = tid; idx < kGenericRows * D; idx += kGenericThreads) {
+    const int rr = idx / D, d = idx % D, row = row0 + rr;
+    q_s[idx] = row < p.rows ? to_f32(query[query_row_offset(p, b, kv_head, row) + d]) * p.scale_log2
+                            : 0.0f;
+  }
+
+  const T* key_base =
+      static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head;
+  const T* value_base =
+      static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head;
+  const std::uint8_t* mask_row =
+      p.mask ? p.mask + static_cast<std::int64_t>(b) * p.kv_len : nullptr;
+
+  float m[kGenericRowsPerWarp], l[kGenericRowsPerWarp];
+  float acc[kGenericRowsPerWarp][kGenericMaxDimsPerLane];  // dims lane + 32 t
+#pragma unroll
+  for (int k = 0; k < kGenericRowsPerWarp; ++k) {
+    m[k] = kNegInf;
+    l[k] = 0.0f;
+#pragma unroll
+    for (int t = 0; t < kGenericMaxDimsPerLane; ++t) acc[k][t] = 0.0f;
+  }
+  const float* my_q = q_s + warp * kGenericRowsPerWarp * D;
+  float* my_p = p_s + warp * kGenericRowsPerWarp * kGenericTileKeys;
+
+  for (int key0 = key_begin; key0 < key_end; key0 += kGenericTileKeys) {
+    __syncthreads();  // the previous tile is consumed (first pass: q_s is written)
+    for (int idx = tid; idx < kGenericTileKeys * D; idx += kGenericThreads) {
+      const int j = idx / D, d = idx % D, key = key0 + j;
+      const bool in_range = key < key_end;
+      k_s[j * (D + 1) + d] = in_range ? to_f32(key_base[key * p.k_stride_seq + d]) : 0.0f;
+      v_s[j * D + d] = in_range ? to_f32(value_base[key * p.v_stride_seq + d]) : 0.0f;
+    }
+    __syncthreads();
+
+    // Lane j scores key key0 + j against the warp's 4 rows.
+    const int key = key0 + lane;
+    float s[kGenericRowsPerWarp] = {};
+    const float* krow = k_s + lane * (D + 1);
+    for (int d = 0; d < D; ++d) {
+      const float kd = krow[d];
+#pragma unroll
+      for (int k = 0; k < kGenericRowsPerWarp; ++k) s[k] = fmaf(my_q[k * D + d], kd, s[k]);
+    }
+    const bool attend = key < key_end && (mask_row == nullptr || __ldg(mask_row + key) != 0);
+#pragma unroll
+    for (int k = 0; k < kGenericRowsPerWarp; ++k) {
+      s[k] = attend && key <= limit[k] ? s[k] : kNegInf;
+      float tile_max = s[k];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2)
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, offset));
+      const float m_new = fmaxf(m[k], tile_max);
+      const float alpha = m_new == kNegInf ? 1.0f : exp2f(m[k] - m_new);
+      m[k] = m_new;
+      const float prob = s[k] == kNegInf ? 0.0f : exp2f(s[k] - m_new);
+      l[k] = l[k] * alpha + prob;  // this lane's keys only; summed over the warp at the end
+#pragma unroll
+      for (int t = 0; t < kGenericMaxDimsPerLane; ++t) acc[k][t] *= alpha;
+      my_p[k * kGenericTileKeys + lane] = prob;
+    }
+    __syncwarp();
+
+    const int keys_here = min(kGenericTileKeys, key_end - key0);
+    for (int j = 0; j < keys_here; ++j) {
+#pragma unroll
+      for (int t = 0; t < kGenericMaxDimsPerLane; ++t) {
+        const int d = lane + 32 * t;
+        if (d < D) {
+          const float v = v_s[j * D + d];
+#pragma unroll
+          for (int k = 0; k < kGenericRowsPerWarp; ++k)
+            acc[k][t] = fmaf(my_p[k * kGenericTileKeys + j], v, acc[k][t]);
+        }
+      }
+    }
+  }
+
+  allow_dependent_launch();
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int k = 0; k < kGenericRowsPerWarp; ++k) {
+    float sum = l[k];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(kFullMask, sum, offset);
+    const int row = row0 + warp * kGenericRowsPerWarp + k;
+    if (row >= p.rows) continue;  // warp-uniform
+    if (plan.splits == 1) {
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // a row that saw no key: zeros
+      T* dst = out + out_row_offset(p, b, kv_head, row);
+#pragma unroll
+      for (int t = 0; t < kGenericMaxDimsPerLane; ++t) {
+        const int d = lane + 32 * t;
+        if (d < D) dst[d] = from_f32<T>(acc[k][t] * inv);
+      }
+    } else {
+      const std::int64_t prow =
+          (static_cast<std::int64_t>(unit) * plan.splits + split) * p.rows + row;
+#pragma unroll
+      for (int t = 0; t < kGenericMaxDimsPerLane; ++t) {
+        const int d = lane + 32 * t;
+        if (d < D) partial_out[prow * D + d] = acc[k][t];
+      }
+      if (lane == 0) partial_stats[prow] = make_float2(m[k], sum);
+    }
+  }
+}
+
+// --- the merge
+// ---------------------------------------------------------------------------------------
+
+constexpr int kMergeWarps = 4;
+
+// One warp per (unit, packed row): out = Σ_s exp2(m_s - M) o_s / Σ_s exp2(m_s - M) l_s with
+// M = max_s m_s; zeros when no split saw a key (M = -inf). Each lane owns dims 2·lane + 64·t.
+template <class T>
+__global__ void __launch_bounds__(kMergeWarps * 32)
+    merge_partials_kernel(const AttentionView p, const SplitPlan plan,
+                          const float* __restrict__ partial_out,
+                          const float2* __restrict__ partial_stats) {
+  grid_dependency_wait();  // the split kernel's partials are complete and visible
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const std::int64_t item = static_cast<std::int64_t>(blockIdx.x) * kMergeWarps + threadIdx.x / 32;
+  const std::int64_t units = static_cast<std::int64_t>(p.batch) * p.num_kv_heads;
+  if (item >= units * p.rows) return;  // warp-uniform
+  const int unit = static_cast<int>(item / p.rows), row = static_cast<int>(item % p.rows);
+  const int D = p.head_dim;
+  // Split s of this row: stats at (unit · splits + s) · rows + row, outputs at that index · D.
+  const std::int64_t first = static_cast<std::int64_t>(unit) * plan.splits * p.rows + row;
+  const std::int64_t split_stride = p.rows;
+
+  float max_all = kNegInf;
+  for (int s = lane; s < plan.splits; s += 32)
+    max_all = fmaxf(max_all, partial_stats[first + s * split_stride].x);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2)
+    max_all = fmaxf(max_all, __shfl_xor_sync(kFullMask, max_all, offset));
+
+  constexpr int kPairs = 256 / 64;  // dims per lane / 2 at head_dim 256
+  float2 o[kPairs];
+#pragma unroll
+  for (int t = 0; t < kPairs; ++t) o[t] = make_float2(0.0f, 0.0f);
+  float sum = 0.0f;
+  if (max_all != kNegInf) {
+    for (int s = 0; s < plan.splits; ++s) {
+      const std::int64_t at = first + s * split_stride;
+      const float2 stats = partial_stats[at];
+      const float f = exp2f(stats.x - max_all);  // 0 for a split that saw nothing
+      sum = fmaf(f, stats.y, sum);
+      const float* src = partial_out + at * D;
+#pragma unroll
+      for (int t = 0; t < kPairs; ++t) {
+        const int d = 2 * lane + 64 * t;
+        if (d < D) {
+          const float2 v = *reinterpret_cast<const float2*>(src + d);
+          o[t].x = fmaf(f, v.x, o[t].x);
+          o[t].y = fmaf(f, v.y, o[t].y);
+        }
+      }
+    }
+  }
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+  T* dst = static_cast<T*>(p.out) + out_row_offset(p, b, kv_head, row);
+#pragma unroll
+  for (int t = 0; t < kPairs; ++t) {
+    const int d = 2 * lane + 64 * t;
+    if (d < D) {
+      dst[d] = from_f32<T>(o[t].x * inv);
+      dst[d + 1] = from_f32<T>(o[t].y * inv);
+    }
+  }
+}
+
+// --- host side -----------------------------------------------------------------------------------
+
+int sm_count() {
+  int device = 0, count = 0;
+  KVCACHE_CUDA_CHECK(cudaGetDevice(&device));
+  KVCACHE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// Opt-in to more than 48 KiB of dynamic shared memory once per kernel, and its blocks per SM.
+template <class Kernel>
+int configure(Kernel kernel, int threads, std::size_t smem_bytes) {
+  KVCACHE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem_bytes)));
+  int blocks = 0;
+  KVCACHE_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem_bytes));
+  return std::max(blocks, 1);
+}
+
+template <class T, int D, int R>
+int decode_blocks_per_sm() {
+  static const int blocks =
+      configure(decode_attention_kernel<T, D, R>, kDecodeThreads, kDecodeSmemBytes);
+  return blocks;
+}
+
+template <class T>
+int generic_blocks_per_sm() {
+  // Configured for the largest head_dim, so any call's shared memory fits under the opt-in.
+  static const int blocks =
+      configure(generic_attention_kernel<T>, kGenericThreads, generic_smem_bytes(256));
+  return blocks;
+}
+
+// Calls f(std::integral_constant<int, R>{}) for the decode kernel's rows per block.
+template <class F>
+decltype(auto) dispatch_decode_rows(int rows_per_block, F&& f) {
+  switch (rows_per_block) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 8:
+      return f(std::integral_constant<int, 8>{});
+    default:
+      KVCACHE_FAIL("cuda::attention: no decode kernel for ", rows_per_block, " rows per block");
+  }
+}
+
+struct KernelFacts {
+  int blocks_per_sm;
+  int tile_keys;       // keys_per_split is a multiple of this (one round of the whole block)
+  int min_split_keys;  // a split shorter than this cannot fill the load pipeline
+};
+
+KernelFacts kernel_facts(const AttentionView& view, DType dtype, const SplitPlan& plan) {
+  return dispatch_float(dtype, "cuda::attention", [&](auto type_tag) -> KernelFacts {
+    using T = decltype(type_tag);
+    if (plan.kernel == SplitKernel::kGeneric) {
+      return {generic_blocks_per_sm<T>(), kGenericTileKeys, 4 * kGenericTileKeys};
+    }
+    return dispatch_head_dim(view.head_dim, "cuda::attention", [&](auto dim) -> KernelFacts {
+      constexpr int D = decltype(dim)::value;
+      if constexpr (D == 0) {
+        KVCACHE_FAIL("cuda::attention: the decode kernel serves head_dim 64 or 128, got ",
+                     view.head_dim);
+      } else {
+        using Shape = DecodeShape<T, D>;
+        return dispatch_decode_rows(plan.rows_per_block, [&](auto rows) -> KernelFacts {
+          constexpr int R = decltype(rows)::value;
+          return {decode_blocks_per_sm<T, D, R>(), Shape::kBlockKeys,
+                  Shape::kBlockKeys * kDecodeStages};
+        });
+      }
+    });
+  });
+}
+
+template <class T>
+cudaError_t launch_merge(const AttentionView& view, const SplitPlan& plan, const float* partial_out,
+                         const float2* partial_stats, cudaStream_t stream) {
+  const std::int64_t items = static_cast<std::int64_t>(view.batch) * view.num_kv_heads * view.rows;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>((items + kMergeWarps - 1) / kMergeWarps));
+  config.blockDim = dim3(kMergeWarps * 32);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, merge_partials_kernel<T>, view, plan, partial_out,
+                            partial_stats);
+}
+
+}  // namespace
+
+std::int64_t split_workspace_floats(const AttentionView& view, const SplitPlan& plan) {
+  const std::int64_t rows =
+      static_cast<std::int64_t>(view.batch) * view.num_kv_heads * plan.splits * view.rows;
+  return rows * (view.head_dim + 2);
+}
+
+bool rows_are_16b_aligned(const AttentionView& view, DType dtype) {
+  const std::int64_t elems = 16 / static_cast<std::int64_t>(dtype_size(dtype));
+  auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
+  // A stride multiplies a nonzero index only where its dimension has more than one element.
+  auto stride_ok = [&](std::int64_t stride, std::int64_t size) {
+    return size <= 1 || stride % elems == 0;
+  };
+  return view.head_dim % elems == 0 && aligned(view.query) && aligned(view.keys) &&
+         aligned(view.values) && aligned(view.out) && stride_ok(view.q_stride_batch, view.batch) &&
+         stride_ok(view.q_stride_head, view.num_heads) &&
+         stride_ok(view.q_stride_seq, view.q_len) && stride_ok(view.k_stride_batch, view.batch) &&
+         stride_ok(view.k_stride_head, view.num_kv_heads) &&
+         stride_ok(view.k_stride_seq, view.kv_len) && stride_ok(view.v_stride_batch, view.batch) &&
+         stride_ok(view.v_stride_head, view.num_kv_heads) &&
+         stride_ok(view.v_stride_seq, view.kv_len);
+}
+
+SplitPlan plan_split(const AttentionView& view, DType dtype, SplitKernel kernel) {
+  SplitPlan plan{};
+  plan.kernel = kernel;
+  if (kernel == SplitKernel::kDecode) {
+    // The smallest of 1, 2, 4, 8 that holds all rows, or 8 (more rows: more row blocks, each
+    // reading the same keys; they run side by side, so the repeats mostly come from L2).
+    const int want = std::min(view.rows, 8);
+    plan.rows_per_block = want <= 1 ? 1 : want <= 2 ? 2 : want <= 4 ? 4 : 8;
+  } else {
+    plan.rows_per_block = kGenericRows;
+  }
+  plan.row_blocks = (view.rows + plan.rows_per_block - 1) / plan.rows_per_block;
+  plan.splits = 1;
+  plan.keys_per_split = std::max(view.kv_len, 1);
+  const KernelFacts facts = kernel_facts(view, dtype, plan);
+
+  // One wave: as many splits as keep every block resident at once (all blocks then stream side
+  // by side and finish together; a second, partial wave would leave HBM idle at the end), and no
+  // more than leave each split a full pipeline's worth of keys.
+  const std::int64_t base = static_cast<std::int64_t>(view.batch) * view.num_kv_heads *
+                            plan.row_blocks;  // blocks at one split
+  const std::int64_t capacity = static_cast<std::int64_t>(sm_count()) * facts.blocks_per_sm;
+  const std::int64_t max_splits =
+      std::max<std::int64_t>(1, (view.kv_len + facts.min_split_keys - 1) / facts.min_split_keys);
+  const std::int64_t splits = std::clamp<std::int64_t>(capacity / base, 1, max_splits);
+  if (splits > 1) {
+    const std::int64_t per_split = (view.kv_len + splits - 1) / splits;
+    const std::int64_t rounded = (per_split + facts.tile_keys - 1) / facts.tile_keys *
+                                 facts.tile_keys;  // whole block rounds
+    plan.keys_per_split = static_cast<int>(rounded);
+    plan.splits = static_cast<int>((view.kv_len + rounded - 1) / rounded);  // none left empty
+  }
+  return plan;
+}
+
+cudaError_t launch_split_attention(const AttentionView& view, DType dtype, const SplitPlan& plan,
+                                   float* workspace, cudaStream_t stream) {
+  float* partial_out = workspace;
+  float2* partial_stats = nullptr;
+  if (plan.splits > 1) {
+    // Right after partial_out; an even float offset (head_dim is even), so 8-byte aligned.
+    const std::int64_t out_floats = static_cast<std::int64_t>(view.batch) * view.num_kv_heads *
+                                    plan.splits * view.rows * view.head_dim;
+    partial_stats = reinterpret_cast<float2*>(workspace + out_floats);
+  }
+  const std::int64_t blocks64 =
+      static_cast<std::int64_t>(view.batch) * view.num_kv_heads * plan.splits * plan.row_blocks;
+  KVCACHE_CHECK(blocks64 <= std::numeric_limits<int>::max(),
+                "cuda::attention: expected fewer than 2^31 blocks, got ", blocks64);
+  const dim3 grid(static_cast<unsigned>(blocks64));
+  return dispatch_float(dtype, "cuda::attention", [&](auto type_tag) -> cudaError_t {
+    using T = decltype(type_tag);
+    if (plan.kernel == SplitKernel::kGeneric) {
+      (void)generic_blocks_per_sm<T>();  // makes sure the shared-memory opt-in is done
+      generic_attention_kernel<T>
+          <<<grid, kGenericThreads, generic_smem_bytes(view.head_dim), stream>>>(
+              view, plan, partial_out, partial_stats);
+    } else {
+      dispatch_head_dim(view.head_dim, "cuda::attention", [&](auto dim) {
+        constexpr int D = decltype(dim)::value;
+        if constexpr (D == 0) {
+          KVCACHE_FAIL("cuda::attention: the decode kernel serves head_dim 64 or 128, got ",
+                       view.head_dim);
+        } else {
+          dispatch_decode_rows(plan.rows_per_block, [&](auto rows) {
+            constexpr int R = decltype(rows)::value;
+            (void)decode_blocks_per_sm<T, D, R>();
+            decode_attention_kernel<T, D, R><<<grid, kDecodeThreads, kDecodeSmemBytes, stream>>>(
+                view, plan, partial_out, partial_stats);
+          });
+        }
+      });
+    }
+    cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess || plan.splits == 1) return status;
+    return launch_merge<T>(view, plan, partial_out, partial_stats, stream);
+  });
+}
+
+}  // namespace kvcache::cuda::detail

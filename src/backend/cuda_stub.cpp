@@ -1,0 +1,47 @@
+// The CUDA backend's functions in a library built without nvcc: device_count() is 0 and every
+// operation throws kvcache::Error saying the backend is not built, so `--device cuda` and
+// DynamicCache<cuda::Backend> fail clearly instead of failing to link.
+#include "kvcache/backend/cuda.hpp"
+#include "kvcache/error.hpp"
+
+namespace kvcache::cuda {
+namespace {
+[[noreturn]] void not_built(const char* what) {
+  KVCACHE_FAIL("cuda::", what,
+               ": kvcache was built without the CUDA backend (nvcc was not found, or "
+               "KVCACHE_CUDA=OFF); rebuild with the CUDA toolkit to use the GPU");
+}
+}  // namespace
+
+bool built_with_cuda() { return false; }
+int device_count() { return 0; }
+void require_device(const char* where) {
+  KVCACHE_FAIL(where, ": expected a CUDA device, but kvcache was built without the CUDA backend");
+}
+void set_stream(Stream) { not_built("set_stream"); }
+Stream current_stream() { return nullptr; }
+Tensor empty(Shape, DType) { not_built("empty"); }
+void copy(const Tensor&, const Tensor&) { not_built("copy"); }
+Tensor to_device(const Tensor&) { not_built("to_device"); }
+Tensor to_host(const Tensor&) { not_built("to_host"); }
+Tensor upload(const void*, std::size_t) { not_built("upload"); }
+void fill_uniform(const Tensor&, std::uint64_t, float, float) { not_built("fill_uniform"); }
+void synchronize() { not_built("synchronize"); }
+MemoryStats memory_stats() { not_built("memory_stats"); }
+void reset_peak_memory_stats() { not_built("reset_peak_memory_stats"); }
+Tensor cast(const Tensor&, DType) { not_built("cast"); }
+Tensor embedding(const Tensor&, const Tensor&) { not_built("embedding"); }
+Tensor rms_norm(const Tensor&, const Tensor&, float, DType) { not_built("rms_norm"); }
+void add_bias(const Tensor&, const Tensor&) { not_built("add_bias"); }
+Tensor silu_mul(const Tensor&, const Tensor&) { not_built("silu_mul"); }
+void add_inplace(const Tensor&, const Tensor&) { not_built("add_inplace"); }
+void rope(const Tensor&, const Tensor&, const Tensor&, float) { not_built("rope"); }
+void linear(const Tensor&, const Tensor&, const Tensor&, float) { not_built("linear"); }
+void attention(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+               std::int64_t, float, const Tensor&) {
+  not_built("attention");
+}
+Tensor argmax(const Tensor&) { not_built("argmax"); }
+Tensor sample(const Tensor&, float, std::int64_t, float, const Tensor&) { not_built("sample"); }
+
+}  // namespace kvcache::cuda
