@@ -34,6 +34,21 @@ cudaMemPool_t pool() {
   return p;
 }
 
+// Bytes of a tensor of `shape` and `dtype`, with every product checked against overflow.
+std::size_t checked_bytes(Shape shape, DType dtype) {
+  std::int64_t count = 1;
+  for (auto n : shape) {
+    KVCACHE_CHECK(n >= 0, "cuda::empty: expected non-negative sizes, got ", n);
+    KVCACHE_CHECK(n == 0 || count <= std::numeric_limits<std::int64_t>::max() / n,
+                  "cuda::empty: the element count of this shape overflows");
+    count *= n;
+  }
+  KVCACHE_CHECK(static_cast<std::uint64_t>(count) <=
+                    std::numeric_limits<std::uint64_t>::max() / dtype_size(dtype),
+                "cuda::empty: the byte count of this shape overflows");
+  return static_cast<std::size_t>(count) * dtype_size(dtype);
+}
+
 }  // namespace
 
 namespace detail {
@@ -59,26 +74,74 @@ void require_device(const char* where) {
 void set_stream(Stream stream) { g_stream = static_cast<cudaStream_t>(stream); }
 Stream current_stream() { return g_stream; }
 
-Tensor empty(Shape shape, DType dtype) {
+Tensor empty_persistent(Shape shape, DType dtype) {
   KVCACHE_CHECK(shape.size() <= static_cast<std::size_t>(kMaxRank),
                 "cuda::empty: expected rank <= ", kMaxRank, ", got ", shape.size());
-  std::int64_t count = 1;
-  for (auto s : shape) {
-    KVCACHE_CHECK(s >= 0, "cuda::empty: expected non-negative sizes, got ", s);
-    KVCACHE_CHECK(s == 0 || count <= std::numeric_limits<std::int64_t>::max() / s,
-                  "cuda::empty: the element count of this shape overflows");
-    count *= s;
-  }
-  KVCACHE_CHECK(static_cast<std::uint64_t>(count) <=
-                    std::numeric_limits<std::uint64_t>::max() / dtype_size(dtype),
-                "cuda::empty: the byte count of this shape overflows");
-  const std::size_t bytes = static_cast<std::size_t>(count) * dtype_size(dtype);
+  const std::size_t bytes = checked_bytes(shape, dtype);
   void* memory = nullptr;
   (void)pool();
   KVCACHE_CUDA_CHECK(cudaMallocAsync(&memory, bytes == 0 ? 1 : bytes, g_stream));
   // Freed on the stream current at the time of the free; never throws from the deleter.
   std::shared_ptr<void> storage(memory, [](void* p) { (void)cudaFreeAsync(p, g_stream); });
   return Tensor::from_storage(std::move(storage), memory, shape, dtype, Device::kCuda);
+}
+
+namespace {
+
+// The thread's scratch workspace (see ScratchScope).
+struct Scratch {
+  Tensor block;                   // uint8 [capacity] from the pool
+  std::size_t used = 0;           // bytes carved from block in this scope
+  std::size_t asked = 0;          // bytes asked in this scope (used + what the pool served)
+  std::size_t want = 0;           // the most any scope asked: the next block's size
+  int depth = 0;                  // nested scopes
+  cudaStream_t stream = nullptr;  // the stream the last scope ran on
+};
+thread_local Scratch g_scratch;
+constexpr std::size_t kScratchAlign = 256;
+
+}  // namespace
+
+ScratchScope::ScratchScope() {
+  Scratch& s = g_scratch;
+  if (s.depth++ > 0) return;
+  try {
+    if (s.block.defined() && s.stream != g_stream) {
+      // The block's last users ran on another stream: let them finish before reuse.
+      KVCACHE_CUDA_CHECK(cudaStreamSynchronize(s.stream));
+    }
+    s.stream = g_stream;
+    const std::size_t capacity = s.block.defined() ? static_cast<std::size_t>(s.block.numel()) : 0;
+    if (s.want > capacity) {
+      s.block = Tensor();  // freed in stream order: the kernels that used it run first
+      const std::int64_t size[1] = {static_cast<std::int64_t>(s.want + s.want / 4)};
+      s.block = empty_persistent(size, DType::kUInt8);
+    }
+    s.used = s.asked = 0;
+  } catch (...) {
+    --s.depth;
+    throw;
+  }
+}
+
+ScratchScope::~ScratchScope() {
+  Scratch& s = g_scratch;
+  if (--s.depth == 0) s.want = std::max(s.want, s.asked);
+}
+
+Tensor empty(Shape shape, DType dtype) {
+  Scratch& s = g_scratch;
+  if (s.depth == 0) return empty_persistent(shape, dtype);
+  KVCACHE_CHECK(shape.size() <= static_cast<std::size_t>(kMaxRank),
+                "cuda::empty: expected rank <= ", kMaxRank, ", got ", shape.size());
+  const std::size_t bytes =
+      (checked_bytes(shape, dtype) + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+  s.asked += bytes;
+  const std::size_t capacity = s.block.defined() ? static_cast<std::size_t>(s.block.numel()) : 0;
+  if (s.used + bytes > capacity) return empty_persistent(shape, dtype);
+  void* at = static_cast<std::uint8_t*>(s.block.data()) + s.used;
+  s.used += bytes;
+  return Tensor::from_storage(s.block.storage(), at, shape, dtype, Device::kCuda);
 }
 
 Tensor to_device(const Tensor& host) {

@@ -33,6 +33,27 @@ __global__ void strided_copy_kernel(Word* __restrict__ dst, const Word* __restri
   }
 }
 
+// Two copies of one shape in one grid: linear indices [0, total) copy a, [total, 2·total) b.
+template <class Word>
+__global__ void strided_copy2_kernel(Word* __restrict__ dst_a, const Word* __restrict__ src_a,
+                                     Strided4 a, Word* __restrict__ dst_b,
+                                     const Word* __restrict__ src_b, Strided4 b,
+                                     std::int64_t total) {
+  for (std::int64_t linear = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+       linear < 2 * total; linear += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const bool second = linear >= total;
+    const Strided4& s = second ? b : a;
+    std::int64_t rest = second ? linear - total : linear, dst_off = 0, src_off = 0;
+    for (int d = 3; d >= 0; --d) {
+      const std::int64_t i = rest % s.shape[d];
+      rest /= s.shape[d];
+      dst_off += i * s.dst_strides[d];
+      src_off += i * s.src_strides[d];
+    }
+    (second ? dst_b : dst_a)[dst_off] = (second ? src_b : src_a)[src_off];
+  }
+}
+
 template <class Word>
 void launch_copy(const Tensor& dst, const Tensor& src, const Strided4& s, std::int64_t total) {
   constexpr int kThreads = 256;
@@ -43,7 +64,11 @@ void launch_copy(const Tensor& dst, const Tensor& src, const Strided4& s, std::i
 
 }  // namespace
 
-void copy(const Tensor& dst, const Tensor& src) {
+namespace {
+
+// Checks one same-shape, same-dtype pair of CUDA tensors and returns its shape and strides padded
+// to rank 4.
+Strided4 plan_copy(const Tensor& dst, const Tensor& src) {
   KVCACHE_CHECK(dst.defined() && src.defined() && dst.device() == Device::kCuda &&
                     src.device() == Device::kCuda,
                 "cuda::copy: expected two CUDA tensors, got ", dst.describe(), " and ",
@@ -65,6 +90,13 @@ void copy(const Tensor& dst, const Tensor& src) {
     s.dst_strides[pad + d] = dst.stride(d);
     s.src_strides[pad + d] = src.stride(d);
   }
+  return s;
+}
+
+}  // namespace
+
+void copy(const Tensor& dst, const Tensor& src) {
+  const Strided4 s = plan_copy(dst, src);
   const std::int64_t total = dst.numel();
   if (total == 0) return;
   if (dst.is_contiguous() && src.is_contiguous()) {
@@ -83,6 +115,38 @@ void copy(const Tensor& dst, const Tensor& src) {
       return launch_copy<std::uint64_t>(dst, src, s, total);
     default:
       KVCACHE_FAIL("cuda::copy: unsupported element size ", dst.element_size());
+  }
+}
+
+void copy2(const Tensor& dst_a, const Tensor& src_a, const Tensor& dst_b, const Tensor& src_b) {
+  const Strided4 a = plan_copy(dst_a, src_a), b = plan_copy(dst_b, src_b);
+  KVCACHE_CHECK(dst_a.dtype() == dst_b.dtype() && dst_a.rank() == dst_b.rank(),
+                "cuda::copy2: expected two pairs of one dtype and rank, got ", dst_a.describe(),
+                " and ", dst_b.describe());
+  for (int d = 0; d < dst_a.rank(); ++d) {
+    KVCACHE_CHECK(dst_a.size(d) == dst_b.size(d),
+                  "cuda::copy2: expected two pairs of one shape, got ", dst_a.shape_string(),
+                  " and ", dst_b.shape_string());
+  }
+  const std::int64_t total = dst_a.numel();
+  if (total == 0) return;
+  constexpr int kThreads = 256;
+  const unsigned grid = detail::grid_for(2 * total, kThreads);
+  auto launch = [&](auto word) {
+    using Word = decltype(word);
+    strided_copy2_kernel<Word><<<grid, kThreads, 0, detail::stream()>>>(
+        static_cast<Word*>(dst_a.data()), static_cast<const Word*>(src_a.data()), a,
+        static_cast<Word*>(dst_b.data()), static_cast<const Word*>(src_b.data()), b, total);
+    KVCACHE_CUDA_CHECK(cudaGetLastError());
+  };
+  switch (dst_a.element_size()) {
+    case 2:
+      return launch(std::uint16_t{});
+    case 4:
+      return launch(std::uint32_t{});
+    default:
+      copy(dst_a, src_a);
+      copy(dst_b, src_b);
   }
 }
 

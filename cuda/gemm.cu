@@ -1,4 +1,12 @@
-// cuda::linear through cuBLAS: out = x · weightᵀ + beta · out, float32 accumulation.
+// cuda::linear: out = x · weightᵀ + beta · out, float32 accumulation, and linear_silu_mul, the
+// same product with x = silu(gate) · up made on the fly.
+//
+// Which path. Decode's products (1 to 8 rows of x, bfloat16 or float16 weights, 16-byte aligned
+// rows) go to our own GEMV kernel (gemv.cu), which streams the weight at memory bandwidth with one
+// launch and no per-call host work beyond a few checks; everything else, and all float32 products
+// (the exact mode), goes through cublasGemmEx as below. linear_silu_mul runs the GEMV kernel in its
+// silu_mul mode where it serves the call (any float dtype) and silu_mul followed by linear
+// otherwise.
 //
 // Layouts. kvcache's matrices are row-major; cuBLAS reads column-major. A row-major [r, c]
 // matrix with row stride ld is the column-major [c, r] matrix with leading dimension ld, so
@@ -26,6 +34,7 @@
 
 #include "check.cuh"
 #include "dtype.cuh"
+#include "gemv.cuh"
 #include "kvcache/backend/cuda.hpp"
 
 namespace kvcache::cuda {
@@ -76,7 +85,9 @@ class CublasContext {
     if (found == workspaces_.end()) {
       // cuBLAS wants a 256-byte aligned workspace; the pool's blocks already are, the extra 256
       // bytes make sure of it.
-      Tensor buffer = empty({static_cast<std::int64_t>(workspace_bytes_ + 256)}, DType::kUInt8);
+      // Kept with the handle for the thread's life: never from a forward pass's scratch.
+      const std::int64_t size[1] = {static_cast<std::int64_t>(workspace_bytes_ + 256)};
+      Tensor buffer = empty_persistent(size, DType::kUInt8);
       found = workspaces_.emplace(stream, std::move(buffer)).first;
     }
     const auto address = reinterpret_cast<std::uintptr_t>(found->second.data());
@@ -149,6 +160,25 @@ void linear(const Tensor& x, const Tensor& weight, const Tensor& out, float beta
       where, ": sizes and strides must fit cuBLAS's int, got x ", x.describe(), ", weight ",
       weight.describe(), ", out ", out.describe());
 
+  if (rows <= detail::kGemvMaxRows && w != DType::kFloat32) {
+    detail::GemvArgs args;
+    args.weight = weight.data();
+    args.x = x.data();
+    args.out = out.data();
+    args.ldx = ldx;
+    args.ldo = ldc;
+    args.rows = static_cast<int>(rows);
+    args.in = static_cast<int>(in);
+    args.out_features = static_cast<int>(out_f);
+    args.weight_dtype = w;
+    args.out_dtype = out.dtype();
+    args.beta = beta;
+    if (detail::gemv_serves(args)) {
+      KVCACHE_CUDA_CHECK(detail::launch_gemv(args, detail::stream()));
+      return;
+    }
+  }
+
   cublasHandle_t handle = g_cublas.bind();
   const float alpha = 1.0f;
   KVCACHE_CUBLAS_CHECK(cublasGemmEx(
@@ -156,6 +186,54 @@ void linear(const Tensor& x, const Tensor& weight, const Tensor& out, float beta
       static_cast<int>(in), &alpha, weight.data(), cuda_type(w), static_cast<int>(in), x.data(),
       cuda_type(w), static_cast<int>(ldx), &beta, out.data(), cuda_type(out.dtype()),
       static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+void linear_silu_mul(const Tensor& gate, const Tensor& up, const Tensor& weight, const Tensor& out,
+                     float beta) {
+  const char* where = "cuda::linear_silu_mul";
+  KVCACHE_CHECK(weight.defined() && weight.device() == Device::kCuda && weight.rank() == 2 &&
+                    weight.is_contiguous() && is_floating(weight.dtype()),
+                where, ": expected a contiguous [out_features, in] float CUDA weight, got ",
+                weight.describe());
+  const DType w = weight.dtype();
+  KVCACHE_CHECK(is_row_view(gate) && gate.size(1) == weight.size(1) && gate.dtype() == w, where,
+                ": expected gate [rows, ", weight.size(1), "] ", dtype_name(w),
+                " on CUDA with a contiguous last dimension, got ", gate.describe());
+  KVCACHE_CHECK(is_row_view(up) && up.size(0) == gate.size(0) && up.size(1) == gate.size(1) &&
+                    up.dtype() == w,
+                where, ": expected up like gate ([", gate.size(0), ", ", gate.size(1), "] ",
+                dtype_name(w), " on CUDA with a contiguous last dimension), got ", up.describe());
+  KVCACHE_CHECK(is_row_view(out) && out.size(0) == gate.size(0) && out.size(1) == weight.size(0),
+                where, ": expected out [", gate.size(0), ", ", weight.size(0),
+                "] on CUDA with a contiguous last dimension, got ", out.describe());
+  KVCACHE_CHECK(out.dtype() == w || out.dtype() == DType::kFloat32, where,
+                ": expected out in the weight's dtype or float32, got out ",
+                dtype_name(out.dtype()), " for weight ", dtype_name(w));
+  const std::int64_t rows = gate.size(0), in = gate.size(1), out_f = weight.size(0);
+  if (rows == 0 || out_f == 0) return;
+
+  if (rows <= detail::kGemvMaxRows && in <= INT_MAX && out_f <= INT_MAX) {
+    detail::GemvArgs args;
+    args.weight = weight.data();
+    args.gate = gate.data();
+    args.up = up.data();
+    args.out = out.data();
+    args.ldg = leading_dim(gate);
+    args.ldu = leading_dim(up);
+    args.ldo = leading_dim(out);
+    args.rows = static_cast<int>(rows);
+    args.in = static_cast<int>(in);
+    args.out_features = static_cast<int>(out_f);
+    args.weight_dtype = w;
+    args.out_dtype = out.dtype();
+    args.beta = beta;
+    args.silu_mul = true;
+    if (detail::gemv_serves(args)) {
+      KVCACHE_CUDA_CHECK(detail::launch_gemv(args, detail::stream()));
+      return;
+    }
+  }
+  linear(silu_mul(gate, up), weight, out, beta);
 }
 
 }  // namespace kvcache::cuda

@@ -21,7 +21,11 @@ void require_device(const char* where) {
 void set_stream(Stream) { not_built("set_stream"); }
 Stream current_stream() { return nullptr; }
 Tensor empty(Shape, DType) { not_built("empty"); }
+Tensor empty_persistent(Shape, DType) { not_built("empty_persistent"); }
+ScratchScope::ScratchScope() { not_built("ScratchScope"); }
+ScratchScope::~ScratchScope() = default;
 void copy(const Tensor&, const Tensor&) { not_built("copy"); }
+void copy2(const Tensor&, const Tensor&, const Tensor&, const Tensor&) { not_built("copy2"); }
 Tensor to_device(const Tensor&) { not_built("to_device"); }
 Tensor to_host(const Tensor&) { not_built("to_host"); }
 Tensor upload(const void*, std::size_t) { not_built("upload"); }
@@ -37,6 +41,9 @@ Tensor silu_mul(const Tensor&, const Tensor&) { not_built("silu_mul"); }
 void add_inplace(const Tensor&, const Tensor&) { not_built("add_inplace"); }
 void rope(const Tensor&, const Tensor&, const Tensor&, float) { not_built("rope"); }
 void linear(const Tensor&, const Tensor&, const Tensor&, float) { not_built("linear"); }
+void linear_silu_mul(const Tensor&, const Tensor&, const Tensor&, const Tensor&, float) {
+  not_built("linear_silu_mul");
+}
 void attention(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                std::int64_t, float, const Tensor&) {
   not_built("attention");

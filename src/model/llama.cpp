@@ -251,12 +251,16 @@ void add_projection(const Tensor& hidden, const Tensor& x, const cpu::Weight& w,
   }
 }
 
+// hidden += (silu(gate) · up) · W_downᵀ (+ bias): on the GPU the SiLU gate is made inside the
+// down projection's kernel when few rows run (decode), so the activation never goes to memory.
 template <class B>
-Tensor silu_mul(const Tensor& gate, const Tensor& up) {
+void add_mlp_down(const Tensor& hidden, const Tensor& gate, const Tensor& up,
+                  const cpu::Weight& down, const Tensor& bias) {
   if constexpr (B::kDevice == Device::kCpu) {
-    return cpu::silu_mul(gate, up);
+    add_projection<B>(hidden, cpu::silu_mul(gate, up), down, bias);
   } else {
-    return cuda::silu_mul(gate, up);
+    cuda::linear_silu_mul(gate, up, down.dense(), hidden, 1.0f);
+    if (bias.defined()) cuda::add_bias(hidden, bias);
   }
 }
 
@@ -459,7 +463,11 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given) const {
                 position_ids.describe());
 
   const std::int64_t heads = c.num_attention_heads, kv_heads = c.num_key_value_heads,
-                     hd = c.head_dim;
+                     hd = c.head_dim, q_out = heads * hd, kv_out = kv_heads * hd;
+  // On the GPU every intermediate of the pass comes from the thread's scratch workspace (no
+  // allocator call once warm); the cache's storage and the returned logits do not.
+  std::optional<cuda::ScratchScope> scratch;
+  if constexpr (B::kDevice == Device::kCuda) scratch.emplace();
   const StepInputs in =
       step_inputs<B>(ids, position_ids, cache_position, mask, past + q_len, where);
   const RotaryEmbedding rope(c.rope);
@@ -491,8 +499,17 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given) const {
     const Tensor q = split_heads(proj[0], batch, q_len, heads, hd);
     const Tensor k = split_heads(proj[1], batch, q_len, kv_heads, hd);
     const Tensor v = split_heads(proj[2], batch, q_len, kv_heads, hd);
-    rotate(q);
-    rotate(k);
+    if constexpr (B::kDevice == Device::kCpu) {
+      rotate(q);
+      rotate(k);
+    } else {
+      // q and k are neighbouring column ranges of the one q|k|v output: one launch rotates both.
+      const Tensor qk = Tensor::from_storage(
+          proj[0].storage(), proj[0].data(),
+          std::array<std::int64_t, 2>{batch * q_len, q_out + kv_out}, proj[0].dtype(),
+          proj[0].device(), std::array<std::int64_t, 2>{proj[0].stride(0), 1});
+      rotate(split_heads(qk, batch, q_len, heads + kv_heads, hd));
+    }
     const Attention attention(static_cast<int>(l),
                               {.num_heads = heads, .num_kv_heads = kv_heads, .head_dim = hd});
     const Tensor attn = attention.forward(q, k, v, *cache, in.mask, cache_position,
@@ -503,7 +520,7 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given) const {
     const cpu::Weight* gate_up[] = {&w.gate, &w.up};
     const Tensor* gate_up_bias[] = {&w.gate_bias, &w.up_bias};
     const std::vector<Tensor> mlp = project<B>(y, gate_up, gate_up_bias, w.gate_up_fused);
-    add_projection<B>(hidden, silu_mul<B>(mlp[0], mlp[1]), w.down, w.down_bias);
+    add_mlp_down<B>(hidden, mlp[0], mlp[1], w.down, w.down_bias);
   }
 
   // The LM head only for the last `keep` positions of every row.
@@ -515,7 +532,8 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given) const {
   if constexpr (B::kDevice == Device::kCpu) {
     return cpu::linear(normed, lm_head_).view({batch, keep, c.vocab_size});
   } else {
-    Tensor logits = cuda::empty({batch * keep, c.vocab_size}, DType::kFloat32);
+    Tensor logits = cuda::empty_persistent(std::array<std::int64_t, 2>{batch * keep, c.vocab_size},
+                                           DType::kFloat32);
     cuda::linear(normed, lm_head_.dense(), logits);
     return logits.view({batch, keep, c.vocab_size});
   }

@@ -788,5 +788,209 @@ TEST_F(CudaOps, SampleRejectsBadArguments) {
                        "float32");
 }
 
+// --- few-row linear: the GEMV kernel (and its fused silu·up input) -------------------------------
+//
+// Rows 1 to 8 of a bfloat16 or float16 x go to gemv.cu's kernel when the rows are 16-byte aligned;
+// the checks below hold the result to what float32 accumulation allows (1e-6 of Σ|x·w|, measured
+// ~1e-7) plus one rounding to the output dtype, against float64 from the same 16-bit inputs.
+
+// Checks out_wide (device [rows, out_f + 9], the product in columns [2, 2 + out_f)) against the
+// float64 product `value` (with |x·w| sums `magnitude`) plus, for beta = 1, `residual` (what
+// out_wide held before; undefined for beta = 0, where out_wide was poisoned and must stay NaN
+// outside the view). Returns the largest error as a fraction of Σ|x·w| through max_err.
+void expect_product(const Tensor& out_wide, const Tensor& residual,
+                    const std::vector<double>& value, const std::vector<double>& magnitude,
+                    std::int64_t rows, std::int64_t out_f, DType out_dtype, double& max_err) {
+  const std::vector<double> got = device_values(out_wide);
+  const std::vector<double> res = residual.defined() ? to_doubles(residual) : std::vector<double>();
+  const std::int64_t width = out_f + 9;
+  const double u = unit_roundoff(out_dtype);
+  max_err = 0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t c = 0; c < width; ++c) {
+      const std::size_t at_wide = static_cast<std::size_t>(r * width + c);
+      const double g = got[at_wide];
+      const std::int64_t o = c - 2;
+      if (o < 0 || o >= out_f) {  // outside the view: untouched
+        if (res.empty()) {
+          ASSERT_TRUE(std::isnan(g)) << "column " << c << " of row " << r << " was written";
+        } else {
+          ASSERT_EQ(g, res[at_wide]) << "column " << c << " of row " << r << " was written";
+        }
+        continue;
+      }
+      const std::size_t at = static_cast<std::size_t>(r * out_f + o);
+      const double add = res.empty() ? 0.0 : res[at_wide];
+      const double want = value[at] + add;
+      // float32 accumulation, then one rounding to the output dtype.
+      const double e = 1e-6 * (magnitude[at] + std::fabs(add)) + 1e-30;
+      const double tol = e + u * (std::fabs(want) + e);
+      ASSERT_TRUE(std::isfinite(g)) << "row " << r << " out " << o;
+      ASSERT_NEAR(g, want, tol) << "row " << r << " out " << o;
+      max_err = std::max(max_err, std::fabs(g - want) / std::max(magnitude[at], 1e-30));
+    }
+  }
+}
+
+// A [rows, out_f + 9] device tensor in `dtype`: NaN (beta 0) or random values kept in `residual`.
+Tensor output_for(std::int64_t rows, std::int64_t out_f, DType dtype, float beta, std::mt19937& rng,
+                  Tensor& residual) {
+  residual = Tensor();
+  if (beta == 0.0f) return poisoned_device({rows, out_f + 9}, dtype);
+  residual = random_tensor({rows, out_f + 9}, dtype, rng);
+  return cuda::to_device(residual);
+}
+
+TEST_F(CudaOps, LinearWithFewRowsMatchesFloat64ForEveryRowCount) {
+  std::mt19937 rng(24);
+  const LinearCase shapes[] = {{0, 576, 257}, {0, 2048, 1000}, {0, 4104, 2560}};
+  for (DType wt : {DType::kBFloat16, DType::kFloat16}) {
+    for (const LinearCase& shape : shapes) {
+      const Tensor w_host = random_tensor({shape.out, shape.in}, wt, rng);
+      const Tensor w = cuda::to_device(w_host);
+      const std::vector<double> ws = to_doubles(w_host);
+      for (std::int64_t rows = 1; rows <= 8; ++rows) {
+        // x: columns [8, 8 + in) of [rows, in + 24]: rows 16-byte aligned, row stride in + 24.
+        const Tensor x_wide = random_tensor({rows, shape.in + 24}, wt, rng);
+        const Tensor x = cuda::to_device(x_wide).slice(1, 8, 8 + shape.in);
+        std::vector<double> value, magnitude;
+        float64_product(to_doubles(x_wide.slice(1, 8, 8 + shape.in)), ws, rows, shape.in, shape.out,
+                        value, magnitude);
+        for (DType ot : {wt, DType::kFloat32}) {
+          for (float beta : {0.0f, 1.0f}) {
+            SCOPED_TRACE(::testing::Message() << "rows " << rows << " in " << shape.in << " out "
+                                              << shape.out << " weight " << dtype_name(wt)
+                                              << " out " << dtype_name(ot) << " beta " << beta);
+            Tensor residual;
+            const Tensor out_wide = output_for(rows, shape.out, ot, beta, rng, residual);
+            cuda::linear(x, w, out_wide.slice(1, 2, 2 + shape.out), beta);
+            double max_err = 0;
+            expect_product(out_wide, residual, value, magnitude, rows, shape.out, ot, max_err);
+            if (HasFatalFailure()) return;
+            if (rows == 1 || rows == 8) {
+              std::printf(
+                  "[   info   ] linear %lldx%lldx%lld %s->%s beta %g: max err %.2e of "
+                  "sum|x w|\n",
+                  static_cast<long long>(rows), static_cast<long long>(shape.in),
+                  static_cast<long long>(shape.out), std::string(dtype_name(wt)).c_str(),
+                  std::string(dtype_name(ot)).c_str(), static_cast<double>(beta), max_err);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, LinearWithFewUnalignedRowsFallsBackAndStillMatches) {
+  std::mt19937 rng(25);
+  struct Case {
+    std::int64_t rows, in, out, x_offset;  // x: columns [x_offset, x_offset + in) of a wider x
+  };
+  // in = 4097 (rows not 16-byte multiples); x at an odd column; a one-row x at an odd column.
+  const Case cases[] = {{2, 4097, 300, 0}, {4, 2048, 515, 3}, {1, 576, 96, 1}};
+  for (DType wt : {DType::kBFloat16, DType::kFloat16}) {
+    for (const Case& k : cases) {
+      SCOPED_TRACE(::testing::Message() << "rows " << k.rows << " in " << k.in << " out " << k.out
+                                        << " x offset " << k.x_offset << " " << dtype_name(wt));
+      const Tensor x_wide = random_tensor({k.rows, k.in + 5}, wt, rng);
+      const Tensor x = cuda::to_device(x_wide).slice(1, k.x_offset, k.x_offset + k.in);
+      const Tensor w_host = random_tensor({k.out, k.in}, wt, rng);
+      std::vector<double> value, magnitude;
+      float64_product(to_doubles(x_wide.slice(1, k.x_offset, k.x_offset + k.in)),
+                      to_doubles(w_host), k.rows, k.in, k.out, value, magnitude);
+      for (float beta : {0.0f, 1.0f}) {
+        Tensor residual;
+        const Tensor out_wide = output_for(k.rows, k.out, DType::kFloat32, beta, rng, residual);
+        cuda::linear(x, cuda::to_device(w_host), out_wide.slice(1, 2, 2 + k.out), beta);
+        double max_err = 0;
+        expect_product(out_wide, residual, value, magnitude, k.rows, k.out, DType::kFloat32,
+                       max_err);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, LinearSiluMulEqualsSiluMulThenLinear) {
+  std::mt19937 rng(26);
+  struct Case {
+    std::int64_t in, out;
+    std::vector<std::int64_t> rows;
+  };
+  // 1536 → 576 fuses at every row count; 5632 → 2048 fuses up to 4 rows and runs silu_mul then
+  // linear beyond (as do 9 rows, past the kernel's 8).
+  const Case cases[] = {{1536, 576, {1, 2, 3, 4, 5, 6, 7, 8, 9}}, {5632, 2048, {1, 3, 4, 5, 8}}};
+  for (DType wt : kFloatTypes) {
+    for (const Case& k : cases) {
+      if (wt == DType::kFloat32 && k.in != 1536) continue;
+      const Tensor w_host = random_tensor({k.out, k.in}, wt, rng);
+      const Tensor w = cuda::to_device(w_host);
+      const std::vector<double> ws = to_doubles(w_host);
+      for (std::int64_t rows : k.rows) {
+        // gate and up: the two halves of a fused [rows, 2 · in] gate|up output; gate over the
+        // curved part of silu and its far ends.
+        Tensor fused = random_tensor({rows, 2 * k.in}, DType::kFloat32, rng, 6.0f);
+        const float specials[] = {-100.0f, -87.5f, 88.9f, 100.0f, 0.0f, -30.0f, 30.0f};
+        for (std::size_t i = 0; i < std::size(specials); ++i)
+          fused.data_as<float>()[i] = specials[i];
+        fused = wt == DType::kFloat32 ? fused : cpu::cast(fused, wt);
+        const Tensor fused_device = cuda::to_device(fused);
+        const Tensor gate = fused_device.slice(1, 0, k.in);
+        const Tensor up = fused_device.slice(1, k.in, 2 * k.in);
+        // The reference's x is silu_mul's own output, so the fused path must match it exactly.
+        const Tensor x = cuda::silu_mul(gate, up);
+        std::vector<double> value, magnitude;
+        float64_product(device_values(x), ws, rows, k.in, k.out, value, magnitude);
+        const std::vector<DType> outs = wt == DType::kFloat32
+                                            ? std::vector<DType>{DType::kFloat32}
+                                            : std::vector<DType>{wt, DType::kFloat32};
+        for (DType ot : outs) {
+          const float beta = ot == DType::kFloat32 ? 1.0f : 0.0f;  // the residual add, or none
+          SCOPED_TRACE(::testing::Message()
+                       << "rows " << rows << " in " << k.in << " out " << k.out << " weight "
+                       << dtype_name(wt) << " out " << dtype_name(ot) << " beta " << beta);
+          Tensor residual;
+          const Tensor fused_out = output_for(rows, k.out, ot, beta, rng, residual);
+          const Tensor split_out =
+              beta == 0.0f ? poisoned_device({rows, k.out + 9}, ot) : cuda::to_device(residual);
+          cuda::linear_silu_mul(gate, up, w, fused_out.slice(1, 2, 2 + k.out), beta);
+          cuda::linear(x, w, split_out.slice(1, 2, 2 + k.out), beta);
+          double max_err = 0;
+          expect_product(fused_out, residual, value, magnitude, rows, k.out, ot, max_err);
+          if (HasFatalFailure()) return;
+          // Against silu_mul then linear: both within float32 accumulation of the same product.
+          const std::vector<double> a = device_values(fused_out), b = device_values(split_out);
+          const std::vector<double> res =
+              residual.defined() ? to_doubles(residual) : std::vector<double>();
+          const double u = unit_roundoff(ot);
+          for (std::int64_t r = 0; r < rows; ++r) {
+            for (std::int64_t o = 0; o < k.out; ++o) {
+              const std::size_t at = static_cast<std::size_t>(r * (k.out + 9) + o + 2);
+              const double add = res.empty() ? 0.0 : std::fabs(res[at]);
+              const double sum = magnitude[static_cast<std::size_t>(r * k.out + o)];
+              ASSERT_NEAR(a[at], b[at],
+                          2e-6 * (sum + add) + u * (std::fabs(a[at]) + std::fabs(b[at])) + 1e-30)
+                  << "row " << r << " out " << o;
+            }
+          }
+        }
+      }
+    }
+  }
+  // Argument checks.
+  const Tensor g = cuda::to_device(random_tensor({2, 16}, DType::kBFloat16, rng));
+  const Tensor w = cuda::to_device(random_tensor({8, 16}, DType::kBFloat16, rng));
+  const Tensor out = cuda::empty({2, 8}, DType::kFloat32);
+  EXPECT_KVCACHE_ERROR(cuda::linear_silu_mul(g, g.slice(0, 0, 1), w, out), "expected up like gate");
+  EXPECT_KVCACHE_ERROR(cuda::linear_silu_mul(g, g, cuda::cast(w, DType::kFloat16), out),
+                       "expected gate [rows, 16] float16");
+  EXPECT_KVCACHE_ERROR(cuda::linear_silu_mul(g, g, w, cuda::empty({2, 9}, DType::kFloat32)),
+                       "expected out [2, 8]");
+  EXPECT_KVCACHE_ERROR(cuda::linear_silu_mul(g, g, w, cuda::empty({2, 8}, DType::kFloat16)),
+                       "got out float16 for weight bfloat16");
+  EXPECT_KVCACHE_ERROR(cuda::linear_silu_mul(g, g, cuda::to_host(w), out), "float CUDA weight");
+}
+
 }  // namespace
 }  // namespace kvcache

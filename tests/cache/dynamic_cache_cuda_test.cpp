@@ -2,6 +2,7 @@
 // operations must leave identical keys and values. Skips where no GPU is present (CI).
 #include <gtest/gtest.h>
 
+#include <array>
 #include <random>
 
 #include "kvcache/backend/cuda.hpp"
@@ -74,6 +75,48 @@ TEST_F(CudaTest, DynamicCacheMatchesCpu) {
     cpu.batch_select_indices(keep);
     expect_same(gpu, cpu);
   }
+}
+
+// copy2 is two copies in one launch: each pair lands as cuda::copy would put it.
+TEST_F(CudaTest, Copy2EqualsTwoCopies) {
+  std::mt19937 rng(54);
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    const Tensor a = random_tensor({2, 3, 5, 8}, dtype, rng),
+                 b = random_tensor({2, 3, 5, 8}, dtype, rng);
+    Tensor da = cuda::to_device(a), db = cuda::to_device(b);
+    Tensor out_a = cuda::to_device(random_tensor({2, 5, 3, 8}, dtype, rng));
+    Tensor out_b = cuda::to_device(random_tensor({2, 5, 3, 8}, dtype, rng));
+    cuda::copy2(out_a.transpose(1, 2), da, out_b.transpose(1, 2), db);
+    EXPECT_EQ(to_doubles(cuda::to_host(out_a.transpose(1, 2))), to_doubles(a));
+    EXPECT_EQ(to_doubles(cuda::to_host(out_b.transpose(1, 2))), to_doubles(b));
+  }
+}
+
+// Scratch: one block carved front to back inside a scope, restarted by the next scope, grown to
+// what the last scope asked; cache storage (Backend::empty) never comes from it.
+TEST_F(CudaTest, ScratchScopeReusesOneBlockAndNeverHoldsCacheStorage) {
+  const std::uintptr_t first = [] {
+    cuda::ScratchScope scope;
+    return reinterpret_cast<std::uintptr_t>(cuda::empty({1 << 20}, DType::kUInt8).data());
+  }();
+  std::uintptr_t a = 0, b = 0, c = 0;
+  {
+    cuda::ScratchScope scope;
+    a = reinterpret_cast<std::uintptr_t>(cuda::empty({1 << 20}, DType::kUInt8).data());
+    b = reinterpret_cast<std::uintptr_t>(cuda::empty({100}, DType::kFloat32).data());
+    c = reinterpret_cast<std::uintptr_t>(
+        cuda::Backend::empty(std::array<std::int64_t, 1>{64}, DType::kFloat32).data());
+  }
+  EXPECT_GE(b, a + (1 << 20)) << "the second scratch tensor overlaps the first";
+  EXPECT_TRUE(c < a || c >= b + 400) << "cache storage came from scratch";
+  {
+    cuda::ScratchScope scope;  // the block has grown to what the last scope asked
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(cuda::empty({1 << 20}, DType::kUInt8).data()), a);
+  }
+  (void)first;
+  // Outside a scope, each tensor is its own allocation.
+  const Tensor x = cuda::empty({16}, DType::kFloat32), y = cuda::empty({16}, DType::kFloat32);
+  EXPECT_NE(x.data(), y.data());
 }
 
 TEST_F(CudaTest, HostStatesAreRejected) {

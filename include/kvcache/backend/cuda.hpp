@@ -46,14 +46,38 @@ void set_stream(Stream stream);
 Stream current_stream();
 
 /// A new contiguous, uninitialised tensor in device memory (freed, stream-ordered, when its last
-/// view goes).
+/// view goes). Inside a ScratchScope it comes from the thread's scratch workspace instead.
 Tensor empty(Shape shape, DType dtype);
 inline Tensor empty(std::initializer_list<std::int64_t> shape, DType dtype) {
   return empty(Shape(shape.begin(), shape.size()), dtype);
 }
 
+/// The same, always from the pool, never from scratch: for what outlives a forward pass (cache
+/// storage, returned logits, weights).
+Tensor empty_persistent(Shape shape, DType dtype);
+
+/// While one is alive on a thread, cuda::empty hands out memory from that thread's scratch
+/// workspace: one device block carved front to back, restarted when the outermost scope begins.
+/// A forward pass opens one, so its intermediates cost no allocator call at all once warm (the
+/// block is sized by what the previous scopes asked for: a scope that needs more is served from
+/// the pool for the excess, and the next scope starts with a block that big). Reusing the block
+/// is safe because work on one stream runs in order; a scope on another stream than the last
+/// first waits for that stream. Anything that must outlive the scope comes from
+/// empty_persistent (Backend::empty does, so cache storage is never scratch).
+class ScratchScope {
+ public:
+  ScratchScope();
+  ~ScratchScope();
+  ScratchScope(const ScratchScope&) = delete;
+  ScratchScope& operator=(const ScratchScope&) = delete;
+};
+
 /// Same-shape, same-dtype copy between two CUDA tensors with any strides.
 void copy(const Tensor& dst, const Tensor& src);
+
+/// Two such copies of one shape and dtype in one launch: a decode step's keys and values going
+/// into their cache slots (DynamicCache::update uses it when the backend has it).
+void copy2(const Tensor& dst_a, const Tensor& src_a, const Tensor& dst_b, const Tensor& src_b);
 
 /// A contiguous device copy of a CPU tensor, and a contiguous host copy of a CUDA tensor. Both
 /// wait for the copy to finish.
@@ -83,8 +107,12 @@ void reset_peak_memory_stats();
 struct Backend {
   static constexpr Device kDevice = Device::kCuda;
   static constexpr std::string_view kName = "cuda";
-  static Tensor empty(Shape shape, DType dtype) { return cuda::empty(shape, dtype); }
+  static Tensor empty(Shape shape, DType dtype) { return cuda::empty_persistent(shape, dtype); }
   static void copy(const Tensor& dst, const Tensor& src) { cuda::copy(dst, src); }
+  static void copy2(const Tensor& dst_a, const Tensor& src_a, const Tensor& dst_b,
+                    const Tensor& src_b) {
+    cuda::copy2(dst_a, src_a, dst_b, src_b);
+  }
 };
 
 // --- the model's operations ---------------------------------------------------------------------
@@ -126,11 +154,19 @@ void add_inplace(const Tensor& y, const Tensor& x);
 void rope(const Tensor& x, const Tensor& position_ids, const Tensor& inv_freq,
           float attention_scaling);
 
-/// out = x · weightᵀ + beta · out through cuBLAS, accumulating in float32: x [rows, in] (any row
+/// out = x · weightᵀ + beta · out, accumulating in float32 (1–8 rows of 16-bit weights: our GEMV
+/// kernel; otherwise cuBLAS): x [rows, in] (any row
 /// stride), weight [out_features, in] contiguous, of one dtype (bfloat16, float16 or float32; a
 /// float32 product runs in true float32, TF32 off); out [rows, out_features] (any row stride) in
 /// the weight's dtype or float32. beta = 1 adds the product into out (the residual add, fused).
 void linear(const Tensor& x, const Tensor& weight, const Tensor& out, float beta = 0.0f);
+
+/// out = (silu(gate) · up) · weightᵀ + beta · out: the MLP's down projection with its input made
+/// on the fly (gate and up [rows, in], any row stride, the weight's dtype; silu·up rounded to that
+/// dtype as silu_mul rounds it). Few rows take one fused kernel; more rows run silu_mul then
+/// linear.
+void linear_silu_mul(const Tensor& gate, const Tensor& up, const Tensor& weight, const Tensor& out,
+                     float beta = 0.0f);
 
 /// softmax(Q·Kᵀ·scale + mask)·V, as cpu::attention computes it, grouped-query aware:
 ///   query           [batch, num_heads, q_len, head_dim]        any strides, last dim contiguous

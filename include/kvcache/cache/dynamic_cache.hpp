@@ -73,8 +73,14 @@ class DynamicCache : public Cache<B> {
     // Allocate first (may throw), then copy into slots past the committed length: until the
     // commit below, nothing the cache exposes has changed.
     staged.ensure_capacity(key_states, past + q_len, options_.initial_capacity);
-    B::copy(staged.keys.slice(2, past, past + q_len), key_states);
-    B::copy(staged.values.slice(2, past, past + q_len), value_states);
+    const Tensor key_slots = staged.keys.slice(2, past, past + q_len);
+    const Tensor value_slots = staged.values.slice(2, past, past + q_len);
+    if constexpr (requires { B::copy2(key_slots, key_states, value_slots, value_states); }) {
+      B::copy2(key_slots, key_states, value_slots, value_states);  // one launch for both
+    } else {
+      B::copy(key_slots, key_states);
+      B::copy(value_slots, value_states);
+    }
     staged.seq_len = past + q_len;
     if (new_layer) {
       layers_.push_back(std::move(staged));  // may throw: the cache is still unchanged

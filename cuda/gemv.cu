@@ -1,0 +1,494 @@
+// The few-row product out = x · Wᵀ + beta · out (gemv.cuh) for decode: 1 to 8 rows of x against
+// a whole weight matrix, which is all weight traffic (a 4096 × 4096 bfloat16 matrix is 32 MiB, x
+// 8 KiB). The kernel's one job is to keep enough weight bytes in flight on every SM that HBM
+// streams at full rate, and to spend as few instructions as possible per byte.
+//
+// Tensor cores for the 16-bit weights. Each warp computes an 8-feature × 8-row tile with
+// mma.sync.m16n8k16 (float32 accumulation): A is x (16 rows, of which rows 0-7 are x's rows — a
+// lane with groupID g ≥ rows repeats row rows-1, whose results are never written — and rows 8-15
+// are zero registers), B is Wᵀ (16 k × 8 features). A lane (g = lane / 4, t = lane % 4) loads 16
+// bytes, 8 consecutive k, of feature g's row at k = 32c + 8t for chunk c, and the same 8 k of x
+// (from shared memory); those 8 k feed two mma k-steps. The reduction over k is in the order the
+// mma fragments define (k 8t+{0..3} ↔ fragment columns 2t, 2t+1, 2t+8, 2t+9), the same
+// permutation on both operands, so the sum is Σ_k x·w; the mma adds its 16 exact products to the
+// float32 accumulator as cuBLAS's tensor-core kernels do. No conversions, no shuffles: per 512
+// bytes of W a warp issues one 16-byte load per lane, one shared load and two mma.
+// float32 weights (completeness; linear() keeps float32 on cuBLAS) run the same schedule with
+// SIMT FMAs: lane (g, t) accumulates feature g against every row, and the quad adds up at the end.
+//
+// Schedule. One block of 1024 threads per SM (32 warps, ≤ 64 registers), persistent over the
+// feature groups (8 features each). Warps work in groups of `split` (a power of two, chosen on the
+// host): the `split` warps of a group share its 8 features, take the chunks of `in` round-robin,
+// and add their partial tiles through shared memory in a fixed order. split grows while the GPU
+// has idle warps for it and each warp keeps ≥ 2 chunks, so a 2048-feature matrix still puts ~4000
+// warps to work (split 16) while a 32000-feature LM head runs one warp per group with no
+// reduction at all; whenever split > 1 there is a single round, so the reduction costs one
+// __syncthreads. Each lane keeps kUnroll (8) 16-byte loads of W in flight: 4 KiB per warp, up to
+// 128 KiB per SM, several times HBM's bandwidth × latency even when only 20 of the 32 warps have
+// a group (a 22016-feature gate|up). Feature group fg of block b in round i is
+// (i · groups + group) · grid + b, so every SM gets an equal share of the groups.
+//
+// x in shared memory. Every block first copies x's rows (or, in silu_mul mode, computes
+// silu(gate) · up and rounds it to W's dtype, the exact expression of cuda::silu_mul) into shared
+// memory, padded with zeros to whole chunks; the row stride is an odd number of 64-byte chunks so
+// the 8 rows a warp reads at once fall on different banks. Before that, each lane issues L2
+// prefetches for its first kUnroll chunks of W, and only then waits on the previous kernel
+// (programmatic dependent launch: the kernel may start while its predecessor finishes; W does not
+// depend on it, x does), so HBM is busy while x is staged.
+//
+// W is read with ld.global.nc.L1::no_allocate (read once, never by another block); x, gate and up
+// with ld.global.cg, out with plain loads, after griddepcontrol.wait.
+#include "gemv.cuh"
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "check.cuh"
+#include "dtype.cuh"
+
+namespace kvcache::cuda::detail {
+namespace {
+
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+constexpr int kFeaturesPerGroup = 8;  // the mma's n; the SIMT path's 8 quads
+constexpr int kMinChunksPerWarp = 2;
+constexpr int kTileFloats = kFeaturesPerGroup * kGemvMaxRows;  // one warp's [8 rows][8 features]
+constexpr int kReduceFloats = kWarps * kTileFloats;            // one buffer of partial tiles
+// silu_mul mode computes rows · in elements in every block; past this (~2 µs of one SM's ALUs,
+// which the prefetched W hides) a separate silu_mul kernel is cheaper.
+constexpr std::int64_t kMaxSiluElements = 24576;
+
+/// How the kernel covers one call (computed on the host from GemvArgs and the SM count).
+struct GemvPlan {
+  int split;           // warps of a group, sharing 8 features and splitting `in`
+  int groups;          // groups per block: kWarps / split
+  int feature_groups;  // ceil(out_features / 8)
+  int rounds;          // ceil(feature_groups / (groups · grid)): a group's feature groups
+  int chunks;          // ceil(in / chunk): 64-byte pieces of a row
+  int x_ld;            // row stride of the staged x, elements
+  int grid;            // blocks
+  int smem_bytes;      // staged x [rows][x_ld] then, when split > 1, float [2][kReduceFloats]
+};
+
+template <class T>
+struct Layout {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte pack
+  static constexpr int kChunk = 4 * kVec;  // elements of a row a quad covers per chunk (64 B)
+  // 16-byte loads of W in flight per lane; float32's eight row accumulators leave room for 4.
+  static constexpr int kUnroll = sizeof(T) == 2 ? 8 : 4;
+};
+
+// --- device helpers ------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint4 load_streaming(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// d += A · B for one m16n8k16 step: A rows 0-7 are (a_lo: k 2t, 2t+1; a_hi: k 2t+8, 2t+9) of row
+// g, rows 8-15 zero; B is (b_lo, b_hi) of feature g at the same k.
+template <class T>
+__device__ __forceinline__ void mma_rows8(float (&d)[4], unsigned a_lo, unsigned a_hi,
+                                          unsigned b_lo, unsigned b_hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a_lo), "r"(0u), "r"(a_hi), "r"(0u), "r"(b_lo), "r"(b_hi));
+  } else {
+    static_assert(std::is_same_v<T, __half>);
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a_lo), "r"(0u), "r"(a_hi), "r"(0u), "r"(b_lo), "r"(b_hi));
+  }
+}
+
+// cuda::silu_mul's expression (elementwise.cu), operation for operation, so the staged x is the
+// value silu_mul would have stored.
+__device__ __forceinline__ float silu_times(float g, float u) {
+  return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+}
+
+template <class T>
+__device__ __forceinline__ uint4 silu_pack(uint4 gate, uint4 up) {
+  constexpr int V = Layout<T>::kVec;
+  const T* g = reinterpret_cast<const T*>(&gate);
+  const T* u = reinterpret_cast<const T*>(&up);
+  uint4 out;
+  T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+  for (int j = 0; j < V; ++j) o[j] = from_f32<T>(silu_times(to_f32(g[j]), to_f32(u[j])));
+  return out;
+}
+
+// --- the kernel ----------------------------------------------------------------------------------
+
+template <class T, class O, bool kSilu>
+__global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvArgs a, const GemvPlan plan) {
+  constexpr int kVec = Layout<T>::kVec, kChunk = Layout<T>::kChunk, kUnroll = Layout<T>::kUnroll;
+  constexpr bool kTensorCores = !std::is_same_v<T, float>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem);  // [rows][x_ld]
+  float* red = reinterpret_cast<float*>(smem + static_cast<std::size_t>(a.rows) * plan.x_ld *
+                                                   sizeof(T));  // [2][kWarps][8 rows][8 features]
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;  // the mma fragment's groupID and thread-in-group
+  const int split = plan.split;
+  const int group = warp / split, part = warp % split;  // part: which chunks of `in` (round-robin)
+  const int rows = a.rows, in = a.in, out_features = a.out_features;
+  const T* weight = static_cast<const T*>(a.weight);
+  O* out = static_cast<O*>(a.out);
+  auto feature_group = [&](int round) {
+    return (round * plan.groups + group) * plan.grid + static_cast<int>(blockIdx.x);
+  };
+
+  // W of the first round into L2 while the previous kernel finishes and x is staged.
+  {
+    const int f = feature_group(0) * kFeaturesPerGroup + g;
+    if (feature_group(0) < plan.feature_groups && f < out_features) {
+      const T* row = weight + static_cast<std::int64_t>(f) * in;
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        const int k = (part + split * j) * kChunk + t * kVec;
+        if (k < in) prefetch_l2(row + k);
+      }
+    }
+  }
+  grid_dependency_wait();  // x, gate, up and out are the previous kernels' outputs
+  allow_dependent_launch();
+
+  // Stage x [rows][in] (zeros up to x_ld) in shared memory, 16 bytes per pack.
+  {
+    const int packs_per_row = plan.x_ld / kVec, in_packs = in / kVec;
+    uint4* xs_packs = reinterpret_cast<uint4*>(xs);
+    for (int p = static_cast<int>(threadIdx.x); p < rows * packs_per_row; p += kThreads) {
+      const int r = p / packs_per_row, c = p - r * packs_per_row;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (c < in_packs) {
+        if constexpr (kSilu) {
+          const T* gate = static_cast<const T*>(a.gate) + r * a.ldg + c * kVec;
+          const T* up = static_cast<const T*>(a.up) + r * a.ldu + c * kVec;
+          v = silu_pack<T>(__ldcg(reinterpret_cast<const uint4*>(gate)),
+                           __ldcg(reinterpret_cast<const uint4*>(up)));
+        } else {
+          const T* x = static_cast<const T*>(a.x) + r * a.ldx + c * kVec;
+          v = __ldcg(reinterpret_cast<const uint4*>(x));
+        }
+      }
+      xs_packs[p] = v;
+    }
+  }
+  __syncthreads();
+
+  // out[r, f] = value + beta · out[r, f], one rounding.
+  auto emit = [&](int r, int f, float value) {
+    if (r >= rows || f >= out_features) return;
+    O* p = out + r * a.ldo + f;
+    if (a.beta != 0.0f) value = __fmaf_rn(a.beta, to_f32(*p), value);
+    *p = from_f32<O>(value);
+  };
+
+  const int chunks = plan.chunks, stride = split * kUnroll;
+  for (int round = 0; round < plan.rounds; ++round) {
+    const int fg = feature_group(round);
+    const bool active = fg < plan.feature_groups;  // uniform over the group
+    const int f0 = fg * kFeaturesPerGroup;
+    const int f = f0 + g;  // this lane's feature (a row of W)
+    const bool f_ok = active && f < out_features;
+    const T* w_row = weight + static_cast<std::int64_t>(f_ok ? f : 0) * in;
+
+    // This lane's share of the group's [8 rows][8 features] tile.
+    //   tensor cores: rows g, features 2t and 2t+1 (the mma's d0, d1)
+    //   SIMT: rows t and t + 4, feature g (after the quad's sum)
+    float tile[2];
+    if constexpr (kTensorCores) {
+      float d[2][4] = {};  // two accumulators (a pack's first and second k-step): shorter chains
+      const T* x_row = xs + (g < rows ? g : rows - 1) * plan.x_ld;
+      if (active) {
+        for (int c0 = part; c0 < chunks; c0 += stride) {
+          uint4 wv[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int k = (c0 + u * split) * kChunk + t * kVec;
+            wv[u] = f_ok && k < in ? load_streaming(w_row + k) : make_uint4(0u, 0u, 0u, 0u);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int c = c0 + u * split;
+            if (c < chunks) {  // uniform over the warp
+              const uint4 xv = *reinterpret_cast<const uint4*>(x_row + c * kChunk + t * kVec);
+              mma_rows8<T>(d[0], xv.x, xv.y, wv[u].x, wv[u].y);
+              mma_rows8<T>(d[1], xv.z, xv.w, wv[u].z, wv[u].w);
+            }
+          }
+        }
+      }
+      tile[0] = d[0][0] + d[1][0];
+      tile[1] = d[0][1] + d[1][1];
+    } else {
+      float acc[kGemvMaxRows] = {};
+      if (active) {
+        for (int c0 = part; c0 < chunks; c0 += stride) {
+          uint4 wv[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int k = (c0 + u * split) * kChunk + t * kVec;
+            wv[u] = f_ok && k < in ? load_streaming(w_row + k) : make_uint4(0u, 0u, 0u, 0u);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int c = c0 + u * split;
+            if (c < chunks) {
+              const float4 wf = *reinterpret_cast<const float4*>(&wv[u]);
+              const int k = c * kChunk + t * kVec;
+#pragma unroll
+              for (int r = 0; r < kGemvMaxRows; ++r) {
+                if (r < rows) {
+                  const float4 xv = *reinterpret_cast<const float4*>(xs + r * plan.x_ld + k);
+                  acc[r] = __fmaf_rn(wf.x, xv.x, acc[r]);
+                  acc[r] = __fmaf_rn(wf.y, xv.y, acc[r]);
+                  acc[r] = __fmaf_rn(wf.z, xv.z, acc[r]);
+                  acc[r] = __fmaf_rn(wf.w, xv.w, acc[r]);
+                }
+              }
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kGemvMaxRows; ++r) {  // the quad's four k-slices
+        acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], 1);
+        acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], 2);
+      }
+      tile[0] = tile[1] = 0.0f;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        if (r == t) {
+          tile[0] = acc[r];
+          tile[1] = acc[r + 4];
+        }
+      }
+    }
+
+    if (split == 1) {
+      if (active) {
+        if constexpr (kTensorCores) {
+          emit(g, f0 + 2 * t, tile[0]);
+          emit(g, f0 + 2 * t + 1, tile[1]);
+        } else {
+          emit(t, f, tile[0]);
+          emit(t + 4, f, tile[1]);
+        }
+      }
+    } else {
+      // The group's partial tiles through shared memory: [warp][row · 8 + feature].
+      float* buffer = red + (round & 1) * kReduceFloats;
+      float* mine = buffer + warp * kTileFloats;
+      if constexpr (kTensorCores) {
+        *reinterpret_cast<float2*>(mine + g * kFeaturesPerGroup + 2 * t) =
+            make_float2(tile[0], tile[1]);
+      } else {
+        mine[t * kFeaturesPerGroup + g] = tile[0];
+        mine[(t + 4) * kFeaturesPerGroup + g] = tile[1];
+      }
+      __syncthreads();                    // uniform: every warp runs every round
+      const int item = part * 32 + lane;  // one (row, feature) of the tile per thread
+      if (active && item < kTileFloats) {
+        const float* partial = buffer + group * split * kTileFloats + item;
+        float sum = 0.0f;
+        for (int w = 0; w < split; ++w) sum += partial[w * kTileFloats];
+        emit(item / kFeaturesPerGroup, f0 + item % kFeaturesPerGroup, sum);
+      }
+      // The next round writes the other buffer; the round after it comes after the next
+      // __syncthreads, which every thread reaches only once done reading this one.
+    }
+  }
+}
+
+// --- host side -----------------------------------------------------------------------------------
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+// The SM count and the opt-in shared memory per block of the current device, cached per device.
+struct DeviceFacts {
+  int sms = 0;
+  int smem_optin = 0;
+};
+
+constexpr int kCachedDevices = 64;
+std::atomic<int> g_sms[kCachedDevices];
+std::atomic<int> g_smem_optin[kCachedDevices];
+
+cudaError_t device_facts(int& device, DeviceFacts& facts) {
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) return status;
+  const bool cached = device >= 0 && device < kCachedDevices;
+  if (cached) {
+    facts.sms = g_sms[device].load(std::memory_order_relaxed);
+    facts.smem_optin = g_smem_optin[device].load(std::memory_order_relaxed);
+    if (facts.sms > 0 && facts.smem_optin > 0) return cudaSuccess;
+  }
+  status = cudaDeviceGetAttribute(&facts.sms, cudaDevAttrMultiProcessorCount, device);
+  if (status != cudaSuccess) return status;
+  status =
+      cudaDeviceGetAttribute(&facts.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (status != cudaSuccess) return status;
+  if (cached) {
+    g_sms[device].store(facts.sms, std::memory_order_relaxed);
+    g_smem_optin[device].store(facts.smem_optin, std::memory_order_relaxed);
+  }
+  return cudaSuccess;
+}
+
+GemvPlan make_plan(const GemvArgs& a, int sms) {
+  const int elem = static_cast<int>(dtype_size(a.weight_dtype));
+  const int chunk = 4 * (16 / elem);
+  GemvPlan plan{};
+  plan.chunks = (a.in + chunk - 1) / chunk;
+  plan.feature_groups = (a.out_features + kFeaturesPerGroup - 1) / kFeaturesPerGroup;
+  // Double the warps per group while the GPU still has idle warps for them and each warp keeps
+  // at least kMinChunksPerWarp chunks.
+  const std::int64_t warps = static_cast<std::int64_t>(sms) * kWarps;
+  int split = 1;
+  while (split < kWarps && static_cast<std::int64_t>(plan.feature_groups) * split * 2 <= warps &&
+         plan.chunks >= split * 2 * kMinChunksPerWarp) {
+    split *= 2;
+  }
+  plan.split = split;
+  plan.groups = kWarps / split;
+  plan.grid = plan.feature_groups < sms ? plan.feature_groups : sms;
+  const std::int64_t per_round = static_cast<std::int64_t>(plan.groups) * plan.grid;
+  plan.rounds = static_cast<int>((plan.feature_groups + per_round - 1) / per_round);
+  // An odd number of 64-byte chunks per staged row: rows g and g + 1 on different banks.
+  plan.x_ld = plan.chunks * chunk + (plan.chunks % 2 == 0 ? chunk : 0);
+  plan.smem_bytes = a.rows * plan.x_ld * elem +
+                    (split > 1 ? 2 * kReduceFloats * static_cast<int>(sizeof(float)) : 0);
+  return plan;
+}
+
+template <class T, class O, bool kSilu>
+cudaError_t launch_typed(const GemvArgs& a, const GemvPlan& plan, int device,
+                         const DeviceFacts& facts, cudaStream_t stream) {
+  auto* kernel = gemv_kernel<T, O, kSilu>;
+  if (plan.smem_bytes > 48 * 1024) {
+    // Opt in to the device's whole shared memory once per device (the attribute is per context).
+    static std::atomic<std::uint64_t> opted_in{0};
+    const std::uint64_t bit = device < 64 ? std::uint64_t{1} << device : 0;
+    if (bit == 0 || (opted_in.load(std::memory_order_relaxed) & bit) == 0) {
+      const cudaError_t status = cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, facts.smem_optin);
+      if (status != cudaSuccess) return status;
+      opted_in.fetch_or(bit, std::memory_order_relaxed);
+    }
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(plan.grid));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = static_cast<std::size_t>(plan.smem_bytes);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  const cudaError_t status = cudaLaunchKernelEx(&config, kernel, a, plan);
+  const cudaError_t last = cudaGetLastError();  // consumed, so no later check reports it again
+  return status != cudaSuccess ? status : last;
+}
+
+template <class T, bool kSilu>
+cudaError_t launch_out(const GemvArgs& a, const GemvPlan& plan, int device,
+                       const DeviceFacts& facts, cudaStream_t stream) {
+  if (a.out_dtype == DType::kFloat32) {
+    return launch_typed<T, float, kSilu>(a, plan, device, facts, stream);
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    return cudaErrorNotSupported;  // unreachable: gemv_serves wants out in W's dtype or float32
+  } else {
+    return launch_typed<T, T, kSilu>(a, plan, device, facts, stream);
+  }
+}
+
+// gemv_serves for the current device's facts.
+bool serves(const GemvArgs& a, const DeviceFacts& facts) {
+  if (a.rows < 1 || a.rows > kGemvMaxRows || a.in < 1 || a.out_features < 1) return false;
+  if (!is_floating(a.weight_dtype)) return false;
+  if (a.out_dtype != a.weight_dtype && a.out_dtype != DType::kFloat32) return false;
+  const std::int64_t vec = 16 / static_cast<std::int64_t>(dtype_size(a.weight_dtype));
+  // A row stride matters only where there is a second row.
+  auto rows_aligned = [&](const void* p, std::int64_t ld) {
+    return aligned16(p) && (a.rows == 1 || ld % vec == 0);
+  };
+  if (a.in % vec != 0 || !aligned16(a.weight) || a.out == nullptr) return false;
+  if (a.silu_mul) {
+    if (!rows_aligned(a.gate, a.ldg) || !rows_aligned(a.up, a.ldu)) return false;
+    if (static_cast<std::int64_t>(a.rows) * a.in > kMaxSiluElements) return false;
+  } else if (!rows_aligned(a.x, a.ldx)) {
+    return false;
+  }
+  // The staged x alone must fit (checked in 64 bits before the plan's int arithmetic).
+  const std::int64_t staged = static_cast<std::int64_t>(a.rows) * (a.in + 8 * vec) *
+                              static_cast<std::int64_t>(dtype_size(a.weight_dtype));
+  if (staged > facts.smem_optin) return false;
+  return make_plan(a, facts.sms).smem_bytes <= facts.smem_optin;
+}
+
+}  // namespace
+
+bool gemv_serves(const GemvArgs& a) {
+  int device = 0;
+  DeviceFacts facts;
+  if (device_facts(device, facts) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;  // the fallback meets the error again and reports it
+  }
+  return serves(a, facts);
+}
+
+cudaError_t launch_gemv(const GemvArgs& a, cudaStream_t stream) {
+  int device = 0;
+  DeviceFacts facts;
+  const cudaError_t status = device_facts(device, facts);
+  if (status != cudaSuccess) return status;
+  if (!serves(a, facts)) return cudaErrorNotSupported;
+  const GemvPlan plan = make_plan(a, facts.sms);
+  switch (a.weight_dtype) {
+    case DType::kBFloat16:
+      return a.silu_mul ? launch_out<__nv_bfloat16, true>(a, plan, device, facts, stream)
+                        : launch_out<__nv_bfloat16, false>(a, plan, device, facts, stream);
+    case DType::kFloat16:
+      return a.silu_mul ? launch_out<__half, true>(a, plan, device, facts, stream)
+                        : launch_out<__half, false>(a, plan, device, facts, stream);
+    case DType::kFloat32:
+      return a.silu_mul ? launch_out<float, true>(a, plan, device, facts, stream)
+                        : launch_out<float, false>(a, plan, device, facts, stream);
+    default:
+      return cudaErrorNotSupported;
+  }
+}
+
+}  // namespace kvcache::cuda::detail
