@@ -4,9 +4,11 @@
 // Paths (attention.cuh declares them):
 // - prefill (q_len > kMaxDecodeQLen), float16/bfloat16, head_dim 64 or 128, 16-byte aligned rows:
 //   the tensor-core flash-attention-2 kernel (prefill_attention.cu);
-// - decode (q_len <= kMaxDecodeQLen), head_dim 64 or 128, aligned rows, any float dtype: the
-//   flash-decoding kernel, split across blocks along the keys when batch × kv_heads alone would
-//   leave SMs idle, then merged (decode_attention.cu);
+// - decode (q_len <= kMaxDecodeQLen), float16/bfloat16, head_dim 64 or 128, aligned rows: the
+//   tensor-core flash-decoding kernel (mma.sync), split across blocks along the keys when
+//   batch × kv_heads alone would leave SMs idle, then merged (decode_attention.cu);
+// - decode as above in float32 (or in every dtype with kUseTensorCoreDecode off): the SIMT
+//   flash-decoding kernel, with the same splitting and merge;
 // - anything else (float32 prefill, other head dims, unaligned views): the generic SIMT kernel,
 //   with the same splitting.
 #include <cstdint>
@@ -19,6 +21,13 @@
 #include "kvcache/backend/cuda.hpp"
 
 namespace kvcache::cuda {
+namespace {
+
+// The tensor-core decode kernel for float16/bfloat16 decode at head_dim 64/128. false: those calls
+// go back to the SIMT flash-decoding kernel (same split plan rules, same merge).
+constexpr bool kUseTensorCoreDecode = true;
+
+}  // namespace
 
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
                const Tensor& cache_position, std::int64_t kv_offset, float scale,
@@ -115,8 +124,12 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values, co
   }
   const bool fast_rows =
       (head_dim == 64 || head_dim == 128) && detail::rows_are_16b_aligned(view, dtype);
-  const detail::SplitKernel kernel =
-      decode && fast_rows ? detail::SplitKernel::kDecode : detail::SplitKernel::kGeneric;
+  const bool half_type = dtype == DType::kBFloat16 || dtype == DType::kFloat16;
+  detail::SplitKernel kernel = detail::SplitKernel::kGeneric;
+  if (decode && fast_rows) {
+    kernel = kUseTensorCoreDecode && half_type ? detail::SplitKernel::kDecodeMma
+                                               : detail::SplitKernel::kDecode;
+  }
   const detail::SplitPlan plan = detail::plan_split(view, dtype, kernel);
   // Split partials: float32 [units, splits, rows, head_dim] then float2 [units, splits, rows]
   // (attention.cuh); from the stream-ordered pool, released once the merge has run.

@@ -41,10 +41,13 @@ struct AttentionView {
   float scale_log2;        // softmax scale · log2(e): the kernels take exp2 of scaled scores
 };
 
-/// Which split-capable kernel serves a call (decode_attention.cu holds both).
+/// Which split-capable kernel serves a call (decode_attention.cu holds all three).
 enum class SplitKernel {
-  kDecode,   // head_dim 64/128, 16-byte aligned rows, q_len <= kMaxDecodeQLen: cp.async pipeline
-  kGeneric,  // anything else: any even head_dim <= 256, any alignment, scalar loads (SIMT)
+  kDecodeMma,  // float16/bfloat16, head_dim 64/128, 16-byte aligned rows, q_len <= kMaxDecodeQLen:
+               // tensor cores (mma.sync m16n8k16), per-warp cp.async pipelines
+  kDecode,     // head_dim 64/128, 16-byte aligned rows, q_len <= kMaxDecodeQLen: cp.async pipeline,
+               // SIMT dot products (float32, or every dtype when kUseTensorCoreDecode is off)
+  kGeneric,    // anything else: any even head_dim <= 256, any alignment, scalar loads (SIMT)
 };
 
 /// How a split-capable kernel covers the call: blocks = units × splits × row_blocks, units =
@@ -52,7 +55,7 @@ enum class SplitKernel {
 /// [split · keys_per_split, (split + 1) · keys_per_split).
 struct SplitPlan {
   SplitKernel kernel;
-  int rows_per_block;  // packed query rows per block (decode: 1, 2, 4 or 8; generic: 16)
+  int rows_per_block;  // packed query rows per block (decode: 1, 2, 4 or 8; mma, generic: 16)
   int row_blocks;      // ceil(rows / rows_per_block)
   int splits;          // blocks along the keys; 1 = the blocks write `out` directly
   int keys_per_split;  // a multiple of the kernel's key tile

@@ -1,6 +1,10 @@
 // Flash-decoding: attention for a few query positions against a long cache, bound by the bytes of
-// keys and values it reads. Three kernels:
+// keys and values it reads. Four kernels:
 //
+// - decode_mma_kernel<T, D> (float16/bfloat16, head_dim D = 64 or 128, 16-byte aligned rows): the
+//   same block and pipeline structure as the next one, but the scores and P·V run on tensor cores
+//   (mma.sync m16n8k16, the prefill kernel's fragment code), 16 packed rows per block; see its
+//   section below. attention.cu's kUseTensorCoreDecode sends these calls back to the SIMT kernel.
 // - decode_attention_kernel<T, D, R> (head_dim D = 64 or 128, 16-byte aligned rows): one block of
 //   4 warps per (batch row, kv head, key split, block of R packed query rows). All R rows (the
 //   kv head's query heads, times the few positions) are scored against every key the block reads,
@@ -23,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "attention.cuh"
 #include "check.cuh"
@@ -347,6 +352,376 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
+// --- the tensor-core flash-decoding kernel -------------------------------------------------------
+//
+// decode_mma_kernel<T, D> (float16/bfloat16, head_dim 64 or 128, 16-byte aligned rows): one block
+// of 4 warps per (batch row, kv head, key split, block of 16 packed query rows). Every warp holds
+// the block's 16 rows as the A operand of mma.sync m16n8k16 in registers (rows past p.rows are
+// zeros and see no key) and streams its own key tiles (tiles w, w + 4, ... of the block's range)
+// through a 3-stage cp.async pipeline in its own slice of shared memory, exactly as the SIMT
+// decode kernel does, so the warps never wait for each other inside the loop. Per tile (16 keys
+// at D = 128, 32 at D = 64; 8 KiB of keys and values), the fragment code of the tensor-core
+// prefill (prefill_attention.cu):
+//   S = Q·Kᵀ      K fragments by ldmatrix from the swizzled tile, float32 accumulators;
+//   mask          key < key_end (the split's end and the causal frontier), key <= the row's
+//                 causal limit, and the padding mask; masked scores are -inf;
+//   softmax       online, float32, on the accumulator fragments (a row lives in 4 lanes);
+//   O += P·V      P rounded to T in registers (the S accumulators are the A operand of P·V), V
+//                 fragments by ldmatrix.trans.
+// The 4 warps' states are combined once at the end through shared memory, and the block writes
+// `out` (one split) or its partial in the layout merge_partials_kernel reads, like the SIMT kernel.
+// 16 rows per mma although decode often has only group · q_len = 4: the tensor cores have ~50×
+// the throughput this needs, what matters is the few instructions per key.
+
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = kMmaWarps * 32;
+constexpr int kMmaRows = 16;         // packed query rows per block (one m16 tile)
+constexpr int kMmaStages = 3;        // per-warp pipeline depth
+constexpr int kMmaTileBytes = 4096;  // one warp's key (or value) tile in one stage
+constexpr int kMmaSmemBytes = kMmaWarps * kMmaStages * 2 * kMmaTileBytes;  // 96 KiB: 2 blocks/SM
+
+template <int D>
+struct MmaShape {
+  static constexpr int kChunks = D / 8;                            // 16-byte chunks per row
+  static constexpr int kTileKeys = kMmaTileBytes / (D * 2);        // 16 (D = 128) or 32 (D = 64)
+  static constexpr int kKeyTiles = kTileKeys / 8;                  // n-tiles of S
+  static constexpr int kKeySteps = kTileKeys / 16;                 // k-steps of P·V
+  static constexpr int kDimSteps = D / 16;                         // k-steps of S
+  static constexpr int kDimTiles = D / 8;                          // n-tiles of O
+  static constexpr int kChunksPerLane = kTileKeys * kChunks / 32;  // cp.async per lane per operand
+  static constexpr int kBlockKeys = kTileKeys * kMmaWarps;         // keys of one block round
+  static_assert(kTileKeys % 16 == 0 && kChunksPerLane >= 1);
+};
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] tile (chunk c of
+// row r at c ^ (r mod 8): the 8 row addresses of every ldmatrix hit 8 different bank groups).
+template <int D>
+__device__ __forceinline__ int mma_swizzled(int row, int chunk) {
+  return (row * (D / 8) + (chunk ^ (row & 7))) * 8;
+}
+
+__device__ __forceinline__ void mma_ldmatrix_x4(std::uint32_t (&r)[4], const void* smem) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+__device__ __forceinline__ void mma_ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* smem) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// d += a · b for one m16n8k16 tile, float32 accumulators.
+template <class T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const std::uint32_t (&a)[4],
+                                             std::uint32_t b0, std::uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats as one 32-bit register of T pairs (the lower-indexed element in the low half).
+template <class T>
+__device__ __forceinline__ std::uint32_t pack_pair(float lo, float hi) {
+  std::uint32_t word;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    __builtin_memcpy(&word, &pair, sizeof(word));
+  } else {
+    const __half2 pair = __floats2half2_rn(lo, hi);
+    __builtin_memcpy(&word, &pair, sizeof(word));
+  }
+  return word;
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kMmaThreads, 2)
+    decode_mma_kernel(const AttentionView p, const SplitPlan plan, float* __restrict__ partial_out,
+                      float2* __restrict__ partial_stats) {
+  using S = MmaShape<D>;
+  extern __shared__ __align__(128) unsigned char mma_smem[];
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int group_id = lane >> 2, tig = lane & 3;  // the mma fragment coordinates
+
+  // blockIdx.x = (unit · splits + split) · row_blocks + row_block, unit = b · num_kv_heads + kvh
+  // (as the SIMT kernels: the row blocks of one split read the same keys side by side).
+  int index = static_cast<int>(blockIdx.x);
+  const int row_block = index % plan.row_blocks;
+  index /= plan.row_blocks;
+  const int split = index % plan.splits;
+  const int unit = index / plan.splits;
+  const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+  const int row0 = row_block * kMmaRows;
+
+  // This thread's two rows in the fragment layouts: row0 + group_id (a) and row0 + group_id + 8.
+  const int row_a = row0 + group_id, row_b = row_a + 8;
+  const bool valid_a = row_a < p.rows, valid_b = row_b < p.rows;
+  int limit_a = valid_a ? row_key_limit(p, row_a) : -1;
+  int limit_b = valid_b ? row_key_limit(p, row_b) : -1;
+  // Every warp holds the same 16 rows: the block's frontier is the max over one warp.
+  const int max_limit = __reduce_max_sync(kFullMask, max(limit_a, limit_b));
+
+  // The block's keys [key_begin, key_end): its split, cut at the causal frontier of its rows.
+  const int key_begin = split * plan.keys_per_split;
+  const int key_end = min(min(p.kv_len, key_begin + plan.keys_per_split), max_limit + 1);
+  // Clamped to the block's keys, the limits alone decide the range: key j of a tile is in range
+  // and causally visible to row a iff j <= limit_a (j >= key_begin always holds).
+  limit_a = min(limit_a, key_end - 1);
+  limit_b = min(limit_b, key_end - 1);
+  const int tiles =
+      key_end > key_begin ? (key_end - key_begin + S::kTileKeys - 1) / S::kTileKeys : 0;
+  const int my_tiles = tiles > warp ? (tiles - warp + kMmaWarps - 1) / kMmaWarps : 0;
+
+  // A fragments of Q (16 rows × D), straight from global memory: for k-step ks,
+  //   [0] = Q[a][ks·16 + 2·tig, +1], [1] = Q[b][same], [2] = Q[a][ks·16 + 8 + 2·tig, +1],
+  //   [3] = Q[b][same]; zeros for rows past p.rows.
+  std::uint32_t q_frag[S::kDimSteps][4];
+  {
+    const T* query = static_cast<const T*>(p.query);
+    const T* qa = valid_a ? query + query_row_offset(p, b, kv_head, row_a) : nullptr;
+    const T* qb = valid_b ? query + query_row_offset(p, b, kv_head, row_b) : nullptr;
+#pragma unroll
+    for (int ks = 0; ks < S::kDimSteps; ++ks) {
+      const int d0 = ks * 16 + 2 * tig;
+      q_frag[ks][0] = qa ? *reinterpret_cast<const std::uint32_t*>(qa + d0) : 0u;
+      q_frag[ks][1] = qb ? *reinterpret_cast<const std::uint32_t*>(qb + d0) : 0u;
+      q_frag[ks][2] = qa ? *reinterpret_cast<const std::uint32_t*>(qa + d0 + 8) : 0u;
+      q_frag[ks][3] = qb ? *reinterpret_cast<const std::uint32_t*>(qb + d0 + 8) : 0u;
+    }
+  }
+
+  const T* key_base =
+      static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head;
+  const T* value_base =
+      static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head;
+  const std::uint8_t* mask_row =
+      p.mask ? p.mask + static_cast<std::int64_t>(b) * p.kv_len : nullptr;
+
+  // This warp's slice: stage s holds the key tile [kTileKeys][D] (swizzled) at s · 2 · kTileBytes
+  // and the value tile right after it.
+  unsigned char* const warp_smem = mma_smem + warp * (kMmaStages * 2 * kMmaTileBytes);
+  auto tile_key0 = [&](int local) { return key_begin + (warp + local * kMmaWarps) * S::kTileKeys; };
+  // Rows past key_end are zero-filled: never stale memory in P·V (their p is 0 as well).
+  auto load_tile = [&](int stage, int local) {
+    T* keys_dst = reinterpret_cast<T*>(warp_smem + stage * 2 * kMmaTileBytes);
+    T* values_dst = reinterpret_cast<T*>(warp_smem + stage * 2 * kMmaTileBytes + kMmaTileBytes);
+    const int key0 = tile_key0(local);
+#pragma unroll
+    for (int c = 0; c < S::kChunksPerLane; ++c) {
+      const int flat = c * 32 + lane;
+      const int r = flat / S::kChunks, chunk = flat % S::kChunks, key = key0 + r;
+      const bool in_range = key < key_end;
+      const std::int64_t at = in_range ? key : key_begin;  // any valid row when zero-filling
+      const int dst = mma_swizzled<D>(r, chunk);
+      cp_async_16(keys_dst + dst, key_base + at * p.k_stride_seq + chunk * 8, in_range);
+      cp_async_16(values_dst + dst, value_base + at * p.v_stride_seq + chunk * 8, in_range);
+    }
+  };
+
+  float o[S::kDimTiles][4];  // O rows (a: [0], [1]; b: [2], [3]), dims dt · 8 + 2 · tig, + 1
+#pragma unroll
+  for (int dt = 0; dt < S::kDimTiles; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+  float m_a = kNegInf, m_b = kNegInf, l_a = 0.0f, l_b = 0.0f;
+
+  // Prologue: the first kMmaStages - 1 tiles, one commit group per tile (empty groups past the
+  // end keep the group count, and so the wait below, uniform).
+#pragma unroll
+  for (int s = 0; s < kMmaStages - 1; ++s) {
+    if (s < my_tiles) load_tile(s, s);
+    cp_async_commit();
+  }
+
+  for (int local = 0; local < my_tiles; ++local) {
+    // Refill the stage the previous iteration consumed (every lane is past it: __syncwarp below).
+    const int ahead = local + kMmaStages - 1;
+    if (ahead < my_tiles) load_tile(ahead % kMmaStages, ahead);
+    cp_async_commit();
+    cp_async_wait<kMmaStages - 1>();  // this lane's copies of tile `local` have landed
+    __syncwarp();                     // ... and every other lane's
+
+    const unsigned char* stage_smem = warp_smem + (local % kMmaStages) * 2 * kMmaTileBytes;
+    const T* keys_s = reinterpret_cast<const T*>(stage_smem);
+    const T* values_s = reinterpret_cast<const T*>(stage_smem + kMmaTileBytes);
+    const int key0 = tile_key0(local);
+
+    // S = Q·Kᵀ: 16 rows × kTileKeys keys.
+    float s[S::kKeyTiles][4];
+#pragma unroll
+    for (int nt = 0; nt < S::kKeyTiles; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < S::kDimSteps; ++ks) {
+#pragma unroll
+      for (int np = 0; np < S::kKeyTiles / 2; ++np) {
+        // B fragments of key tiles 2np, 2np + 1: matrices (keys 0-7, dims 0-7), (0-7, 8-15),
+        // (8-15, 0-7), (8-15, 8-15) of the pair's 16 keys and the k-step's 16 dims.
+        std::uint32_t kf[4];
+        const int key = np * 16 + (lane / 16) * 8 + lane % 8;
+        mma_ldmatrix_x4(kf, keys_s + mma_swizzled<D>(key, ks * 2 + (lane / 8) % 2));
+        mma_m16n8k16<T>(s[2 * np], q_frag[ks], kf[0], kf[1]);
+        mma_m16n8k16<T>(s[2 * np + 1], q_frag[ks], kf[2], kf[3]);
+      }
+    }
+
+    // Scale and mask: s[nt][e] is row (e < 2 ? a : b), key key0 + nt · 8 + 2 · tig + (e & 1).
+#pragma unroll
+    for (int nt = 0; nt < S::kKeyTiles; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int key = key0 + nt * 8 + 2 * tig + j;
+        // key <= max(limit_a, limit_b) <= key_end - 1 keeps the mask read inside the keys.
+        const bool padded =
+            mask_row != nullptr && key <= max(limit_a, limit_b) && __ldg(mask_row + key) == 0;
+        s[nt][j] = key <= limit_a && !padded ? s[nt][j] * p.scale_log2 : kNegInf;
+        s[nt][2 + j] = key <= limit_b && !padded ? s[nt][2 + j] * p.scale_log2 : kNegInf;
+      }
+    }
+
+    // Online softmax for the two rows (a row's scores live in the 4 lanes of a group_id).
+    float tile_max_a = kNegInf, tile_max_b = kNegInf;
+#pragma unroll
+    for (int nt = 0; nt < S::kKeyTiles; ++nt) {
+      tile_max_a = fmaxf(tile_max_a, fmaxf(s[nt][0], s[nt][1]));
+      tile_max_b = fmaxf(tile_max_b, fmaxf(s[nt][2], s[nt][3]));
+    }
+#pragma unroll
+    for (int offset = 1; offset < 4; offset *= 2) {
+      tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(kFullMask, tile_max_a, offset));
+      tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(kFullMask, tile_max_b, offset));
+    }
+    const float new_a = fmaxf(m_a, tile_max_a), new_b = fmaxf(m_b, tile_max_b);
+    // new == -inf: nothing seen yet, everything is still 0 (and -inf - -inf must not happen).
+    const float alpha_a = new_a == kNegInf ? 1.0f : exp2f(m_a - new_a);
+    const float alpha_b = new_b == kNegInf ? 1.0f : exp2f(m_b - new_b);
+    m_a = new_a;
+    m_b = new_b;
+    l_a *= alpha_a;
+    l_b *= alpha_b;
+#pragma unroll
+    for (int dt = 0; dt < S::kDimTiles; ++dt) {
+      o[dt][0] *= alpha_a;
+      o[dt][1] *= alpha_a;
+      o[dt][2] *= alpha_b;
+      o[dt][3] *= alpha_b;
+    }
+#pragma unroll
+    for (int nt = 0; nt < S::kKeyTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float mx = e < 2 ? new_a : new_b;
+        s[nt][e] = s[nt][e] == kNegInf ? 0.0f : exp2f(s[nt][e] - mx);
+      }
+      l_a += s[nt][0] + s[nt][1];
+      l_b += s[nt][2] + s[nt][3];
+    }
+
+    // O += P·V: the accumulators of key tiles 2kk, 2kk + 1 are the A fragment of k-step kk.
+#pragma unroll
+    for (int kk = 0; kk < S::kKeySteps; ++kk) {
+      const std::uint32_t pf[4] = {pack_pair<T>(s[2 * kk][0], s[2 * kk][1]),
+                                   pack_pair<T>(s[2 * kk][2], s[2 * kk][3]),
+                                   pack_pair<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   pack_pair<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < S::kDimTiles / 2; ++dp) {
+        // B fragments of dim tiles 2dp, 2dp + 1, transposed from [key][dim] rows: matrices
+        // (keys 0-7, dims 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
+        std::uint32_t vf[4];
+        mma_ldmatrix_x4_trans(vf,
+                              values_s + mma_swizzled<D>(kk * 16 + lane % 16, dp * 2 + lane / 16));
+        mma_m16n8k16<T>(o[2 * dp], pf, vf[0], vf[1]);
+        mma_m16n8k16<T>(o[2 * dp + 1], pf, vf[2], vf[3]);
+      }
+    }
+    __syncwarp();  // every lane is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();  // nothing in flight (empty groups only, by now) before the buffer is reused
+
+  // l over the 4 lanes of each row.
+#pragma unroll
+  for (int offset = 1; offset < 4; offset *= 2) {
+    l_a += __shfl_xor_sync(kFullMask, l_a, offset);
+    l_b += __shfl_xor_sync(kFullMask, l_b, offset);
+  }
+
+  allow_dependent_launch();
+  __syncthreads();  // every warp is done with its pipeline slice: the buffer is reused below
+
+  // Cross-warp combine, in the same shared memory (floats):
+  //   red_out   [kMmaWarps][16][D + 8]  each warp's o (rows padded against bank conflicts)
+  //   red_max   [kMmaWarps][16]         each warp's m
+  //   red_sum   [kMmaWarps][16]         each warp's l
+  constexpr int kRedStride = D + 8;
+  float* red_out = reinterpret_cast<float*>(mma_smem);
+  float* red_max = red_out + kMmaWarps * kMmaRows * kRedStride;
+  float* red_sum = red_max + kMmaWarps * kMmaRows;
+  static_assert((kMmaWarps * kMmaRows * kRedStride + 2 * kMmaWarps * kMmaRows) * 4 <=
+                kMmaSmemBytes);
+  {
+    float* mine_a = red_out + (warp * kMmaRows + group_id) * kRedStride;
+    float* mine_b = mine_a + 8 * kRedStride;
+#pragma unroll
+    for (int dt = 0; dt < S::kDimTiles; ++dt) {
+      const int d = dt * 8 + 2 * tig;
+      *reinterpret_cast<float2*>(mine_a + d) = make_float2(o[dt][0], o[dt][1]);
+      *reinterpret_cast<float2*>(mine_b + d) = make_float2(o[dt][2], o[dt][3]);
+    }
+    if (tig == 0) {
+      red_max[warp * kMmaRows + group_id] = m_a;
+      red_max[warp * kMmaRows + group_id + 8] = m_b;
+      red_sum[warp * kMmaRows + group_id] = l_a;
+      red_sum[warp * kMmaRows + group_id + 8] = l_b;
+    }
+  }
+  __syncthreads();
+
+  // Thread t combines dim pairs (2·(idx mod D/2), + 1) of row idx / (D/2).
+  T* out = static_cast<T*>(p.out);
+  for (int idx = static_cast<int>(threadIdx.x); idx < kMmaRows * D / 2; idx += kMmaThreads) {
+    const int r = idx / (D / 2), d = 2 * (idx % (D / 2)), row = row0 + r;
+    if (row >= p.rows) break;  // rows only grow with idx
+    float block_max = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) block_max = fmaxf(block_max, red_max[w * kMmaRows + r]);
+    float o0 = 0.0f, o1 = 0.0f, sum = 0.0f;
+    if (block_max != kNegInf) {
+#pragma unroll
+      for (int w = 0; w < kMmaWarps; ++w) {
+        const float f = exp2f(red_max[w * kMmaRows + r] - block_max);  // exp2(-inf) = 0: empty
+        const float2 v =
+            *reinterpret_cast<const float2*>(red_out + (w * kMmaRows + r) * kRedStride + d);
+        o0 = fmaf(f, v.x, o0);
+        o1 = fmaf(f, v.y, o1);
+        sum = fmaf(f, red_sum[w * kMmaRows + r], sum);
+      }
+    }
+    if (plan.splits == 1) {
+      // sum >= 1 whenever a key was seen (the max key contributes exp2(0)); else zeros.
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      *reinterpret_cast<std::uint32_t*>(out + out_row_offset(p, b, kv_head, row) + d) =
+          pack_pair<T>(o0 * inv, o1 * inv);
+    } else {
+      const std::int64_t prow =
+          (static_cast<std::int64_t>(unit) * plan.splits + split) * p.rows + row;
+      *reinterpret_cast<float2*>(partial_out + prow * D + d) = make_float2(o0, o1);
+      if (d == 0) partial_stats[prow] = make_float2(block_max, sum);
+    }
+  }
+}
+
 // --- the generic SIMT kernel
 // -----------------------------------------------------------------------
 
@@ -604,6 +979,12 @@ int decode_blocks_per_sm() {
   return blocks;
 }
 
+template <class T, int D>
+int mma_blocks_per_sm() {
+  static const int blocks = configure(decode_mma_kernel<T, D>, kMmaThreads, kMmaSmemBytes);
+  return blocks;
+}
+
 template <class T>
 int generic_blocks_per_sm() {
   // Configured for the largest head_dim, so any call's shared memory fits under the opt-in.
@@ -646,6 +1027,14 @@ KernelFacts kernel_facts(const AttentionView& view, DType dtype, const SplitPlan
       if constexpr (D == 0) {
         KVCACHE_FAIL("cuda::attention: the decode kernel serves head_dim 64 or 128, got ",
                      view.head_dim);
+      } else if (plan.kernel == SplitKernel::kDecodeMma) {
+        if constexpr (std::is_same_v<T, float>) {
+          KVCACHE_FAIL("cuda::attention: the tensor-core decode serves float16 and bfloat16 only");
+        } else {
+          // A split of at least two block rounds: every warp runs two tiles or more.
+          constexpr int kRound = MmaShape<D>::kBlockKeys;
+          return {mma_blocks_per_sm<T, D>(), kRound, 2 * kRound};
+        }
       } else {
         using Shape = DecodeShape<T, D>;
         return dispatch_decode_rows(plan.rows_per_block, [&](auto rows) -> KernelFacts {
@@ -704,7 +1093,9 @@ bool rows_are_16b_aligned(const AttentionView& view, DType dtype) {
 SplitPlan plan_split(const AttentionView& view, DType dtype, SplitKernel kernel) {
   SplitPlan plan{};
   plan.kernel = kernel;
-  if (kernel == SplitKernel::kDecode) {
+  if (kernel == SplitKernel::kDecodeMma) {
+    plan.rows_per_block = kMmaRows;  // one m16 tile; padding rows cost no bytes
+  } else if (kernel == SplitKernel::kDecode) {
     // The smallest of 1, 2, 4, 8 that holds all rows, or 8 (more rows: more row blocks, each
     // reading the same keys; they run side by side, so the repeats mostly come from L2).
     const int want = std::min(view.rows, 8);
@@ -764,6 +1155,14 @@ cudaError_t launch_split_attention(const AttentionView& view, DType dtype, const
         if constexpr (D == 0) {
           KVCACHE_FAIL("cuda::attention: the decode kernel serves head_dim 64 or 128, got ",
                        view.head_dim);
+        } else if (plan.kernel == SplitKernel::kDecodeMma) {
+          if constexpr (std::is_same_v<T, float>) {
+            KVCACHE_FAIL("cuda::attention: the tensor-core decode serves float16 and bfloat16");
+          } else {
+            (void)mma_blocks_per_sm<T, D>();  // makes sure the shared-memory opt-in is done
+            decode_mma_kernel<T, D><<<grid, kMmaThreads, kMmaSmemBytes, stream>>>(
+                view, plan, partial_out, partial_stats);
+          }
         } else {
           dispatch_decode_rows(plan.rows_per_block, [&](auto rows) {
             constexpr int R = decltype(rows)::value;

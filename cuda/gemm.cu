@@ -1,12 +1,16 @@
-// cuda::linear: out = x · weightᵀ + beta · out, float32 accumulation, and linear_silu_mul, the
-// same product with x = silu(gate) · up made on the fly.
+// cuda::linear: out = x · weightᵀ + beta · out, float32 accumulation; linear_silu_mul, the
+// same product with x = silu(gate) · up made on the fly; and linear_rms_norm, with x =
+// rms_norm(hidden, norm_weight, eps) made on the fly.
 //
 // Which path. Decode's products (1 to 8 rows of x, bfloat16 or float16 weights, 16-byte aligned
 // rows) go to our own GEMV kernel (gemv.cu), which streams the weight at memory bandwidth with one
 // launch and no per-call host work beyond a few checks; everything else, and all float32 products
 // (the exact mode), goes through cublasGemmEx as below. linear_silu_mul runs the GEMV kernel in its
 // silu_mul mode where it serves the call (any float dtype) and silu_mul followed by linear
-// otherwise.
+// otherwise; linear_rms_norm runs it in its rms_norm mode where it serves the call (16-bit
+// weights: float32 keeps cuBLAS's exact product, as linear does) and rms_norm followed by linear
+// otherwise. Both fused modes store the very x bits the two-kernel path would, and run the same
+// GEMV plan on them, so they give the same bits as that path.
 //
 // Layouts. kvcache's matrices are row-major; cuBLAS reads column-major. A row-major [r, c]
 // matrix with row stride ld is the column-major [c, r] matrix with leading dimension ld, so
@@ -234,6 +238,55 @@ void linear_silu_mul(const Tensor& gate, const Tensor& up, const Tensor& weight,
     }
   }
   linear(silu_mul(gate, up), weight, out, beta);
+}
+
+void linear_rms_norm(const Tensor& x, const Tensor& norm_weight, float eps, const Tensor& weight,
+                     const Tensor& out, float beta) {
+  const char* where = "cuda::linear_rms_norm";
+  KVCACHE_CHECK(weight.defined() && weight.device() == Device::kCuda && weight.rank() == 2 &&
+                    weight.is_contiguous() && is_floating(weight.dtype()),
+                where, ": expected a contiguous [out_features, in] float CUDA weight, got ",
+                weight.describe());
+  const DType w = weight.dtype();
+  KVCACHE_CHECK(is_row_view(x) && x.size(1) == weight.size(1) && x.dtype() == DType::kFloat32,
+                where, ": expected x [rows, ", weight.size(1),
+                "] float32 on CUDA with a contiguous last dimension, got ", x.describe());
+  KVCACHE_CHECK(norm_weight.defined() && norm_weight.device() == Device::kCuda &&
+                    norm_weight.rank() == 1 && norm_weight.size(0) == x.size(1) &&
+                    norm_weight.dtype() == DType::kFloat32 && norm_weight.is_contiguous(),
+                where, ": expected norm_weight [", x.size(1), "] float32 on CUDA, got ",
+                norm_weight.describe());
+  KVCACHE_CHECK(is_row_view(out) && out.size(0) == x.size(0) && out.size(1) == weight.size(0),
+                where, ": expected out [", x.size(0), ", ", weight.size(0),
+                "] on CUDA with a contiguous last dimension, got ", out.describe());
+  KVCACHE_CHECK(out.dtype() == w || out.dtype() == DType::kFloat32, where,
+                ": expected out in the weight's dtype or float32, got out ",
+                dtype_name(out.dtype()), " for weight ", dtype_name(w));
+  const std::int64_t rows = x.size(0), in = x.size(1), out_f = weight.size(0);
+  if (rows == 0 || out_f == 0) return;
+
+  if (rows <= detail::kGemvMaxRows && w != DType::kFloat32 && in <= INT_MAX && out_f <= INT_MAX) {
+    detail::GemvArgs args;
+    args.weight = weight.data();
+    args.hidden = x.data();
+    args.norm_weight = norm_weight.data();
+    args.out = out.data();
+    args.ldh = leading_dim(x);
+    args.ldo = leading_dim(out);
+    args.rows = static_cast<int>(rows);
+    args.in = static_cast<int>(in);
+    args.out_features = static_cast<int>(out_f);
+    args.weight_dtype = w;
+    args.out_dtype = out.dtype();
+    args.beta = beta;
+    args.eps = eps;
+    args.rms_norm = true;
+    if (detail::gemv_serves(args)) {
+      KVCACHE_CUDA_CHECK(detail::launch_gemv(args, detail::stream()));
+      return;
+    }
+  }
+  linear(rms_norm(x, norm_weight, eps, w), weight, out, beta);
 }
 
 }  // namespace kvcache::cuda

@@ -29,15 +29,26 @@
 // (i · groups + group) · grid + b, so every SM gets an equal share of the groups.
 //
 // x in shared memory. Every block first copies x's rows (or, in silu_mul mode, computes
-// silu(gate) · up and rounds it to W's dtype, the exact expression of cuda::silu_mul) into shared
+// silu(gate) · up and rounds it to W's dtype, the exact expression of cuda::silu_mul; or, in
+// rms_norm mode, normalises the float32 hidden rows as cuda::rms_norm does) into shared
 // memory, padded with zeros to whole chunks; the row stride is an odd number of 64-byte chunks so
 // the 8 rows a warp reads at once fall on different banks. Before that, each lane issues L2
 // prefetches for its first kUnroll chunks of W, and only then waits on the previous kernel
 // (programmatic dependent launch: the kernel may start while its predecessor finishes; W does not
 // depend on it, x does), so HBM is busy while x is staged.
 //
-// W is read with ld.global.nc.L1::no_allocate (read once, never by another block); x, gate and up
-// with ld.global.cg, out with plain loads, after griddepcontrol.wait.
+// rms_norm mode. x must be the bits cuda::rms_norm(hidden, norm_weight, eps, W's dtype) stores, so
+// the per-row sum of squares follows norms.cu's order exactly: rms_norm_kernel<Out, 4> runs 256
+// threads a row, thread v adds (fmaf) the squares of float4 packs v, v + 256, … in order, a warp
+// adds its 32 sums by an xor butterfly (16, 8, 4, 2, 1), then warp 0 butterflies the 8 warp sums
+// (lanes 8-31 holding 0). Here the 1024 threads are 4 such virtual blocks of 256, one row each
+// (rows 4-7 in a second pass), writing their warp sums to shared memory; warp r then runs the
+// second butterfly for row r and the same mean, + eps, sqrt, 1 / · steps (__f*_rn), and the
+// staging loop writes from_f32(norm_weight[i] · (hidden[r, i] · inv_rms[r])). norms.cu's scalar
+// variant (unaligned rows) sums in another order, so those calls are not served here.
+//
+// W is read with ld.global.nc.L1::no_allocate (read once, never by another block); x, gate, up,
+// hidden and norm_weight with ld.global.cg, out with plain loads, after griddepcontrol.wait.
 #include "gemv.cuh"
 
 #include <atomic>
@@ -60,6 +71,25 @@ constexpr int kReduceFloats = kWarps * kTileFloats;            // one buffer of 
 // silu_mul mode computes rows · in elements in every block; past this (~2 µs of one SM's ALUs,
 // which the prefetched W hides) a separate silu_mul kernel is cheaper.
 constexpr std::int64_t kMaxSiluElements = 24576;
+// rms_norm mode reads rows · in float32 of hidden twice (the sum of squares, then the staging)
+// and as much of norm_weight in every block: past this (8 rows of a 4096-wide model, 384 KiB
+// from L2 per SM) a separate rms_norm kernel is cheaper.
+constexpr std::int64_t kMaxRmsElements = 32768;
+// norms.cu's block for one row (its kThreads) and its warps, whose reduction order rms_norm mode
+// reproduces; the kernel's 1024 threads are kThreads / kNormThreads such blocks.
+constexpr int kNormThreads = 256;
+constexpr int kNormWarps = kNormThreads / 32;
+constexpr int kNormRowsPerPass = kThreads / kNormThreads;
+// rms_norm mode's statistics after the staged x (and the reduction buffers): the warp sums
+// [kGemvMaxRows][kNormWarps], then inv_rms [kGemvMaxRows].
+constexpr int kStatsFloats = kGemvMaxRows * kNormWarps + kGemvMaxRows;
+
+/// How x is made in shared memory.
+enum class Prologue {
+  kLoad,     // copied from x
+  kSiluMul,  // silu(gate) · up
+  kRmsNorm,  // rms_norm(hidden, norm_weight, eps)
+};
 
 /// How the kernel covers one call (computed on the host from GemvArgs and the SM count).
 struct GemvPlan {
@@ -70,7 +100,8 @@ struct GemvPlan {
   int chunks;          // ceil(in / chunk): 64-byte pieces of a row
   int x_ld;            // row stride of the staged x, elements
   int grid;            // blocks
-  int smem_bytes;      // staged x [rows][x_ld] then, when split > 1, float [2][kReduceFloats]
+  int smem_bytes;      // staged x [rows][x_ld]; when split > 1, float [2][kReduceFloats];
+                       // in rms_norm mode, float [kStatsFloats]
 };
 
 template <class T>
@@ -144,9 +175,64 @@ __device__ __forceinline__ uint4 silu_pack(uint4 gate, uint4 up) {
   return out;
 }
 
+// rms_norm mode's inv_rms[r] for every row into stats[kGemvMaxRows · kNormWarps + r], in
+// norms.cu's order (see the file comment): rms_norm_kernel<Out, 4>'s per-thread sums and
+// block_sum, with each 256-thread slice of this block standing for one of its blocks. Called by
+// every thread of the block; ends with a __syncthreads.
+__device__ __forceinline__ void rms_statistics(const GemvArgs& a, float* stats) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int slice = tid / kNormThreads, v = tid % kNormThreads;  // v: the thread in norms.cu
+  const int warp = tid / 32, lane = tid % 32;
+  const int packs = a.in / 4;
+  for (int r = slice; r < a.rows; r += kNormRowsPerPass) {  // uniform over each warp
+    const float4* row = reinterpret_cast<const float4*>(static_cast<const float*>(a.hidden) +
+                                                        static_cast<std::int64_t>(r) * a.ldh);
+    float sum = 0.0f;
+    for (int p = v; p < packs; p += kNormThreads) {
+      const float4 h = __ldcg(row + p);
+      sum = __fmaf_rn(h.x, h.x, sum);
+      sum = __fmaf_rn(h.y, h.y, sum);
+      sum = __fmaf_rn(h.z, h.z, sum);
+      sum = __fmaf_rn(h.w, h.w, sum);
+    }
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) stats[r * kNormWarps + (v / 32)] = sum;
+  }
+  __syncthreads();
+  if (warp < a.rows) {  // block_sum's second level, warp r for row r
+    float s = lane < kNormWarps ? stats[warp * kNormWarps + lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
+    if (lane == 0) {
+      const float mean = __fdiv_rn(s, static_cast<float>(a.in));
+      stats[kGemvMaxRows * kNormWarps + warp] = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, a.eps)));
+    }
+  }
+  __syncthreads();
+}
+
+// One 16-byte pack of x in rms_norm mode from kVec floats of a hidden row and of norm_weight
+// (16-byte aligned), norms.cu's from_f32(weight · (x · inv)) for each.
+template <class T>
+__device__ __forceinline__ uint4 rms_pack(const float* hidden, const float* norm_weight,
+                                          float inv) {
+  constexpr int V = Layout<T>::kVec;
+  uint4 out;
+  T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+  for (int q = 0; q < V / 4; ++q) {
+    const float4 h = __ldcg(reinterpret_cast<const float4*>(hidden) + q);
+    const float4 w = __ldcg(reinterpret_cast<const float4*>(norm_weight) + q);
+    o[4 * q + 0] = from_f32<T>(__fmul_rn(w.x, __fmul_rn(h.x, inv)));
+    o[4 * q + 1] = from_f32<T>(__fmul_rn(w.y, __fmul_rn(h.y, inv)));
+    o[4 * q + 2] = from_f32<T>(__fmul_rn(w.z, __fmul_rn(h.z, inv)));
+    o[4 * q + 3] = from_f32<T>(__fmul_rn(w.w, __fmul_rn(h.w, inv)));
+  }
+  return out;
+}
+
 // --- the kernel ----------------------------------------------------------------------------------
 
-template <class T, class O, bool kSilu>
+template <class T, class O, Prologue kMode>
 __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvArgs a, const GemvPlan plan) {
   constexpr int kVec = Layout<T>::kVec, kChunk = Layout<T>::kChunk, kUnroll = Layout<T>::kUnroll;
   constexpr bool kTensorCores = !std::is_same_v<T, float>;
@@ -178,8 +264,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvArgs a, con
       }
     }
   }
-  grid_dependency_wait();  // x, gate, up and out are the previous kernels' outputs
+  grid_dependency_wait();  // x, gate, up, hidden and out are the previous kernels' outputs
   allow_dependent_launch();
+
+  float* stats = red + (split > 1 ? 2 * kReduceFloats : 0);  // rms_norm mode: [kStatsFloats]
+  if constexpr (kMode == Prologue::kRmsNorm) rms_statistics(a, stats);
 
   // Stage x [rows][in] (zeros up to x_ld) in shared memory, 16 bytes per pack.
   {
@@ -189,11 +278,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvArgs a, con
       const int r = p / packs_per_row, c = p - r * packs_per_row;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if (c < in_packs) {
-        if constexpr (kSilu) {
+        if constexpr (kMode == Prologue::kSiluMul) {
           const T* gate = static_cast<const T*>(a.gate) + r * a.ldg + c * kVec;
           const T* up = static_cast<const T*>(a.up) + r * a.ldu + c * kVec;
           v = silu_pack<T>(__ldcg(reinterpret_cast<const uint4*>(gate)),
                            __ldcg(reinterpret_cast<const uint4*>(up)));
+        } else if constexpr (kMode == Prologue::kRmsNorm) {
+          const float* hidden = static_cast<const float*>(a.hidden) + r * a.ldh + c * kVec;
+          const float* norm_weight = static_cast<const float*>(a.norm_weight) + c * kVec;
+          v = rms_pack<T>(hidden, norm_weight, stats[kGemvMaxRows * kNormWarps + r]);
         } else {
           const T* x = static_cast<const T*>(a.x) + r * a.ldx + c * kVec;
           v = __ldcg(reinterpret_cast<const uint4*>(x));
@@ -386,14 +479,15 @@ GemvPlan make_plan(const GemvArgs& a, int sms) {
   // An odd number of 64-byte chunks per staged row: rows g and g + 1 on different banks.
   plan.x_ld = plan.chunks * chunk + (plan.chunks % 2 == 0 ? chunk : 0);
   plan.smem_bytes = a.rows * plan.x_ld * elem +
-                    (split > 1 ? 2 * kReduceFloats * static_cast<int>(sizeof(float)) : 0);
+                    (split > 1 ? 2 * kReduceFloats * static_cast<int>(sizeof(float)) : 0) +
+                    (a.rms_norm ? kStatsFloats * static_cast<int>(sizeof(float)) : 0);
   return plan;
 }
 
-template <class T, class O, bool kSilu>
+template <class T, class O, Prologue kMode>
 cudaError_t launch_typed(const GemvArgs& a, const GemvPlan& plan, int device,
                          const DeviceFacts& facts, cudaStream_t stream) {
-  auto* kernel = gemv_kernel<T, O, kSilu>;
+  auto* kernel = gemv_kernel<T, O, kMode>;
   if (plan.smem_bytes > 48 * 1024) {
     // Opt in to the device's whole shared memory once per device (the attribute is per context).
     static std::atomic<std::uint64_t> opted_in{0};
@@ -420,17 +514,31 @@ cudaError_t launch_typed(const GemvArgs& a, const GemvPlan& plan, int device,
   return status != cudaSuccess ? status : last;
 }
 
-template <class T, bool kSilu>
+template <class T, Prologue kMode>
 cudaError_t launch_out(const GemvArgs& a, const GemvPlan& plan, int device,
                        const DeviceFacts& facts, cudaStream_t stream) {
   if (a.out_dtype == DType::kFloat32) {
-    return launch_typed<T, float, kSilu>(a, plan, device, facts, stream);
+    return launch_typed<T, float, kMode>(a, plan, device, facts, stream);
   }
   if constexpr (std::is_same_v<T, float>) {
     return cudaErrorNotSupported;  // unreachable: gemv_serves wants out in W's dtype or float32
   } else {
-    return launch_typed<T, T, kSilu>(a, plan, device, facts, stream);
+    return launch_typed<T, T, kMode>(a, plan, device, facts, stream);
   }
+}
+
+template <class T>
+cudaError_t launch_mode(const GemvArgs& a, const GemvPlan& plan, int device,
+                        const DeviceFacts& facts, cudaStream_t stream) {
+  if (a.silu_mul) return launch_out<T, Prologue::kSiluMul>(a, plan, device, facts, stream);
+  if (a.rms_norm) {
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorNotSupported;  // unreachable: gemv_serves wants a 16-bit weight
+    } else {
+      return launch_out<T, Prologue::kRmsNorm>(a, plan, device, facts, stream);
+    }
+  }
+  return launch_out<T, Prologue::kLoad>(a, plan, device, facts, stream);
 }
 
 // gemv_serves for the current device's facts.
@@ -444,9 +552,17 @@ bool serves(const GemvArgs& a, const DeviceFacts& facts) {
     return aligned16(p) && (a.rows == 1 || ld % vec == 0);
   };
   if (a.in % vec != 0 || !aligned16(a.weight) || a.out == nullptr) return false;
+  if (a.silu_mul && a.rms_norm) return false;
   if (a.silu_mul) {
     if (!rows_aligned(a.gate, a.ldg) || !rows_aligned(a.up, a.ldu)) return false;
     if (static_cast<std::int64_t>(a.rows) * a.in > kMaxSiluElements) return false;
+  } else if (a.rms_norm) {
+    // 16-bit weights only (float32 stays on cuBLAS), and norms.cu's 4-wide variant: hidden rows
+    // (float32, 4 to a pack) and norm_weight 16-byte aligned (in is a multiple of 8 here).
+    if (a.weight_dtype == DType::kFloat32) return false;
+    if (!aligned16(a.hidden) || (a.rows > 1 && a.ldh % 4 != 0) || !aligned16(a.norm_weight))
+      return false;
+    if (static_cast<std::int64_t>(a.rows) * a.in > kMaxRmsElements) return false;
   } else if (!rows_aligned(a.x, a.ldx)) {
     return false;
   }
@@ -478,14 +594,11 @@ cudaError_t launch_gemv(const GemvArgs& a, cudaStream_t stream) {
   const GemvPlan plan = make_plan(a, facts.sms);
   switch (a.weight_dtype) {
     case DType::kBFloat16:
-      return a.silu_mul ? launch_out<__nv_bfloat16, true>(a, plan, device, facts, stream)
-                        : launch_out<__nv_bfloat16, false>(a, plan, device, facts, stream);
+      return launch_mode<__nv_bfloat16>(a, plan, device, facts, stream);
     case DType::kFloat16:
-      return a.silu_mul ? launch_out<__half, true>(a, plan, device, facts, stream)
-                        : launch_out<__half, false>(a, plan, device, facts, stream);
+      return launch_mode<__half>(a, plan, device, facts, stream);
     case DType::kFloat32:
-      return a.silu_mul ? launch_out<float, true>(a, plan, device, facts, stream)
-                        : launch_out<float, false>(a, plan, device, facts, stream);
+      return launch_mode<float>(a, plan, device, facts, stream);
     default:
       return cudaErrorNotSupported;
   }

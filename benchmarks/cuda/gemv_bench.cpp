@@ -7,6 +7,10 @@
 // - BM_GemvSiluCuda/<down shape>/<rows>: cuda::linear_silu_mul, the down projection with its input
 //   silu(gate) · up made on the fly from the halves of a [rows, 2 · in] gate|up output (one fused
 //   kernel where it serves the call, silu_mul then linear elsewhere).
+// - BM_GemvRmsNormCuda/<q|k|v or gate|up shape>/<rows>: cuda::linear_rms_norm, the projection
+//   with its input rms_norm(hidden) made on the fly from float32 hidden rows (one fused kernel
+//   where it serves the call); BM_RmsNormThenGemvCuda the same as cuda::rms_norm then
+//   cuda::linear, two launches.
 // - BM_GemmCublasCuda/<shape>/<rows>: the same product through cublasGemmEx, configured as
 //   cuda::linear configures it (float32 compute, no reduced-precision reduction, a 32 MiB
 //   workspace of ours), for comparison.
@@ -170,6 +174,10 @@ constexpr Shape kShapes[] = {
 };
 
 bool is_down(const Shape& shape) { return std::string(shape.name).ends_with("_down"); }
+bool is_normed(const Shape& shape) {
+  const std::string name = shape.name;
+  return name.ends_with("_qkv") || name.ends_with("_gate_up");
+}
 
 // What one benchmark row holds: `copies` bfloat16 weights [out_features, in] in one allocation,
 // x (or gate|up) and out.
@@ -250,6 +258,42 @@ void bm_gemv_silu_cuda(benchmark::State& state, const Shape& shape, std::int64_t
       state, p, [&](const Tensor& w) { cuda::linear_silu_mul(gate, up, w, p.out, p.beta); }, [] {});
 }
 
+// The float32 hidden rows and the norm weight for the rms_norm rows.
+struct NormInputs {
+  Tensor hidden, norm_weight;
+  NormInputs(const Shape& shape, std::int64_t rows) {
+    hidden = cuda::empty({rows, shape.in}, DType::kFloat32);
+    cuda::fill_uniform(hidden, 5, -3.0f, 3.0f);
+    norm_weight = cuda::empty({shape.in}, DType::kFloat32);
+    cuda::fill_uniform(norm_weight, 6, 0.5f, 1.5f);
+  }
+};
+
+void bm_gemv_rms_norm_cuda(benchmark::State& state, const Shape& shape, std::int64_t rows) {
+  if (skip_without_device(state)) return;
+  Problem p(shape, rows);
+  const NormInputs n(shape, rows);
+  run(
+      state, p,
+      [&](const Tensor& w) {
+        cuda::linear_rms_norm(n.hidden, n.norm_weight, 1e-5f, w, p.out, p.beta);
+      },
+      [] {});
+}
+
+void bm_rms_norm_then_gemv_cuda(benchmark::State& state, const Shape& shape, std::int64_t rows) {
+  if (skip_without_device(state)) return;
+  Problem p(shape, rows);
+  const NormInputs n(shape, rows);
+  run(
+      state, p,
+      [&](const Tensor& w) {
+        cuda::linear(cuda::rms_norm(n.hidden, n.norm_weight, 1e-5f, DType::kBFloat16), w, p.out,
+                     p.beta);
+      },
+      [] {});
+}
+
 // cublasGemmEx as cuda::linear calls it (cuda/gemm.cu): C = Wᵀ·x in column-major terms.
 class Cublas {
  public:
@@ -317,6 +361,15 @@ int main(int argc, char** argv) {
     for (std::int64_t rows : row_counts)
       add(std::string("BM_GemvSiluCuda/") + shape.name + "/" + std::to_string(rows),
           bm_gemv_silu_cuda, shape, rows);
+  }
+  for (const Shape& shape : kShapes) {
+    if (!is_normed(shape)) continue;
+    for (std::int64_t rows : row_counts) {
+      add(std::string("BM_GemvRmsNormCuda/") + shape.name + "/" + std::to_string(rows),
+          bm_gemv_rms_norm_cuda, shape, rows);
+      add(std::string("BM_RmsNormThenGemvCuda/") + shape.name + "/" + std::to_string(rows),
+          bm_rms_norm_then_gemv_cuda, shape, rows);
+    }
   }
   for (const Shape& shape : kShapes)
     for (std::int64_t rows : row_counts)

@@ -44,6 +44,9 @@ void linear(const Tensor&, const Tensor&, const Tensor&, float) { not_built("lin
 void linear_silu_mul(const Tensor&, const Tensor&, const Tensor&, const Tensor&, float) {
   not_built("linear_silu_mul");
 }
+void linear_rms_norm(const Tensor&, const Tensor&, float, const Tensor&, const Tensor&, float) {
+  not_built("linear_rms_norm");
+}
 void attention(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                std::int64_t, float, const Tensor&) {
   not_built("attention");

@@ -205,28 +205,21 @@ StepInputs step_inputs(const Tensor& ids, const Tensor& position_ids,
   }
 }
 
-// RMSNorm: float32 out on the CPU; the weights' dtype on the GPU (what the next GEMM reads).
+// Several projections of one RMS-normed hidden state (q/k/v; gate/up). CPU: the norm, then
+// cpu::linear_fused. GPU: one GEMM over the fused matrix with the norm made inside its kernel
+// (few rows; more rows norm first), biases added per part, the parts handed back as column views
+// of the one output.
 template <class B>
-Tensor norm(const Tensor& x, const Tensor& weight, double eps, DType gpu_dtype) {
-  if constexpr (B::kDevice == Device::kCpu) {
-    (void)gpu_dtype;
-    return cpu::rms_norm(x, weight, static_cast<float>(eps));
-  } else {
-    return cuda::rms_norm(x, weight, static_cast<float>(eps), gpu_dtype);
-  }
-}
-
-// Several projections of one x. CPU: cpu::linear_fused. GPU: one GEMM over the fused matrix,
-// biases added per part, the parts handed back as column views of the one output.
-template <class B>
-std::vector<Tensor> project(const Tensor& x, std::span<const cpu::Weight* const> weights,
-                            std::span<const Tensor* const> biases, const Tensor& fused) {
+std::vector<Tensor> project_normed(const Tensor& hidden, const Tensor& norm_weight, double eps,
+                                   std::span<const cpu::Weight* const> weights,
+                                   std::span<const Tensor* const> biases, const Tensor& fused) {
   if constexpr (B::kDevice == Device::kCpu) {
     (void)fused;
-    return cpu::linear_fused(x, weights, biases);
+    return cpu::linear_fused(cpu::rms_norm(hidden, norm_weight, static_cast<float>(eps)), weights,
+                             biases);
   } else {
-    Tensor out = cuda::empty({x.size(0), fused.size(0)}, fused.dtype());
-    cuda::linear(x, fused, out);
+    Tensor out = cuda::empty({hidden.size(0), fused.size(0)}, fused.dtype());
+    cuda::linear_rms_norm(hidden, norm_weight, static_cast<float>(eps), fused, out);
     std::vector<Tensor> parts;
     std::int64_t c0 = 0;
     for (std::size_t i = 0; i < weights.size(); ++i) {
@@ -491,11 +484,11 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given) const {
 
   for (std::size_t l = 0; l < layers_.size(); ++l) {
     const Layer& w = layers_[l];
-    const Tensor x = norm<B>(hidden, w.input_norm, c.rms_norm_eps, kv_dtype_);
     // Projections come out [batch * q_len, heads * head_dim]; seen as [batch, heads, q_len, hd].
     const cpu::Weight* qkv[] = {&w.q, &w.k, &w.v};
     const Tensor* qkv_bias[] = {&w.q_bias, &w.k_bias, &w.v_bias};
-    const std::vector<Tensor> proj = project<B>(x, qkv, qkv_bias, w.qkv_fused);
+    const std::vector<Tensor> proj =
+        project_normed<B>(hidden, w.input_norm, c.rms_norm_eps, qkv, qkv_bias, w.qkv_fused);
     const Tensor q = split_heads(proj[0], batch, q_len, heads, hd);
     const Tensor k = split_heads(proj[1], batch, q_len, kv_heads, hd);
     const Tensor v = split_heads(proj[2], batch, q_len, kv_heads, hd);
@@ -516,10 +509,10 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given) const {
                                           in.cache_position);  // [batch, q_len, heads, hd]
     add_projection<B>(hidden, attn.view({batch * q_len, heads * hd}), w.o, w.o_bias);
 
-    const Tensor y = norm<B>(hidden, w.post_norm, c.rms_norm_eps, kv_dtype_);
     const cpu::Weight* gate_up[] = {&w.gate, &w.up};
     const Tensor* gate_up_bias[] = {&w.gate_bias, &w.up_bias};
-    const std::vector<Tensor> mlp = project<B>(y, gate_up, gate_up_bias, w.gate_up_fused);
+    const std::vector<Tensor> mlp = project_normed<B>(hidden, w.post_norm, c.rms_norm_eps, gate_up,
+                                                      gate_up_bias, w.gate_up_fused);
     add_mlp_down<B>(hidden, mlp[0], mlp[1], w.down, w.down_bias);
   }
 
@@ -527,14 +520,15 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given) const {
   const std::int64_t keep = args.logits_to_keep > 0 ? std::min(args.logits_to_keep, q_len) : q_len;
   Tensor last = B::empty(std::array<std::int64_t, 3>{batch, keep, c.hidden_size}, DType::kFloat32);
   B::copy(last, hidden.view({batch, q_len, c.hidden_size}).slice(1, q_len - keep, q_len));
-  const Tensor normed =
-      norm<B>(last.view({batch * keep, c.hidden_size}), final_norm_, c.rms_norm_eps, kv_dtype_);
+  const Tensor rows = last.view({batch * keep, c.hidden_size});
   if constexpr (B::kDevice == Device::kCpu) {
+    const Tensor normed = cpu::rms_norm(rows, final_norm_, static_cast<float>(c.rms_norm_eps));
     return cpu::linear(normed, lm_head_).view({batch, keep, c.vocab_size});
   } else {
     Tensor logits = cuda::empty_persistent(std::array<std::int64_t, 2>{batch * keep, c.vocab_size},
                                            DType::kFloat32);
-    cuda::linear(normed, lm_head_.dense(), logits);
+    cuda::linear_rms_norm(rows, final_norm_, static_cast<float>(c.rms_norm_eps), lm_head_.dense(),
+                          logits);
     return logits.view({batch, keep, c.vocab_size});
   }
 }

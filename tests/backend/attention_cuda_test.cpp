@@ -1,9 +1,11 @@
 // cuda::attention against cpu::attention on the same inputs (fresh random values, never zeros;
 // `out` poisoned with NaN before each launch). The shapes reach every path of the CUDA code:
-//   decode (q_len 1, 2, 5): the flash-decoding kernel at head_dim 64/128 with 1, 2, 4 or 8 rows
-//     per block, the generic SIMT kernel at 16/24 and for misaligned views; contexts long enough
-//     (5000, 16411) that the keys are split across blocks and merged, with left padding long
-//     enough that whole splits see no key;
+//   decode (q_len 1, 2, 5, 7, 8): the tensor-core flash-decoding kernel for bfloat16/float16 at
+//     head_dim 64/128 (16 rows per block, up to 4 row blocks), the SIMT one for float32 with 1,
+//     2, 4 or 8 rows per block, the generic SIMT kernel at 16/24 and for misaligned views;
+//     contexts long enough (5000, 16411) that the keys are split across blocks and merged, with
+//     left padding long enough that whole splits see no key, and queries in mid-cache whose
+//     causal frontier ends splits early;
 //   prefill (q_len 37, 128, 300): the tensor-core kernel for bfloat16/float16 at 64/128, the SIMT
 //     kernel for float32 and the other head dims; causal from 0, chunked prefill against an
 //     existing cache (positions past..past+q_len-1), a kv_offset (key 0 is not slot 0);
@@ -338,6 +340,37 @@ TEST_F(CudaAttention, RowsThatSeeNoKeyAreZeros) {
         c.past = 0;
         EXPECT_EQ(run_case(c, rng).empty_rows, 2 * q_len) << c.describe();
       }
+}
+
+TEST_F(CudaAttention, DecodeManyRowsAndMidCacheFrontierMatchesCpu) {
+  std::mt19937 rng(609);
+  for (DType dtype : kFloatTypes)
+    for (std::int64_t head_dim : {64, 128})
+      for (const HeadCounts& heads : {HeadCounts{32, 4}, HeadCounts{12, 4}})
+        for (std::int64_t q_len : {7, 8}) {
+          // Up to 64 packed rows (several row blocks of the decode kernels), queries in the middle
+          // of the cache (slots 10..; queries at 1500..): the causal frontier ends some splits
+          // early, leaves later ones empty, and differs between the rows of one block.
+          Case c;
+          c.dtype = dtype;
+          c.head_dim = head_dim;
+          c.num_heads = heads.num_heads;
+          c.num_kv_heads = heads.num_kv_heads;
+          c.q_len = q_len;
+          c.kv_len = 3000;
+          c.kv_offset = 10;
+          c.past = 1500;
+          c.left_pad = 700;
+          run_case(c, rng);
+          // One unit, no mask: as many splits as the planner allows, all cut by the frontier.
+          c.batch = 1;
+          c.left_pad = 0;
+          c.use_mask = false;
+          c.num_heads = heads.num_heads / heads.num_kv_heads;
+          c.num_kv_heads = 1;
+          c.past = 40;
+          run_case(c, rng);
+        }
 }
 
 TEST_F(CudaAttention, ChecksArguments) {

@@ -992,5 +992,107 @@ TEST_F(CudaOps, LinearSiluMulEqualsSiluMulThenLinear) {
   EXPECT_KVCACHE_ERROR(cuda::linear_silu_mul(g, g, cuda::to_host(w), out), "float CUDA weight");
 }
 
+// Bytes of two device tensors of one shape and dtype: equal, or the first differing element.
+void expect_same_bits(const Tensor& a_device, const Tensor& b_device) {
+  const Tensor a = cuda::to_host(a_device), b = cuda::to_host(b_device);
+  ASSERT_EQ(a.nbytes(), b.nbytes());
+  if (std::memcmp(a.data(), b.data(), a.nbytes()) == 0) return;
+  const std::vector<double> av = to_doubles(a), bv = to_doubles(b);
+  const std::size_t elem = a.nbytes() / av.size();
+  for (std::size_t i = 0; i < av.size(); ++i) {
+    if (std::memcmp(static_cast<const unsigned char*>(a.data()) + i * elem,
+                    static_cast<const unsigned char*>(b.data()) + i * elem, elem) != 0) {
+      FAIL() << "element " << i << " (row " << static_cast<std::int64_t>(i) / a.size(1)
+             << ", column " << static_cast<std::int64_t>(i) % a.size(1) << "): fused " << av[i]
+             << ", rms_norm then linear " << bv[i];
+    }
+  }
+}
+
+// linear_rms_norm against rms_norm then linear. For 16-bit weights and 1 to 8 rows the GEMV kernel
+// makes x itself, with norms.cu's reduction order and rounding, so x holds the same bits, and then
+// runs the very plan linear runs on x: the results must be equal bit for bit. 9 rows, float32
+// weights, rows too wide to fuse (8 × 4104) and unaligned x take rms_norm then linear, equal too.
+TEST_F(CudaOps, LinearRmsNormEqualsRmsNormThenLinearBitForBit) {
+  std::mt19937 rng(27);
+  struct Case {
+    std::int64_t in, out, x_offset;  // x: columns [x_offset, x_offset + in) of [rows, in + 12]
+    float eps;
+  };
+  const Case cases[] = {{576, 257, 4, 1e-5f},
+                        {2048, 2560, 4, 1e-6f},
+                        {4104, 257, 4, 1e-5f},
+                        {576, 2560, 0, 1e-6f},
+                        {2048, 257, 1, 1e-5f}};
+  for (DType wt : kFloatTypes) {
+    for (const Case& k : cases) {
+      if (wt == DType::kFloat32 && k.in == 4104) continue;
+      const Tensor w_host = random_tensor({k.out, k.in}, wt, rng);
+      const Tensor w = cuda::to_device(w_host);
+      // norm_weight around 1, as a trained model's are, with a few sign flips.
+      Tensor nw_host = random_tensor({k.in}, DType::kFloat32, rng, 0.5f);
+      for (std::int64_t i = 0; i < k.in; ++i)
+        nw_host.data_as<float>()[i] += i % 7 == 3 ? -1.0f : 1.0f;
+      const Tensor nw = cuda::to_device(nw_host);
+      for (std::int64_t rows = 1; rows <= 9; ++rows) {
+        // hidden: a residual stream with a row of large and a row of tiny values.
+        Tensor x_wide = random_tensor({rows, k.in + 12}, DType::kFloat32, rng, 3.0f);
+        const float row_scale[] = {1.0f, 40.0f, 1e-3f};
+        for (std::int64_t r = 0; r < rows; ++r)
+          for (std::int64_t i = 0; i < k.in + 12; ++i)
+            x_wide.data_as<float>()[r * (k.in + 12) + i] *= row_scale[r % 3];
+        const Tensor x = cuda::to_device(x_wide).slice(1, k.x_offset, k.x_offset + k.in);
+        const Tensor normed = cuda::rms_norm(x, nw, k.eps, wt);
+        const std::vector<DType> outs = wt == DType::kFloat32
+                                            ? std::vector<DType>{DType::kFloat32}
+                                            : std::vector<DType>{wt, DType::kFloat32};
+        for (DType ot : outs) {
+          for (float beta : {0.0f, 1.0f}) {
+            SCOPED_TRACE(::testing::Message()
+                         << "rows " << rows << " in " << k.in << " out " << k.out << " x offset "
+                         << k.x_offset << " weight " << dtype_name(wt) << " out " << dtype_name(ot)
+                         << " beta " << beta);
+            Tensor residual;
+            const Tensor fused_out = output_for(rows, k.out, ot, beta, rng, residual);
+            const Tensor split_out =
+                beta == 0.0f ? poisoned_device({rows, k.out + 9}, ot) : cuda::to_device(residual);
+            cuda::linear_rms_norm(x, nw, k.eps, w, fused_out.slice(1, 2, 2 + k.out), beta);
+            cuda::linear(normed, w, split_out.slice(1, 2, 2 + k.out), beta);
+            expect_same_bits(fused_out, split_out);
+            if (HasFatalFailure()) return;
+            if (rows == 1 || rows == 8) {  // and both are the product, within float32 accumulation
+              std::vector<double> value, magnitude;
+              float64_product(device_values(normed), to_doubles(w_host), rows, k.in, k.out, value,
+                              magnitude);
+              double max_err = 0;
+              expect_product(fused_out, residual, value, magnitude, rows, k.out, ot, max_err);
+              if (HasFatalFailure()) return;
+            }
+          }
+        }
+      }
+    }
+  }
+  // Argument checks.
+  const Tensor x = cuda::to_device(random_tensor({2, 16}, DType::kFloat32, rng));
+  const Tensor nw = cuda::to_device(random_tensor({16}, DType::kFloat32, rng));
+  const Tensor w = cuda::to_device(random_tensor({8, 16}, DType::kBFloat16, rng));
+  const Tensor out = cuda::empty({2, 8}, DType::kFloat32);
+  EXPECT_KVCACHE_ERROR(cuda::linear_rms_norm(cuda::cast(x, DType::kBFloat16), nw, 1e-5f, w, out),
+                       "expected x [rows, 16] float32");
+  EXPECT_KVCACHE_ERROR(cuda::linear_rms_norm(x.slice(1, 0, 8), nw, 1e-5f, w, out),
+                       "expected x [rows, 16] float32");
+  EXPECT_KVCACHE_ERROR(cuda::linear_rms_norm(x, nw.slice(0, 0, 8), 1e-5f, w, out),
+                       "expected norm_weight [16] float32");
+  EXPECT_KVCACHE_ERROR(cuda::linear_rms_norm(x, cuda::cast(nw, DType::kBFloat16), 1e-5f, w, out),
+                       "expected norm_weight [16] float32");
+  EXPECT_KVCACHE_ERROR(cuda::linear_rms_norm(x, nw, 1e-5f, w, cuda::empty({2, 9}, DType::kFloat32)),
+                       "expected out [2, 8]");
+  EXPECT_KVCACHE_ERROR(cuda::linear_rms_norm(x, nw, 1e-5f, w, cuda::empty({2, 8}, DType::kFloat16)),
+                       "got out float16 for weight bfloat16");
+  EXPECT_KVCACHE_ERROR(cuda::linear_rms_norm(x, nw, 1e-5f, cuda::to_host(w), out),
+                       "float CUDA weight");
+}
+
 }  // namespace
 }  // namespace kvcache

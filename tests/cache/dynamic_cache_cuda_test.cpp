@@ -119,6 +119,25 @@ TEST_F(CudaTest, ScratchScopeReusesOneBlockAndNeverHoldsCacheStorage) {
   EXPECT_NE(x.data(), y.data());
 }
 
+// The legacy format on the GPU: from_legacy_cache copies device tensors into device storage,
+// to_legacy_cache hands back views of it.
+TEST_F(CudaTest, LegacyRoundTripOnTheDevice) {
+  std::mt19937 rng(55);
+  LegacyCache legacy;
+  for (int l = 0; l < 3; ++l)
+    legacy.emplace_back(cuda::to_device(random_tensor({2, 2, 5, 16}, DType::kBFloat16, rng)),
+                        cuda::to_device(random_tensor({2, 2, 5, 16}, DType::kBFloat16, rng)));
+  const auto cache = DynamicCache<cuda::Backend>::from_legacy_cache(legacy);
+  const LegacyCache back = cache.to_legacy_cache();
+  ASSERT_EQ(back.size(), legacy.size());
+  for (std::size_t l = 0; l < legacy.size(); ++l) {
+    EXPECT_NE(back[l].first.data(), legacy[l].first.data());  // copied into cache storage
+    EXPECT_EQ(to_doubles(cuda::to_host(back[l].first)), to_doubles(cuda::to_host(legacy[l].first)));
+    EXPECT_EQ(to_doubles(cuda::to_host(back[l].second)),
+              to_doubles(cuda::to_host(legacy[l].second)));
+  }
+}
+
 TEST_F(CudaTest, HostStatesAreRejected) {
   std::mt19937 rng(53);
   DynamicCache<cuda::Backend> gpu;

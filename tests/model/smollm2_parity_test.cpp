@@ -118,6 +118,27 @@ TEST(SmolLM2, Bfloat16OnTheGpuTracksTheCpu) {
   }
 }
 
+// generate() on the GPU chooses tokens on the device: sampling with top_k = 1 is greedy, and one
+// seed gives the same tokens twice.
+TEST(SmolLM2, SamplingOnTheGpuRepeatsAndTopKOneIsGreedy) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const LlamaModel& gpu = default_model_cuda();
+  const auto [ids, mask] = left_pad({{1, 9690, 28, 744, 506, 1109, 30}, {1, 9690}}, 0);
+  const auto greedy = generate(gpu, ids, mask, {.max_new_tokens = 12}).new_tokens;
+  const auto top1 =
+      generate(gpu, ids, mask, {.max_new_tokens = 12, .do_sample = true, .top_k = 1, .seed = 3})
+          .new_tokens;
+  EXPECT_EQ(top1, greedy);
+  const GenerationConfig sample{
+      .max_new_tokens = 12, .do_sample = true, .temperature = 0.9f, .top_p = 0.95f, .seed = 11};
+  const auto a = generate(gpu, ids, mask, sample).new_tokens;
+  EXPECT_EQ(generate(gpu, ids, mask, sample).new_tokens, a);
+  DynamicCache<cuda::Backend> cache;
+  const GenerateResult r = generate(gpu, ids, mask, {.max_new_tokens = 5}, &cache);
+  EXPECT_EQ(cache.get_seq_length(), ids.size(1) + 4);  // the last token needs no forward pass
+  EXPECT_EQ(r.cache_length, cache.get_seq_length());
+}
+
 // A model on the GPU refuses a cache on the CPU (and the other way round), naming both devices.
 TEST(SmolLM2, CacheOnTheWrongDeviceIsAnError) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";

@@ -168,6 +168,13 @@ void linear(const Tensor& x, const Tensor& weight, const Tensor& out, float beta
 void linear_silu_mul(const Tensor& gate, const Tensor& up, const Tensor& weight, const Tensor& out,
                      float beta = 0.0f);
 
+/// out = rms_norm(x, norm_weight, eps) · weightᵀ + beta · out, the norm made inside the
+/// projection's kernel when few rows run (bit for bit what rms_norm then linear give); x [rows, in]
+/// float32 (any row stride), norm_weight [in] float32, weight [out_features, in] 16-bit or float32,
+/// out as for linear. More rows run rms_norm then linear.
+void linear_rms_norm(const Tensor& x, const Tensor& norm_weight, float eps, const Tensor& weight,
+                     const Tensor& out, float beta = 0.0f);
+
 /// softmax(Q·Kᵀ·scale + mask)·V, as cpu::attention computes it, grouped-query aware:
 ///   query           [batch, num_heads, q_len, head_dim]        any strides, last dim contiguous
 ///   keys, values    [batch, num_kv_heads, kv_len, head_dim]    query's dtype, same stride rules
