@@ -18,6 +18,7 @@
 #include "attention.cuh"
 #include "check.cuh"
 #include "dtype.cuh"
+#include "kvcache/backend/attention_shapes.hpp"
 #include "kvcache/backend/cuda.hpp"
 
 namespace kvcache::cuda {
@@ -33,34 +34,12 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values, co
                const Tensor& cache_position, std::int64_t kv_offset, float scale,
                const Tensor& out) {
   const char* where = "cuda::attention";
-  const std::pair<const char*, const Tensor*> operands[] = {
-      {"query", &query}, {"keys", &keys}, {"values", &values}, {"out", &out}};
-  for (const auto& [name, t] : operands) {
-    KVCACHE_CHECK(t->defined() && t->rank() == 4, where, ": expected ", name,
-                  " as a rank-4 tensor, got ", t->defined() ? t->describe() : "undefined");
-    KVCACHE_CHECK(t->device() == Device::kCuda, where, ": expected ", name,
-                  " on the cuda device, got ", t->describe());
-    KVCACHE_CHECK(t->dtype() == query.dtype(), where, ": expected ", name, " in ",
-                  dtype_name(query.dtype()), " (the query's dtype), got ", t->describe());
-  }
+  const kvcache::detail::AttentionShape shape =
+      kvcache::detail::check_attention_operands(query, keys, values, out, Device::kCuda, where);
   const DType dtype = query.dtype();
-  KVCACHE_CHECK(is_floating(dtype), where, ": expected float32, float16 or bfloat16, got ",
-                dtype_name(dtype));
-  const std::int64_t batch = query.size(0), num_heads = query.size(1), q_len = query.size(2),
-                     head_dim = query.size(3);
-  const std::int64_t num_kv_heads = keys.size(1), kv_len = keys.size(2);
-  KVCACHE_CHECK(keys.size(0) == batch && keys.size(3) == head_dim, where, ": expected keys [",
-                batch, ", num_kv_heads, kv_len, ", head_dim, "], got ", keys.shape_string());
-  KVCACHE_CHECK(values.size(0) == batch && values.size(1) == num_kv_heads &&
-                    values.size(2) == kv_len && values.size(3) == head_dim,
-                where, ": expected values shaped like keys ", keys.shape_string(), ", got ",
-                values.shape_string());
-  KVCACHE_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, where, ": expected num_heads (",
-                num_heads, ") to be a multiple of num_kv_heads, got ", num_kv_heads);
-  KVCACHE_CHECK(out.size(0) == batch && out.size(1) == q_len && out.size(2) == num_heads &&
-                    out.size(3) == head_dim,
-                where, ": expected out [", batch, ", ", q_len, ", ", num_heads, ", ", head_dim,
-                "], got ", out.shape_string());
+  const std::int64_t batch = shape.batch, num_heads = shape.num_heads, q_len = shape.q_len,
+                     head_dim = shape.head_dim, num_kv_heads = shape.num_kv_heads,
+                     kv_len = shape.kv_len;
   KVCACHE_CHECK(head_dim > 0 && head_dim <= 256 && head_dim % 2 == 0, where,
                 ": expected an even head_dim up to 256, got ", head_dim);
   KVCACHE_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1, where,

@@ -19,6 +19,7 @@
 
 #include "kvcache/error.hpp"
 #include "kvcache/tensor.hpp"
+#include "mma.cuh"
 
 namespace kvcache::cuda::detail {
 
@@ -132,21 +133,6 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-/// Programmatic dependent launch (sm_90): the merge kernel is launched while the split kernel
-/// finishes, and waits here until the split kernel's writes are complete and visible. A no-op
-/// when the kernel was launched without the attribute.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-/// Lets the dependent (merge) grid start launching; it still waits for this grid's completion.
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
 }
 
 /// A key's visibility limit for packed row `row`: key j is causally visible iff j <= limit.

@@ -393,60 +393,6 @@ struct MmaShape {
   static_assert(kTileKeys % 16 == 0 && kChunksPerLane >= 1);
 };
 
-// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] tile (chunk c of
-// row r at c ^ (r mod 8): the 8 row addresses of every ldmatrix hit 8 different bank groups).
-template <int D>
-__device__ __forceinline__ int mma_swizzled(int row, int chunk) {
-  return (row * (D / 8) + (chunk ^ (row & 7))) * 8;
-}
-
-__device__ __forceinline__ void mma_ldmatrix_x4(std::uint32_t (&r)[4], const void* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-__device__ __forceinline__ void mma_ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-// d += a · b for one m16n8k16 tile, float32 accumulators.
-template <class T>
-__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const std::uint32_t (&a)[4],
-                                             std::uint32_t b0, std::uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// Two floats as one 32-bit register of T pairs (the lower-indexed element in the low half).
-template <class T>
-__device__ __forceinline__ std::uint32_t pack_pair(float lo, float hi) {
-  std::uint32_t word;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
-    __builtin_memcpy(&word, &pair, sizeof(word));
-  } else {
-    const __half2 pair = __floats2half2_rn(lo, hi);
-    __builtin_memcpy(&word, &pair, sizeof(word));
-  }
-  return word;
-}
-
 template <class T, int D>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     decode_mma_kernel(const AttentionView p, const SplitPlan plan, float* __restrict__ partial_out,
@@ -526,7 +472,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       const int r = flat / S::kChunks, chunk = flat % S::kChunks, key = key0 + r;
       const bool in_range = key < key_end;
       const std::int64_t at = in_range ? key : key_begin;  // any valid row when zero-filling
-      const int dst = mma_swizzled<D>(r, chunk);
+      const int dst = swizzled<D>(r, chunk);
       cp_async_16(keys_dst + dst, key_base + at * p.k_stride_seq + chunk * 8, in_range);
       cp_async_16(values_dst + dst, value_base + at * p.v_stride_seq + chunk * 8, in_range);
     }
@@ -570,9 +516,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
         // (8-15, 0-7), (8-15, 8-15) of the pair's 16 keys and the k-step's 16 dims.
         std::uint32_t kf[4];
         const int key = np * 16 + (lane / 16) * 8 + lane % 8;
-        mma_ldmatrix_x4(kf, keys_s + mma_swizzled<D>(key, ks * 2 + (lane / 8) % 2));
-        mma_m16n8k16<T>(s[2 * np], q_frag[ks], kf[0], kf[1]);
-        mma_m16n8k16<T>(s[2 * np + 1], q_frag[ks], kf[2], kf[3]);
+        ldmatrix_x4(kf, keys_s + swizzled<D>(key, ks * 2 + (lane / 8) % 2));
+        mma_16816<T>(s[2 * np], q_frag[ks], kf[0], kf[1]);
+        mma_16816<T>(s[2 * np + 1], q_frag[ks], kf[2], kf[3]);
       }
     }
 
@@ -631,19 +577,18 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     // O += P·V: the accumulators of key tiles 2kk, 2kk + 1 are the A fragment of k-step kk.
 #pragma unroll
     for (int kk = 0; kk < S::kKeySteps; ++kk) {
-      const std::uint32_t pf[4] = {pack_pair<T>(s[2 * kk][0], s[2 * kk][1]),
-                                   pack_pair<T>(s[2 * kk][2], s[2 * kk][3]),
-                                   pack_pair<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                   pack_pair<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      const std::uint32_t pf[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                                   pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                   pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
       for (int dp = 0; dp < S::kDimTiles / 2; ++dp) {
         // B fragments of dim tiles 2dp, 2dp + 1, transposed from [key][dim] rows: matrices
         // (keys 0-7, dims 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
         std::uint32_t vf[4];
-        mma_ldmatrix_x4_trans(vf,
-                              values_s + mma_swizzled<D>(kk * 16 + lane % 16, dp * 2 + lane / 16));
-        mma_m16n8k16<T>(o[2 * dp], pf, vf[0], vf[1]);
-        mma_m16n8k16<T>(o[2 * dp + 1], pf, vf[2], vf[3]);
+        ldmatrix_x4_trans(vf, values_s + swizzled<D>(kk * 16 + lane % 16, dp * 2 + lane / 16));
+        mma_16816<T>(o[2 * dp], pf, vf[0], vf[1]);
+        mma_16816<T>(o[2 * dp + 1], pf, vf[2], vf[3]);
       }
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
@@ -712,7 +657,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       // sum >= 1 whenever a key was seen (the max key contributes exp2(0)); else zeros.
       const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
       *reinterpret_cast<std::uint32_t*>(out + out_row_offset(p, b, kv_head, row) + d) =
-          pack_pair<T>(o0 * inv, o1 * inv);
+          pack2<T>(o0 * inv, o1 * inv);
     } else {
       const std::int64_t prow =
           (static_cast<std::int64_t>(unit) * plan.splits + split) * p.rows + row;

@@ -58,6 +58,7 @@
 
 #include "check.cuh"
 #include "dtype.cuh"
+#include "mma.cuh"
 
 namespace kvcache::cuda::detail {
 namespace {
@@ -124,18 +125,6 @@ __device__ __forceinline__ uint4 load_streaming(const void* p) {
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
-
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
 }
 
 // d += A · B for one m16n8k16 step: A rows 0-7 are (a_lo: k 2t, 2t+1; a_hi: k 2t+8, 2t+9) of row

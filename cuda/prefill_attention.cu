@@ -41,57 +41,6 @@ constexpr std::size_t prefill_smem_bytes() {
   return static_cast<std::size_t>(kBlockRows * D + 4 * kBlockKeys * D) * 2;
 }
 
-// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] tile.
-template <int D>
-__device__ __forceinline__ int swizzled(int row, int chunk) {
-  return (row * (D / 8) + (chunk ^ (row & 7))) * 8;
-}
-
-__device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const void* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// d += a · b for one m16n8k16 tile, float32 accumulators.
-template <class T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const std::uint32_t (&a)[4],
-                                          std::uint32_t b0, std::uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// Two floats as one 32-bit register of T pairs (the lower-indexed element in the low half).
-template <class T>
-__device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
-  std::uint32_t word;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
-    __builtin_memcpy(&word, &pair, sizeof(word));
-  } else {
-    const __half2 pair = __floats2half2_rn(lo, hi);
-    __builtin_memcpy(&word, &pair, sizeof(word));
-  }
-  return word;
-}
-
 template <class T, int D>
 __global__ void __launch_bounds__(kPrefillThreads)
     prefill_attention_kernel(const AttentionView p, int row_blocks) {

@@ -32,6 +32,7 @@
 #endif
 
 #include "kvcache/attention/mask.hpp"
+#include "kvcache/backend/attention_shapes.hpp"
 #include "kvcache/backend/cpu.hpp"
 #include "simd.hpp"
 
@@ -490,34 +491,11 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
                std::span<const std::uint8_t> mask, std::span<const std::int64_t> cache_position,
                std::int64_t kv_offset, float scale, const Tensor& out) {
   const char* where = "cpu::attention";
-  for (const Tensor* t : {&query, &keys, &values, &out}) {
-    KVCACHE_CHECK(t->defined() && t->rank() == 4, where, ": expected rank-4 tensors, got ",
-                  t->describe());
-    KVCACHE_CHECK(t->device() == Device::kCpu, where, ": expected CPU tensors, got ",
-                  t->describe());
-    KVCACHE_CHECK(t->dtype() == query.dtype(), where, ": expected every tensor in ",
-                  dtype_name(query.dtype()), " (the query's dtype), got ", t->describe());
-  }
-  KVCACHE_CHECK(is_floating(query.dtype()), where, ": expected float32, float16 or bfloat16, got ",
-                dtype_name(query.dtype()));
-  const std::int64_t batch = query.size(0), num_heads = query.size(1), q_len = query.size(2),
-                     head_dim = query.size(3);
-  const std::int64_t num_kv_heads = keys.size(1), kv_len = keys.size(2);
-  KVCACHE_CHECK(keys.size(0) == batch && keys.size(3) == head_dim, where, ": expected keys [",
-                batch, ", num_kv_heads, kv_len, ", head_dim, "], got ", keys.shape_string());
-  KVCACHE_CHECK(values.size(0) == batch && values.size(1) == num_kv_heads &&
-                    values.size(2) == kv_len && values.size(3) == head_dim,
-                where, ": expected values shaped like keys ", keys.shape_string(), ", got ",
-                values.shape_string());
-  KVCACHE_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, where, ": expected num_heads (",
-                num_heads, ") to be a multiple of num_kv_heads, got ", num_kv_heads);
-  KVCACHE_CHECK(out.size(0) == batch && out.size(1) == q_len && out.size(2) == num_heads &&
-                    out.size(3) == head_dim,
-                where, ": expected out [", batch, ", ", q_len, ", ", num_heads, ", ", head_dim,
-                "], got ", out.shape_string());
-  KVCACHE_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, where,
-                ": expected keys and values with contiguous head_dim, got ", keys.describe(),
-                " and ", values.describe());
+  const detail::AttentionShape shape =
+      detail::check_attention_operands(query, keys, values, out, Device::kCpu, where);
+  const std::int64_t batch = shape.batch, num_heads = shape.num_heads, q_len = shape.q_len,
+                     head_dim = shape.head_dim, num_kv_heads = shape.num_kv_heads,
+                     kv_len = shape.kv_len;
   KVCACHE_CHECK(static_cast<std::int64_t>(cache_position.size()) == q_len, where, ": expected ",
                 q_len, " cache positions (one per query), got ", cache_position.size());
   KVCACHE_CHECK(mask.empty() || static_cast<std::int64_t>(mask.size()) == batch * kv_len, where,
