@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench_util.hpp"
 #include "kvcache/backend/cuda.hpp"
 #include "kvcache/tensor.hpp"
 
@@ -34,50 +35,13 @@ namespace {
 using kvcache::DType;
 using kvcache::Tensor;
 namespace cuda = kvcache::cuda;
+using kvcache::bench_cuda::check;
+using kvcache::bench_cuda::EventTimer;
+using kvcache::bench_cuda::graph_seconds_per_call;
+using kvcache::bench_cuda::skip_without_device;
+using kvcache::bench_cuda::stream;
 
 constexpr int kCallsPerIteration = 20;  // calls between two events
-
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
-}
-
-cudaStream_t stream() { return static_cast<cudaStream_t>(cuda::current_stream()); }
-
-bool skip_without_device(benchmark::State& state) {
-  if (cuda::device_count() > 0) return false;
-  state.SkipWithError("no CUDA device");
-  return true;
-}
-
-// Seconds of GPU time between two events recorded around `work` on the backend's stream.
-class EventTimer {
- public:
-  EventTimer() {
-    check(cudaEventCreate(&start_), "cudaEventCreate");
-    check(cudaEventCreate(&stop_), "cudaEventCreate");
-  }
-  ~EventTimer() {
-    (void)cudaEventDestroy(start_);
-    (void)cudaEventDestroy(stop_);
-  }
-  EventTimer(const EventTimer&) = delete;
-  EventTimer& operator=(const EventTimer&) = delete;
-
-  template <class Work>
-  double seconds(Work&& work) {
-    check(cudaEventRecord(start_, stream()), "cudaEventRecord");
-    work();
-    check(cudaEventRecord(stop_, stream()), "cudaEventRecord");
-    check(cudaEventSynchronize(stop_), "cudaEventSynchronize");
-    float ms = 0.0f;
-    check(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
-    return ms * 1e-3;
-  }
-
- private:
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
-};
 
 // --- device copy ---------------------------------------------------------------------------------
 
@@ -141,47 +105,6 @@ Tensor positions(std::int64_t first, std::int64_t count) {
   return cuda::to_device(host);
 }
 
-// Seconds per call of `record` (kCallsPerIteration calls) captured once into a CUDA graph on a
-// stream of its own and replayed; 0 when the capture fails (then the row has no graph counters).
-template <class Record>
-double graph_seconds_per_call(Record&& record) {
-  constexpr int kReplays = 20;
-  const cuda::Stream previous = cuda::current_stream();
-  cudaStream_t capture = nullptr;
-  check(cudaStreamCreateWithFlags(&capture, cudaStreamNonBlocking), "cudaStreamCreate");
-  cuda::set_stream(capture);
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  double seconds = 0.0;
-  bool captured = false;
-  if (cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
-    try {
-      record();
-    } catch (const std::exception&) {
-      // not capturable: fall through with captured = false
-    }
-    captured = cudaStreamEndCapture(capture, &graph) == cudaSuccess && graph != nullptr &&
-               cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
-  }
-  if (captured) {
-    EventTimer timer;
-    timer.seconds([&] {
-      for (int i = 0; i < 3; ++i) check(cudaGraphLaunch(exec, capture), "cudaGraphLaunch");
-    });
-    seconds = timer.seconds([&] {
-      for (int i = 0; i < kReplays; ++i) check(cudaGraphLaunch(exec, capture), "cudaGraphLaunch");
-    });
-    seconds /= static_cast<double>(kReplays) * kCallsPerIteration;
-  }
-  (void)cudaGetLastError();  // a failed capture leaves its error behind
-  if (exec) (void)cudaGraphExecDestroy(exec);
-  if (graph) (void)cudaGraphDestroy(graph);
-  check(cudaStreamSynchronize(capture), "cudaStreamSynchronize");
-  cuda::set_stream(previous);
-  (void)cudaStreamDestroy(capture);
-  return seconds;
-}
-
 constexpr std::int64_t kDecodeHeads = 32, kDecodeKvHeads = 8, kDecodeHeadDim = 128;
 constexpr double kColdBytes = 512.0 * (1 << 20);  // K+V between two reads of the same layer
 
@@ -225,7 +148,8 @@ void bm_decode_attention_cuda(benchmark::State& state) {
 
   // The same calls replayed as a CUDA graph, as a model's decode step runs: no host launch cost
   // between the kernels, so small shapes show the kernels' own bandwidth.
-  const double graph_s = graph_seconds_per_call([&] { calls(kCallsPerIteration); });
+  const double graph_s =
+      graph_seconds_per_call(kCallsPerIteration, [&] { calls(kCallsPerIteration); });
   if (graph_s > 0.0) {
     state.counters["graph_call_us"] = graph_s * 1e6;
     state.counters["graph_copy_ratio"] = kv_bytes / graph_s / copy_bytes_per_second();

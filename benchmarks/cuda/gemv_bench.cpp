@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench_util.hpp"
 #include "kvcache/backend/cuda.hpp"
 #include "kvcache/tensor.hpp"
 
@@ -42,103 +43,18 @@ namespace {
 using kvcache::DType;
 using kvcache::Tensor;
 namespace cuda = kvcache::cuda;
+using kvcache::bench_cuda::check;
+using kvcache::bench_cuda::EventTimer;
+using kvcache::bench_cuda::graph_seconds_per_call;
+using kvcache::bench_cuda::skip_without_device;
+using kvcache::bench_cuda::stream;
 
 constexpr int kCallsPerIteration = 32;  // calls between two events
 constexpr double kColdBytes = 512.0 * (1 << 20);
 
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
-}
-
 void check(cublasStatus_t status, const char* what) {
   if (status != CUBLAS_STATUS_SUCCESS)
     throw std::runtime_error(std::string(what) + ": " + cublasGetStatusString(status));
-}
-
-cudaStream_t stream() { return static_cast<cudaStream_t>(cuda::current_stream()); }
-
-bool skip_without_device(benchmark::State& state) {
-  if (cuda::device_count() > 0) return false;
-  state.SkipWithError("no CUDA device");
-  return true;
-}
-
-// Seconds of GPU time between two events recorded around `work` on the backend's stream, and the
-// host seconds `work` took to issue.
-class EventTimer {
- public:
-  EventTimer() {
-    check(cudaEventCreate(&start_), "cudaEventCreate");
-    check(cudaEventCreate(&stop_), "cudaEventCreate");
-  }
-  ~EventTimer() {
-    (void)cudaEventDestroy(start_);
-    (void)cudaEventDestroy(stop_);
-  }
-  EventTimer(const EventTimer&) = delete;
-  EventTimer& operator=(const EventTimer&) = delete;
-
-  template <class Work>
-  double seconds(Work&& work, double* host_seconds = nullptr) {
-    check(cudaEventRecord(start_, stream()), "cudaEventRecord");
-    const auto issue = std::chrono::steady_clock::now();
-    work();
-    const auto issued = std::chrono::steady_clock::now();
-    check(cudaEventRecord(stop_, stream()), "cudaEventRecord");
-    check(cudaEventSynchronize(stop_), "cudaEventSynchronize");
-    float ms = 0.0f;
-    check(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
-    if (host_seconds) *host_seconds = std::chrono::duration<double>(issued - issue).count();
-    return ms * 1e-3;
-  }
-
- private:
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
-};
-
-// Seconds per call of `record` (kCallsPerIteration calls) captured once into a CUDA graph on a
-// stream of its own and replayed; 0 when the capture fails (then the row has no graph counters).
-// `bind` is called with the capture stream before recording and with the previous stream after.
-template <class Record, class Bind>
-double graph_seconds_per_call(Record&& record, Bind&& bind) {
-  constexpr int kReplays = 20;
-  const cuda::Stream previous = cuda::current_stream();
-  cudaStream_t capture = nullptr;
-  check(cudaStreamCreateWithFlags(&capture, cudaStreamNonBlocking), "cudaStreamCreate");
-  cuda::set_stream(capture);
-  bind();
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  double seconds = 0.0;
-  bool captured = false;
-  if (cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
-    try {
-      record();
-    } catch (const std::exception&) {
-      // not capturable: fall through with captured = false
-    }
-    captured = cudaStreamEndCapture(capture, &graph) == cudaSuccess && graph != nullptr &&
-               cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
-  }
-  if (captured) {
-    EventTimer timer;
-    timer.seconds([&] {
-      for (int i = 0; i < 3; ++i) check(cudaGraphLaunch(exec, capture), "cudaGraphLaunch");
-    });
-    seconds = timer.seconds([&] {
-      for (int i = 0; i < kReplays; ++i) check(cudaGraphLaunch(exec, capture), "cudaGraphLaunch");
-    });
-    seconds /= static_cast<double>(kReplays) * kCallsPerIteration;
-  }
-  (void)cudaGetLastError();  // a failed capture leaves its error behind
-  if (exec) (void)cudaGraphExecDestroy(exec);
-  if (graph) (void)cudaGraphDestroy(graph);
-  check(cudaStreamSynchronize(capture), "cudaStreamSynchronize");
-  cuda::set_stream(previous);
-  bind();
-  (void)cudaStreamDestroy(capture);
-  return seconds;
 }
 
 // --- the shapes ----------------------------------------------------------------------------------
@@ -235,7 +151,8 @@ void run(benchmark::State& state, Problem& p, Call&& call, Bind&& bind) {
   state.counters["host_us"] = host_total / n * 1e6;
   state.counters["read_TBps"] = p.weight_bytes * n / total * 1e-12;
   state.counters["copies"] = static_cast<double>(p.weight.size());
-  const double graph_s = graph_seconds_per_call([&] { calls(kCallsPerIteration); }, bind);
+  const double graph_s = graph_seconds_per_call(
+      kCallsPerIteration, [&] { calls(kCallsPerIteration); }, bind);
   if (graph_s > 0.0) {
     state.counters["graph_call_us"] = graph_s * 1e6;
     state.counters["graph_read_TBps"] = p.weight_bytes / graph_s * 1e-12;

@@ -1,7 +1,7 @@
 // Explicit instantiations of the header templates for the CPU backend, so users of the common
 // types do not compile them in every translation unit.
-#include "kvcache/backend/cpu.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
+#include "kvcache/backend/cpu.hpp"
 
 namespace kvcache {
 template class DynamicCache<cpu::Backend>;
