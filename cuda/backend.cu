@@ -208,6 +208,14 @@ Tensor upload(const void* host, std::size_t bytes) {
   return out;
 }
 
+Tensor upload(const Tensor& host) {
+  KVCACHE_CHECK(host.defined() && host.device() == Device::kCpu && host.is_contiguous(),
+                "cuda::upload: expected a contiguous CPU tensor, got ", host.describe());
+  const Tensor bytes = upload(host.data(), host.nbytes());
+  return Tensor::from_storage(bytes.storage(), bytes.data(), host.shape(), host.dtype(),
+                              Device::kCuda);
+}
+
 void synchronize() { KVCACHE_CUDA_CHECK(cudaStreamSynchronize(g_stream)); }
 
 MemoryStats memory_stats() {

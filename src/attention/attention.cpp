@@ -81,9 +81,8 @@ Tensor Attention::forward(const Tensor& query_states, const Tensor& key_states,
                     where, ": expected cache_position_device [", q_len, "] int64 on cuda, got ",
                     positions.describe());
     } else {
-      const Tensor bytes = cuda::upload(cache_position.data(), cache_position.size_bytes());
-      positions = Tensor::from_storage(bytes.storage(), bytes.data(), Shape(&q_len, 1),
-                                       DType::kInt64, Device::kCuda);
+      positions = cuda::upload(Tensor::from_blob(const_cast<std::int64_t*>(cache_position.data()),
+                                                 {q_len}, DType::kInt64));
     }
     Tensor out = cuda::empty({batch, q_len, o.num_heads, o.head_dim}, query_states.dtype());
     auto [keys, values] = cache.update(key_states, value_states, layer_idx_, kwargs);

@@ -29,6 +29,7 @@ void copy2(const Tensor&, const Tensor&, const Tensor&, const Tensor&) { not_bui
 Tensor to_device(const Tensor&) { not_built("to_device"); }
 Tensor to_host(const Tensor&) { not_built("to_host"); }
 Tensor upload(const void*, std::size_t) { not_built("upload"); }
+Tensor upload(const Tensor&) { not_built("upload"); }
 void fill_uniform(const Tensor&, std::uint64_t, float, float) { not_built("fill_uniform"); }
 void synchronize() { not_built("synchronize"); }
 MemoryStats memory_stats() { not_built("memory_stats"); }

@@ -103,9 +103,10 @@ std::vector<std::int64_t> choose_tokens(const Tensor& logits, const GenerationCo
       u = std::uniform_real_distribution<float>(0.0f, 1.0f)(rng);
     }
     const Tensor host_u = Tensor::from_blob(uniforms.data(), {batch}, DType::kFloat32);
+    // Sent without waiting: reading the ids back stays the step's one wait for the GPU.
     const Tensor ids =
         cuda::to_host(cuda::sample(last_position(logits), config.temperature, config.top_k,
-                                   config.top_p, cuda::to_device(host_u)));
+                                   config.top_p, cuda::upload(host_u)));
     return {ids.data_as<std::int64_t>(), ids.data_as<std::int64_t>() + batch};
   }
   std::vector<std::int64_t> next(static_cast<std::size_t>(batch));

@@ -89,6 +89,9 @@ Tensor to_host(const Tensor& device);
 /// thread, grown as needed), so the copy is truly asynchronous and `host` may be reused at once.
 /// A forward pass sends all of a step's small inputs (ids, positions, mask) in one call.
 Tensor upload(const void* host, std::size_t bytes);
+/// The same for a contiguous CPU tensor: a device tensor of its shape and dtype, sent without
+/// waiting (cuda::to_device's asynchronous twin, for a decode step's small inputs).
+Tensor upload(const Tensor& host);
 
 /// Blocks until the backend's stream has finished its work.
 void synchronize();

@@ -156,7 +156,6 @@ class LlamaModel {
   LlamaModel() = default;
   template <class B>
   Tensor forward_on(const ForwardArgs& args, Cache<B>* cache) const;
-  void move_to_cuda(const LoadOptions& options);
 
   ModelConfig config_;
   cpu::Weight embed_tokens_;  // [vocab, hidden]
