@@ -30,9 +30,13 @@ constexpr bool kUseTensorCoreDecode = true;
 
 }  // namespace
 
-void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
-               const Tensor& cache_position, std::int64_t kv_offset, float scale,
-               const Tensor& out) {
+namespace {
+
+// Both entry points: kv_len_device undefined for the ordinary call, else the decode step whose
+// key count is read on the device (keys and values then span the storage's capacity).
+void attention_impl(const Tensor& query, const Tensor& keys, const Tensor& values,
+                    const Tensor& mask, const Tensor& cache_position, std::int64_t kv_offset,
+                    float scale, const Tensor& out, const Tensor& kv_len_device) {
   const char* where = "cuda::attention";
   const kvcache::detail::AttentionShape shape =
       kvcache::detail::check_attention_operands(query, keys, values, out, Device::kCuda, where);
@@ -62,6 +66,17 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values, co
                   where, ": expected a padding mask [", batch, ", ", kv_len,
                   "] uint8 contiguous on cuda, got ", mask.describe());
   }
+  const bool dynamic = kv_len_device.defined();
+  if (dynamic) {
+    KVCACHE_CHECK(kv_len_device.device() == Device::kCuda &&
+                      kv_len_device.dtype() == DType::kInt64 && kv_len_device.numel() == 1 &&
+                      reinterpret_cast<std::uintptr_t>(kv_len_device.data()) % 8 == 0,
+                  where, ": expected kv_len_device int64 [1] on cuda, 8-byte aligned, got ",
+                  kv_len_device.describe());
+    KVCACHE_CHECK(q_len <= detail::kMaxDecodeQLen, where,
+                  ": a key count read on the device serves decode (q_len <= ",
+                  detail::kMaxDecodeQLen, "), got q_len ", q_len);
+  }
   constexpr std::int64_t kIntMax = std::numeric_limits<int>::max();
   KVCACHE_CHECK(batch * num_heads <= kIntMax && q_len * num_heads <= kIntMax && kv_len <= kIntMax,
                 where, ": expected sizes that fit 32-bit indices, got query ", query.shape_string(),
@@ -75,6 +90,8 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values, co
   view.out = out.data();
   view.mask = mask.defined() ? static_cast<const std::uint8_t*>(mask.data()) : nullptr;
   view.cache_position = static_cast<const std::int64_t*>(cache_position.data());
+  view.kv_len_device = dynamic ? static_cast<const std::int64_t*>(kv_len_device.data()) : nullptr;
+  view.mask_stride = kv_len;
   view.q_stride_batch = query.stride(0);
   view.q_stride_head = query.stride(1);
   view.q_stride_seq = query.stride(2);
@@ -119,6 +136,22 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values, co
     partials = workspace.data_as<float>();
   }
   KVCACHE_CUDA_CHECK(detail::launch_split_attention(view, dtype, plan, partials, stream));
+}
+
+}  // namespace
+
+void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
+               const Tensor& cache_position, std::int64_t kv_offset, float scale,
+               const Tensor& out) {
+  attention_impl(query, keys, values, mask, cache_position, kv_offset, scale, out, Tensor());
+}
+
+void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
+               const Tensor& cache_position, std::int64_t kv_offset, float scale, const Tensor& out,
+               const Tensor& kv_len_device) {
+  KVCACHE_CHECK(kv_len_device.defined(),
+                "cuda::attention: expected kv_len_device int64 [1] on cuda, got undefined");
+  attention_impl(query, keys, values, mask, cache_position, kv_offset, scale, out, kv_len_device);
 }
 
 }  // namespace kvcache::cuda

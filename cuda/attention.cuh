@@ -32,6 +32,11 @@ struct AttentionView {
   void* out;                           // [batch, q_len, num_heads, head_dim]     contiguous
   const std::uint8_t* mask;            // [batch, kv_len] row-major, nonzero = attend; null: none
   const std::int64_t* cache_position;  // [q_len] absolute slot of each query
+  // Split kernels only: when set, the keys taking part are the first min(*kv_len_device, kv_len)
+  // (a decode step replayed from a CUDA graph; kv_len is then the storage's capacity, which the
+  // split plan covers). Null: all kv_len keys.
+  const std::int64_t* kv_len_device;
+  std::int64_t mask_stride;  // bytes between mask rows (kv_len, or the capacity with kv_len_device)
   std::int64_t q_stride_batch, q_stride_head, q_stride_seq;
   std::int64_t k_stride_batch, k_stride_head, k_stride_seq;
   std::int64_t v_stride_batch, v_stride_head, v_stride_seq;
@@ -141,6 +146,13 @@ __device__ __forceinline__ int row_key_limit(const AttentionView& p, int row) {
   const int i = row / p.group;
   const std::int64_t limit = p.cache_position[i] - p.kv_offset;
   return static_cast<int>(limit < -1 ? -1 : (limit >= p.kv_len ? p.kv_len - 1 : limit));
+}
+
+/// The keys a split kernel's block attends over: kv_len, or the count read on the device.
+__device__ __forceinline__ int visible_keys(const AttentionView& p) {
+  if (p.kv_len_device == nullptr) return p.kv_len;
+  const std::int64_t n = *p.kv_len_device;
+  return static_cast<int>(n < 0 ? 0 : (n > p.kv_len ? p.kv_len : n));
 }
 
 /// Element offset of out[b, i, h, 0] for packed row `row` of kv head `kv_head`.

@@ -218,6 +218,130 @@ Tensor upload(const Tensor& host) {
 
 void synchronize() { KVCACHE_CUDA_CHECK(cudaStreamSynchronize(g_stream)); }
 
+namespace {
+
+// The thread's own stream (non-blocking: no implicit ordering with the legacy default stream,
+// whose activity on another thread would otherwise break a capture) and the event StreamScope
+// orders it after the previous stream with. Created at the first scope, kept for the thread's
+// life, so cuBLAS's per-stream workspace (gemm.cu) is made once, not once per scope.
+struct OwnStream {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t ready = nullptr;
+  ~OwnStream() {
+    if (ready) (void)cudaEventDestroy(ready);
+    if (stream) (void)cudaStreamDestroy(stream);
+  }
+};
+thread_local OwnStream g_own;
+
+}  // namespace
+
+StreamScope::StreamScope() {
+  OwnStream& own = g_own;
+  if (own.stream == nullptr) {
+    cudaStream_t stream = nullptr;
+    KVCACHE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    cudaEvent_t event = nullptr;
+    const cudaError_t made = cudaEventCreateWithFlags(&event, cudaEventDisableTiming);
+    if (made != cudaSuccess) {
+      (void)cudaStreamDestroy(stream);
+      KVCACHE_CUDA_CHECK(made);
+    }
+    own.stream = stream;
+    own.ready = event;
+  }
+  // Work issued before the scope (uploads, cache storage filled on the previous stream) comes
+  // first: the own stream waits for the previous one's current end.
+  KVCACHE_CUDA_CHECK(cudaEventRecord(own.ready, g_stream));
+  KVCACHE_CUDA_CHECK(cudaStreamWaitEvent(own.stream, own.ready, 0));
+  previous_ = g_stream;
+  own_ = own.stream;
+  g_stream = own.stream;
+}
+
+StreamScope::~StreamScope() {
+  // What the scope issued is finished before the previous stream goes on, so memory freed on it
+  // afterwards (its deleters use the current stream) is no longer in use. Never throws.
+  (void)cudaStreamSynchronize(static_cast<cudaStream_t>(own_));
+  g_stream = static_cast<cudaStream_t>(previous_);
+}
+
+MirroredBuffer::MirroredBuffer(std::size_t bytes) : bytes_(bytes) {
+  void* host = nullptr;
+  KVCACHE_CUDA_CHECK(cudaMallocHost(&host, bytes == 0 ? 1 : bytes));
+  host_ = std::shared_ptr<void>(host, [](void* p) { (void)cudaFreeHost(p); });
+  std::memset(host, 0, bytes);
+  device_ = empty_persistent({static_cast<std::int64_t>(bytes)}, DType::kUInt8);
+  if (bytes > 0) KVCACHE_CUDA_CHECK(cudaMemsetAsync(device_.data(), 0, bytes, g_stream));
+}
+
+Tensor MirroredBuffer::device_view(std::size_t offset, Shape shape, DType dtype) const {
+  std::size_t count = 1;
+  for (auto n : shape) {
+    KVCACHE_CHECK(n >= 0, "MirroredBuffer::device_view: expected non-negative sizes, got ", n);
+    count *= static_cast<std::size_t>(n);
+  }
+  const std::size_t need = count * dtype_size(dtype);
+  KVCACHE_CHECK(offset <= bytes_ && need <= bytes_ - offset, "MirroredBuffer::device_view: ", need,
+                " bytes at offset ", offset, " pass the buffer's ", bytes_, " bytes");
+  KVCACHE_CHECK(offset % dtype_size(dtype) == 0, "MirroredBuffer::device_view: offset ", offset,
+                " is not aligned to ", dtype_name(dtype));
+  return Tensor::from_storage(device_.storage(),
+                              static_cast<std::uint8_t*>(device_.data()) + offset, shape, dtype,
+                              Device::kCuda);
+}
+
+void MirroredBuffer::send(std::size_t offset, std::size_t bytes) const {
+  KVCACHE_CHECK(offset <= bytes_ && bytes <= bytes_ - offset, "MirroredBuffer::send: bytes [",
+                offset, ", ", offset + bytes, ") pass the buffer's ", bytes_);
+  if (bytes == 0) return;
+  KVCACHE_CUDA_CHECK(cudaMemcpyAsync(static_cast<std::uint8_t*>(device_.data()) + offset,
+                                     host() + offset, bytes, cudaMemcpyHostToDevice, g_stream));
+}
+
+void MirroredBuffer::receive(std::size_t offset, std::size_t bytes) const {
+  KVCACHE_CHECK(offset <= bytes_ && bytes <= bytes_ - offset, "MirroredBuffer::receive: bytes [",
+                offset, ", ", offset + bytes, ") pass the buffer's ", bytes_);
+  if (bytes == 0) return;
+  KVCACHE_CUDA_CHECK(cudaMemcpyAsync(host() + offset,
+                                     static_cast<const std::uint8_t*>(device_.data()) + offset,
+                                     bytes, cudaMemcpyDeviceToHost, g_stream));
+}
+
+void Graph::begin_capture() {
+  KVCACHE_CHECK(g_stream != nullptr,
+                "cuda::Graph::capture: the legacy default stream cannot be captured; capture "
+                "inside a cuda::StreamScope (or on a stream given to set_stream)");
+  // Thread-local mode: only this thread's unsafe calls (a synchronize, a blocking copy) break it.
+  KVCACHE_CUDA_CHECK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
+}
+
+void Graph::abort_capture() {
+  cudaGraph_t graph = nullptr;
+  (void)cudaStreamEndCapture(g_stream, &graph);
+  if (graph) (void)cudaGraphDestroy(graph);
+  (void)cudaGetLastError();  // a failed capture leaves its error; the stream is usable again
+}
+
+void Graph::end_capture() {
+  cudaGraph_t graph = nullptr;
+  KVCACHE_CUDA_CHECK(cudaStreamEndCapture(g_stream, &graph));
+  std::size_t count = 0;
+  cudaGraphExec_t exec = nullptr;
+  cudaError_t status = cudaGraphGetNodes(graph, nullptr, &count);
+  if (status == cudaSuccess) status = cudaGraphInstantiate(&exec, graph, 0);
+  (void)cudaGraphDestroy(graph);
+  KVCACHE_CUDA_CHECK(status);
+  exec_ = std::shared_ptr<void>(
+      exec, [](void* e) { (void)cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(e)); });
+  nodes_ = count;
+}
+
+void Graph::replay() const {
+  KVCACHE_CHECK(exec_ != nullptr, "cuda::Graph::replay: nothing was captured");
+  KVCACHE_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_.get()), g_stream));
+}
+
 MemoryStats memory_stats() {
   synchronize();
   MemoryStats stats;

@@ -54,6 +54,30 @@ __global__ void strided_copy2_kernel(Word* __restrict__ dst_a, const Word* __res
   }
 }
 
+// append_at's kernel: copy2's two copies with the destination moved along dimension 2 (the
+// cache's slots) by a slot read on the device; nothing is written unless the slots fit.
+template <class Word>
+__global__ void append_at_kernel(Word* __restrict__ dst_a, const Word* __restrict__ src_a,
+                                 Strided4 a, Word* __restrict__ dst_b,
+                                 const Word* __restrict__ src_b, Strided4 b, std::int64_t total,
+                                 const std::int64_t* __restrict__ slot, std::int64_t capacity) {
+  const std::int64_t at = *slot;
+  if (at < 0 || at > capacity - a.shape[2]) return;
+  for (std::int64_t linear = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+       linear < 2 * total; linear += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const bool second = linear >= total;
+    const Strided4& s = second ? b : a;
+    std::int64_t rest = second ? linear - total : linear, dst_off = 0, src_off = 0;
+    for (int d = 3; d >= 0; --d) {
+      const std::int64_t i = rest % s.shape[d];
+      rest /= s.shape[d];
+      dst_off += (d == 2 ? i + at : i) * s.dst_strides[d];
+      src_off += i * s.src_strides[d];
+    }
+    (second ? dst_b : dst_a)[dst_off] = (second ? src_b : src_a)[src_off];
+  }
+}
+
 template <class Word>
 void launch_copy(const Tensor& dst, const Tensor& src, const Strided4& s, std::int64_t total) {
   constexpr int kThreads = 256;
@@ -147,6 +171,61 @@ void copy2(const Tensor& dst_a, const Tensor& src_a, const Tensor& dst_b, const 
     default:
       copy(dst_a, src_a);
       copy(dst_b, src_b);
+  }
+}
+
+void append_at(const Tensor& key_storage, const Tensor& keys, const Tensor& value_storage,
+               const Tensor& values, const Tensor& slot_device) {
+  const char* where = "cuda::append_at";
+  for (const Tensor* t : {&key_storage, &keys, &value_storage, &values}) {
+    KVCACHE_CHECK(
+        t->defined() && t->device() == Device::kCuda && t->rank() == 4 && t->stride(3) == 1, where,
+        ": expected 4-d CUDA tensors with a contiguous last dimension, got ", t->describe());
+    KVCACHE_CHECK(t->dtype() == keys.dtype(), where, ": expected one dtype, got ",
+                  dtype_name(keys.dtype()), " and ", dtype_name(t->dtype()));
+  }
+  for (const Tensor* t : {&value_storage, &values}) {
+    const Tensor& like = t == &values ? keys : key_storage;
+    for (int d = 0; d < 4; ++d) {
+      KVCACHE_CHECK(t->size(d) == like.size(d), where, ": expected values shaped like keys, got ",
+                    like.shape_string(), " and ", t->shape_string());
+    }
+  }
+  for (int d : {0, 1, 3}) {
+    KVCACHE_CHECK(keys.size(d) == key_storage.size(d), where, ": expected keys [",
+                  key_storage.size(0), ", ", key_storage.size(1), ", n, ", key_storage.size(3),
+                  "] for storage ", key_storage.shape_string(), ", got ", keys.shape_string());
+  }
+  KVCACHE_CHECK(keys.size(2) <= key_storage.size(2), where, ": expected at most ",
+                key_storage.size(2), " new slots (the capacity), got ", keys.size(2));
+  KVCACHE_CHECK(slot_device.defined() && slot_device.device() == Device::kCuda &&
+                    slot_device.dtype() == DType::kInt64 && slot_device.numel() == 1 &&
+                    reinterpret_cast<std::uintptr_t>(slot_device.data()) % 8 == 0,
+                where, ": expected the slot as int64 [1] on cuda, 8-byte aligned, got ",
+                slot_device.defined() ? slot_device.describe() : "undefined");
+  // The copy plans of the slots [0, n): the kernel moves them to [slot, slot + n).
+  const std::int64_t n = keys.size(2);
+  const Strided4 a = plan_copy(key_storage.slice(2, 0, n), keys);
+  const Strided4 b = plan_copy(value_storage.slice(2, 0, n), values);
+  const std::int64_t total = keys.numel();
+  if (total == 0) return;
+  constexpr int kThreads = 256;
+  const unsigned grid = detail::grid_for(2 * total, kThreads);
+  auto launch = [&](auto word) {
+    using Word = decltype(word);
+    append_at_kernel<Word><<<grid, kThreads, 0, detail::stream()>>>(
+        static_cast<Word*>(key_storage.data()), static_cast<const Word*>(keys.data()), a,
+        static_cast<Word*>(value_storage.data()), static_cast<const Word*>(values.data()), b, total,
+        static_cast<const std::int64_t*>(slot_device.data()), key_storage.size(2));
+    KVCACHE_CUDA_CHECK(cudaGetLastError());
+  };
+  switch (keys.element_size()) {
+    case 2:
+      return launch(std::uint16_t{});
+    case 4:
+      return launch(std::uint32_t{});
+    default:
+      KVCACHE_FAIL(where, ": expected 2- or 4-byte elements, got ", keys.element_size());
   }
 }
 

@@ -105,8 +105,8 @@ struct DecodeShape {
 
 template <class T, int D, int R>
 __global__ void __launch_bounds__(kDecodeThreads)
-    decode_attention_kernel(const AttentionView p, const SplitPlan plan,
-                            float* __restrict__ partial_out, float2* __restrict__ partial_stats) {
+    decode_attention_kernel(AttentionView p, const SplitPlan plan, float* __restrict__ partial_out,
+                            float2* __restrict__ partial_stats) {
   using S = DecodeShape<T, D>;
   constexpr int E = S::kElems, LPK = S::kLanesPerKey, KPP = S::kKeysPerPass;
   // Pipeline buffers; reused at the end for the cross-warp combine (see below).
@@ -123,6 +123,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int split = index % plan.splits;
   const int unit = index / plan.splits;
   const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+  p.kv_len = visible_keys(p);  // every later use of kv_len sees the step's key count
   const int row0 = row_block * R;
 
   // This lane's chunk of the block's R query rows, in registers, pre-scaled:
@@ -160,8 +161,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head;
   const T* value_base =
       static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head;
-  const std::uint8_t* mask_row =
-      p.mask ? p.mask + static_cast<std::int64_t>(b) * p.kv_len : nullptr;
+  const std::uint8_t* mask_row = p.mask ? p.mask + b * p.mask_stride : nullptr;
 
   // This warp's slice: stage s holds the key tile [kTileKeys][D] at s · 2 · kTileBytes and the
   // value tile right after it, rows packed (row k of the tile = key key0 + k), unswizzled: a pass
@@ -395,7 +395,7 @@ struct MmaShape {
 
 template <class T, int D>
 __global__ void __launch_bounds__(kMmaThreads, 2)
-    decode_mma_kernel(const AttentionView p, const SplitPlan plan, float* __restrict__ partial_out,
+    decode_mma_kernel(AttentionView p, const SplitPlan plan, float* __restrict__ partial_out,
                       float2* __restrict__ partial_stats) {
   using S = MmaShape<D>;
   extern __shared__ __align__(128) unsigned char mma_smem[];
@@ -411,6 +411,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const int split = index % plan.splits;
   const int unit = index / plan.splits;
   const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+  p.kv_len = visible_keys(p);  // every later use of kv_len sees the step's key count
   const int row0 = row_block * kMmaRows;
 
   // This thread's two rows in the fragment layouts: row0 + group_id (a) and row0 + group_id + 8.
@@ -454,8 +455,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head;
   const T* value_base =
       static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head;
-  const std::uint8_t* mask_row =
-      p.mask ? p.mask + static_cast<std::int64_t>(b) * p.kv_len : nullptr;
+  const std::uint8_t* mask_row = p.mask ? p.mask + b * p.mask_stride : nullptr;
 
   // This warp's slice: stage s holds the key tile [kTileKeys][D] (swizzled) at s · 2 · kTileBytes
   // and the value tile right after it.
@@ -688,8 +688,8 @@ constexpr std::size_t generic_smem_bytes(int d) {
 
 template <class T>
 __global__ void __launch_bounds__(kGenericThreads)
-    generic_attention_kernel(const AttentionView p, const SplitPlan plan,
-                             float* __restrict__ partial_out, float2* __restrict__ partial_stats) {
+    generic_attention_kernel(AttentionView p, const SplitPlan plan, float* __restrict__ partial_out,
+                             float2* __restrict__ partial_stats) {
   extern __shared__ float gsmem[];
   const int D = p.head_dim;
   float* q_s = gsmem;                             // [16][D]   q · scale · log2(e)
@@ -706,6 +706,7 @@ __global__ void __launch_bounds__(kGenericThreads)
   const int split = index % plan.splits;
   const int unit = index / plan.splits;
   const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+  p.kv_len = visible_keys(p);  // every later use of kv_len sees the step's key count
   const int row0 = row_block * kGenericRows;
 
   // This warp's rows are row0 + warp · 4 + k; the block's frontier is the max over all 16.
@@ -733,8 +734,7 @@ __global__ void __launch_bounds__(kGenericThreads)
       static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head;
   const T* value_base =
       static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head;
-  const std::uint8_t* mask_row =
-      p.mask ? p.mask + static_cast<std::int64_t>(b) * p.kv_len : nullptr;
+  const std::uint8_t* mask_row = p.mask ? p.mask + b * p.mask_stride : nullptr;
 
   float m[kGenericRowsPerWarp], l[kGenericRowsPerWarp];
   float acc[kGenericRowsPerWarp][kGenericMaxDimsPerLane];  // dims lane + 32 t

@@ -84,8 +84,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
       static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head;
   const T* value_base =
       static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head;
-  const std::uint8_t* mask_row =
-      p.mask ? p.mask + static_cast<std::int64_t>(b) * p.kv_len : nullptr;
+  const std::uint8_t* mask_row = p.mask ? p.mask + b * p.mask_stride : nullptr;
 
   // Q rows (zeros past p.rows), then key/value tile `tile` into buffer `buf`; rows past kv_len
   // are zero-filled so that P·V never multiplies stale memory.

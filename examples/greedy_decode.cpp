@@ -7,7 +7,8 @@
 //
 //   greedy_decode [--model PATH] [--prompt TEXT | --input-ids "1,2,3;4,5"] [--raw] [--system TEXT]
 //                 [--chat] [--max-new-tokens N] [--device cpu|cuda]
-//                 [--dtype float32|bfloat16|float16] [--cache dynamic] [--json]
+//                 [--dtype float32|bfloat16|float16] [--cache dynamic] [--cuda-graph on|off]
+//                 [--json]
 //
 // Rows given with --input-ids (';' separates rows) are left-padded with the model's pad id (0 when
 // it has none) and the attention mask is built to match. --raw sends the prompt without the chat
@@ -17,10 +18,11 @@
 // decode_tokens_per_s, cache_bytes. --device cuda loads the weights onto the GPU (a GGUF file's
 // quantized matrices as bfloat16; --dtype float32 for the exact mode) and runs the same
 // generate() with a DynamicCache<cuda::Backend>; it reports peak device memory beside the weights
-// and the cache. Without --dtype a GGUF file's Q8_0/Q4_1 matrices stay blocks
-// and are multiplied as such (fast; x is rounded to int8 per block, see
-// kvcache/backend/quantized.hpp); --dtype float32 dequantizes them exactly at load, which is how
-// the parity tests match transformers token for token.
+// and the cache, and how many decode steps were replayed from a CUDA graph (--cuda-graph on; off,
+// the default for now, launches every step kernel by kernel). Without --dtype a GGUF file's
+// Q8_0/Q4_1 matrices stay blocks and are multiplied as such (fast; x is rounded to int8 per block,
+// see kvcache/backend/quantized.hpp); --dtype float32 dequantizes them exactly at load, which is
+// how the parity tests match transformers token for token.
 #include <cctype>
 #include <cstdint>
 #include <cstdio>
@@ -53,13 +55,15 @@ struct Options {
   std::string device = "cpu";
   std::string dtype;  // empty: as stored (GGUF Q8_0/Q4_1: quantized blocks)
   std::string cache = "dynamic";
+  bool cuda_graph = false;  // --cuda-graph on: GPU decode steps replayed from a CUDA graph
   bool json = false;
 };
 
 const char* kUsage =
     "usage: greedy_decode [--model PATH] [--prompt TEXT | --input-ids \"1,2,3;4,5\"] [--raw]\n"
     "                     [--system TEXT] [--chat] [--max-new-tokens N] [--device cpu|cuda]\n"
-    "                     [--dtype float32|bfloat16|float16] [--cache dynamic] [--json]\n";
+    "                     [--dtype float32|bfloat16|float16] [--cache dynamic]\n"
+    "                     [--cuda-graph on|off] [--json]\n";
 
 const char* kSeedQuestion = "Hello, what's your name.";
 
@@ -103,6 +107,10 @@ Options parse(int argc, char** argv) {
       o.dtype = value();
     } else if (arg == "--cache") {
       o.cache = value();
+    } else if (arg == "--cuda-graph") {
+      const std::string v = value();
+      if (v != "on" && v != "off") fail("--cuda-graph expects on or off, got '" + v + "'");
+      o.cuda_graph = v == "on";
     } else if (arg == "--json") {
       o.json = true;
     } else if (arg == "--help" || arg == "-h") {
@@ -172,6 +180,7 @@ nlohmann::json result_json(const std::string& model, const kvcache::GenerateResu
   out["decode_steps"] = r.decode_steps;
   out["cache_length"] = r.cache_length;
   out["cache_bytes"] = r.cache_bytes;
+  out["graph_steps"] = r.graph_steps;
   return out;
 }
 
@@ -189,8 +198,11 @@ void print_stats(const kvcache::GenerateResult& r, std::int64_t prompt_tokens, s
               std::string(kvcache::device_name(model.device())).c_str());
   std::printf("prefill: %.2f ms for %lld tokens x %zu rows\n", r.prefill_ms,
               static_cast<long long>(prompt_tokens), rows);
-  std::printf("decode: %.1f tokens/s (%lld steps)\n", r.decode_tokens_per_s,
+  std::printf("decode: %.1f tokens/s (%lld steps", r.decode_tokens_per_s,
               static_cast<long long>(r.decode_steps));
+  if (model.device() == kvcache::Device::kCuda)
+    std::printf(", %lld replayed from a CUDA graph", static_cast<long long>(r.graph_steps));
+  std::printf(")\n");
   std::printf("cache: %lld tokens, %zu bytes\n", static_cast<long long>(r.cache_length),
               r.cache_bytes);
   if (model.device() == kvcache::Device::kCuda) {
@@ -225,6 +237,7 @@ int main(int argc, char** argv) {
     GenerationConfig gen;
     gen.max_new_tokens = o.max_new_tokens;
     gen.pad_token_id = pad;
+    gen.cuda_graph = o.cuda_graph;
 
     if (!tokenizer) {
       // Token ids in, token ids out (models without a tokenizer kvcache can read).

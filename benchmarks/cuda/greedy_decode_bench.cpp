@@ -5,8 +5,10 @@
 //   TinyLlama-1.1B  hidden 2048, 22 layers, 32 heads / 4 kv heads, ffn 5632, vocab 32000
 //   Llama-2-7B      hidden 4096, 32 layers, 32 / 32 heads, ffn 11008, vocab 32000
 // BM_GreedyDecodeCuda reports decode tokens/s (manual time = generate()'s decode time: every step
-// ends by reading the chosen id back, so the host clock sees the GPU's whole step) and
-// floor_ratio = tokens/s over the weight-bytes floor at the same binary's device-copy bandwidth
+// ends by reading the chosen id back, so the host clock sees the GPU's whole step), with the decode
+// step replayed from a CUDA graph (graph:1; the first decode step runs
+// kernel by kernel and the second captures, both inside the timed window) and without (graph:0),
+// and floor_ratio = tokens/s over the weight-bytes floor at the same binary's device-copy bandwidth
 // (BM_DeviceCopyCuda in attention_cuda_bench; 4.18 TB/s on the H200 counting read + write).
 // BM_PrefillCuda times a 512-token prefill (tokens/s) of the same shapes, and BM_KvAppendCuda one
 // decode step's append of the new token's keys and values into a DynamicCache<cuda::Backend> layer.
@@ -83,14 +85,16 @@ void BM_GreedyDecodeCuda(benchmark::State& state) {
   const Shape& s = kShapes[state.range(0)];
   const LlamaModel& model = model_of(static_cast<int>(state.range(0)));
   const Tensor ids = prompt_ids(1, 128, s.vocab);
-  const kvcache::GenerationConfig config{.max_new_tokens = 256};
+  const kvcache::GenerationConfig config{.max_new_tokens = 256, .cuda_graph = state.range(1) != 0};
   (void)kvcache::generate(model, ids, Tensor(), config);  // warm-up: the pool, cuBLAS's plans
   double tokens = 0, seconds = 0;
+  std::int64_t replayed = 0;
   for (auto _ : state) {
     const kvcache::GenerateResult r = kvcache::generate(model, ids, Tensor(), config);
     state.SetIterationTime(r.decode_ms * 1e-3);
     tokens += static_cast<double>(r.decode_steps);
     seconds += r.decode_ms * 1e-3;
+    replayed = r.graph_steps;
   }
   const double tps = tokens / seconds;
   const double floor = kCopyBandwidth / static_cast<double>(model.weight_bytes());
@@ -99,12 +103,15 @@ void BM_GreedyDecodeCuda(benchmark::State& state) {
   state.counters["vs_llama_cpp"] = tps / s.llama_cpp_decode;
   state.counters["vs_transformers_compiled"] = tps / s.transformers_compiled;
   state.counters["vs_transformers_eager"] = tps / s.transformers_eager;
+  state.counters["graph_steps"] = static_cast<double>(replayed);
   state.counters["peak_device_GB"] =
       static_cast<double>(kvcache::cuda::memory_stats().peak_in_use) * 1e-9;
   state.SetLabel(s.name);
 }
+// Args: shape (0 TinyLlama, 1 7B), CUDA graph replay of the decode step (1 on, the default; 0 off).
 BENCHMARK(BM_GreedyDecodeCuda)
-    ->DenseRange(0, 1)
+    ->ArgsProduct({{0, 1}, {1, 0}})
+    ->ArgNames({"shape", "graph"})
     ->UseManualTime()
     ->Iterations(3)
     ->Unit(benchmark::kMillisecond);

@@ -32,6 +32,23 @@ Tensor upload(const void*, std::size_t) { not_built("upload"); }
 Tensor upload(const Tensor&) { not_built("upload"); }
 void fill_uniform(const Tensor&, std::uint64_t, float, float) { not_built("fill_uniform"); }
 void synchronize() { not_built("synchronize"); }
+StreamScope::StreamScope() { not_built("StreamScope"); }
+StreamScope::~StreamScope() = default;
+MirroredBuffer::MirroredBuffer(std::size_t) { not_built("MirroredBuffer"); }
+Tensor MirroredBuffer::device_view(std::size_t, Shape, DType) const {
+  not_built("MirroredBuffer::device_view");
+}
+void MirroredBuffer::send(std::size_t, std::size_t) const { not_built("MirroredBuffer::send"); }
+void MirroredBuffer::receive(std::size_t, std::size_t) const {
+  not_built("MirroredBuffer::receive");
+}
+void Graph::begin_capture() { not_built("Graph::capture"); }
+void Graph::abort_capture() {}
+void Graph::end_capture() { not_built("Graph::capture"); }
+void Graph::replay() const { not_built("Graph::replay"); }
+void append_at(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  not_built("append_at");
+}
 MemoryStats memory_stats() { not_built("memory_stats"); }
 void reset_peak_memory_stats() { not_built("reset_peak_memory_stats"); }
 Tensor cast(const Tensor&, DType) { not_built("cast"); }
@@ -50,6 +67,10 @@ void linear_rms_norm(const Tensor&, const Tensor&, float, const Tensor&, const T
 }
 void attention(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                std::int64_t, float, const Tensor&) {
+  not_built("attention");
+}
+void attention(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+               std::int64_t, float, const Tensor&, const Tensor&) {
   not_built("attention");
 }
 Tensor argmax(const Tensor&) { not_built("argmax"); }

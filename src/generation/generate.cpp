@@ -6,8 +6,10 @@
 #include <chrono>
 #include <cmath>
 #include <numeric>
+#include <optional>
 #include <random>
 
+#include "decode_graph.hpp"
 #include "kvcache/attention/mask.hpp"
 #include "kvcache/error.hpp"
 
@@ -87,6 +89,20 @@ std::int64_t choose_token(const float* logits, std::int64_t vocab, const Generat
 
 namespace {
 
+// The GPU's sampling draws: one uniform per row from the seed's sequence (empty when greedy), the
+// same whether the step is launched kernel by kernel or replayed from a graph.
+std::vector<float> gpu_uniforms(std::int64_t batch, const GenerationConfig& config,
+                                std::uint64_t& rng_state) {
+  if (!config.do_sample) return {};
+  std::vector<float> uniforms(static_cast<std::size_t>(batch));
+  for (float& u : uniforms) {
+    std::mt19937_64 rng(rng_state);
+    rng_state = rng();
+    u = std::uniform_real_distribution<float>(0.0f, 1.0f)(rng);
+  }
+  return uniforms;
+}
+
 // The next token of every row, from logits [batch, 1, vocab] on the model's device: on the GPU the
 // choice runs there and only the ids come back.
 // Finished rows get pad_token_id; on the CPU they draw nothing from the sampler's state.
@@ -96,12 +112,7 @@ std::vector<std::int64_t> choose_tokens(const Tensor& logits, const GenerationCo
   const std::int64_t batch = logits.size(0), vocab = logits.size(2);
   if (logits.device() == Device::kCuda) {
     if (!config.do_sample) return argmax_last(logits);
-    std::vector<float> uniforms(static_cast<std::size_t>(batch));
-    for (float& u : uniforms) {
-      std::mt19937_64 rng(rng_state);
-      rng_state = rng();
-      u = std::uniform_real_distribution<float>(0.0f, 1.0f)(rng);
-    }
+    std::vector<float> uniforms = gpu_uniforms(batch, config, rng_state);
     const Tensor host_u = Tensor::from_blob(uniforms.data(), {batch}, DType::kFloat32);
     // Sent without waiting: reading the ids back stays the step's one wait for the GPU.
     const Tensor ids =
@@ -128,6 +139,15 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
   DynamicCache<B> local(DynamicCacheOptions{.initial_capacity = prompt + config.max_new_tokens});
   Cache<B>& past_key_values = cache ? *cache : local;
   const std::int64_t past = past_key_values.get_seq_length();
+  // On the GPU the decode steps after the first are replayed from a CUDA graph (captured at the
+  // second), on a stream of the library's own: graphs are not captured on the default stream.
+  DynamicCache<cuda::Backend>* replayable = nullptr;
+  std::optional<cuda::StreamScope> stream;
+  std::optional<detail::DecodeGraph> graph;
+  if constexpr (B::kDevice == Device::kCuda) {
+    replayable = detail::DecodeGraph::replayable(model, &past_key_values, config);
+    if (replayable && config.max_new_tokens >= 3) stream.emplace();
+  }
   Tensor mask = attention_mask.defined() ? attention_mask : ones_mask(batch, past + prompt);
   const std::int64_t pad = config.pad_token_id.value_or(0);
 
@@ -140,12 +160,23 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
   const auto start = Clock::now();
   auto decode_start = start;
   for (std::int64_t step = 0; step < config.max_new_tokens; ++step) {
-    const Tensor logits = model.forward({.input_ids = step_ids,
-                                         .attention_mask = mask,
-                                         .cache_position = cache_position,
-                                         .past_key_values = &past_key_values,
-                                         .logits_to_keep = 1});
-    std::vector<std::int64_t> next = choose_tokens(logits, config, rng_state, finished);
+    std::vector<std::int64_t> next;
+    if (stream && step >= 2) {
+      // Step 1 ran kernel by kernel and sized the scratch workspace; step 2 captures.
+      if constexpr (B::kDevice == Device::kCuda) {
+        if (!graph)
+          graph.emplace(model, *replayable, batch, past + prompt + config.max_new_tokens, config);
+        const std::vector<float> uniforms = gpu_uniforms(batch, config, rng_state);
+        next = graph->step(step_ids, mask, cache_position.front(), uniforms);
+      }
+    } else {
+      const Tensor logits = model.forward({.input_ids = step_ids,
+                                           .attention_mask = mask,
+                                           .cache_position = cache_position,
+                                           .past_key_values = &past_key_values,
+                                           .logits_to_keep = 1});
+      next = choose_tokens(logits, config, rng_state, finished);
+    }
     if (step == 0) {
       decode_start = Clock::now();
       result.prefill_ms = std::chrono::duration<double, std::milli>(decode_start - start).count();
@@ -175,6 +206,7 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
     result.decode_tokens_per_s =
         static_cast<double>(result.decode_steps * batch) / (result.decode_ms / 1000.0);
   }
+  if (graph) result.graph_steps = graph->replays();
   result.cache_length = past_key_values.get_seq_length();
   result.cache_bytes = past_key_values.nbytes();
   return result;

@@ -391,7 +391,8 @@ Tensor LlamaModel::forward(const ForwardArgs& args) const {
 }
 
 template <class B>
-Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given) const {
+Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
+                              const detail::DecodeReplay* replay) const {
   const char* where = "LlamaModel::forward";
   const ModelConfig& c = config_;
   const Tensor& ids = args.input_ids;
@@ -461,8 +462,17 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given) const {
   // allocator call once warm); the cache's storage and the returned logits do not.
   std::optional<cuda::ScratchScope> scratch;
   if constexpr (B::kDevice == Device::kCuda) scratch.emplace();
+  if constexpr (B::kDevice == Device::kCpu) {
+    KVCACHE_CHECK(replay == nullptr, where, ": a replayed decode step runs on the GPU only");
+  } else if (replay) {
+    KVCACHE_CHECK(q_len == 1 && replay->storage.size() == layers_.size() &&
+                      replay->ids.numel() == batch && replay->logits.defined(),
+                  where, ": expected a replayed step of one token per row over ", layers_.size(),
+                  " layers");
+  }
   const StepInputs in =
-      step_inputs<B>(ids, position_ids, cache_position, mask, past + q_len, where);
+      replay ? StepInputs{replay->ids, replay->position_ids, replay->cache_position, replay->mask}
+             : step_inputs<B>(ids, position_ids, cache_position, mask, past + q_len, where);
   const RotaryEmbedding rope(c.rope);
   // RoPE: cos/sin tables made once per step on the CPU; computed inside the kernel on the GPU.
   Tensor cos, sin;
@@ -505,8 +515,21 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given) const {
     }
     const Attention attention(static_cast<int>(l),
                               {.num_heads = heads, .num_kv_heads = kv_heads, .head_dim = hd});
-    const Tensor attn = attention.forward(q, k, v, *cache, in.mask, cache_position,
-                                          in.cache_position);  // [batch, q_len, heads, hd]
+    Tensor attn;  // [batch, q_len, heads, hd]
+    if constexpr (B::kDevice == Device::kCuda) {
+      if (replay) {
+        // The cache's bookkeeping is the caller's (DynamicCache::mark_appended after the replay):
+        // the keys and values go to the slot read on the device, attention reads kv_len there.
+        const auto& [key_storage, value_storage] = replay->storage[l];
+        cuda::append_at(key_storage, k, value_storage, v, replay->cache_position);
+        attn = cuda::empty({batch, q_len, heads, hd}, q.dtype());
+        cuda::attention(q, key_storage, value_storage, replay->mask, replay->cache_position, 0,
+                        attention.scale(), attn, replay->kv_len);
+      }
+    }
+    if (!attn.defined()) {
+      attn = attention.forward(q, k, v, *cache, in.mask, cache_position, in.cache_position);
+    }
     add_projection<B>(hidden, attn.view({batch * q_len, heads * hd}), w.o, w.o_bias);
 
     const cpu::Weight* gate_up[] = {&w.gate, &w.up};
@@ -525,13 +548,19 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given) const {
     const Tensor normed = cpu::rms_norm(rows, final_norm_, static_cast<float>(c.rms_norm_eps));
     return cpu::linear(normed, lm_head_).view({batch, keep, c.vocab_size});
   } else {
-    Tensor logits = cuda::empty_persistent(std::array<std::int64_t, 2>{batch * keep, c.vocab_size},
-                                           DType::kFloat32);
+    Tensor logits =
+        replay ? replay->logits
+               : cuda::empty_persistent(std::array<std::int64_t, 2>{batch * keep, c.vocab_size},
+                                        DType::kFloat32);
     cuda::linear_rms_norm(rows, final_norm_, static_cast<float>(c.rms_norm_eps), lm_head_.dense(),
                           logits);
     return logits.view({batch, keep, c.vocab_size});
   }
 }
+
+// DecodeGraph (src/generation/decode_graph.cpp) runs the GPU body with a replay layout.
+template Tensor LlamaModel::forward_on<cuda::Backend>(const ForwardArgs&, Cache<cuda::Backend>*,
+                                                      const detail::DecodeReplay*) const;
 
 std::vector<std::pair<std::string, Tensor>> random_llama_weights(const ModelConfig& c,
                                                                  std::uint64_t seed, DType dtype,

@@ -387,5 +387,290 @@ TEST(DynamicCache, NegativeInitialCapacityIsAnError) {
                        "expected initial_capacity >= 0");
 }
 
+// --- reserve, storage, mark_appended: what a replayed decode step (a CUDA graph) relies on ------
+
+TEST(DynamicCache, ReserveGrowsEveryLayerAndKeepsTheTokens) {
+  std::mt19937 rng(20);
+  DynamicCache<> cache;  // 16 slots at the first update
+  ConcatCache ref;
+  fill(cache, ref, 2, 6, rng);
+  ASSERT_EQ(cache.capacity(0), 16);
+  cache.reserve(100);
+  for (int layer = 0; layer < 2; ++layer) {
+    EXPECT_GE(cache.capacity(layer), 100) << "layer " << layer;
+    EXPECT_EQ(cache.storage(layer).first.size(2), cache.capacity(layer));
+  }
+  expect_same(cache, ref);  // lengths and contents kept
+  EXPECT_EQ(cache.batch_size(), 2);
+}
+
+TEST(DynamicCache, ReservedStorageDoesNotMoveUpToTheReservedLength) {
+  std::mt19937 rng(21);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 2, 5, rng);
+  cache.reserve(60);
+  const void* keys[2] = {cache.storage(0).first.data(), cache.storage(1).first.data()};
+  const void* values[2] = {cache.storage(0).second.data(), cache.storage(1).second.data()};
+  const std::int64_t capacity = cache.capacity(0);
+  // Decode one token at a time, then a chunk of 4, up to exactly 60 tokens.
+  while (cache.get_seq_length() < 60) {
+    const std::int64_t q =
+        cache.get_seq_length() + 4 <= 60 && cache.get_seq_length() % 10 == 0 ? 4 : 1;
+    for (int layer = 0; layer < 2; ++layer) {
+      Tensor k = random_tensor({2, 2, q, 4}, DType::kFloat32, rng);
+      Tensor v = random_tensor({2, 2, q, 4}, DType::kFloat32, rng);
+      const auto [ks, vs] = cache.update(k, v, layer);
+      ref.update(k, v, layer);
+      ASSERT_EQ(ks.data(), keys[layer])
+          << "keys of layer " << layer << " moved at length " << cache.get_seq_length(layer);
+      ASSERT_EQ(vs.data(), values[layer]) << "values of layer " << layer << " moved";
+      ASSERT_EQ(cache.storage(layer).first.data(), keys[layer]);
+      ASSERT_EQ(cache.capacity(layer), capacity);
+    }
+  }
+  expect_same(cache, ref);
+}
+
+TEST(DynamicCache, ReserveWithinCapacityChangesNothing) {
+  std::mt19937 rng(22);
+  DynamicCache<> cache(DynamicCacheOptions{.initial_capacity = 40});
+  ConcatCache ref;
+  fill(cache, ref, 1, 7, rng);
+  const void* before = cache.storage(0).first.data();
+  const std::size_t bytes = cache.capacity_bytes();
+  for (std::int64_t tokens : {0, 3, 7, 39, 40}) {
+    cache.reserve(tokens);
+    EXPECT_EQ(cache.capacity(0), 40) << "reserve(" << tokens << ")";
+    EXPECT_EQ(cache.capacity(1), 40) << "reserve(" << tokens << ")";
+    EXPECT_EQ(cache.storage(0).first.data(), before) << "reserve(" << tokens << ")";
+    EXPECT_EQ(cache.capacity_bytes(), bytes);
+  }
+  expect_same(cache, ref);
+}
+
+TEST(DynamicCache, ReserveKeepsAllBatchRowsAndDtypes) {
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    std::mt19937 rng(23);
+    DynamicCache<> cache;
+    ConcatCache ref;
+    for (int layer = 0; layer < 3; ++layer) {
+      Tensor k = random_tensor({3, 2, 9, 8}, dtype, rng);
+      Tensor v = random_tensor({3, 2, 9, 8}, dtype, rng);
+      cache.update(k, v, layer);
+      ref.update(k, v, layer);
+    }
+    cache.reserve(33);
+    expect_same(cache, ref);
+    for (int layer = 0; layer < 3; ++layer) {
+      EXPECT_GE(cache.capacity(layer), 33);
+      EXPECT_EQ(cache.storage(layer).first.dtype(), dtype);
+    }
+  }
+}
+
+TEST(DynamicCache, ReserveNegativeIsAnErrorAndChangesNothing) {
+  std::mt19937 rng(24);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 2, 6, rng);
+  const void* before = cache.storage(0).first.data();
+  EXPECT_KVCACHE_ERROR(cache.reserve(-1), "expected tokens >= 0, got -1");
+  EXPECT_EQ(cache.capacity(0), 16);
+  EXPECT_EQ(cache.storage(0).first.data(), before);
+  expect_same(cache, ref);
+}
+
+TEST(DynamicCache, ReserveOnACacheWithoutLayersAddsNone) {
+  DynamicCache<> cache;
+  cache.reserve(50);
+  EXPECT_EQ(cache.num_layers(), 0);
+  EXPECT_EQ(cache.capacity(0), 0);
+  EXPECT_EQ(cache.get_seq_length(), 0);
+}
+
+TEST(DynamicCache, StorageIsTheWholeCapacityWithTheTokensFirst) {
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    std::mt19937 rng(25);
+    DynamicCache<> cache(DynamicCacheOptions{.initial_capacity = 23});
+    ConcatCache ref;
+    std::pair<Tensor, Tensor> returned[2];
+    for (std::int64_t q : {5, 1, 2}) {
+      for (int layer = 0; layer < 2; ++layer) {
+        Tensor k = random_tensor({2, 3, q, 8}, dtype, rng);
+        Tensor v = random_tensor({2, 3, q, 8}, dtype, rng);
+        returned[layer] = cache.update(k, v, layer);
+        ref.update(k, v, layer);
+      }
+    }
+    for (int layer = 0; layer < 2; ++layer) {
+      const auto [keys, values] = cache.storage(layer);
+      EXPECT_EQ(keys.shape_string(), "[2, 3, 23, 8]");
+      EXPECT_EQ(values.shape_string(), "[2, 3, 23, 8]");
+      EXPECT_EQ(keys.dtype(), dtype);
+      EXPECT_EQ(keys.device(), Device::kCpu);
+      // The same memory the update's views cover, from slot 0.
+      EXPECT_EQ(keys.data(), returned[layer].first.data());
+      EXPECT_EQ(values.data(), returned[layer].second.data());
+      const std::int64_t length = cache.get_seq_length(layer);
+      ASSERT_EQ(length, 8);
+      EXPECT_EQ(to_doubles(keys.slice(2, 0, length)),
+                ref.keys[static_cast<std::size_t>(layer)].data)
+          << "layer " << layer;
+      EXPECT_EQ(to_doubles(values.slice(2, 0, length)),
+                ref.values[static_cast<std::size_t>(layer)].data)
+          << "layer " << layer;
+    }
+  }
+}
+
+TEST(DynamicCache, StorageOfAMissingLayerIsAnError) {
+  std::mt19937 rng(26);
+  DynamicCache<> empty;
+  EXPECT_KVCACHE_ERROR(empty.storage(0), "expected layer_idx in [0, 0), got 0");
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 1, 3, rng);
+  EXPECT_KVCACHE_ERROR(cache.storage(2), "expected layer_idx in [0, 2), got 2");
+  EXPECT_KVCACHE_ERROR(cache.storage(-1), "got -1");
+  expect_same(cache, ref);
+}
+
+// Writes `k` and `v` [batch, heads, n, head_dim] into every layer's storage at slots
+// [seq_len, seq_len + n), as a replayed decode step's kernels do.
+void write_slots(const DynamicCache<>& cache, const std::vector<Tensor>& k,
+                 const std::vector<Tensor>& v) {
+  for (int layer = 0; layer < cache.num_layers(); ++layer) {
+    const auto [keys, values] = cache.storage(layer);
+    const std::int64_t past = cache.get_seq_length(layer);
+    const std::int64_t n = k[static_cast<std::size_t>(layer)].size(2);
+    cpu::copy(keys.slice(2, past, past + n), k[static_cast<std::size_t>(layer)]);
+    cpu::copy(values.slice(2, past, past + n), v[static_cast<std::size_t>(layer)]);
+  }
+}
+
+TEST(DynamicCache, MarkAppendedEqualsUpdate) {
+  for (DType dtype : {DType::kFloat32, DType::kFloat16}) {
+    std::mt19937 rng(27);
+    DynamicCache<> by_update(DynamicCacheOptions{.initial_capacity = 32});
+    DynamicCache<> by_hand(DynamicCacheOptions{.initial_capacity = 32});
+    for (int layer = 0; layer < 2; ++layer) {
+      Tensor k = random_tensor({2, 2, 5, 8}, dtype, rng);
+      Tensor v = random_tensor({2, 2, 5, 8}, dtype, rng);
+      by_update.update(k, v, layer);
+      by_hand.update(k, v, layer);
+    }
+    // Steps of 1, 1, 3 and 1 tokens: written by hand then recorded, or appended by update().
+    for (std::int64_t n : {1, 1, 3, 1}) {
+      std::vector<Tensor> k, v;
+      for (int layer = 0; layer < 2; ++layer) {
+        k.push_back(random_tensor({2, 2, n, 8}, dtype, rng));
+        v.push_back(random_tensor({2, 2, n, 8}, dtype, rng));
+      }
+      for (int layer = 0; layer < 2; ++layer)
+        by_update.update(k[static_cast<std::size_t>(layer)], v[static_cast<std::size_t>(layer)],
+                         layer);
+      const void* storage = by_hand.storage(0).first.data();
+      write_slots(by_hand, k, v);
+      by_hand.mark_appended(n);
+      EXPECT_EQ(by_hand.storage(0).first.data(), storage);  // recorded, not reallocated
+      const auto want = by_update.to_legacy_cache();
+      const auto got = by_hand.to_legacy_cache();
+      ASSERT_EQ(got.size(), want.size());
+      for (int layer = 0; layer < 2; ++layer) {
+        const auto l = static_cast<std::size_t>(layer);
+        ASSERT_EQ(by_hand.get_seq_length(layer), by_update.get_seq_length(layer));
+        EXPECT_EQ(got[l].first.shape_string(), want[l].first.shape_string());
+        EXPECT_EQ(to_doubles(got[l].first), to_doubles(want[l].first)) << "layer " << layer;
+        EXPECT_EQ(to_doubles(got[l].second), to_doubles(want[l].second)) << "layer " << layer;
+      }
+      EXPECT_EQ(by_hand.nbytes(), by_update.nbytes());
+    }
+    EXPECT_EQ(by_hand.get_seq_length(), 5 + 6);
+    // An ordinary update after mark_appended appends after the recorded tokens.
+    Tensor k = random_tensor({2, 2, 1, 8}, dtype, rng);
+    for (int layer = 0; layer < 2; ++layer) {
+      const auto [hand_keys, hand_values] = by_hand.update(k, k, layer);
+      const auto [want_keys, want_values] = by_update.update(k, k, layer);
+      EXPECT_EQ(to_doubles(hand_keys), to_doubles(want_keys));
+      EXPECT_EQ(to_doubles(hand_values), to_doubles(want_values));
+    }
+    EXPECT_EQ(by_hand.get_seq_length(1), 12);
+  }
+}
+
+TEST(DynamicCache, MarkAppendedUpToTheLastSlot) {
+  std::mt19937 rng(28);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 2, 6, rng);
+  ASSERT_EQ(cache.capacity(0), 16);
+  // The ten free slots, written by hand, then recorded in one call.
+  std::vector<Tensor> k, v;
+  for (int layer = 0; layer < 2; ++layer) {
+    k.push_back(random_tensor({2, 2, 10, 4}, DType::kFloat32, rng));
+    v.push_back(random_tensor({2, 2, 10, 4}, DType::kFloat32, rng));
+  }
+  write_slots(cache, k, v);
+  cache.mark_appended(10);
+  for (int layer = 0; layer < 2; ++layer)
+    ref.update(k[static_cast<std::size_t>(layer)], v[static_cast<std::size_t>(layer)], layer);
+  expect_same(cache, ref);
+  EXPECT_EQ(cache.get_seq_length(), 16);
+  EXPECT_EQ(cache.capacity(0), 16);
+  cache.mark_appended(0);  // no tokens: nothing to do, even when full
+  expect_same(cache, ref);
+}
+
+TEST_F(DynamicCacheErrors, MarkAppendedWithoutRoom) {
+  // Six tokens held in 16 slots: ten free.
+  ASSERT_EQ(cache_.capacity(0), 16);
+  EXPECT_KVCACHE_ERROR(cache_.mark_appended(11), "expected room for 11 more token(s) in layer 0");
+  expect_unchanged();
+  EXPECT_KVCACHE_ERROR(cache_.mark_appended(1000), "expected room for 1000 more token(s)");
+  expect_unchanged();
+}
+
+TEST_F(DynamicCacheErrors, MarkAppendedNegative) {
+  EXPECT_KVCACHE_ERROR(cache_.mark_appended(-1), "expected tokens >= 0, got -1");
+  expect_unchanged();
+}
+
+TEST(DynamicCache, MarkAppendedChecksEveryLayerBeforeChangingAny) {
+  // Layer 0 holds 6 tokens (10 free slots), layer 1 holds 12 (4 free): 7 fit in layer 0 only.
+  std::mt19937 rng(29);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  for (auto [layer, q] : {std::pair{0, 6}, std::pair{1, 12}}) {
+    Tensor k = random_tensor({1, 2, q, 4}, DType::kFloat32, rng);
+    Tensor v = random_tensor({1, 2, q, 4}, DType::kFloat32, rng);
+    cache.update(k, v, layer);
+    ref.update(k, v, layer);
+  }
+  ASSERT_EQ(cache.capacity(0), 16);
+  ASSERT_EQ(cache.capacity(1), 16);
+  EXPECT_KVCACHE_ERROR(cache.mark_appended(7), "in layer 1, which holds 12 of 16 slots");
+  EXPECT_EQ(cache.get_seq_length(0), 6);
+  EXPECT_EQ(cache.get_seq_length(1), 12);
+  expect_same(cache, ref);
+}
+
+TEST(DynamicCache, MarkAppendedOnAnEmptyCacheIsAnError) {
+  DynamicCache<> none;
+  EXPECT_KVCACHE_ERROR(none.mark_appended(1), "the cache holds no layer");
+  EXPECT_EQ(none.num_layers(), 0);
+  EXPECT_EQ(none.get_seq_length(), 0);
+  // Layers that hold no token (after a reset) have nothing to append after either.
+  std::mt19937 rng(30);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 2, 4, rng);
+  cache.reset();
+  EXPECT_KVCACHE_ERROR(cache.mark_appended(1), "DynamicCache::mark_appended");
+  EXPECT_EQ(cache.get_seq_length(0), 0);
+  EXPECT_EQ(cache.get_seq_length(1), 0);
+  EXPECT_EQ(cache.batch_size(), -1);
+}
+
 }  // namespace
 }  // namespace kvcache

@@ -207,6 +207,37 @@ TEST(Generate, StreamingCallbackSeesEveryTokenAndCanStop) {
   EXPECT_EQ(seen, result.new_tokens[0]);
 }
 
+// cuda_graph asks for CUDA graphs on the GPU; on the CPU it changes nothing: the same tokens, no
+// step replayed from a graph, with a fresh cache and with the caller's.
+TEST(Generate, CudaGraphOptionIsIgnoredOnTheCpu) {
+  const LlamaModel model = tiny_model(tiny_config());
+  auto [ids, mask] = left_pad({{11, 12, 13}, {21, 22, 23, 24, 25}}, 0);
+  for (bool sample : {false, true}) {
+    GenerationConfig on{.max_new_tokens = 12,
+                        .do_sample = sample,
+                        .temperature = 0.8f,
+                        .top_k = 20,
+                        .top_p = 0.9f,
+                        .seed = 7,
+                        .cuda_graph = true};
+    GenerationConfig off = on;
+    off.cuda_graph = false;
+    const GenerateResult with = generate(model, ids, mask, on);
+    const GenerateResult without = generate(model, ids, mask, off);
+    EXPECT_EQ(with.new_tokens, without.new_tokens) << "sample " << sample;
+    ASSERT_EQ(with.new_tokens.size(), 2u);
+    EXPECT_EQ(with.new_tokens[0].size(), 12u);
+    EXPECT_EQ(with.decode_steps, 11);
+    EXPECT_EQ(with.graph_steps, 0);
+    EXPECT_EQ(without.graph_steps, 0);
+    EXPECT_EQ(with.cache_length, 5 + 11);
+  }
+  DynamicCache<> cache;
+  const GenerateResult turn = generate(model, ids, mask, {.max_new_tokens = 12}, &cache);
+  EXPECT_EQ(turn.graph_steps, 0);
+  EXPECT_EQ(cache.get_seq_length(), 5 + 11);
+}
+
 TEST(Llama, BadInputIsAClearErrorAndLeavesTheCache) {
   const LlamaModel model = tiny_model(tiny_config());
   auto [ids, mask] = left_pad({{1, 2, 3}}, 0);

@@ -23,6 +23,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <memory>
 #include <string_view>
 
 #include "kvcache/tensor.hpp"
@@ -55,6 +56,9 @@ inline Tensor empty(std::initializer_list<std::int64_t> shape, DType dtype) {
 /// The same, always from the pool, never from scratch: for what outlives a forward pass (cache
 /// storage, returned logits, weights).
 Tensor empty_persistent(Shape shape, DType dtype);
+inline Tensor empty_persistent(std::initializer_list<std::int64_t> shape, DType dtype) {
+  return empty_persistent(Shape(shape.begin(), shape.size()), dtype);
+}
 
 /// While one is alive on a thread, cuda::empty hands out memory from that thread's scratch
 /// workspace: one device block carved front to back, restarted when the outermost scope begins.
@@ -79,6 +83,15 @@ void copy(const Tensor& dst, const Tensor& src);
 /// into their cache slots (DynamicCache::update uses it when the backend has it).
 void copy2(const Tensor& dst_a, const Tensor& src_a, const Tensor& dst_b, const Tensor& src_b);
 
+/// A cache append whose slot is read on the device, for a replayed decode step: keys and values
+/// [batch, heads, n, head_dim] (any strides, last dim contiguous) are copied into slots
+/// [slot, slot + n) of the storage tensors [batch, heads, capacity, head_dim] (same dtype, last dim
+/// contiguous), slot = slot_device[0] (int64 on cuda). Shapes are checked on the host (n larger
+/// than the capacity is a kvcache::Error); the slot is only known on the device, where one with
+/// slot + n > capacity (or < 0) writes nothing: the caller keeps its bookkeeping within capacity.
+void append_at(const Tensor& key_storage, const Tensor& keys, const Tensor& value_storage,
+               const Tensor& values, const Tensor& slot_device);
+
 /// A contiguous device copy of a CPU tensor, and a contiguous host copy of a CUDA tensor. Both
 /// wait for the copy to finish.
 Tensor to_device(const Tensor& host);
@@ -95,6 +108,85 @@ Tensor upload(const Tensor& host);
 
 /// Blocks until the backend's stream has finished its work.
 void synchronize();
+
+/// A stream of this library's own for the lifetime of the scope: created non-blocking, made the
+/// thread's current stream, and on exit synchronised, destroyed and replaced by the stream that was
+/// current before. CUDA graphs cannot be captured on the legacy default stream; generate() runs a
+/// generation that replays its decode step inside one.
+class StreamScope {
+ public:
+  StreamScope();
+  ~StreamScope();
+  StreamScope(const StreamScope&) = delete;
+  StreamScope& operator=(const StreamScope&) = delete;
+
+ private:
+  Stream previous_ = nullptr;
+  Stream own_ = nullptr;
+};
+
+/// A page-locked host buffer and a device buffer of the same size at fixed addresses, so that
+/// copies between them can be captured into a CUDA graph and replayed: the host writes host()
+/// before a replay and reads it after the stream has finished. Both halves are zeroed at creation.
+class MirroredBuffer {
+ public:
+  MirroredBuffer() = default;
+  explicit MirroredBuffer(std::size_t bytes);
+  std::uint8_t* host() const { return static_cast<std::uint8_t*>(host_.get()); }
+  /// The device half, uint8 [bytes].
+  const Tensor& device() const { return device_; }
+  std::size_t size() const { return bytes_; }
+  /// Bytes [offset, offset + bytes) of the device half seen as a contiguous tensor.
+  Tensor device_view(std::size_t offset, Shape shape, DType dtype) const;
+  Tensor device_view(std::size_t offset, std::initializer_list<std::int64_t> shape,
+                     DType dtype) const {
+    return device_view(offset, Shape(shape.begin(), shape.size()), dtype);
+  }
+  /// Asynchronous copies of bytes [offset, offset + bytes) on the current stream.
+  void send(std::size_t offset, std::size_t bytes) const;     // host → device
+  void receive(std::size_t offset, std::size_t bytes) const;  // device → host
+
+ private:
+  std::shared_ptr<void> host_;
+  Tensor device_;
+  std::size_t bytes_ = 0;
+};
+
+/// Work captured from the current stream once and replayed (a CUDA graph, instantiated). Capture
+/// runs `body` with the stream in capture mode (thread-local: other threads are unaffected):
+/// kernels and copies it issues are recorded, not run, so body must not wait for the GPU or read
+/// results back. A body that throws ends the capture and the exception propagates, leaving no
+/// graph. Replays launch the whole recorded sequence on the current stream with one call, reading
+/// the memory its kernels were given at capture time: whatever changes from one replay to the next
+/// must live in device memory at those addresses.
+class Graph {
+ public:
+  Graph() = default;
+  template <class F>
+  static Graph capture(F&& body) {
+    Graph graph;
+    graph.begin_capture();
+    try {
+      body();
+    } catch (...) {
+      graph.abort_capture();
+      throw;
+    }
+    graph.end_capture();
+    return graph;
+  }
+  explicit operator bool() const { return exec_ != nullptr; }
+  /// Kernel, copy and memset nodes recorded.
+  std::size_t nodes() const { return nodes_; }
+  void replay() const;
+
+ private:
+  void begin_capture();
+  void abort_capture();
+  void end_capture();
+  std::shared_ptr<void> exec_;
+  std::size_t nodes_ = 0;
+};
 
 /// Device memory taken from the pool: bytes in use now and at most since the last reset, and
 /// bytes the pool holds from the driver (reserved) now and at most.
@@ -191,6 +283,16 @@ void linear_rms_norm(const Tensor& x, const Tensor& norm_weight, float eps, cons
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
                const Tensor& cache_position, std::int64_t kv_offset, float scale,
                const Tensor& out);
+
+/// The same with the number of keys read on the device, for a decode step replayed from a CUDA
+/// graph: keys and values are the cache's whole storage [batch, num_kv_heads, capacity, head_dim],
+/// mask (if defined) [batch, capacity] uint8 contiguous, and only the first
+/// min(kv_len_device[0], capacity) keys take part (kv_len_device: int64 [1] on cuda). The work
+/// split is planned for `capacity` keys, so one launch serves every length up to it; q_len at most
+/// 8 (decode).
+void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
+               const Tensor& cache_position, std::int64_t kv_offset, float scale, const Tensor& out,
+               const Tensor& kv_len_device);
 
 /// The first maximum of every row: logits [rows, vocab] float32 (any row stride) → [rows] int64.
 Tensor argmax(const Tensor& logits);

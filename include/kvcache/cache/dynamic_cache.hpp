@@ -166,6 +166,51 @@ class DynamicCache : public Cache<B> {
     return layer_idx < num_layers() ? layers_[static_cast<std::size_t>(layer_idx)].capacity() : 0;
   }
 
+  /// Grows every layer's storage to hold at least `tokens` slots (the tokens held are kept), so the
+  /// updates that follow, up to that length, neither reallocate nor move the storage. Layers not
+  /// created yet (no update so far) are not affected: DynamicCacheOptions::initial_capacity sizes
+  /// those. Strong guarantee: all new storage is allocated before any layer changes.
+  void reserve(std::int64_t tokens) {
+    KVCACHE_CHECK(tokens >= 0, "DynamicCache::reserve: expected tokens >= 0, got ", tokens);
+    std::vector<Layer> grown = layers_;
+    bool changed = false;
+    for (auto& layer : grown) {
+      if (!layer.keys.defined() || layer.capacity() >= tokens) continue;
+      layer.grow_to(tokens);
+      changed = true;
+    }
+    if (changed) layers_ = std::move(grown);
+  }
+
+  /// Layer `layer_idx`'s whole storage, keys and values [batch, num_kv_heads, capacity, head_dim]:
+  /// slots [0, get_seq_length(layer_idx)) hold tokens, the rest are free. For kernels that write
+  /// the next slots themselves (a decode step replayed from a CUDA graph), with mark_appended.
+  std::pair<Tensor, Tensor> storage(int layer_idx) const {
+    KVCACHE_CHECK(layer_idx >= 0 && layer_idx < num_layers(),
+                  "DynamicCache::storage: expected layer_idx in [0, ", num_layers(), "), got ",
+                  layer_idx);
+    const Layer& layer = layers_[static_cast<std::size_t>(layer_idx)];
+    return {layer.keys, layer.values};
+  }
+
+  /// Records that `tokens` more slots of every layer were written directly into storage() (by a
+  /// replayed decode step), as update() would have left them. Every layer must hold tokens and
+  /// have room for them; else nothing changes and the call throws.
+  void mark_appended(std::int64_t tokens) {
+    KVCACHE_CHECK(tokens >= 0, "DynamicCache::mark_appended: expected tokens >= 0, got ", tokens);
+    KVCACHE_CHECK(num_layers() > 0, "DynamicCache::mark_appended: the cache holds no layer");
+    for (int l = 0; l < num_layers(); ++l) {
+      const Layer& layer = layers_[static_cast<std::size_t>(l)];
+      KVCACHE_CHECK(layer.seq_len > 0, "DynamicCache::mark_appended: expected layer ", l,
+                    " to hold tokens already (an update first), got an empty layer");
+      KVCACHE_CHECK(tokens <= layer.capacity() - layer.seq_len,
+                    "DynamicCache::mark_appended: expected room for ", tokens,
+                    " more token(s) in layer ", l, ", which holds ", layer.seq_len, " of ",
+                    layer.capacity(), " slots");
+    }
+    for (auto& layer : layers_) layer.seq_len += tokens;
+  }
+
   /// Batch size of the rows held, or -1 while every layer is empty.
   std::int64_t batch_size() const {
     for (const auto& layer : layers_)
@@ -188,6 +233,18 @@ class DynamicCache : public Cache<B> {
              keys.size(1) == states.size(1) && keys.size(3) == states.size(3);
     }
 
+    // New storage of `slots` slots with the tokens held copied over.
+    void grow_to(std::int64_t slots) {
+      const std::int64_t shape[4] = {keys.size(0), keys.size(1), slots, keys.size(3)};
+      Tensor new_keys = B::empty(shape, keys.dtype());
+      Tensor new_values = B::empty(shape, values.dtype());
+      if (seq_len > 0) {
+        B::copy(new_keys.slice(2, 0, seq_len), key_view());
+        B::copy(new_values.slice(2, 0, seq_len), value_view());
+      }
+      keys = std::move(new_keys);
+      values = std::move(new_values);
+    }
     // Makes room for `needed` tokens. An empty layer whose shape no longer fits is reallocated.
     void ensure_capacity(const Tensor& states, std::int64_t needed, std::int64_t initial) {
       if (layout_matches(states) && needed <= capacity()) return;

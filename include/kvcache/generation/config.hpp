@@ -16,6 +16,16 @@ struct GenerationConfig {
   std::uint64_t seed = 0;                    // sampling seed; the same seed gives the same tokens
   std::vector<std::int64_t> eos_token_ids;   // a row that emits one of these is finished
   std::optional<std::int64_t> pad_token_id;  // emitted by finished rows (default 0)
+  /// On the GPU, with a DynamicCache, when max_new_tokens >= 3: the decode step (one token per
+  /// row) is captured as a CUDA graph at the second decode step and replayed from then on, one
+  /// launch a step instead of one per kernel (GenerateResult::graph_steps counts the steps run
+  /// from the graph, the capturing one included). false: every step is launched kernel by kernel.
+  /// The computation is the same except that the replayed attention splits its keys across blocks
+  /// by a plan made for the cache's capacity instead of the current length, which can change the
+  /// last bits of its float32 sums (tokens then differ only at near-ties).
+  /// Off by default until the replay path has run on a GPU (it was written in a session without
+  /// one; issue #8's note): turn it on to use it.
+  bool cuda_graph = false;
 };
 
 }  // namespace kvcache

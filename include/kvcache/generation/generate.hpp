@@ -36,6 +36,7 @@ struct GenerateResult {
   double decode_tokens_per_s = 0;  // decode steps × batch / decode time
   std::int64_t cache_length = 0;   // tokens in the cache at the end
   std::size_t cache_bytes = 0;     // bytes of keys and values held
+  std::int64_t graph_steps = 0;    // decode steps replayed from a CUDA graph (GPU only)
 };
 
 /// Called for every generated token: (row, token, step). Return false to stop generating.

@@ -88,6 +88,26 @@ class CacheRef {
   Cache<cuda::Backend>* cuda_ = nullptr;
 };
 
+namespace detail {
+
+/// A decode step laid out for CUDA-graph replay (generate() builds one; see
+/// src/generation/decode_graph.hpp): every input that changes from step to step is read from
+/// these device tensors, whose addresses stay fixed while the graph lives, and keys and values go
+/// straight into the cache's storage at the slot read on the device.
+struct DecodeReplay {
+  Tensor ids;             // [batch] int64
+  Tensor position_ids;    // [batch, 1] int64
+  Tensor cache_position;  // [1] int64: the step's slot, the cache length before it
+  Tensor kv_len;          // [1] int64: the keys after the append (cache_position + 1)
+  Tensor mask;            // [batch, capacity] uint8, or undefined when no row is padded
+  Tensor logits;          // [batch, vocab] float32, written by the step
+  std::vector<std::pair<Tensor, Tensor>> storage;  // per layer: keys, values [b, kv, capacity, d]
+};
+
+class DecodeGraph;
+
+}  // namespace detail
+
 /// Inputs of one forward pass, named as transformers names them.
 struct ForwardArgs {
   Tensor input_ids;       // [batch, q_len] int64
@@ -154,8 +174,12 @@ class LlamaModel {
   };
 
   LlamaModel() = default;
+  // `replay` (GPU only): the step reads its inputs from, and writes its logits and keys/values
+  // to, the fixed buffers a captured graph replays over; null: an ordinary forward pass.
   template <class B>
-  Tensor forward_on(const ForwardArgs& args, Cache<B>* cache) const;
+  Tensor forward_on(const ForwardArgs& args, Cache<B>* cache,
+                    const detail::DecodeReplay* replay = nullptr) const;
+  friend class detail::DecodeGraph;
 
   ModelConfig config_;
   cpu::Weight embed_tokens_;  // [vocab, hidden]

@@ -1,0 +1,77 @@
+// generate()'s decode step on the GPU as a CUDA graph: captured once, then replayed with one
+// launch a step instead of one per kernel (a decode step of a 22-layer model is about 180 kernels,
+// each costing microseconds of host time to issue, and the GPU then waits on the host).
+//
+// What a replay must not depend on is fixed at capture: every tensor's address, the kernel
+// grids, the attention's split plan. What changes from step to step lives in device memory at
+// fixed addresses and is read by the kernels there:
+//   - ids, position ids, the cache slot and the key count: one page-locked block the host fills
+//     before each replay, sent by the graph's first node (MirroredBuffer);
+//   - the keys and values: written by cuda::append_at at the slot read on the device, into a
+//     DynamicCache reserved up front for the whole generation, so its storage never moves (if it
+//     does move, the graph is captured again);
+//   - attention: over the storage's whole capacity with the key count read on the device; the
+//     padding mask [batch, capacity] is sent once (every later column is 1, as generate() extends
+//     it);
+//   - intermediates: the thread's scratch workspace (cuda::ScratchScope), carved in the same order
+//     at every step, so the captured addresses stay the step's own;
+//   - the chosen ids: argmax or sampling inside the graph, copied back by its last node.
+// The host keeps the cache's bookkeeping (DynamicCache::mark_appended) after each replay.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kvcache/backend/cuda.hpp"
+#include "kvcache/cache/dynamic_cache.hpp"
+#include "kvcache/generation/config.hpp"
+#include "kvcache/model/llama.hpp"
+
+namespace kvcache::detail {
+
+class DecodeGraph {
+ public:
+  /// The cache as a DynamicCache when a generation on `model` can replay its decode steps (a GPU
+  /// model, config.cuda_graph, a DynamicCache<cuda::Backend>); else null.
+  static DynamicCache<cuda::Backend>* replayable(const LlamaModel& model,
+                                                 Cache<cuda::Backend>* cache,
+                                                 const GenerationConfig& config);
+
+  /// Buffers for `batch` rows, with the cache reserved to `capacity` slots (every layer must hold
+  /// the prompt already). Runs on the current stream, which must not be the legacy default stream
+  /// (a cuda::StreamScope).
+  DecodeGraph(const LlamaModel& model, DynamicCache<cuda::Backend>& cache, std::int64_t batch,
+              std::int64_t capacity, const GenerationConfig& config);
+
+  /// One decode step: input_ids [batch, 1] int64 and the step's attention_mask [batch, past + 1]
+  /// on the host, cache_position = past (the cache's length); uniforms: one per row when
+  /// sampling. Captures at the first call (and when the cache's storage has moved), then replays.
+  /// Returns every row's chosen token; the cache holds one more token afterwards.
+  std::vector<std::int64_t> step(const Tensor& input_ids, const Tensor& attention_mask,
+                                 std::int64_t cache_position, std::span<const float> uniforms);
+
+  /// Steps run by replaying the graph (all steps, captures included).
+  std::int64_t replays() const { return replays_; }
+
+ private:
+  void capture(const Tensor& input_ids, const Tensor& attention_mask, std::int64_t cache_position);
+  bool storage_moved() const;
+
+  const LlamaModel& model_;
+  DynamicCache<cuda::Backend>& cache_;
+  GenerationConfig config_;
+  std::int64_t batch_ = 0, capacity_ = 0;
+  // Byte offsets into buffer_: the per-step inputs [0, inputs_bytes_), then the chosen ids, then
+  // the mask.
+  std::size_t ids_at_ = 0, positions_at_ = 0, slot_at_ = 0, kv_len_at_ = 0, uniforms_at_ = 0,
+              inputs_bytes_ = 0, out_at_ = 0, mask_at_ = 0;
+  cuda::MirroredBuffer buffer_;
+  DecodeReplay replay_;
+  Tensor uniforms_;  // [batch] float32 view of buffer_
+  Tensor out_ids_;   // [batch] int64 view of buffer_
+  cuda::Graph graph_;
+  std::int64_t replays_ = 0;
+};
+
+}  // namespace kvcache::detail
