@@ -5,8 +5,10 @@
 // followed before it is known to lie inside it. A truncated or hostile file is a kvcache::Error
 // naming the file, the key or tensor, what was expected and what came, never a crash.
 //
-// Dequantization follows ggml's reference code (ggml-quants.c): each block holds an fp16 scale d
-// (and for Q4_1 an fp16 minimum m) and small integers q, and an element is d * q (+ m) in float32.
+// Dequantization follows ggml's reference code (ggml-quants.c) and gguf-py's quants.py, bit for
+// bit: each block holds an fp16 scale d (and for Q4_1 / Q5_1 an fp16 minimum m) and small integers
+// q, and an element is d * q (+ m) in float32; the K-quants (256-element superblocks) add 4- to
+// 8-bit scales (and mins) per 16- or 32-element sub-block.
 #include "kvcache/model/gguf.hpp"
 
 #include <algorithm>
@@ -101,13 +103,22 @@ bool is_served(GgufType type) {
     case GgufType::kQ8_0:
     case GgufType::kQ4_0:
     case GgufType::kQ4_1:
+    case GgufType::kQ5_0:
+    case GgufType::kQ5_1:
+    case GgufType::kQ2_K:
+    case GgufType::kQ3_K:
+    case GgufType::kQ4_K:
+    case GgufType::kQ5_K:
+    case GgufType::kQ6_K:
+    case GgufType::kQ8_K:
       return true;
     default:
       return false;
   }
 }
 
-constexpr std::string_view kServedTypes = "F32, F16, BF16, Q8_0, Q4_0 and Q4_1";
+constexpr std::string_view kServedTypes =
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and Q8_K";
 
 // Bytes of `count` elements, or nullopt when count is negative, not whole blocks or overflows.
 std::optional<std::uint64_t> bytes_of(const TypeInfo& info, std::int64_t count) {
@@ -173,6 +184,159 @@ void dequantize_q4_1(const std::byte* src, float* dst, std::int64_t blocks) {
   }
 }
 
+// --- Q5_0, Q5_1 and the K-quants
+// ------------------------------------------------------------------ Layouts from ggml-common.h;
+// every element is computed as gguf-py's quants.py computes it (which is also ggml's order): scales
+// first (d · sc, dmin · m, rounded to float32), then scale · q, then − min, each rounded once. This
+// file is compiled with -ffp-contract=off (CMakeLists.txt) so that no compiler fuses scale · q −
+// min into one FMA, which would round differently.
+constexpr std::int64_t kQK_K = 256;  // elements per K-quant superblock
+constexpr std::size_t kQ5_0 = 22;    // fp16 d, uint32 qh, uint8 qs[16]
+constexpr std::size_t kQ5_1 = 24;    // fp16 d, fp16 m, uint32 qh, uint8 qs[16]
+constexpr std::size_t kQ2_K = 84;    // uint8 scales[16], qs[64], fp16 d, fp16 dmin
+constexpr std::size_t kQ3_K = 110;   // uint8 hmask[32], qs[64], scales[12], fp16 d
+constexpr std::size_t kQ4_K = 144;   // fp16 d, fp16 dmin, uint8 scales[12], qs[128]
+constexpr std::size_t kQ5_K = 176;   // fp16 d, fp16 dmin, uint8 scales[12], qh[32], qs[128]
+constexpr std::size_t kQ6_K = 210;   // uint8 ql[128], qh[64], int8 scales[16], fp16 d
+constexpr std::size_t kQ8_K = 292;   // float32 d, int8 qs[256], int16 bsums[16]
+
+std::uint8_t byte_at(const std::byte* p, std::size_t i) { return static_cast<std::uint8_t>(p[i]); }
+
+// Q5_0 / Q5_1: element e's low 4 bits are nibble e / 16 of byte e % 16, its fifth bit is bit e of
+// qh.
+int q5_value(const std::byte* qh_at, const std::byte* qs, int e) {
+  const std::uint32_t qh = load<std::uint32_t>(qh_at);
+  const int low = (byte_at(qs, static_cast<std::size_t>(e % 16)) >> (4 * (e / 16))) & 0x0F;
+  return low | static_cast<int>(((qh >> e) & 1u) << 4);
+}
+
+void dequantize_q5_0(const std::byte* src, float* dst, std::int64_t blocks) {
+  for (std::int64_t b = 0; b < blocks; ++b, src += kQ5_0, dst += kQK) {
+    const float d = load_fp16(src);
+    for (int e = 0; e < kQK; ++e)
+      dst[e] = d * static_cast<float>(q5_value(src + 2, src + 6, e) - 16);
+  }
+}
+
+void dequantize_q5_1(const std::byte* src, float* dst, std::int64_t blocks) {
+  for (std::int64_t b = 0; b < blocks; ++b, src += kQ5_1, dst += kQK) {
+    const float d = load_fp16(src), m = load_fp16(src + 2);
+    for (int e = 0; e < kQK; ++e) {
+      const float scaled = d * static_cast<float>(q5_value(src + 4, src + 8, e));
+      dst[e] = scaled + m;
+    }
+  }
+}
+
+void dequantize_q2_k(const std::byte* src, float* dst, std::int64_t blocks) {
+  for (std::int64_t b = 0; b < blocks; ++b, src += kQ2_K, dst += kQK_K) {
+    const std::byte* scales = src;
+    const std::byte* qs = src + 16;
+    const float d = load_fp16(src + 80), dmin = load_fp16(src + 82);
+    for (int e = 0; e < kQK_K; ++e) {
+      // Element e = half · 128 + shift · 32 + l: two bits at 2 · shift of qs[half · 32 + l].
+      const int half = e / 128, shift = (e % 128) / 32, l = e % 32;
+      const int q = (byte_at(qs, static_cast<std::size_t>(half * 32 + l)) >> (2 * shift)) & 3;
+      const std::uint8_t sc = byte_at(scales, static_cast<std::size_t>(e / 16));
+      const float dl = d * static_cast<float>(sc & 0x0F);
+      const float ml = dmin * static_cast<float>(sc >> 4);
+      const float scaled = dl * static_cast<float>(q);
+      dst[e] = scaled - ml;
+    }
+  }
+}
+
+void dequantize_q3_k(const std::byte* src, float* dst, std::int64_t blocks) {
+  for (std::int64_t b = 0; b < blocks; ++b, src += kQ3_K, dst += kQK_K) {
+    const std::byte* hmask = src;
+    const std::byte* qs = src + 32;
+    const std::byte* packed = src + 96;  // 16 six-bit scales: low nibbles, then 2-bit highs
+    const float d = load_fp16(src + 108);
+    float dl[16];
+    for (int j = 0; j < 16; ++j) {
+      const int low = j < 8 ? byte_at(packed, static_cast<std::size_t>(j)) & 0x0F
+                            : byte_at(packed, static_cast<std::size_t>(j - 8)) >> 4;
+      const int high = (byte_at(packed, static_cast<std::size_t>(8 + j % 4)) >> (2 * (j / 4))) & 3;
+      dl[j] = d * static_cast<float>((low | (high << 4)) - 32);
+    }
+    for (int e = 0; e < kQK_K; ++e) {
+      const int half = e / 128, shift = (e % 128) / 32, l = e % 32;
+      const int low = (byte_at(qs, static_cast<std::size_t>(half * 32 + l)) >> (2 * shift)) & 3;
+      // The high bit set means no offset; clear means − 4.
+      const int high = (byte_at(hmask, static_cast<std::size_t>(l)) >> (e / 32)) & 1;
+      dst[e] = dl[e / 16] * static_cast<float>(low - (high ? 0 : 4));
+    }
+  }
+}
+
+// Q4_K / Q5_K: eight 6-bit scales and mins packed in 12 bytes.
+void k4_scales(const std::byte* packed, int (&sc)[8], int (&mn)[8]) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = byte_at(packed, static_cast<std::size_t>(j)) & 0x3F;
+    mn[j] = byte_at(packed, static_cast<std::size_t>(j + 4)) & 0x3F;
+    const int both = byte_at(packed, static_cast<std::size_t>(j + 8));
+    sc[j + 4] = (both & 0x0F) | ((byte_at(packed, static_cast<std::size_t>(j)) >> 2) & 0x30);
+    mn[j + 4] = (both >> 4) | ((byte_at(packed, static_cast<std::size_t>(j + 4)) >> 2) & 0x30);
+  }
+}
+
+// Q4_K (qh null) and Q5_K: element e = chunk · 64 + nibble · 32 + l is nibble `nibble` of
+// qs[chunk · 32 + l] (plus bit e / 32 of qh[l] as its fifth bit), in sub-block e / 32.
+void dequantize_k4_k5(const std::byte* src, float* dst, const std::byte* qh, const std::byte* qs) {
+  const float d = load_fp16(src), dmin = load_fp16(src + 2);
+  int sc[8], mn[8];
+  k4_scales(src + 4, sc, mn);
+  for (int e = 0; e < kQK_K; ++e) {
+    const int chunk = e / 64, nibble = (e % 64) / 32, l = e % 32, sub = e / 32;
+    int q = (byte_at(qs, static_cast<std::size_t>(chunk * 32 + l)) >> (4 * nibble)) & 0x0F;
+    if (qh != nullptr) q |= ((byte_at(qh, static_cast<std::size_t>(l)) >> sub) & 1) << 4;
+    const float scale = d * static_cast<float>(sc[sub]);
+    const float min = dmin * static_cast<float>(mn[sub]);
+    const float scaled = scale * static_cast<float>(q);
+    dst[e] = scaled - min;
+  }
+}
+
+void dequantize_q4_k(const std::byte* src, float* dst, std::int64_t blocks) {
+  for (std::int64_t b = 0; b < blocks; ++b, src += kQ4_K, dst += kQK_K)
+    dequantize_k4_k5(src, dst, nullptr, src + 16);
+}
+
+void dequantize_q5_k(const std::byte* src, float* dst, std::int64_t blocks) {
+  for (std::int64_t b = 0; b < blocks; ++b, src += kQ5_K, dst += kQK_K)
+    dequantize_k4_k5(src, dst, src + 16, src + 48);
+}
+
+void dequantize_q6_k(const std::byte* src, float* dst, std::int64_t blocks) {
+  for (std::int64_t b = 0; b < blocks; ++b, src += kQ6_K, dst += kQK_K) {
+    const std::byte* ql = src;
+    const std::byte* qh = src + 128;
+    const std::byte* scales = src + 192;
+    const float d = load_fp16(src + 208);
+    for (int e = 0; e < kQK_K; ++e) {
+      // Low 4 bits: nibble (e % 128) / 64 of ql[half · 64 + e % 64]; high 2 bits: bits
+      // 2 · ((e % 128) / 32) of qh[half · 32 + e % 32].
+      const int half = e / 128, r = e % 128;
+      const int low =
+          (byte_at(ql, static_cast<std::size_t>(half * 64 + r % 64)) >> (4 * (r / 64))) & 0x0F;
+      const int high =
+          (byte_at(qh, static_cast<std::size_t>(half * 32 + r % 32)) >> (2 * (r / 32))) & 3;
+      const auto sc = static_cast<std::int8_t>(byte_at(scales, static_cast<std::size_t>(e / 16)));
+      const float scale = d * static_cast<float>(sc);
+      dst[e] = scale * static_cast<float>((low | (high << 4)) - 32);
+    }
+  }
+}
+
+void dequantize_q8_k(const std::byte* src, float* dst, std::int64_t blocks) {
+  for (std::int64_t b = 0; b < blocks; ++b, src += kQ8_K, dst += kQK_K) {
+    const float d = load<float>(src);
+    for (int e = 0; e < kQK_K; ++e)
+      dst[e] = d * static_cast<float>(
+                       static_cast<std::int8_t>(byte_at(src + 4, static_cast<std::size_t>(e))));
+  }
+}
+
 // The kernels behind dequantize_row, for a served type and whole blocks (checked by the caller);
 // it never throws, so it can run inside an OpenMP loop.
 void dequantize_checked(GgufType type, const std::byte* src, float* dst,
@@ -196,6 +360,30 @@ void dequantize_checked(GgufType type, const std::byte* src, float* dst,
       return;
     case GgufType::kQ4_1:
       dequantize_q4_1(src, dst, count / kQK);
+      return;
+    case GgufType::kQ5_0:
+      dequantize_q5_0(src, dst, count / kQK);
+      return;
+    case GgufType::kQ5_1:
+      dequantize_q5_1(src, dst, count / kQK);
+      return;
+    case GgufType::kQ2_K:
+      dequantize_q2_k(src, dst, count / kQK_K);
+      return;
+    case GgufType::kQ3_K:
+      dequantize_q3_k(src, dst, count / kQK_K);
+      return;
+    case GgufType::kQ4_K:
+      dequantize_q4_k(src, dst, count / kQK_K);
+      return;
+    case GgufType::kQ5_K:
+      dequantize_q5_k(src, dst, count / kQK_K);
+      return;
+    case GgufType::kQ6_K:
+      dequantize_q6_k(src, dst, count / kQK_K);
+      return;
+    case GgufType::kQ8_K:
+      dequantize_q8_k(src, dst, count / kQK_K);
       return;
     default:
       return;  // unreachable: callers check is_served first

@@ -98,8 +98,10 @@ LlamaModel LlamaModel::from_gguf(const std::string& path, LoadOptions options) {
   if (options.device == Device::kCuda) cuda::require_device("LlamaModel::from_gguf");
   const GgufFile file = GgufFile::open(path);
   ModelConfig config = ModelConfig::from_gguf(file);
-  // Q8_0, Q4_1 and Q4_0 matrices are repacked as blocks (from_weights dequantizes them if options
-  // ask for a dtype).
+  // Q8_0, Q4_1, Q4_0 and Q5_0 matrices are repacked as blocks the CPU kernels read (Q4_0 as Q4_1,
+  // Q5_0 as Q8_0, both exact; from_weights dequantizes them if options ask for a dtype). Q5_1 and
+  // the K-quants (Q2_K … Q6_K, Q8_K) are dequantized exactly to float32 at load: 4 bytes a weight
+  // against their 0.33–1.1, until kernels read their blocks directly.
   std::vector<std::pair<std::string, cpu::Weight>> weights;
   auto take = [&](const std::string& gguf_name, const std::string& name,
                   std::int64_t unpermute_heads = 0) {
@@ -115,6 +117,8 @@ LlamaModel LlamaModel::from_gguf(const std::string& path, LoadOptions options) {
       blocks = cpu::QuantizedMatrix::from_ggml(format, bytes, info->ne[1], info->ne[0]);
     } else if (matrix && info->type == GgufType::kQ4_0) {
       blocks = cpu::QuantizedMatrix::from_ggml_q4_0(bytes, info->ne[1], info->ne[0]);
+    } else if (matrix && info->type == GgufType::kQ5_0) {
+      blocks = cpu::QuantizedMatrix::from_ggml_q5_0(bytes, info->ne[1], info->ne[0]);
     }
     if (blocks) {
       if (unpermute_heads > 0)

@@ -462,23 +462,23 @@ TEST(GgufTensors, MisalignedDataIsReadButNotViewed) {
 TEST(GgufTensors, UnservedTypesAreSizedListedButNotRead) {
   TempDir dir;
   Spec spec;
-  spec.tensors = {{"k", {256, 2}, 12, std::string(2 * 144, '\x5a'), std::nullopt},  // Q4_K
+  spec.tensors = {{"k", {256, 2}, 23, std::string(2 * 136, '\x5a'), std::nullopt},  // IQ4_XS
                   {"x", {2}, 0, bytes_of_floats({1, 2}), std::nullopt}};
   const std::string path = dir.file("q4k.gguf");
   write_bytes(path, build(spec).bytes);
   const GgufFile file = GgufFile::open(path);
   const GgufTensorInfo* info = file.find_tensor("k");
   ASSERT_NE(info, nullptr);
-  EXPECT_EQ(info->type, GgufType::kQ4_K);
-  EXPECT_EQ(info->nbytes, 288u);
-  EXPECT_EQ(file.tensors()[1].offset, 288u);
-  EXPECT_KVCACHE_ERROR(file.to_float32("k"), "GGUF tensor type Q4_K is not supported yet");
+  EXPECT_EQ(info->type, GgufType::kIQ4_XS);
+  EXPECT_EQ(info->nbytes, 272u);
+  EXPECT_EQ(file.tensors()[1].offset, 288u);  // 272 padded to the 32-byte alignment
+  EXPECT_KVCACHE_ERROR(file.to_float32("k"), "GGUF tensor type IQ4_XS is not supported yet");
   EXPECT_KVCACHE_ERROR(file.to_float32("k"), path);
   EXPECT_KVCACHE_ERROR(file.view("k"),
-                       "view() serves F32, F16 and BF16 tensors in place, got Q4_K");
+                       "view() serves F32, F16 and BF16 tensors in place, got IQ4_XS");
   float out[256];
-  EXPECT_KVCACHE_ERROR(dequantize_row(GgufType::kQ4_K, file.data(*info), out, 256),
-                       "GGUF tensor type Q4_K is not supported yet");
+  EXPECT_KVCACHE_ERROR(dequantize_row(GgufType::kIQ4_XS, file.data(*info), out, 256),
+                       "GGUF tensor type IQ4_XS is not supported yet");
 }
 
 TEST(GgufTensors, TypeNamesAndSizes) {

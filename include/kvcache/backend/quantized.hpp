@@ -63,6 +63,12 @@ class QuantizedMatrix {
   static std::optional<QuantizedMatrix> from_ggml_q4_0(std::span<const std::byte> blocks,
                                                        std::int64_t rows, std::int64_t cols);
 
+  /// ggml's Q5_0 blocks (fp16 d, 32 5-bit q; weight = d·(q − 16)) held as Q8_0 with the same d
+  /// and q − 16 in −16..15 as its int8: every weight bit for bit, 34 bytes per block instead of 22,
+  /// read by the Q8_0 kernels. Sizes are checked as in from_ggml.
+  static QuantizedMatrix from_ggml_q5_0(std::span<const std::byte> blocks, std::int64_t rows,
+                                        std::int64_t cols);
+
   /// Quantizes a float [rows, cols] CPU tensor (float32/bfloat16/float16) with ggml's reference
   /// rounding (Q8_0: d = amax/127, q = round(w/d); Q4_1: d = (max−min)/15, m = min,
   /// q = round((w−m)/d) clamped to 0..15), for tests, benchmarks and float checkpoints run

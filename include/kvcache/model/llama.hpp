@@ -130,10 +130,12 @@ class LlamaModel {
   /// Loads a llama-architecture GGUF file (llama.cpp's format): the config from its metadata, the
   /// weights under transformers' names with llama.cpp's q/k row permutation undone. Q8_0 and
   /// Q4_1 matrices stay quantized by default (the default model holds 92 MiB of blocks), Q4_0 ones
-  /// too, as Q4_1 blocks with the same values (11% more bytes); F32/F16/BF16 tensors are used in
-  /// place from the mapping. With options.dtype quantized matrices are dequantized once at load
-  /// (the default model: 538 MB as float32, 269 MB as bfloat16). Other types are errors naming
-  /// the type.
+  /// too, as Q4_1 blocks with the same values (11% more bytes), and Q5_0 ones as Q8_0 blocks with
+  /// the same values (55% more bytes); Q5_1 and K-quant (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)
+  /// matrices are dequantized exactly to float32 (4 bytes a weight; no kernel reads their blocks
+  /// yet); F32/F16/BF16 tensors are used in place from the mapping. With options.dtype quantized
+  /// matrices are dequantized once at load (the default model: 538 MB as float32, 269 MB as
+  /// bfloat16). Other types (the IQ family, TQ, MXFP4) are errors naming the type.
   static LlamaModel from_gguf(const std::string& path, LoadOptions options = {});
 
   const ModelConfig& config() const { return config_; }

@@ -108,6 +108,32 @@ std::optional<QuantizedMatrix> QuantizedMatrix::from_ggml_q4_0(std::span<const s
   return from_ggml(QuantFormat::kQ4_1, q4_1, rows, cols);
 }
 
+QuantizedMatrix QuantizedMatrix::from_ggml_q5_0(std::span<const std::byte> blocks,
+                                                std::int64_t rows, std::int64_t cols) {
+  const char* where = "QuantizedMatrix::from_ggml_q5_0";
+  check_shape(QuantFormat::kQ8_0, rows, cols, where);
+  constexpr std::size_t kQ5_0 = 22;  // fp16 d, uint32 qh (fifth bits), 16 bytes of nibbles
+  const std::size_t count = static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols / 32);
+  KVCACHE_CHECK(count <= blocks.size() / kQ5_0 && blocks.size() == count * kQ5_0, where,
+                ": expected ", count, " Q5_0 blocks (", count * kQ5_0, " bytes) for [", rows, ", ",
+                cols, "], got ", blocks.size(), " bytes");
+  std::vector<std::byte> q8_0(count * 34);
+  for (std::size_t b = 0; b < count; ++b) {
+    const std::byte* in = blocks.data() + b * kQ5_0;
+    std::byte* out = q8_0.data() + b * 34;
+    std::memcpy(out, in, 2);  // d
+    std::uint32_t qh;
+    std::memcpy(&qh, in + 2, 4);
+    for (int e = 0; e < 32; ++e) {
+      // Element e: nibble e / 16 of byte e % 16, fifth bit e of qh.
+      const int low = (static_cast<int>(in[6 + e % 16]) >> (4 * (e / 16))) & 0x0F;
+      const int q = (low | static_cast<int>(((qh >> e) & 1u) << 4)) - 16;
+      out[2 + e] = static_cast<std::byte>(static_cast<std::int8_t>(q));
+    }
+  }
+  return from_ggml(QuantFormat::kQ8_0, q8_0, rows, cols);
+}
+
 QuantizedMatrix QuantizedMatrix::quantize(const Tensor& weight, QuantFormat format) {
   const char* where = "QuantizedMatrix::quantize";
   KVCACHE_CHECK(weight.defined() && weight.rank() == 2 && is_floating(weight.dtype()) &&
