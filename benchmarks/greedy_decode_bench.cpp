@@ -16,6 +16,7 @@
 // embedding/LM head: what greedy_decode runs) and dequantized at load to float32 and bfloat16.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -238,6 +239,45 @@ void decode_steps(benchmark::State& state, const LlamaModel& m) {
   state.counters["floor_ratio"] = steps_per_second * weight_bytes / stream;
 }
 
+// One decode step of `batch` rows (state.range(0)) on a cache holding kShortContext tokens of
+// every row: tokens/s counts every row (what a server decoding several sequences at once sees).
+void batched_decode_steps(benchmark::State& state, const LlamaModel& m) {
+  const std::int64_t batch = state.range(0), context = kShortContext;
+  DynamicCache<> cache;
+  Tensor keys = Tensor::empty({batch, kKvHeads, context, kHeadDim}, DType::kFloat32);
+  Tensor values = Tensor::empty({batch, kKvHeads, context, kHeadDim}, DType::kFloat32);
+  const Tensor one_keys = random_states(context, 1), one_values = random_states(context, 2);
+  const std::size_t per_row = static_cast<std::size_t>(one_keys.numel());
+  for (std::int64_t b = 0; b < batch; ++b) {
+    std::copy_n(one_keys.data_as<float>(), per_row, keys.data_as<float>() + b * per_row);
+    std::copy_n(one_values.data_as<float>(), per_row, values.data_as<float>() + b * per_row);
+  }
+  for (int layer = 0; layer < kLayers; ++layer) cache.update(keys, values, layer);
+  Tensor ids = Tensor::empty({batch, 1}, DType::kInt64);
+  for (std::int64_t b = 0; b < batch; ++b) ids.data_as<std::int64_t>()[b] = (b * 7919 + 3) % kVocab;
+  const kvcache::ForwardArgs args{.input_ids = ids,
+                                  .attention_mask = kvcache::ones_mask(batch, context + 1),
+                                  .cache_position = {context},
+                                  .past_key_values = &cache,
+                                  .logits_to_keep = 1};
+  benchmark::DoNotOptimize(kvcache::argmax_last(m.forward(args)).data());  // regrowth, untimed
+  cache.crop(context);
+  for (auto _ : state) {
+    const std::vector<std::int64_t> next = kvcache::argmax_last(m.forward(args));
+    benchmark::DoNotOptimize(next.data());
+    cache.crop(context);
+  }
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void bm_batched_decode_real(benchmark::State& state) {
+  batched_decode_steps(state, default_model(std::nullopt));
+}
+void bm_batched_decode_quantized(benchmark::State& state, kvcache::cpu::QuantFormat format) {
+  batched_decode_steps(state, quantized_model(format));
+}
+
 // One forward of a prompt into an empty cache, LM head for the last position, greedy choice.
 void prefill_runs(benchmark::State& state, const LlamaModel& m) {
   const std::int64_t tokens = state.range(0);
@@ -309,6 +349,21 @@ void register_benchmarks() {
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
     }
+  }
+  // Several sequences decoding together: the real file (Q4_1 layers, Q8_0 embedding and LM head)
+  // and the random model in each block format.
+  constexpr std::int64_t kBatches[] = {1, 4, 8, 16, 32};
+  if (std::filesystem::exists(KVCACHE_DEFAULT_MODEL_PATH)) {
+    auto* batched = benchmark::RegisterBenchmark("BM_BatchedDecodeCpu/smollm2_q4_1/blocks",
+                                                 bm_batched_decode_real);
+    for (std::int64_t b : kBatches) batched->Arg(b);
+    batched->ArgName("batch")->UseRealTime()->Unit(benchmark::kMillisecond);
+  }
+  for (const kvcache::cpu::QuantFormat f : kFormats) {
+    auto* batched = benchmark::RegisterBenchmark(
+        ("BM_BatchedDecodeCpu/random_" + format_name(f)).c_str(), bm_batched_decode_quantized, f);
+    for (std::int64_t b : kBatches) batched->Arg(b);
+    batched->ArgName("batch")->UseRealTime()->Unit(benchmark::kMillisecond);
   }
   for (const kvcache::cpu::QuantFormat f : kFormats) {
     const std::string suffix = "/random_" + format_name(f);

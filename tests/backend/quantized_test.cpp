@@ -1,8 +1,9 @@
 // Quantized weight matrices: repacking ggml blocks keeps every value (checked against the GGUF
 // reader's dequantizer, itself checked against the gguf package), quantize() follows ggml's
 // reference rounding, and linear() over quantized weights computes what its numerics promise —
-// for ≤ 4 rows, the exact block dot products of the weights with x quantized to int8 per block
-// (both the AVX-512 VNNI and the portable kernel, against a float64 emulation), within the bound
+// for up to quantized_decode_rows() rows (batched decode included), the exact block dot products
+// of the weights with x quantized to int8 per block (both the AVX-512 VNNI and the portable
+// kernel, against a float64 emulation), within the bound
 // x's rounding allows of the float32 product; for more rows without AMX, the exact float32 product.
 #include <gtest/gtest.h>
 
@@ -109,7 +110,7 @@ TEST_P(QuantizedFormats, QuantizeFollowsGgmlRounding) {
   EXPECT_NEAR(r[0], -15.0f, f == QuantFormat::kQ8_0 ? 0.07f : 1e-2f);
 }
 
-// What linear() promises for ≤ 4 rows, in float64: x quantized per block with d = amax/127 and
+// What linear() promises for decode rows, in float64: x quantized per block with d = amax/127 and
 // round-half-even, then Σ over blocks of the exact integer dot products scaled by d_w·d_x (Q4_1:
 // plus m·d_x·Σq_x) — equivalently, the dequantized weights times the dequantized x.
 std::vector<double> emulate_gemv(const QuantizedMatrix& w, const Tensor& x, const Tensor& bias) {
@@ -167,7 +168,8 @@ TEST_P(QuantizedFormats, DecodeRowsComputeTheQuantizedBlockDotProducts) {
     const IsaLimit limit(isa);
     // Block counts with every remainder of the kernels' 4- and 2-block groups; odd output counts.
     for (const std::int64_t in : {32, 64, 96, 160, 576, 1536}) {
-      for (const std::int64_t rows : {1, 2, 3, 4}) {
+      for (const std::int64_t rows : {1, 2, 3, 4, 5, 8, 13, 32}) {
+        if (rows > cpu::quantized_decode_rows(f)) continue;
         const std::int64_t out = in == 1536 ? 67 : 37;
         const QuantizedMatrix w =
             QuantizedMatrix::from_ggml(f, random_ggml(f, out, in, rng), out, in);
@@ -215,7 +217,7 @@ TEST_P(QuantizedFormats, ManyRowsWithoutAmxAreTheExactFloat32Product) {
   const QuantFormat f = GetParam();
   const IsaLimit limit(CpuIsa::kAvx512Vnni);
   std::mt19937 rng(5);
-  const std::int64_t rows = 9, in = 96, out = 70;
+  const std::int64_t rows = cpu::quantized_decode_rows(f) + 1, in = 96, out = 70;
   const QuantizedMatrix w = QuantizedMatrix::from_ggml(f, random_ggml(f, out, in, rng), out, in);
   const Tensor x = testing::random_tensor({rows, in}, DType::kFloat32, rng);
   const Tensor bias = testing::random_tensor({out}, DType::kFloat32, rng);
@@ -262,7 +264,9 @@ TEST_P(QuantizedFormats, FusedProjectionsEqualSeparateOnes) {
   const Tensor none;
   const cpu::Weight* weights[] = {&a, &b, &c};
   const Tensor* biases[] = {&none, &bias_b, &none};
-  for (const std::int64_t rows : {1, 3, 4, 7}) {  // 7 rows: not fused, one linear() each
+  // The last count is past the decode kernels: not fused, one linear() each.
+  for (const std::int64_t rows : {std::int64_t{1}, std::int64_t{3}, std::int64_t{4},
+                                  std::int64_t{7}, cpu::quantized_decode_rows(f) + 3}) {
     const Tensor x = testing::random_tensor({rows, in}, DType::kFloat32, rng);
     const std::vector<Tensor> fused = cpu::linear_fused(x, weights, biases);
     ASSERT_EQ(fused.size(), 3u);

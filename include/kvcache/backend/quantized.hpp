@@ -3,10 +3,12 @@
 // reads 0.625 (Q4_1) or 1.0625 (Q8_0) bytes per weight instead of 4 (float32) or 2 (bfloat16).
 //
 // Numerics, stated once here and in linear()'s comment:
-// - Up to 4 rows of x (decode): each 32-element block of each x row is quantized to int8 with the
-//   float32 scale amax/127 (rounded to nearest, ties to even), as llama.cpp's q8 activations are;
-//   block dot products are exact integers, scaled and summed in float32. The weights are used
-//   exactly; the error is x's rounding (at most half a step, amax/254, per element).
+// - Up to quantized_decode_rows() rows of x (decode and batched decode; 4 with AMX, 8–32 without):
+//   each 32-element block of each x row is quantized to int8 with the float32 scale amax/127
+//   (rounded to nearest, ties to even), as llama.cpp's q8 activations are; block dot products are
+//   exact integers, scaled and summed in float32. The weights are used exactly; the error is x's
+//   rounding (at most half a step, amax/254, per element). Past 4 rows the weights are read from
+//   memory once per tile of 16 rows, which every group of 4 x rows then passes over in cache.
 // - More rows (prefill): with AMX-BF16 (Sapphire Rapids and later) each weight is dequantized
 //   exactly (d·q + m in float32) and rounded to bfloat16, x is rounded to bfloat16 (elements below
 //   float32's normal range, |x| < 2⁻¹²⁶, count as zero), and products are accumulated in float32
@@ -133,15 +135,22 @@ class Weight {
 
 /// y = x · Wᵀ (+ bias) with W quantized: x [rows, in] contiguous float32, bias [out] float32 or
 /// undefined; returns [rows, out] float32. Numerics as this header's opening comment says:
-/// ≤ 4 rows use int8 x per block (AVX-512 VNNI when the CPU has it, portable C++ otherwise, same
-/// integers); more rows use AMX-BF16 when present, float32 otherwise. Threaded over outputs.
+/// up to quantized_decode_rows() rows use int8 x per block (AVX-512 VNNI when the CPU has it,
+/// portable C++ otherwise, same integers); more rows use AMX-BF16 when present, float32
+/// otherwise. Threaded over outputs.
 Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias = Tensor());
+
+/// Rows of x up to which linear() runs the int8 block kernels for `format` on this CPU: 4 where
+/// AMX-BF16 serves more rows; otherwise 32 for Q4_1 and 8 for Q8_0 (where each kernel was measured
+/// faster than the float32 path); more rows take the prefill path.
+std::int64_t quantized_decode_rows(QuantFormat format);
 
 /// linear() for either kind of weight.
 Tensor linear(const Tensor& x, const Weight& weight, const Tensor& bias = Tensor());
 
 /// Several projections of one x (q/k/v; gate/up): the same as linear(x, weights[i], biases[i])
-/// for each i, but when every weight is quantized in one format and x has ≤ 4 rows, x is
+/// for each i, but when every weight is quantized in one format and x has at most
+/// quantized_decode_rows() rows, x is
 /// quantized once and all outputs are computed in one parallel region (their rows split across
 /// threads as one range), which saves a fork/join and a quantization per extra weight on every
 /// decode step. `biases` is empty or has one (possibly undefined) tensor per weight.

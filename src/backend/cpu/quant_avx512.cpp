@@ -65,17 +65,17 @@ KVCACHE_AVX512 inline void reduce_rows(const __m512 (&acc)[RB], float* out) {
 // group's x bytes and scales are loaded once for all RB rows.
 template <int RB, int R>
 KVCACHE_AVX512 inline void q4_1_group(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
-                                      const QuantizedX& x, std::int64_t g, std::int64_t n,
-                                      __mmask64 m, __m512 (&acc)[R][RB]) {
+                                      const QuantizedX& x, std::int64_t r0, std::int64_t g,
+                                      std::int64_t n, __mmask64 m, __m512 (&acc)[R][RB]) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   __m512i xlo[R], xhi[R];
   __m512 xd[R];
   for (int r = 0; r < R; ++r) {
-    const std::int8_t* xq = x.q_row(r) + g * 128;
+    const std::int8_t* xq = x.q_row(r0 + r) + g * 128;
     xlo[r] = _mm512_maskz_loadu_epi8(m, xq);
     xhi[r] = _mm512_maskz_loadu_epi8(m, xq + 16 * n);
-    xd[r] = _mm512_loadu_ps(x.drep_row(r) + g * 16);
+    xd[r] = _mm512_loadu_ps(x.drep_row(r0 + r) + g * 16);
   }
   for (int i = 0; i < RB; ++i) {
     const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
@@ -93,21 +93,22 @@ KVCACHE_AVX512 inline void q4_1_group(const std::uint8_t* p, std::size_t row_byt
   }
 }
 
-// Q4_1: RB consecutive weight rows against R rows of x; sums[r][i].
+// Q4_1: RB consecutive weight rows against x rows [r0, r0 + R); sums[r][i].
 template <int RB, int R>
 KVCACHE_AVX512 inline void q4_1_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
-                                     const QuantizedX& x, float (&sums)[R][RB]) {
+                                     const QuantizedX& x, std::int64_t r0, float (&sums)[R][RB]) {
   const std::int64_t full = nb / 4, tail = nb % 4;
   __m512 acc[R][RB];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (std::int64_t g = 0; g < full; ++g) q4_1_group<RB, R>(p, row_bytes, nb, x, g, 4, ~0ULL, acc);
-  if (tail) q4_1_group<RB, R>(p, row_bytes, nb, x, full, tail, ~0ULL >> (64 - 16 * tail), acc);
+  for (std::int64_t g = 0; g < full; ++g)
+    q4_1_group<RB, R>(p, row_bytes, nb, x, r0, g, 4, ~0ULL, acc);
+  if (tail) q4_1_group<RB, R>(p, row_bytes, nb, x, r0, full, tail, ~0ULL >> (64 - 16 * tail), acc);
   // The minimums: Σ_b m_b · (d_x · Σq_x)_b, sixteen blocks at a time.
   for (std::int64_t b = 0; b < nb; b += 16) {
     const __mmask16 m = nb - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - b)) - 1);
     for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_maskz_loadu_ps(m, x.s_row(r) + b);
+      const __m512 s = _mm512_maskz_loadu_ps(m, x.s_row(r0 + r) + b);
       for (int i = 0; i < RB; ++i) {
         const std::uint8_t* mins = p + static_cast<std::size_t>(i) * row_bytes + nb * 18 + b * 2;
         acc[r][i] =
@@ -122,17 +123,17 @@ KVCACHE_AVX512 inline void q4_1_rows(const std::uint8_t* p, std::size_t row_byte
 // accumulator starting from −128·Σ(x bytes) per lane to undo the stored offset.
 template <int RB, int R>
 KVCACHE_AVX512 inline void q8_0_chunk(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
-                                      const QuantizedX& x, std::int64_t c, std::int64_t n,
-                                      __m512 (&acc)[R][RB]) {
+                                      const QuantizedX& x, std::int64_t r0, std::int64_t c,
+                                      std::int64_t n, __m512 (&acc)[R][RB]) {
   const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   const __mmask64 m = n == 2 ? ~0ULL : 0xFFFFFFFFULL;
   const __mmask16 lanes = n == 2 ? 0xFFFF : 0x00FF;
   __m512i xq[R], start[R];
   __m512 xd[R];
   for (int r = 0; r < R; ++r) {
-    xq[r] = _mm512_maskz_loadu_epi8(m, x.q_row(r) + c * 64);
-    start[r] = _mm512_maskz_loadu_epi32(lanes, x.corr_row(r) + c * 16);
-    xd[r] = _mm512_loadu_ps(x.drep_row(r) + c * 16);
+    xq[r] = _mm512_maskz_loadu_epi8(m, x.q_row(r0 + r) + c * 64);
+    start[r] = _mm512_maskz_loadu_epi32(lanes, x.corr_row(r0 + r) + c * 16);
+    xd[r] = _mm512_loadu_ps(x.drep_row(r0 + r) + c * 16);
   }
   for (int i = 0; i < RB; ++i) {
     const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
@@ -149,22 +150,22 @@ KVCACHE_AVX512 inline void q8_0_chunk(const std::uint8_t* p, std::size_t row_byt
 
 template <int RB, int R>
 KVCACHE_AVX512 inline void q8_0_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
-                                     const QuantizedX& x, float (&sums)[R][RB]) {
+                                     const QuantizedX& x, std::int64_t r0, float (&sums)[R][RB]) {
   __m512 acc[R][RB];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (std::int64_t c = 0; c < nb / 2; ++c) q8_0_chunk<RB, R>(p, row_bytes, nb, x, c, 2, acc);
-  if (nb % 2) q8_0_chunk<RB, R>(p, row_bytes, nb, x, nb / 2, 1, acc);
+  for (std::int64_t c = 0; c < nb / 2; ++c) q8_0_chunk<RB, R>(p, row_bytes, nb, x, r0, c, 2, acc);
+  if (nb % 2) q8_0_chunk<RB, R>(p, row_bytes, nb, x, r0, nb / 2, 1, acc);
   for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
 }
 
-// Rows [o0, o1) of w against every row of x: four weight rows at a time for one x row (decode),
-// one at a time for several, each row's bytes prefetched ahead of use.
+// Rows [o0, o1) of w against x rows [r0, r0 + R): four weight rows at a time for one x row
+// (decode), one at a time for several, each row's bytes prefetched ahead of use.
 template <int R>
-KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o0,
-                              std::int64_t o1, const float* bias, float* y) {
+KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t r0,
+                              std::int64_t o0, std::int64_t o1, const float* bias, float* y) {
   if (o0 >= o1) return;
-  constexpr int RB = R == 1 ? 4 : 1;
+  constexpr int RB = R <= 2 ? 4 : 2;  // weight rows per pass: x registers reused across them
   const std::int64_t nb = w.blocks_per_row(), out = w.rows();
   const std::size_t row_bytes = w.row_bytes();
   const bool q41 = w.format() == QuantFormat::kQ4_1;
@@ -175,22 +176,23 @@ KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std
     prefetch_ahead(p, RB * row_bytes);
     float sums[R][RB];
     if (q41) {
-      q4_1_rows<RB, R>(p, row_bytes, nb, x, sums);
+      q4_1_rows<RB, R>(p, row_bytes, nb, x, r0, sums);
     } else {
-      q8_0_rows<RB, R>(p, row_bytes, nb, x, sums);
+      q8_0_rows<RB, R>(p, row_bytes, nb, x, r0, sums);
     }
     for (int r = 0; r < R; ++r)
-      for (int i = 0; i < RB; ++i) y[r * out + o + i] = sums[r][i] + (bias ? bias[o + i] : 0.0f);
+      for (int i = 0; i < RB; ++i)
+        y[(r0 + r) * out + o + i] = sums[r][i] + (bias ? bias[o + i] : 0.0f);
   }
   for (; o < o1; ++o) {
     const std::uint8_t* p = first + static_cast<std::size_t>(o - o0) * row_bytes;
     float sums[R][1];
     if (q41) {
-      q4_1_rows<1, R>(p, row_bytes, nb, x, sums);
+      q4_1_rows<1, R>(p, row_bytes, nb, x, r0, sums);
     } else {
-      q8_0_rows<1, R>(p, row_bytes, nb, x, sums);
+      q8_0_rows<1, R>(p, row_bytes, nb, x, r0, sums);
     }
-    for (int r = 0; r < R; ++r) y[r * out + o] = sums[r][0] + (bias ? bias[o] : 0.0f);
+    for (int r = 0; r < R; ++r) y[(r0 + r) * out + o] = sums[r][0] + (bias ? bias[o] : 0.0f);
   }
 }
 
@@ -236,17 +238,35 @@ KVCACHE_AVX512 void quantize_x_avx512(QuantFormat format, const float* x, std::i
   }
 }
 
+namespace {
+
+// x rows [r0, r0 + rows) with rows ≤ 4, one kernel instance per count.
+void gemv_group(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t r0, std::int64_t rows,
+                std::int64_t o0, std::int64_t o1, const float* bias, float* y) {
+  switch (rows) {
+    case 1:
+      return gemv_rows<1>(w, x, r0, o0, o1, bias, y);
+    case 2:
+      return gemv_rows<2>(w, x, r0, o0, o1, bias, y);
+    case 3:
+      return gemv_rows<3>(w, x, r0, o0, o1, bias, y);
+    default:
+      return gemv_rows<4>(w, x, r0, o0, o1, bias, y);
+  }
+}
+
+}  // namespace
+
 void gemv_avx512(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o0, std::int64_t o1,
                  const float* bias, float* y) {
-  switch (x.rows) {
-    case 1:
-      return gemv_rows<1>(w, x, o0, o1, bias, y);
-    case 2:
-      return gemv_rows<2>(w, x, o0, o1, bias, y);
-    case 3:
-      return gemv_rows<3>(w, x, o0, o1, bias, y);
-    default:
-      return gemv_rows<4>(w, x, o0, o1, bias, y);
+  if (x.rows <= 4) return gemv_group(w, x, 0, x.rows, o0, o1, bias, y);
+  // More rows (a batch decoding together): a tile of weight rows is read from memory once and
+  // then stays in L1/L2 while every group of four x rows passes over it.
+  constexpr std::int64_t kTileRows = 16;
+  for (std::int64_t t0 = o0; t0 < o1; t0 += kTileRows) {
+    const std::int64_t t1 = std::min(o1, t0 + kTileRows);
+    for (std::int64_t r0 = 0; r0 < x.rows; r0 += 4)
+      gemv_group(w, x, r0, std::min<std::int64_t>(4, x.rows - r0), t0, t1, bias, y);
   }
 }
 

@@ -27,7 +27,7 @@ inline std::int64_t blocks_per_chunk(QuantFormat format) {
   return format == QuantFormat::kQ4_1 ? 4 : 2;
 }
 
-// Rows of x quantized for one format's GEMV kernels (rows ≤ 4).
+// Rows of x quantized for one format's GEMV kernels (any count; the kernels take four at a time).
 struct QuantizedX {
   QuantFormat format = QuantFormat::kQ8_0;
   std::int64_t rows = 0, cols = 0, nb = 0, chunks = 0;
