@@ -104,5 +104,14 @@ int main(int argc, char** argv) {
       dir = arg;
     }
   }
-  return gpu ? run<cuda::Backend>(dir) : run<cpu::Backend>(dir);
+  // run() reports kvcache::Error itself; anything else (out of memory, a bug) still ends in a
+  // message and a non-zero exit, never an abort.
+  try {
+    return gpu ? run<cuda::Backend>(dir) : run<cpu::Backend>(dir);
+  } catch (const std::exception& e) {
+    std::cerr << "custom_loop: " << e.what() << "\n";
+  } catch (...) {
+    std::cerr << "custom_loop: unexpected error of an unknown type\n";
+  }
+  return 1;
 }

@@ -1,19 +1,20 @@
 // greedy_decode: the project's main job, the seed document's conversation in C++. Loads a
 // Llama-family checkpoint (a GGUF file, or a folder with config.json + safetensors), applies the
 // model's chat template to the prompt, runs greedy generation through kvcache::generate() with a
-// DynamicCache, and prints the answer as it is produced, then prefill time, decode tokens/s and the
-// cache's size (and the bytes of weights held). With no arguments it asks the default model
-// (SmolLM2-135M-Instruct, installed by scripts/setup-model.sh) the seed's question.
+// DynamicCache (--cache static: a StaticCache), and prints the answer as it is produced, then
+// prefill time, decode tokens/s and the cache's size (and the bytes of weights held). With no
+// arguments it asks the default model (SmolLM2-135M-Instruct, installed by scripts/setup-model.sh)
+// the seed's question.
 //
 //   greedy_decode [--model PATH] [--prompt TEXT | --input-ids "1,2,3;4,5"] [--raw] [--system TEXT]
 //                 [--chat] [--max-new-tokens N] [--device cpu|cuda]
-//                 [--dtype float32|bfloat16|float16] [--cache dynamic] [--cuda-graph on|off]
+//                 [--dtype float32|bfloat16|float16] [--cache dynamic|static] [--cuda-graph on|off]
 //                 [--json]
 //
 // Rows given with --input-ids (';' separates rows) are left-padded with the model's pad id (0 when
 // it has none) and the attention mask is built to match. --raw sends the prompt without the chat
 // template; --system replaces the template's default system prompt; --chat reads one user turn per
-// line from stdin and keeps the conversation in one DynamicCache, prefilling only each new turn.
+// line from stdin and keeps the conversation in one cache, prefilling only each new turn.
 // With --json the last line of stdout is one JSON object: new_tokens (per row), prefill_ms,
 // decode_tokens_per_s, cache_bytes. --device cuda loads the weights onto the GPU (a GGUF file's
 // quantized matrices as bfloat16; --dtype float32 for the exact mode) and runs the same
@@ -32,6 +33,7 @@
 #include <kvcache/model/gguf.hpp>
 #include <kvcache/tokenizer/chat_template.hpp>
 #include <kvcache/tokenizer/tokenizer.hpp>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
@@ -48,6 +50,7 @@ struct Options {
   std::string model = KVCACHE_DEFAULT_MODEL_PATH;
   std::string prompt;
   std::string input_ids;
+  bool input_ids_given = false;  // --input-ids "" is an error, not the default prompt
   bool raw = false;
   std::optional<std::string> system;
   bool chat = false;
@@ -62,7 +65,7 @@ struct Options {
 const char* kUsage =
     "usage: greedy_decode [--model PATH] [--prompt TEXT | --input-ids \"1,2,3;4,5\"] [--raw]\n"
     "                     [--system TEXT] [--chat] [--max-new-tokens N] [--device cpu|cuda]\n"
-    "                     [--dtype float32|bfloat16|float16] [--cache dynamic]\n"
+    "                     [--dtype float32|bfloat16|float16] [--cache dynamic|static]\n"
     "                     [--cuda-graph on|off] [--json]\n";
 
 const char* kSeedQuestion = "Hello, what's your name.";
@@ -86,6 +89,7 @@ Options parse(int argc, char** argv) {
       o.prompt = value();
     } else if (arg == "--input-ids") {
       o.input_ids = value();
+      o.input_ids_given = true;
     } else if (arg == "--raw") {
       o.raw = true;
     } else if (arg == "--system") {
@@ -120,13 +124,15 @@ Options parse(int argc, char** argv) {
       fail("unknown flag '" + arg + "'\n" + kUsage);
     }
   }
+  if (o.input_ids_given && o.input_ids.empty())
+    fail("--input-ids is empty (expected integers separated by ',' and rows by ';')");
   if (!o.prompt.empty() && !o.input_ids.empty()) fail("give --prompt or --input-ids, not both");
   if (o.chat && (!o.input_ids.empty() || o.json))
     fail("--chat reads text turns; it takes neither --input-ids nor --json");
   if (o.device != "cpu" && o.device != "cuda")
     fail("--device expects cpu or cuda, got '" + o.device + "'");
-  if (o.cache != "dynamic") {
-    fail("--cache expects dynamic (the only cache kvcache has so far), got '" + o.cache + "'");
+  if (o.cache != "dynamic" && o.cache != "static") {
+    fail("--cache expects dynamic or static, got '" + o.cache + "'");
   }
   return o;
 }
@@ -168,6 +174,12 @@ std::optional<kvcache::Tokenizer> load_tokenizer(const std::string& path) {
   const std::string json = path + "/tokenizer.json";
   if (std::filesystem::exists(json)) return kvcache::Tokenizer::from_json_file(json);
   return std::nullopt;
+}
+
+// JSON text of `out`: strings that are not UTF-8 (a model path is bytes on Linux) are written with
+// U+FFFD in place of the bad bytes instead of throwing.
+std::string json_text(const nlohmann::json& out) {
+  return out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 // The --json line: the generated ids of each row and the run's figures.
@@ -220,7 +232,7 @@ void print_stats(const kvcache::GenerateResult& r, std::int64_t prompt_tokens, s
 int main(int argc, char** argv) {
   using namespace kvcache;
   const Options o = parse(argc, argv);
-  if (!std::filesystem::exists(o.model)) {
+  if (std::error_code ec; !std::filesystem::exists(o.model, ec)) {
     fail(
         "model '" + o.model + "' does not exist" +
         (o.model == KVCACHE_DEFAULT_MODEL_PATH ? " (install it with scripts/setup-model.sh)" : ""));
@@ -238,6 +250,7 @@ int main(int argc, char** argv) {
     gen.max_new_tokens = o.max_new_tokens;
     gen.pad_token_id = pad;
     gen.cuda_graph = o.cuda_graph;
+    gen.cache_implementation = o.cache;  // the cache generate() builds when none is passed
 
     if (!tokenizer) {
       // Token ids in, token ids out (models without a tokenizer kvcache can read).
@@ -255,7 +268,7 @@ int main(int argc, char** argv) {
       if (o.json) {
         nlohmann::json out = result_json(o.model, result);
         add_device_json(out, model);
-        std::cout << out.dump() << "\n";
+        std::cout << json_text(out) << "\n";
         return 0;
       }
       std::cout << "model: " << o.model << " (" << config.architecture << ", "
@@ -288,10 +301,28 @@ int main(int argc, char** argv) {
     // The conversation's cache. After each turn it holds everything but the last generated token,
     // which is `pending` and opens the next turn's prefill; `covered` is how much of the chat
     // rendering the cache plus `pending` already stand for.
+    // --cache static: for one question generate() builds a StaticCache of prompt +
+    // max_new_tokens slots (no cache is passed); --chat keeps one StaticCache of the model's
+    // context length (max_position_embeddings) for the whole conversation.
     DynamicCache<> cpu_cache;
     DynamicCache<cuda::Backend> gpu_cache;
+    std::unique_ptr<Cache<cpu::Backend>> cpu_static;
+    std::unique_ptr<Cache<cuda::Backend>> gpu_static;
     const bool on_gpu = model.device() == Device::kCuda;
-    const CacheRef cache = on_gpu ? CacheRef(&gpu_cache) : CacheRef(&cpu_cache);
+    const bool fixed = o.cache == "static";
+    if (fixed && o.chat) {
+      if (config.max_position_embeddings < 1)
+        fail("--cache static --chat sizes its cache to the model's context length; it has none");
+      const std::int64_t context = config.max_position_embeddings;
+      if (on_gpu) {
+        gpu_static = make_generation_cache<cuda::Backend>(model, "static", 1, context);
+      } else {
+        cpu_static = make_generation_cache<cpu::Backend>(model, "static", 1, context);
+      }
+    }
+    Cache<cpu::Backend>* const cpu_past = fixed ? cpu_static.get() : &cpu_cache;
+    Cache<cuda::Backend>* const gpu_past = fixed ? gpu_static.get() : &gpu_cache;
+    const CacheRef cache = on_gpu ? CacheRef(gpu_past) : CacheRef(cpu_past);
     std::vector<std::int64_t> pending;
     std::size_t covered = 0;
     const std::string end_of_turn = "<|im_end|>";
@@ -306,7 +337,9 @@ int main(int argc, char** argv) {
       ids.insert(ids.end(), encoded.begin(), encoded.end());
       if (ids.empty()) fail("the prompt encodes to no tokens");
       const auto [input_ids, unused_mask] = left_pad({ids}, pad);
-      const std::int64_t past = on_gpu ? gpu_cache.get_seq_length() : cpu_cache.get_seq_length();
+      const std::int64_t past = !cache   ? 0
+                                : on_gpu ? gpu_past->get_seq_length()
+                                         : cpu_past->get_seq_length();
       const Tensor mask = extend_attention_mask(ones_mask(1, past), input_ids.size(1));
       StreamDecoder stream(*tokenizer, /*skip_special=*/true);
       std::vector<std::int64_t> answer;
@@ -352,12 +385,18 @@ int main(int argc, char** argv) {
       nlohmann::json out = result_json(o.model, result);
       out["text"] = tokenizer->decode(result.new_tokens[0], true);
       add_device_json(out, model);
-      std::cout << out.dump() << "\n";
+      std::cout << json_text(out) << "\n";
     } else {
       print_stats(result, prompt_tokens, 1, model);
     }
   } catch (const Error& e) {
     fail(e.what());
+  } catch (const std::bad_alloc&) {
+    fail("out of memory");
+  } catch (const std::exception& e) {
+    fail(std::string("unexpected error: ") + e.what());
+  } catch (...) {
+    fail("unexpected error of an unknown type");
   }
   return 0;
 }

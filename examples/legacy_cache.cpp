@@ -41,9 +41,7 @@ bool identical(const kvcache::Tensor& a, const kvcache::Tensor& b) {
          std::memcmp(ca.data(), cb.data(), ca.nbytes()) == 0;
 }
 
-}  // namespace
-
-int main() {
+int run() {
   // The "generation output": legacy[layer] = (keys, values), each [1, 2, 5, 8].
   kvcache::LegacyCache legacy;
   for (int layer = 0; layer < kNumLayers; ++layer) {
@@ -89,4 +87,18 @@ int main() {
   std::cout << "round trip:      lossless (positions 0.." << kPromptLen - 1
             << " equal the original, position " << kPromptLen << " the decode step)\n";
   return 0;
+}
+
+}  // namespace
+
+int main() {
+  // Every failure, kvcache::Error or not, ends in a message and a non-zero exit.
+  try {
+    return run();
+  } catch (const std::exception& e) {
+    std::cerr << "legacy_cache: " << e.what() << "\n";
+  } catch (...) {
+    std::cerr << "legacy_cache: unexpected error of an unknown type\n";
+  }
+  return 1;
 }

@@ -2,6 +2,7 @@
 // in each backend.
 #include "kvcache/tensor.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -35,20 +36,38 @@ namespace {
 
 constexpr std::size_t kHugePage = std::size_t{2} << 20;
 
-void check_shape(Shape shape, const char* where) {
+std::string shape_text(Shape shape) {
+  std::ostringstream out;
+  out << '[';
+  for (std::size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << ']';
+  return out.str();
+}
+
+// Checks rank and sizes and returns the element count. Every product of sizes a tensor forms
+// (its count, each contiguous stride, and the bytes count × element size) must fit int64: the
+// sizes with zeros counted as ones are multiplied with overflow checks, so a huge shape is an
+// error here rather than a count that wraps into a tiny buffer and a copy past its end.
+std::int64_t check_shape(Shape shape, const char* where, std::size_t element_size = 1) {
   KVCACHE_CHECK(shape.size() <= static_cast<std::size_t>(kMaxRank), where,
                 ": expected rank <= ", kMaxRank, ", got rank ", shape.size());
+  std::int64_t count = 1, span = static_cast<std::int64_t>(element_size);
   for (std::size_t i = 0; i < shape.size(); ++i) {
     KVCACHE_CHECK(shape[i] >= 0, where, ": expected non-negative sizes, got ", shape[i],
                   " in dimension ", i);
+    KVCACHE_CHECK(!__builtin_mul_overflow(span, std::max<std::int64_t>(shape[i], 1), &span), where,
+                  ": shape ", shape_text(shape), " of ", element_size,
+                  "-byte elements has more bytes than 64 bits can count");
+    count *= shape[i];  // cannot overflow: count <= span, which was just checked
   }
+  return count;
 }
 
 }  // namespace
 
 Tensor Tensor::from_storage(std::shared_ptr<void> storage, void* data, Shape shape, DType dtype,
                             Device device, Shape strides) {
-  check_shape(shape, "Tensor");
+  check_shape(shape, "Tensor", dtype_size(dtype));
   KVCACHE_CHECK(strides.empty() || strides.size() == shape.size(),
                 "Tensor: expected one stride per dimension (", shape.size(), "), got ",
                 strides.size());
@@ -74,23 +93,28 @@ Tensor Tensor::from_blob(void* data, Shape shape, DType dtype, Device device, Sh
 }
 
 Tensor Tensor::empty(Shape shape, DType dtype) {
-  check_shape(shape, "Tensor::empty");
-  std::int64_t count = 1;
-  for (auto s : shape) count *= s;
-  // Round up to the alignment so aligned_alloc's size rule holds; never allocate zero bytes.
+  const std::int64_t count = check_shape(shape, "Tensor::empty", dtype_size(dtype));
+  // count × element size fits int64 (check_shape), so the padding below cannot wrap.
   const std::size_t bytes = static_cast<std::size_t>(count) * dtype_size(dtype);
   // Large buffers (caches, weights) are aligned to 2 MiB and offered to transparent huge pages:
   // first touch then faults once per 2 MiB instead of once per 4 KiB, which is most of what
   // growing a cache costs. Small ones are 64-byte aligned (a cache line, an AVX-512 vector).
   const bool large = bytes >= kHugePage;
   const std::size_t alignment = large ? kHugePage : 64;
+  // Round up to the alignment so aligned_alloc's size rule holds; never allocate zero bytes.
   const std::size_t padded = (bytes + alignment - 1) / alignment * alignment + (large ? 0 : 64);
   void* memory = std::aligned_alloc(alignment, padded);
-  if (memory == nullptr) throw std::bad_alloc();
+  KVCACHE_CHECK(memory != nullptr, "Tensor::empty: cannot allocate ", bytes, " bytes for ",
+                dtype_name(dtype), " ", shape_text(shape), " (out of memory)");
 #ifdef MADV_HUGEPAGE
   if (large) (void)madvise(memory, padded, MADV_HUGEPAGE);  // a hint: failure changes nothing
 #endif
-  std::shared_ptr<void> storage(memory, [](void* p) { std::free(p); });
+  std::shared_ptr<void> storage;
+  try {
+    storage = std::shared_ptr<void>(memory, [](void* p) { std::free(p); });
+  } catch (const std::bad_alloc&) {  // the control block; the deleter has already freed memory
+    KVCACHE_FAIL("Tensor::empty: out of memory");
+  }
   return from_storage(std::move(storage), memory, shape, dtype, Device::kCpu);
 }
 
@@ -142,9 +166,7 @@ Tensor Tensor::transpose(int d0, int d1) const {
 }
 
 Tensor Tensor::view(Shape shape) const {
-  check_shape(shape, "Tensor::view");
-  std::int64_t count = 1;
-  for (auto s : shape) count *= s;
+  const std::int64_t count = check_shape(shape, "Tensor::view", element_size());
   KVCACHE_CHECK(count == numel(), "Tensor::view: expected a shape of ", numel(), " elements, got ",
                 count);
   KVCACHE_CHECK(is_contiguous(), "Tensor::view: expected a contiguous tensor, got strides of ",

@@ -1,10 +1,16 @@
 // generate(): the seed's loop with transformers' generate() conventions — position ids from the
 // mask, cache_position shared by the batch, finished rows emitting pad — plus sampling and timing.
+// It runs over any Cache of the model's backend: the one passed, or one it builds from
+// GenerationConfig::cache_implementation. Only a DynamicCache on the GPU replays its decode steps
+// from a CUDA graph (DecodeGraph writes into its reserved storage); every other cache runs each
+// step kernel by kernel, through the same forward().
 #include "kvcache/generation/generate.hpp"
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <random>
@@ -89,6 +95,54 @@ std::int64_t choose_token(const float* logits, std::int64_t vocab, const Generat
 
 namespace {
 
+// New-token slots a DynamicCache built here reserves up front at most: a huge max_new_tokens
+// (which EOS may cut short) must not allocate its whole length before the first token; past this
+// the cache grows as it goes.
+constexpr std::int64_t kMaxReservedNewTokens = 4096;
+
+void check_cache_implementation(const std::string& name) {
+  KVCACHE_CHECK(name == "dynamic" || name == "static",
+                "generate: expected cache_implementation \"dynamic\" or \"static\", got \"", name,
+                "\"");
+}
+
+}  // namespace
+
+template <CacheBackend B>
+std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
+                                                const std::string& cache_implementation,
+                                                std::int64_t batch, std::int64_t max_cache_len) {
+  check_cache_implementation(cache_implementation);
+  KVCACHE_CHECK(model.device() == B::kDevice, "make_generation_cache: expected a model on ",
+                device_name(B::kDevice), " (the cache's backend), got one on ",
+                device_name(model.device()));
+  KVCACHE_CHECK(batch >= 1 && max_cache_len >= 1,
+                "make_generation_cache: expected batch >= 1 and max_cache_len >= 1, got ", batch,
+                " and ", max_cache_len);
+  if (cache_implementation == "dynamic") {
+    return std::make_unique<DynamicCache<B>>(
+        DynamicCacheOptions{.initial_capacity = max_cache_len});
+  }
+  const ModelConfig& c = model.config();
+  KVCACHE_CHECK(c.num_hidden_layers >= 1 && c.num_hidden_layers <= std::numeric_limits<int>::max(),
+                "make_generation_cache: expected a model with 1 to 2^31 - 1 layers, got ",
+                c.num_hidden_layers);
+  return std::make_unique<StaticCache<B>>(
+      StaticCacheOptions{.max_batch_size = batch,
+                         .max_cache_len = max_cache_len,
+                         .num_layers = static_cast<int>(c.num_hidden_layers),
+                         .num_kv_heads = c.num_key_value_heads,
+                         .head_dim = c.head_dim,
+                         .dtype = model.kv_dtype()});
+}
+
+template std::unique_ptr<Cache<cpu::Backend>> make_generation_cache<cpu::Backend>(
+    const LlamaModel&, const std::string&, std::int64_t, std::int64_t);
+template std::unique_ptr<Cache<cuda::Backend>> make_generation_cache<cuda::Backend>(
+    const LlamaModel&, const std::string&, std::int64_t, std::int64_t);
+
+namespace {
+
 // The GPU's sampling draws: one uniform per row from the seed's sequence (empty when greedy), the
 // same whether the step is launched kernel by kernel or replayed from a graph.
 std::vector<float> gpu_uniforms(std::int64_t batch, const GenerationConfig& config,
@@ -135,10 +189,28 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
                            const Tensor& attention_mask, const GenerationConfig& config,
                            Cache<B>* cache, const TokenCallback& on_token) {
   using Clock = std::chrono::steady_clock;
+  const char* where = "generate";
   const std::int64_t batch = input_ids.size(0), prompt = input_ids.size(1);
-  DynamicCache<B> local(DynamicCacheOptions{.initial_capacity = prompt + config.max_new_tokens});
-  Cache<B>& past_key_values = cache ? *cache : local;
-  const std::int64_t past = past_key_values.get_seq_length();
+  const std::int64_t past = cache ? cache->get_seq_length() : 0;
+  // Every slot the generation may fill, checked without overflow before anything is allocated.
+  const std::int64_t total =
+      detail::checked_add(detail::checked_add(past, prompt, where, "past + prompt_len"),
+                          config.max_new_tokens, where, "past + prompt_len + max_new_tokens");
+  std::unique_ptr<Cache<B>> local;
+  if (!cache) {
+    const bool dynamic = config.cache_implementation == "dynamic";
+    const std::int64_t slots =
+        dynamic ? prompt + std::min(config.max_new_tokens, kMaxReservedNewTokens) : total;
+    local = make_generation_cache<B>(model, config.cache_implementation, batch,
+                                     std::max<std::int64_t>(slots, 1));
+  }
+  Cache<B>& past_key_values = cache ? *cache : *local;
+  // A cache of bounded size must hold what the forward passes store: the last token needs none.
+  const std::int64_t max_len = past_key_values.get_max_cache_shape();
+  KVCACHE_CHECK(max_len < 0 || config.max_new_tokens == 0 || total - 1 <= max_len, where,
+                ": expected the cache to hold past + prompt_len + max_new_tokens - 1 = ", past,
+                " + ", prompt, " + ", config.max_new_tokens, " - 1 = ", total - 1,
+                " tokens, but it holds at most ", max_len, " (get_max_cache_shape)");
   // On the GPU the decode steps after the first are replayed from a CUDA graph (captured at the
   // second), on a stream of the library's own: graphs are not captured on the default stream.
   DynamicCache<cuda::Backend>* replayable = nullptr;
@@ -161,11 +233,15 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
   auto decode_start = start;
   for (std::int64_t step = 0; step < config.max_new_tokens; ++step) {
     std::vector<std::int64_t> next;
-    if (stream && step >= 2) {
+    // The graph's cache storage is reserved up front for at most kGraphTokens new tokens; steps
+    // past that run kernel by kernel (the cache then grows as usual).
+    constexpr std::int64_t kGraphTokens = 4096;
+    const std::int64_t graph_capacity =
+        past + prompt + std::min(config.max_new_tokens, kGraphTokens);
+    if (stream && step >= 2 && cache_position.front() + 1 <= graph_capacity) {
       // Step 1 ran kernel by kernel and sized the scratch workspace; step 2 captures.
       if constexpr (B::kDevice == Device::kCuda) {
-        if (!graph)
-          graph.emplace(model, *replayable, batch, past + prompt + config.max_new_tokens, config);
+        if (!graph) graph.emplace(model, *replayable, batch, graph_capacity, config);
         const std::vector<float> uniforms = gpu_uniforms(batch, config, rng_state);
         next = graph->step(step_ids, mask, cache_position.front(), uniforms);
       }
@@ -222,6 +298,7 @@ GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
                 input_ids.describe());
   KVCACHE_CHECK(config.max_new_tokens >= 0, "generate: expected max_new_tokens >= 0, got ",
                 config.max_new_tokens);
+  check_cache_implementation(config.cache_implementation);
   KVCACHE_CHECK(!cache || cache.device() == model.device(), "generate: expected a cache on ",
                 device_name(model.device()), " (the model's device), got a cache on ",
                 device_name(cache.device()));

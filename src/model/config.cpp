@@ -4,12 +4,13 @@
 // with the file and the key named rather than as a shape error deep in a forward pass.
 #include "kvcache/model/config.hpp"
 
-#include <fstream>
+#include <cmath>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string_view>
 #include <utility>
 
+#include "../io_util.hpp"
 #include "kvcache/error.hpp"
 
 namespace kvcache {
@@ -20,12 +21,7 @@ using Json = nlohmann::json;
 enum class Family { kLlama, kQwen2, kMistral };
 
 // A JSON value for error messages, cut short so a huge value cannot flood the message.
-std::string show(const Json& value) {
-  std::string text = value.dump();
-  constexpr std::size_t kMax = 80;
-  if (text.size() > kMax) text = text.substr(0, kMax) + "...";
-  return text;
-}
+std::string show(const Json& value) { return detail::show_json(value); }
 
 // Typed reads from one JSON object; errors name the file and the key (with `prefix` for nested
 // objects, e.g. "rope_scaling.factor").
@@ -220,12 +216,7 @@ std::vector<std::string> read_layer_types(const Reader& r, Family family, const 
 }  // namespace
 
 ModelConfig ModelConfig::from_json(const std::string& text, const std::string& where) {
-  Json root;
-  try {
-    root = Json::parse(text);
-  } catch (const Json::exception& e) {
-    KVCACHE_FAIL("config ", where, ": not valid JSON: ", e.what());
-  }
+  const Json root = detail::parse_json(text, "config " + where);
   KVCACHE_CHECK(root.is_object(), "config ", where, ": expected a JSON object, got ", show(root));
   const Reader r(root, where);
   ModelConfig c;
@@ -249,19 +240,23 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& w
   } else {
     r.bad("architectures",
           "expected LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM, got '",
-          c.architecture, "'");
+          detail::show_text(c.architecture), "'");
   }
   // transformers builds the model from model_type, kvcache from the architecture; a config where
   // they disagree would be run differently by the two, so it is refused.
   c.model_type = r.optional_string("model_type").value_or(expected_type);
   if (c.model_type != expected_type)
     r.bad("model_type", "expected '", expected_type, "' for ", c.architecture, ", got '",
-          c.model_type, "'");
+          detail::show_text(c.model_type), "'");
 
   c.vocab_size = r.positive("vocab_size");
   c.hidden_size = r.positive("hidden_size");
   c.intermediate_size = r.positive("intermediate_size");
   c.num_hidden_layers = r.positive("num_hidden_layers");
+  // Checked before read_layer_types builds one entry per layer.
+  if (c.num_hidden_layers > ModelConfig::kMaxLayers)
+    r.bad("num_hidden_layers", "expected at most ", ModelConfig::kMaxLayers, " layers, got ",
+          c.num_hidden_layers);
   c.num_attention_heads = r.positive("num_attention_heads");
   c.num_key_value_heads =
       r.find("num_key_value_heads") ? r.positive("num_key_value_heads") : c.num_attention_heads;
@@ -284,7 +279,8 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& w
   if (!(c.rms_norm_eps > 0)) r.bad("rms_norm_eps", "expected a value > 0, got ", c.rms_norm_eps);
   c.hidden_act = r.optional_string("hidden_act").value_or("silu");
   if (c.hidden_act != "silu")
-    r.bad("hidden_act", "expected \"silu\" (the only activation served), got '", c.hidden_act, "'");
+    r.bad("hidden_act", "expected \"silu\" (the only activation served), got '",
+          detail::show_text(c.hidden_act), "'");
 
   c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
   c.attention_bias = r.boolean("attention_bias", false);
@@ -321,16 +317,67 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& w
     c.torch_dtype = DType::kBFloat16;
   else if (dtype_text == "float16")
     c.torch_dtype = DType::kFloat16;
+  c.validate("config " + where);
   return c;
 }
 
 ModelConfig ModelConfig::from_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  KVCACHE_CHECK(in.good(), "config ", path, ": cannot open the file");
-  std::ostringstream text;
-  text << in.rdbuf();
-  KVCACHE_CHECK(!in.bad(), "config ", path, ": cannot read the file");
-  return from_json(text.str(), path);
+  return from_json(detail::read_regular_file(path, "config"), path);
+}
+
+void ModelConfig::validate(const std::string& where) const {
+  // Both loaders (config.json, GGUF metadata) end here, so they refuse the same configs and a
+  // model is built only from one the model code can run: sizes positive, products that fit, special
+  // ids inside the vocabulary.
+  const auto positive = [&](const char* name, std::int64_t value) {
+    KVCACHE_CHECK(value > 0, where, ": expected ", name, " > 0, got ", value);
+  };
+  positive("vocab_size", vocab_size);
+  positive("hidden_size", hidden_size);
+  positive("intermediate_size", intermediate_size);
+  positive("num_hidden_layers", num_hidden_layers);
+  positive("num_attention_heads", num_attention_heads);
+  positive("num_key_value_heads", num_key_value_heads);
+  positive("head_dim", head_dim);
+  positive("max_position_embeddings", max_position_embeddings);
+  KVCACHE_CHECK(num_hidden_layers <= kMaxLayers, where, ": expected at most ", kMaxLayers,
+                " layers, got num_hidden_layers = ", num_hidden_layers);
+  KVCACHE_CHECK(num_attention_heads % num_key_value_heads == 0, where,
+                ": expected num_attention_heads (", num_attention_heads,
+                ") to be a multiple of num_key_value_heads, got ", num_key_value_heads);
+  KVCACHE_CHECK(head_dim % 2 == 0, where, ": expected an even head_dim (RoPE rotates pairs), got ",
+                head_dim);
+  // Every size the model multiplies (q rows = heads · head_dim, a weight's rows · columns) must
+  // be countable; 2^31 per dimension keeps every product of two in int64.
+  constexpr std::int64_t kMaxDim = std::int64_t{1} << 31;
+  std::int64_t q_rows = 0;
+  KVCACHE_CHECK(!__builtin_mul_overflow(num_attention_heads, head_dim, &q_rows) &&
+                    q_rows <= kMaxDim && vocab_size <= kMaxDim && hidden_size <= kMaxDim &&
+                    intermediate_size <= kMaxDim,
+                where, ": expected sizes below 2^31, got vocab_size ", vocab_size, ", hidden_size ",
+                hidden_size, ", intermediate_size ", intermediate_size, ", num_attention_heads ",
+                num_attention_heads, " x head_dim ", head_dim);
+  KVCACHE_CHECK(std::isfinite(rms_norm_eps) && rms_norm_eps > 0, where,
+                ": expected rms_norm_eps > 0, got ", rms_norm_eps);
+  KVCACHE_CHECK(std::isfinite(rope.rope_theta) && rope.rope_theta > 0, where,
+                ": expected rope_theta > 0, got ", rope.rope_theta);
+  if (rope.scaling.type != RopeType::kDefault)
+    KVCACHE_CHECK(std::isfinite(rope.scaling.factor) && rope.scaling.factor > 0, where,
+                  ": expected a RoPE scaling factor > 0, got ", rope.scaling.factor);
+  if (sliding_window)
+    KVCACHE_CHECK(*sliding_window > 0, where, ": expected a positive sliding_window, got ",
+                  *sliding_window);
+  KVCACHE_CHECK(
+      layer_types.empty() || layer_types.size() == static_cast<std::size_t>(num_hidden_layers),
+      where, ": expected one layer type per layer (", num_hidden_layers, "), got ",
+      layer_types.size());
+  const auto in_vocabulary = [&](const char* name, std::int64_t id) {
+    KVCACHE_CHECK(id >= 0 && id < vocab_size, where, ": expected ", name, " in [0, ", vocab_size,
+                  ") (the vocabulary), got ", id);
+  };
+  if (bos_token_id) in_vocabulary("bos_token_id", *bos_token_id);
+  if (pad_token_id) in_vocabulary("pad_token_id", *pad_token_id);
+  for (const std::int64_t id : eos_token_ids) in_vocabulary("eos_token_id", id);
 }
 
 }  // namespace kvcache

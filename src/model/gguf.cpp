@@ -531,6 +531,66 @@ std::string ne_text(const std::vector<std::int64_t>& ne) {
   return out.str();
 }
 
+}  // namespace
+
+// Fills and walks GgufValue::Array's private fields: the reader below keeps each array's bytes as
+// the file encodes them instead of a GgufValue per element (about 100 bytes each).
+namespace detail {
+
+struct GgufArrayAccess {
+  // Holds `count` elements of `type` encoded in bytes[0, size); `offsets` are the element starts
+  // for strings and arrays (empty: found by walking the bytes).
+  static void fill(GgufValue::Array& array, ValueType type, std::uint64_t count,
+                   const std::byte* bytes, std::uint64_t size, std::vector<std::uint64_t> offsets) {
+    array.type_ = type;
+    array.count_ = static_cast<std::size_t>(count);
+    array.bytes_.assign(bytes, bytes + size);
+    const bool variable = type == ValueType::kString || type == ValueType::kArray;
+    if (variable && offsets.empty() && count > 0) {
+      offsets.reserve(static_cast<std::size_t>(count));
+      std::uint64_t pos = 0;
+      for (std::uint64_t k = 0; k < count; ++k) {
+        offsets.push_back(pos);
+        pos += extent(bytes + pos, size - pos, type);
+      }
+    }
+    array.offsets_ = std::move(offsets);
+  }
+
+  // Bytes of the one value of `type` at p (at most `size`); the bytes were validated when the
+  // file was read, so running past `size` means a bug, reported rather than followed.
+  static std::uint64_t extent(const std::byte* p, std::uint64_t size, ValueType type) {
+    const auto need = [&](std::uint64_t n) {
+      KVCACHE_CHECK(n <= size, "GGUF array: an element runs past its array's bytes");
+    };
+    if (type == ValueType::kString) {
+      need(8);
+      const auto length = load<std::uint64_t>(p);
+      need(8 + length);
+      return 8 + length;
+    }
+    if (type != ValueType::kArray) {
+      need(min_value_bytes(type));
+      return min_value_bytes(type);
+    }
+    need(12);
+    const auto element = static_cast<ValueType>(load<std::uint32_t>(p));
+    const auto count = load<std::uint64_t>(p + 4);
+    std::uint64_t pos = 12;
+    if (element != ValueType::kString && element != ValueType::kArray) {
+      KVCACHE_CHECK(count <= (size - pos) / min_value_bytes(element),
+                    "GGUF array: an element runs past its array's bytes");
+      return pos + count * min_value_bytes(element);
+    }
+    for (std::uint64_t k = 0; k < count; ++k) pos += extent(p + pos, size - pos, element);
+    return pos;
+  }
+};
+
+}  // namespace detail
+
+namespace {
+
 // A bounds-checked cursor over the mapped file. `context` names what is being read (the header,
 // a metadata key, a tensor) and leads every error message after the file's path.
 class Reader {
@@ -575,7 +635,9 @@ class Reader {
     return static_cast<ValueType>(number);
   }
 
-  GgufValue read_value(ValueType type, int depth) {
+  // `keep` false validates and steps over a value without building it: the elements of an array,
+  // whose bytes the array keeps instead (GgufValue::Array).
+  GgufValue read_value(ValueType type, int depth, bool keep = true) {
     GgufValue value;
     value.type = type;
     switch (type) {
@@ -617,7 +679,13 @@ class Reader {
         break;
       }
       case ValueType::kString:
-        value.s = read_string("a string value");
+        if (keep) {
+          value.s = read_string("a string value");
+        } else {
+          const auto length = read<std::uint64_t>("a string value");
+          need(length, "a string value");
+          pos_ += length;
+        }
         break;
       case ValueType::kArray: {
         KVCACHE_CHECK(depth < kMaxArrayDepth, where(), ": arrays nest deeper than ", kMaxArrayDepth,
@@ -630,9 +698,25 @@ class Reader {
                       value_type_name(value.array_type), " values (at least ", each,
                       " bytes each) does not fit the ", remaining(), " bytes left at offset ",
                       pos_);
-        value.array.reserve(static_cast<std::size_t>(count));
-        for (std::uint64_t k = 0; k < count; ++k)
-          value.array.push_back(read_value(value.array_type, depth + 1));
+        // The elements stay as the file encodes them (about one byte a uint8, not a GgufValue);
+        // strings and nested arrays are validated one by one and their starts recorded.
+        const std::uint64_t begin = pos_;
+        const bool variable =
+            value.array_type == ValueType::kString || value.array_type == ValueType::kArray;
+        std::vector<std::uint64_t> offsets;
+        if (keep && variable) offsets.reserve(static_cast<std::size_t>(count));
+        if (!variable && value.array_type != ValueType::kBool) {
+          pos_ += count * each;  // fits: count <= remaining() / each
+        } else {
+          for (std::uint64_t k = 0; k < count; ++k) {
+            if (keep && variable) offsets.push_back(pos_ - begin);
+            (void)read_value(value.array_type, depth + 1, /*keep=*/false);
+          }
+        }
+        if (keep) {
+          detail::GgufArrayAccess::fill(value.array, value.array_type, count, bytes_ + begin,
+                                        pos_ - begin, std::move(offsets));
+        }
         break;
       }
     }
@@ -656,6 +740,66 @@ std::int64_t to_int64(const std::string& where, const GgufValue& value) {
 }
 
 }  // namespace
+
+// --- compact arrays (GgufValue::Array) -----------------------------------------------------------
+
+// Element i decoded from the bytes the file stored it in (validated when the file was read).
+GgufValue GgufValue::Array::operator[](std::size_t i) const {
+  KVCACHE_CHECK(i < count_, "GGUF array: expected an index below ", count_, ", got ", i);
+  const bool variable = type_ == ValueType::kString || type_ == ValueType::kArray;
+  const std::size_t begin = variable ? static_cast<std::size_t>(offsets_[i])
+                                     : i * static_cast<std::size_t>(min_value_bytes(type_));
+  const std::size_t end =
+      variable ? (i + 1 < count_ ? static_cast<std::size_t>(offsets_[i + 1]) : bytes_.size())
+               : begin + static_cast<std::size_t>(min_value_bytes(type_));
+  const std::byte* p = bytes_.data() + begin;
+  GgufValue value;
+  value.type = type_;
+  switch (type_) {
+    case ValueType::kUInt8:
+      value.u = load<std::uint8_t>(p);
+      break;
+    case ValueType::kInt8:
+      value.i = load<std::int8_t>(p);
+      break;
+    case ValueType::kUInt16:
+      value.u = load<std::uint16_t>(p);
+      break;
+    case ValueType::kInt16:
+      value.i = load<std::int16_t>(p);
+      break;
+    case ValueType::kUInt32:
+      value.u = load<std::uint32_t>(p);
+      break;
+    case ValueType::kInt32:
+      value.i = load<std::int32_t>(p);
+      break;
+    case ValueType::kUInt64:
+      value.u = load<std::uint64_t>(p);
+      break;
+    case ValueType::kInt64:
+      value.i = load<std::int64_t>(p);
+      break;
+    case ValueType::kFloat32:
+      value.f = load<float>(p);
+      break;
+    case ValueType::kFloat64:
+      value.f = load<double>(p);
+      break;
+    case ValueType::kBool:
+      value.b = load<std::uint8_t>(p) != 0;
+      break;
+    case ValueType::kString:
+      value.s.assign(reinterpret_cast<const char*>(p + 8), end - begin - 8);
+      break;
+    case ValueType::kArray:
+      value.array_type = static_cast<ValueType>(load<std::uint32_t>(p));
+      detail::GgufArrayAccess::fill(value.array, value.array_type, load<std::uint64_t>(p + 4),
+                                    p + 12, end - begin - 12, {});
+      break;
+  }
+  return value;
+}
 
 // --- public helpers ------------------------------------------------------------------------------
 
@@ -891,7 +1035,7 @@ std::vector<std::string> GgufFile::get_string_array(const std::string& key) cons
                 ": expected an array of string, got ", describe(*value));
   std::vector<std::string> out;
   out.reserve(value->array.size());
-  for (const GgufValue& item : value->array) out.push_back(item.s);
+  for (std::size_t k = 0; k < value->array.size(); ++k) out.push_back(value->array[k].s);
   return out;
 }
 
@@ -903,7 +1047,8 @@ std::vector<std::int64_t> GgufFile::get_int_array(const std::string& key) const 
                 ": expected an array of integers, got ", describe(*value));
   std::vector<std::int64_t> out;
   out.reserve(value->array.size());
-  for (const GgufValue& item : value->array) out.push_back(to_int64(where, item));
+  for (std::size_t k = 0; k < value->array.size(); ++k)
+    out.push_back(to_int64(where, value->array[k]));
   return out;
 }
 

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <new>
 #include <random>
 #include <tuple>
 
@@ -264,12 +265,16 @@ LlamaModel LlamaModel::from_pretrained(const std::string& dir, LoadOptions optio
   if (options.device == Device::kCuda) cuda::require_device("LlamaModel::from_pretrained");
   if (dir.size() > 5 && dir.compare(dir.size() - 5, 5, ".gguf") == 0)
     return from_gguf(dir, options);
-  ModelConfig config = ModelConfig::from_file(dir + "/config.json");
-  const SafetensorsCheckpoint checkpoint = SafetensorsCheckpoint::open(dir);
-  std::vector<std::pair<std::string, Tensor>> weights;
-  for (const std::string& name : checkpoint.names())
-    weights.emplace_back(name, checkpoint.tensor(name));
-  return from_weights(std::move(config), weights, options);
+  try {
+    ModelConfig config = ModelConfig::from_file(dir + "/config.json");
+    const SafetensorsCheckpoint checkpoint = SafetensorsCheckpoint::open(dir);
+    std::vector<std::pair<std::string, Tensor>> weights;
+    for (const std::string& name : checkpoint.names())
+      weights.emplace_back(name, checkpoint.tensor(name));
+    return from_weights(std::move(config), weights, options);
+  } catch (const std::bad_alloc&) {
+    KVCACHE_FAIL("checkpoint ", dir, ": out of memory loading the model");
+  }
 }
 
 LlamaModel LlamaModel::from_weights(ModelConfig config,
@@ -284,6 +289,9 @@ LlamaModel LlamaModel::from_weights(ModelConfig config,
                                     const std::vector<std::pair<std::string, cpu::Weight>>& list,
                                     LoadOptions options) {
   const std::string where = "LlamaModel(" + config.architecture + ")";
+  // The loaders validate as they read; a config built by hand is held to the same rules, so zero
+  // layers or a pad id past the vocabulary fail here, not in a forward pass.
+  config.validate(where);
   KVCACHE_CHECK(!options.dtype || is_floating(*options.dtype), where,
                 ": expected a float weight dtype, got ", dtype_name(*options.dtype));
   KVCACHE_CHECK(!options.dtype || !options.quantize, where, ": LoadOptions asks for both a dtype (",
@@ -412,12 +420,12 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
 
   DynamicCache<B> local_cache;
   Cache<B>* cache = given && args.use_cache ? given : &local_cache;
-  // use_cache = false with a cache given: attend over a copy of it and leave it unchanged.
+  // use_cache = false with a cache given: attend over a deep copy of it (of its own kind) and
+  // leave it unchanged.
+  std::unique_ptr<Cache<B>> peek_copy;
   if (given && !args.use_cache) {
-    const auto* dynamic = dynamic_cast<const DynamicCache<B>*>(given);
-    KVCACHE_CHECK(dynamic != nullptr, where,
-                  ": use_cache=false with a non-dynamic cache is not supported");
-    local_cache = DynamicCache<B>::from_legacy_cache(dynamic->to_legacy_cache());
+    peek_copy = given->clone();
+    cache = peek_copy.get();
   }
   const std::int64_t past = cache->get_seq_length(0);
 

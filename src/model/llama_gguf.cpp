@@ -2,12 +2,14 @@
 // transformers', and the q/k row permutation llama.cpp's converter applies undone, so the model
 // (and its rotate_half RoPE) sees exactly the weights transformers sees when it loads the file.
 #include <cstdint>
+#include <new>
 #include <optional>
 #include <span>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "../io_util.hpp"
 #include "kvcache/backend/cpu.hpp"
 #include "kvcache/error.hpp"
 #include "kvcache/model/config.hpp"
@@ -46,8 +48,8 @@ Tensor gather_rows(const Tensor& w, const std::vector<std::int64_t>& order) {
 ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
   const std::string where = f.path();
   const std::string arch = f.get_string("general.architecture").value_or("");
-  KVCACHE_CHECK(arch == "llama", where, ": expected general.architecture 'llama', got '", arch,
-                "' (other GGUF architectures are not supported yet)");
+  KVCACHE_CHECK(arch == "llama", where, ": expected general.architecture 'llama', got '",
+                detail::show_text(arch), "' (other GGUF architectures are not supported yet)");
   auto need = [&](const std::string& key) {
     const auto v = f.get_int(key);
     KVCACHE_CHECK(v.has_value(), where, ": expected metadata key '", key, "'");
@@ -91,6 +93,19 @@ ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
   c.bos_token_id = f.get_int("tokenizer.ggml.bos_token_id");
   if (const auto eos = f.get_int("tokenizer.ggml.eos_token_id")) c.eos_token_ids = {*eos};
   c.pad_token_id = f.get_int("tokenizer.ggml.padding_token_id");
+  // A layer is nine tensors in the file (blk.N.*): a block_count the tensors cannot back is
+  // refused here, before anything loops over it.
+  const auto tensor_count = static_cast<std::int64_t>(f.tensors().size());
+  KVCACHE_CHECK(c.num_hidden_layers <= tensor_count, "GGUF ", where,
+                ": llama.block_count = ", c.num_hidden_layers, " layers, but the file holds ",
+                tensor_count, " tensors (each layer needs its own blk.N.* tensors)");
+  c.validate("GGUF " + where);
+  for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string name = "blk." + std::to_string(l) + ".attn_norm.weight";
+    KVCACHE_CHECK(f.find_tensor(name) != nullptr, "GGUF ", where,
+                  ": llama.block_count = ", c.num_hidden_layers, ", but layer ", l,
+                  " has no tensor '", name, "'");
+  }
   return c;
 }
 
@@ -136,23 +151,44 @@ LlamaModel LlamaModel::from_gguf(const std::string& path, LoadOptions options) {
     if (unpermute_heads > 0) t = gather_rows(t, unpermuted_order(t.size(0), unpermute_heads));
     weights.emplace_back(name, std::move(t));
   };
-  take("token_embd.weight", "model.embed_tokens.weight");
-  take("output_norm.weight", "model.norm.weight");
-  take("output.weight", "lm_head.weight");
+  // Any error reading one tensor (a rank or shape the model cannot use, a type not served) names
+  // the file and the tensor.
+  auto take_named = [&](const std::string& gguf_name, const std::string& name,
+                        std::int64_t unpermute_heads = 0) {
+    try {
+      if (const GgufTensorInfo* info = file.find_tensor(gguf_name);
+          info != nullptr && unpermute_heads > 0) {
+        KVCACHE_CHECK(info->ne.size() == 2, "expected a matrix (2 dimensions) of ", unpermute_heads,
+                      " heads' rows, got ", info->ne.size(), " dimensions");
+      }
+      take(gguf_name, name, unpermute_heads);
+    } catch (const Error& e) {
+      KVCACHE_FAIL("GGUF ", path, ": tensor '", gguf_name, "': ", e.what());
+    }
+  };
+  take_named("token_embd.weight", "model.embed_tokens.weight");
+  take_named("output_norm.weight", "model.norm.weight");
+  take_named("output.weight", "lm_head.weight");
   for (std::int64_t l = 0; l < config.num_hidden_layers; ++l) {
     const std::string g = "blk." + std::to_string(l) + ".",
                       p = "model.layers." + std::to_string(l) + ".";
-    take(g + "attn_norm.weight", p + "input_layernorm.weight");
-    take(g + "ffn_norm.weight", p + "post_attention_layernorm.weight");
-    take(g + "attn_q.weight", p + "self_attn.q_proj.weight", config.num_attention_heads);
-    take(g + "attn_k.weight", p + "self_attn.k_proj.weight", config.num_key_value_heads);
-    take(g + "attn_v.weight", p + "self_attn.v_proj.weight");
-    take(g + "attn_output.weight", p + "self_attn.o_proj.weight");
-    take(g + "ffn_gate.weight", p + "mlp.gate_proj.weight");
-    take(g + "ffn_up.weight", p + "mlp.up_proj.weight");
-    take(g + "ffn_down.weight", p + "mlp.down_proj.weight");
+    take_named(g + "attn_norm.weight", p + "input_layernorm.weight");
+    take_named(g + "ffn_norm.weight", p + "post_attention_layernorm.weight");
+    take_named(g + "attn_q.weight", p + "self_attn.q_proj.weight", config.num_attention_heads);
+    take_named(g + "attn_k.weight", p + "self_attn.k_proj.weight", config.num_key_value_heads);
+    take_named(g + "attn_v.weight", p + "self_attn.v_proj.weight");
+    take_named(g + "attn_output.weight", p + "self_attn.o_proj.weight");
+    take_named(g + "ffn_gate.weight", p + "mlp.gate_proj.weight");
+    take_named(g + "ffn_up.weight", p + "mlp.up_proj.weight");
+    take_named(g + "ffn_down.weight", p + "mlp.down_proj.weight");
   }
-  return from_weights(std::move(config), weights, options);
+  try {
+    return from_weights(std::move(config), weights, options);
+  } catch (const Error& e) {
+    KVCACHE_FAIL("GGUF ", path, ": ", e.what());  // shape errors name transformers' tensor names
+  } catch (const std::bad_alloc&) {
+    KVCACHE_FAIL("GGUF ", path, ": out of memory holding the model's weights");
+  }
 }
 
 }  // namespace kvcache

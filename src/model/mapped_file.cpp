@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "../io_util.hpp"
 #include "kvcache/error.hpp"
 
 namespace kvcache::detail {
@@ -34,7 +35,11 @@ class FileDescriptor {
 
 std::shared_ptr<MappedFile> MappedFile::open(const std::string& path, const char* format,
                                              std::uint64_t min_size, const char* min_size_what) {
-  const FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  // stat() before open(): opening a FIFO for reading waits for a writer, for ever. O_NONBLOCK
+  // covers a path swapped for a FIFO between the two (it changes nothing for a regular file),
+  // and fstat() then checks what was actually opened.
+  require_regular_file(path, format);
+  const FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
   KVCACHE_CHECK(fd.get() >= 0, format, " ", path, ": cannot open: ", std::strerror(errno));
   struct stat st {};
   KVCACHE_CHECK(::fstat(fd.get(), &st) == 0, format, " ", path,

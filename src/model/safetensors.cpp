@@ -18,6 +18,7 @@
 #include <string_view>
 #include <utility>
 
+#include "../io_util.hpp"
 #include "kvcache/backend/cpu.hpp"
 #include "kvcache/error.hpp"
 #include "mapped_file.hpp"
@@ -77,12 +78,7 @@ std::string_view safetensors_dtype_name(DType dtype) {
 }
 
 // A JSON value for error messages, cut short so a hostile header cannot flood the message.
-std::string show(const Json& value) {
-  std::string text = value.dump();
-  constexpr std::size_t kMax = 80;
-  if (text.size() > kMax) text = text.substr(0, kMax) + "...";
-  return text;
-}
+std::string show(const Json& value) { return detail::show_json(value); }
 
 std::string errno_text() { return std::strerror(errno); }
 
@@ -97,7 +93,9 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
 // Parses and checks one tensor's header entry against the data section's size.
 SafetensorsEntry parse_entry(const std::string& path, const std::string& name, const Json& value,
                              std::uint64_t data_size) {
-  const auto where = [&] { return detail::concat("safetensors ", path, ": tensor '", name, "'"); };
+  const auto where = [&] {
+    return detail::concat("safetensors ", path, ": tensor '", detail::show_text(name), "'");
+  };
   KVCACHE_CHECK(value.is_object(), where(),
                 ": expected an object {dtype, shape, data_offsets}, got ", show(value));
   SafetensorsEntry entry;
@@ -167,14 +165,9 @@ std::map<std::string, std::string> parse_metadata(const std::string& path, const
   return metadata;
 }
 
-// Reads a whole (small) text file: the index and config JSON.
+// Reads a whole (small) text file: the index JSON (a regular file only: a FIFO would block).
 std::string read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  KVCACHE_CHECK(in.good(), "cannot open ", path, ": ", errno_text());
-  std::ostringstream text;
-  text << in.rdbuf();
-  KVCACHE_CHECK(!in.bad(), "cannot read ", path);
-  return text.str();
+  return detail::read_regular_file(path, "safetensors index");
 }
 
 }  // namespace
@@ -198,13 +191,10 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   file.data_start_ = 8 + header_len;
 
   const auto* header_begin = reinterpret_cast<const char*>(bytes + 8);
-  Json header;
-  try {
-    header = Json::parse(header_begin, header_begin + header_len);
-  } catch (const Json::exception& e) {
-    KVCACHE_FAIL("safetensors ", path, ": the ", header_len,
-                 "-byte header is not valid JSON: ", e.what());
-  }
+  // Nesting is bounded while parsing (detail::kMaxJsonDepth): the walks below recurse.
+  const Json header = detail::parse_json(
+      std::string_view(header_begin, static_cast<std::size_t>(header_len)),
+      detail::concat("safetensors ", path, ": the ", header_len, "-byte header"));
   KVCACHE_CHECK(header.is_object(), "safetensors ", path,
                 ": expected the header to be a JSON object, got ", show(header));
 
@@ -273,12 +263,7 @@ SafetensorsCheckpoint SafetensorsCheckpoint::open(const std::string& dir) {
   const fs::path index_path = root / "model.safetensors.index.json";
   if (fs::is_regular_file(index_path, ec)) {
     const std::string where = index_path.string();
-    Json index;
-    try {
-      index = Json::parse(read_text_file(where));
-    } catch (const Json::exception& e) {
-      KVCACHE_FAIL("safetensors index ", where, ": not valid JSON: ", e.what());
-    }
+    const Json index = detail::parse_json(read_text_file(where), "safetensors index " + where);
     KVCACHE_CHECK(index.is_object(), "safetensors index ", where, ": expected a JSON object, got ",
                   show(index));
     const auto map_it = index.find("weight_map");
@@ -290,14 +275,15 @@ SafetensorsCheckpoint SafetensorsCheckpoint::open(const std::string& dir) {
     std::map<std::string, std::size_t> shard_index;  // shard file name -> index into files_
     std::vector<std::pair<std::string, std::string>> listed;  // (tensor, shard)
     for (const auto& [name, shard] : map_it->items()) {
-      KVCACHE_CHECK(shard.is_string(), "safetensors index ", where, ": tensor '", name,
-                    "': expected a shard file name, got ", show(shard));
+      KVCACHE_CHECK(shard.is_string(), "safetensors index ", where, ": tensor '",
+                    detail::show_text(name), "': expected a shard file name, got ", show(shard));
       const auto file_name = shard.get<std::string>();
       // Shards live next to the index; a name with a path in it could reach any file.
       KVCACHE_CHECK(!file_name.empty() && file_name.find('/') == std::string::npos &&
                         file_name.find("..") == std::string::npos,
-                    "safetensors index ", where, ": tensor '", name,
-                    "': expected a plain shard file name (no '/' or '..'), got '", file_name, "'");
+                    "safetensors index ", where, ": tensor '", detail::show_text(name),
+                    "': expected a plain shard file name (no '/' or '..'), got '",
+                    detail::show_text(file_name), "'");
       shard_index.emplace(file_name, 0);
       listed.emplace_back(name, file_name);
     }

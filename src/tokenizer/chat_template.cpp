@@ -6,8 +6,10 @@
 // (reasoning blocks, a system turn it cannot read) is.
 #include "kvcache/tokenizer/chat_template.hpp"
 
+#include <utility>
 #include <vector>
 
+#include "../io_util.hpp"
 #include "kvcache/error.hpp"
 
 namespace kvcache {
@@ -132,6 +134,20 @@ ChatTemplate ChatTemplate::parse(std::string_view text) {
 std::string ChatTemplate::apply(std::span<const ChatMessage> messages,
                                 bool add_generation_prompt) const {
   KVCACHE_CHECK(!messages.empty(), "apply_chat_template: expected at least one message, got none");
+  // Checked here, where the offset is still one into the caller's own text: after rendering, the
+  // tokenizer could only name an offset into the whole prompt.
+  for (std::size_t i = 0; i < messages.size(); ++i) {
+    for (const auto& [field, text] :
+         {std::pair{"role", std::string_view(messages[i].role)},
+          std::pair{"content", std::string_view(messages[i].content)}}) {
+      const std::size_t bad = detail::first_invalid_utf8(text);
+      KVCACHE_CHECK(bad == std::string_view::npos, "apply_chat_template: message ", i, " (",
+                    messages[i].role.size() <= 32 && field[0] == 'c' ? messages[i].role : "?",
+                    "): expected UTF-8 text in its ", field, ", got an invalid byte 0x", std::hex,
+                    static_cast<int>(static_cast<unsigned char>(text[bad])), std::dec,
+                    " at offset ", bad, " of the ", field);
+    }
+  }
   std::string out;
   auto turn = [&out](std::string_view role, std::string_view content) {
     out.append(kStart).append(role).append("\n").append(content).append(kEnd).append("\n");

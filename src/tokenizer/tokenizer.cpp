@@ -12,13 +12,13 @@
 #include <algorithm>
 #include <array>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <queue>
 #include <unordered_map>
 #include <utility>
 
+#include "../io_util.hpp"
 #include "kvcache/error.hpp"
 #include "kvcache/model/gguf.hpp"
 
@@ -325,6 +325,11 @@ struct Tokenizer::Impl {
   std::array<std::int64_t, 256> byte_fallback_ids{};  // byte -> id of "<0xXX>", or -1
   bool byte_fallback = false;
   bool fuse_unk = false;
+  // The BPE model's own unknown token (tokenizer.json model.unk_token), which a byte without a
+  // token becomes; never an added token, so text cannot encode to a control id. Without one such
+  // bytes are dropped, as the tokenizers library drops them (GGUF's unknown_token_id and
+  // tokenizer_config.json's unk_token only name the token; they do not enter encoding).
+  std::optional<std::int64_t> model_unk;
   bool ignore_merges = false;  // a pre-token that is a whole vocabulary entry is not merged
   std::vector<PreStep> pre_steps;
   std::string pre_name;
@@ -440,9 +445,9 @@ struct Tokenizer::Impl {
       std::int64_t id = byte_ids[b];
       if (id < 0 && byte_fallback) id = byte_fallback_ids[b];
       if (id < 0) {
-        if (!unk) continue;  // no token for this byte and no unknown token: dropped, as in HF
-        if (fuse_unk && !symbols.empty() && symbols.back().id == *unk) continue;
-        id = *unk;
+        if (!model_unk) continue;  // no token for this byte and no unknown token: dropped, as in HF
+        if (fuse_unk && !symbols.empty() && symbols.back().id == *model_unk) continue;
+        id = *model_unk;
       }
       symbols.push_back({id, -1, -1, true});
     }
@@ -537,12 +542,12 @@ struct Tokenizer::Impl {
       const auto& [a, b] = pairs[rank];
       const auto left = ids.find(a), right = ids.find(b), merged = ids.find(a + b);
       KVCACHE_CHECK(left != ids.end() && right != ids.end() && merged != ids.end(), "merge ", rank,
-                    " (\"", a, " ", b, "\"): expected \"", a, "\", \"", b, "\" and \"", a + b,
-                    "\" in the vocabulary, got ",
-                    left == ids.end()    ? a
-                    : right == ids.end() ? b
-                                         : a + b,
-                    " missing");
+                    " (\"", detail::show_text(a + " " + b),
+                    "\"): expected both halves and their concatenation in the vocabulary, got \"",
+                    detail::show_text(left == ids.end()    ? a
+                                      : right == ids.end() ? b
+                                                           : a + b),
+                    "\" missing");
       merges[pair_key(left->second, right->second)] = {static_cast<std::int32_t>(rank),
                                                        merged->second};
     }
@@ -570,7 +575,7 @@ std::vector<std::pair<std::string, std::string>> split_merges(
     // A space at position 0 would belong to the left token (llama.cpp splits the same way).
     const std::size_t space = m.find(' ', 1);
     KVCACHE_CHECK(space != std::string::npos, "merge ", i,
-                  ": expected two tokens separated by a space, got \"", m, "\"");
+                  ": expected two tokens separated by a space, got \"", detail::show_text(m), "\"");
     pairs.emplace_back(m.substr(0, space), m.substr(space + 1));
   }
   return pairs;
@@ -587,7 +592,7 @@ std::vector<PreStep> gguf_pre_steps(const std::string& pre, bool& ignore_merges)
   KVCACHE_FAIL(
       "tokenizer.ggml.pre: expected one of \"smollm\", \"gpt2\", \"default\", "
       "\"llama-bpe\", got \"",
-      pre, "\"");
+      detail::show_text(pre), "\"");
 }
 
 }  // namespace
@@ -604,7 +609,7 @@ Tokenizer Tokenizer::from_vocabulary(const BpeVocabulary& v) {
   impl->types.assign(v.tokens.size(), TokenType::kNormal);
   for (std::size_t i = 0; i < v.token_types.size(); ++i) {
     const std::int32_t t = v.token_types[i];
-    KVCACHE_CHECK(t >= 1 && t <= 6, "tokenizer: token ", i, " (\"", v.tokens[i],
+    KVCACHE_CHECK(t >= 1 && t <= 6, "tokenizer: token ", i, " (\"", detail::show_text(v.tokens[i]),
                   "\"): expected a token type in 1..6, got ", t);
     impl->types[i] = static_cast<TokenType>(t);
   }
@@ -644,6 +649,8 @@ Tokenizer Tokenizer::from_gguf(const GgufFile& file) {
     return from_vocabulary(v);
   } catch (const Error& e) {
     throw Error(file.path() + ": " + e.what());
+  } catch (const std::bad_alloc&) {
+    KVCACHE_FAIL(file.path(), ": out of memory building the vocabulary");
   }
 }
 
@@ -656,7 +663,7 @@ using nlohmann::json;
 void json_pre_steps(const json& p, std::vector<PreStep>& steps, std::string& name,
                     bool& byte_level) {
   KVCACHE_CHECK(p.is_object() && p.contains("type"),
-                "pre_tokenizer: expected an object with a type, got ", p.dump());
+                "pre_tokenizer: expected an object with a type, got ", detail::show_json(p));
   const std::string type = p["type"].get<std::string>();
   KVCACHE_CHECK(!byte_level, "pre_tokenizer: expected ByteLevel last, got ", type, " after it");
   if (type == "Sequence") {
@@ -683,7 +690,7 @@ void json_pre_steps(const json& p, std::vector<PreStep>& steps, std::string& nam
                      std::make_shared<const Regex>(text, literal)});
   } else {
     KVCACHE_FAIL("pre_tokenizer: expected ByteLevel, Digits, Split or a Sequence of them, got ",
-                 type);
+                 detail::show_text(type));
   }
 }
 
@@ -694,17 +701,13 @@ std::optional<std::string> config_token(const json& config, const char* key) {
   if (t.is_string()) return t.get<std::string>();
   if (t.is_object() && t.contains("content")) return t["content"].get<std::string>();
   KVCACHE_FAIL("tokenizer_config.json ", key, ": expected a string or {\"content\": ...}, got ",
-               t.dump());
+               detail::show_json(t));
 }
 
+// The file must be regular (a FIFO would block) and its JSON nested at most
+// detail::kMaxJsonDepth levels (every walk of the value recurses).
 json read_json(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  KVCACHE_CHECK(in.good(), path, ": cannot open");
-  try {
-    return json::parse(in);
-  } catch (const json::exception& e) {
-    KVCACHE_FAIL(path, ": expected JSON, got a parse error: ", e.what());
-  }
+  return detail::parse_json(detail::read_regular_file(path, "tokenizer"), path);
 }
 
 }  // namespace
@@ -718,27 +721,50 @@ Tokenizer Tokenizer::from_json_file(const std::string& path) {
     KVCACHE_CHECK(type == "BPE", "model.type: expected BPE, got ", type);
     KVCACHE_CHECK(!model.contains("dropout") || model["dropout"].is_null() ||
                       model["dropout"].get<double>() == 0.0,
-                  "model.dropout: expected none, got ", model["dropout"].dump());
+                  "model.dropout: expected none, got ", detail::show_json(model["dropout"]));
     for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
       KVCACHE_CHECK(!model.contains(key) || model[key].is_null() || model[key] == "", "model.", key,
-                    ": expected none, got ", model[key].dump());
+                    ": expected none, got ", detail::show_json(model[key]));
     }
     const json& normalizer = root.value("normalizer", json());
     KVCACHE_CHECK(normalizer.is_null() || (normalizer.value("type", "") == "Sequence" &&
                                            normalizer.value("normalizers", json::array()).empty()),
-                  "normalizer: expected none, got ", normalizer.dump());
+                  "normalizer: expected none, got ", detail::show_json(normalizer));
 
-    // Vocabulary: model.vocab plus added_tokens (which may add ids past it).
-    std::int64_t size = 0;
-    for (const auto& [token, id] : model.at("vocab").items())
-      size = std::max(size, id.get<std::int64_t>() + 1);
+    // Vocabulary: model.vocab plus added_tokens (which may add ids past it). Every id must be one
+    // of 0 .. entries - 1 (the ids are dense, each entry one id), checked before any table is
+    // sized by them: a negative id, 2^63 - 1 or 10^12 is an error, not a write out of bounds or
+    // an allocation of terabytes.
+    const json& vocab = model.at("vocab");
+    KVCACHE_CHECK(vocab.is_object(), "model.vocab: expected an object of token: id, got ",
+                  detail::show_json(vocab));
     const json added = root.value("added_tokens", json::array());
-    for (const json& a : added) size = std::max(size, a.at("id").get<std::int64_t>() + 1);
+    KVCACHE_CHECK(added.is_array(), "added_tokens: expected a list, got ",
+                  detail::show_json(added));
+    const auto entries = static_cast<std::int64_t>(vocab.size() + added.size());
+    const auto checked_id = [&](const json& id, const std::string& token, const char* where) {
+      KVCACHE_CHECK(id.is_number_integer() &&
+                        (id.is_number_unsigned()
+                             ? id.get<std::uint64_t>() < static_cast<std::uint64_t>(entries)
+                             : id.get<std::int64_t>() >= 0 && id.get<std::int64_t>() < entries),
+                    where, " \"", detail::show_text(token), "\": expected an id in [0, ", entries,
+                    ") (the vocabulary and added tokens hold ", entries, " entries), got ",
+                    detail::show_json(id));
+      return id.get<std::int64_t>();
+    };
+    std::int64_t size = 0;
+    for (const auto& [token, id] : vocab.items())
+      size = std::max(size, checked_id(id, token, "model.vocab") + 1);
+    for (const json& a : added) {
+      KVCACHE_CHECK(a.is_object(), "added_tokens: expected objects, got ", detail::show_json(a));
+      size = std::max(
+          size, checked_id(a.at("id"), a.value("content", std::string()), "added_tokens") + 1);
+    }
     KVCACHE_CHECK(size > 0, "model.vocab: expected tokens, got none");
     std::vector<bool> present(static_cast<std::size_t>(size), false), normalized(present);
     impl->tokens.assign(static_cast<std::size_t>(size), {});
     impl->types.assign(static_cast<std::size_t>(size), TokenType::kNormal);
-    for (const auto& [token, id] : model.at("vocab").items()) {
+    for (const auto& [token, id] : vocab.items()) {
       const auto i = static_cast<std::size_t>(id.get<std::int64_t>());
       impl->tokens[i] = token;
       present[i] = true;
@@ -751,7 +777,7 @@ Tokenizer Tokenizer::from_json_file(const std::string& path) {
       const std::int64_t id = a.at("id").get<std::int64_t>();
       KVCACHE_CHECK(id >= 0, "added_tokens: expected ids >= 0, got ", id);
       const std::string content = a.at("content").get<std::string>();
-      KVCACHE_CHECK(!a.value("single_word", false), "added_tokens: \"", content,
+      KVCACHE_CHECK(!a.value("single_word", false), "added_tokens: \"", detail::show_text(content),
                     "\": single_word tokens are not served");
       const auto i = static_cast<std::size_t>(id);
       impl->tokens[i] = content;
@@ -777,7 +803,7 @@ Tokenizer Tokenizer::from_json_file(const std::string& path) {
         strings.push_back(m.get<std::string>());
       } else {
         KVCACHE_CHECK(m.is_array() && m.size() == 2,
-                      "model.merges: expected \"a b\" or [a, b], got ", m.dump());
+                      "model.merges: expected \"a b\" or [a, b], got ", detail::show_json(m));
         pairs.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
       }
     }
@@ -793,8 +819,14 @@ Tokenizer Tokenizer::from_json_file(const std::string& path) {
       const std::string unk = model["unk_token"].get<std::string>();
       const auto it = impl->ids.find(unk);
       KVCACHE_CHECK(it != impl->ids.end(),
-                    "model.unk_token: expected a token of the vocabulary, got \"", unk, "\"");
+                    "model.unk_token: expected a token of the vocabulary, got \"",
+                    detail::show_text(unk), "\"");
       impl->unk = it->second;
+      // An added (special or user-defined) unknown token is reported by unk_token_id() but never
+      // produced from text: encode() drops a byte without a token instead.
+      const TokenType unk_type = impl->types[static_cast<std::size_t>(it->second)];
+      if (unk_type != TokenType::kControl && unk_type != TokenType::kUserDefined)
+        impl->model_unk = it->second;
     }
 
     bool byte_level = false;
@@ -806,21 +838,23 @@ Tokenizer Tokenizer::from_json_file(const std::string& path) {
                   name);
     impl->pre_name = "tokenizer.json: " + name;
     if (const json decoder = root.value("decoder", json()); !decoder.is_null()) {
-      const std::string d = decoder.dump();
+      const std::string d = decoder.dump(-1, ' ', false, json::error_handler_t::replace);
       KVCACHE_CHECK(d.find("\"ByteLevel\"") != std::string::npos,
-                    "decoder: expected ByteLevel (alone or in a Sequence), got ", d);
+                    "decoder: expected ByteLevel (alone or in a Sequence), got ",
+                    detail::show_json(decoder));
     }
 
     // tokenizer_config.json beside it: special tokens, add_bos_token, the chat template.
     const auto config_path = std::filesystem::path(path).parent_path() / "tokenizer_config.json";
-    if (std::filesystem::exists(config_path)) {
+    if (std::error_code ec; std::filesystem::exists(config_path, ec)) {
       const json config = read_json(config_path.string());
       auto id_of = [&](const char* key) -> std::optional<std::int64_t> {
         const std::optional<std::string> token = config_token(config, key);
         if (!token) return std::nullopt;
         const auto it = impl->ids.find(*token);
         KVCACHE_CHECK(it != impl->ids.end(), "tokenizer_config.json ", key,
-                      ": expected a token of ", "the vocabulary, got \"", *token, "\"");
+                      ": expected a token of ", "the vocabulary, got \"", detail::show_text(*token),
+                      "\"");
         return it->second;
       };
       impl->bos = id_of("bos_token");
@@ -846,6 +880,8 @@ Tokenizer Tokenizer::from_json_file(const std::string& path) {
     KVCACHE_FAIL(path, ": unexpected tokenizer.json layout: ", e.what());
   } catch (const Error& e) {
     throw Error(path + ": " + e.what());
+  } catch (const std::bad_alloc&) {
+    KVCACHE_FAIL(path, ": out of memory building the vocabulary");
   }
 }
 

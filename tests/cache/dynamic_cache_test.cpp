@@ -5,7 +5,10 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
+#include <memory>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "reference/reference.hpp"
@@ -670,6 +673,132 @@ TEST(DynamicCache, MarkAppendedOnAnEmptyCacheIsAnError) {
   EXPECT_EQ(cache.get_seq_length(0), 0);
   EXPECT_EQ(cache.get_seq_length(1), 0);
   EXPECT_EQ(cache.batch_size(), -1);
+}
+
+// --- copies are explicit and deep: clone() -----------------------------------------------------
+
+static_assert(!std::is_copy_constructible_v<DynamicCache<>>,
+              "a member-wise copy would share storage: copying must go through clone()");
+static_assert(!std::is_copy_assignable_v<DynamicCache<>>);
+static_assert(std::is_nothrow_move_constructible_v<DynamicCache<>>);
+static_assert(std::is_nothrow_move_assignable_v<DynamicCache<>>);
+
+TEST(DynamicCache, CloneIsDeepAndIndependent) {
+  std::mt19937 rng(40);
+  DynamicCache<> original(DynamicCacheOptions{.initial_capacity = 40});
+  ConcatCache ref;
+  fill(original, ref, 2, 9, rng);
+  DynamicCache<> copy = original.clone();
+  expect_same(copy, ref);
+  EXPECT_EQ(copy.capacity(0), original.capacity(0));  // a reserved prompt stays reserved
+  EXPECT_EQ(copy.capacity_bytes(), original.capacity_bytes());
+  for (int layer = 0; layer < 2; ++layer) {
+    EXPECT_NE(copy.storage(layer).first.data(), original.storage(layer).first.data());
+    EXPECT_NE(copy.storage(layer).second.data(), original.storage(layer).second.data());
+  }
+  // Each side goes on its own way: different tokens, a crop, a batch change.
+  ConcatCache ref_copy = ref;
+  fill(original, ref, 2, 3, rng);
+  fill(copy, ref_copy, 2, 5, rng);
+  expect_same(original, ref);
+  expect_same(copy, ref_copy);
+  copy.crop(4);
+  ref_copy.crop(4);
+  copy.batch_select_indices(std::vector<std::int64_t>{1});
+  ref_copy.select({1});
+  expect_same(copy, ref_copy);
+  expect_same(original, ref);
+  EXPECT_EQ(original.batch_size(), 2);
+}
+
+TEST(DynamicCache, CloneThroughTheBaseKeepsTheKind) {
+  std::mt19937 rng(41);
+  DynamicCache<> original;
+  ConcatCache ref;
+  fill(original, ref, 1, 6, rng);
+  const Cache<cpu::Backend>& base = original;
+  std::unique_ptr<Cache<cpu::Backend>> copy = base.clone();
+  auto* dynamic = dynamic_cast<DynamicCache<>*>(copy.get());
+  ASSERT_NE(dynamic, nullptr);
+  expect_same(*dynamic, ref);
+  fill(*dynamic, ref, 1, 2, rng);
+  EXPECT_EQ(original.get_seq_length(), 6);  // the original is not touched
+  EXPECT_EQ(copy->get_seq_length(), 8);
+}
+
+TEST(DynamicCache, CloneOfEmptyAndResetCaches) {
+  DynamicCache<> none;
+  DynamicCache<> none_copy = none.clone();
+  EXPECT_EQ(none_copy.num_layers(), 0);
+  std::mt19937 rng(42);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 2, 5, rng);
+  cache.reset();
+  DynamicCache<> copy = cache.clone();
+  EXPECT_EQ(copy.num_layers(), 2);
+  EXPECT_EQ(copy.get_seq_length(), 0);
+  EXPECT_EQ(copy.batch_size(), -1);
+  ConcatCache fresh;
+  fill(copy, fresh, 3, 2, rng);  // a new batch size is welcome, as after the reset
+  expect_same(copy, fresh);
+}
+
+// --- sizes that cannot be held: clear errors, no overflow, the cache unchanged (issue #10) ------
+
+TEST_F(DynamicCacheErrors, CropOfTheMostNegativeValue) {
+  EXPECT_KVCACHE_ERROR(cache_.crop(std::numeric_limits<std::int64_t>::min()),
+                       "expected to drop at most 6 tokens (the cache length), got "
+                       "9223372036854775808");
+  expect_unchanged();
+  DynamicCache<> empty;
+  EXPECT_KVCACHE_ERROR(empty.crop(std::numeric_limits<std::int64_t>::min()),
+                       "expected to drop at most 0 tokens");
+  empty.crop(std::numeric_limits<std::int64_t>::max());  // past the length: nothing changes
+  EXPECT_EQ(empty.get_seq_length(), 0);
+}
+
+TEST_F(DynamicCacheErrors, HugeRepeatInterleave) {
+  // 2 rows x 2^62 overflows int64 (it used to wrap and leave batch 0).
+  EXPECT_KVCACHE_ERROR(cache_.batch_repeat_interleave(std::int64_t{1} << 62),
+                       "does not fit in 64 bits");
+  EXPECT_KVCACHE_ERROR(cache_.batch_repeat_interleave(std::numeric_limits<std::int64_t>::max()),
+                       "does not fit in 64 bits");
+  // 2^41 rows fit in int64 but not in memory: an error, not std::bad_alloc.
+  EXPECT_KVCACHE_ERROR(cache_.batch_repeat_interleave(std::int64_t{1} << 40), "DynamicCache");
+  expect_unchanged();
+}
+
+TEST(DynamicCache, HugeInitialCapacityIsAnErrorAtTheFirstUpdate) {
+  std::mt19937 rng(43);
+  for (const std::int64_t capacity : {std::int64_t{1} << 62, std::int64_t{1} << 45}) {
+    DynamicCache<> cache(DynamicCacheOptions{.initial_capacity = capacity});
+    const Tensor k = random_tensor({1, 2, 3, 4}, DType::kFloat32, rng);
+    // 2^62 slots overflow the byte count; 2^45 slots (2^50 bytes) cannot be allocated.
+    EXPECT_KVCACHE_ERROR(cache.update(k, k, 0), "DynamicCache::update");
+    EXPECT_EQ(cache.num_layers(), 0);
+    EXPECT_EQ(cache.get_seq_length(), 0);
+    EXPECT_EQ(cache.capacity_bytes(), 0u);
+    LegacyCache legacy = {{k, k}};
+    EXPECT_KVCACHE_ERROR(DynamicCache<>::from_legacy_cache(legacy, {.initial_capacity = capacity}),
+                         "DynamicCache::update");
+  }
+  try {
+    DynamicCache<> cache(DynamicCacheOptions{.initial_capacity = std::int64_t{1} << 62});
+    const Tensor k = random_tensor({1, 2, 3, 4}, DType::kFloat32, rng);
+    cache.update(k, k, 0);
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("does not fit in 64 bits"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(DynamicCacheErrors, HugeReserve) {
+  EXPECT_KVCACHE_ERROR(cache_.reserve(std::int64_t{1} << 62), "does not fit in 64 bits");
+  EXPECT_KVCACHE_ERROR(cache_.reserve(std::numeric_limits<std::int64_t>::max()),
+                       "DynamicCache::reserve");
+  EXPECT_KVCACHE_ERROR(cache_.reserve(std::int64_t{1} << 45), "could not allocate");
+  expect_unchanged();
+  EXPECT_EQ(cache_.capacity(0), 16);
 }
 
 }  // namespace

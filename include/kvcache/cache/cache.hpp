@@ -7,13 +7,30 @@
 // bookkeeping and never does attention math; the attention module asks it for keys and values.
 // Virtual dispatch happens once per layer per step, never per element, so one attention module
 // serves every cache kind of a backend.
+//
+// Copies are explicit and deep. A Tensor copy shares storage, so a cache copied member by member
+// would alias its original: two conversations continued from one copied prompt cache would
+// overwrite each other's slots. Concrete caches therefore delete their copy constructor and copy
+// assignment (moves stay) and offer clone(): `auto b = a.clone();` gives a cache of a's own type
+// with storage of its own (transformers' copy.deepcopy(prompt_cache)), and Cache<B>::clone()
+// gives the same behind a std::unique_ptr<Cache<B>> when only the base is known.
+//
+// Integer arguments and the sizes they imply are range-checked without overflow (the helpers in
+// kvcache::detail below): a count that cannot be held is a kvcache::Error before anything is
+// allocated or changed, never a wrapped product or a std::bad_alloc.
 #pragma once
 
+#include <algorithm>
 #include <concepts>
 #include <cstdint>
+#include <limits>
+#include <memory>
+#include <new>
 #include <span>
+#include <string>
 #include <utility>
 
+#include "kvcache/error.hpp"
 #include "kvcache/tensor.hpp"
 
 namespace kvcache {
@@ -93,12 +110,108 @@ class Cache {
   /// Bytes of device memory the cache has allocated (capacity).
   virtual std::size_t capacity_bytes() const = 0;
 
+  /// A deep copy: a cache of the same kind, options and contents with storage of its own, so the
+  /// two evolve independently (reusing one prefilled prompt for several conversations). Concrete
+  /// caches hide this with a clone() returning their own type by value.
+  std::unique_ptr<Cache> clone() const { return clone_cache(); }
+
  protected:
+  /// clone()'s implementation: a new cache of the concrete type holding a deep copy.
+  virtual std::unique_ptr<Cache> clone_cache() const = 0;
+
   Cache() = default;
   Cache(const Cache&) = default;
   Cache(Cache&&) noexcept = default;
   Cache& operator=(const Cache&) = default;
   Cache& operator=(Cache&&) noexcept = default;
 };
+
+namespace detail {
+
+/// a * b for non-negative a and b, or a kvcache::Error naming `what` and `where` when the product
+/// does not fit in int64.
+inline std::int64_t checked_mul(std::int64_t a, std::int64_t b, const char* where,
+                                const char* what) {
+  KVCACHE_CHECK(a >= 0 && b >= 0, where, ": expected non-negative factors of ", what, ", got ", a,
+                " and ", b);
+  KVCACHE_CHECK(a == 0 || b <= std::numeric_limits<std::int64_t>::max() / a, where, ": ", what,
+                " of ", a, " x ", b, " does not fit in 64 bits");
+  return a * b;
+}
+
+/// a + b for non-negative a and b, or a kvcache::Error when the sum does not fit in int64.
+inline std::int64_t checked_add(std::int64_t a, std::int64_t b, const char* where,
+                                const char* what) {
+  KVCACHE_CHECK(a >= 0 && b >= 0, where, ": expected non-negative terms of ", what, ", got ", a,
+                " and ", b);
+  KVCACHE_CHECK(b <= std::numeric_limits<std::int64_t>::max() - a, where, ": ", what, " of ", a,
+                " + ", b, " does not fit in 64 bits");
+  return a + b;
+}
+
+/// Bytes of a [d0, d1, d2, d3] tensor of `dtype`, checked: every size non-negative and the
+/// element and byte counts within int64 (so within what Tensor and the allocator can index).
+inline std::int64_t storage_bytes(Shape shape, DType dtype, const char* where) {
+  std::int64_t bytes = static_cast<std::int64_t>(dtype_size(dtype));
+  for (std::int64_t s : shape) bytes = checked_mul(bytes, s, where, "the storage's byte count");
+  return bytes;
+}
+
+/// B::empty(shape, dtype) for cache storage: the byte count checked first, and an allocation
+/// that fails (std::bad_alloc, or the backend's own kvcache::Error) reported as a kvcache::Error
+/// naming the caller, the shape and the bytes.
+template <CacheBackend B>
+Tensor allocate_storage(Shape shape, DType dtype, const char* where) {
+  const std::int64_t bytes = storage_bytes(shape, dtype, where);
+  std::string reason;
+  try {
+    return B::empty(shape, dtype);
+  } catch (const std::bad_alloc&) {
+    reason = "out of memory";
+  } catch (const Error& e) {
+    reason = e.what();
+  }
+  std::string dims;
+  for (std::int64_t s : shape) dims += (dims.empty() ? "" : ", ") + std::to_string(s);
+  KVCACHE_FAIL(where, ": could not allocate cache storage [", dims, "] ", dtype_name(dtype), " (",
+               bytes, " bytes) on ", device_name(B::kDevice), ": ", reason);
+}
+
+/// The checks every cache's update() makes of its new states, with `where` naming the caller:
+/// defined, [batch, num_kv_heads, q_len, head_dim] alike for keys and values, one float dtype,
+/// on `device`, non-zero batch, heads and head_dim.
+inline void check_kv_states(const Tensor& k, const Tensor& v, Device device, const char* where) {
+  KVCACHE_CHECK(k.defined() && v.defined(), where, ": expected defined key and value states, got ",
+                k.describe(), " and ", v.describe());
+  KVCACHE_CHECK(k.rank() == 4, where,
+                ": expected key_states [batch, num_kv_heads, q_len, head_dim], got ", k.describe());
+  KVCACHE_CHECK(v.rank() == 4 && v.size(0) == k.size(0) && v.size(1) == k.size(1) &&
+                    v.size(2) == k.size(2) && v.size(3) == k.size(3),
+                where, ": expected value_states shaped like key_states ", k.shape_string(),
+                ", got ", v.shape_string());
+  KVCACHE_CHECK(k.dtype() == v.dtype(), where, ": expected key and value states of one dtype, got ",
+                dtype_name(k.dtype()), " and ", dtype_name(v.dtype()));
+  KVCACHE_CHECK(is_floating(k.dtype()), where,
+                ": expected float32, float16 or bfloat16 states, got ", dtype_name(k.dtype()));
+  KVCACHE_CHECK(k.device() == device && v.device() == device, where, ": expected states on ",
+                device_name(device), " (the cache's backend), got ", device_name(k.device()),
+                " and ", device_name(v.device()));
+  KVCACHE_CHECK(k.size(0) > 0 && k.size(1) > 0 && k.size(3) > 0, where,
+                ": expected non-zero batch, num_kv_heads and head_dim, got ", k.shape_string());
+}
+
+/// The length crop(max_length) leaves of a cache holding `length` tokens: max_length itself when
+/// non-negative (capped at length), length + max_length when negative, which must drop at most
+/// `length` tokens. Written so that no value of max_length (INT64_MIN included) overflows.
+inline std::int64_t crop_target(std::int64_t max_length, std::int64_t length, const char* where) {
+  if (max_length >= 0) return std::min(max_length, length);
+  // The magnitude of a negative max_length, computed in unsigned arithmetic: -INT64_MIN is UB.
+  const std::uint64_t drop = 0 - static_cast<std::uint64_t>(max_length);
+  KVCACHE_CHECK(drop <= static_cast<std::uint64_t>(length), where, "(", max_length,
+                "): expected to drop at most ", length, " tokens (the cache length), got ", drop);
+  return length + max_length;
+}
+
+}  // namespace detail
 
 }  // namespace kvcache

@@ -9,12 +9,19 @@
 // memory after the cache grows, is reset or destroyed, but they alias it, so a later crop followed
 // by an update can overwrite slots an old view still covers. Take a copy (cpu::clone) to snapshot.
 //
+// Copies are explicit: the copy constructor and assignment are deleted (a member-wise copy would
+// share storage with the original, see cache.hpp) and clone() makes a deep copy with the same
+// capacity; moves transfer the storage.
+//
 // Every mutating call checks all of its input before it changes anything and allocates before it
-// commits, so a call that throws leaves the cache as it was. Not thread-safe.
+// commits, so a call that throws leaves the cache as it was. Sizes are checked without overflow
+// (initial_capacity, reserve, batch_repeat_interleave, crop): storage that cannot be indexed or
+// allocated is a kvcache::Error, never a wrapped size. Not thread-safe.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <numeric>
 #include <span>
 #include <utility>
@@ -40,6 +47,19 @@ class DynamicCache : public Cache<B> {
   explicit DynamicCache(DynamicCacheOptions options) : options_(options) {
     KVCACHE_CHECK(options.initial_capacity >= 0,
                   "DynamicCache: expected initial_capacity >= 0, got ", options.initial_capacity);
+  }
+  DynamicCache(const DynamicCache&) = delete;  // would share storage: use clone()
+  DynamicCache& operator=(const DynamicCache&) = delete;
+  DynamicCache(DynamicCache&&) noexcept = default;
+  DynamicCache& operator=(DynamicCache&&) noexcept = default;
+
+  /// A deep copy: the same options, layers, tokens and capacity, in storage of its own (one copy
+  /// of the tokens held). Hides Cache<B>::clone(), which returns the same as a unique_ptr.
+  DynamicCache clone() const {
+    DynamicCache copy(options_);
+    copy.layers_.reserve(layers_.size());
+    for (const Layer& layer : layers_) copy.layers_.push_back(layer.deep_copy());
+    return copy;
   }
 
   /// Builds a cache from the legacy format, copying every layer into cache storage (one copy of
@@ -114,14 +134,9 @@ class DynamicCache : public Cache<B> {
   }
 
   void crop(std::int64_t max_length) override {
-    std::int64_t target = max_length;
-    if (max_length < 0) {
-      const std::int64_t length = get_seq_length();
-      KVCACHE_CHECK(-max_length <= length, "DynamicCache::crop(", max_length,
-                    "): expected to drop at most ", length, " tokens (the cache length), got ",
-                    -max_length);
-      target = length + max_length;
-    }
+    const std::int64_t target =
+        max_length >= 0 ? max_length
+                        : detail::crop_target(max_length, get_seq_length(), "DynamicCache::crop");
     for (auto& layer : layers_) layer.seq_len = std::min(layer.seq_len, target);
   }
 
@@ -130,22 +145,28 @@ class DynamicCache : public Cache<B> {
     KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
                   "DynamicCache::reorder_cache: expected ", batch,
                   " beam indices (one per row), got ", beam_idx.size());
-    gather_batch(beam_idx, "reorder_cache");
+    check_rows(beam_idx, "reorder_cache");
+    gather_batch(static_cast<std::int64_t>(beam_idx.size()),
+                 [&](std::int64_t i) { return beam_idx[static_cast<std::size_t>(i)]; });
   }
 
   void batch_repeat_interleave(std::int64_t repeats) override {
     KVCACHE_CHECK(repeats >= 1,
                   "DynamicCache::batch_repeat_interleave: expected repeats >= 1, got ", repeats);
-    const std::int64_t batch = std::max<std::int64_t>(batch_size(), 0);
-    std::vector<std::int64_t> rows(static_cast<std::size_t>(batch * repeats));
-    for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<std::int64_t>(i) / repeats;
-    gather_batch(rows, "batch_repeat_interleave");
+    const std::int64_t batch = batch_size();
+    if (batch < 0) return;  // nothing held: nothing to repeat
+    const std::int64_t rows =
+        detail::checked_mul(batch, repeats, "DynamicCache::batch_repeat_interleave",
+                            "the new batch size (batch x repeats)");
+    gather_batch(rows, [&](std::int64_t i) { return i / repeats; });
   }
 
   void batch_select_indices(std::span<const std::int64_t> indices) override {
     KVCACHE_CHECK(!indices.empty() || batch_size() < 0,
                   "DynamicCache::batch_select_indices: expected at least one index, got none");
-    gather_batch(indices, "batch_select_indices");
+    check_rows(indices, "batch_select_indices");
+    gather_batch(static_cast<std::int64_t>(indices.size()),
+                 [&](std::int64_t i) { return indices[static_cast<std::size_t>(i)]; });
   }
 
   std::size_t nbytes() const override {
@@ -236,8 +257,9 @@ class DynamicCache : public Cache<B> {
     // New storage of `slots` slots with the tokens held copied over.
     void grow_to(std::int64_t slots) {
       const std::int64_t shape[4] = {keys.size(0), keys.size(1), slots, keys.size(3)};
-      Tensor new_keys = B::empty(shape, keys.dtype());
-      Tensor new_values = B::empty(shape, values.dtype());
+      Tensor new_keys = detail::allocate_storage<B>(shape, keys.dtype(), "DynamicCache::reserve");
+      Tensor new_values =
+          detail::allocate_storage<B>(shape, values.dtype(), "DynamicCache::reserve");
       if (seq_len > 0) {
         B::copy(new_keys.slice(2, 0, seq_len), key_view());
         B::copy(new_values.slice(2, 0, seq_len), value_view());
@@ -252,8 +274,9 @@ class DynamicCache : public Cache<B> {
       std::int64_t grown = std::max({needed, initial, std::int64_t{16}});
       if (keep) grown = std::max(grown, capacity() + capacity() / 2);
       const std::int64_t shape[4] = {states.size(0), states.size(1), grown, states.size(3)};
-      Tensor new_keys = B::empty(shape, states.dtype());
-      Tensor new_values = B::empty(shape, states.dtype());
+      Tensor new_keys = detail::allocate_storage<B>(shape, states.dtype(), "DynamicCache::update");
+      Tensor new_values =
+          detail::allocate_storage<B>(shape, states.dtype(), "DynamicCache::update");
       if (keep) {
         B::copy(new_keys.slice(2, 0, seq_len), key_view());
         B::copy(new_values.slice(2, 0, seq_len), value_view());
@@ -261,36 +284,27 @@ class DynamicCache : public Cache<B> {
       keys = std::move(new_keys);
       values = std::move(new_values);
     }
+    // The same layer in storage of its own: same capacity, the tokens held copied.
+    Layer deep_copy() const {
+      Layer copy;
+      copy.seq_len = seq_len;
+      if (!keys.defined()) return copy;
+      copy.keys = detail::allocate_storage<B>(keys.shape(), keys.dtype(), "DynamicCache::clone");
+      copy.values =
+          detail::allocate_storage<B>(values.shape(), values.dtype(), "DynamicCache::clone");
+      if (seq_len > 0) {
+        B::copy(copy.keys.slice(2, 0, seq_len), key_view());
+        B::copy(copy.values.slice(2, 0, seq_len), value_view());
+      }
+      return copy;
+    }
   };
 
   void check_states(const Tensor& k, const Tensor& v, int layer_idx) const {
     KVCACHE_CHECK(layer_idx >= 0 && layer_idx <= num_layers(),
                   "DynamicCache::update: expected layer_idx in [0, ", num_layers(),
                   "] (layers are added in order), got ", layer_idx);
-    KVCACHE_CHECK(k.defined() && v.defined(),
-                  "DynamicCache::update: expected defined key and value states, got ", k.describe(),
-                  " and ", v.describe());
-    KVCACHE_CHECK(
-        k.rank() == 4,
-        "DynamicCache::update: expected key_states [batch, num_kv_heads, q_len, head_dim], got ",
-        k.describe());
-    KVCACHE_CHECK(v.rank() == 4 && v.size(0) == k.size(0) && v.size(1) == k.size(1) &&
-                      v.size(2) == k.size(2) && v.size(3) == k.size(3),
-                  "DynamicCache::update: expected value_states shaped like key_states ",
-                  k.shape_string(), ", got ", v.shape_string());
-    KVCACHE_CHECK(k.dtype() == v.dtype(),
-                  "DynamicCache::update: expected key and value states of one dtype, got ",
-                  dtype_name(k.dtype()), " and ", dtype_name(v.dtype()));
-    KVCACHE_CHECK(is_floating(k.dtype()),
-                  "DynamicCache::update: expected float32, float16 or bfloat16 states, got ",
-                  dtype_name(k.dtype()));
-    KVCACHE_CHECK(k.device() == B::kDevice && v.device() == B::kDevice,
-                  "DynamicCache::update: expected states on ", device_name(B::kDevice),
-                  " (the cache's backend), got ", device_name(k.device()), " and ",
-                  device_name(v.device()));
-    KVCACHE_CHECK(k.size(0) > 0 && k.size(1) > 0 && k.size(3) > 0,
-                  "DynamicCache::update: expected non-zero batch, num_kv_heads and head_dim, got ",
-                  k.shape_string());
+    detail::check_kv_states(k, v, B::kDevice, "DynamicCache::update");
     if (layer_idx < num_layers()) {
       const Layer& layer = layers_[static_cast<std::size_t>(layer_idx)];
       if (layer.seq_len > 0) {
@@ -307,33 +321,44 @@ class DynamicCache : public Cache<B> {
                   " (the batch the cache holds), got ", k.size(0), " for layer ", layer_idx);
   }
 
-  // Rebuilds every non-empty layer with batch rows `rows` of the old layout. All new storage is
-  // allocated and filled before any layer is replaced.
-  void gather_batch(std::span<const std::int64_t> rows, const char* op) {
+  // Checks batch-row indices against the batch held (nothing to check while empty).
+  void check_rows(std::span<const std::int64_t> rows, const char* op) const {
     const std::int64_t batch = batch_size();
-    if (batch < 0) return;  // nothing held: nothing to rearrange
+    if (batch < 0) return;
     for (std::size_t i = 0; i < rows.size(); ++i) {
       KVCACHE_CHECK(rows[i] >= 0 && rows[i] < batch, "DynamicCache::", op,
                     ": expected indices in [0, ", batch, "), got ", rows[i], " at position ", i);
     }
+  }
+
+  // Rebuilds every non-empty layer with `rows` batch rows, row i a copy of old row row_of(i)
+  // (checked in range by the caller). All new storage is allocated and filled before any layer is
+  // replaced; its size is checked before allocating, so an absurd row count is an error.
+  template <class RowOf>
+  void gather_batch(std::int64_t rows, RowOf row_of) {
+    if (batch_size() < 0) return;  // nothing held: nothing to rearrange
     std::vector<Layer> rebuilt = layers_;
     for (auto& layer : rebuilt) {
       if (layer.seq_len == 0) continue;
-      const std::int64_t shape[4] = {static_cast<std::int64_t>(rows.size()), layer.keys.size(1),
-                                     layer.capacity(), layer.keys.size(3)};
-      Tensor keys = B::empty(shape, layer.keys.dtype());
-      Tensor values = B::empty(shape, layer.values.dtype());
-      for (std::size_t i = 0; i < rows.size(); ++i) {
-        const auto dst = static_cast<std::int64_t>(i);
+      const std::int64_t shape[4] = {rows, layer.keys.size(1), layer.capacity(),
+                                     layer.keys.size(3)};
+      Tensor keys = detail::allocate_storage<B>(shape, layer.keys.dtype(), "DynamicCache");
+      Tensor values = detail::allocate_storage<B>(shape, layer.values.dtype(), "DynamicCache");
+      for (std::int64_t dst = 0; dst < rows; ++dst) {
+        const std::int64_t src = row_of(dst);
         B::copy(keys.slice(0, dst, dst + 1).slice(2, 0, layer.seq_len),
-                layer.key_view().slice(0, rows[i], rows[i] + 1));
+                layer.key_view().slice(0, src, src + 1));
         B::copy(values.slice(0, dst, dst + 1).slice(2, 0, layer.seq_len),
-                layer.value_view().slice(0, rows[i], rows[i] + 1));
+                layer.value_view().slice(0, src, src + 1));
       }
       layer.keys = std::move(keys);
       layer.values = std::move(values);
     }
     layers_.swap(rebuilt);
+  }
+
+  std::unique_ptr<Cache<B>> clone_cache() const override {
+    return std::make_unique<DynamicCache>(clone());
   }
 
   DynamicCacheOptions options_;

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace kvcache {
@@ -26,6 +27,11 @@ struct GenerationConfig {
   /// Off by default until the replay path has run on a GPU (it was written in a session without
   /// one; issue #8's note): turn it on to use it.
   bool cuda_graph = false;
+  /// The cache generate() builds when none is passed (as transformers' cache_implementation):
+  /// "dynamic" (a DynamicCache, the default) or "static" (a StaticCache of the prompt's batch and
+  /// max_cache_len = prompt + max_new_tokens, allocated before the prefill). Any other name is an
+  /// error, also when a cache is passed (which is then used as it is).
+  std::string cache_implementation = "dynamic";
 };
 
 }  // namespace kvcache

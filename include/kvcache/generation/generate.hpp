@@ -1,6 +1,9 @@
 // Generation loops over a LlamaModel and a cache of its backend: generate() for the whole job
 // (greedy or sampled, EOS handling, a callback per token, timings), and the pieces a hand-written
-// loop needs, the seed's Python loop in C++:
+// loop needs. Both run over any Cache<B> (DynamicCache, StaticCache, …): generate() uses the one
+// passed, or builds GenerationConfig::cache_implementation's kind (make_generation_cache). To
+// reuse a prefilled prompt for several conversations, give each a clone() of the prompt cache.
+// The seed's Python loop in C++:
 //
 //   DynamicCache<> past_key_values;
 //   Tensor attention_mask = ...;                                   // [batch, prompt_len]
@@ -19,9 +22,12 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "kvcache/cache/dynamic_cache.hpp"
+#include "kvcache/cache/static_cache.hpp"
 #include "kvcache/generation/config.hpp"
 #include "kvcache/model/llama.hpp"
 
@@ -45,13 +51,26 @@ using TokenCallback = std::function<bool(std::int64_t row, std::int64_t token, s
 /// Generates up to config.max_new_tokens tokens after `input_ids` [batch, prompt_len] (left-padded;
 /// `attention_mask` [batch, prompt_len] marks real tokens, undefined = no padding). Rows that emit
 /// an EOS token are finished and emit pad_token_id afterwards; generation stops when all are.
-/// Uses `cache` when given (which may hold an earlier conversation: the mask must then cover it),
-/// else a fresh DynamicCache, of the model's backend either way. On the GPU the logits stay there:
+/// Uses `cache` when given, of any kind (which may hold an earlier conversation: the mask must then
+/// cover it), else a fresh one of kind config.cache_implementation ("dynamic": a DynamicCache
+/// reserving prompt + max_new_tokens slots, up to 4096 new ones; "static": a StaticCache of
+/// max_cache_len prompt + max_new_tokens), of the model's backend either way. A cache of bounded
+/// size (get_max_cache_shape() >= 0) must hold past + prompt + max_new_tokens - 1 tokens, checked
+/// before the prefill. On the GPU the logits stay there:
 /// the token choice (argmax, or sampling from one uniform per row drawn on the host from `seed`)
 /// runs on the device and only the chosen ids come back, the step's one wait for the GPU.
 GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
                         const Tensor& attention_mask, const GenerationConfig& config,
                         CacheRef cache = {}, const TokenCallback& on_token = {});
+
+/// A cache of kind `cache_implementation` for generating on `model` (of its backend B): "dynamic",
+/// a DynamicCache reserving max_cache_len slots (it grows past them), or "static", a StaticCache
+/// of `batch` rows and max_cache_len slots with every layer allocated here in the model's key/value
+/// dtype. What generate() builds when no cache is passed; other names are a kvcache::Error.
+template <CacheBackend B>
+std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
+                                                const std::string& cache_implementation,
+                                                std::int64_t batch, std::int64_t max_cache_len);
 
 /// [batch, 1] int64 column of the given tokens (the next step's input_ids).
 Tensor token_column(const std::vector<std::int64_t>& tokens);

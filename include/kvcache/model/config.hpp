@@ -52,6 +52,16 @@ struct ModelConfig {
     return layer_types[i] == "sliding_attention" ? sliding_window : std::nullopt;
   }
 
+  /// The most layers a config may declare (checked before anything is built per layer; the
+  /// largest released Llama-family models have about 130).
+  static constexpr std::int64_t kMaxLayers = 4096;
+
+  /// Throws kvcache::Error starting with `where` unless the config is one the model can run:
+  /// positive sizes (layers at most kMaxLayers), heads that divide, an even head_dim, products
+  /// that fit, rms_norm_eps and rope_theta finite and > 0, bos/eos/pad ids inside the
+  /// vocabulary. from_json and from_gguf both end with it, so both loaders refuse alike.
+  void validate(const std::string& where) const;
+
   /// Parses config.json text; `where` names the source in errors.
   static ModelConfig from_json(const std::string& text, const std::string& where = "config.json");
   /// Reads and parses a config.json file.

@@ -21,10 +21,6 @@
 
 namespace kvcache {
 
-namespace detail {
-class MappedFile;
-}  // namespace detail
-
 /// ggml tensor types, with llama.cpp's numbering (only some are served; see dequantize_row).
 /// Numbers 4, 5 and 31..33 are retired in ggml and read as unknown types.
 enum class GgufType : std::uint32_t {
@@ -67,6 +63,11 @@ enum class GgufType : std::uint32_t {
 /// "Q4_1", "F32", ...; "type N" for numbers it does not know.
 std::string gguf_type_name(GgufType type);
 
+namespace detail {
+class MappedFile;
+struct GgufArrayAccess;  // the reader that fills arrays (gguf.cpp)
+}  // namespace detail
+
 /// One metadata value. `type` is GGUF's value type (0 uint8 … 12 float64); integers are held in
 /// `i` (signed types) or `u` (unsigned types), floats in `f`, bools in `b`, strings in `s` and
 /// arrays in `array` (elements of `array_type`; arrays of arrays nest).
@@ -86,13 +87,37 @@ struct GgufValue {
     kInt64 = 11,
     kFloat64 = 12,
   };
+
+  /// The elements of an array value, held compactly: the bytes the file stores them in (plus one
+  /// offset per element for strings and nested arrays), decoded into a GgufValue on access. A
+  /// 30 MB array of uint8 takes 30 MB, not a GgufValue (about 100 bytes) per element.
+  class Array {
+   public:
+    std::size_t size() const { return count_; }
+    bool empty() const { return count_ == 0; }
+    Type element_type() const { return type_; }
+    /// Element `i`, decoded; an error when i >= size().
+    GgufValue operator[](std::size_t i) const;
+    /// Bytes held for the elements (their encoding in the file, and the offsets).
+    std::size_t held_bytes() const {
+      return bytes_.size() + offsets_.size() * sizeof(std::uint64_t);
+    }
+
+   private:
+    friend struct detail::GgufArrayAccess;
+    Type type_ = Type::kUInt8;
+    std::size_t count_ = 0;
+    std::vector<std::byte> bytes_;        // the elements as the file encodes them
+    std::vector<std::uint64_t> offsets_;  // each element's start in bytes_ (strings, arrays)
+  };
+
   Type type = Type::kUInt8;
   std::uint64_t u = 0;
   std::int64_t i = 0;
   double f = 0;
   bool b = false;
   std::string s;
-  std::vector<GgufValue> array;
+  Array array;
   Type array_type = Type::kUInt8;  // element type when type == kArray
 };
 

@@ -1,0 +1,361 @@
+// generate() and the hand-written loop over any cache: a prefilled prompt cache cloned and
+// continued two ways at once (each continuation equal to a fresh run), StaticCache equal to
+// DynamicCache token for token (random models from both loaders' paths, a transformers fixture,
+// the default GGUF model where installed), GenerationConfig::cache_implementation, and the
+// errors of sizes that cannot be held.
+#include "kvcache/generation/generate.hpp"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "kvcache/cache/static_cache.hpp"
+#include "kvcache/model/llama.hpp"
+#include "kvcache/model/safetensors.hpp"
+#include "test_util.hpp"
+
+#ifndef KVCACHE_TEST_DATA_DIR
+#error "KVCACHE_TEST_DATA_DIR must name tests/data"
+#endif
+
+namespace kvcache {
+namespace {
+
+using testing::to_doubles;
+
+ModelConfig tiny_config() {
+  ModelConfig c;
+  c.architecture = "LlamaForCausalLM";
+  c.vocab_size = 97;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 16;
+  c.max_position_embeddings = 256;
+  c.rms_norm_eps = 1e-5;
+  c.rope = {.head_dim = 16, .rope_theta = 10000.0};
+  return c;
+}
+
+const LlamaModel& tiny_model() {
+  static const LlamaModel model = LlamaModel::from_weights(
+      tiny_config(), random_llama_weights(tiny_config(), 3, DType::kFloat32, 0.3f));
+  return model;
+}
+
+// Feeds `tokens` one at a time after what `cache` holds (mask all ones), returning each step's
+// last-position logits.
+std::vector<std::vector<double>> step_logits(const LlamaModel& model, Cache<cpu::Backend>& cache,
+                                             const std::vector<std::int64_t>& tokens) {
+  std::vector<std::vector<double>> out;
+  for (std::int64_t token : tokens) {
+    const std::int64_t past = cache.get_seq_length();
+    out.push_back(to_doubles(model.forward({.input_ids = token_column({token}),
+                                            .attention_mask = ones_mask(1, past + 1),
+                                            .cache_position = make_cache_position(past, 1),
+                                            .past_key_values = &cache})));
+  }
+  return out;
+}
+
+const std::vector<std::int64_t> kPrompt = {3, 14, 15, 92, 65, 35, 89, 79};
+
+// Prefills kPrompt into `cache`.
+void prefill(const LlamaModel& model, Cache<cpu::Backend>& cache) {
+  auto [ids, mask] = left_pad({kPrompt}, 0);
+  model.forward({.input_ids = ids, .attention_mask = mask, .past_key_values = &cache});
+}
+
+// The issue's scenario: one prompt prefilled once, cloned twice, two continuations interleaved
+// step by step; each must equal the same continuation run on a fresh cache (a shared-storage copy
+// made them overwrite each other's slots: wrong tokens from the second step on).
+template <class C>
+void expect_clones_are_independent(const std::function<C()>& make) {
+  const LlamaModel& model = tiny_model();
+  const std::vector<std::int64_t> first = {7, 8, 9, 10, 11, 12}, second = {50, 51, 52, 53, 54, 55};
+  std::vector<std::vector<double>> fresh_first, fresh_second;
+  {
+    C a = make(), b = make();
+    prefill(model, a);
+    prefill(model, b);
+    fresh_first = step_logits(model, a, first);
+    fresh_second = step_logits(model, b, second);
+  }
+  C prompt_cache = make();
+  prefill(model, prompt_cache);
+  C one = prompt_cache.clone();
+  std::unique_ptr<Cache<cpu::Backend>> two =
+      static_cast<const Cache<cpu::Backend>&>(prompt_cache).clone();
+  for (std::size_t i = 0; i < first.size(); ++i) {
+    const auto got_first = step_logits(model, one, {first[i]});
+    const auto got_second = step_logits(model, *two, {second[i]});
+    EXPECT_LT(testing::compare(got_first[0], fresh_first[i]).max_abs, 1e-6) << "step " << i;
+    EXPECT_LT(testing::compare(got_second[0], fresh_second[i]).max_abs, 1e-6) << "step " << i;
+  }
+  EXPECT_EQ(one.get_seq_length(), 8 + 6);
+  EXPECT_EQ(two->get_seq_length(), 8 + 6);
+  // The prompt cache itself is untouched and serves a third conversation.
+  EXPECT_EQ(prompt_cache.get_seq_length(), 8);
+  EXPECT_LT(testing::compare(step_logits(model, prompt_cache, first)[5], fresh_first[5]).max_abs,
+            1e-6);
+}
+
+TEST(PromptReuse, ClonedDynamicCachesContinueIndependently) {
+  expect_clones_are_independent<DynamicCache<>>([] { return DynamicCache<>(); });
+}
+
+TEST(PromptReuse, ClonedStaticCachesContinueIndependently) {
+  expect_clones_are_independent<StaticCache<>>([] { return StaticCache<>(1, 32); });
+}
+
+TEST(PromptReuse, GenerateOnClonesOfOnePromptEqualsFreshGenerations) {
+  const LlamaModel& model = tiny_model();
+  DynamicCache<> prompt_cache;
+  prefill(model, prompt_cache);
+  for (const std::vector<std::int64_t>& turn :
+       {std::vector<std::int64_t>{20, 21, 22}, std::vector<std::int64_t>{40, 41}}) {
+    DynamicCache<> cache = prompt_cache.clone();
+    auto [turn_ids, unused] = left_pad({turn}, 0);
+    const Tensor mask = ones_mask(1, 8 + static_cast<std::int64_t>(turn.size()));
+    const GenerateResult reused = generate(model, turn_ids, mask, {.max_new_tokens = 8}, &cache);
+    // From scratch: the prompt and the turn in one prefill.
+    std::vector<std::int64_t> whole = kPrompt;
+    whole.insert(whole.end(), turn.begin(), turn.end());
+    auto [ids, whole_mask] = left_pad({whole}, 0);
+    const GenerateResult fresh = generate(model, ids, whole_mask, {.max_new_tokens = 8});
+    EXPECT_EQ(reused.new_tokens, fresh.new_tokens);
+    EXPECT_EQ(prompt_cache.get_seq_length(), 8);
+  }
+}
+
+// --- StaticCache and DynamicCache agree ----------------------------------------------------------
+
+TEST(StaticGeneration, GreedyTokensEqualDynamicOnALeftPaddedBatch) {
+  const LlamaModel& model = tiny_model();
+  auto [ids, mask] = left_pad({{11, 12, 13}, {21, 22, 23, 24, 25}}, 0);
+  GenerationConfig config{.max_new_tokens = 16};
+  const GenerateResult dynamic = generate(model, ids, mask, config);
+  config.cache_implementation = "static";
+  const GenerateResult fixed = generate(model, ids, mask, config);
+  EXPECT_EQ(fixed.new_tokens, dynamic.new_tokens);
+  EXPECT_EQ(fixed.cache_length, 5 + 15);
+  EXPECT_EQ(fixed.cache_bytes, dynamic.cache_bytes);  // the filled slots, not the capacity
+  // With EOS: a finished row emits pad in both.
+  config.eos_token_ids = {dynamic.new_tokens[0][3]};
+  config.pad_token_id = 96;
+  const GenerateResult fixed_eos = generate(model, ids, mask, config);
+  config.cache_implementation = "dynamic";
+  EXPECT_EQ(fixed_eos.new_tokens, generate(model, ids, mask, config).new_tokens);
+  // A StaticCache passed in, sized exactly (the last token needs no slot), then reused after a
+  // reset for a second generation.
+  StaticCache<> cache(2, 5 + 16 - 1);
+  EXPECT_EQ(generate(model, ids, mask, {.max_new_tokens = 16}, &cache).new_tokens,
+            dynamic.new_tokens);
+  EXPECT_EQ(cache.get_seq_length(), 5 + 15);
+  cache.reset();
+  EXPECT_EQ(generate(model, ids, mask, {.max_new_tokens = 16}, &cache).new_tokens,
+            dynamic.new_tokens);
+}
+
+TEST(StaticGeneration, SampledTokensEqualDynamic) {
+  const LlamaModel& model = tiny_model();
+  auto [ids, mask] = left_pad({{5, 6, 7}}, 0);
+  GenerationConfig config{
+      .max_new_tokens = 12, .do_sample = true, .temperature = 1.3f, .top_p = 0.9f, .seed = 9};
+  const auto dynamic = generate(model, ids, mask, config).new_tokens;
+  config.cache_implementation = "static";
+  EXPECT_EQ(generate(model, ids, mask, config).new_tokens, dynamic);
+}
+
+TEST(StaticGeneration, HandWrittenLoopEqualsDynamicLogits) {
+  const LlamaModel& model = tiny_model();
+  auto [ids, mask] = left_pad({{3, 14, 15, 92, 65, 35}, {89, 79, 32}}, 0);
+  DynamicCache<> dynamic;
+  StaticCache<> fixed(2, 6 + 10);
+  std::vector<std::int64_t> cache_position = make_cache_position(0, ids.size(1));
+  Tensor step_ids = ids;
+  for (int step = 0; step < 10; ++step) {
+    const Tensor a = model.forward({.input_ids = step_ids,
+                                    .attention_mask = mask,
+                                    .cache_position = cache_position,
+                                    .past_key_values = &dynamic,
+                                    .logits_to_keep = 1});
+    const Tensor b = model.forward({.input_ids = step_ids,
+                                    .attention_mask = mask,
+                                    .cache_position = cache_position,
+                                    .past_key_values = &fixed,
+                                    .logits_to_keep = 1});
+    EXPECT_EQ(to_doubles(a), to_doubles(b)) << "step " << step;
+    const auto next = argmax_last(a);
+    step_ids = token_column(next);
+    mask = extend_attention_mask(mask);
+    cache_position = {cache_position.back() + 1};
+  }
+  EXPECT_EQ(fixed.get_seq_length(), dynamic.get_seq_length());
+  EXPECT_EQ(fixed.get_max_cache_shape(), 16);
+}
+
+TEST(StaticGeneration, UseCacheFalseWorksAndLeavesTheCacheAlone) {
+  const LlamaModel& model = tiny_model();
+  auto [ids, mask] = left_pad({{4, 8, 15, 16}}, 0);
+  StaticCache<> cache(1, 8);
+  model.forward({.input_ids = ids, .attention_mask = mask, .past_key_values = &cache});
+  const Tensor step = token_column({23});
+  const Tensor grown = extend_attention_mask(mask);
+  const auto peek = to_doubles(model.forward(
+      {.input_ids = step, .attention_mask = grown, .past_key_values = &cache, .use_cache = false}));
+  EXPECT_EQ(cache.get_seq_length(), 4);
+  const auto real = to_doubles(
+      model.forward({.input_ids = step, .attention_mask = grown, .past_key_values = &cache}));
+  EXPECT_EQ(cache.get_seq_length(), 5);
+  EXPECT_EQ(peek, real);
+}
+
+TEST(StaticGeneration, FixtureFromSafetensorsMatchesTransformersAndDynamic) {
+  // The safetensors loader's path, on a transformers fixture: generate() with a StaticCache gives
+  // transformers' generate() tokens, as the DynamicCache does.
+  const std::string dir = std::string(KVCACHE_TEST_DATA_DIR) + "/llama_gqa";
+  const LlamaModel model = LlamaModel::from_pretrained(dir);
+  const SafetensorsFile expected = SafetensorsFile::open(dir + "/expected.safetensors");
+  std::ifstream json_in(dir + "/expected.json");
+  const nlohmann::json meta = nlohmann::json::parse(json_in);
+  const Tensor input_ids = cpu::clone(expected.tensor("input_ids"));
+  const Tensor mask = cpu::clone(expected.tensor("attention_mask"));
+  const Tensor want = expected.tensor("generate_tokens");
+  GenerationConfig config{.max_new_tokens = want.size(1)};
+  if (meta.contains("eos_token_id") && !meta["eos_token_id"].is_null())
+    config.eos_token_ids = {meta["eos_token_id"].get<std::int64_t>()};
+  config.pad_token_id = meta.value("pad_token_id", std::int64_t{0});
+  const GenerateResult dynamic = generate(model, input_ids, mask, config);
+  config.cache_implementation = "static";
+  const GenerateResult fixed = generate(model, input_ids, mask, config);
+  EXPECT_EQ(fixed.new_tokens, dynamic.new_tokens);
+  ASSERT_EQ(fixed.new_tokens.size(), static_cast<std::size_t>(want.size(0)));
+  for (const auto& row : fixed.new_tokens)
+    ASSERT_EQ(row.size(), static_cast<std::size_t>(want.size(1)));
+  const auto flat = to_doubles(want);
+  for (std::int64_t b = 0; b < want.size(0); ++b)
+    for (std::int64_t j = 0; j < want.size(1); ++j)
+      EXPECT_EQ(fixed.new_tokens[static_cast<std::size_t>(b)][static_cast<std::size_t>(j)],
+                static_cast<std::int64_t>(flat[static_cast<std::size_t>(b * want.size(1) + j)]))
+          << "row " << b << ", token " << j;
+}
+
+TEST(StaticGeneration, DefaultGgufModelMatchesDynamic) {
+  // The GGUF loader's path, with quantized weights.
+  const std::string path = KVCACHE_DEFAULT_MODEL_PATH;
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "no default model (scripts/setup-model.sh)";
+  const LlamaModel model = LlamaModel::from_gguf(path);
+  auto [ids, mask] = left_pad({{1, 9690, 28, 940, 314, 597}}, 0);
+  GenerationConfig config{.max_new_tokens = 12};
+  const GenerateResult dynamic = generate(model, ids, mask, config);
+  config.cache_implementation = "static";
+  const GenerateResult fixed = generate(model, ids, mask, config);
+  EXPECT_EQ(fixed.new_tokens, dynamic.new_tokens);
+  EXPECT_EQ(fixed.cache_length, dynamic.cache_length);
+}
+
+// --- cache_implementation and make_generation_cache ------------------------------------------
+
+TEST(CacheImplementation, MakesEachKind) {
+  const LlamaModel& model = tiny_model();
+  const auto dynamic = make_generation_cache<cpu::Backend>(model, "dynamic", 2, 40);
+  ASSERT_NE(dynamic_cast<DynamicCache<>*>(dynamic.get()), nullptr);
+  EXPECT_EQ(dynamic->get_max_cache_shape(), -1);
+  const auto fixed = make_generation_cache<cpu::Backend>(model, "static", 2, 40);
+  auto* as_static = dynamic_cast<StaticCache<>*>(fixed.get());
+  ASSERT_NE(as_static, nullptr);
+  EXPECT_EQ(as_static->get_max_cache_shape(), 40);
+  EXPECT_EQ(as_static->max_batch_size(), 2);
+  EXPECT_EQ(as_static->num_layers(), 2);  // allocated up front, every layer
+  EXPECT_EQ(as_static->capacity_bytes(), 2u * 2 * 2 * 2 * 40 * 16 * 4);
+  EXPECT_KVCACHE_ERROR(make_generation_cache<cpu::Backend>(model, "paged", 1, 4),
+                       "expected cache_implementation \"dynamic\" or \"static\", got \"paged\"");
+  EXPECT_KVCACHE_ERROR(make_generation_cache<cuda::Backend>(model, "static", 1, 4),
+                       "expected a model on cuda");
+  EXPECT_KVCACHE_ERROR(make_generation_cache<cpu::Backend>(model, "static", 0, 4),
+                       "expected batch >= 1");
+}
+
+TEST(CacheImplementation, UnknownNamesAreRejected) {
+  const LlamaModel& model = tiny_model();
+  auto [ids, mask] = left_pad({{1, 2, 3}}, 0);
+  GenerationConfig config{.max_new_tokens = 4};
+  for (const char* name : {"", "Static", "sliding", "quantized"}) {
+    config.cache_implementation = name;
+    EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config), std::string("got \"") + name + "\"");
+    DynamicCache<> cache;  // also when a cache is passed
+    EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config, &cache), "cache_implementation");
+    EXPECT_EQ(cache.num_layers(), 0);
+  }
+}
+
+// --- sizes that cannot be held (issue #10) ---------------------------------------------------
+
+TEST(GenerateLimits, TooSmallAStaticCacheIsAnErrorBeforeTheFirstToken) {
+  const LlamaModel& model = tiny_model();
+  auto [ids, mask] = left_pad({{1, 2, 3}}, 0);
+  StaticCache<> cache(1, 3 + 6 - 2);  // one slot short for 6 new tokens
+  int calls = 0;
+  EXPECT_KVCACHE_ERROR(generate(model, ids, mask, {.max_new_tokens = 6}, &cache,
+                                [&](std::int64_t, std::int64_t, std::int64_t) {
+                                  ++calls;
+                                  return true;
+                                }),
+                       "expected the cache to hold past + prompt_len + max_new_tokens - 1 = 0 + "
+                       "3 + 6 - 1 = 8 tokens, but it holds at most 7");
+  EXPECT_EQ(calls, 0);
+  EXPECT_EQ(cache.get_seq_length(), 0);
+  EXPECT_EQ(generate(model, ids, mask, {.max_new_tokens = 5}, &cache).new_tokens[0].size(), 5u);
+}
+
+TEST(GenerateLimits, PromptPlusMaxNewTokensOverflowIsAnError) {
+  const LlamaModel& model = tiny_model();
+  auto [ids, mask] = left_pad({{1, 2, 3}}, 0);
+  const std::int64_t max = std::numeric_limits<std::int64_t>::max();
+  for (const char* kind : {"dynamic", "static"}) {
+    GenerationConfig config{.max_new_tokens = max};
+    config.cache_implementation = kind;
+    EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config),
+                         "past + prompt_len + max_new_tokens of 3 + 9223372036854775807 does not "
+                         "fit in 64 bits");
+    config.max_new_tokens = max - 3;  // fits, but a static cache of that size does not
+    if (std::string(kind) == "static") {
+      EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config), "StaticCache");
+    }
+  }
+  // A cache already holding tokens: past + prompt + max_new_tokens.
+  DynamicCache<> cache;
+  generate(model, ids, mask, {.max_new_tokens = 2}, &cache);
+  EXPECT_KVCACHE_ERROR(generate(model, ids, extend_attention_mask(ones_mask(1, 4), 3),
+                                {.max_new_tokens = max - 6}, &cache),
+                       "does not fit in 64 bits");
+  EXPECT_EQ(cache.get_seq_length(), 4);
+}
+
+TEST(GenerateLimits, HugeMaxNewTokensWithADynamicCacheDoesNotAllocateItUpFront) {
+  // 10^12 new tokens, stopped by the callback after three: the dynamic cache reserves a bounded
+  // number of slots and grows as it goes; a static cache of that size is a clear error.
+  const LlamaModel& model = tiny_model();
+  auto [ids, mask] = left_pad({{1, 2, 3}}, 0);
+  GenerationConfig config{.max_new_tokens = 1'000'000'000'000};
+  const GenerateResult result =
+      generate(model, ids, mask, config, nullptr,
+               [](std::int64_t, std::int64_t, std::int64_t step) { return step < 2; });
+  EXPECT_EQ(result.new_tokens[0].size(), 3u);
+  EXPECT_LT(result.cache_bytes, 1u << 20);
+  config.max_new_tokens = 10'000'000'000'000;
+  config.cache_implementation = "static";
+  EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config), "could not allocate");
+}
+
+}  // namespace
+}  // namespace kvcache
