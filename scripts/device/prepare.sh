@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 programs=(tests/kvcache_tests tests/kvcache_cuda_tests examples/greedy_decode examples/custom_loop
           benchmarks/attention_cuda_bench benchmarks/greedy_decode_cuda_bench benchmarks/gemv_cuda_bench)
-cmake -B build-gpu -DCMAKE_BUILD_TYPE=Release -DKVCACHE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DKVCACHE_NATIVE=OFF
+cmake -B build-gpu -DCMAKE_BUILD_TYPE=Release -DKVCACHE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DKVCACHE_NATIVE=OFF \
+  -DKVCACHE_BUILD_EXAMPLES=ON -DKVCACHE_BUILD_BENCHMARKS=ON
 cmake --build build-gpu -j2 --target $(for p in "${programs[@]}"; do basename "$p"; done)
 rm -rf .device .xfer/dev .xfer/sh && mkdir -p .xfer/dev .xfer/a .xfer/b .xfer/sh
 bash ../shared/device/pack.sh .device "${programs[@]/#/build-gpu/}"
