@@ -33,36 +33,16 @@ __global__ void strided_copy_kernel(Word* __restrict__ dst, const Word* __restri
   }
 }
 
-// Two copies of one shape in one grid: linear indices [0, total) copy a, [total, 2·total) b.
+// Two copies of one shape in one grid: linear indices [0, total) copy a, [total, 2·total) b. With
+// `slot` (append_at), the destination moves along dimension 2 (the cache's slots) by the slot read
+// on the device, and nothing is written unless the slots fit `capacity`.
 template <class Word>
 __global__ void strided_copy2_kernel(Word* __restrict__ dst_a, const Word* __restrict__ src_a,
                                      Strided4 a, Word* __restrict__ dst_b,
-                                     const Word* __restrict__ src_b, Strided4 b,
-                                     std::int64_t total) {
-  for (std::int64_t linear = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-       linear < 2 * total; linear += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const bool second = linear >= total;
-    const Strided4& s = second ? b : a;
-    std::int64_t rest = second ? linear - total : linear, dst_off = 0, src_off = 0;
-    for (int d = 3; d >= 0; --d) {
-      const std::int64_t i = rest % s.shape[d];
-      rest /= s.shape[d];
-      dst_off += i * s.dst_strides[d];
-      src_off += i * s.src_strides[d];
-    }
-    (second ? dst_b : dst_a)[dst_off] = (second ? src_b : src_a)[src_off];
-  }
-}
-
-// append_at's kernel: copy2's two copies with the destination moved along dimension 2 (the
-// cache's slots) by a slot read on the device; nothing is written unless the slots fit.
-template <class Word>
-__global__ void append_at_kernel(Word* __restrict__ dst_a, const Word* __restrict__ src_a,
-                                 Strided4 a, Word* __restrict__ dst_b,
-                                 const Word* __restrict__ src_b, Strided4 b, std::int64_t total,
-                                 const std::int64_t* __restrict__ slot, std::int64_t capacity) {
-  const std::int64_t at = *slot;
-  if (at < 0 || at > capacity - a.shape[2]) return;
+                                     const Word* __restrict__ src_b, Strided4 b, std::int64_t total,
+                                     const std::int64_t* __restrict__ slot, std::int64_t capacity) {
+  const std::int64_t at = slot ? *slot : 0;
+  if (slot && (at < 0 || at > capacity - a.shape[2])) return;
   for (std::int64_t linear = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
        linear < 2 * total; linear += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const bool second = linear >= total;
@@ -142,6 +122,38 @@ void copy(const Tensor& dst, const Tensor& src) {
   }
 }
 
+namespace {
+
+// copy2's and append_at's one launch (plans a and b from plan_copy of dst_a/src_a, dst_b/src_b);
+// false, launching nothing, for elements other than 2 or 4 bytes.
+bool launch_copy2(const Tensor& dst_a, const Tensor& src_a, const Strided4& a, const Tensor& dst_b,
+                  const Tensor& src_b, const Strided4& b, const std::int64_t* slot,
+                  std::int64_t capacity) {
+  const std::int64_t total = src_a.numel();
+  auto launch = [&](auto word) {
+    using Word = decltype(word);
+    if (total == 0) return true;
+    constexpr int kThreads = 256;
+    strided_copy2_kernel<Word>
+        <<<detail::grid_for(2 * total, kThreads), kThreads, 0, detail::stream()>>>(
+            static_cast<Word*>(dst_a.data()), static_cast<const Word*>(src_a.data()), a,
+            static_cast<Word*>(dst_b.data()), static_cast<const Word*>(src_b.data()), b, total,
+            slot, capacity);
+    KVCACHE_CUDA_CHECK(cudaGetLastError());
+    return true;
+  };
+  switch (src_a.element_size()) {
+    case 2:
+      return launch(std::uint16_t{});
+    case 4:
+      return launch(std::uint32_t{});
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
 void copy2(const Tensor& dst_a, const Tensor& src_a, const Tensor& dst_b, const Tensor& src_b) {
   const Strided4 a = plan_copy(dst_a, src_a), b = plan_copy(dst_b, src_b);
   KVCACHE_CHECK(dst_a.dtype() == dst_b.dtype() && dst_a.rank() == dst_b.rank(),
@@ -152,25 +164,9 @@ void copy2(const Tensor& dst_a, const Tensor& src_a, const Tensor& dst_b, const 
                   "cuda::copy2: expected two pairs of one shape, got ", dst_a.shape_string(),
                   " and ", dst_b.shape_string());
   }
-  const std::int64_t total = dst_a.numel();
-  if (total == 0) return;
-  constexpr int kThreads = 256;
-  const unsigned grid = detail::grid_for(2 * total, kThreads);
-  auto launch = [&](auto word) {
-    using Word = decltype(word);
-    strided_copy2_kernel<Word><<<grid, kThreads, 0, detail::stream()>>>(
-        static_cast<Word*>(dst_a.data()), static_cast<const Word*>(src_a.data()), a,
-        static_cast<Word*>(dst_b.data()), static_cast<const Word*>(src_b.data()), b, total);
-    KVCACHE_CUDA_CHECK(cudaGetLastError());
-  };
-  switch (dst_a.element_size()) {
-    case 2:
-      return launch(std::uint16_t{});
-    case 4:
-      return launch(std::uint32_t{});
-    default:
-      copy(dst_a, src_a);
-      copy(dst_b, src_b);
+  if (!launch_copy2(dst_a, src_a, a, dst_b, src_b, b, nullptr, 0)) {
+    copy(dst_a, src_a);
+    copy(dst_b, src_b);
   }
 }
 
@@ -207,26 +203,10 @@ void append_at(const Tensor& key_storage, const Tensor& keys, const Tensor& valu
   const std::int64_t n = keys.size(2);
   const Strided4 a = plan_copy(key_storage.slice(2, 0, n), keys);
   const Strided4 b = plan_copy(value_storage.slice(2, 0, n), values);
-  const std::int64_t total = keys.numel();
-  if (total == 0) return;
-  constexpr int kThreads = 256;
-  const unsigned grid = detail::grid_for(2 * total, kThreads);
-  auto launch = [&](auto word) {
-    using Word = decltype(word);
-    append_at_kernel<Word><<<grid, kThreads, 0, detail::stream()>>>(
-        static_cast<Word*>(key_storage.data()), static_cast<const Word*>(keys.data()), a,
-        static_cast<Word*>(value_storage.data()), static_cast<const Word*>(values.data()), b, total,
-        static_cast<const std::int64_t*>(slot_device.data()), key_storage.size(2));
-    KVCACHE_CUDA_CHECK(cudaGetLastError());
-  };
-  switch (keys.element_size()) {
-    case 2:
-      return launch(std::uint16_t{});
-    case 4:
-      return launch(std::uint32_t{});
-    default:
-      KVCACHE_FAIL(where, ": expected 2- or 4-byte elements, got ", keys.element_size());
-  }
+  KVCACHE_CHECK(
+      launch_copy2(key_storage, keys, a, value_storage, values, b,
+                   static_cast<const std::int64_t*>(slot_device.data()), key_storage.size(2)),
+      where, ": expected 2- or 4-byte elements, got ", keys.element_size());
 }
 
 }  // namespace kvcache::cuda
