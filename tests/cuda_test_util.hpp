@@ -37,4 +37,21 @@ inline Tensor poisoned_device(std::initializer_list<std::int64_t> shape, DType d
   return poisoned_device(Shape(shape.begin(), shape.size()), dtype);
 }
 
+/// The float dtypes the CUDA kernels serve.
+inline constexpr DType kFloatTypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
+
+/// The attention kernels' bounds against cpu::attention on the same inputs: 16-bit outputs are
+/// rounded once, and the tensor-core paths also round the probabilities to the input dtype before
+/// P·V.
+inline double attention_tolerance(DType dtype) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return 2e-2;
+    case DType::kFloat16:
+      return 4e-3;
+    default:
+      return 2e-5;
+  }
+}
+
 }  // namespace kvcache::testing

@@ -38,18 +38,9 @@ using testing::to_doubles;
 
 class CudaAttention : public testing::CudaTest {};
 
-constexpr DType kFloatTypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
+using testing::kFloatTypes;
 
-double tolerance(DType dtype) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      return 2e-2;
-    case DType::kFloat16:
-      return 4e-3;
-    default:
-      return 2e-5;
-  }
-}
+double tolerance(DType dtype) { return testing::attention_tolerance(dtype); }
 
 struct HeadCounts {
   std::int64_t num_heads, num_kv_heads;  // ratio num_heads / num_kv_heads

@@ -40,20 +40,9 @@ using testing::poisoned_device;
 using testing::random_tensor;
 using testing::to_doubles;
 
-constexpr DType kFloatTypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
+using testing::kFloatTypes;
 
-// attention_cuda_test.cpp's bounds: 16-bit outputs are rounded once, the tensor-core path also
-// rounds the probabilities to the input dtype before P·V.
-double tolerance(DType dtype) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      return 2e-2;
-    case DType::kFloat16:
-      return 4e-3;
-    default:
-      return 2e-5;
-  }
-}
+double tolerance(DType dtype) { return testing::attention_tolerance(dtype); }
 
 Tensor int64_host(const std::vector<std::int64_t>& values) {
   Tensor t = Tensor::empty({static_cast<std::int64_t>(values.size())}, DType::kInt64);
