@@ -249,6 +249,9 @@ int main(int argc, char** argv) {
     GenerationConfig gen;
     gen.max_new_tokens = o.max_new_tokens;
     gen.pad_token_id = pad;
+    // Every path stops a row at the model's EOS ids (as transformers' generate() does); the text
+    // path falls back to the tokenizer's EOS when the config names none.
+    gen.eos_token_ids = config.eos_token_ids;
     gen.cuda_graph = o.cuda_graph;
     gen.cache_implementation = o.cache;  // the cache generate() builds when none is passed
 
@@ -283,7 +286,6 @@ int main(int argc, char** argv) {
     }
 
     // Text in, text out.
-    gen.eos_token_ids = config.eos_token_ids;
     if (tokenizer->eos_token_id() && gen.eos_token_ids.empty())
       gen.eos_token_ids = {*tokenizer->eos_token_id()};
     std::optional<ChatTemplate> chat_template;
