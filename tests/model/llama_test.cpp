@@ -16,20 +16,7 @@ namespace {
 using testing::to_doubles;
 
 ModelConfig tiny_config(const std::string& arch = "LlamaForCausalLM") {
-  ModelConfig c;
-  c.architecture = arch;
-  c.vocab_size = 97;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.max_position_embeddings = 256;
-  c.rms_norm_eps = 1e-5;
-  c.qkv_bias = arch == "Qwen2ForCausalLM";
-  c.rope = {.head_dim = 16, .rope_theta = 10000.0};
-  return c;
+  return testing::tiny_llama_config(arch);
 }
 
 LlamaModel tiny_model(const ModelConfig& c, std::uint64_t seed = 1) {
