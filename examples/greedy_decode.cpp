@@ -9,7 +9,7 @@
 //   greedy_decode [--model PATH] [--prompt TEXT | --input-ids "1,2,3;4,5"] [--raw] [--system TEXT]
 //                 [--chat] [--max-new-tokens N] [--device cpu|cuda]
 //                 [--dtype float32|bfloat16|float16] [--cache dynamic|static] [--cuda-graph on|off]
-//                 [--json]
+//                 [--threads N] [--json]
 //
 // Rows given with --input-ids (';' separates rows) are left-padded with the model's pad id (0 when
 // it has none) and the attention mask is built to match. --raw sends the prompt without the chat
@@ -59,6 +59,7 @@ struct Options {
   std::string dtype;  // empty: as stored (GGUF Q8_0/Q4_1: quantized blocks)
   std::string cache = "dynamic";
   bool cuda_graph = false;  // --cuda-graph on: GPU decode steps replayed from a CUDA graph
+  int threads = 0;          // --threads N: CPU threads (0: OpenMP's default, OMP_NUM_THREADS)
   bool json = false;
 };
 
@@ -66,7 +67,7 @@ const char* kUsage =
     "usage: greedy_decode [--model PATH] [--prompt TEXT | --input-ids \"1,2,3;4,5\"] [--raw]\n"
     "                     [--system TEXT] [--chat] [--max-new-tokens N] [--device cpu|cuda]\n"
     "                     [--dtype float32|bfloat16|float16] [--cache dynamic|static]\n"
-    "                     [--cuda-graph on|off] [--json]\n";
+    "                     [--cuda-graph on|off] [--threads N] [--json]\n";
 
 const char* kSeedQuestion = "Hello, what's your name.";
 
@@ -115,6 +116,15 @@ Options parse(int argc, char** argv) {
       const std::string v = value();
       if (v != "on" && v != "off") fail("--cuda-graph expects on or off, got '" + v + "'");
       o.cuda_graph = v == "on";
+    } else if (arg == "--threads") {
+      const std::string v = value();
+      try {
+        std::size_t used = 0;
+        o.threads = std::stoi(v, &used);
+        if (used != v.size() || o.threads < 1) throw std::invalid_argument(v);
+      } catch (const std::exception&) {
+        fail("--threads expects a positive integer, got '" + v + "'");
+      }
     } else if (arg == "--json") {
       o.json = true;
     } else if (arg == "--help" || arg == "-h") {
@@ -238,6 +248,7 @@ int main(int argc, char** argv) {
         (o.model == KVCACHE_DEFAULT_MODEL_PATH ? " (install it with scripts/setup-model.sh)" : ""));
   }
   try {
+    if (o.threads > 0) cpu::set_num_threads(o.threads);
     LoadOptions load;
     if (!o.dtype.empty()) load.dtype = parse_dtype(o.dtype);
     if (o.device == "cuda") load.device = Device::kCuda;

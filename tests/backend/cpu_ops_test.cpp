@@ -58,5 +58,25 @@ TEST(CpuOps, RmsNormAndAddInplaceMatchFloat64) {
   }
 }
 
+TEST(CpuThreads, SetNumThreadsChangesWhatTheKernelsUse) {
+  const int before = cpu::num_threads();
+  cpu::set_num_threads(1);
+  EXPECT_EQ(cpu::num_threads(), 1);
+  EXPECT_KVCACHE_ERROR(cpu::set_num_threads(0), "expected at least 1 thread, got 0");
+  EXPECT_KVCACHE_ERROR(cpu::set_num_threads(-3), "got -3");
+  EXPECT_EQ(cpu::num_threads(), 1);  // a refused call changes nothing
+  cpu::set_num_threads(3);
+  EXPECT_EQ(cpu::num_threads(), 3);
+  // The kernels still compute the same thing with more threads than cores.
+  std::mt19937 rng(4);
+  const Tensor x = testing::random_tensor({3, 64}, DType::kFloat32, rng);
+  const Tensor w = testing::random_tensor({40, 64}, DType::kFloat32, rng);
+  const Tensor three = cpu::linear(x, w);
+  cpu::set_num_threads(1);
+  const Tensor one = cpu::linear(x, w);
+  EXPECT_EQ(testing::to_doubles(three), testing::to_doubles(one));
+  cpu::set_num_threads(before);
+}
+
 }  // namespace
 }  // namespace kvcache

@@ -220,6 +220,24 @@ TEST(DynamicCache, ReorderCacheForBeams) {
   expect_same(cache, ref);
 }
 
+TEST(DynamicCache, BracedListsForReorderAndSelect) {
+  std::mt19937 rng(18);
+  DynamicCache<> cache;
+  ConcatCache ref;
+  fill(cache, ref, 3, 5, rng);
+  cache.reorder_cache({1, 1, 0});  // the base's initializer_list overloads, seen through the class
+  ref.select({1, 1, 0});
+  expect_same(cache, ref);
+  cache.batch_select_indices({2, 0});
+  ref.select({2, 0});
+  expect_same(cache, ref);
+  Cache<cpu::Backend>& base = cache;
+  base.reorder_cache({1, 0});
+  ref.select({1, 0});
+  expect_same(cache, ref);
+  EXPECT_KVCACHE_ERROR(cache.reorder_cache({0, 5}), "expected indices in [0, 2)");
+}
+
 TEST(DynamicCache, BatchRepeatInterleave) {
   std::mt19937 rng(9);
   DynamicCache<> cache;

@@ -79,4 +79,11 @@ Tensor embedding(const Tensor& table, const Tensor& ids);
 /// Number of threads the CPU kernels use (OpenMP's maximum, 1 when built without OpenMP).
 int num_threads();
 
+/// Sets the number of threads the CPU kernels use from now on, on the calling thread (OpenMP's
+/// omp_set_num_threads: the setting belongs to the thread that makes it, so a program running
+/// generations on several threads sets it on each). Without a call, OpenMP's default applies:
+/// OMP_NUM_THREADS if set, else one thread per core. n must be at least 1; a library built
+/// without OpenMP accepts only 1.
+void set_num_threads(int n);
+
 }  // namespace kvcache::cpu

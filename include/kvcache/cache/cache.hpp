@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <concepts>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <new>
@@ -97,12 +98,20 @@ class Cache {
   /// Reorders the batch for beam search: row i becomes old row beam_idx[i]. beam_idx has one entry
   /// per row, each in [0, batch).
   virtual void reorder_cache(std::span<const std::int64_t> beam_idx) = 0;
+  /// The same from a braced list: `cache.reorder_cache({1, 1, 0})`.
+  void reorder_cache(std::initializer_list<std::int64_t> beam_idx) {
+    reorder_cache(std::span<const std::int64_t>(beam_idx.begin(), beam_idx.size()));
+  }
 
   /// Repeats each batch row `repeats` times in place (row i becomes rows i*repeats … ).
   virtual void batch_repeat_interleave(std::int64_t repeats) = 0;
 
   /// Keeps only the batch rows named by `indices` (in that order; repeats allowed).
   virtual void batch_select_indices(std::span<const std::int64_t> indices) = 0;
+  /// The same from a braced list: `cache.batch_select_indices({0, 2})`.
+  void batch_select_indices(std::initializer_list<std::int64_t> indices) {
+    batch_select_indices(std::span<const std::int64_t>(indices.begin(), indices.size()));
+  }
 
   /// Bytes of keys and values the cache holds (tokens in use, not capacity).
   virtual std::size_t nbytes() const = 0;

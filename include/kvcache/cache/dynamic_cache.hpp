@@ -140,6 +140,9 @@ class DynamicCache : public Cache<B> {
     for (auto& layer : layers_) layer.seq_len = std::min(layer.seq_len, target);
   }
 
+  // The base's braced-list overloads stay visible beside the overrides below.
+  using Cache<B>::reorder_cache;
+  using Cache<B>::batch_select_indices;
   void reorder_cache(std::span<const std::int64_t> beam_idx) override {
     const std::int64_t batch = batch_size();
     KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,

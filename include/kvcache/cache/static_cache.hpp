@@ -205,6 +205,9 @@ class StaticCache : public Cache<B> {
     if (batch_size() < 0) batch_ = 0;
   }
 
+  // The base's braced-list overloads stay visible beside the overrides below.
+  using Cache<B>::reorder_cache;
+  using Cache<B>::batch_select_indices;
   void reorder_cache(std::span<const std::int64_t> beam_idx) override {
     const std::int64_t batch = batch_size();
     KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,

@@ -476,6 +476,16 @@ int num_threads() {
 #endif
 }
 
+void set_num_threads(int n) {
+#ifdef _OPENMP
+  KVCACHE_CHECK(n >= 1, "cpu::set_num_threads: expected at least 1 thread, got ", n);
+  omp_set_num_threads(n);
+#else
+  KVCACHE_CHECK(n == 1, "cpu::set_num_threads: this build has no OpenMP: expected 1 thread, got ",
+                n);
+#endif
+}
+
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
                const Tensor& attention_mask, std::span<const std::int64_t> cache_position,
                std::int64_t kv_offset, float scale, const Tensor& out) {
