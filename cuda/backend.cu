@@ -276,12 +276,7 @@ MirroredBuffer::MirroredBuffer(std::size_t bytes) : bytes_(bytes) {
 }
 
 Tensor MirroredBuffer::device_view(std::size_t offset, Shape shape, DType dtype) const {
-  std::size_t count = 1;
-  for (auto n : shape) {
-    KVCACHE_CHECK(n >= 0, "MirroredBuffer::device_view: expected non-negative sizes, got ", n);
-    count *= static_cast<std::size_t>(n);
-  }
-  const std::size_t need = count * dtype_size(dtype);
+  const std::size_t need = checked_bytes(shape, dtype);  // sizes and their products checked
   KVCACHE_CHECK(offset <= bytes_ && need <= bytes_ - offset, "MirroredBuffer::device_view: ", need,
                 " bytes at offset ", offset, " pass the buffer's ", bytes_, " bytes");
   KVCACHE_CHECK(offset % dtype_size(dtype) == 0, "MirroredBuffer::device_view: offset ", offset,

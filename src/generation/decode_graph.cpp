@@ -123,18 +123,14 @@ std::vector<std::int64_t> DecodeGraph::step(const Tensor& input_ids, const Tenso
   KVCACHE_CHECK(!config_.do_sample || static_cast<std::int64_t>(uniforms.size()) == batch_, where,
                 ": expected ", batch_, " uniforms (one per row) when sampling, got ",
                 uniforms.size());
+  // The step's inputs, read by the graph's first node (the host half is free: the last replay
+  // has finished). Each id is checked as it is written.
+  const Tensor positions = position_ids_from_attention_mask(attention_mask, 1);
+  std::uint8_t* host = buffer_.host();
   for (std::int64_t b = 0; b < batch_; ++b) {
     const std::int64_t id = input_ids.data_as<std::int64_t>()[input_ids.offset({b, 0})];
     KVCACHE_CHECK(id >= 0 && id < model_.config().vocab_size, where, ": expected token ids in [0, ",
                   model_.config().vocab_size, "), got ", id, " at row ", b);
-  }
-  const Tensor positions = position_ids_from_attention_mask(attention_mask, 1);
-  if (!graph_ || storage_moved()) capture(input_ids, attention_mask, cache_position);
-
-  // The step's inputs, read by the graph's first node.
-  std::uint8_t* host = buffer_.host();
-  for (std::int64_t b = 0; b < batch_; ++b) {
-    const std::int64_t id = input_ids.data_as<std::int64_t>()[input_ids.offset({b, 0})];
     const std::int64_t position = positions.data_as<std::int64_t>()[positions.offset({b, 0})];
     std::memcpy(host + ids_at_ + 8 * b, &id, 8);
     std::memcpy(host + positions_at_ + 8 * b, &position, 8);
@@ -143,6 +139,7 @@ std::vector<std::int64_t> DecodeGraph::step(const Tensor& input_ids, const Tenso
   std::memcpy(host + slot_at_, &past, 8);
   std::memcpy(host + kv_len_at_, &kv_len, 8);
   if (config_.do_sample) std::memcpy(host + uniforms_at_, uniforms.data(), 4 * uniforms.size());
+  if (!graph_ || storage_moved()) capture(input_ids, attention_mask, cache_position);
 
   graph_.replay();
   cuda::synchronize();  // the step's one wait: the chosen ids are in host memory after it

@@ -231,13 +231,12 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
   Tensor step_ids = input_ids;
   const auto start = Clock::now();
   auto decode_start = start;
+  // The graph's cache storage is reserved up front for at most kGraphTokens new tokens; steps past
+  // that run kernel by kernel (the cache then grows as usual).
+  constexpr std::int64_t kGraphTokens = 4096;
+  const std::int64_t graph_capacity = past + prompt + std::min(config.max_new_tokens, kGraphTokens);
   for (std::int64_t step = 0; step < config.max_new_tokens; ++step) {
     std::vector<std::int64_t> next;
-    // The graph's cache storage is reserved up front for at most kGraphTokens new tokens; steps
-    // past that run kernel by kernel (the cache then grows as usual).
-    constexpr std::int64_t kGraphTokens = 4096;
-    const std::int64_t graph_capacity =
-        past + prompt + std::min(config.max_new_tokens, kGraphTokens);
     if (stream && step >= 2 && cache_position.front() + 1 <= graph_capacity) {
       // Step 1 ran kernel by kernel and sized the scratch workspace; step 2 captures.
       if constexpr (B::kDevice == Device::kCuda) {
