@@ -19,8 +19,8 @@
 // decode_tokens_per_s, cache_bytes. --device cuda loads the weights onto the GPU (a GGUF file's
 // quantized matrices as bfloat16; --dtype float32 for the exact mode) and runs the same
 // generate() with a DynamicCache<cuda::Backend>; it reports peak device memory beside the weights
-// and the cache, and how many decode steps were replayed from a CUDA graph (--cuda-graph on; off,
-// the default for now, launches every step kernel by kernel). Without --dtype a GGUF file's
+// and the cache, and how many decode steps were replayed from a CUDA graph (--cuda-graph on, the
+// default; off launches every step kernel by kernel). Without --dtype a GGUF file's
 // Q8_0/Q4_1 matrices stay blocks and are multiplied as such (fast; x is rounded to int8 per block,
 // see kvcache/backend/quantized.hpp); --dtype float32 dequantizes them exactly at load, which is
 // how the parity tests match transformers token for token.
@@ -58,8 +58,8 @@ struct Options {
   std::string device = "cpu";
   std::string dtype;  // empty: as stored (GGUF Q8_0/Q4_1: quantized blocks)
   std::string cache = "dynamic";
-  bool cuda_graph = false;  // --cuda-graph on: GPU decode steps replayed from a CUDA graph
-  int threads = 0;          // --threads N: CPU threads (0: OpenMP's default, OMP_NUM_THREADS)
+  bool cuda_graph = true;  // --cuda-graph off: GPU decode steps launched kernel by kernel
+  int threads = 0;         // --threads N: CPU threads (0: OpenMP's default, OMP_NUM_THREADS)
   bool json = false;
 };
 

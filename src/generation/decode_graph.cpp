@@ -66,8 +66,13 @@ void DecodeGraph::capture(const Tensor& input_ids, const Tensor& attention_mask,
                           std::int64_t cache_position) {
   const char* where = "DecodeGraph";
   cache_.reserve(capacity_);
+  // Each layer's storage seen up to the graph's capacity (reserve() may have made more slots):
+  // the attention plan, the key count's clamp and the padding mask all span capacity_ slots.
   replay_.storage.clear();
-  for (int l = 0; l < cache_.num_layers(); ++l) replay_.storage.push_back(cache_.storage(l));
+  for (int l = 0; l < cache_.num_layers(); ++l) {
+    const auto [keys, values] = cache_.storage(l);
+    replay_.storage.emplace_back(keys.slice(2, 0, capacity_), values.slice(2, 0, capacity_));
+  }
 
   // The padding mask for every slot up to the capacity: the step's mask, then ones (each later
   // step's new column); none at all when no row is padded.

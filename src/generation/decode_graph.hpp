@@ -10,8 +10,9 @@
 //   - the keys and values: written by cuda::append_at at the slot read on the device, into a
 //     DynamicCache reserved up front for the whole generation, so its storage never moves (if it
 //     does move, the graph is captured again);
-//   - attention: over the storage's whole capacity with the key count read on the device; the
-//     padding mask [batch, capacity] is sent once (every later column is 1, as generate() extends
+//   - attention: over the storage's first `capacity` slots (the graph's capacity; the storage may
+//     hold more) with the key count read on the device; the padding mask [batch, capacity] is sent
+//     once (every later column is 1, as generate() extends
 //     it);
 //   - intermediates: the thread's scratch workspace (cuda::ScratchScope), carved in the same order
 //     at every step, so the captured addresses stay the step's own;

@@ -592,8 +592,8 @@ TEST_F(CudaGraph, StreamScopeMakesAStreamCurrentAndRestoresThePrevious) {
     EXPECT_NE(inside, nullptr);  // a stream of its own: graphs cannot capture the legacy one
     EXPECT_NE(inside, before);
     {
-      cuda::StreamScope nested;
-      EXPECT_NE(cuda::current_stream(), inside);
+      cuda::StreamScope nested;  // the thread has one own stream: a nested scope keeps it
+      EXPECT_EQ(cuda::current_stream(), inside);
     }
     EXPECT_EQ(cuda::current_stream(), inside);
     // Work issued on it runs.

@@ -109,10 +109,12 @@ Tensor upload(const Tensor& host);
 /// Blocks until the backend's stream has finished its work.
 void synchronize();
 
-/// A stream of this library's own for the lifetime of the scope: created non-blocking, made the
-/// thread's current stream, and on exit synchronised, destroyed and replaced by the stream that was
-/// current before. CUDA graphs cannot be captured on the legacy default stream; generate() runs a
-/// generation that replays its decode step inside one.
+/// The thread's own stream of this library for the lifetime of the scope: one non-blocking stream
+/// per thread, created at the thread's first scope and kept (so memory freed on it stays in one
+/// stream's order), made the thread's current stream after the previous one's work so far, and on
+/// exit synchronised and replaced by the stream that was current before. A scope inside another
+/// keeps the same stream. CUDA graphs cannot be captured on the legacy default stream; generate()
+/// runs a generation that replays its decode step inside one.
 class StreamScope {
  public:
   StreamScope();

@@ -24,9 +24,8 @@ struct GenerationConfig {
   /// The computation is the same except that the replayed attention splits its keys across blocks
   /// by a plan made for the cache's capacity instead of the current length, which can change the
   /// last bits of its float32 sums (tokens then differ only at near-ties).
-  /// Off by default until the replay path has run on a GPU (it was written in a session without
-  /// one; issue #8's note): turn it on to use it.
-  bool cuda_graph = false;
+  /// On by default; a hand-written loop calling forward() always runs kernel by kernel.
+  bool cuda_graph = true;
   /// The cache generate() builds when none is passed (as transformers' cache_implementation):
   /// "dynamic" (a DynamicCache, the default) or "static" (a StaticCache of the prompt's batch and
   /// max_cache_len = prompt + max_new_tokens, allocated before the prefill). Any other name is an
