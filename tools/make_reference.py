@@ -265,7 +265,51 @@ FIXTURES: list[Fixture] = [
     ),
 ]
 
+# Past the window: every later query sees only the last `sliding_window` key slots (transformers'
+# rule: key slot in (q - window, q], padded slots counting as slots), and a sliding layer's cache
+# keeps only the last window - 1 tokens after each update.
+FIXTURES += [
+    Fixture(
+        name="mistral_window",
+        description="MistralForCausalLM with sliding_window 6, smaller than the prompt: every layer "
+        "slides; a left-padded batch of 2 (9 and 4 tokens) and 20 new tokens, so both rows run "
+        "far past the window. prefill_keys/values hold what transformers' DynamicCache keeps of "
+        "each layer after the prefill.",
+        arch="mistral",
+        lengths=[9, 4],
+        new_tokens=20,
+        config=dict(sliding_window=6),
+        base_seed=11000,
+        expect_bias=dict(NO_BIAS),
+    ),
+    Fixture(
+        name="qwen2_window",
+        description="Qwen2ForCausalLM with use_sliding_window, sliding_window 5 and "
+        "max_window_layers 1 over 2 layers: layer 0 full attention, layer 1 sliding "
+        "(config.layer_types); q/k/v biases; a left-padded batch of 2 (7 and 3 tokens) and 16 "
+        "new tokens.",
+        arch="qwen2",
+        lengths=[7, 3],
+        new_tokens=16,
+        config=dict(tie_word_embeddings=False, use_sliding_window=True, sliding_window=5,
+                    max_window_layers=1),
+        base_seed=12000,
+        expect_bias=dict(NO_BIAS, q_proj=True, k_proj=True, v_proj=True),
+    ),
+]
+
 FIXTURES_BY_NAME = {f.name: f for f in FIXTURES}
+
+
+def sliding_layers(config) -> list[bool]:
+    """Which layers slide, as the config resolves it (transformers 5's layer_types)."""
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return [False] * config.num_hidden_layers
+    if not types:  # Mistral: one window for every layer, as DynamicCache(config=...) reads it
+        return [True] * config.num_hidden_layers
+    return [t == "sliding_attention" for t in types]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,9 +430,16 @@ def build_config(fx: Fixture):
     if fx.arch == "mistral":
         check(config.sliding_window == fx.config["sliding_window"],
               f"sliding_window is {config.sliding_window}")
-    if fx.arch == "qwen2":
+    if fx.arch == "qwen2" and not fx.config.get("use_sliding_window"):
         check(getattr(config, "sliding_window", None) is None,
               "Qwen2 config has a sliding window; the fixture expects none (use_sliding_window=False)")
+    if fx.arch == "qwen2" and fx.config.get("use_sliding_window"):
+        first = fx.config["max_window_layers"]
+        want = [i >= first for i in range(config.num_hidden_layers)]
+        check(config.sliding_window == fx.config["sliding_window"],
+              f"sliding_window is {config.sliding_window}")
+        check(sliding_layers(config) == want,
+              f"layer_types {getattr(config, 'layer_types', None)}: expected layers >= {first} to slide")
     return config
 
 
@@ -603,9 +654,12 @@ def greedy_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ne
             check(n_layers == cfg.num_hidden_layers,
                   f"after prefill the cache has {n_layers} layers, model has {cfg.num_hidden_layers}")
             hd = head_dim_of(cfg)
+            slides = sliding_layers(cfg)
             for layer in range(cfg.num_hidden_layers):
                 k, v = cache_layer_kv(past_key_values, layer)
-                shape = (batch, cfg.num_key_value_heads, prompt_len, hd)
+                # A sliding layer keeps the last window - 1 tokens (all of a shorter prompt).
+                kept = min(prompt_len, cfg.sliding_window - 1) if slides[layer] else prompt_len
+                shape = (batch, cfg.num_key_value_heads, kept, hd)
                 check(tuple(k.shape) == shape and tuple(v.shape) == shape,
                       f"prefill cache layer {layer}: keys {tuple(k.shape)}, values {tuple(v.shape)}, "
                       f"expected {shape}")
@@ -921,6 +975,8 @@ def write_fixture(fx: Fixture, out_dir: Path, max_tries: int) -> Summary:
             "num_hidden_layers": cfg.num_hidden_layers,
             "num_key_value_heads": cfg.num_key_value_heads,
             "head_dim": head_dim_of(cfg),
+            "sliding_window": getattr(cfg, "sliding_window", None) if any(sliding_layers(cfg)) else None,
+            "sliding_layers": sliding_layers(cfg),
             "vocab_size": cfg.vocab_size,
             "seed": seed_used,
             "prompt_seed": prompt_seed,
