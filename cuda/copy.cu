@@ -7,6 +7,7 @@
 #include "check.cuh"
 #include "dtype.cuh"
 #include "kvcache/backend/cuda.hpp"
+#include "mma.cuh"
 
 namespace kvcache::cuda {
 namespace {
@@ -20,6 +21,8 @@ struct Strided4 {
 template <class Word>
 __global__ void strided_copy_kernel(Word* __restrict__ dst, const Word* __restrict__ src,
                                     Strided4 s, std::int64_t total) {
+  detail::grid_dependency_wait();  // launched overlapped: src may be the last kernel's output
+  detail::allow_dependent_launch();
   for (std::int64_t linear = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
        linear < total; linear += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     std::int64_t rest = linear, dst_off = 0, src_off = 0;
@@ -41,6 +44,8 @@ __global__ void strided_copy2_kernel(Word* __restrict__ dst_a, const Word* __res
                                      Strided4 a, Word* __restrict__ dst_b,
                                      const Word* __restrict__ src_b, Strided4 b, std::int64_t total,
                                      const std::int64_t* __restrict__ slot, std::int64_t capacity) {
+  detail::grid_dependency_wait();  // launched overlapped: the sources may be the last kernel's
+  detail::allow_dependent_launch();
   const std::int64_t at = slot ? *slot : 0;
   if (slot && (at < 0 || at > capacity - a.shape[2])) return;
   for (std::int64_t linear = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
@@ -61,9 +66,10 @@ __global__ void strided_copy2_kernel(Word* __restrict__ dst_a, const Word* __res
 template <class Word>
 void launch_copy(const Tensor& dst, const Tensor& src, const Strided4& s, std::int64_t total) {
   constexpr int kThreads = 256;
-  strided_copy_kernel<Word><<<detail::grid_for(total, kThreads), kThreads, 0, detail::stream()>>>(
-      static_cast<Word*>(dst.data()), static_cast<const Word*>(src.data()), s, total);
-  KVCACHE_CUDA_CHECK(cudaGetLastError());
+  KVCACHE_CUDA_CHECK(
+      detail::launch_overlapped(strided_copy_kernel<Word>, dim3(detail::grid_for(total, kThreads)),
+                                dim3(kThreads), 0, detail::stream(), static_cast<Word*>(dst.data()),
+                                static_cast<const Word*>(src.data()), s, total));
 }
 
 }  // namespace
@@ -134,12 +140,11 @@ bool launch_copy2(const Tensor& dst_a, const Tensor& src_a, const Strided4& a, c
     using Word = decltype(word);
     if (total == 0) return true;
     constexpr int kThreads = 256;
-    strided_copy2_kernel<Word>
-        <<<detail::grid_for(2 * total, kThreads), kThreads, 0, detail::stream()>>>(
-            static_cast<Word*>(dst_a.data()), static_cast<const Word*>(src_a.data()), a,
-            static_cast<Word*>(dst_b.data()), static_cast<const Word*>(src_b.data()), b, total,
-            slot, capacity);
-    KVCACHE_CUDA_CHECK(cudaGetLastError());
+    KVCACHE_CUDA_CHECK(detail::launch_overlapped(
+        strided_copy2_kernel<Word>, dim3(detail::grid_for(2 * total, kThreads)), dim3(kThreads), 0,
+        detail::stream(), static_cast<Word*>(dst_a.data()), static_cast<const Word*>(src_a.data()),
+        a, static_cast<Word*>(dst_b.data()), static_cast<const Word*>(src_b.data()), b, total, slot,
+        capacity));
     return true;
   };
   switch (src_a.element_size()) {

@@ -107,6 +107,7 @@ template <class T, int D, int R>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_attention_kernel(AttentionView p, const SplitPlan plan, float* __restrict__ partial_out,
                             float2* __restrict__ partial_stats) {
+  grid_dependency_wait();  // launched overlapped: q, the keys and values are earlier kernels'
   using S = DecodeShape<T, D>;
   constexpr int E = S::kElems, LPK = S::kLanesPerKey, KPP = S::kKeysPerPass;
   // Pipeline buffers; reused at the end for the cross-warp combine (see below).
@@ -397,6 +398,7 @@ template <class T, int D>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     decode_mma_kernel(AttentionView p, const SplitPlan plan, float* __restrict__ partial_out,
                       float2* __restrict__ partial_stats) {
+  grid_dependency_wait();  // launched overlapped: q, the keys and values are earlier kernels'
   using S = MmaShape<D>;
   extern __shared__ __align__(128) unsigned char mma_smem[];
 
@@ -690,6 +692,7 @@ template <class T>
 __global__ void __launch_bounds__(kGenericThreads)
     generic_attention_kernel(AttentionView p, const SplitPlan plan, float* __restrict__ partial_out,
                              float2* __restrict__ partial_stats) {
+  grid_dependency_wait();  // launched overlapped: q, the keys and values are earlier kernels'
   extern __shared__ float gsmem[];
   const int D = p.head_dim;
   float* q_s = gsmem;                             // [16][D]   q · scale · log2(e)
@@ -996,18 +999,10 @@ template <class T>
 cudaError_t launch_merge(const AttentionView& view, const SplitPlan& plan, const float* partial_out,
                          const float2* partial_stats, cudaStream_t stream) {
   const std::int64_t items = static_cast<std::int64_t>(view.batch) * view.num_kv_heads * view.rows;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>((items + kMergeWarps - 1) / kMergeWarps));
-  config.blockDim = dim3(kMergeWarps * 32);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, merge_partials_kernel<T>, view, plan, partial_out,
-                            partial_stats);
+  return launch_overlapped(merge_partials_kernel<T>,
+                           dim3(static_cast<unsigned>((items + kMergeWarps - 1) / kMergeWarps)),
+                           dim3(kMergeWarps * 32), 0, stream, view, plan, partial_out,
+                           partial_stats);
 }
 
 }  // namespace
@@ -1089,11 +1084,12 @@ cudaError_t launch_split_attention(const AttentionView& view, DType dtype, const
   const dim3 grid(static_cast<unsigned>(blocks64));
   return dispatch_float(dtype, "cuda::attention", [&](auto type_tag) -> cudaError_t {
     using T = decltype(type_tag);
+    cudaError_t status = cudaSuccess;
     if (plan.kernel == SplitKernel::kGeneric) {
       (void)generic_blocks_per_sm<T>();  // makes sure the shared-memory opt-in is done
-      generic_attention_kernel<T>
-          <<<grid, kGenericThreads, generic_smem_bytes(view.head_dim), stream>>>(
-              view, plan, partial_out, partial_stats);
+      status = launch_overlapped(generic_attention_kernel<T>, grid, dim3(kGenericThreads),
+                                 generic_smem_bytes(view.head_dim), stream, view, plan, partial_out,
+                                 partial_stats);
     } else {
       dispatch_head_dim(view.head_dim, "cuda::attention", [&](auto dim) {
         constexpr int D = decltype(dim)::value;
@@ -1105,20 +1101,23 @@ cudaError_t launch_split_attention(const AttentionView& view, DType dtype, const
             KVCACHE_FAIL("cuda::attention: the tensor-core decode serves float16 and bfloat16");
           } else {
             (void)mma_blocks_per_sm<T, D>();  // makes sure the shared-memory opt-in is done
-            decode_mma_kernel<T, D><<<grid, kMmaThreads, kMmaSmemBytes, stream>>>(
-                view, plan, partial_out, partial_stats);
+            status =
+                launch_overlapped(decode_mma_kernel<T, D>, grid, dim3(kMmaThreads), kMmaSmemBytes,
+                                  stream, view, plan, partial_out, partial_stats);
           }
         } else {
           dispatch_decode_rows(plan.rows_per_block, [&](auto rows) {
             constexpr int R = decltype(rows)::value;
             (void)decode_blocks_per_sm<T, D, R>();
-            decode_attention_kernel<T, D, R><<<grid, kDecodeThreads, kDecodeSmemBytes, stream>>>(
-                view, plan, partial_out, partial_stats);
+            status =
+                launch_overlapped(decode_attention_kernel<T, D, R>, grid, dim3(kDecodeThreads),
+                                  kDecodeSmemBytes, stream, view, plan, partial_out, partial_stats);
           });
         }
       });
     }
-    cudaError_t status = cudaGetLastError();
+    const cudaError_t last = cudaGetLastError();  // consumed, so no later check reports it again
+    if (status == cudaSuccess) status = last;
     if (status != cudaSuccess || plan.splits == 1) return status;
     return launch_merge<T>(view, plan, partial_out, partial_stats, stream);
   });

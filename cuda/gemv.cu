@@ -488,17 +488,9 @@ cudaError_t launch_typed(const GemvArgs& a, const GemvPlan& plan, int device,
       opted_in.fetch_or(bit, std::memory_order_relaxed);
     }
   }
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(plan.grid));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = static_cast<std::size_t>(plan.smem_bytes);
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  const cudaError_t status = cudaLaunchKernelEx(&config, kernel, a, plan);
+  const cudaError_t status =
+      launch_overlapped(kernel, dim3(static_cast<unsigned>(plan.grid)), dim3(kThreads),
+                        static_cast<std::size_t>(plan.smem_bytes), stream, a, plan);
   const cudaError_t last = cudaGetLastError();  // consumed, so no later check reports it again
   return status != cudaSuccess ? status : last;
 }

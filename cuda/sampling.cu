@@ -1,7 +1,8 @@
 // Picking the next token on the GPU: argmax (greedy decoding) and sample (temperature, top-k,
 // top-p and a draw driven by the caller's uniform), so only [rows] int64 ids travel to the host.
 //
-// argmax: one block per row; each thread scans a strided share of the row (four logits per load
+// argmax: one block per row, launched overlapped (programmatic dependent launch) after the LM
+// head; each thread scans a strided share of the row (four logits per load
 // where the row is 16-byte aligned), keeping the best (value, index) with ties to the lower index;
 // a shuffle tree then a pass over the warps' winners give the row's first maximum, as
 // std::max_element and torch.argmax give it. NaN logits are skipped (never chosen).
@@ -29,6 +30,7 @@
 #include "check.cuh"
 #include "dtype.cuh"
 #include "kvcache/backend/cuda.hpp"
+#include "mma.cuh"
 
 namespace kvcache::cuda {
 namespace {
@@ -66,6 +68,8 @@ template <int kVec>
 __global__ void __launch_bounds__(kArgmaxThreads)
     argmax_kernel(const float* __restrict__ logits, std::int64_t ld, int vocab,
                   std::int64_t* __restrict__ out) {
+  detail::grid_dependency_wait();  // launched overlapped: the logits are the last kernel's output
+  detail::allow_dependent_launch();
   const float* row = logits + static_cast<std::int64_t>(blockIdx.x) * ld;
   float best_v = -INFINITY;
   int best_i = INT_MAX;
@@ -229,14 +233,9 @@ Tensor argmax(const Tensor& logits) {
   auto* o = static_cast<std::int64_t*>(out.data());
   const bool vec = reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && ld % 4 == 0;
   const auto blocks = static_cast<unsigned>(rows);
-  if (vec) {
-    argmax_kernel<4>
-        <<<blocks, kArgmaxThreads, 0, detail::stream()>>>(p, ld, static_cast<int>(vocab), o);
-  } else {
-    argmax_kernel<1>
-        <<<blocks, kArgmaxThreads, 0, detail::stream()>>>(p, ld, static_cast<int>(vocab), o);
-  }
-  KVCACHE_CUDA_CHECK(cudaGetLastError());
+  KVCACHE_CUDA_CHECK(detail::launch_overlapped(
+      vec ? argmax_kernel<4> : argmax_kernel<1>, dim3(blocks), dim3(kArgmaxThreads), 0,
+      detail::stream(), p, ld, static_cast<int>(vocab), o));
   return out;
 }
 

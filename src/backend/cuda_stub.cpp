@@ -58,6 +58,10 @@ void add_bias(const Tensor&, const Tensor&) { not_built("add_bias"); }
 Tensor silu_mul(const Tensor&, const Tensor&) { not_built("silu_mul"); }
 void add_inplace(const Tensor&, const Tensor&) { not_built("add_inplace"); }
 void rope(const Tensor&, const Tensor&, const Tensor&, float) { not_built("rope"); }
+void rope_append(const Tensor&, std::int64_t, const Tensor&, const Tensor&, const Tensor&,
+                 const Tensor&, const Tensor&, float, const Tensor&) {
+  not_built("rope_append");
+}
 void linear(const Tensor&, const Tensor&, const Tensor&, float) { not_built("linear"); }
 void linear_silu_mul(const Tensor&, const Tensor&, const Tensor&, const Tensor&, float) {
   not_built("linear_silu_mul");

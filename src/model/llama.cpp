@@ -519,17 +519,25 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
           proj[0].storage(), proj[0].data(),
           std::array<std::int64_t, 2>{batch * q_len, q_out + kv_out}, proj[0].dtype(),
           proj[0].device(), std::array<std::int64_t, 2>{proj[0].stride(0), 1});
-      rotate(split_heads(qk, batch, q_len, heads + kv_heads, hd));
+      const Tensor qk_heads = split_heads(qk, batch, q_len, heads + kv_heads, hd);
+      if (replay) {
+        // A replayed step: k rotated straight into the cache slot read on the device, v beside
+        // it (the cache's bookkeeping is the caller's: DynamicCache::mark_appended after it).
+        const auto& [key_storage, value_storage] = replay->storage[l];
+        cuda::rope_append(qk_heads, kv_heads, key_storage, value_storage, v, in.position_ids,
+                          inv_freq_, rope.attention_scaling(), replay->cache_position);
+      } else {
+        rotate(qk_heads);
+      }
     }
     const Attention attention(static_cast<int>(l),
                               {.num_heads = heads, .num_kv_heads = kv_heads, .head_dim = hd});
     Tensor attn;  // [batch, q_len, heads, hd]
     if constexpr (B::kDevice == Device::kCuda) {
       if (replay) {
-        // The cache's bookkeeping is the caller's (DynamicCache::mark_appended after the replay):
-        // the keys and values go to the slot read on the device, attention reads kv_len there.
+        // The keys and values are in their slots (rope_append); attention reads kv_len on the
+        // device.
         const auto& [key_storage, value_storage] = replay->storage[l];
-        cuda::append_at(key_storage, k, value_storage, v, replay->cache_position);
         attn = cuda::empty({batch, q_len, heads, hd}, q.dtype());
         cuda::attention(q, key_storage, value_storage, replay->mask, replay->cache_position, 0,
                         attention.scale(), attn, replay->kv_len);

@@ -19,6 +19,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -275,6 +276,160 @@ TEST_F(CudaAppendAt, ChecksArguments) {
   cuda::append_at(key_storage, keys, value_storage, values, slot);
   expect_slots(cuda::to_host(key_storage), cuda::to_host(keys), 4);
   expect_slots(cuda::to_host(value_storage), cuda::to_host(values), 4);
+}
+
+// --- rope_append: rope and append_at in one launch ---------------------------------------------
+
+class CudaRopeAppend : public testing::CudaTest {};
+
+Tensor float_device(const std::vector<float>& values) {
+  Tensor host = Tensor::empty({static_cast<std::int64_t>(values.size())}, DType::kFloat32);
+  std::copy(values.begin(), values.end(), host.data_as<float>());
+  return cuda::to_device(host);
+}
+
+// rope_append(x, key_heads, ...) must leave exactly what rope(x) then append_at(keys of x) leaves:
+// the query heads of x rotated in place (bit for bit), the rotated keys and the values in slots
+// [slot, slot + n) of the storage and NaN elsewhere, for every dtype, head_dim 64 and 128, and a
+// q|k view with a row stride (as the model's fused q|k|v output is).
+TEST_F(CudaRopeAppend, EqualsRopeThenAppendAt) {
+  std::mt19937 rng(711);
+  const std::int64_t batch = 2, q_heads = 4, kv_heads = 2, capacity = 23;
+  for (DType dtype : kFloatTypes)
+    for (std::int64_t d : {64, 128})
+      for (std::int64_t n : {1, 3})
+        for (std::int64_t slot : {std::int64_t{0}, std::int64_t{9}, capacity - n}) {
+          SCOPED_TRACE(::testing::Message() << dtype_name(dtype) << ", head_dim " << d << ", n "
+                                            << n << ", slot " << slot);
+          std::vector<float> inv_freq(static_cast<std::size_t>(d / 2));
+          for (std::size_t k = 0; k < inv_freq.size(); ++k)
+            inv_freq[k] = std::pow(10000.0f, -2.0f * static_cast<float>(k) / static_cast<float>(d));
+          const Tensor freq = float_device(inv_freq);
+          std::vector<std::int64_t> pos(static_cast<std::size_t>(batch * n));
+          for (std::size_t i = 0; i < pos.size(); ++i)
+            pos[i] = 3 + 7 * static_cast<std::int64_t>(i);
+          const Tensor positions = int64_device(pos).view({batch, n});
+          // [batch · n, (q_heads + kv_heads + kv_heads) · d]: q | k | v, as the fused projection.
+          const std::int64_t width = (q_heads + 2 * kv_heads) * d;
+          const Tensor qkv_host = random_tensor({batch * n, width}, dtype, rng, 2.0f);
+          auto qk_view = [&](const Tensor& qkv) {
+            return Tensor::from_storage(
+                qkv.storage(), qkv.data(),
+                std::array<std::int64_t, 4>{batch, q_heads + kv_heads, n, d}, dtype, Device::kCuda,
+                std::array<std::int64_t, 4>{n * width, d, width, 1});
+          };
+          auto v_view = [&](const Tensor& qkv) {
+            return Tensor::from_storage(
+                qkv.storage(),
+                static_cast<std::uint8_t*>(qkv.data()) +
+                    (q_heads + kv_heads) * d * static_cast<std::int64_t>(dtype_size(dtype)),
+                std::array<std::int64_t, 4>{batch, kv_heads, n, d}, dtype, Device::kCuda,
+                std::array<std::int64_t, 4>{n * width, d, width, 1});
+          };
+          // The two-launch way.
+          const Tensor qkv_a = cuda::to_device(qkv_host);
+          const Tensor keys_a = poisoned_device({batch, kv_heads, capacity, d}, dtype);
+          const Tensor values_a = poisoned_device({batch, kv_heads, capacity, d}, dtype);
+          const Tensor x_a = qk_view(qkv_a);
+          cuda::rope(x_a, positions, freq, 1.0f);
+          cuda::append_at(keys_a, x_a.slice(1, q_heads, q_heads + kv_heads), values_a,
+                          v_view(qkv_a), int64_device({slot}));
+          // The one-launch way.
+          const Tensor qkv_b = cuda::to_device(qkv_host);
+          const Tensor keys_b = poisoned_device({batch, kv_heads, capacity, d}, dtype);
+          const Tensor values_b = poisoned_device({batch, kv_heads, capacity, d}, dtype);
+          const Tensor x_b = qk_view(qkv_b);
+          cuda::rope_append(x_b, kv_heads, keys_b, values_b, v_view(qkv_b), positions, freq, 1.0f,
+                            int64_device({slot}));
+          const Tensor x_a_host = cuda::to_host(x_a.slice(1, 0, q_heads));
+          const Tensor x_b_host = cuda::to_host(x_b.slice(1, 0, q_heads));
+          EXPECT_EQ(to_doubles(x_b_host), to_doubles(x_a_host)) << "query heads";
+          // The storage from append_at holds the rotated keys at the slots and NaN elsewhere;
+          // rope_append's must be the same bits.
+          const std::vector<double> ka = to_doubles(cuda::to_host(keys_a));
+          const std::vector<double> kb = to_doubles(cuda::to_host(keys_b));
+          const std::vector<double> va = to_doubles(cuda::to_host(values_a));
+          const std::vector<double> vb = to_doubles(cuda::to_host(values_b));
+          ASSERT_EQ(ka.size(), kb.size());
+          std::int64_t wrong = 0, nan_a = 0, nan_b = 0;
+          for (std::size_t e = 0; e < ka.size(); ++e) {
+            const bool same_k = std::isnan(ka[e]) ? std::isnan(kb[e]) : ka[e] == kb[e];
+            const bool same_v = std::isnan(va[e]) ? std::isnan(vb[e]) : va[e] == vb[e];
+            wrong += !same_k + !same_v;
+            nan_a += std::isnan(ka[e]);
+            nan_b += std::isnan(kb[e]);
+          }
+          EXPECT_EQ(wrong, 0);
+          EXPECT_EQ(nan_a, batch * kv_heads * (capacity - n) * d);  // exactly n slots written
+          EXPECT_EQ(nan_b, nan_a);
+          // rope_append leaves x's key heads as they came (only the storage gets them rotated).
+          const Tensor k_b = cuda::to_host(x_b.slice(1, q_heads, q_heads + kv_heads));
+          const Tensor k_in =
+              qk_view(cuda::to_device(qkv_host)).slice(1, q_heads, q_heads + kv_heads);
+          EXPECT_EQ(to_doubles(k_b), to_doubles(cuda::to_host(k_in)));
+        }
+}
+
+TEST_F(CudaRopeAppend, SlotsPastTheCapacityWriteNoSlotButRotateTheQueries) {
+  std::mt19937 rng(712);
+  const std::int64_t batch = 1, q_heads = 2, kv_heads = 1, capacity = 8, d = 64, n = 2;
+  const Tensor freq = float_device(std::vector<float>(d / 2, 0.25f));
+  const Tensor positions = int64_device({5, 6}).view({batch, n});
+  for (std::int64_t slot :
+       {std::int64_t{7}, std::int64_t{8}, std::int64_t{-1}, std::int64_t{1000}}) {
+    SCOPED_TRACE(::testing::Message() << "slot " << slot);
+    const Tensor x_host = random_tensor({batch, q_heads + kv_heads, n, d}, DType::kFloat32, rng);
+    const Tensor values =
+        cuda::to_device(random_tensor({batch, kv_heads, n, d}, DType::kFloat32, rng));
+    const Tensor x = cuda::to_device(x_host);
+    const Tensor expected = cuda::to_device(x_host);
+    cuda::rope(expected, positions, freq, 1.0f);
+    const Tensor keys = poisoned_device({batch, kv_heads, capacity, d}, DType::kFloat32);
+    const Tensor vals = poisoned_device({batch, kv_heads, capacity, d}, DType::kFloat32);
+    cuda::rope_append(x, kv_heads, keys, vals, values, positions, freq, 1.0f, int64_device({slot}));
+    EXPECT_EQ(to_doubles(cuda::to_host(x.slice(1, 0, q_heads))),
+              to_doubles(cuda::to_host(expected.slice(1, 0, q_heads))));
+    const std::vector<double> k = to_doubles(cuda::to_host(keys));
+    const std::vector<double> v = to_doubles(cuda::to_host(vals));
+    EXPECT_EQ(count_nan(k), static_cast<std::int64_t>(k.size())) << "keys were written";
+    EXPECT_EQ(count_nan(v), static_cast<std::int64_t>(v.size())) << "values were written";
+  }
+}
+
+TEST_F(CudaRopeAppend, ChecksArguments) {
+  std::mt19937 rng(713);
+  const DType f32 = DType::kFloat32;
+  const std::int64_t batch = 2, q_heads = 2, kv_heads = 1, capacity = 8, d = 64;
+  const Tensor freq = float_device(std::vector<float>(d / 2, 0.5f));
+  const Tensor positions = int64_device({1, 2}).view({batch, 1});
+  const Tensor x = cuda::to_device(random_tensor({batch, q_heads + kv_heads, 1, d}, f32, rng));
+  const Tensor values = cuda::to_device(random_tensor({batch, kv_heads, 1, d}, f32, rng));
+  const Tensor keys = poisoned_device({batch, kv_heads, capacity, d}, f32);
+  const Tensor vals = poisoned_device({batch, kv_heads, capacity, d}, f32);
+  const Tensor slot = int64_device({0});
+  auto call = [&](const Tensor& x_, std::int64_t key_heads, const Tensor& k_, const Tensor& v_,
+                  const Tensor& values_, const Tensor& slot_) {
+    cuda::rope_append(x_, key_heads, k_, v_, values_, positions, freq, 1.0f, slot_);
+  };
+  EXPECT_NO_THROW(call(x, kv_heads, keys, vals, values, slot));
+  EXPECT_THROW(call(x, 0, keys, vals, values, slot), Error);                       // no key heads
+  EXPECT_THROW(call(x, q_heads + kv_heads + 1, keys, vals, values, slot), Error);  // too many
+  EXPECT_THROW(call(x, 2, keys, vals, values, slot), Error);  // storage has 1 kv head, not 2
+  EXPECT_THROW(call(x, kv_heads, poisoned_device({batch, kv_heads, capacity, d}, DType::kFloat16),
+                    vals, values, slot),
+               Error);  // dtype
+  EXPECT_THROW(call(x, kv_heads, keys, poisoned_device({batch, kv_heads, capacity + 1, d}, f32),
+                    values, slot),
+               Error);  // capacities differ
+  EXPECT_THROW(call(x, kv_heads, keys, vals,
+                    cuda::to_device(random_tensor({batch, kv_heads, 2, d}, f32, rng)), slot),
+               Error);  // values for 2 tokens, x for 1
+  EXPECT_THROW(call(x, kv_heads, keys, vals, values, cuda::to_device(int64_host({0, 1}))), Error);
+  EXPECT_THROW(call(x, kv_heads, keys, vals, values, int64_host({0})), Error);  // slot on the host
+  EXPECT_THROW(call(x, kv_heads, cuda::to_host(keys), vals, values, slot), Error);
+  // Nothing above launched: the storage still holds only NaN but for the one good call's slot 0.
+  const std::vector<double> k = to_doubles(cuda::to_host(keys));
+  EXPECT_EQ(count_nan(k), static_cast<std::int64_t>(k.size()) - batch * kv_heads * d);
 }
 
 // --- attention with the length read on the device -----------------------------------------------

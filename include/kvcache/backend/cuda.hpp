@@ -251,6 +251,17 @@ void add_inplace(const Tensor& y, const Tensor& x);
 void rope(const Tensor& x, const Tensor& position_ids, const Tensor& inv_freq,
           float attention_scaling);
 
+/// RoPE for a decode step's q|k with the keys and values appended to cache storage, in one launch
+/// (rope followed by append_at): x [batch, heads + key_heads, q_len, head_dim] as for rope, whose
+/// last key_heads heads are the new keys; those are rotated into key_storage [batch, key_heads,
+/// capacity, head_dim] at slots [slot, slot + q_len) (x's key heads are left as they were) and
+/// values [batch, key_heads, q_len, head_dim] are copied into value_storage at the same slots;
+/// the other heads of x are rotated in place. slot = slot_device[0] (int64 on cuda); one with
+/// slot + q_len > capacity (or < 0) writes no slot, as append_at. One dtype throughout.
+void rope_append(const Tensor& x, std::int64_t key_heads, const Tensor& key_storage,
+                 const Tensor& value_storage, const Tensor& values, const Tensor& position_ids,
+                 const Tensor& inv_freq, float attention_scaling, const Tensor& slot_device);
+
 /// out = x · weightᵀ + beta · out, accumulating in float32 (1–8 rows of 16-bit weights: our GEMV
 /// kernel; otherwise cuBLAS): x [rows, in] (any row
 /// stride), weight [out_features, in] contiguous, of one dtype (bfloat16, float16 or float32; a
