@@ -1,7 +1,9 @@
 // The attention module on either backend: check the step, update the cache, attend over its views.
 #include "kvcache/attention/attention.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "kvcache/error.hpp"
 
@@ -16,6 +18,9 @@ Attention::Attention(int layer_idx, AttentionOptions options)
   KVCACHE_CHECK(options.num_heads % options.num_kv_heads == 0, "Attention: expected num_heads (",
                 options.num_heads, ") to be a multiple of num_kv_heads, got ",
                 options.num_kv_heads);
+  KVCACHE_CHECK(!options.sliding_window || *options.sliding_window >= 1,
+                "Attention: expected a sliding_window >= 1 (or none), got ",
+                options.sliding_window.value_or(0));
   scale_ = options.scale.value_or(1.0f / std::sqrt(static_cast<float>(options.head_dim)));
 }
 
@@ -50,18 +55,43 @@ Tensor Attention::forward(const Tensor& query_states, const Tensor& key_states,
                 dtype_name(query_states.dtype()));
   const MaskSizes sizes = cache.get_mask_sizes(cache_position, layer_idx_);
   check_cache_position(cache_position, q_len, sizes.kv_length, sizes.kv_offset, where);
+  check_keys_held(cache_position, sizes.kv_offset, o.sliding_window, layer_idx_, where);
+  // The mask covers every slot seen: the layer's keys are its columns from kv_offset.
+  const std::int64_t mask_columns = sizes.kv_offset + sizes.kv_length;
   CacheKwargs kwargs;
   kwargs.cache_position = cache_position;
 
   if constexpr (B::kDevice == Device::kCpu) {
     // Checked (and converted once) before the update, so a bad mask leaves the cache as it was.
-    const std::vector<std::uint8_t> mask =
-        mask_to_bytes(attention_mask, batch, sizes.kv_length, where);
+    std::vector<std::uint8_t> mask = mask_to_bytes(attention_mask, batch, mask_columns, where);
+    if (!mask.empty() && sizes.kv_offset > 0) {
+      std::vector<std::uint8_t> kept(static_cast<std::size_t>(batch * sizes.kv_length));
+      for (std::int64_t b = 0; b < batch; ++b) {
+        const auto from = mask.begin() + b * mask_columns + sizes.kv_offset;
+        std::copy(from, from + sizes.kv_length, kept.begin() + b * sizes.kv_length);
+      }
+      mask = std::move(kept);
+    }
     Tensor out = Tensor::empty({batch, q_len, o.num_heads, o.head_dim}, query_states.dtype());
     auto [keys, values] = cache.update(key_states, value_states, layer_idx_, kwargs);
-    cpu::attention(query_states, keys, values, mask, cache_position, sizes.kv_offset, scale_, out);
+    cpu::attention(query_states, keys, values, mask, cache_position, sizes.kv_offset, scale_, out,
+                   o.sliding_window);
     return out;
   } else {
+    // The CUDA kernels apply no sliding window and read the mask from column 0: refuse a step
+    // that needs either rather than attend to keys the model would not see.
+    const std::int64_t last_query =
+        cache_position.empty() ? 0
+                               : *std::max_element(cache_position.begin(), cache_position.end());
+    KVCACHE_CHECK(!o.sliding_window || last_query < *o.sliding_window, where, ": layer ",
+                  layer_idx_, " uses a sliding window of ", o.sliding_window.value_or(0),
+                  " tokens and this step reaches slot ", last_query,
+                  "; the CUDA attention kernels have no sliding-window rule yet (run past the "
+                  "window on the CPU)");
+    KVCACHE_CHECK(sizes.kv_offset == 0, where, ": layer ", layer_idx_,
+                  " of the cache keeps keys from slot ", sizes.kv_offset,
+                  " (a sliding-window layer past its window); the CUDA attention kernels have no "
+                  "sliding-window support yet");
     // The mask as device bytes: given so by the caller, or checked here and sent over.
     Tensor mask = attention_mask;
     if (mask.defined() && mask.device() == Device::kCuda) {

@@ -2,6 +2,7 @@
 // read the 2D padding mask as bytes and compare slots with cache_position on the fly.
 #include "kvcache/attention/mask.hpp"
 
+#include <algorithm>
 #include <numeric>
 
 #include "kvcache/backend/cpu.hpp"
@@ -45,6 +46,26 @@ void check_cache_position(std::span<const std::int64_t> cache_position, std::int
                   ": expected cache_position in [0, ", kv_offset + kv_length,
                   ") (past + new), got ", cache_position[i], " at index ", i);
   }
+}
+
+void check_keys_held(std::span<const std::int64_t> cache_position, std::int64_t kv_offset,
+                     std::optional<std::int64_t> sliding_window, int layer_idx, const char* where) {
+  if (kv_offset <= 0 || cache_position.empty()) return;
+  const std::int64_t first_query = *std::min_element(cache_position.begin(), cache_position.end());
+  // The first slot a query sees; a difference of non-negative values, so no overflow.
+  const std::int64_t needed =
+      sliding_window ? std::max<std::int64_t>(first_query - *sliding_window + 1, 0) : 0;
+  if (kv_offset <= needed) return;
+  if (sliding_window) {
+    KVCACHE_FAIL(where, ": layer ", layer_idx, " attends over a sliding window of ",
+                 *sliding_window, " tokens, so the query at slot ", first_query,
+                 " sees slots from ", needed, ", but the cache's layer holds keys from slot ",
+                 kv_offset, " only (a sliding-window cache layer of a smaller window?)");
+  }
+  KVCACHE_FAIL(where, ": layer ", layer_idx,
+               " attends over every earlier slot (no sliding window), but the cache's layer holds "
+               "keys from slot ",
+               kv_offset, " only (a sliding-window cache layer under a full-attention layer)");
 }
 
 Tensor make_attention_mask(const Tensor& attention_mask,

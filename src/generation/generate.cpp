@@ -119,11 +119,17 @@ std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
   KVCACHE_CHECK(batch >= 1 && max_cache_len >= 1,
                 "make_generation_cache: expected batch >= 1 and max_cache_len >= 1, got ", batch,
                 " and ", max_cache_len);
-  if (cache_implementation == "dynamic") {
-    return std::make_unique<DynamicCache<B>>(
-        DynamicCacheOptions{.initial_capacity = max_cache_len});
-  }
   const ModelConfig& c = model.config();
+  if (cache_implementation == "dynamic") {
+    // The model's sliding layers get sliding cache layers, as transformers' DynamicCache(config)
+    // makes them. On the GPU, whose kernels refuse a step past a window anyway, every layer stays
+    // full: the same tokens within the window, and the decode step still replays from a graph.
+    DynamicCacheOptions options{.initial_capacity = max_cache_len};
+    if constexpr (B::kDevice == Device::kCpu) options.sliding_windows = c.sliding_windows();
+    return std::make_unique<DynamicCache<B>>(std::move(options));
+  }
+  // "static": full-length layers for every layer, sliding ones included. Exact for a windowed
+  // model too (the attention applies the window over the slots held), at full-length memory.
   KVCACHE_CHECK(c.num_hidden_layers >= 1 && c.num_hidden_layers <= std::numeric_limits<int>::max(),
                 "make_generation_cache: expected a model with 1 to 2^31 - 1 layers, got ",
                 c.num_hidden_layers);
@@ -218,6 +224,8 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
   std::optional<detail::DecodeGraph> graph;
   if constexpr (B::kDevice == Device::kCuda) {
     replayable = detail::DecodeGraph::replayable(model, &past_key_values, config);
+    // The graph writes slots [0, capacity) of every layer's storage: full layers only.
+    if (replayable && replayable->has_sliding_layers()) replayable = nullptr;
     if (replayable && config.max_new_tokens >= 3) stream.emplace();
   }
   Tensor mask = attention_mask.defined() ? attention_mask : ones_mask(batch, past + prompt);

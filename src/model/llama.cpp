@@ -433,17 +433,24 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
   if (cache_position.empty()) cache_position = make_cache_position(past, q_len);
   KVCACHE_CHECK(static_cast<std::int64_t>(cache_position.size()) == q_len, where, ": expected ",
                 q_len, " cache positions (one per input token), got ", cache_position.size());
-  // Layers with a sliding window (Mistral; Qwen2's upper layers when enabled) would attend to
-  // fewer keys than a DynamicCache holds once the sequence passes the window.
+  // Layers with a sliding window (Mistral; Qwen2's upper layers when enabled): the attention
+  // applies the window (on the CPU) over what each cache layer holds. Checked for every layer
+  // here, before layer 0 touches the cache: the cache must still hold the keys each layer's
+  // queries see (a sliding cache layer under a full or wider-windowed layer cannot), and the GPU
+  // kernels have no window rule yet, so on the GPU a step past a window is refused.
   for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::optional<std::int64_t> window =
-        c.layer_types.empty() ? c.sliding_window : c.layer_sliding_window(l);
-    KVCACHE_CHECK(!window || cache_position.back() < *window, where, ": layer ", l, " of this ",
-                  c.architecture, " uses a sliding window of ", *window,
-                  " tokens and the sequence reaches ", cache_position.back() + 1,
-                  "; kvcache has no sliding-window cache yet, and full attention past the window "
-                  "would silently "
-                  "differ from the model");
+    const std::optional<std::int64_t> window = c.layer_sliding_window(l);
+    if constexpr (B::kDevice == Device::kCuda) {
+      KVCACHE_CHECK(
+          !window || *std::max_element(cache_position.begin(), cache_position.end()) < *window,
+          where, ": layer ", l, " of this ", c.architecture, " uses a sliding window of ",
+          window.value_or(0), " tokens and the sequence reaches ", cache_position.back() + 1,
+          "; the CUDA attention kernels have no sliding-window rule yet (generate past "
+          "the window on the CPU)");
+    }
+    check_keys_held(cache_position,
+                    cache->get_mask_sizes(cache_position, static_cast<int>(l)).kv_offset, window,
+                    static_cast<int>(l), where);
   }
   Tensor mask =
       args.attention_mask.defined() ? args.attention_mask : ones_mask(batch, past + q_len);
@@ -530,8 +537,12 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
         rotate(qk_heads);
       }
     }
-    const Attention attention(static_cast<int>(l),
-                              {.num_heads = heads, .num_kv_heads = kv_heads, .head_dim = hd});
+    const Attention attention(
+        static_cast<int>(l),
+        {.num_heads = heads,
+         .num_kv_heads = kv_heads,
+         .head_dim = hd,
+         .sliding_window = c.layer_sliding_window(static_cast<std::int64_t>(l))});
     Tensor attn;  // [batch, q_len, heads, hd]
     if constexpr (B::kDevice == Device::kCuda) {
       if (replay) {

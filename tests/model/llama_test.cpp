@@ -244,15 +244,74 @@ TEST(Llama, BadInputIsAClearErrorAndLeavesTheCache) {
   EXPECT_EQ(to_doubles(cache.to_legacy_cache()[0].first), before);
 }
 
-TEST(Llama, MistralPastItsSlidingWindowIsAnError) {
+TEST(Llama, MistralPastItsWindowEqualsRecomputation) {
   ModelConfig c = tiny_config("MistralForCausalLM");
-  c.sliding_window = 6;
+  c.sliding_window = 6;  // no layer_types: every layer slides
   const LlamaModel model = tiny_model(c);
-  auto [ok_ids, ok_mask] = left_pad({{1, 2, 3, 4, 5, 6}}, 0);
-  EXPECT_NO_THROW(model.forward({.input_ids = ok_ids, .attention_mask = ok_mask}));
-  auto [ids, mask] = left_pad({{1, 2, 3, 4, 5, 6, 7}}, 0);
-  EXPECT_KVCACHE_ERROR(model.forward({.input_ids = ids, .attention_mask = mask}),
-                       "uses a sliding window of 6 tokens and the sequence reaches 7");
+  ModelConfig unwindowed = c;
+  unwindowed.sliding_window.reset();
+  const LlamaModel full_attention = tiny_model(unwindowed);  // the same weights, no window
+  ASSERT_EQ(c.sliding_windows(), (std::vector<std::int64_t>{6, 6}));
+  const std::vector<std::vector<std::int64_t>> prompts = {{3, 14, 15, 92, 65, 35, 8, 9, 79},
+                                                          {89, 79, 32, 38}};
+  auto [ids, mask] = left_pad(prompts, 0);
+  DynamicCache<> sliding(DynamicCacheOptions{.sliding_windows = c.sliding_windows()});
+  DynamicCache<> full;  // full layers: the model's window alone must give the same
+  std::vector<std::int64_t> cache_position = make_cache_position(0, ids.size(1));
+  Tensor step_ids = ids;
+  std::vector<std::vector<std::int64_t>> sequence = prompts;
+  double window_effect = 0;
+  for (int step = 0; step < 12; ++step) {
+    const ForwardArgs args{.input_ids = step_ids,
+                           .attention_mask = mask,
+                           .cache_position = cache_position,
+                           .logits_to_keep = 1};
+    ForwardArgs over_sliding = args, over_full = args;
+    over_sliding.past_key_values = &sliding;
+    over_full.past_key_values = &full;
+    const Tensor a = model.forward(over_sliding);
+    const Tensor b = model.forward(over_full);
+    // Without a cache: the whole sequence so far in one pass (a prompt longer than the window).
+    auto [seq_ids, seq_mask] = left_pad(sequence, 0);
+    const Tensor fresh =
+        model.forward({.input_ids = seq_ids, .attention_mask = seq_mask, .logits_to_keep = 1});
+    const Tensor unwindowed_logits = full_attention.forward(
+        {.input_ids = seq_ids, .attention_mask = seq_mask, .logits_to_keep = 1});
+    for (std::int64_t r = 0; r < 2; ++r) {
+      EXPECT_LT(testing::compare(row_logits(a, r), row_logits(fresh, r)).max_abs, 2e-5)
+          << "step " << step << " row " << r;
+      EXPECT_LT(testing::compare(row_logits(b, r), row_logits(fresh, r)).max_abs, 2e-5)
+          << "step " << step << " row " << r;
+      window_effect = std::max(
+          window_effect,
+          testing::compare(row_logits(fresh, r), row_logits(unwindowed_logits, r)).max_abs);
+    }
+    const auto next = argmax_last(a);
+    for (std::size_t r = 0; r < 2; ++r) sequence[r].push_back(next[r]);
+    step_ids = token_column(next);
+    mask = extend_attention_mask(mask);
+    cache_position = {cache_position.back() + 1};
+  }
+  EXPECT_GT(window_effect, 1e-3) << "the window must change the result, or this tests nothing";
+  EXPECT_EQ(sliding.get_seq_length(), 9 + 11);  // the 12th token needs no pass
+  EXPECT_LT(sliding.nbytes(), full.nbytes());
+}
+
+TEST(Llama, ASlidingCacheLayerUnderAFullAttentionLayerIsAnError) {
+  const LlamaModel model = tiny_model(tiny_config());  // no window
+  DynamicCache<> cache(DynamicCacheOptions{.sliding_windows = {0, 4}, .sliding_spare_slots = 1});
+  auto [ids, mask] = left_pad({{1, 2, 3, 4, 5}}, 0);
+  model.forward({.input_ids = ids, .attention_mask = mask, .past_key_values = &cache});
+  const std::vector<double> before = to_doubles(cache.to_legacy_cache()[0].first);
+  // Layer 1 keeps slots [1, 5) only; full attention at slot 5 needs them all. Refused before
+  // layer 0 changes.
+  EXPECT_KVCACHE_ERROR(model.forward({.input_ids = token_column({6}),
+                                      .attention_mask = extend_attention_mask(mask),
+                                      .past_key_values = &cache}),
+                       "layer 1 attends over every earlier slot (no sliding window), but the "
+                       "cache's layer holds keys from slot 2 only");
+  EXPECT_EQ(cache.get_seq_length(0), 5);
+  EXPECT_EQ(to_doubles(cache.to_legacy_cache()[0].first), before);
 }
 
 TEST(Llama, MissingWeightsAreNamed) {

@@ -10,10 +10,20 @@
 // GPU with float32 weights (the exact mode: cuBLAS in true float32, float32 caches), with a
 // DynamicCache of that backend — the seed's loop unchanged, only the cache type and the load
 // option differ. Without a GPU the CUDA instances skip.
+//
+// The sliding-window fixtures (mistral_window, qwen2_window: expected.json has sliding_layers) run
+// past their window, on the CPU only (the GPU kernels have no window rule yet: there a step past
+// the window must be a clear error, checked below). The loop runs twice: over a DynamicCache made
+// from the model's config (sliding layers for sliding layers, as transformers' DynamicCache(config)
+// makes them; what such a layer keeps after the prefill must be exactly what transformers keeps),
+// and over a plain DynamicCache (full layers; the model's window rule alone must give the same
+// tokens). generate() builds the first kind by itself; cache_implementation "static" (full-length
+// layers) must give the same tokens too.
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <tuple>
 
@@ -57,20 +67,21 @@ double relative_row_error(const std::vector<double>& a, const std::vector<double
   return diff / scale;
 }
 
-template <class B>
-void expect_parity(const std::string& fixture) {
-  const std::string dir = std::string(KVCACHE_TEST_DATA_DIR) + "/" + fixture;
-  ASSERT_TRUE(std::filesystem::exists(dir + "/expected.json"))
-      << "missing fixture " << dir << " (make it with tools/make_reference.py)";
-  std::ifstream json_in(dir + "/expected.json");
-  const nlohmann::json meta = nlohmann::json::parse(json_in);
-  const SafetensorsFile expected = SafetensorsFile::open(dir + "/expected.safetensors");
-  LoadOptions load;
-  if constexpr (B::kDevice == Device::kCuda)
-    load = {.dtype = DType::kFloat32, .device = Device::kCuda};
-  const LlamaModel model = LlamaModel::from_pretrained(dir, load);
-  const ModelConfig& c = model.config();
+struct LoopResult {
+  std::vector<std::vector<std::int64_t>> tokens;
+  double worst_logits = 0;
+};
 
+// The seed's loop over `cache`, checking the cache after prefill against what transformers kept
+// (prefill_keys.L / prefill_values.L: the whole prompt, or a sliding layer's last window - 1
+// tokens). kept_like_transformers: the cache must keep exactly that many tokens per layer; else it
+// may keep more (a full layer under a sliding one), and its last ones are compared.
+// (Results through an out-parameter: the ASSERTs return early.)
+template <class B>
+void run_seed_loop(const LlamaModel& model, const SafetensorsFile& expected, Cache<B>& cache,
+                   bool kept_like_transformers, const std::function<LegacyCache()>& legacy_of,
+                   LoopResult& result) {
+  const ModelConfig& c = model.config();
   const Tensor input_ids = cpu::clone(expected.tensor("input_ids"));
   Tensor mask = cpu::clone(expected.tensor("attention_mask"));
   const auto loop_tokens = rows_of(expected.tensor("loop_tokens"));
@@ -79,12 +90,10 @@ void expect_parity(const std::string& fixture) {
   const auto new_tokens = static_cast<std::int64_t>(loop_tokens[0].size());
   const std::int64_t logit_steps = step_logits.size(0);
 
-  // The seed's loop.
-  DynamicCache<B> cache;
   std::vector<std::int64_t> cache_position = make_cache_position(0, prompt);
   Tensor step_ids = input_ids;
-  double worst_logits = 0;
-  std::vector<std::vector<std::int64_t>> ours(static_cast<std::size_t>(batch));
+  result = {};
+  result.tokens.resize(static_cast<std::size_t>(batch));
   for (std::int64_t step = 0; step < new_tokens; ++step) {
     const Tensor logits = model.forward({.input_ids = step_ids,
                                          .attention_mask = mask,
@@ -92,8 +101,8 @@ void expect_parity(const std::string& fixture) {
                                          .past_key_values = &cache,
                                          .logits_to_keep = 1});
     if (step == 0) {
-      // The cache after prefill, at the positions the mask marks real.
-      const auto legacy = cache.to_legacy_cache();
+      // The cache after prefill, at the slots the mask marks real.
+      const LegacyCache legacy = legacy_of();
       double worst = 0;
       for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
         for (const char* side : {"keys", "values"}) {
@@ -102,11 +111,19 @@ void expect_parity(const std::string& fixture) {
           const Tensor got =
               on_host(std::string(side) == "keys" ? legacy[static_cast<std::size_t>(l)].first
                                                   : legacy[static_cast<std::size_t>(l)].second);
-          ASSERT_EQ(got.shape_string(), want.shape_string());
+          const std::int64_t kept =
+              want.size(2);  // transformers' layer keeps slots [prompt - kept, prompt)
+          if (kept_like_transformers) {
+            ASSERT_EQ(got.shape_string(), want.shape_string()) << side << " of layer " << l;
+          } else {
+            ASSERT_EQ(got.size(2), prompt) << side << " of layer " << l;
+          }
+          const std::int64_t got_from = got.size(2) - kept;
           for (std::int64_t b = 0; b < batch; ++b)
-            for (std::int64_t j = 0; j < prompt; ++j) {
-              if (mask.data_as<std::int64_t>()[b * prompt + j] == 0) continue;
-              const auto g = to_doubles(got.slice(0, b, b + 1).slice(2, j, j + 1));
+            for (std::int64_t j = 0; j < kept; ++j) {
+              if (mask.data_as<std::int64_t>()[b * prompt + prompt - kept + j] == 0) continue;
+              const auto g =
+                  to_doubles(got.slice(0, b, b + 1).slice(2, got_from + j, got_from + j + 1));
               const auto w = to_doubles(want.slice(0, b, b + 1).slice(2, j, j + 1));
               for (std::size_t i = 0; i < g.size(); ++i)
                 worst = std::max(worst, std::abs(g[i] - w[i]) / std::max(1.0, std::abs(w[i])));
@@ -122,17 +139,61 @@ void expect_parity(const std::string& fixture) {
       for (std::int64_t b = 0; b < batch; ++b) {
         const auto got = to_doubles(host_logits.slice(0, b, b + 1));
         const auto want = to_doubles(step_logits.slice(0, step, step + 1).slice(1, b, b + 1));
-        worst_logits = std::max(worst_logits, relative_row_error(got, want));
+        result.worst_logits = std::max(result.worst_logits, relative_row_error(got, want));
       }
     }
     for (std::int64_t b = 0; b < batch; ++b)
-      ours[static_cast<std::size_t>(b)].push_back(next[static_cast<std::size_t>(b)]);
+      result.tokens[static_cast<std::size_t>(b)].push_back(next[static_cast<std::size_t>(b)]);
     step_ids = token_column(next);
     mask = extend_attention_mask(mask);
     cache_position = {cache_position.back() + 1};
   }
+}
+
+template <class B>
+void expect_parity(const std::string& fixture) {
+  const std::string dir = std::string(KVCACHE_TEST_DATA_DIR) + "/" + fixture;
+  ASSERT_TRUE(std::filesystem::exists(dir + "/expected.json"))
+      << "missing fixture " << dir << " (make it with tools/make_reference.py)";
+  std::ifstream json_in(dir + "/expected.json");
+  const nlohmann::json meta = nlohmann::json::parse(json_in);
+  const SafetensorsFile expected = SafetensorsFile::open(dir + "/expected.safetensors");
+  LoadOptions load;
+  if constexpr (B::kDevice == Device::kCuda)
+    load = {.dtype = DType::kFloat32, .device = Device::kCuda};
+  const LlamaModel model = LlamaModel::from_pretrained(dir, load);
+  const ModelConfig& c = model.config();
+
+  const Tensor input_ids = cpu::clone(expected.tensor("input_ids"));
+  const auto loop_tokens = rows_of(expected.tensor("loop_tokens"));
+  const auto new_tokens = static_cast<std::int64_t>(loop_tokens[0].size());
+  const bool windowed = meta.contains("sliding_layers");
+
+  // The seed's loop: over a DynamicCache of the model's layer kinds (transformers'
+  // DynamicCache(config); for a fixture without sliding layers, a plain DynamicCache). The
+  // existing mistral fixture (window 64, never passed) gets sliding layers too.
+  // (On the GPU, where no fixture runs past its window, the layers stay full, as generate()
+  // makes them there.)
+  DynamicCacheOptions options;
+  if constexpr (B::kDevice == Device::kCpu) options.sliding_windows = c.sliding_windows();
+  DynamicCache<B> cache(std::move(options));
+  LoopResult loop;
+  run_seed_loop<B>(
+      model, expected, cache, true, [&] { return cache.to_legacy_cache(); }, loop);
+  const double worst_logits = loop.worst_logits;
   EXPECT_LT(worst_logits, 1e-4) << "step logits, relative to each row's largest";
-  EXPECT_EQ(ours, loop_tokens) << "greedy tokens of the seed's loop";
+  EXPECT_EQ(loop.tokens, loop_tokens) << "greedy tokens of the seed's loop";
+  if (windowed) {
+    ASSERT_TRUE(cache.has_sliding_layers());
+    // Over full layers the model's window alone must give the same: a plain DynamicCache.
+    DynamicCache<B> full;
+    LoopResult over_full;
+    run_seed_loop<B>(
+        model, expected, full, false, [&] { return full.to_legacy_cache(); }, over_full);
+    EXPECT_LT(over_full.worst_logits, 1e-4) << "step logits over full layers";
+    EXPECT_EQ(over_full.tokens, loop_tokens) << "greedy tokens over full layers";
+    EXPECT_LT(cache.nbytes(), full.nbytes()) << "the sliding layers keep fewer tokens";
+  }
 
   // generate(), with the fixture's EOS and pad settings.
   GenerationConfig config{.max_new_tokens = new_tokens};
@@ -143,6 +204,21 @@ void expect_parity(const std::string& fixture) {
   const GenerateResult result =
       generate(model, input_ids, cpu::clone(expected.tensor("attention_mask")), config);
   EXPECT_EQ(result.new_tokens, rows_of(expected.tensor("generate_tokens"))) << "generate()";
+  if (windowed) {
+    // generate()'s own cache had sliding layers: it keeps fewer tokens than it has seen.
+    const std::int64_t seen = input_ids.size(1) + new_tokens - 1;
+    EXPECT_EQ(result.cache_length, seen);
+    const std::size_t full_bytes =
+        static_cast<std::size_t>(2 * c.num_hidden_layers * input_ids.size(0) *
+                                 c.num_key_value_heads * seen * c.head_dim * 4);
+    EXPECT_LT(result.cache_bytes, full_bytes) << "generate() built sliding layers";
+    GenerationConfig fixed = config;
+    fixed.cache_implementation = "static";
+    EXPECT_EQ(
+        generate(model, input_ids, cpu::clone(expected.tensor("attention_mask")), fixed).new_tokens,
+        rows_of(expected.tensor("generate_tokens")))
+        << "generate() over a StaticCache (full-length layers)";
+  }
   std::printf("[ parity   ] %s on %s: %lld steps, max relative logit error %.2e\n", fixture.c_str(),
               std::string(device_name(B::kDevice)).c_str(), static_cast<long long>(new_tokens),
               worst_logits);
@@ -167,6 +243,34 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(std::get<0>(info.param)) + "_" +
              std::string(device_name(std::get<1>(info.param)));
     });
+
+// Past their window: the CPU only (below, the GPU's clear error).
+INSTANTIATE_TEST_SUITE_P(WindowFixtures, Parity,
+                         ::testing::Combine(::testing::Values("mistral_window", "qwen2_window"),
+                                            ::testing::Values(Device::kCpu)),
+                         [](const auto& info) {
+                           return std::string(std::get<0>(info.param)) + "_" +
+                                  std::string(device_name(std::get<1>(info.param)));
+                         });
+
+// On the GPU a step past a sliding window is a clear error naming what is missing, before any
+// layer changes, never tokens of full attention.
+TEST(ParityWindow, CudaPastTheWindowIsAClearError) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const std::string dir = std::string(KVCACHE_TEST_DATA_DIR) + "/mistral_window";
+  const LlamaModel model =
+      LlamaModel::from_pretrained(dir, {.dtype = DType::kFloat32, .device = Device::kCuda});
+  const SafetensorsFile expected = SafetensorsFile::open(dir + "/expected.safetensors");
+  const Tensor input_ids = cpu::clone(expected.tensor("input_ids"));
+  const Tensor mask = cpu::clone(expected.tensor("attention_mask"));
+  DynamicCache<cuda::Backend> cache;
+  EXPECT_KVCACHE_ERROR(
+      model.forward({.input_ids = input_ids, .attention_mask = mask, .past_key_values = &cache}),
+      "the CUDA attention kernels have no sliding-window rule yet");
+  EXPECT_EQ(cache.get_seq_length(), 0);
+  EXPECT_KVCACHE_ERROR(generate(model, input_ids, mask, {.max_new_tokens = 4}),
+                       "the CUDA attention kernels have no sliding-window rule yet");
+}
 
 }  // namespace
 }  // namespace kvcache

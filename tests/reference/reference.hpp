@@ -97,11 +97,12 @@ struct ConcatCache {
 };
 
 /// softmax(Q·Kᵀ·scale + mask)·V in float64. q [b, h, q, d], k/v [b, kvh, kv, d]; mask [b][kv]
-/// (empty = no padding); returns [b, q, h, d]. Rows that see no key give zeros.
+/// (empty = no padding); returns [b, q, h, d]. Rows that see no key give zeros. sliding_window
+/// W > 0 also hides key slots <= cache_position - W (transformers' sliding window).
 inline Array4 attention(const Array4& q, const Array4& k, const Array4& v,
                         const std::vector<std::vector<int>>& mask,
                         const std::vector<std::int64_t>& cache_position, std::int64_t kv_offset,
-                        double scale) {
+                        double scale, std::int64_t sliding_window = 0) {
   const std::int64_t batch = q.dims[0], heads = q.dims[1], q_len = q.dims[2], d = q.dims[3];
   const std::int64_t kv_heads = k.dims[1], kv_len = k.dims[2], n_rep = heads / kv_heads;
   Array4 out(batch, q_len, heads, d);
@@ -112,8 +113,10 @@ inline Array4 attention(const Array4& q, const Array4& k, const Array4& v,
         const std::int64_t kvh = h / n_rep;
         double mx = -std::numeric_limits<double>::infinity();
         for (std::int64_t j = 0; j < kv_len; ++j) {
+          const std::int64_t query_slot = cache_position[static_cast<std::size_t>(i)];
           const bool visible =
-              kv_offset + j <= cache_position[static_cast<std::size_t>(i)] &&
+              kv_offset + j <= query_slot &&
+              (sliding_window == 0 || kv_offset + j > query_slot - sliding_window) &&
               (mask.empty() || mask[static_cast<std::size_t>(b)][static_cast<std::size_t>(j)] != 0);
           double s = -std::numeric_limits<double>::infinity();
           if (visible) {

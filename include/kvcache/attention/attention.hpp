@@ -6,6 +6,18 @@
 // Everything the step could reject (shapes, heads, mask length, cache_position) is checked before
 // cache.update runs, so a rejected step leaves the cache as it was.
 //
+// What a query sees is split between the cache layer and this module. The layer says which keys
+// it returns: get_mask_sizes(cache_position, layer) gives (kv_length, kv_offset), and update()
+// returns kv_length keys starting at absolute slot kv_offset (0 for a full-attention layer; past a
+// sliding layer's window, the slot of its oldest kept token). The module applies the model's rule:
+// causal, padding (columns [kv_offset, kv_offset + kv_length) of the mask), and
+// AttentionOptions::sliding_window when the layer slides (key slot > query slot - window). So a
+// windowed model is exact over a full-attention cache layer too, and a layer that dropped keys a
+// query still sees is a clear error before the update (check_keys_held).
+//
+// On the GPU the kernels have no sliding-window rule yet: a step where the window would hide a
+// key (or a layer that dropped tokens, kv_offset > 0) is a kvcache::Error saying so.
+//
 // One module for both backends: forward() is a template over the cache's backend (instantiated
 // for cpu::Backend and cuda::Backend). The states must live on the cache's device; the mask may
 // be a host tensor on either backend (checked and, for the GPU, sent over) or, for the GPU, a
@@ -30,6 +42,9 @@ struct AttentionOptions {
   std::int64_t num_kv_heads = 0;  // num_heads for multi-head attention, fewer for grouped-query
   std::int64_t head_dim = 0;
   std::optional<float> scale;  // default 1 / sqrt(head_dim)
+  /// The layer's sliding window W (Mistral; Qwen2's sliding layers): a query at slot q sees key
+  /// slots in (q - W, q]. None: full causal attention.
+  std::optional<std::int64_t> sliding_window;
 };
 
 class Attention {
@@ -41,6 +56,7 @@ class Attention {
   ///   key_states      [batch, num_kv_heads, q_len, head_dim]  (after RoPE; cached as given)
   ///   value_states    [batch, num_kv_heads, q_len, head_dim]
   ///   attention_mask  [batch, past + q_len] int64/int32/uint8, 1 = attend; undefined = no padding
+  ///                   (past = the tokens the layer has seen, kv_offset + kv_length - q_len)
   ///   cache_position  [q_len] absolute cache slots of the new tokens (host memory)
   ///   cache_position_device  the same on the GPU as int64 [q_len] (CUDA only; undefined: sent
   ///                   here)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string_view>
 
@@ -40,11 +41,15 @@ struct Backend {
 ///                   padding
 ///   out             [batch, q_len, num_heads, head_dim]        query's dtype (transformers' layout
 ///                   after eager attention's transpose, ready for the output projection)
+///   sliding_window  none (full attention), or W >= 1: key slot kv_offset + j is visible to
+///                   query i only when it is also > cache_position[i] - W (transformers' sliding
+///                   window: the query and the W - 1 slots before it)
 /// num_heads must be a multiple of num_kv_heads. Query rows that see no key give zeros.
 /// Shapes are checked (kvcache::Error); `out` is written only after all checks pass.
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
                const Tensor& attention_mask, std::span<const std::int64_t> cache_position,
-               std::int64_t kv_offset, float scale, const Tensor& out);
+               std::int64_t kv_offset, float scale, const Tensor& out,
+               std::optional<std::int64_t> sliding_window = std::nullopt);
 
 /// The same with the padding mask already as bytes ([batch, kv_len] row-major, nonzero = attend;
 /// empty = no padding), as kvcache::mask_to_bytes gives it: callers that checked the mask once
@@ -52,7 +57,7 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
                std::span<const std::uint8_t> mask_bytes,
                std::span<const std::int64_t> cache_position, std::int64_t kv_offset, float scale,
-               const Tensor& out);
+               const Tensor& out, std::optional<std::int64_t> sliding_window = std::nullopt);
 
 // --- dense layers (the model's building blocks) ---------------------------------------------
 // All take and return contiguous float32 CPU tensors; weights may be float32, bfloat16 or float16

@@ -1,6 +1,14 @@
-// The Cache base: the contract every cache (dynamic now; static, sliding-window, sink, quantized,
-// offloaded and paged later) offers the attention module and generation loops. Names and meanings
-// follow transformers' cache_utils so a Python loop ports line by line.
+// The Cache base: the contract every cache (dynamic and static now, with sliding-window layers
+// inside a DynamicCache; sink, quantized, offloaded and paged later) offers the attention module
+// and generation loops. Names and meanings follow transformers' cache_utils so a Python loop ports
+// line by line.
+//
+// Layering. A cache holds one layer object per decoder layer, each of its own kind (a full layer,
+// a SlidingWindowLayer, ...), as transformers 5's caches hold CacheLayerMixin objects; this API
+// dispatches to them per layer. For a layer, get_mask_sizes says which keys update() returns
+// (kv_length of them from absolute slot kv_offset); the attention module applies the model's rule
+// (causal, padding, the layer's sliding window) over them and refuses a layer that dropped keys
+// a query still sees.
 //
 // Cache is templated on a Backend (kvcache::cpu::Backend, kvcache::cuda::Backend): the backend
 // decides where storage lives (its device) and how elements are copied. A cache owns storage and

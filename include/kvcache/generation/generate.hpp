@@ -64,9 +64,11 @@ GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
                         CacheRef cache = {}, const TokenCallback& on_token = {});
 
 /// A cache of kind `cache_implementation` for generating on `model` (of its backend B): "dynamic",
-/// a DynamicCache reserving max_cache_len slots (it grows past them), or "static", a StaticCache
-/// of `batch` rows and max_cache_len slots with every layer allocated here in the model's key/value
-/// dtype. What generate() builds when no cache is passed; other names are a kvcache::Error.
+/// a DynamicCache reserving max_cache_len slots (it grows past them; on the CPU the model's
+/// sliding layers get sliding-window layers, ModelConfig::sliding_windows), or "static", a
+/// StaticCache of `batch` rows and max_cache_len slots with every layer allocated here in the
+/// model's key/value dtype. What generate() builds when no cache is passed; other names are a
+/// kvcache::Error.
 template <CacheBackend B>
 std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
                                                 const std::string& cache_implementation,

@@ -45,11 +45,25 @@ struct ModelConfig {
   std::optional<std::int64_t> pad_token_id;
   std::optional<DType> torch_dtype;  // "dtype" / "torch_dtype" when present
 
-  /// The window layer `layer_idx` attends over, or none for full attention.
+  /// The window layer `layer_idx` attends over, or none for full attention (and for layers the
+  /// config does not have). Without layer_types (a config built by hand; the loaders always fill
+  /// it) every layer slides when sliding_window is set.
   std::optional<std::int64_t> layer_sliding_window(std::int64_t layer_idx) const {
     const auto i = static_cast<std::size_t>(layer_idx);
-    if (!sliding_window || layer_idx < 0 || i >= layer_types.size()) return std::nullopt;
+    if (!sliding_window || layer_idx < 0 || layer_idx >= num_hidden_layers) return std::nullopt;
+    if (layer_types.empty()) return sliding_window;
+    if (i >= layer_types.size()) return std::nullopt;
     return layer_types[i] == "sliding_attention" ? sliding_window : std::nullopt;
+  }
+
+  /// One entry per layer: its sliding window, or 0 for full attention. What
+  /// DynamicCacheOptions::sliding_windows takes to give the model's sliding layers sliding cache
+  /// layers (transformers' DynamicCache(config=config)).
+  std::vector<std::int64_t> sliding_windows() const {
+    std::vector<std::int64_t> windows;
+    for (std::int64_t l = 0; l < num_hidden_layers; ++l)
+      windows.push_back(layer_sliding_window(l).value_or(0));
+    return windows;
   }
 
   /// The most layers a config may declare (checked before anything is built per layer; the

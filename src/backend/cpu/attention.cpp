@@ -55,6 +55,7 @@ using ConstRowMap = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
 struct Problem {
   std::int64_t batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, n_rep;
   std::int64_t kv_offset;
+  std::int64_t window;  // sliding window W (key slot > query slot - W), 0 = full attention
   float scale;
   const std::int64_t* cache_position;
   const std::uint8_t* mask;  // [batch, kv_len], 1 = attend; null = no padding
@@ -117,40 +118,59 @@ std::int64_t causal_end(const Problem& p, std::int64_t q0, std::int64_t q1) {
   return std::clamp<std::int64_t>(max_pos - p.kv_offset + 1, 0, p.kv_len);
 }
 
+// First key that any of queries [q0, q1) can see under the sliding window (0 without one), at
+// most `end`: keys before it are never read.
+std::int64_t window_begin(const Problem& p, std::int64_t q0, std::int64_t q1, std::int64_t end) {
+  if (p.window == 0) return 0;
+  std::int64_t min_pos = p.cache_position[q0];
+  for (std::int64_t i = q0; i < q1; ++i) min_pos = std::min(min_pos, p.cache_position[i]);
+  return std::clamp<std::int64_t>(min_pos - p.window + 1 - p.kv_offset, 0, end);
+}
+
 struct RowStats {
   float max = kNegInf;  // -inf when no key in the range is visible
   float sum = 0.0f;
 };
 
 // Scores s[0, n) of keys j0 + [0, n) for query i become exp(s - max) where visible and 0 elsewhere
-// (unnormalised). Visible: the key's slot is <= cache_position[i] and it is not padding.
+// (unnormalised). Visible: the key's slot is <= cache_position[i], it is not padding, and with a
+// sliding window it is > cache_position[i] - window. Without a window visible_begin is 0 and
+// every operation is the one full attention always ran (bit-identical results).
 RowStats masked_exp(const Problem& p, std::int64_t b, std::int64_t i, std::int64_t j0,
                     std::int64_t n, float* s) {
   const std::int64_t visible_end =
       std::clamp<std::int64_t>(p.cache_position[i] - p.kv_offset + 1 - j0, 0, n);
+  const std::int64_t visible_begin =
+      p.window == 0 ? 0
+                    : std::clamp<std::int64_t>(
+                          p.cache_position[i] - p.window + 1 - p.kv_offset - j0, 0, visible_end);
+  const std::int64_t visible = visible_end - visible_begin;
   const std::uint8_t* pad = p.mask ? p.mask + b * p.kv_len + j0 : nullptr;
   Eigen::Map<Eigen::ArrayXf> row(s, n);
   row.tail(n - visible_end) = kNegInf;
+  row.head(visible_begin) = kNegInf;
   if (pad) {
-    for (std::int64_t j = 0; j < visible_end; ++j) s[j] = pad[j] ? s[j] : kNegInf;
+    for (std::int64_t j = visible_begin; j < visible_end; ++j) s[j] = pad[j] ? s[j] : kNegInf;
   }
   RowStats stats;
-  if (visible_end == 0) {
+  if (visible == 0) {
     row.setZero();
     return stats;
   }
-  stats.max = row.head(visible_end).maxCoeff();
+  stats.max = row.segment(visible_begin, visible).maxCoeff();
   if (stats.max == kNegInf) {
     row.setZero();
     return stats;
   }
-  row.head(visible_end) = (row.head(visible_end) - stats.max).exp();  // Eigen's vectorised exp
+  // Eigen's vectorised exp
+  row.segment(visible_begin, visible) = (row.segment(visible_begin, visible) - stats.max).exp();
   // Masked entries: exp(-inf) is clamped to a tiny number by the vectorised exp; make them 0.
   row.tail(n - visible_end) = 0.0f;
+  row.head(visible_begin) = 0.0f;
   if (pad) {
-    for (std::int64_t j = 0; j < visible_end; ++j) s[j] = pad[j] ? s[j] : 0.0f;
+    for (std::int64_t j = visible_begin; j < visible_end; ++j) s[j] = pad[j] ? s[j] : 0.0f;
   }
-  stats.sum = row.head(visible_end).sum();
+  stats.sum = row.segment(visible_begin, visible).sum();
   return stats;
 }
 
@@ -345,11 +365,13 @@ void run_decode(const Problem& p, const Tensor& query, const Tensor& keys, const
   const std::int64_t d = p.head_dim, rows = p.n_rep * p.q_len;
   const std::int64_t groups = p.batch * p.num_kv_heads;
   const std::int64_t kv_end = causal_end(p, 0, p.q_len);
+  const std::int64_t kv_begin = window_begin(p, 0, p.q_len, kv_end);  // 0 without a window
+  const std::int64_t kv_span = kv_end - kv_begin;
   // Pieces of about kPieceKeys keys: a piece's keys and then its values are read close together
   // in time (two streams in flight per core instead of one), and there are enough pieces for
   // every thread whatever batch × num_kv_heads is. Each piece leaves rows × (d + 2) floats.
-  const std::int64_t splits = std::clamp<std::int64_t>(kv_end / kPieceKeys, 1, kMaxPieces);
-  const std::int64_t piece = (kv_end + splits - 1) / splits;
+  const std::int64_t splits = std::clamp<std::int64_t>(kv_span / kPieceKeys, 1, kMaxPieces);
+  const std::int64_t piece = (kv_span + splits - 1) / splits;
   const std::int64_t row_floats = d + 2;
   // Reused across calls: a decode step should not pay for zeroing a fresh buffer. Every field a
   // piece owns is written by decode_piece before the merge reads it.
@@ -365,7 +387,8 @@ void run_decode(const Problem& p, const Tensor& query, const Tensor& keys, const
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t item = 0; item < groups * splits; ++item) {
       const std::int64_t s = item % splits, g = item / splits;
-      const std::int64_t j0 = std::min(s * piece, kv_end), j1 = std::min(j0 + piece, kv_end);
+      const std::int64_t j0 = kv_begin + std::min(s * piece, kv_span);
+      const std::int64_t j1 = std::min(j0 + piece, kv_end);
       decode_piece<T>(p, query, keys, values, g / p.num_kv_heads, g % p.num_kv_heads, j0, j1,
                       part_base + item * rows * row_floats, w);
     }
@@ -404,26 +427,29 @@ void prefill_block(const Problem& p, const Tensor& query, const Tensor& keys, co
                    std::int64_t q1, Scratch& w) {
   const std::int64_t d = p.head_dim, qn = q1 - q0, rows = p.n_rep * qn;
   const std::int64_t kv_end = causal_end(p, q0, q1);
+  // Keys before the block's first visible slot under the window are skipped (0 without one).
+  const std::int64_t kv_begin = window_begin(p, q0, q1, kv_end);
+  const std::int64_t span = kv_end - kv_begin;
   load_queries<T>(p, query, b, kvh, q0, q1, w.q_rows);
   const T* kbase = keys.data_as<T>() + b * keys.stride(0) + kvh * keys.stride(1);
   const T* vbase = values.data_as<T>() + b * values.stride(0) + kvh * values.stride(1);
-  w.scores.resize(rows, std::max<std::int64_t>(kv_end, 1));
-  for (std::int64_t c0 = 0; c0 < kv_end; c0 += kKvChunk) {
-    const std::int64_t cn = std::min(kKvChunk, kv_end - c0);
-    auto [k, k_stride] = rows_as_float(kbase, keys.stride(2), c0, cn, d, w.widened);
+  w.scores.resize(rows, std::max<std::int64_t>(span, 1));
+  for (std::int64_t c0 = 0; c0 < span; c0 += kKvChunk) {
+    const std::int64_t cn = std::min(kKvChunk, span - c0);
+    auto [k, k_stride] = rows_as_float(kbase, keys.stride(2), kv_begin + c0, cn, d, w.widened);
     w.scores.middleCols(c0, cn).noalias() =
         w.q_rows * ConstRowMap(k, cn, d, Eigen::OuterStride<>(k_stride)).transpose();
   }
   std::vector<float> inv_sum(static_cast<std::size_t>(rows));
   for (std::int64_t r = 0; r < rows; ++r) {
     const RowStats stats =
-        masked_exp(p, b, q0 + r % qn, 0, kv_end, w.scores.data() + r * w.scores.cols());
+        masked_exp(p, b, q0 + r % qn, kv_begin, span, w.scores.data() + r * w.scores.cols());
     inv_sum[static_cast<std::size_t>(r)] = stats.sum > 0.0f ? 1.0f / stats.sum : 0.0f;
   }
   w.acc.setZero(rows, d);
-  for (std::int64_t c0 = 0; c0 < kv_end; c0 += kKvChunk) {
-    const std::int64_t cn = std::min(kKvChunk, kv_end - c0);
-    auto [v, v_stride] = rows_as_float(vbase, values.stride(2), c0, cn, d, w.widened);
+  for (std::int64_t c0 = 0; c0 < span; c0 += kKvChunk) {
+    const std::int64_t cn = std::min(kKvChunk, span - c0);
+    auto [v, v_stride] = rows_as_float(vbase, values.stride(2), kv_begin + c0, cn, d, w.widened);
     w.acc.noalias() +=
         w.scores.middleCols(c0, cn) * ConstRowMap(v, cn, d, Eigen::OuterStride<>(v_stride));
   }
@@ -488,18 +514,20 @@ void set_num_threads(int n) {
 
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
                const Tensor& attention_mask, std::span<const std::int64_t> cache_position,
-               std::int64_t kv_offset, float scale, const Tensor& out) {
+               std::int64_t kv_offset, float scale, const Tensor& out,
+               std::optional<std::int64_t> sliding_window) {
   KVCACHE_CHECK(query.defined() && query.rank() == 4 && keys.defined() && keys.rank() == 4,
                 "cpu::attention: expected rank-4 query and keys, got ", query.describe(), " and ",
                 keys.describe());
   const std::vector<std::uint8_t> mask =
       mask_to_bytes(attention_mask, query.size(0), keys.size(2), "cpu::attention");
-  attention(query, keys, values, mask, cache_position, kv_offset, scale, out);
+  attention(query, keys, values, mask, cache_position, kv_offset, scale, out, sliding_window);
 }
 
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
                std::span<const std::uint8_t> mask, std::span<const std::int64_t> cache_position,
-               std::int64_t kv_offset, float scale, const Tensor& out) {
+               std::int64_t kv_offset, float scale, const Tensor& out,
+               std::optional<std::int64_t> sliding_window) {
   const char* where = "cpu::attention";
   const detail::AttentionShape shape =
       detail::check_attention_operands(query, keys, values, out, Device::kCpu, where);
@@ -511,6 +539,8 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
   KVCACHE_CHECK(mask.empty() || static_cast<std::int64_t>(mask.size()) == batch * kv_len, where,
                 ": expected a padding mask of [batch, kv_len] = ", batch * kv_len, " bytes, got ",
                 mask.size());
+  KVCACHE_CHECK(!sliding_window || *sliding_window >= 1, where,
+                ": expected a sliding window >= 1 (or none), got ", sliding_window.value_or(0));
   if (batch == 0 || q_len == 0) return;
 
   Problem p{batch,
@@ -521,6 +551,7 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
             head_dim,
             num_heads / num_kv_heads,
             kv_offset,
+            sliding_window.value_or(0),
             scale,
             cache_position.data(),
             mask.empty() ? nullptr : mask.data()};
