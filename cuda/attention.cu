@@ -13,6 +13,7 @@
 //   with the same splitting.
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <utility>
 
 #include "attention.cuh"
@@ -36,8 +37,11 @@ namespace {
 // key count is read on the device (keys and values then span the storage's capacity).
 void attention_impl(const Tensor& query, const Tensor& keys, const Tensor& values,
                     const Tensor& mask, const Tensor& cache_position, std::int64_t kv_offset,
-                    float scale, const Tensor& out, const Tensor& kv_len_device) {
+                    float scale, const Tensor& out, const Tensor& kv_len_device,
+                    std::optional<std::int64_t> sliding_window) {
   const char* where = "cuda::attention";
+  KVCACHE_CHECK(!sliding_window || *sliding_window >= 1, where,
+                ": expected a sliding_window >= 1 (or none), got ", sliding_window.value_or(0));
   const kvcache::detail::AttentionShape shape =
       kvcache::detail::check_attention_operands(query, keys, values, out, Device::kCuda, where);
   const DType dtype = query.dtype();
@@ -111,6 +115,10 @@ void attention_impl(const Tensor& query, const Tensor& keys, const Tensor& value
   view.rows = static_cast<int>(q_len * view.group);
   view.kv_offset = kv_offset;
   view.scale_log2 = scale * 1.4426950408889634f;  // log2(e): the kernels use exp2
+  // A window of 2^31 - 1 slots or more hides nothing a 32-bit key index can reach.
+  view.window = sliding_window && *sliding_window < std::numeric_limits<int>::max()
+                    ? static_cast<int>(*sliding_window)
+                    : 0;
 
   const cudaStream_t stream = detail::stream();
   const bool decode = q_len <= detail::kMaxDecodeQLen;
@@ -141,17 +149,19 @@ void attention_impl(const Tensor& query, const Tensor& keys, const Tensor& value
 }  // namespace
 
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
-               const Tensor& cache_position, std::int64_t kv_offset, float scale,
-               const Tensor& out) {
-  attention_impl(query, keys, values, mask, cache_position, kv_offset, scale, out, Tensor());
+               const Tensor& cache_position, std::int64_t kv_offset, float scale, const Tensor& out,
+               std::optional<std::int64_t> sliding_window) {
+  attention_impl(query, keys, values, mask, cache_position, kv_offset, scale, out, Tensor(),
+                 sliding_window);
 }
 
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
                const Tensor& cache_position, std::int64_t kv_offset, float scale, const Tensor& out,
-               const Tensor& kv_len_device) {
+               const Tensor& kv_len_device, std::optional<std::int64_t> sliding_window) {
   KVCACHE_CHECK(kv_len_device.defined(),
                 "cuda::attention: expected kv_len_device int64 [1] on cuda, got undefined");
-  attention_impl(query, keys, values, mask, cache_position, kv_offset, scale, out, kv_len_device);
+  attention_impl(query, keys, values, mask, cache_position, kv_offset, scale, out, kv_len_device,
+                 sliding_window);
 }
 
 }  // namespace kvcache::cuda

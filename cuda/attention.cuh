@@ -45,6 +45,7 @@ struct AttentionView {
   int rows;                // group * q_len: packed query rows per (batch row, kv head)
   std::int64_t kv_offset;  // absolute slot of key 0
   float scale_log2;        // softmax scale · log2(e): the kernels take exp2 of scaled scores
+  int window;              // sliding window W: a query at slot q sees slots (q - W, q]; 0: none
 };
 
 /// Which split-capable kernel serves a call (decode_attention.cu holds all three).
@@ -146,6 +147,16 @@ __device__ __forceinline__ int row_key_limit(const AttentionView& p, int row) {
   const int i = row / p.group;
   const std::int64_t limit = p.cache_position[i] - p.kv_offset;
   return static_cast<int>(limit < -1 ? -1 : (limit >= p.kv_len ? p.kv_len - 1 : limit));
+}
+
+/// The first key visible to packed row `row` under the sliding window: key j is visible iff
+/// row_key_first <= j <= row_key_limit (slot kv_offset + j > cache_position[i] - window). 0 without
+/// a window; clamped to [0, kv_len].
+__device__ __forceinline__ int row_key_first(const AttentionView& p, int row) {
+  if (p.window <= 0) return 0;
+  const int i = row / p.group;
+  const std::int64_t first = p.cache_position[i] - p.kv_offset - p.window + 1;
+  return static_cast<int>(first < 0 ? 0 : (first > p.kv_len ? p.kv_len : first));
 }
 
 /// The keys a split kernel's block attends over: kv_len, or the count read on the device.

@@ -131,7 +131,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   //   q[r][e] = query[b, h(row0 + r), i(row0 + r), chunk · E + e] · scale · log2(e).
   // Rows past p.rows (the last block's padding) are zeros that see no key.
   float q[R][E];
-  int limit[R];  // key j is visible to row r iff j <= limit[r] (and not padding)
+  int limit[R];  // key j is visible to row r iff first[r] <= j <= limit[r] (and not padding)
+  int first[R];
   int max_limit = -1;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -143,10 +144,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
       for (int e = 0; e < E; ++e) q[r][e] = f[e] * p.scale_log2;
       limit[r] = row_key_limit(p, row);
+      first[r] = row_key_first(p, row);
     } else {
 #pragma unroll
       for (int e = 0; e < E; ++e) q[r][e] = 0.0f;
       limit[r] = -1;
+      first[r] = 0;
     }
     max_limit = max(max_limit, limit[r]);
   }
@@ -244,7 +247,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
       const int key = key0 + k;
       const bool attend = key < key_end && (mask_row == nullptr || __ldg(mask_row + key) != 0);
 #pragma unroll
-      for (int r = 0; r < R; ++r) s[pass][r] = attend && key <= limit[r] ? dot[r] : kNegInf;
+      for (int r = 0; r < R; ++r) {
+        s[pass][r] = attend && key <= limit[r] && key >= first[r] ? dot[r] : kNegInf;
+      }
     }
 
     // Online softmax over the tile: new max (over the warp), rescale, probabilities.
@@ -421,6 +426,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const bool valid_a = row_a < p.rows, valid_b = row_b < p.rows;
   int limit_a = valid_a ? row_key_limit(p, row_a) : -1;
   int limit_b = valid_b ? row_key_limit(p, row_b) : -1;
+  const int first_a = valid_a ? row_key_first(p, row_a) : 0;  // the sliding window's first key
+  const int first_b = valid_b ? row_key_first(p, row_b) : 0;
   // Every warp holds the same 16 rows: the block's frontier is the max over one warp.
   const int max_limit = __reduce_max_sync(kFullMask, max(limit_a, limit_b));
 
@@ -533,8 +540,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
         // key <= max(limit_a, limit_b) <= key_end - 1 keeps the mask read inside the keys.
         const bool padded =
             mask_row != nullptr && key <= max(limit_a, limit_b) && __ldg(mask_row + key) == 0;
-        s[nt][j] = key <= limit_a && !padded ? s[nt][j] * p.scale_log2 : kNegInf;
-        s[nt][2 + j] = key <= limit_b && !padded ? s[nt][2 + j] * p.scale_log2 : kNegInf;
+        s[nt][j] = key <= limit_a && key >= first_a && !padded ? s[nt][j] * p.scale_log2 : kNegInf;
+        s[nt][2 + j] =
+            key <= limit_b && key >= first_b && !padded ? s[nt][2 + j] * p.scale_log2 : kNegInf;
       }
     }
 
@@ -713,11 +721,12 @@ __global__ void __launch_bounds__(kGenericThreads)
   const int row0 = row_block * kGenericRows;
 
   // This warp's rows are row0 + warp · 4 + k; the block's frontier is the max over all 16.
-  int limit[kGenericRowsPerWarp];
+  int limit[kGenericRowsPerWarp], first[kGenericRowsPerWarp];
 #pragma unroll
   for (int k = 0; k < kGenericRowsPerWarp; ++k) {
     const int row = row0 + warp * kGenericRowsPerWarp + k;
     limit[k] = row < p.rows ? row_key_limit(p, row) : -1;
+    first[k] = row < p.rows ? row_key_first(p, row) : 0;
   }
   int max_limit = -1;
   for (int rr = 0; rr < kGenericRows; ++rr) {
@@ -773,7 +782,7 @@ __global__ void __launch_bounds__(kGenericThreads)
     const bool attend = key < key_end && (mask_row == nullptr || __ldg(mask_row + key) != 0);
 #pragma unroll
     for (int k = 0; k < kGenericRowsPerWarp; ++k) {
-      s[k] = attend && key <= limit[k] ? s[k] : kNegInf;
+      s[k] = attend && key <= limit[k] && key >= first[k] ? s[k] : kNegInf;
       float tile_max = s[k];
 #pragma unroll
       for (int offset = 16; offset > 0; offset /= 2)

@@ -6,8 +6,9 @@
 // it loads serves every head of the group). Each warp owns 16 rows. Per tile of 64 keys:
 //   S = Q·Kᵀ    mma.sync m16n8k16 (bf16/f16 in, float32 accumulators), Q fragments kept in
 //               registers for the whole pass, K fragments by ldmatrix from shared memory;
-//   mask        causal (key j visible to row r iff j <= cache_position[i(r)] - kv_offset) and
-//               padding, only on tiles that cross the block's diagonal or when a mask exists;
+//   mask        causal (key j visible to row r iff j <= cache_position[i(r)] - kv_offset), the
+//               sliding window when there is one (and j > that limit - window), and padding,
+//               only on tiles that cross the block's diagonal or when a mask or window exists;
 //   softmax     online, float32, exp2 of scores pre-multiplied by scale · log2(e);
 //   O += P·V    P rounded to the input dtype in registers (the accumulator layout of S is the A
 //               operand layout of the next mma, so P never goes through shared memory), V
@@ -124,6 +125,8 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const int row_a = row0 + warp * 16 + group_id, row_b = row_a + 8;
   const int limit_a = row_a < p.rows ? row_key_limit(p, row_a) : -1;
   const int limit_b = row_b < p.rows ? row_key_limit(p, row_b) : -1;
+  const int first_a = row_a < p.rows ? row_key_first(p, row_a) : 0;  // the sliding window's
+  const int first_b = row_b < p.rows ? row_key_first(p, row_b) : 0;
 
   std::uint32_t q_frag[kDimSteps][4];
   float o[kDimTiles][4];  // O rows (row_a: [0], [1]; row_b: [2], [3]), dims dt · 8 + 2 · tig
@@ -167,7 +170,8 @@ __global__ void __launch_bounds__(kPrefillThreads)
 
     // Scale, then mask where this tile may hold an invisible key for some row.
     const int key0 = tile * kBlockKeys;
-    const bool needs_mask = mask_row != nullptr || key0 + kBlockKeys - 1 > min_limit;
+    const bool needs_mask =
+        mask_row != nullptr || key0 + kBlockKeys - 1 > min_limit || p.window > 0;
 #pragma unroll
     for (int nt = 0; nt < kKeyTiles; ++nt) {
 #pragma unroll
@@ -176,8 +180,10 @@ __global__ void __launch_bounds__(kPrefillThreads)
         if (needs_mask) {
           const int key = key0 + nt * 8 + 2 * tig + (e & 1);
           const int limit = e < 2 ? limit_a : limit_b;
+          const int first = e < 2 ? first_a : first_b;
           // key <= limit keeps key < kv_len before the mask byte is read.
-          const bool visible = key <= limit && (mask_row == nullptr || mask_row[key] != 0);
+          const bool visible =
+              key <= limit && key >= first && (mask_row == nullptr || mask_row[key] != 0);
           v = visible ? v : kNegInf;
         }
         s[nt][e] = v;

@@ -78,20 +78,13 @@ Tensor Attention::forward(const Tensor& query_states, const Tensor& key_states,
                    o.sliding_window);
     return out;
   } else {
-    // The CUDA kernels apply no sliding window and read the mask from column 0: refuse a step
-    // that needs either rather than attend to keys the model would not see.
-    const std::int64_t last_query =
-        cache_position.empty() ? 0
-                               : *std::max_element(cache_position.begin(), cache_position.end());
-    KVCACHE_CHECK(!o.sliding_window || last_query < *o.sliding_window, where, ": layer ",
-                  layer_idx_, " uses a sliding window of ", o.sliding_window.value_or(0),
-                  " tokens and this step reaches slot ", last_query,
-                  "; the CUDA attention kernels have no sliding-window rule yet (run past the "
-                  "window on the CPU)");
+    // The CUDA kernels apply the window themselves but read the mask from column 0: a cache
+    // layer that has dropped its oldest keys (a sliding layer past its window) is not served on
+    // the GPU yet; generate() builds full layers there, which the window makes exact.
     KVCACHE_CHECK(sizes.kv_offset == 0, where, ": layer ", layer_idx_,
                   " of the cache keeps keys from slot ", sizes.kv_offset,
-                  " (a sliding-window layer past its window); the CUDA attention kernels have no "
-                  "sliding-window support yet");
+                  " (a sliding-window cache layer past its window); on the GPU use full layers "
+                  "(a DynamicCache without sliding_windows): the attention applies the window");
     // The mask as device bytes: given so by the caller, or checked here and sent over.
     Tensor mask = attention_mask;
     if (mask.defined() && mask.device() == Device::kCuda) {
@@ -116,7 +109,8 @@ Tensor Attention::forward(const Tensor& query_states, const Tensor& key_states,
     }
     Tensor out = cuda::empty({batch, q_len, o.num_heads, o.head_dim}, query_states.dtype());
     auto [keys, values] = cache.update(key_states, value_states, layer_idx_, kwargs);
-    cuda::attention(query_states, keys, values, mask, positions, sizes.kv_offset, scale_, out);
+    cuda::attention(query_states, keys, values, mask, positions, sizes.kv_offset, scale_, out,
+                    o.sliding_window);
     return out;
   }
 }

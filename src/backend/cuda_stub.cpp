@@ -70,11 +70,11 @@ void linear_rms_norm(const Tensor&, const Tensor&, float, const Tensor&, const T
   not_built("linear_rms_norm");
 }
 void attention(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-               std::int64_t, float, const Tensor&) {
+               std::int64_t, float, const Tensor&, std::optional<std::int64_t>) {
   not_built("attention");
 }
 void attention(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-               std::int64_t, float, const Tensor&, const Tensor&) {
+               std::int64_t, float, const Tensor&, const Tensor&, std::optional<std::int64_t>) {
   not_built("attention");
 }
 Tensor argmax(const Tensor&) { not_built("argmax"); }

@@ -122,8 +122,9 @@ std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
   const ModelConfig& c = model.config();
   if (cache_implementation == "dynamic") {
     // The model's sliding layers get sliding cache layers, as transformers' DynamicCache(config)
-    // makes them. On the GPU, whose kernels refuse a step past a window anyway, every layer stays
-    // full: the same tokens within the window, and the decode step still replays from a graph.
+    // makes them. On the GPU every layer stays full (its kernels apply the window over full
+    // layers; sliding cache layers are CPU-only for now): the same tokens at full-length memory,
+    // and the decode step still replays from a graph.
     DynamicCacheOptions options{.initial_capacity = max_cache_len};
     if constexpr (B::kDevice == Device::kCpu) options.sliding_windows = c.sliding_windows();
     return std::make_unique<DynamicCache<B>>(std::move(options));

@@ -434,20 +434,11 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
   KVCACHE_CHECK(static_cast<std::int64_t>(cache_position.size()) == q_len, where, ": expected ",
                 q_len, " cache positions (one per input token), got ", cache_position.size());
   // Layers with a sliding window (Mistral; Qwen2's upper layers when enabled): the attention
-  // applies the window (on the CPU) over what each cache layer holds. Checked for every layer
-  // here, before layer 0 touches the cache: the cache must still hold the keys each layer's
-  // queries see (a sliding cache layer under a full or wider-windowed layer cannot), and the GPU
-  // kernels have no window rule yet, so on the GPU a step past a window is refused.
+  // applies the window over what each cache layer holds, on either backend. Checked for every
+  // layer here, before layer 0 touches the cache: the cache must still hold the keys each layer's
+  // queries see (a sliding cache layer under a full or wider-windowed layer cannot).
   for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::optional<std::int64_t> window = c.layer_sliding_window(l);
-    if constexpr (B::kDevice == Device::kCuda) {
-      KVCACHE_CHECK(
-          !window || *std::max_element(cache_position.begin(), cache_position.end()) < *window,
-          where, ": layer ", l, " of this ", c.architecture, " uses a sliding window of ",
-          window.value_or(0), " tokens and the sequence reaches ", cache_position.back() + 1,
-          "; the CUDA attention kernels have no sliding-window rule yet (generate past "
-          "the window on the CPU)");
-    }
     check_keys_held(cache_position,
                     cache->get_mask_sizes(cache_position, static_cast<int>(l)).kv_offset, window,
                     static_cast<int>(l), where);
@@ -551,7 +542,8 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
         const auto& [key_storage, value_storage] = replay->storage[l];
         attn = cuda::empty({batch, q_len, heads, hd}, q.dtype());
         cuda::attention(q, key_storage, value_storage, replay->mask, replay->cache_position, 0,
-                        attention.scale(), attn, replay->kv_len);
+                        attention.scale(), attn, replay->kv_len,
+                        c.layer_sliding_window(static_cast<std::int64_t>(l)));
       }
     }
     if (!attn.defined()) {

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <random>
 #include <span>
 #include <sstream>
@@ -63,13 +64,15 @@ struct Case {
   bool use_mask = true;       // false: no mask tensor at all (left_pad must be 0)
   Layout layout = Layout::kContiguous;
   DType dtype = DType::kFloat32;
+  std::optional<std::int64_t> window;  // sliding window (none: full causal attention)
 
   std::string describe() const {
     std::ostringstream s;
     s << "batch " << batch << ", heads " << num_heads << "/" << num_kv_heads << ", q_len " << q_len
       << ", kv_len " << kv_len << ", head_dim " << head_dim << ", past " << first_position()
       << ", kv_offset " << kv_offset << ", left_pad " << left_pad << ", mask " << use_mask
-      << ", layout " << static_cast<int>(layout) << ", " << dtype_name(dtype);
+      << ", layout " << static_cast<int>(layout) << ", " << dtype_name(dtype) << ", window "
+      << window.value_or(0);
     return s.str();
   }
   std::int64_t first_position() const { return past >= 0 ? past : kv_offset + kv_len - q_len; }
@@ -148,10 +151,10 @@ Outcome run_case(const Case& c, std::mt19937& rng) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   Tensor expected = Tensor::empty({c.batch, c.q_len, c.num_heads, c.head_dim}, c.dtype);
   cpu::attention(query.host, keys.host, values.host, std::span<const std::uint8_t>(mask),
-                 std::span<const std::int64_t>(positions), c.kv_offset, scale, expected);
+                 std::span<const std::int64_t>(positions), c.kv_offset, scale, expected, c.window);
   Tensor out = poisoned_device({c.batch, c.q_len, c.num_heads, c.head_dim}, c.dtype);
   cuda::attention(query.device, keys.device, values.device, mask_device, positions_device,
-                  c.kv_offset, scale, out);
+                  c.kv_offset, scale, out, c.window);
   const std::vector<double> actual = to_doubles(cuda::to_host(out));
   const std::vector<double> reference = to_doubles(expected);
 
@@ -166,7 +169,8 @@ Outcome run_case(const Case& c, std::mt19937& rng) {
     for (std::int64_t i = 0; i < c.q_len; ++i) {
       bool sees_any = false;
       for (std::int64_t j = 0; j < c.kv_len && !sees_any; ++j) {
-        const bool causal = c.kv_offset + j <= positions[i];
+        const bool causal = c.kv_offset + j <= positions[i] &&
+                            (!c.window || c.kv_offset + j > positions[i] - *c.window);
         sees_any = causal && (mask.empty() || mask[b * c.kv_len + j] != 0);
       }
       if (sees_any) continue;
@@ -225,6 +229,47 @@ TEST_F(CudaAttention, LongContextSplitsAndMerges) {
           c.left_pad = 0;
           run_case(c, rng);
         }
+}
+
+// The sliding window (key slot > query slot - W) on every kernel: decode (SIMT for float32 and
+// odd head_dims, tensor cores for 16-bit), long contexts split across blocks, prefill (tensor
+// cores for 16-bit) and chunked prefill, with padding and kv_offset > 0, against cpu::attention's
+// rule. Windows from 1 (a query sees only itself) to wider than the keys (no effect).
+TEST_F(CudaAttention, SlidingWindowMatchesCpu) {
+  std::mt19937 rng(611);
+  struct Shape {
+    std::int64_t q_len, kv_len, kv_offset;
+  };
+  for (DType dtype : kFloatTypes)
+    for (std::int64_t head_dim : {24, 64, 128})
+      for (const Shape& shape : {Shape{1, 300, 0}, Shape{3, 300, 40}, Shape{1, 5000, 0},
+                                 Shape{150, 150, 0}, Shape{100, 400, 0}})
+        for (std::int64_t window : {1, 7, 64, 129, 100000}) {
+          Case c;
+          c.dtype = dtype;
+          c.head_dim = head_dim;
+          c.num_heads = 8;
+          c.num_kv_heads = 2;
+          c.q_len = shape.q_len;
+          c.kv_len = shape.kv_len;
+          c.kv_offset = shape.kv_offset;
+          if (shape.q_len == shape.kv_len) c.past = 0;
+          c.left_pad = 3;
+          c.window = window;
+          run_case(c, rng);
+        }
+}
+
+TEST_F(CudaAttention, SlidingWindowBelowOneIsAnError) {
+  std::mt19937 rng(612);
+  const Tensor q = cuda::to_device(random_tensor({1, 2, 1, 64}, DType::kFloat32, rng));
+  const Tensor k = cuda::to_device(random_tensor({1, 2, 8, 64}, DType::kFloat32, rng));
+  const Tensor pos =
+      cuda::to_device(Tensor::from_blob(std::vector<std::int64_t>{7}.data(), {1}, DType::kInt64));
+  const Tensor out = cuda::empty({1, 1, 2, 64}, DType::kFloat32);
+  EXPECT_THROW(cuda::attention(q, k, k, Tensor(), pos, 0, 0.125f, out, std::int64_t{0}), Error);
+  EXPECT_THROW(cuda::attention(q, k, k, Tensor(), pos, 0, 0.125f, out, std::int64_t{-3}), Error);
+  EXPECT_NO_THROW(cuda::attention(q, k, k, Tensor(), pos, 0, 0.125f, out, std::int64_t{1}));
 }
 
 TEST_F(CudaAttention, PrefillMatchesCpu) {

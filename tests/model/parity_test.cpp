@@ -172,18 +172,22 @@ void expect_parity(const std::string& fixture) {
   // The seed's loop: over a DynamicCache of the model's layer kinds (transformers'
   // DynamicCache(config); for a fixture without sliding layers, a plain DynamicCache). The
   // existing mistral fixture (window 64, never passed) gets sliding layers too.
-  // (On the GPU, where no fixture runs past its window, the layers stay full, as generate()
-  // makes them there.)
+  // (On the GPU the layers stay full, as generate() makes them there: its kernels apply the
+  // window over full layers.)
   DynamicCacheOptions options;
   if constexpr (B::kDevice == Device::kCpu) options.sliding_windows = c.sliding_windows();
   DynamicCache<B> cache(std::move(options));
   LoopResult loop;
+  // (Full layers keep the whole prompt: on the GPU a windowed fixture's cache is compared by its
+  // last tokens.)
+  const bool kept_like_transformers = B::kDevice == Device::kCpu || !windowed;
   run_seed_loop<B>(
-      model, expected, cache, true, [&] { return cache.to_legacy_cache(); }, loop);
+      model, expected, cache, kept_like_transformers, [&] { return cache.to_legacy_cache(); },
+      loop);
   const double worst_logits = loop.worst_logits;
   EXPECT_LT(worst_logits, 1e-4) << "step logits, relative to each row's largest";
   EXPECT_EQ(loop.tokens, loop_tokens) << "greedy tokens of the seed's loop";
-  if (windowed) {
+  if (windowed && B::kDevice == Device::kCpu) {
     ASSERT_TRUE(cache.has_sliding_layers());
     // Over full layers the model's window alone must give the same: a plain DynamicCache.
     DynamicCache<B> full;
@@ -204,7 +208,7 @@ void expect_parity(const std::string& fixture) {
   const GenerateResult result =
       generate(model, input_ids, cpu::clone(expected.tensor("attention_mask")), config);
   EXPECT_EQ(result.new_tokens, rows_of(expected.tensor("generate_tokens"))) << "generate()";
-  if (windowed) {
+  if (windowed && B::kDevice == Device::kCpu) {
     // generate()'s own cache had sliding layers: it keeps fewer tokens than it has seen.
     const std::int64_t seen = input_ids.size(1) + new_tokens - 1;
     EXPECT_EQ(result.cache_length, seen);
@@ -244,18 +248,19 @@ INSTANTIATE_TEST_SUITE_P(
              std::string(device_name(std::get<1>(info.param)));
     });
 
-// Past their window: the CPU only (below, the GPU's clear error).
+// Past their window, on both backends (on the GPU over full cache layers, with graphs on and off:
+// generate()'s default replays the decode step, the seed's loop launches kernel by kernel).
 INSTANTIATE_TEST_SUITE_P(WindowFixtures, Parity,
                          ::testing::Combine(::testing::Values("mistral_window", "qwen2_window"),
-                                            ::testing::Values(Device::kCpu)),
+                                            ::testing::Values(Device::kCpu, Device::kCuda)),
                          [](const auto& info) {
                            return std::string(std::get<0>(info.param)) + "_" +
                                   std::string(device_name(std::get<1>(info.param)));
                          });
 
-// On the GPU a step past a sliding window is a clear error naming what is missing, before any
-// layer changes, never tokens of full attention.
-TEST(ParityWindow, CudaPastTheWindowIsAClearError) {
+// On the GPU a sliding cache layer that has dropped its oldest keys is not served yet: a clear
+// error before any layer changes, never tokens attended over the wrong slots.
+TEST(ParityWindow, CudaSlidingCacheLayersPastTheWindowAreAClearError) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const std::string dir = std::string(KVCACHE_TEST_DATA_DIR) + "/mistral_window";
   const LlamaModel model =
@@ -263,13 +268,29 @@ TEST(ParityWindow, CudaPastTheWindowIsAClearError) {
   const SafetensorsFile expected = SafetensorsFile::open(dir + "/expected.safetensors");
   const Tensor input_ids = cpu::clone(expected.tensor("input_ids"));
   const Tensor mask = cpu::clone(expected.tensor("attention_mask"));
-  DynamicCache<cuda::Backend> cache;
-  EXPECT_KVCACHE_ERROR(
-      model.forward({.input_ids = input_ids, .attention_mask = mask, .past_key_values = &cache}),
-      "the CUDA attention kernels have no sliding-window rule yet");
-  EXPECT_EQ(cache.get_seq_length(), 0);
-  EXPECT_KVCACHE_ERROR(generate(model, input_ids, mask, {.max_new_tokens = 4}),
-                       "the CUDA attention kernels have no sliding-window rule yet");
+  DynamicCache<cuda::Backend> cache({.sliding_windows = model.config().sliding_windows()});
+  // The 9-token prompt passes the window of 6: the sliding layers keep 5 + spare slots, the rest
+  // must be dropped before the next step, which the GPU path refuses.
+  EXPECT_NO_THROW(
+      model.forward({.input_ids = input_ids, .attention_mask = mask, .past_key_values = &cache}));
+  const std::int64_t seen = cache.get_seq_length();
+  EXPECT_EQ(seen, input_ids.size(1));
+  const Tensor next = Tensor::empty({input_ids.size(0), 1}, DType::kInt64);
+  for (std::int64_t b = 0; b < input_ids.size(0); ++b) next.data_as<std::int64_t>()[b] = 7;
+  Tensor longer = Tensor::empty({mask.size(0), mask.size(1) + 1}, mask.dtype());
+  for (std::int64_t b = 0; b < mask.size(0); ++b)
+    for (std::int64_t j = 0; j <= mask.size(1); ++j)
+      longer.data_as<std::int64_t>()[b * (mask.size(1) + 1) + j] =
+          j < mask.size(1) ? mask.data_as<std::int64_t>()[b * mask.size(1) + j] : 1;
+  const auto sizes = cache.get_mask_sizes(std::vector<std::int64_t>{seen}, 0);
+  if (sizes.kv_offset > 0) {
+    EXPECT_KVCACHE_ERROR(
+        model.forward({.input_ids = next, .attention_mask = longer, .past_key_values = &cache}),
+        "on the GPU use full layers");
+    EXPECT_EQ(cache.get_seq_length(), seen);
+  } else {
+    ADD_FAILURE() << "the sliding layer kept every token of a prompt past its window";
+  }
 }
 
 }  // namespace

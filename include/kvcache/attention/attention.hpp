@@ -15,8 +15,9 @@
 // windowed model is exact over a full-attention cache layer too, and a layer that dropped keys a
 // query still sees is a clear error before the update (check_keys_held).
 //
-// On the GPU the kernels have no sliding-window rule yet: a step where the window would hide a
-// key (or a layer that dropped tokens, kv_offset > 0) is a kvcache::Error saying so.
+// On the GPU the kernels apply the window too, over full-attention cache layers; a cache layer
+// that has dropped its oldest keys (kv_offset > 0, a sliding layer past its window) is refused
+// there for now (a kvcache::Error saying so).
 //
 // One module for both backends: forward() is a template over the cache's backend (instantiated
 // for cpu::Backend and cuda::Backend). The states must live on the cache's device; the mask may

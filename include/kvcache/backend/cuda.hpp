@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <string_view>
 
 #include "kvcache/tensor.hpp"
@@ -290,12 +291,14 @@ void linear_rms_norm(const Tensor& x, const Tensor& norm_weight, float eps, cons
 ///   cache_position  [q_len] int64: key j (absolute slot kv_offset + j) is visible to query i
 ///                   when kv_offset + j <= cache_position[i] and mask[b, j] != 0
 ///   out             [batch, q_len, num_heads, head_dim] contiguous, query's dtype
+///   sliding_window  none (full causal attention), or W >= 1: key j is visible to query i only
+///                   when also kv_offset + j > cache_position[i] - W (cpu::attention's rule)
 /// Softmax and accumulation in float32. Query rows that see no key give zeros, never NaN.
 /// Decode (few query rows) splits long contexts across blocks and merges the pieces
 /// (flash-decoding); prefill of bfloat16/float16 uses tensor cores. Any even head_dim up to 256.
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
-               const Tensor& cache_position, std::int64_t kv_offset, float scale,
-               const Tensor& out);
+               const Tensor& cache_position, std::int64_t kv_offset, float scale, const Tensor& out,
+               std::optional<std::int64_t> sliding_window = std::nullopt);
 
 /// The same with the number of keys read on the device, for a decode step replayed from a CUDA
 /// graph: keys and values are the cache's whole storage [batch, num_kv_heads, capacity, head_dim],
@@ -305,7 +308,8 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values, co
 /// 8 (decode).
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
                const Tensor& cache_position, std::int64_t kv_offset, float scale, const Tensor& out,
-               const Tensor& kv_len_device);
+               const Tensor& kv_len_device,
+               std::optional<std::int64_t> sliding_window = std::nullopt);
 
 /// The first maximum of every row: logits [rows, vocab] float32 (any row stride) → [rows] int64.
 Tensor argmax(const Tensor& logits);
