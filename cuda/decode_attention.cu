@@ -967,6 +967,8 @@ decltype(auto) dispatch_decode_rows(int rows_per_block, F&& f) {
   }
 }
 
+constexpr std::int64_t kMinSplitBytes = 128 * 1024;
+
 struct KernelFacts {
   int blocks_per_sm;
   int tile_keys;       // keys_per_split is a multiple of this (one round of the whole block)
@@ -1063,8 +1065,15 @@ SplitPlan plan_split(const AttentionView& view, DType dtype, SplitKernel kernel)
   const std::int64_t base = static_cast<std::int64_t>(view.batch) * view.num_kv_heads *
                             plan.row_blocks;  // blocks at one split
   const std::int64_t capacity = static_cast<std::int64_t>(sm_count()) * facts.blocks_per_sm;
+  // And no split reads less than kMinSplitBytes (128 KiB) of keys and values: below it the
+  // merge's launch costs more than the parallelism gains. On the H200 this took TinyLlama's decode
+  // (4 kv heads, a few hundred keys: now one block a kv head, no merge) from 895 to 924 tok/s and
+  // BM_DecodeAttentionCuda/1/4096 from 335 to 268 µs, other shapes within noise.
+  const std::int64_t row_bytes = 2 * static_cast<std::int64_t>(view.head_dim) * dtype_size(dtype);
+  const std::int64_t min_keys =
+      std::max<std::int64_t>(facts.min_split_keys, (kMinSplitBytes + row_bytes - 1) / row_bytes);
   const std::int64_t max_splits =
-      std::max<std::int64_t>(1, (view.kv_len + facts.min_split_keys - 1) / facts.min_split_keys);
+      std::max<std::int64_t>(1, (view.kv_len + min_keys - 1) / min_keys);
   const std::int64_t splits = std::clamp<std::int64_t>(capacity / base, 1, max_splits);
   if (splits > 1) {
     const std::int64_t per_split = (view.kv_len + splits - 1) / splits;
