@@ -15,21 +15,54 @@ constexpr std::size_t align8(std::size_t n) { return (n + 7) / 8 * 8; }
 
 }  // namespace
 
-DynamicCache<cuda::Backend>* DecodeGraph::replayable(const LlamaModel& model,
-                                                     Cache<cuda::Backend>* cache,
-                                                     const GenerationConfig& config) {
-  if (!config.cuda_graph || model.device() != Device::kCuda || cache == nullptr) return nullptr;
-  return dynamic_cast<DynamicCache<cuda::Backend>*>(cache);
+std::optional<ReplayCache> ReplayCache::of(const LlamaModel& model, Cache<cuda::Backend>* cache,
+                                           const GenerationConfig& config) {
+  if (!config.cuda_graph || model.device() != Device::kCuda || cache == nullptr) return {};
+  ReplayCache r;
+  r.cache_ = cache;
+  r.dynamic_ = dynamic_cast<DynamicCache<cuda::Backend>*>(cache);
+  // The graph writes slots [0, capacity) of every layer's storage: full layers only.
+  if (r.dynamic_ != nullptr && r.dynamic_->has_sliding_layers()) return {};
+  if (r.dynamic_ == nullptr) r.static_ = dynamic_cast<StaticCache<cuda::Backend>*>(cache);
+  if (r.dynamic_ == nullptr && r.static_ == nullptr) return {};
+  return r;
 }
 
-DecodeGraph::DecodeGraph(const LlamaModel& model, DynamicCache<cuda::Backend>& cache,
-                         std::int64_t batch, std::int64_t capacity, const GenerationConfig& config)
+std::int64_t ReplayCache::capacity(std::int64_t wanted) const {
+  return static_ ? std::min(wanted, static_->max_cache_len()) : wanted;
+}
+
+void ReplayCache::reserve(std::int64_t capacity) const {
+  if (dynamic_) return dynamic_->reserve(capacity);
+  KVCACHE_CHECK(capacity <= static_->max_cache_len(), "DecodeGraph: expected at most ",
+                static_->max_cache_len(), " slots (the StaticCache's max_cache_len), got ",
+                capacity);
+}
+
+std::pair<Tensor, Tensor> ReplayCache::storage(int layer) const {
+  if (dynamic_) return dynamic_->storage(layer);
+  const auto [keys, values] = static_->storage(layer);
+  const std::int64_t rows = static_->batch_size();
+  return {keys.slice(0, 0, rows), values.slice(0, 0, rows)};
+}
+
+void ReplayCache::mark_appended(std::int64_t tokens) const {
+  if (dynamic_) return dynamic_->mark_appended(tokens);
+  static_->mark_appended(tokens);
+}
+
+std::int64_t ReplayCache::batch_size() const {
+  return dynamic_ ? dynamic_->batch_size() : static_->batch_size();
+}
+
+DecodeGraph::DecodeGraph(const LlamaModel& model, ReplayCache cache, std::int64_t batch,
+                         std::int64_t capacity, const GenerationConfig& config)
     : model_(model), cache_(cache), config_(config), batch_(batch), capacity_(capacity) {
   const char* where = "DecodeGraph";
   const auto layers = static_cast<int>(model.layers_.size());
-  KVCACHE_CHECK(cache.num_layers() == layers && cache.batch_size() == batch, where,
+  KVCACHE_CHECK(cache.cache().num_layers() == layers && cache.batch_size() == batch, where,
                 ": expected a cache holding the prompt in all ", layers, " layers for batch ",
-                batch, ", got ", cache.num_layers(), " layers, batch ", cache.batch_size());
+                batch, ", got ", cache.cache().num_layers(), " layers, batch ", cache.batch_size());
   cache_.reserve(capacity);
   const auto rows = static_cast<std::size_t>(batch);
   ids_at_ = 0;
@@ -69,7 +102,7 @@ void DecodeGraph::capture(const Tensor& input_ids, const Tensor& attention_mask,
   // Each layer's storage seen up to the graph's capacity (reserve() may have made more slots):
   // the attention plan, the key count's clamp and the padding mask all span capacity_ slots.
   replay_.storage.clear();
-  for (int l = 0; l < cache_.num_layers(); ++l) {
+  for (int l = 0; l < cache_.cache().num_layers(); ++l) {
     const auto [keys, values] = cache_.storage(l);
     replay_.storage.emplace_back(keys.slice(2, 0, capacity_), values.slice(2, 0, capacity_));
   }
@@ -93,7 +126,7 @@ void DecodeGraph::capture(const Tensor& input_ids, const Tensor& attention_mask,
   const ForwardArgs args{.input_ids = input_ids,
                          .attention_mask = attention_mask,
                          .cache_position = {cache_position},
-                         .past_key_values = &cache_,
+                         .past_key_values = &cache_.cache(),
                          .logits_to_keep = 1};
   graph_ = cuda::Graph();
   graph_ = cuda::Graph::capture([&] {
@@ -101,7 +134,7 @@ void DecodeGraph::capture(const Tensor& input_ids, const Tensor& attention_mask,
     // the workspace, the same addresses at every replay.
     const cuda::ScratchScope scratch;
     buffer_.send(0, inputs_bytes_);
-    const Tensor logits = model_.forward_on<cuda::Backend>(args, &cache_, &replay_);
+    const Tensor logits = model_.forward_on<cuda::Backend>(args, &cache_.cache(), &replay_);
     const Tensor last = last_position(logits);
     const Tensor picked = config_.do_sample ? cuda::sample(last, config_.temperature, config_.top_k,
                                                            config_.top_p, uniforms_)
@@ -120,7 +153,7 @@ std::vector<std::int64_t> DecodeGraph::step(const Tensor& input_ids, const Tenso
                     input_ids.size(0) == batch_ && input_ids.size(1) == 1,
                 where, ": expected input_ids [", batch_, ", 1] int64 on the CPU, got ",
                 input_ids.describe());
-  const std::int64_t past = cache_.get_seq_length();
+  const std::int64_t past = cache_.cache().get_seq_length();
   KVCACHE_CHECK(cache_position == past, where, ": expected cache_position ", past,
                 " (the cache's length), got ", cache_position);
   KVCACHE_CHECK(past + 1 <= capacity_, where, ": the step reaches ", past + 1, " tokens, past the ",

@@ -9,7 +9,7 @@
 //     before each replay, sent by the graph's first node (MirroredBuffer);
 //   - the keys and values: written by cuda::append_at at the slot read on the device, into a
 //     DynamicCache reserved up front for the whole generation, so its storage never moves (if it
-//     does move, the graph is captured again);
+//     does move, the graph is captured again), or a StaticCache, whose storage never moves;
 //   - attention: over the storage's first `capacity` slots (the graph's capacity; the storage may
 //     hold more) with the key count read on the device; the padding mask [batch, capacity] is sent
 //     once (every later column is 1, as generate() extends
@@ -17,33 +17,56 @@
 //   - intermediates: the thread's scratch workspace (cuda::ScratchScope), carved in the same order
 //     at every step, so the captured addresses stay the step's own;
 //   - the chosen ids: argmax or sampling inside the graph, copied back by its last node.
-// The host keeps the cache's bookkeeping (DynamicCache::mark_appended) after each replay.
+// The host keeps the cache's bookkeeping (mark_appended of either cache) after each replay.
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "kvcache/backend/cuda.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
+#include "kvcache/cache/static_cache.hpp"
 #include "kvcache/generation/config.hpp"
 #include "kvcache/model/llama.hpp"
 
 namespace kvcache::detail {
 
+/// What a replayed step needs of the caller's cache, for the two kinds whose storage a graph can
+/// write at fixed addresses: a DynamicCache of full layers (reserved up front; if its storage
+/// moves the graph is captured again) and a StaticCache (allocated once).
+class ReplayCache {
+ public:
+  /// The cache when a generation on `model` can replay its decode steps (a GPU model,
+  /// config.cuda_graph, one of the two kinds above); else nothing.
+  static std::optional<ReplayCache> of(const LlamaModel& model, Cache<cuda::Backend>* cache,
+                                       const GenerationConfig& config);
+  Cache<cuda::Backend>& cache() const { return *cache_; }
+  /// The slots the graph may fill: at most `wanted`, never past a StaticCache's max_cache_len.
+  std::int64_t capacity(std::int64_t wanted) const;
+  /// Makes every layer hold `capacity` slots (a DynamicCache grows; a StaticCache has them).
+  void reserve(std::int64_t capacity) const;
+  /// Layer l's keys and values, rows [0, batch_size()) of its whole storage.
+  std::pair<Tensor, Tensor> storage(int layer) const;
+  /// The cache's bookkeeping after a replay wrote `tokens` slots of every layer.
+  void mark_appended(std::int64_t tokens) const;
+  std::int64_t batch_size() const;
+
+ private:
+  Cache<cuda::Backend>* cache_ = nullptr;
+  DynamicCache<cuda::Backend>* dynamic_ = nullptr;  // exactly one of the two is set
+  StaticCache<cuda::Backend>* static_ = nullptr;
+};
+
 class DecodeGraph {
  public:
-  /// The cache as a DynamicCache when a generation on `model` can replay its decode steps (a GPU
-  /// model, config.cuda_graph, a DynamicCache<cuda::Backend>); else null.
-  static DynamicCache<cuda::Backend>* replayable(const LlamaModel& model,
-                                                 Cache<cuda::Backend>* cache,
-                                                 const GenerationConfig& config);
-
   /// Buffers for `batch` rows, with the cache reserved to `capacity` slots (every layer must hold
   /// the prompt already). Runs on the current stream, which must not be the legacy default stream
   /// (a cuda::StreamScope).
-  DecodeGraph(const LlamaModel& model, DynamicCache<cuda::Backend>& cache, std::int64_t batch,
-              std::int64_t capacity, const GenerationConfig& config);
+  DecodeGraph(const LlamaModel& model, ReplayCache cache, std::int64_t batch, std::int64_t capacity,
+              const GenerationConfig& config);
 
   /// One decode step: input_ids [batch, 1] int64 and the step's attention_mask [batch, past + 1]
   /// on the host, cache_position = past (the cache's length); uniforms: one per row when
@@ -60,7 +83,7 @@ class DecodeGraph {
   bool storage_moved() const;
 
   const LlamaModel& model_;
-  DynamicCache<cuda::Backend>& cache_;
+  ReplayCache cache_;
   GenerationConfig config_;
   std::int64_t batch_ = 0, capacity_ = 0;
   // Byte offsets into buffer_: the per-step inputs [0, inputs_bytes_), then the chosen ids, then

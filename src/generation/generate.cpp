@@ -1,9 +1,9 @@
 // generate(): the seed's loop with transformers' generate() conventions — position ids from the
 // mask, cache_position shared by the batch, finished rows emitting pad — plus sampling and timing.
 // It runs over any Cache of the model's backend: the one passed, or one it builds from
-// GenerationConfig::cache_implementation. Only a DynamicCache on the GPU replays its decode steps
-// from a CUDA graph (DecodeGraph writes into its reserved storage); every other cache runs each
-// step kernel by kernel, through the same forward().
+// GenerationConfig::cache_implementation. On the GPU a DynamicCache of full layers and a
+// StaticCache replay their decode steps from a CUDA graph (DecodeGraph writes into their storage);
+// every other cache runs each step kernel by kernel, through the same forward().
 #include "kvcache/generation/generate.hpp"
 
 #include <algorithm>
@@ -220,13 +220,11 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
                 " tokens, but it holds at most ", max_len, " (get_max_cache_shape)");
   // On the GPU the decode steps after the first are replayed from a CUDA graph (captured at the
   // second), on a stream of the library's own: graphs are not captured on the default stream.
-  DynamicCache<cuda::Backend>* replayable = nullptr;
+  std::optional<detail::ReplayCache> replayable;
   std::optional<cuda::StreamScope> stream;
   std::optional<detail::DecodeGraph> graph;
   if constexpr (B::kDevice == Device::kCuda) {
-    replayable = detail::DecodeGraph::replayable(model, &past_key_values, config);
-    // The graph writes slots [0, capacity) of every layer's storage: full layers only.
-    if (replayable && replayable->has_sliding_layers()) replayable = nullptr;
+    replayable = detail::ReplayCache::of(model, &past_key_values, config);
     if (replayable && config.max_new_tokens >= 3) stream.emplace();
   }
   Tensor mask = attention_mask.defined() ? attention_mask : ones_mask(batch, past + prompt);
@@ -243,7 +241,8 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
   // The graph's cache storage is reserved up front for at most kGraphTokens new tokens; steps past
   // that run kernel by kernel (the cache then grows as usual).
   constexpr std::int64_t kGraphTokens = 4096;
-  const std::int64_t graph_capacity = past + prompt + std::min(config.max_new_tokens, kGraphTokens);
+  const std::int64_t wanted = past + prompt + std::min(config.max_new_tokens, kGraphTokens);
+  const std::int64_t graph_capacity = replayable ? replayable->capacity(wanted) : wanted;
   for (std::int64_t step = 0; step < config.max_new_tokens; ++step) {
     std::vector<std::int64_t> next;
     if (stream && step >= 2 && cache_position.front() + 1 <= graph_capacity) {

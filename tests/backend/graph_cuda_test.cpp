@@ -1121,6 +1121,42 @@ TEST_F(CudaGenerate, EosAndAStoppingCallbackStopTheSameWayWithAndWithoutGraphs) 
 // with the full mask. Graphs on and off give the same tokens and leave caches of the same length
 // holding the same keys and values (to rounding: the replayed attention may split the keys
 // differently).
+// A StaticCache replays too (its storage never moves): the one cache_implementation "static"
+// builds and a caller's with more rows and slots than the generation uses.
+TEST_F(CudaGenerate, AStaticCacheReplaysWithTheSameTokens) {
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    for (const auto* rows : {&kOneRow, &kThreeRows}) {
+      SCOPED_TRACE(::testing::Message() << dtype_name(dtype) << ", batch " << rows->size());
+      const LlamaModel model = gpu_model(dtype);
+      const auto [ids, mask] = left_pad(*rows, 0);
+      const std::int64_t prompt = ids.size(1);
+      GenerationConfig config{.max_new_tokens = 14};
+      config.cache_implementation = "static";
+      const auto [on, off] = on_and_off(model, ids, mask, config);
+      EXPECT_GT(on.graph_steps, 0);
+      EXPECT_EQ(on.cache_length, prompt + 13);
+      // The same tokens as a DynamicCache with graphs off (the reference path).
+      config.cache_implementation = "dynamic";
+      const GenerateResult dynamic = generate(model, ids, mask, with_graphs(config, false));
+      EXPECT_EQ(on.new_tokens, dynamic.new_tokens);
+
+      const ModelConfig& c = model.config();
+      StaticCache<cuda::Backend> mine({.max_batch_size = 4,
+                                       .max_cache_len = 64,
+                                       .num_layers = static_cast<int>(c.num_hidden_layers),
+                                       .num_kv_heads = c.num_key_value_heads,
+                                       .head_dim = c.head_dim,
+                                       .dtype = dtype});
+      const GenerateResult given = generate(model, ids, mask, with_graphs(config, true), &mine);
+      EXPECT_EQ(given.new_tokens, dynamic.new_tokens);
+      EXPECT_GT(given.graph_steps, 0);
+      EXPECT_EQ(mine.get_seq_length(), prompt + 13);
+      for (int l = 0; l < static_cast<int>(c.num_hidden_layers); ++l)
+        EXPECT_EQ(mine.get_seq_length(l), prompt + 13) << "layer " << l;
+    }
+  }
+}
+
 TEST_F(CudaGenerate, ACallersCacheWithAnEarlierTurnIsTheSameWithAndWithoutGraphs) {
   for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
     for (const auto* rows : {&kOneRow, &kThreeRows}) {

@@ -257,6 +257,45 @@ TEST(StaticCache, SmallerBatchThanTheMaximum) {
   EXPECT_EQ(cache.nbytes(), 2u * 2 * 3 * 2 * 7 * 4 * 4);
 }
 
+// What a decode step replayed from a CUDA graph does: write the next slot of every layer straight
+// into storage(), then mark_appended(1). The cache then holds what update() would have left.
+TEST(StaticCache, WritesIntoStorageThenMarkAppended) {
+  std::mt19937 rng(41);
+  StaticCache<> cache(4, 9);
+  SlotCache ref;
+  fill(cache, ref, 3, 6, rng);
+  for (int layer = 0; layer < 2; ++layer) {
+    const Tensor k = random_tensor({3, 2, 1, 4}, DType::kFloat32, rng);
+    const Tensor v = random_tensor({3, 2, 1, 4}, DType::kFloat32, rng);
+    const auto [keys, values] = cache.storage(layer);
+    EXPECT_EQ(keys.shape_string(), "[4, 2, 9, 4]");  // the whole storage, max_batch_size rows
+    cpu::Backend::copy(keys.slice(0, 0, 3).slice(2, 6, 7), k);
+    cpu::Backend::copy(values.slice(0, 0, 3).slice(2, 6, 7), v);
+    ref.update(k, v, layer, 6);
+  }
+  cache.mark_appended(1);
+  expect_same(cache, ref);
+  EXPECT_EQ(cache.get_seq_length(), 7);
+  cache.mark_appended(0);
+  EXPECT_EQ(cache.get_seq_length(), 7);
+}
+
+TEST(StaticCache, MarkAppendedPastTheEndOrOnAnEmptyCacheIsAnErrorAndChangesNothing) {
+  std::mt19937 rng(42);
+  StaticCache<> none(2, 8);
+  EXPECT_KVCACHE_ERROR(none.mark_appended(1), "holds no layer");
+  StaticCache<> cache(2, 8);
+  SlotCache ref;
+  fill(cache, ref, 2, 6, rng);
+  EXPECT_KVCACHE_ERROR(cache.mark_appended(3), "room for 3");
+  EXPECT_KVCACHE_ERROR(cache.mark_appended(-1), "tokens >= 0");
+  EXPECT_KVCACHE_ERROR(cache.mark_appended(kMax), "room for");
+  expect_same(cache, ref);
+  cache.reset();
+  EXPECT_KVCACHE_ERROR(cache.mark_appended(1), "empty layer");
+  EXPECT_EQ(cache.get_seq_length(), 0);
+}
+
 // --- the operations ----------------------------------------------------------------------------
 
 TEST(StaticCache, CropKeepsPrefixAcceptsNegativeAndZero) {

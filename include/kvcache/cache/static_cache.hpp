@@ -290,6 +290,25 @@ class StaticCache : public Cache<B> {
     return {layer.keys, layer.values};
   }
 
+  /// Records that `tokens` more slots of every layer, rows [0, batch_size()), were written
+  /// directly into storage() (by a decode step replayed from a CUDA graph), as update() would have
+  /// left them. Every layer must hold tokens already and have room for them before max_cache_len;
+  /// else nothing changes and the call throws.
+  void mark_appended(std::int64_t tokens) {
+    const char* where = "StaticCache::mark_appended";
+    KVCACHE_CHECK(tokens >= 0, where, ": expected tokens >= 0, got ", tokens);
+    KVCACHE_CHECK(num_layers() > 0, where, ": the cache holds no layer");
+    for (int l = 0; l < num_layers(); ++l) {
+      const Layer& layer = layers_[static_cast<std::size_t>(l)];
+      KVCACHE_CHECK(layer.seq_len > 0, where, ": expected layer ", l,
+                    " to hold tokens already (an update first), got an empty layer");
+      KVCACHE_CHECK(tokens <= options_.max_cache_len - layer.seq_len, where, ": expected room for ",
+                    tokens, " more token(s) in layer ", l, ", which holds ", layer.seq_len, " of ",
+                    options_.max_cache_len, " slots");
+    }
+    for (Layer& layer : layers_) layer.seq_len += tokens;
+  }
+
  private:
   struct Layer {
     Tensor keys;  // [max_batch_size, num_kv_heads, max_cache_len, head_dim], owning, on B::kDevice

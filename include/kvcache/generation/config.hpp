@@ -17,7 +17,8 @@ struct GenerationConfig {
   std::uint64_t seed = 0;                    // sampling seed; the same seed gives the same tokens
   std::vector<std::int64_t> eos_token_ids;   // a row that emits one of these is finished
   std::optional<std::int64_t> pad_token_id;  // emitted by finished rows (default 0)
-  /// On the GPU, with a DynamicCache, when max_new_tokens >= 3: the decode step (one token per
+  /// On the GPU, with a DynamicCache of full layers or a StaticCache (the one passed or the one
+  /// cache_implementation builds), when max_new_tokens >= 3: the decode step (one token per
   /// row) is captured as a CUDA graph at the second decode step and replayed from then on, one
   /// launch a step instead of one per kernel (GenerateResult::graph_steps counts the steps run
   /// from the graph, the capturing one included). false: every step is launched kernel by kernel.
