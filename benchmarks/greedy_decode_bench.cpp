@@ -14,12 +14,15 @@
 // dtype, as the activations are. When the default model is installed (scripts/setup-model.sh),
 // the real SmolLM2-135M-Instruct Q4_1 file is measured too: held as its blocks (Q4_1 layers, Q8_0
 // embedding/LM head: what greedy_decode runs) and dequantized at load to float32 and bfloat16.
+// KVCACHE_BENCH_MODEL=<file.gguf> measures another GGUF file instead, under its file name (the
+// same binary for any model; the peers' columns then refer to the default model).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <optional>
@@ -112,8 +115,23 @@ std::string holding_name(Holding h) {
   return h ? std::string(kvcache::dtype_name(*h)) : std::string("blocks");
 }
 
+// The GGUF file the real-model rows measure: $KVCACHE_BENCH_MODEL, or the default model.
+const std::string& model_path() {
+  static const std::string path = [] {
+    const char* env = std::getenv("KVCACHE_BENCH_MODEL");
+    return std::string(env != nullptr && *env != '\0' ? env : KVCACHE_DEFAULT_MODEL_PATH);
+  }();
+  return path;
+}
+
+// The rows' model tag: smollm2_q4_1 for the default file, else the file's stem.
+std::string model_tag() {
+  if (model_path() == KVCACHE_DEFAULT_MODEL_PATH) return "smollm2_q4_1";
+  return std::filesystem::path(model_path()).stem().string();
+}
+
 std::string real_name(const char* family, Holding h) {
-  return std::string(family) + "/smollm2_q4_1/" + holding_name(h);
+  return std::string(family) + "/" + model_tag() + "/" + holding_name(h);
 }
 
 std::map<Holding, LlamaModel>& default_models() {
@@ -125,9 +143,7 @@ std::map<Holding, LlamaModel>& default_models() {
 const LlamaModel& default_model(Holding h) {
   auto it = default_models().find(h);
   if (it == default_models().end()) {
-    it = default_models()
-             .emplace(h, LlamaModel::from_gguf(KVCACHE_DEFAULT_MODEL_PATH, {.dtype = h}))
-             .first;
+    it = default_models().emplace(h, LlamaModel::from_gguf(model_path(), {.dtype = h})).first;
   }
   return it->second;
 }
@@ -167,18 +183,18 @@ const LlamaModel& model(DType dtype, std::optional<Holding> real = std::nullopt)
 }
 
 // Uniform token ids [1, count] int64.
-Tensor random_tokens(std::int64_t count, std::uint32_t seed) {
+Tensor random_tokens(std::int64_t count, std::uint32_t seed, std::int64_t vocab = kVocab) {
   Tensor ids = Tensor::empty({1, count}, DType::kInt64);
   std::mt19937 rng(seed);
-  std::uniform_int_distribution<std::int64_t> dist(0, kVocab - 1);
+  std::uniform_int_distribution<std::int64_t> dist(0, vocab - 1);
   auto* data = ids.data_as<std::int64_t>();
   for (std::int64_t i = 0; i < count; ++i) data[i] = dist(rng);
   return ids;
 }
 
 // Uniform [-1, 1) float32 keys or values [1, kv_heads, seq_len, head_dim] for the cache's fill.
-Tensor random_states(std::int64_t seq_len, std::uint32_t seed) {
-  Tensor t = Tensor::empty({1, kKvHeads, seq_len, kHeadDim}, DType::kFloat32);
+Tensor random_states(const kvcache::ModelConfig& c, std::int64_t seq_len, std::uint32_t seed) {
+  Tensor t = Tensor::empty({1, c.num_key_value_heads, seq_len, c.head_dim}, DType::kFloat32);
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
   float* data = t.data_as<float>();
@@ -209,10 +225,12 @@ void decode_steps(benchmark::State& state, const LlamaModel& m) {
   const double stream = kvcache::bench::streaming_bytes_per_second();
   // Filled directly (no prefill through the model): the same random K/V in every layer.
   DynamicCache<> cache;
-  const Tensor past_keys = random_states(context, 1);
-  const Tensor past_values = random_states(context, 2);
-  for (int layer = 0; layer < kLayers; ++layer) cache.update(past_keys, past_values, layer);
-  const kvcache::ForwardArgs args{.input_ids = random_tokens(1, 3),
+  const kvcache::ModelConfig& c = m.config();
+  const Tensor past_keys = random_states(c, context, 1);
+  const Tensor past_values = random_states(c, context, 2);
+  for (int layer = 0; layer < c.num_hidden_layers; ++layer)
+    cache.update(past_keys, past_values, layer);
+  const kvcache::ForwardArgs args{.input_ids = random_tokens(1, 3, c.vocab_size),
                                   .attention_mask = kvcache::ones_mask(1, context + 1),
                                   .cache_position = {context},
                                   .past_key_values = &cache,
@@ -244,17 +262,20 @@ void decode_steps(benchmark::State& state, const LlamaModel& m) {
 void batched_decode_steps(benchmark::State& state, const LlamaModel& m) {
   const std::int64_t batch = state.range(0), context = kShortContext;
   DynamicCache<> cache;
-  Tensor keys = Tensor::empty({batch, kKvHeads, context, kHeadDim}, DType::kFloat32);
-  Tensor values = Tensor::empty({batch, kKvHeads, context, kHeadDim}, DType::kFloat32);
-  const Tensor one_keys = random_states(context, 1), one_values = random_states(context, 2);
+  const kvcache::ModelConfig& c = m.config();
+  Tensor keys = Tensor::empty({batch, c.num_key_value_heads, context, c.head_dim}, DType::kFloat32);
+  Tensor values =
+      Tensor::empty({batch, c.num_key_value_heads, context, c.head_dim}, DType::kFloat32);
+  const Tensor one_keys = random_states(c, context, 1), one_values = random_states(c, context, 2);
   const std::size_t per_row = static_cast<std::size_t>(one_keys.numel());
   for (std::int64_t b = 0; b < batch; ++b) {
     std::copy_n(one_keys.data_as<float>(), per_row, keys.data_as<float>() + b * per_row);
     std::copy_n(one_values.data_as<float>(), per_row, values.data_as<float>() + b * per_row);
   }
-  for (int layer = 0; layer < kLayers; ++layer) cache.update(keys, values, layer);
+  for (int layer = 0; layer < c.num_hidden_layers; ++layer) cache.update(keys, values, layer);
   Tensor ids = Tensor::empty({batch, 1}, DType::kInt64);
-  for (std::int64_t b = 0; b < batch; ++b) ids.data_as<std::int64_t>()[b] = (b * 7919 + 3) % kVocab;
+  for (std::int64_t b = 0; b < batch; ++b)
+    ids.data_as<std::int64_t>()[b] = (b * 7919 + 3) % c.vocab_size;
   const kvcache::ForwardArgs args{.input_ids = ids,
                                   .attention_mask = kvcache::ones_mask(batch, context + 1),
                                   .cache_position = {context},
@@ -282,7 +303,7 @@ void bm_batched_decode_quantized(benchmark::State& state, kvcache::cpu::QuantFor
 void prefill_runs(benchmark::State& state, const LlamaModel& m) {
   const std::int64_t tokens = state.range(0);
   DynamicCache<> cache;
-  const kvcache::ForwardArgs args{.input_ids = random_tokens(tokens, 4),
+  const kvcache::ForwardArgs args{.input_ids = random_tokens(tokens, 4, m.config().vocab_size),
                                   .attention_mask = kvcache::ones_mask(1, tokens),
                                   .cache_position = kvcache::make_cache_position(0, tokens),
                                   .past_key_values = &cache,
@@ -335,7 +356,7 @@ void register_benchmarks() {
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
   }
-  if (std::filesystem::exists(KVCACHE_DEFAULT_MODEL_PATH)) {
+  if (std::filesystem::exists(model_path())) {
     for (Holding h : kHoldings) {
       benchmark::RegisterBenchmark(real_name("BM_GreedyDecodeCpu", h).c_str(), bm_greedy_decode_cpu,
                                    DType::kFloat32, h)
@@ -353,9 +374,9 @@ void register_benchmarks() {
   // Several sequences decoding together: the real file (Q4_1 layers, Q8_0 embedding and LM head)
   // and the random model in each block format.
   constexpr std::int64_t kBatches[] = {1, 4, 8, 16, 32};
-  if (std::filesystem::exists(KVCACHE_DEFAULT_MODEL_PATH)) {
-    auto* batched = benchmark::RegisterBenchmark("BM_BatchedDecodeCpu/smollm2_q4_1/blocks",
-                                                 bm_batched_decode_real);
+  if (std::filesystem::exists(model_path())) {
+    auto* batched = benchmark::RegisterBenchmark(
+        ("BM_BatchedDecodeCpu/" + model_tag() + "/blocks").c_str(), bm_batched_decode_real);
     for (std::int64_t b : kBatches) batched->Arg(b);
     batched->ArgName("batch")->UseRealTime()->Unit(benchmark::kMillisecond);
   }
