@@ -520,7 +520,7 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
       const Tensor qk_heads = split_heads(qk, batch, q_len, heads + kv_heads, hd);
       if (replay) {
         // A replayed step: k rotated straight into the cache slot read on the device, v beside
-        // it (the cache's bookkeeping is the caller's: DynamicCache::mark_appended after it).
+        // it (the cache's bookkeeping is the caller's: mark_appended after the replay).
         const auto& [key_storage, value_storage] = replay->storage[l];
         cuda::rope_append(qk_heads, kv_heads, key_storage, value_storage, v, in.position_ids,
                           inv_freq_, rope.attention_scaling(), replay->cache_position);
