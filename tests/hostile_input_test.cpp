@@ -36,23 +36,9 @@
 namespace kvcache {
 namespace {
 
+using testing::error_of;
 using testing::TempDir;
 using testing::write_bytes;
-
-// The message of the kvcache::Error `f` throws (a failure when it throws nothing or another type).
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected kvcache::Error, got another exception: " << e.what();
-    return {};
-  }
-  ADD_FAILURE() << "expected kvcache::Error, got none";
-  return {};
-}
 
 #define EXPECT_ERROR_HAS(statement, needle)                                       \
   do {                                                                            \

@@ -91,6 +91,22 @@ inline ErrorStats compare(const std::vector<double>& actual, const std::vector<d
   return s;
 }
 
+/// The message of the kvcache::Error `f` throws; a test failure (and an empty message) when it
+/// throws another exception type or nothing, so a check on the message cannot pass by accident.
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "expected kvcache::Error, got another exception: " << e.what();
+    return {};
+  }
+  ADD_FAILURE() << "expected kvcache::Error, got none";
+  return {};
+}
+
 /// Expects `statement` to throw kvcache::Error whose message contains `needle`.
 #define EXPECT_KVCACHE_ERROR(statement, needle)                                     \
   do {                                                                              \

@@ -17,6 +17,7 @@
 #include "kvcache/error.hpp"
 #include "kvcache/model/gguf.hpp"
 #include "kvcache/tokenizer/tokenizer.hpp"
+#include "test_util.hpp"
 
 #ifndef KVCACHE_TEST_DATA_DIR
 #error "KVCACHE_TEST_DATA_DIR must name tests/data"
@@ -107,15 +108,7 @@ TEST(ChatTemplate, ReadsTheDefaultSystemPromptFromTheTemplate) {
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testing::error_of;
 
 TEST(ChatTemplate, RefusesTemplatesItCannotInterpret) {
   const std::vector<ChatMessage> hi = {{"user", "Hi"}};

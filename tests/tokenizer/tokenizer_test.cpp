@@ -18,6 +18,7 @@
 #include "kvcache/error.hpp"
 #include "kvcache/model/gguf.hpp"
 #include "temp_dir.hpp"
+#include "test_util.hpp"
 
 #ifndef KVCACHE_TEST_DATA_DIR
 #error "KVCACHE_TEST_DATA_DIR must name tests/data"
@@ -293,15 +294,7 @@ TEST(Tokenizer, StreamDecoderHoldsBackPartialCharacters) {
 // --- errors
 // ---------------------------------------------------------------------------------------
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testing::error_of;
 
 TEST(TokenizerErrors, IdsOutOfRange) {
   ASSERT_TRUE(model_present()) << KVCACHE_DEFAULT_MODEL_PATH
