@@ -32,10 +32,12 @@
 // silu(gate) · up and rounds it to W's dtype, the exact expression of cuda::silu_mul; or, in
 // rms_norm mode, normalises the float32 hidden rows as cuda::rms_norm does) into shared
 // memory, padded with zeros to whole chunks; the row stride is an odd number of 64-byte chunks so
-// the 8 rows a warp reads at once fall on different banks. Before that, each lane issues L2
-// prefetches for its first kUnroll chunks of W, and only then waits on the previous kernel
-// (programmatic dependent launch: the kernel may start while its predecessor finishes; W does not
-// depend on it, x does), so HBM is busy while x is staged.
+// the 8 rows a warp reads at once fall on different banks. The kernel is launched with
+// programmatic dependent launch and waits on the previous kernel before it stages x. It issues no
+// L2 prefetches of W before that: on the H200 they made decoding slower, not faster. Prefetching
+// each lane's first kUnroll chunks gave 906-920 tok/s against 934 without them (TinyLlama,
+// graphs on); twice that depth, or prefetching after the staging, was slower still (benchmarks/
+// README.md, "Prefetching weights into L2").
 //
 // rms_norm mode. x must be the bits cuda::rms_norm(hidden, norm_weight, eps, W's dtype) stores, so
 // the per-row sum of squares follows norms.cu's order exactly: rms_norm_kernel<Out, 4> runs 256
@@ -121,10 +123,6 @@ __device__ __forceinline__ uint4 load_streaming(const void* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
-}
-
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 
 // d += A · B for one m16n8k16 step: A rows 0-7 are (a_lo: k 2t, 2t+1; a_hi: k 2t+8, 2t+9) of row
@@ -241,18 +239,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvArgs a, con
     return (round * plan.groups + group) * plan.grid + static_cast<int>(blockIdx.x);
   };
 
-  // W of the first round into L2 while the previous kernel finishes and x is staged.
-  {
-    const int f = feature_group(0) * kFeaturesPerGroup + g;
-    if (feature_group(0) < plan.feature_groups && f < out_features) {
-      const T* row = weight + static_cast<std::int64_t>(f) * in;
-#pragma unroll
-      for (int j = 0; j < kUnroll; ++j) {
-        const int k = (part + split * j) * kChunk + t * kVec;
-        if (k < in) prefetch_l2(row + k);
-      }
-    }
-  }
   grid_dependency_wait();  // x, gate, up, hidden and out are the previous kernels' outputs
   allow_dependent_launch();
 

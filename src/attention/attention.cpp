@@ -24,6 +24,24 @@ Attention::Attention(int layer_idx, AttentionOptions options)
   scale_ = options.scale.value_or(1.0f / std::sqrt(static_cast<float>(options.head_dim)));
 }
 
+namespace {
+
+// The columns [kv_offset, kv_offset + kv_length) of every row of a [batch, kv_offset + kv_length]
+// mask (empty: no padding): what a cache layer that keeps keys from slot kv_offset attends over.
+std::vector<std::uint8_t> kept_columns(std::vector<std::uint8_t> mask, std::int64_t batch,
+                                       const MaskSizes& sizes) {
+  if (mask.empty() || sizes.kv_offset == 0) return mask;
+  const std::int64_t columns = sizes.kv_offset + sizes.kv_length;
+  std::vector<std::uint8_t> kept(static_cast<std::size_t>(batch * sizes.kv_length));
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const auto from = mask.begin() + b * columns + sizes.kv_offset;
+    std::copy(from, from + sizes.kv_length, kept.begin() + b * sizes.kv_length);
+  }
+  return kept;
+}
+
+}  // namespace
+
 template <CacheBackend B>
 Tensor Attention::forward(const Tensor& query_states, const Tensor& key_states,
                           const Tensor& value_states, Cache<B>& cache, const Tensor& attention_mask,
@@ -63,38 +81,30 @@ Tensor Attention::forward(const Tensor& query_states, const Tensor& key_states,
 
   if constexpr (B::kDevice == Device::kCpu) {
     // Checked (and converted once) before the update, so a bad mask leaves the cache as it was.
-    std::vector<std::uint8_t> mask = mask_to_bytes(attention_mask, batch, mask_columns, where);
-    if (!mask.empty() && sizes.kv_offset > 0) {
-      std::vector<std::uint8_t> kept(static_cast<std::size_t>(batch * sizes.kv_length));
-      for (std::int64_t b = 0; b < batch; ++b) {
-        const auto from = mask.begin() + b * mask_columns + sizes.kv_offset;
-        std::copy(from, from + sizes.kv_length, kept.begin() + b * sizes.kv_length);
-      }
-      mask = std::move(kept);
-    }
+    const std::vector<std::uint8_t> mask =
+        kept_columns(mask_to_bytes(attention_mask, batch, mask_columns, where), batch, sizes);
     Tensor out = Tensor::empty({batch, q_len, o.num_heads, o.head_dim}, query_states.dtype());
     auto [keys, values] = cache.update(key_states, value_states, layer_idx_, kwargs);
     cpu::attention(query_states, keys, values, mask, cache_position, sizes.kv_offset, scale_, out,
                    o.sliding_window);
     return out;
   } else {
-    // The CUDA kernels apply the window themselves but read the mask from column 0: a cache
-    // layer that has dropped its oldest keys (a sliding layer past its window) is not served on
-    // the GPU yet; generate() builds full layers there, which the window makes exact.
-    KVCACHE_CHECK(sizes.kv_offset == 0, where, ": layer ", layer_idx_,
-                  " of the cache keeps keys from slot ", sizes.kv_offset,
-                  " (a sliding-window cache layer past its window); on the GPU use full layers "
-                  "(a DynamicCache without sliding_windows): the attention applies the window");
-    // The mask as device bytes: given so by the caller, or checked here and sent over.
+    // The mask as device bytes [batch, kv_length], its columns from kv_offset (the layer's
+    // keys): given so by the caller, or checked here and sent over.
     Tensor mask = attention_mask;
     if (mask.defined() && mask.device() == Device::kCuda) {
       KVCACHE_CHECK(mask.rank() == 2 && mask.dtype() == DType::kUInt8 && mask.is_contiguous() &&
-                        mask.size(0) == batch && mask.size(1) == sizes.kv_length,
-                    where, ": expected a device attention_mask [", batch, ", ", sizes.kv_length,
+                        mask.size(0) == batch && mask.size(1) == mask_columns,
+                    where, ": expected a device attention_mask [", batch, ", ", mask_columns,
                     "] uint8 contiguous, got ", mask.describe());
+      if (sizes.kv_offset > 0) {  // a sliding layer past its window
+        const Tensor kept = cuda::empty({batch, sizes.kv_length}, DType::kUInt8);
+        cuda::copy(kept, mask.slice(1, sizes.kv_offset, mask_columns));
+        mask = kept;
+      }
     } else {
       const std::vector<std::uint8_t> bytes =
-          mask_to_bytes(attention_mask, batch, sizes.kv_length, where);
+          kept_columns(mask_to_bytes(attention_mask, batch, mask_columns, where), batch, sizes);
       mask = bytes.empty() ? Tensor() : cuda::upload(bytes.data(), bytes.size());
     }
     Tensor positions = cache_position_device;

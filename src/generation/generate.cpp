@@ -122,11 +122,14 @@ std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
   const ModelConfig& c = model.config();
   if (cache_implementation == "dynamic") {
     // The model's sliding layers get sliding cache layers, as transformers' DynamicCache(config)
-    // makes them. On the GPU every layer stays full (its kernels apply the window over full
-    // layers; sliding cache layers are CPU-only for now): the same tokens at full-length memory,
-    // and the decode step still replays from a graph.
+    // makes them. On the GPU only when the generation goes past a window: until then a sliding
+    // layer holds what a full one holds, and a cache of full layers replays its decode step from
+    // a CUDA graph (sliding layers run kernel by kernel, in memory bounded by the window).
     DynamicCacheOptions options{.initial_capacity = max_cache_len};
-    if constexpr (B::kDevice == Device::kCpu) options.sliding_windows = c.sliding_windows();
+    std::vector<std::int64_t> windows = c.sliding_windows();
+    const bool passes_a_window = std::any_of(
+        windows.begin(), windows.end(), [&](std::int64_t w) { return w > 0 && max_cache_len > w; });
+    if (B::kDevice == Device::kCpu || passes_a_window) options.sliding_windows = std::move(windows);
     return std::make_unique<DynamicCache<B>>(std::move(options));
   }
   // "static": full-length layers for every layer, sliding ones included. Exact for a windowed

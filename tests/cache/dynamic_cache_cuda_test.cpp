@@ -5,6 +5,8 @@
 #include <array>
 #include <random>
 
+#include "kvcache/attention/attention.hpp"
+#include "kvcache/attention/mask.hpp"
 #include "kvcache/backend/cuda.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
 #include "test_util.hpp"
@@ -135,6 +137,46 @@ TEST_F(CudaTest, LegacyRoundTripOnTheDevice) {
     EXPECT_EQ(to_doubles(cuda::to_host(back[l].first)), to_doubles(cuda::to_host(legacy[l].first)));
     EXPECT_EQ(to_doubles(cuda::to_host(back[l].second)),
               to_doubles(cuda::to_host(legacy[l].second)));
+  }
+}
+
+// Sliding-window cache layers on the GPU past their window: the attention module reads the mask
+// from the layer's first kept slot (kv_offset), for a host mask and for a device one, and matches
+// the CPU over full layers; the GPU layer keeps the CPU sliding layer's keys.
+TEST_F(CudaTest, SlidingLayersPastTheWindowMatchTheCpu) {
+  std::mt19937 rng(41);
+  const Attention attention(
+      0, {.num_heads = 4, .num_kv_heads = 2, .head_dim = 16, .sliding_window = 5});
+  for (const bool device_mask : {false, true}) {
+    DynamicCache<cuda::Backend> gpu(DynamicCacheOptions{.sliding_windows = {5}});
+    DynamicCache<> cpu_sliding(DynamicCacheOptions{.sliding_windows = {5}});
+    DynamicCache<> cpu_full;
+    Tensor mask = ones_mask(2, 9);  // the second row pads 4 slots on the left
+    for (int j = 0; j < 4; ++j) mask.data_as<std::int64_t>()[9 + j] = 0;
+    std::int64_t past = 0;
+    for (int s = 0; s < 14; ++s) {
+      const std::int64_t q_len = s == 0 ? 9 : 1;
+      const Tensor q = random_tensor({2, 4, q_len, 16}, DType::kFloat32, rng);
+      const Tensor k = random_tensor({2, 2, q_len, 16}, DType::kFloat32, rng);
+      const Tensor v = random_tensor({2, 2, q_len, 16}, DType::kFloat32, rng);
+      const std::vector<std::int64_t> pos = make_cache_position(past, q_len);
+      Tensor gpu_mask = mask;
+      if (device_mask) {
+        std::vector<std::uint8_t> bytes = mask_to_bytes(mask, 2, past + q_len, "test");
+        gpu_mask = cuda::upload(bytes.data(), bytes.size()).view({2, past + q_len});
+      }
+      const Tensor got = cuda::to_host(attention.forward(cuda::to_device(q), cuda::to_device(k),
+                                                         cuda::to_device(v), gpu, gpu_mask, pos));
+      const Tensor want = attention.forward(q, k, v, cpu_full, mask, pos);
+      attention.forward(q, k, v, cpu_sliding, mask, pos);
+      EXPECT_LT(testing::compare(to_doubles(got), to_doubles(want)).max_abs, 1e-5)
+          << "step " << s << (device_mask ? ", device mask" : ", host mask");
+      past += q_len;
+      mask = extend_attention_mask(mask);
+    }
+    EXPECT_GT(gpu.get_mask_sizes(std::vector<std::int64_t>{past}, 0).kv_offset, 0);
+    EXPECT_EQ(gpu.nbytes(), cpu_sliding.nbytes());
+    expect_same(gpu, cpu_sliding);
   }
 }
 

@@ -171,23 +171,16 @@ void expect_parity(const std::string& fixture) {
 
   // The seed's loop: over a DynamicCache of the model's layer kinds (transformers'
   // DynamicCache(config); for a fixture without sliding layers, a plain DynamicCache). The
-  // existing mistral fixture (window 64, never passed) gets sliding layers too.
-  // (On the GPU the layers stay full, as generate() makes them there: its kernels apply the
-  // window over full layers.)
-  DynamicCacheOptions options;
-  if constexpr (B::kDevice == Device::kCpu) options.sliding_windows = c.sliding_windows();
-  DynamicCache<B> cache(std::move(options));
+  // existing mistral fixture (window 64, never passed) gets sliding layers too, on either
+  // backend.
+  DynamicCache<B> cache({.sliding_windows = c.sliding_windows()});
   LoopResult loop;
-  // (Full layers keep the whole prompt: on the GPU a windowed fixture's cache is compared by its
-  // last tokens.)
-  const bool kept_like_transformers = B::kDevice == Device::kCpu || !windowed;
   run_seed_loop<B>(
-      model, expected, cache, kept_like_transformers, [&] { return cache.to_legacy_cache(); },
-      loop);
+      model, expected, cache, true, [&] { return cache.to_legacy_cache(); }, loop);
   const double worst_logits = loop.worst_logits;
   EXPECT_LT(worst_logits, 1e-4) << "step logits, relative to each row's largest";
   EXPECT_EQ(loop.tokens, loop_tokens) << "greedy tokens of the seed's loop";
-  if (windowed && B::kDevice == Device::kCpu) {
+  if (windowed) {
     ASSERT_TRUE(cache.has_sliding_layers());
     // Over full layers the model's window alone must give the same: a plain DynamicCache.
     DynamicCache<B> full;
@@ -208,8 +201,10 @@ void expect_parity(const std::string& fixture) {
   const GenerateResult result =
       generate(model, input_ids, cpu::clone(expected.tensor("attention_mask")), config);
   EXPECT_EQ(result.new_tokens, rows_of(expected.tensor("generate_tokens"))) << "generate()";
-  if (windowed && B::kDevice == Device::kCpu) {
-    // generate()'s own cache had sliding layers: it keeps fewer tokens than it has seen.
+  if (windowed) {
+    // generate()'s own cache had sliding layers (it runs past the window): it keeps fewer tokens
+    // than it has seen. The StaticCache below keeps full-length layers (on the GPU its decode step
+    // replays from a CUDA graph, the window applied by the replayed attention).
     const std::int64_t seen = input_ids.size(1) + new_tokens - 1;
     EXPECT_EQ(result.cache_length, seen);
     const std::size_t full_bytes =
@@ -248,8 +243,8 @@ INSTANTIATE_TEST_SUITE_P(
              std::string(device_name(std::get<1>(info.param)));
     });
 
-// Past their window, on both backends (on the GPU over full cache layers, with graphs on and off:
-// generate()'s default replays the decode step, the seed's loop launches kernel by kernel).
+// Past their window, on both backends: the seed's loop and generate() over sliding cache layers
+// (kernel by kernel), generate() over a StaticCache (on the GPU, replayed from a CUDA graph).
 INSTANTIATE_TEST_SUITE_P(WindowFixtures, Parity,
                          ::testing::Combine(::testing::Values("mistral_window", "qwen2_window"),
                                             ::testing::Values(Device::kCpu, Device::kCuda)),
@@ -257,41 +252,6 @@ INSTANTIATE_TEST_SUITE_P(WindowFixtures, Parity,
                            return std::string(std::get<0>(info.param)) + "_" +
                                   std::string(device_name(std::get<1>(info.param)));
                          });
-
-// On the GPU a sliding cache layer that has dropped its oldest keys is not served yet: a clear
-// error before any layer changes, never tokens attended over the wrong slots.
-TEST(ParityWindow, CudaSlidingCacheLayersPastTheWindowAreAClearError) {
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  const std::string dir = std::string(KVCACHE_TEST_DATA_DIR) + "/mistral_window";
-  const LlamaModel model =
-      LlamaModel::from_pretrained(dir, {.dtype = DType::kFloat32, .device = Device::kCuda});
-  const SafetensorsFile expected = SafetensorsFile::open(dir + "/expected.safetensors");
-  const Tensor input_ids = cpu::clone(expected.tensor("input_ids"));
-  const Tensor mask = cpu::clone(expected.tensor("attention_mask"));
-  DynamicCache<cuda::Backend> cache({.sliding_windows = model.config().sliding_windows()});
-  // The 9-token prompt passes the window of 6: the sliding layers keep 5 + spare slots, the rest
-  // must be dropped before the next step, which the GPU path refuses.
-  EXPECT_NO_THROW(
-      model.forward({.input_ids = input_ids, .attention_mask = mask, .past_key_values = &cache}));
-  const std::int64_t seen = cache.get_seq_length();
-  EXPECT_EQ(seen, input_ids.size(1));
-  const Tensor next = Tensor::empty({input_ids.size(0), 1}, DType::kInt64);
-  for (std::int64_t b = 0; b < input_ids.size(0); ++b) next.data_as<std::int64_t>()[b] = 7;
-  Tensor longer = Tensor::empty({mask.size(0), mask.size(1) + 1}, mask.dtype());
-  for (std::int64_t b = 0; b < mask.size(0); ++b)
-    for (std::int64_t j = 0; j <= mask.size(1); ++j)
-      longer.data_as<std::int64_t>()[b * (mask.size(1) + 1) + j] =
-          j < mask.size(1) ? mask.data_as<std::int64_t>()[b * mask.size(1) + j] : 1;
-  const auto sizes = cache.get_mask_sizes(std::vector<std::int64_t>{seen}, 0);
-  if (sizes.kv_offset > 0) {
-    EXPECT_KVCACHE_ERROR(
-        model.forward({.input_ids = next, .attention_mask = longer, .past_key_values = &cache}),
-        "on the GPU use full layers");
-    EXPECT_EQ(cache.get_seq_length(), seen);
-  } else {
-    ADD_FAILURE() << "the sliding layer kept every token of a prompt past its window";
-  }
-}
 
 }  // namespace
 }  // namespace kvcache

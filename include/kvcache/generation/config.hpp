@@ -28,8 +28,9 @@ struct GenerationConfig {
   /// On by default; a hand-written loop calling forward() always runs kernel by kernel.
   bool cuda_graph = true;
   /// The cache generate() builds when none is passed (as transformers' cache_implementation):
-  /// "dynamic" (a DynamicCache, the default; on the CPU with sliding-window layers for the
-  /// model's sliding layers, as transformers' DynamicCache(config)) or "static" (a StaticCache of
+  /// "dynamic" (a DynamicCache, the default, with sliding-window layers for the model's sliding
+  /// layers as transformers' DynamicCache(config); on the GPU only when prompt + max_new_tokens
+  /// passes a window, since full layers replay from a CUDA graph) or "static" (a StaticCache of
   /// the prompt's batch and max_cache_len = prompt + max_new_tokens, allocated before the prefill;
   /// full-length layers, exact for a windowed model too). Any other name is an error, also when a
   /// cache is passed (which is then used as it is).
