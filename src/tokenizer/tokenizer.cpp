@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <filesystem>
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -953,6 +954,12 @@ Tokenizer Tokenizer::from_vocabulary(const SpmVocabulary& v) {
   KVCACHE_CHECK(v.token_types.empty() || v.token_types.size() == n,
                 "tokenizer: expected one token type per token (", n, "), got ",
                 v.token_types.size());
+  for (std::size_t i = 0; i < n; ++i) {
+    // NaN would break the merge queue's ordering; an infinite score is no ranking either.
+    KVCACHE_CHECK(std::isfinite(v.scores[i]), "tokenizer: token ", i, " (\"",
+                  detail::show_text(v.tokens[i]), "\"): expected a finite score, got ",
+                  v.scores[i]);
+  }
   impl->tokens = v.tokens;
   impl->scores = v.scores;
   impl->types.assign(n, TokenType::kNormal);

@@ -6,6 +6,7 @@
 // and hostile metadata: each a kvcache::Error that says what was expected and what came.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -384,6 +385,11 @@ TEST(TokenizerSpmErrors, HostileMetadata) {
   e = load_error(m.write(dir, "type9.gguf"));
   EXPECT_NE(e.find("token 4 (\"a\"): expected a token type in 1..6, got 9"), std::string::npos)
       << e;
+
+  m = {};
+  m.scores[4] = std::nanf("");
+  e = load_error(m.write(dir, "nan_score.gguf"));
+  EXPECT_NE(e.find("token 4 (\"a\"): expected a finite score, got nan"), std::string::npos) << e;
 
   m = {};
   m.unk.reset();
