@@ -178,11 +178,15 @@ bool is_gguf(const std::string& path) {
   return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0;
 }
 
-// The model's tokenizer: from the GGUF metadata, or a folder's tokenizer.json; none otherwise.
+// The model's tokenizer: from the GGUF metadata (byte-level BPE or SentencePiece), or a folder's
+// tokenizer.json, or its sentencepiece tokenizer.model where there is no tokenizer.json; none
+// otherwise.
 std::optional<kvcache::Tokenizer> load_tokenizer(const std::string& path) {
   if (is_gguf(path)) return kvcache::Tokenizer::from_gguf(kvcache::GgufFile::open(path));
   const std::string json = path + "/tokenizer.json";
   if (std::filesystem::exists(json)) return kvcache::Tokenizer::from_json_file(json);
+  const std::string model = path + "/tokenizer.model";
+  if (std::filesystem::exists(model)) return kvcache::Tokenizer::from_sentencepiece_file(model);
   return std::nullopt;
 }
 

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <filesystem>
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -21,6 +22,10 @@
 #include "../io_util.hpp"
 #include "kvcache/error.hpp"
 #include "kvcache/model/gguf.hpp"
+
+#if KVCACHE_HAVE_SENTENCEPIECE
+#include <sentencepiece_processor.h>
+#endif
 
 namespace kvcache {
 namespace {
@@ -46,6 +51,7 @@ void append_utf8(char32_t cp, std::string& out) {
 }
 
 constexpr std::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD
+constexpr std::string_view kMeta = "\xE2\x96\x81";         // U+2581 "▁", SentencePiece's space
 
 // Length of the well-formed UTF-8 sequence at s[0..n) (Unicode's table 3-7): > 0 for a complete
 // character, 0 when the bytes so far are a valid but incomplete start (more must come), -k when
@@ -337,7 +343,19 @@ struct Tokenizer::Impl {
   std::array<std::vector<std::uint32_t>, 256> added_by_byte;  // first byte -> indices into added
   std::optional<std::int64_t> bos, eos, pad, unk;
   bool add_bos = false;
+  bool add_eos = false;
   std::optional<std::string> chat_template;
+
+  // SentencePiece models (from_vocabulary(SpmVocabulary), from_sentencepiece_file).
+  bool sentencepiece = false;
+  std::vector<float> scores;                                 // id -> score (merge priority)
+  bool add_dummy_prefix = true;                              // "▁" before each run of text
+  std::vector<std::string> user_defined;                     // user-defined pieces, longest first
+  std::array<std::vector<std::uint32_t>, 256> user_by_byte;  // first byte -> into user_defined
+#if KVCACHE_HAVE_SENTENCEPIECE
+  // Set by from_sentencepiece_file: the library encodes (thread-safe: Encode is const).
+  std::shared_ptr<const sentencepiece::SentencePieceProcessor> library;
+#endif
 
   void check_id(std::int64_t id, const char* where) const {
     KVCACHE_CHECK(id >= 0 && id < static_cast<std::int64_t>(tokens.size()), where,
@@ -500,10 +518,15 @@ struct Tokenizer::Impl {
     ids.clear();
     bytes.assign(tokens.size(), {});
     added.clear();
+    user_defined.clear();
     for (std::size_t i = 0; i < tokens.size(); ++i) {
       const auto id = static_cast<std::int64_t>(i);
       ids[tokens[i]] = id;
       const TokenType type = types[i];
+      if (sentencepiece) {
+        index_sentencepiece(i);
+        continue;
+      }
       if (type == TokenType::kControl || type == TokenType::kUserDefined) {
         bytes[i] = tokens[i];
         if (!tokens[i].empty()) {
@@ -520,6 +543,13 @@ struct Tokenizer::Impl {
     for (auto& list : added_by_byte) list.clear();
     for (std::size_t k = 0; k < added.size(); ++k)
       added_by_byte[static_cast<unsigned char>(added[k].text[0])].push_back(
+          static_cast<std::uint32_t>(k));
+    std::stable_sort(
+        user_defined.begin(), user_defined.end(),
+        [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
+    for (auto& list : user_by_byte) list.clear();
+    for (std::size_t k = 0; k < user_defined.size(); ++k)
+      user_by_byte[static_cast<unsigned char>(user_defined[k][0])].push_back(
           static_cast<std::uint32_t>(k));
     byte_ids.fill(-1);
     byte_fallback_ids.fill(-1);
@@ -551,6 +581,237 @@ struct Tokenizer::Impl {
       merges[pair_key(left->second, right->second)] = {static_cast<std::int32_t>(rank),
                                                        merged->second};
     }
+  }
+
+  // --- SentencePiece ------------------------------------------------------------------------
+
+  // What index() records for token i of a SentencePiece vocabulary: control tokens are matched
+  // whole (with parse_special) and decode to their text; user-defined pieces are matched whole
+  // inside the text; byte tokens decode to their byte, the unknown token to sentencepiece's
+  // " ⁇ ", every other piece to its text with "▁" turned back into spaces.
+  void index_sentencepiece(std::size_t i) {
+    const std::string& t = tokens[i];
+    const auto id = static_cast<std::int64_t>(i);
+    switch (types[i]) {
+      case TokenType::kControl:
+        bytes[i] = t;
+        if (!t.empty()) added.push_back({t, id, true, false, false, false});
+        return;
+      case TokenType::kUnknown:
+        bytes[i] = " \xE2\x81\x87 ";  // " ⁇ "
+        return;
+      case TokenType::kByte:
+        if (const int b = byte_token_value(t); b >= 0)
+          bytes[i] = std::string(1, static_cast<char>(b));
+        return;  // a badly named byte token is an error in finish_sentencepiece()
+      case TokenType::kUserDefined:
+        if (!t.empty()) user_defined.push_back(t);
+        break;
+      default:
+        break;
+    }
+    bytes[i] = meta_to_spaces(t);
+  }
+
+  static std::string meta_to_spaces(std::string_view piece) {
+    std::string out;
+    for (std::size_t k = 0; k < piece.size();) {
+      if (piece.compare(k, kMeta.size(), kMeta) == 0) {
+        out += ' ';
+        k += kMeta.size();
+      } else {
+        out += piece[k++];
+      }
+    }
+    return out;
+  }
+
+  // 0..255 for a byte token's name "<0xNN>", -1 for anything else.
+  static int byte_token_value(std::string_view t) {
+    if (t.size() != 6 || t.substr(0, 3) != "<0x" || t[5] != '>') return -1;
+    int value = 0;
+    for (const char c : t.substr(3, 2)) {
+      const int digit = c >= '0' && c <= '9'   ? c - '0'
+                        : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                        : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                               : -1;
+      if (digit < 0) return -1;
+      value = value * 16 + digit;
+    }
+    return value;
+  }
+
+  // The id of a piece that merges may produce (sentencepiece's pieces: normal, user-defined and
+  // unused ones), or -1.
+  std::int64_t mergeable_id(std::string_view piece) const {
+    const auto it = ids.find(piece);
+    if (it == ids.end()) return -1;
+    const TokenType type = types[static_cast<std::size_t>(it->second)];
+    return type == TokenType::kNormal || type == TokenType::kUserDefined ||
+                   type == TokenType::kUnused
+               ? it->second
+               : -1;
+  }
+
+  // SentencePiece BPE of one run of text (no control tokens in it): normalize (the dummy prefix,
+  // spaces as "▁"), split into user-defined pieces and characters, merge the best pair until no
+  // pair is a piece, then look each symbol up (byte fallback or the unknown token when absent).
+  void spm_encode(std::string_view text, std::vector<std::int64_t>& out) const {
+    if (text.empty()) return;
+    std::string normalized;
+    normalized.reserve(text.size() + text.size() / 2 + kMeta.size());
+    if (add_dummy_prefix) normalized += kMeta;
+    for (const char c : text) {
+      if (c == ' ')
+        normalized += kMeta;
+      else
+        normalized += c;
+    }
+
+    struct Symbol {
+      std::size_t begin, size;  // bytes of `normalized`; size 0 once merged into its left
+      std::int64_t prev, next;  // neighbours, -1 at the ends
+      bool frozen;              // a user-defined piece: never merged
+    };
+    std::vector<Symbol> symbols;
+    for (std::size_t pos = 0; pos < normalized.size();) {
+      std::size_t size = 0;
+      bool frozen = false;
+      for (const std::uint32_t k : user_by_byte[static_cast<unsigned char>(normalized[pos])]) {
+        if (normalized.compare(pos, user_defined[k].size(), user_defined[k]) == 0) {
+          size = user_defined[k].size();
+          frozen = true;
+          break;
+        }
+      }
+      if (!frozen) size = next_code_point(normalized, pos).second;
+      const auto index = static_cast<std::int64_t>(symbols.size());
+      symbols.push_back({pos, size, index - 1, -1, frozen});
+      if (index > 0) symbols[static_cast<std::size_t>(index - 1)].next = index;
+      pos += size;
+    }
+
+    struct Pair {
+      float score;
+      std::int64_t left, right;
+      std::size_t size;  // bytes of the merged piece, to spot a pair whose sides changed
+    };
+    // Highest score first; among equal scores the leftmost, as sentencepiece orders its agenda.
+    const auto lower = [](const Pair& a, const Pair& b) {
+      return a.score != b.score ? a.score < b.score : a.left > b.left;
+    };
+    std::priority_queue<Pair, std::vector<Pair>, decltype(lower)> agenda(lower);
+    // A merge into an unused piece is made, then undone at the end (sentencepiece's resegment).
+    std::unordered_map<std::string_view, std::pair<std::string_view, std::string_view>> unmerge;
+    const auto view = [&](const Symbol& s) {
+      return std::string_view(normalized).substr(s.begin, s.size);
+    };
+    const auto push_pair = [&](std::int64_t left, std::int64_t right) {
+      if (left < 0 || right < 0) return;
+      const Symbol& l = symbols[static_cast<std::size_t>(left)];
+      const Symbol& r = symbols[static_cast<std::size_t>(right)];
+      if (l.frozen || r.frozen) return;
+      const std::string_view piece = std::string_view(normalized).substr(l.begin, l.size + r.size);
+      const std::int64_t id = mergeable_id(piece);
+      if (id < 0) return;
+      agenda.push({scores[static_cast<std::size_t>(id)], left, right, piece.size()});
+      if (types[static_cast<std::size_t>(id)] == TokenType::kUnused)
+        unmerge[piece] = {view(l), view(r)};
+    };
+    for (std::size_t i = 1; i < symbols.size(); ++i)
+      push_pair(static_cast<std::int64_t>(i) - 1, static_cast<std::int64_t>(i));
+    while (!agenda.empty()) {
+      const Pair top = agenda.top();
+      agenda.pop();
+      Symbol& left = symbols[static_cast<std::size_t>(top.left)];
+      Symbol& right = symbols[static_cast<std::size_t>(top.right)];
+      if (left.size == 0 || right.size == 0 || left.next != top.right ||
+          left.size + right.size != top.size)
+        continue;  // stale: a side was merged into something else since it was queued
+      left.size += right.size;
+      left.next = right.next;
+      if (right.next >= 0) symbols[static_cast<std::size_t>(right.next)].prev = top.left;
+      right.size = 0;
+      push_pair(left.prev, top.left);
+      push_pair(top.left, left.next);
+    }
+
+    const std::function<void(std::string_view)> emit = [&](std::string_view piece) {
+      if (const auto it = ids.find(piece); it != ids.end()) {
+        if (types[static_cast<std::size_t>(it->second)] == TokenType::kUnused) {
+          if (const auto u = unmerge.find(piece); u != unmerge.end()) {
+            emit(u->second.first);
+            emit(u->second.second);
+            return;
+          }
+        }
+        out.push_back(it->second);
+      } else if (byte_fallback) {
+        for (const unsigned char b : piece) out.push_back(byte_fallback_ids[b]);
+      } else {
+        out.push_back(*unk);
+      }
+    };
+    for (std::int64_t i = symbols.empty() ? -1 : 0; i >= 0;
+         i = symbols[static_cast<std::size_t>(i)].next)
+      emit(view(symbols[static_cast<std::size_t>(i)]));
+  }
+
+  // Appends what token i decodes to. SentencePiece drops the dummy prefix's space from the first
+  // piece that is not a control token (not from a byte or the unknown token, as sentencepiece).
+  void append_decoded(std::size_t i, bool skip_special, bool& at_start, std::string& out) const {
+    const TokenType type = types[i];
+    if (type == TokenType::kControl) {
+      if (!skip_special) out += bytes[i];
+      return;
+    }
+    std::string_view b = bytes[i];
+    if (sentencepiece && at_start) {
+      at_start = false;
+      if (add_dummy_prefix && type != TokenType::kByte && type != TokenType::kUnknown &&
+          !b.empty() && b[0] == ' ')
+        b.remove_prefix(1);
+    }
+    out += b;
+  }
+
+  // Byte tokens, the unknown token and the rest of what a SentencePiece vocabulary must hold,
+  // checked once index() has run. `unk_id` is the metadata's unknown token id, if any.
+  void finish_sentencepiece(std::optional<std::int64_t> unk_id) {
+    byte_fallback_ids.fill(-1);
+    byte_ids.fill(-1);
+    std::size_t byte_tokens = 0;
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      if (types[i] != TokenType::kByte) continue;
+      const int b = byte_token_value(tokens[i]);
+      KVCACHE_CHECK(b >= 0, "tokenizer: token ", i,
+                    " has type byte: expected a name <0x00>..<0xFF>, got \"",
+                    detail::show_text(tokens[i]), "\"");
+      auto& slot = byte_fallback_ids[static_cast<std::size_t>(b)];
+      KVCACHE_CHECK(slot < 0, "tokenizer: expected one token per byte, got tokens ", slot, " and ",
+                    i, " for \"", tokens[i], "\"");
+      slot = static_cast<std::int64_t>(i);
+      ++byte_tokens;
+    }
+    if (byte_tokens > 0) {
+      for (int b = 0; b < 256; ++b) {
+        char name[8];
+        std::snprintf(name, sizeof(name), "<0x%02X>", b);
+        KVCACHE_CHECK(byte_fallback_ids[static_cast<std::size_t>(b)] >= 0,
+                      "tokenizer: byte fallback expects all 256 byte tokens <0x00>..<0xFF>, got ",
+                      byte_tokens, " (no ", name, ")");
+      }
+      byte_fallback = true;
+    }
+    if (!unk_id) {
+      for (std::size_t i = 0; i < tokens.size() && !unk_id; ++i)
+        if (types[i] == TokenType::kUnknown) unk_id = static_cast<std::int64_t>(i);
+    }
+    KVCACHE_CHECK(unk_id.has_value(),
+                  "tokenizer: expected an unknown token (tokenizer.ggml.unknown_token_id or a "
+                  "token of type unknown), got none");
+    unk = unk_id;
+    pre_name = "sentencepiece";
   }
 
   void check_special_ids() const {
@@ -627,12 +888,111 @@ Tokenizer Tokenizer::from_vocabulary(const BpeVocabulary& v) {
   return Tokenizer(std::move(impl));
 }
 
+namespace {
+
+// Elements of a GGUF array value, before any of it is read (so sizes can be compared before
+// allocating); nullopt when the key is absent or not an array (the typed read reports that).
+std::optional<std::size_t> gguf_array_size(const GgufFile& file, const std::string& key) {
+  const GgufValue* value = file.find(key);
+  if (value == nullptr || value->type != GgufValue::Type::kArray) return std::nullopt;
+  return value->array.size();
+}
+
+// The SentencePiece half of from_gguf (tokenizer.ggml.model "llama").
+SpmVocabulary gguf_spm_vocabulary(const GgufFile& file) {
+  const std::optional<std::size_t> n = gguf_array_size(file, "tokenizer.ggml.tokens");
+  KVCACHE_CHECK(n.has_value() || file.find("tokenizer.ggml.tokens") != nullptr,
+                "tokenizer.ggml.tokens: expected the vocabulary, got no such key");
+  const std::optional<std::size_t> scores = gguf_array_size(file, "tokenizer.ggml.scores");
+  const std::optional<std::size_t> types = gguf_array_size(file, "tokenizer.ggml.token_type");
+  if (n) {
+    KVCACHE_CHECK(scores.has_value() || file.find("tokenizer.ggml.scores") != nullptr,
+                  "tokenizer.ggml.scores: expected one score per token (", *n,
+                  "), got no such key");
+    KVCACHE_CHECK(!scores || *scores == *n, "tokenizer.ggml.scores: expected one score per token (",
+                  *n, "), got ", *scores);
+    KVCACHE_CHECK(!types || *types == *n,
+                  "tokenizer.ggml.token_type: expected one type per token (", *n, "), got ",
+                  *types);
+  }
+  SpmVocabulary v;
+  v.tokens = file.get_string_array("tokenizer.ggml.tokens");
+  const GgufValue* s = file.find("tokenizer.ggml.scores");
+  KVCACHE_CHECK(s != nullptr && s->type == GgufValue::Type::kArray &&
+                    (s->array_type == GgufValue::Type::kFloat32 ||
+                     s->array_type == GgufValue::Type::kFloat64),
+                "tokenizer.ggml.scores: expected an array of float32, got value type ",
+                s == nullptr ? -1 : static_cast<int>(s->type),
+                s != nullptr && s->type == GgufValue::Type::kArray
+                    ? " of element type " + std::to_string(static_cast<int>(s->array_type))
+                    : std::string());
+  v.scores.reserve(s->array.size());
+  for (std::size_t i = 0; i < s->array.size(); ++i)
+    v.scores.push_back(static_cast<float>(s->array[i].f));
+  for (std::int64_t t : file.get_int_array("tokenizer.ggml.token_type"))
+    v.token_types.push_back(static_cast<std::int32_t>(std::clamp<std::int64_t>(t, -1, 1000)));
+  v.bos_token_id = file.get_int("tokenizer.ggml.bos_token_id");
+  v.eos_token_id = file.get_int("tokenizer.ggml.eos_token_id");
+  v.pad_token_id = file.get_int("tokenizer.ggml.padding_token_id");
+  v.unk_token_id = file.get_int("tokenizer.ggml.unknown_token_id");
+  v.add_bos_token = file.get_bool("tokenizer.ggml.add_bos_token").value_or(true);
+  v.add_eos_token = file.get_bool("tokenizer.ggml.add_eos_token").value_or(false);
+  v.add_dummy_prefix = file.get_bool("tokenizer.ggml.add_space_prefix").value_or(true);
+  v.chat_template = file.get_string("tokenizer.chat_template");
+  return v;
+}
+
+}  // namespace
+
+Tokenizer Tokenizer::from_vocabulary(const SpmVocabulary& v) {
+  auto impl = std::make_shared<Impl>();
+  impl->sentencepiece = true;
+  const std::size_t n = v.tokens.size();
+  KVCACHE_CHECK(n > 0, "tokenizer: expected a vocabulary, got no tokens");
+  KVCACHE_CHECK(v.scores.size() == n, "tokenizer: expected one score per token (", n, "), got ",
+                v.scores.size());
+  KVCACHE_CHECK(v.token_types.empty() || v.token_types.size() == n,
+                "tokenizer: expected one token type per token (", n, "), got ",
+                v.token_types.size());
+  for (std::size_t i = 0; i < n; ++i) {
+    // NaN would break the merge queue's ordering; an infinite score is no ranking either.
+    KVCACHE_CHECK(std::isfinite(v.scores[i]), "tokenizer: token ", i, " (\"",
+                  detail::show_text(v.tokens[i]), "\"): expected a finite score, got ",
+                  v.scores[i]);
+  }
+  impl->tokens = v.tokens;
+  impl->scores = v.scores;
+  impl->types.assign(n, TokenType::kNormal);
+  for (std::size_t i = 0; i < v.token_types.size(); ++i) {
+    const std::int32_t t = v.token_types[i];
+    KVCACHE_CHECK(t >= 1 && t <= 6, "tokenizer: token ", i, " (\"", detail::show_text(v.tokens[i]),
+                  "\"): expected a token type in 1..6, got ", t);
+    impl->types[i] = static_cast<TokenType>(t);
+  }
+  impl->add_dummy_prefix = v.add_dummy_prefix;
+  impl->index({});
+  impl->bos = v.bos_token_id;
+  impl->eos = v.eos_token_id;
+  impl->pad = v.pad_token_id;
+  impl->unk = v.unk_token_id;
+  impl->check_special_ids();  // before the unknown token id is used to index anything
+  impl->finish_sentencepiece(v.unk_token_id);
+  impl->add_bos = v.add_bos_token;
+  impl->add_eos = v.add_eos_token;
+  impl->chat_template = v.chat_template;
+  return Tokenizer(std::move(impl));
+}
+
 Tokenizer Tokenizer::from_gguf(const GgufFile& file) {
   try {
     const std::optional<std::string> model = file.get_string("tokenizer.ggml.model");
-    KVCACHE_CHECK(model.has_value(), "tokenizer.ggml.model: expected \"gpt2\", got no such key");
+    KVCACHE_CHECK(model.has_value(),
+                  "tokenizer.ggml.model: expected \"gpt2\" or \"llama\", got no such key");
+    if (*model == "llama") return from_vocabulary(gguf_spm_vocabulary(file));
     KVCACHE_CHECK(*model == "gpt2",
-                  "tokenizer.ggml.model: expected \"gpt2\" (byte-level BPE), got \"", *model, "\"");
+                  "tokenizer.ggml.model: expected \"gpt2\" (byte-level BPE) or \"llama\" "
+                  "(SentencePiece), got \"",
+                  detail::show_text(*model), "\"");
     BpeVocabulary v;
     v.tokens = file.get_string_array("tokenizer.ggml.tokens");
     v.merges = file.get_string_array("tokenizer.ggml.merges");
@@ -862,6 +1222,7 @@ Tokenizer Tokenizer::from_json_file(const std::string& path) {
       impl->pad = id_of("pad_token");
       if (auto unk = id_of("unk_token")) impl->unk = unk;
       impl->add_bos = config.value("add_bos_token", false);
+      impl->add_eos = config.value("add_eos_token", false);
       if (config.contains("chat_template")) {
         const json& t = config["chat_template"];
         if (t.is_string()) {
@@ -885,6 +1246,157 @@ Tokenizer Tokenizer::from_json_file(const std::string& path) {
   }
 }
 
+#if KVCACHE_HAVE_SENTENCEPIECE
+namespace {
+
+// The few fields of sentencepiece's ModelProto that libsentencepiece's API does not report (its
+// header lacks the protobuf classes): each piece's type (which tells user-defined pieces from
+// normal ones) and normalizer_spec.add_dummy_prefix. Protobuf wire format: a key varint
+// (field << 3 | wire type), then a varint, 8 bytes, a length and that many bytes, or 4 bytes.
+struct ModelProtoFacts {
+  std::vector<std::int32_t> types;  // by piece; NORMAL (1) where the field is absent
+  bool add_dummy_prefix = true;
+};
+
+class ProtoReader {
+ public:
+  explicit ProtoReader(std::string_view bytes) : p_(bytes.data()), end_(p_ + bytes.size()) {}
+  bool done() const { return p_ == end_; }
+  bool varint(std::uint64_t& v) {
+    v = 0;
+    for (int shift = 0; shift < 64 && p_ < end_; shift += 7) {
+      const auto b = static_cast<unsigned char>(*p_++);
+      v |= static_cast<std::uint64_t>(b & 0x7F) << shift;
+      if ((b & 0x80) == 0) return true;
+    }
+    return false;
+  }
+  // Reads one field: its number, wire type, varint value or length-delimited bytes.
+  bool field(std::uint64_t& number, std::uint64_t& varint_value, std::string_view& bytes) {
+    std::uint64_t key = 0;
+    if (!varint(key)) return false;
+    number = key >> 3;
+    switch (key & 7) {
+      case 0:
+        return varint(varint_value);
+      case 1:
+        return skip(8);
+      case 2: {
+        std::uint64_t size = 0;
+        if (!varint(size) || size > static_cast<std::uint64_t>(end_ - p_)) return false;
+        bytes = std::string_view(p_, static_cast<std::size_t>(size));
+        p_ += size;
+        return true;
+      }
+      case 5:
+        return skip(4);
+      default:
+        return false;
+    }
+  }
+
+ private:
+  bool skip(std::size_t n) {
+    if (n > static_cast<std::size_t>(end_ - p_)) return false;
+    p_ += n;
+    return true;
+  }
+  const char* p_;
+  const char* end_;
+};
+
+std::optional<ModelProtoFacts> model_proto_facts(std::string_view proto) {
+  ModelProtoFacts facts;
+  ProtoReader top(proto);
+  while (!top.done()) {
+    std::uint64_t number = 0, value = 0;
+    std::string_view bytes;
+    if (!top.field(number, value, bytes)) return std::nullopt;
+    if (number == 1) {  // repeated SentencePiece pieces = 1 {piece = 1, score = 2, type = 3}
+      std::int32_t type = 1;
+      ProtoReader piece(bytes);
+      while (!piece.done()) {
+        std::uint64_t n = 0, v = 0;
+        std::string_view b;
+        if (!piece.field(n, v, b)) return std::nullopt;
+        if (n == 3) type = static_cast<std::int32_t>(std::min<std::uint64_t>(v, 1000));
+      }
+      facts.types.push_back(type);
+    } else if (number == 3) {  // NormalizerSpec normalizer_spec = 3 {add_dummy_prefix = 3}
+      ProtoReader spec(bytes);
+      while (!spec.done()) {
+        std::uint64_t n = 0, v = 0;
+        std::string_view b;
+        if (!spec.field(n, v, b)) return std::nullopt;
+        if (n == 3) facts.add_dummy_prefix = v != 0;
+      }
+    }
+  }
+  return facts;
+}
+
+}  // namespace
+#endif  // KVCACHE_HAVE_SENTENCEPIECE
+
+Tokenizer Tokenizer::from_sentencepiece_file(const std::string& path) {
+#if !KVCACHE_HAVE_SENTENCEPIECE
+  KVCACHE_FAIL(path,
+               ": reading a sentencepiece model needs libsentencepiece, and kvcache was built "
+               "without libsentencepiece (install libsentencepiece-dev and configure again), "
+               "or read the model's GGUF file with Tokenizer::from_gguf");
+#else
+  const std::string proto = detail::read_regular_file(path, "sentencepiece model");
+  try {
+    auto library = std::make_shared<sentencepiece::SentencePieceProcessor>();
+    const auto status = library->LoadFromSerializedProto(proto);
+    KVCACHE_CHECK(status.ok(), "expected a sentencepiece model (ModelProto), got one ",
+                  "libsentencepiece cannot load: ", status.ToString());
+    const std::optional<ModelProtoFacts> facts = model_proto_facts(proto);
+    const int n = library->GetPieceSize();
+    KVCACHE_CHECK(facts.has_value() && facts->types.size() == static_cast<std::size_t>(n),
+                  "expected ", n, " pieces in the ModelProto, got a proto that does not parse");
+    SpmVocabulary v;
+    v.tokens.reserve(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      v.tokens.push_back(library->IdToPiece(i));
+      v.scores.push_back(library->GetScore(i));
+      v.token_types.push_back(facts->types[static_cast<std::size_t>(i)]);
+    }
+    const auto id_or_none = [](int id) {
+      return id >= 0 ? std::optional<std::int64_t>(id) : std::nullopt;
+    };
+    v.unk_token_id = id_or_none(library->unk_id());
+    v.bos_token_id = id_or_none(library->bos_id());
+    v.eos_token_id = id_or_none(library->eos_id());
+    v.pad_token_id = id_or_none(library->pad_id());
+    v.add_bos_token = v.bos_token_id.has_value();
+    v.add_dummy_prefix = facts->add_dummy_prefix;
+
+    // tokenizer_config.json beside it (transformers' LlamaTokenizer folders).
+    const auto config_path = std::filesystem::path(path).parent_path() / "tokenizer_config.json";
+    if (std::error_code ec; std::filesystem::exists(config_path, ec)) {
+      const json config = read_json(config_path.string());
+      try {
+        v.add_bos_token = config.value("add_bos_token", v.add_bos_token);
+        v.add_eos_token = config.value("add_eos_token", false);
+        if (config.contains("chat_template") && config["chat_template"].is_string())
+          v.chat_template = config["chat_template"].get<std::string>();
+      } catch (const json::exception& e) {
+        KVCACHE_FAIL(config_path.string(), ": unexpected tokenizer_config.json layout: ", e.what());
+      }
+    }
+    Tokenizer tokenizer = from_vocabulary(v);
+    auto impl = std::const_pointer_cast<Impl>(tokenizer.impl_);  // not shared with anyone yet
+    impl->library = std::move(library);
+    return tokenizer;
+  } catch (const Error& e) {
+    throw Error(path + ": " + e.what());
+  } catch (const std::bad_alloc&) {
+    KVCACHE_FAIL(path, ": out of memory building the vocabulary");
+  }
+#endif
+}
+
 std::vector<std::int64_t> Tokenizer::encode(std::string_view text, bool parse_special) const {
   const std::size_t bad = invalid_utf8_offset(text);
   KVCACHE_CHECK(bad == std::string_view::npos,
@@ -906,6 +1418,19 @@ std::vector<std::int64_t> Tokenizer::encode(std::string_view text, bool parse_sp
       out.push_back(s.id);
       continue;
     }
+    if (impl_->sentencepiece) {
+#if KVCACHE_HAVE_SENTENCEPIECE
+      if (impl_->library) {
+        std::vector<int> ids;
+        const auto status = impl_->library->Encode(s.text, &ids);
+        KVCACHE_CHECK(status.ok(), "encode: libsentencepiece failed: ", status.ToString());
+        out.insert(out.end(), ids.begin(), ids.end());
+        continue;
+      }
+#endif
+      impl_->spm_encode(s.text, out);
+      continue;
+    }
     impl_->pre_tokenize(s.text, pieces);
     for (const std::string& piece : pieces) impl_->bpe(piece, out);
   }
@@ -914,11 +1439,10 @@ std::vector<std::int64_t> Tokenizer::encode(std::string_view text, bool parse_sp
 
 std::string Tokenizer::decode(std::span<const std::int64_t> ids, bool skip_special) const {
   std::string bytes;
+  bool at_start = true;
   for (const std::int64_t id : ids) {
     impl_->check_id(id, "decode");
-    const auto i = static_cast<std::size_t>(id);
-    if (skip_special && impl_->types[i] == TokenType::kControl) continue;
-    bytes += impl_->bytes[i];
+    impl_->append_decoded(static_cast<std::size_t>(id), skip_special, at_start, bytes);
   }
   std::string text;
   append_utf8_lossy(bytes, /*final=*/true, text);
@@ -954,6 +1478,7 @@ std::optional<std::int64_t> Tokenizer::eos_token_id() const { return impl_->eos;
 std::optional<std::int64_t> Tokenizer::pad_token_id() const { return impl_->pad; }
 std::optional<std::int64_t> Tokenizer::unk_token_id() const { return impl_->unk; }
 bool Tokenizer::add_bos_token() const { return impl_->add_bos; }
+bool Tokenizer::add_eos_token() const { return impl_->add_eos; }
 const std::optional<std::string>& Tokenizer::chat_template() const { return impl_->chat_template; }
 const std::string& Tokenizer::pre_tokenizer() const { return impl_->pre_name; }
 
@@ -962,9 +1487,7 @@ StreamDecoder::StreamDecoder(const Tokenizer& tokenizer, bool skip_special)
 
 std::string StreamDecoder::push(std::int64_t id) {
   impl_->check_id(id, "StreamDecoder::push");
-  const auto i = static_cast<std::size_t>(id);
-  if (skip_special_ && impl_->types[i] == TokenType::kControl) return {};
-  pending_ += impl_->bytes[i];
+  impl_->append_decoded(static_cast<std::size_t>(id), skip_special_, at_start_, pending_);
   std::string text;
   pending_.erase(0, append_utf8_lossy(pending_, /*final=*/false, text));
   return text;

@@ -1,6 +1,9 @@
 // Byte-level BPE tokenizers (GPT-2, Llama-3, SmolLM2, Qwen2 style), read from a GGUF file's
 // tokenizer metadata or from transformers' tokenizer.json, encoding and decoding as transformers'
-// fast tokenizer does (its encodings are the tests' oracle: tools/make_tokenizer_reference.py).
+// fast tokenizer does (its encodings are the tests' oracle: tools/make_tokenizer_reference.py);
+// and SentencePiece BPE tokenizers (Llama-2, TinyLlama, Mistral v0.1, Gemma), read from GGUF
+// metadata (tokenizer.ggml.model "llama") or from a tokenizer.model file through libsentencepiece,
+// encoding as the sentencepiece library does (tools/make_spm_reference.py).
 //
 // encode(): special tokens are matched whole first (longest match at the leftmost position, as the
 // tokenizers library does); the text between them is split into pre-tokens by the model's
@@ -9,6 +12,14 @@
 // maps tokens back to bytes and replaces invalid UTF-8 with U+FFFD as transformers does;
 // StreamDecoder emits text token by token and holds back an incomplete trailing character until its
 // last byte comes.
+//
+// SentencePiece encode(): each run of text between control tokens gets the dummy prefix "▁" and
+// its spaces become "▁" (llama.cpp's rule: after a control token matched with parse_special the
+// prefix is added again); user-defined pieces are matched whole, the rest starts as characters
+// and the adjacent pair whose concatenation is the highest-scoring piece is merged, again and
+// again; a piece left outside the vocabulary becomes its bytes' <0xNN> tokens (byte fallback) or
+// the unknown token. decode() turns "▁" back into spaces and drops the one space the dummy prefix
+// put before the first non-control piece, as sentencepiece does.
 #pragma once
 
 #include <cstdint>
@@ -54,12 +65,41 @@ struct BpeVocabulary {
   std::optional<std::string> chat_template;
 };
 
+/// The parts of a SentencePiece BPE tokenizer, as GGUF metadata (tokenizer.ggml.model "llama")
+/// holds them. from_gguf() reads a file into one of these; tests can fill one by hand.
+struct SpmVocabulary {
+  /// Pieces by id, as sentencepiece writes them ("▁world", "<s>", "<0x0A>").
+  std::vector<std::string> tokens;
+  /// One score per token: the merge of the highest-scoring piece is made first.
+  std::vector<float> scores;
+  /// TokenType numbers by id (one per token); empty means all normal. Byte tokens must be
+  /// named <0xNN>, and a model with any must have all 256 (byte fallback).
+  std::vector<std::int32_t> token_types;
+  /// The unknown token; when unset, the first token of type unknown (an error if none).
+  std::optional<std::int64_t> unk_token_id;
+  std::optional<std::int64_t> bos_token_id, eos_token_id, pad_token_id;
+  bool add_bos_token = true;  // llama.cpp's default for SentencePiece vocabularies
+  bool add_eos_token = false;
+  /// sentencepiece's add_dummy_prefix: "▁" before the text (llama.cpp: add_space_prefix).
+  bool add_dummy_prefix = true;
+  std::optional<std::string> chat_template;
+};
+
 class Tokenizer {
  public:
-  /// Reads tokenizer.ggml.* (model "gpt2": tokens, merges, token_type, pre, bos/eos/pad/unknown
-  /// ids, add_bos_token) and tokenizer.chat_template. Throws kvcache::Error for another model
-  /// ("llama" SentencePiece, ...), an unknown pre-tokenizer, or inconsistent arrays.
+  /// Reads tokenizer.ggml.* and tokenizer.chat_template. Model "gpt2" (byte-level BPE): tokens,
+  /// merges, token_type, pre, bos/eos/pad/unknown ids, add_bos_token. Model "llama"
+  /// (SentencePiece BPE): tokens, scores, token_type, bos/eos/pad/unknown ids, add_bos_token,
+  /// add_eos_token, add_space_prefix. Throws kvcache::Error for another model, an unknown
+  /// pre-tokenizer, or inconsistent arrays (the error names what was expected and what came).
   static Tokenizer from_gguf(const GgufFile& file);
+
+  /// Reads a sentencepiece model (tokenizer.model, sentencepiece's ModelProto) through
+  /// libsentencepiece, which then encodes: the ids are the library's. A tokenizer_config.json
+  /// beside it supplies add_bos_token, add_eos_token and the chat template. Throws
+  /// kvcache::Error "built without libsentencepiece" where the library was not found when
+  /// kvcache was configured.
+  static Tokenizer from_sentencepiece_file(const std::string& path);
 
   /// Reads transformers' tokenizer.json: model BPE (vocab, merges as "a b" strings or [a, b]
   /// pairs, ignore_merges), added_tokens (special, lstrip, rstrip), no normalizer, pre_tokenizer
@@ -70,6 +110,7 @@ class Tokenizer {
 
   /// Builds from parts (what from_gguf reads); throws as from_gguf does.
   static Tokenizer from_vocabulary(const BpeVocabulary& vocabulary);
+  static Tokenizer from_vocabulary(const SpmVocabulary& vocabulary);
 
   /// Token ids of UTF-8 `text` (transformers' tokenizer(text, add_special_tokens=False)); no BOS
   /// or EOS is added. With parse_special, control tokens written in the text ("<|im_end|>") become
@@ -96,10 +137,14 @@ class Tokenizer {
   /// Whether the model expects BOS before a prompt (GGUF tokenizer.ggml.add_bos_token,
   /// tokenizer_config.json add_bos_token); encode() never adds it.
   bool add_bos_token() const;
+  /// Whether the model expects EOS after a prompt (GGUF tokenizer.ggml.add_eos_token,
+  /// tokenizer_config.json add_eos_token); encode() never adds it.
+  bool add_eos_token() const;
   /// The chat template shipped with the tokenizer (GGUF tokenizer.chat_template,
   /// tokenizer_config.json chat_template), if any.
   const std::optional<std::string>& chat_template() const;
-  /// The pre-tokenizer, in words ("smollm", "tokenizer.json: Digits, ByteLevel", ...).
+  /// The pre-tokenizer, in words ("smollm", "tokenizer.json: Digits, ByteLevel", ...;
+  /// "sentencepiece" for SentencePiece models).
   const std::string& pre_tokenizer() const;
 
  private:
@@ -124,7 +169,8 @@ class StreamDecoder {
  private:
   std::shared_ptr<const Tokenizer::Impl> impl_;
   bool skip_special_;
-  std::string pending_;  // bytes of an incomplete UTF-8 character (at most 3)
+  std::string pending_;   // bytes of an incomplete UTF-8 character (at most 3)
+  bool at_start_ = true;  // SentencePiece: no non-control piece yet (its dummy space is dropped)
 };
 
 }  // namespace kvcache
