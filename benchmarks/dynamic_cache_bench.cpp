@@ -4,10 +4,13 @@
 // from an empty cache so the 1.5x regrowths are paid and visible, and checks the flatness target:
 // the per-step time at 8192 tokens within 1.5x of the time at 128.
 //
+// Beside it, the SinkCache and QuantizedCache steps (BM_SinkCacheUpdate, BM_QuantizedCacheUpdate).
+//
 // Layer layout throughout: [batch 8, num_kv_heads 4, seq_len, head_dim 64], float32 and bfloat16.
 #include <benchmark/benchmark.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <map>
@@ -132,7 +135,56 @@ void bm_dynamic_cache_generation(benchmark::State& state, DType dtype, bool rese
   state.counters["allocations"] = static_cast<double>(allocations);
 }
 
+// SinkCache at a full window of seq_len (4 sinks): each decode step evicts one token, slides the
+// recent ones down and re-rotates their keys, O(window) a step by design.
+void bm_sink_cache_update(benchmark::State& state, DType dtype) {
+  const std::int64_t seq_len = state.range(0);
+  std::vector<float> inv_freq(kHeadDim / 2);
+  for (std::int64_t i = 0; i < kHeadDim / 2; ++i)
+    inv_freq[static_cast<std::size_t>(i)] =
+        1.0f / std::pow(10000.0f, static_cast<float>(2 * i) / static_cast<float>(kHeadDim));
+  kvcache::SinkCache<> cache(kvcache::SinkCacheOptions{
+      .window_length = seq_len, .num_sink_tokens = 4, .rope_inv_freq = inv_freq});
+  cache.update(random_tensor(seq_len, dtype, 1), random_tensor(seq_len, dtype, 2), 0);
+  const Tensor key = random_tensor(1, dtype, 3);
+  const Tensor value = random_tensor(1, dtype, 4);
+  for (auto _ : state) {
+    auto views = cache.update(key, value, 0);
+    benchmark::DoNotOptimize(views);
+  }
+  report_per_step(state, dtype);
+}
+
+// QuantizedCache (4 bits, group 64, per-channel keys, residual 128) holding seq_len tokens: a
+// decode step stores its token and returns the whole layer dequantized (the CPU's
+// dequantize-then-attend path: O(seq_len) a step), then crop() takes the length back.
+void bm_quantized_cache_update(benchmark::State& state, DType dtype) {
+  const std::int64_t seq_len = state.range(0);
+  kvcache::QuantizedCache<> cache({.nbits = 4,
+                                   .group_size = 64,
+                                   .key_axis = kvcache::QuantAxis::kPerChannel,
+                                   .residual_length = 128});
+  cache.update(random_tensor(seq_len, dtype, 1), random_tensor(seq_len, dtype, 2), 0);
+  const Tensor key = random_tensor(1, dtype, 3);
+  const Tensor value = random_tensor(1, dtype, 4);
+  for (auto _ : state) {
+    auto views = cache.update(key, value, 0);
+    benchmark::DoNotOptimize(views);
+    cache.crop(seq_len);  // within the residual: no block is touched
+  }
+  report_per_step(state, dtype);
+  state.counters["cache_bytes"] = static_cast<double>(cache.nbytes());
+}
+
 void register_benchmarks() {
+  benchmark::RegisterBenchmark("BM_SinkCacheUpdate/float32", bm_sink_cache_update, DType::kFloat32)
+      ->RangeMultiplier(4)
+      ->Range(kFlatShort, kFlatLong);
+  benchmark::RegisterBenchmark("BM_QuantizedCacheUpdate/float32", bm_quantized_cache_update,
+                               DType::kFloat32)
+      ->RangeMultiplier(4)
+      ->Range(kFlatShort, kFlatLong)
+      ->Unit(benchmark::kMicrosecond);
   for (DType dtype : kDTypes) {
     benchmark::RegisterBenchmark(
         kvcache::bench::family_name("BM_DynamicCacheUpdate", dtype).c_str(),

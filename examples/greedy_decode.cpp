@@ -8,7 +8,9 @@
 //
 //   greedy_decode [--model PATH] [--prompt TEXT | --input-ids "1,2,3;4,5"] [--raw] [--system TEXT]
 //                 [--chat] [--max-new-tokens N] [--device cpu|cuda]
-//                 [--dtype float32|bfloat16|float16] [--cache dynamic|static] [--cuda-graph on|off]
+//                 [--dtype float32|bfloat16|float16] [--cache dynamic|static|sink|quantized]
+//                 [--window-length N] [--sink-tokens N] [--kv-bits 8|4|2] [--kv-group-size N]
+//                 [--kv-axis channel|token] [--residual-length N] [--cuda-graph on|off]
 //                 [--threads N] [--json]
 //
 // Rows given with --input-ids (';' separates rows) are left-padded with the model's pad id (0 when
@@ -24,6 +26,7 @@
 // Q8_0/Q4_1 matrices stay blocks and are multiplied as such (fast; x is rounded to int8 per block,
 // see kvcache/backend/quantized.hpp); --dtype float32 dequantizes them exactly at load, which is
 // how the parity tests match transformers token for token.
+#include <algorithm>
 #include <cctype>
 #include <cstdint>
 #include <cstdio>
@@ -58,6 +61,7 @@ struct Options {
   std::string device = "cpu";
   std::string dtype;  // empty: as stored (GGUF Q8_0/Q4_1: quantized blocks)
   std::string cache = "dynamic";
+  kvcache::GenerationConfig::CacheConfig cache_config;  // --window-length ... --residual-length
   bool cuda_graph = true;  // --cuda-graph off: GPU decode steps launched kernel by kernel
   int threads = 0;         // --threads N: CPU threads (0: OpenMP's default, OMP_NUM_THREADS)
   bool json = false;
@@ -66,7 +70,10 @@ struct Options {
 const char* kUsage =
     "usage: greedy_decode [--model PATH] [--prompt TEXT | --input-ids \"1,2,3;4,5\"] [--raw]\n"
     "                     [--system TEXT] [--chat] [--max-new-tokens N] [--device cpu|cuda]\n"
-    "                     [--dtype float32|bfloat16|float16] [--cache dynamic|static]\n"
+    "                     [--dtype float32|bfloat16|float16]\n"
+    "                     [--cache dynamic|static|sink|quantized] [--window-length N]\n"
+    "                     [--sink-tokens N] [--kv-bits 8|4|2] [--kv-group-size N]\n"
+    "                     [--kv-axis channel|token] [--residual-length N]\n"
     "                     [--cuda-graph on|off] [--threads N] [--json]\n";
 
 const char* kSeedQuestion = "Hello, what's your name.";
@@ -112,6 +119,26 @@ Options parse(int argc, char** argv) {
       o.dtype = value();
     } else if (arg == "--cache") {
       o.cache = value();
+    } else if (arg == "--window-length" || arg == "--sink-tokens" || arg == "--kv-bits" ||
+               arg == "--kv-group-size" || arg == "--residual-length") {
+      // The sink and quantized caches' options (checked again by the caches themselves).
+      const std::string v = value();
+      std::int64_t n = 0;
+      try {
+        std::size_t used = 0;
+        n = std::stoll(v, &used);
+        if (used != v.size() || n < 0) throw std::invalid_argument(v);
+      } catch (const std::exception&) {
+        fail(arg + " expects a non-negative integer, got '" + v + "'");
+      }
+      if (arg == "--window-length") o.cache_config.window_length = n;
+      if (arg == "--sink-tokens") o.cache_config.num_sink_tokens = n;
+      if (arg == "--kv-bits")
+        o.cache_config.nbits = static_cast<int>(std::min<std::int64_t>(n, 64));
+      if (arg == "--kv-group-size") o.cache_config.q_group_size = n;
+      if (arg == "--residual-length") o.cache_config.residual_length = n;
+    } else if (arg == "--kv-axis") {
+      o.cache_config.axis_key = value();
     } else if (arg == "--cuda-graph") {
       const std::string v = value();
       if (v != "on" && v != "off") fail("--cuda-graph expects on or off, got '" + v + "'");
@@ -141,8 +168,8 @@ Options parse(int argc, char** argv) {
     fail("--chat reads text turns; it takes neither --input-ids nor --json");
   if (o.device != "cpu" && o.device != "cuda")
     fail("--device expects cpu or cuda, got '" + o.device + "'");
-  if (o.cache != "dynamic" && o.cache != "static") {
-    fail("--cache expects dynamic or static, got '" + o.cache + "'");
+  if (o.cache != "dynamic" && o.cache != "static" && o.cache != "sink" && o.cache != "quantized") {
+    fail("--cache expects dynamic, static, sink or quantized, got '" + o.cache + "'");
   }
   return o;
 }
@@ -269,6 +296,7 @@ int main(int argc, char** argv) {
     gen.eos_token_ids = config.eos_token_ids;
     gen.cuda_graph = o.cuda_graph;
     gen.cache_implementation = o.cache;  // the cache generate() builds when none is passed
+    gen.cache_config = o.cache_config;
 
     if (!tokenizer) {
       // Token ids in, token ids out (models without a tokenizer kvcache can read).
@@ -326,15 +354,18 @@ int main(int argc, char** argv) {
     std::unique_ptr<Cache<cpu::Backend>> cpu_static;
     std::unique_ptr<Cache<cuda::Backend>> gpu_static;
     const bool on_gpu = model.device() == Device::kCuda;
-    const bool fixed = o.cache == "static";
+    // --cache sink|quantized --chat: one cache of that kind for the conversation.
+    const bool fixed = o.cache != "dynamic";
     if (fixed && o.chat) {
-      if (config.max_position_embeddings < 1)
+      if (o.cache == "static" && config.max_position_embeddings < 1)
         fail("--cache static --chat sizes its cache to the model's context length; it has none");
-      const std::int64_t context = config.max_position_embeddings;
+      const std::int64_t context = std::max<std::int64_t>(config.max_position_embeddings, 1);
       if (on_gpu) {
-        gpu_static = make_generation_cache<cuda::Backend>(model, "static", 1, context);
+        gpu_static =
+            make_generation_cache<cuda::Backend>(model, o.cache, 1, context, o.cache_config);
       } else {
-        cpu_static = make_generation_cache<cpu::Backend>(model, "static", 1, context);
+        cpu_static =
+            make_generation_cache<cpu::Backend>(model, o.cache, 1, context, o.cache_config);
       }
     }
     Cache<cpu::Backend>* const cpu_past = fixed ? cpu_static.get() : &cpu_cache;

@@ -73,7 +73,9 @@ Tensor Attention::forward(const Tensor& query_states, const Tensor& key_states,
                 dtype_name(query_states.dtype()));
   const MaskSizes sizes = cache.get_mask_sizes(cache_position, layer_idx_);
   check_cache_position(cache_position, q_len, sizes.kv_length, sizes.kv_offset, where);
-  check_keys_held(cache_position, sizes.kv_offset, o.sliding_window, layer_idx_, where);
+  if (!cache.evicts_tokens()) {
+    check_keys_held(cache_position, sizes.kv_offset, o.sliding_window, layer_idx_, where);
+  }
   // The mask covers every slot seen: the layer's keys are its columns from kv_offset.
   const std::int64_t mask_columns = sizes.kv_offset + sizes.kv_length;
   CacheKwargs kwargs;

@@ -101,9 +101,10 @@ namespace {
 constexpr std::int64_t kMaxReservedNewTokens = 4096;
 
 void check_cache_implementation(const std::string& name) {
-  KVCACHE_CHECK(name == "dynamic" || name == "static",
-                "generate: expected cache_implementation \"dynamic\" or \"static\", got \"", name,
-                "\"");
+  KVCACHE_CHECK(name == "dynamic" || name == "static" || name == "sink" || name == "quantized",
+                "generate: expected cache_implementation \"dynamic\", \"static\", \"sink\" or "
+                "\"quantized\", got \"",
+                name, "\"");
 }
 
 }  // namespace
@@ -111,7 +112,8 @@ void check_cache_implementation(const std::string& name) {
 template <CacheBackend B>
 std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
                                                 const std::string& cache_implementation,
-                                                std::int64_t batch, std::int64_t max_cache_len) {
+                                                std::int64_t batch, std::int64_t max_cache_len,
+                                                const GenerationConfig::CacheConfig& cache_config) {
   check_cache_implementation(cache_implementation);
   KVCACHE_CHECK(model.device() == B::kDevice, "make_generation_cache: expected a model on ",
                 device_name(B::kDevice), " (the cache's backend), got one on ",
@@ -120,6 +122,29 @@ std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
                 "make_generation_cache: expected batch >= 1 and max_cache_len >= 1, got ", batch,
                 " and ", max_cache_len);
   const ModelConfig& c = model.config();
+  if (cache_implementation == "sink" || cache_implementation == "quantized") {
+    KVCACHE_CHECK(B::kDevice == Device::kCpu, "make_generation_cache: the ", cache_implementation,
+                  " cache is not on the GPU yet; use a CPU model (--device cpu)");
+  }
+  if (cache_implementation == "sink") {
+    // Re-rotation uses the model's own inverse frequencies (scaling included).
+    return std::make_unique<SinkCache<B>>(
+        SinkCacheOptions{.window_length = cache_config.window_length,
+                         .num_sink_tokens = cache_config.num_sink_tokens,
+                         .rope_inv_freq = RotaryEmbedding(c.rope).inv_freq()});
+  }
+  if (cache_implementation == "quantized") {
+    const std::string& axis = cache_config.axis_key;
+    KVCACHE_CHECK(axis == "channel" || axis == "token",
+                  "make_generation_cache: expected cache_config.axis_key \"channel\" or \"token\", "
+                  "got \"",
+                  axis, "\"");
+    return std::make_unique<QuantizedCache<B>>(QuantizedCacheOptions{
+        .nbits = cache_config.nbits,
+        .group_size = cache_config.q_group_size,
+        .key_axis = axis == "channel" ? QuantAxis::kPerChannel : QuantAxis::kPerToken,
+        .residual_length = cache_config.residual_length});
+  }
   if (cache_implementation == "dynamic") {
     // The model's sliding layers get sliding cache layers, as transformers' DynamicCache(config)
     // makes them. On the GPU only when the generation goes past a window: until then a sliding
@@ -147,9 +172,11 @@ std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
 }
 
 template std::unique_ptr<Cache<cpu::Backend>> make_generation_cache<cpu::Backend>(
-    const LlamaModel&, const std::string&, std::int64_t, std::int64_t);
+    const LlamaModel&, const std::string&, std::int64_t, std::int64_t,
+    const GenerationConfig::CacheConfig&);
 template std::unique_ptr<Cache<cuda::Backend>> make_generation_cache<cuda::Backend>(
-    const LlamaModel&, const std::string&, std::int64_t, std::int64_t);
+    const LlamaModel&, const std::string&, std::int64_t, std::int64_t,
+    const GenerationConfig::CacheConfig&);
 
 namespace {
 
@@ -212,7 +239,7 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
     const std::int64_t slots =
         dynamic ? prompt + std::min(config.max_new_tokens, kMaxReservedNewTokens) : total;
     local = make_generation_cache<B>(model, config.cache_implementation, batch,
-                                     std::max<std::int64_t>(slots, 1));
+                                     std::max<std::int64_t>(slots, 1), config.cache_config);
   }
   Cache<B>& past_key_values = cache ? *cache : *local;
   // A cache of bounded size must hold what the forward passes store: the last token needs none.

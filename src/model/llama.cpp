@@ -437,7 +437,8 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
   // applies the window over what each cache layer holds, on either backend. Checked for every
   // layer here, before layer 0 touches the cache: the cache must still hold the keys each layer's
   // queries see (a sliding cache layer under a full or wider-windowed layer cannot).
-  for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
+  // A cache that evicts by design (SinkCache) is exempt: it drops the middle on purpose.
+  for (std::int64_t l = 0; l < c.num_hidden_layers && !cache->evicts_tokens(); ++l) {
     const std::optional<std::int64_t> window = c.layer_sliding_window(l);
     check_keys_held(cache_position,
                     cache->get_mask_sizes(cache_position, static_cast<int>(l)).kv_offset, window,
@@ -454,7 +455,17 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
     KVCACHE_CHECK(mask.rank() == 2 && mask.size(1) >= q_len, where,
                   ": expected attention_mask [batch, past + ", q_len, "], got ",
                   mask.shape_string());
-    position_ids = position_ids_from_attention_mask(mask, q_len);
+    // A cache with positions of its own (SinkCache: each token's index in the cache, as
+    // StreamingLLM gives them) decides them; every other cache takes them from the mask.
+    const std::optional<std::int64_t> start = cache->rope_position_start(q_len, 0);
+    if (start) {
+      position_ids = Tensor::empty({batch, q_len}, DType::kInt64);
+      auto* p = position_ids.data_as<std::int64_t>();  // [batch, q_len]
+      for (std::int64_t b = 0; b < batch; ++b)
+        for (std::int64_t i = 0; i < q_len; ++i) p[b * q_len + i] = *start + i;
+    } else {
+      position_ids = position_ids_from_attention_mask(mask, q_len);
+    }
   }
   KVCACHE_CHECK(position_ids.device() == Device::kCpu && position_ids.dtype() == DType::kInt64 &&
                     position_ids.rank() == 2 && position_ids.size(0) == batch &&

@@ -264,7 +264,11 @@ TEST(CacheImplementation, MakesEachKind) {
   EXPECT_EQ(as_static->num_layers(), 2);  // allocated up front, every layer
   EXPECT_EQ(as_static->capacity_bytes(), 2u * 2 * 2 * 2 * 40 * 16 * 4);
   EXPECT_KVCACHE_ERROR(make_generation_cache<cpu::Backend>(model, "paged", 1, 4),
-                       "expected cache_implementation \"dynamic\" or \"static\", got \"paged\"");
+                       "\"sink\" or \"quantized\", got \"paged\"");
+  const auto sink = make_generation_cache<cpu::Backend>(model, "sink", 1, 4);
+  ASSERT_NE(dynamic_cast<SinkCache<>*>(sink.get()), nullptr);
+  const auto quant = make_generation_cache<cpu::Backend>(model, "quantized", 1, 4);
+  ASSERT_NE(dynamic_cast<QuantizedCache<>*>(quant.get()), nullptr);
   EXPECT_KVCACHE_ERROR(make_generation_cache<cuda::Backend>(model, "static", 1, 4),
                        "expected a model on cuda");
   EXPECT_KVCACHE_ERROR(make_generation_cache<cpu::Backend>(model, "static", 0, 4),
@@ -275,7 +279,7 @@ TEST(CacheImplementation, UnknownNamesAreRejected) {
   const LlamaModel& model = tiny_model();
   auto [ids, mask] = left_pad({{1, 2, 3}}, 0);
   GenerationConfig config{.max_new_tokens = 4};
-  for (const char* name : {"", "Static", "sliding", "quantized"}) {
+  for (const char* name : {"", "Static", "sliding", "Quantized"}) {
     config.cache_implementation = name;
     EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config), std::string("got \"") + name + "\"");
     DynamicCache<> cache;  // also when a cache is passed

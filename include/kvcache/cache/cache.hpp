@@ -35,11 +35,13 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
 
 #include "kvcache/error.hpp"
+#include "kvcache/float16.hpp"
 #include "kvcache/tensor.hpp"
 
 namespace kvcache {
@@ -120,6 +122,22 @@ class Cache {
   void batch_select_indices(std::initializer_list<std::int64_t> indices) {
     batch_select_indices(std::span<const std::int64_t>(indices.begin(), indices.size()));
   }
+
+  /// The RoPE position of the first of the next step's q_len new tokens (the others follow one by
+  /// one) for a cache that places tokens at positions of its own, or nullopt (every cache but
+  /// SinkCache): positions then come from the attention mask. SinkCache gives each token its index
+  /// in the cache, as StreamingLLM does; the model asks here when no position_ids are passed.
+  virtual std::optional<std::int64_t> rope_position_start(std::int64_t q_len,
+                                                          int layer_idx = 0) const {
+    (void)q_len;
+    (void)layer_idx;
+    return std::nullopt;
+  }
+
+  /// Whether the cache drops, by design, keys a full-attention query would see (SinkCache's
+  /// evicted middle). The model and the attention module refuse a layer that returns keys from
+  /// kv_offset > 0 to a full-attention query unless this says the loss is intended.
+  virtual bool evicts_tokens() const { return false; }
 
   /// Bytes of keys and values the cache holds (tokens in use, not capacity).
   virtual std::size_t nbytes() const = 0;
@@ -215,6 +233,32 @@ inline void check_kv_states(const Tensor& k, const Tensor& v, Device device, con
                 " and ", device_name(v.device()));
   KVCACHE_CHECK(k.size(0) > 0 && k.size(1) > 0 && k.size(3) > 0, where,
                 ": expected non-zero batch, num_kv_heads and head_dim, got ", k.shape_string());
+}
+
+/// Element i of a float32, float16 or bfloat16 buffer as a float (host memory).
+inline float load_float(const void* base, DType dtype, std::int64_t i) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return to_float(static_cast<const float16*>(base)[i]);
+    case DType::kBFloat16:
+      return to_float(static_cast<const bfloat16*>(base)[i]);
+    default:
+      return static_cast<const float*>(base)[i];
+  }
+}
+
+/// Stores v (rounded to nearest even) as element i of a float32, float16 or bfloat16 buffer.
+inline void store_float(void* base, DType dtype, std::int64_t i, float v) {
+  switch (dtype) {
+    case DType::kFloat16:
+      static_cast<float16*>(base)[i] = from_float<float16>(v);
+      break;
+    case DType::kBFloat16:
+      static_cast<bfloat16*>(base)[i] = from_float<bfloat16>(v);
+      break;
+    default:
+      static_cast<float*>(base)[i] = v;
+  }
 }
 
 /// The length crop(max_length) leaves of a cache holding `length` tokens: max_length itself when

@@ -32,9 +32,22 @@ struct GenerationConfig {
   /// layers as transformers' DynamicCache(config); on the GPU only when prompt + max_new_tokens
   /// passes a window, since full layers replay from a CUDA graph) or "static" (a StaticCache of
   /// the prompt's batch and max_cache_len = prompt + max_new_tokens, allocated before the prefill;
-  /// full-length layers, exact for a windowed model too). Any other name is an error, also when a
-  /// cache is passed (which is then used as it is).
+  /// full-length layers, exact for a windowed model too), "sink" (a SinkCache of cache_config's
+  /// window_length and num_sink_tokens, re-rotating with the model's RoPE; CPU only) or
+  /// "quantized" (a QuantizedCache of cache_config's nbits, q_group_size, axis_key and
+  /// residual_length; CPU only). Any other name is an error, also when a cache is passed (which is
+  /// then used as it is).
   std::string cache_implementation = "dynamic";
+  /// Options of the "sink" and "quantized" kinds (transformers' cache_config).
+  struct CacheConfig {
+    std::int64_t window_length = 256;    // sink: tokens kept per layer, sinks included
+    std::int64_t num_sink_tokens = 4;    // sink: leading tokens kept for good
+    int nbits = 4;                       // quantized: 2, 4 or 8
+    std::int64_t q_group_size = 64;      // quantized: values per scale/min group
+    std::string axis_key = "channel";    // quantized: keys grouped per "channel" (KIVI) or "token"
+    std::int64_t residual_length = 128;  // quantized: recent tokens kept in full precision
+  };
+  CacheConfig cache_config;
 };
 
 }  // namespace kvcache

@@ -27,6 +27,8 @@
 #include <vector>
 
 #include "kvcache/cache/dynamic_cache.hpp"
+#include "kvcache/cache/quantized_cache.hpp"
+#include "kvcache/cache/sink_cache.hpp"
 #include "kvcache/cache/static_cache.hpp"
 #include "kvcache/generation/config.hpp"
 #include "kvcache/model/llama.hpp"
@@ -67,12 +69,14 @@ GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
 /// a DynamicCache reserving max_cache_len slots (it grows past them; on the CPU the model's
 /// sliding layers get sliding-window layers, ModelConfig::sliding_windows), or "static", a
 /// StaticCache of `batch` rows and max_cache_len slots with every layer allocated here in the
-/// model's key/value dtype. What generate() builds when no cache is passed; other names are a
-/// kvcache::Error.
+/// model's key/value dtype, or "sink" / "quantized" with `cache_config`'s options (a SinkCache
+/// re-rotating with the model's RoPE inverse frequencies; a QuantizedCache; both CPU only for now:
+/// on the GPU a kvcache::Error). What generate() builds when no cache is passed; other names are
+/// a kvcache::Error.
 template <CacheBackend B>
-std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
-                                                const std::string& cache_implementation,
-                                                std::int64_t batch, std::int64_t max_cache_len);
+std::unique_ptr<Cache<B>> make_generation_cache(
+    const LlamaModel& model, const std::string& cache_implementation, std::int64_t batch,
+    std::int64_t max_cache_len, const GenerationConfig::CacheConfig& cache_config = {});
 
 /// [batch, 1] int64 column of the given tokens (the next step's input_ids).
 Tensor token_column(const std::vector<std::int64_t>& tokens);
