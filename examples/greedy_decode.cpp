@@ -336,9 +336,11 @@ int main(int argc, char** argv) {
       if (!tokenizer->chat_template())
         fail("this model has no chat template; use --raw to send the text as is");
       try {
-        chat_template = ChatTemplate::parse(*tokenizer->chat_template());
+        // The template sees the tokenizer's BOS and EOS texts as bos_token / eos_token.
+        chat_template = ChatTemplate::parse(*tokenizer->chat_template(),
+                                            ChatTemplateOptions::from_tokenizer(*tokenizer));
       } catch (const Error& e) {
-        fail(std::string(e.what()) + " (use --raw to send the text as is)");
+        fail(e.what());  // it names the template's line and column and suggests --raw
       }
     }
     std::vector<ChatMessage> messages;
@@ -373,7 +375,6 @@ int main(int argc, char** argv) {
     const CacheRef cache = on_gpu ? CacheRef(gpu_past) : CacheRef(cpu_past);
     std::vector<std::int64_t> pending;
     std::size_t covered = 0;
-    const std::string end_of_turn = "<|im_end|>";
     auto run_turn = [&](const std::string& user_text) {
       std::string text = user_text;
       if (chat_template) {
@@ -401,14 +402,33 @@ int main(int argc, char** argv) {
       if (!o.json) std::cout << stream.flush() << "\n";
       pending = {answer.back()};
       if (chat_template) {
-        const bool ended = tokenizer->token_text(answer.back()) == end_of_turn;
+        const bool ended = std::find(gen.eos_token_ids.begin(), gen.eos_token_ids.end(),
+                                     answer.back()) != gen.eos_token_ids.end();
         if (ended) answer.pop_back();
-        messages.push_back({"assistant", tokenizer->decode(answer, /*skip_special=*/true)});
+        const std::string answer_text = tokenizer->decode(answer, /*skip_special=*/true);
+        messages.push_back({"assistant", answer_text});
         const std::string rendered =
             chat_template->apply(messages, /*add_generation_prompt=*/false);
-        // Rendered, the answer ends "<|im_end|>\n": with the end-of-turn token pending, all but
-        // the newline is covered; cut off by max_new_tokens, the end-of-turn marker is not.
-        covered = rendered.size() - (ended ? 1 : end_of_turn.size() + 1);
+        // The cache plus `pending` hold the rendering up to the end of the answer, and with the
+        // EOS token pending, up to that token's text where the template writes it ("<|im_end|>"
+        // in ChatML, " </s>" after a Llama-2 answer). Templates that trim the answer are found
+        // by its trimmed text; the next turn prefills the rendering from there on.
+        std::size_t at = answer_text.empty() ? std::string::npos : rendered.rfind(answer_text);
+        std::size_t length = answer_text.size();
+        if (at == std::string::npos) {
+          const std::size_t b = answer_text.find_first_not_of(" \t\n");
+          const std::size_t e = answer_text.find_last_not_of(" \t\n");
+          const std::string trimmed =
+              b == std::string::npos ? std::string() : answer_text.substr(b, e - b + 1);
+          at = trimmed.empty() ? std::string::npos : rendered.rfind(trimmed);
+          length = trimmed.size();
+        }
+        covered = at == std::string::npos ? covered : at + length;
+        if (ended) {
+          const std::string& eos_text = tokenizer->token_text(pending.front());
+          const std::size_t eos_at = rendered.find(eos_text, covered);
+          if (eos_at != std::string::npos) covered = eos_at + eos_text.size();
+        }
       }
       return std::pair{result, static_cast<std::int64_t>(ids.size())};
     };

@@ -1,7 +1,8 @@
 // Fuzz target: a chat template and the messages it renders. The input is split at NUL bytes: the
 // template text first (a tokenizer_config.json or GGUF tokenizer.chat_template is untrusted),
-// then role, content, role, content, ... Checks that what the template accepts renders every
-// message's content and ends with the generation prompt when asked. A template part that is a
+// then role, content, role, content, ... Checks that the Jinja engine only ever throws
+// kvcache::Error (bounded steps, output and depth: no hang, no crash) and renders the same
+// conversation the same way twice. A template part that is a
 // JSON object with a "chat_template" string (the seed, tokenizer_config.json) gives that string.
 #include <cstddef>
 #include <cstdint>
@@ -35,19 +36,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (config.is_object() && config.contains("chat_template") &&
         config["chat_template"].is_string())
       text = config["chat_template"].get<std::string>();
-    const kvcache::ChatTemplate chat = kvcache::ChatTemplate::parse(text);
+    const kvcache::ChatTemplate chat = kvcache::ChatTemplate::parse(
+        text, {.bos_token = "<s>", .eos_token = "</s>", .variables = {}});
     for (const bool generation : {false, true}) {
       kvcache::fuzz::expect_only_errors("ChatTemplate::apply", [&] {
+        // Any template renders now, so the output's shape is the template's business; what must
+        // hold is that rendering is a function of its inputs.
         const std::string prompt_text = chat.apply(messages, generation);
-        for (const kvcache::ChatMessage& m : messages) {
-          if (prompt_text.find(m.content) == std::string::npos) {
-            std::fprintf(stderr, "FINDING: a message's content is missing from the prompt\n");
-            std::abort();
-          }
-        }
-        const std::string_view prompt = "<|im_start|>assistant\n";
-        if (generation && !prompt_text.ends_with(prompt)) {
-          std::fprintf(stderr, "FINDING: no generation prompt at the end\n");
+        if (text.find("strftime_now") == std::string::npos &&  // the clock may tick between
+            chat.apply(messages, generation) != prompt_text) {
+          std::fprintf(stderr, "FINDING: two renderings of the same conversation differ\n");
           std::abort();
         }
       });

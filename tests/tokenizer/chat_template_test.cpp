@@ -3,8 +3,8 @@
 // system prompt inside the message loop, real newlines in the literal), Qwen2.5's (default outside
 // the loop, written with \n escapes) and plain ChatML (no default), for conversations with and
 // without a system message and with and without the generation prompt; the rendered text and its
-// token ids must be transformers'. Templates kvcache cannot interpret must say so and suggest
-// --raw.
+// token ids must be transformers'. Templates beyond ChatML render too (the other families are
+// checked against jinja2 in jinja_test.cpp); a template that fails says where and suggests --raw.
 #include "kvcache/tokenizer/chat_template.hpp"
 
 #include <gtest/gtest.h>
@@ -85,23 +85,23 @@ TEST(ChatTemplate, IdsEqualTransformersWithTheGgufTemplate) {
   }
 }
 
-TEST(ChatTemplate, ReadsTheDefaultSystemPromptFromTheTemplate) {
-  EXPECT_EQ(ChatTemplate::parse(template_named("gguf")).default_system_prompt(),
-            "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
-  EXPECT_EQ(ChatTemplate::parse(template_named("qwen2.5")).default_system_prompt(),
-            "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.");
-  EXPECT_EQ(ChatTemplate::parse(template_named("chatml")).default_system_prompt(), std::nullopt);
-  // Another default in the same shape is read, not assumed.
+TEST(ChatTemplate, RendersTheDefaultSystemPromptTheTemplateWrites) {
+  const std::vector<ChatMessage> hi = {{"user", "Hi"}};
+  EXPECT_EQ(apply_chat_template(hi, false, template_named("gguf")),
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+            "Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+  EXPECT_EQ(apply_chat_template(hi, false, template_named("qwen2.5")),
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+            "assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+  EXPECT_EQ(apply_chat_template(hi, false, template_named("chatml")),
+            "<|im_start|>user\nHi<|im_end|>\n");
   const std::string custom =
       "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
       "{{ \"<|im_start|>system\\nBe \\\"terse\\\".\\tOK<|im_end|>\\n\" }}{% endif %}"
       "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
       "{% endfor %}";
-  EXPECT_EQ(ChatTemplate::parse(custom).default_system_prompt(), "Be \"terse\".\tOK");
-  const std::vector<ChatMessage> hi = {{"user", "Hi"}};
   EXPECT_EQ(apply_chat_template(hi, true, custom),
-            "<|im_start|>system\nBe \"terse\".\tOK<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-            "<|im_start|>assistant\n");
+            "<|im_start|>system\nBe \"terse\".\tOK<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
   // A system message of the caller's replaces the default.
   const std::vector<ChatMessage> with_system = {{"system", "S"}, {"user", "Hi"}};
   EXPECT_EQ(apply_chat_template(with_system, false, custom),
@@ -110,34 +110,39 @@ TEST(ChatTemplate, ReadsTheDefaultSystemPromptFromTheTemplate) {
 
 using testing::error_of;
 
-TEST(ChatTemplate, RefusesTemplatesItCannotInterpret) {
+// Templates the marker-based reader refused now render through the Jinja engine.
+TEST(ChatTemplate, RendersTemplatesBeyondChatML) {
   const std::vector<ChatMessage> hi = {{"user", "Hi"}};
   const std::string llama3 =
       "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
       "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}";
-  std::string e = error_of([&] { apply_chat_template(hi, true, llama3); });
-  EXPECT_NE(e.find("expected a ChatML template"), std::string::npos) << e;
-  EXPECT_NE(e.find("--raw"), std::string::npos) << e;
+  EXPECT_EQ(apply_chat_template(hi, true, llama3),
+            "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>");
 
   const std::string thinking =
       "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
       "message['content'] + '<|im_end|>\\n'}}{% endfor %}{{ '<|im_start|>assistant\\n<think>\\n' "
       "}}";
-  e = error_of([&] { ChatTemplate::parse(thinking); });
-  EXPECT_NE(e.find("<think>"), std::string::npos) << e;
-  EXPECT_NE(e.find("--raw"), std::string::npos) << e;
+  EXPECT_EQ(apply_chat_template(hi, true, thinking),
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n");
 
-  // The default system turn assembled from pieces: refused rather than silently dropped.
+  // The default system turn assembled from pieces and a caller's variable.
   const std::string pieces =
       "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>' + 'system\\n' + default_system "
       "+ '<|im_end|>\\n' }}{% endif %}{% for message in messages %}{{'<|im_start|>' + "
       "message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}{% endfor %}";
-  e = error_of([&] { ChatTemplate::parse(pieces); });
-  EXPECT_NE(e.find("handles system messages some other way"), std::string::npos) << e;
+  EXPECT_EQ(apply_chat_template(
+                hi, false, pieces,
+                {.bos_token = "", .eos_token = "", .variables = {{"default_system", "D"}}}),
+            "<|im_start|>system\nD<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+  // Without the variable, jinja2's + refuses an undefined operand: an error naming the place.
+  std::string e = error_of([&] { apply_chat_template(hi, false, pieces); });
+  EXPECT_NE(e.find("line 1, column"), std::string::npos) << e;
   EXPECT_NE(e.find("--raw"), std::string::npos) << e;
 
   e = error_of([] { ChatTemplate::parse("{{ '<|im_start|>user\\n<|im_end|>"); });
   EXPECT_NE(e.find("expected a closing '"), std::string::npos) << e;
+  EXPECT_NE(e.find("--raw"), std::string::npos) << e;
 
   e = error_of([] { apply_chat_template({}, true, "<|im_start|><|im_end|>"); });
   EXPECT_NE(e.find("expected at least one message, got none"), std::string::npos) << e;
