@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 
 #include "check.cuh"
 #include "dtype.cuh"
@@ -217,6 +218,122 @@ Tensor upload(const Tensor& host) {
 }
 
 void synchronize() { KVCACHE_CUDA_CHECK(cudaStreamSynchronize(g_stream)); }
+
+Tensor empty_pinned(Shape shape, DType dtype) {
+  KVCACHE_CHECK(shape.size() <= static_cast<std::size_t>(kMaxRank),
+                "cuda::empty_pinned: expected rank <= ", kMaxRank, ", got ", shape.size());
+  const std::size_t bytes = checked_bytes(shape, dtype);
+  void* host = nullptr;
+  KVCACHE_CUDA_CHECK(cudaMallocHost(&host, bytes == 0 ? 1 : bytes));
+  // A copy still in flight on any stream may read or write it: wait for the device first.
+  std::shared_ptr<void> storage(host, [](void* p) {
+    (void)cudaDeviceSynchronize();
+    (void)cudaFreeHost(p);
+  });
+  return Tensor::from_storage(std::move(storage), host, shape, dtype, Device::kCpu);
+}
+
+namespace {
+
+// A tensor as copy_async sees it: `height` rows of `width` bytes, `pitch` bytes apart.
+struct Rows {
+  void* data;
+  std::size_t width, pitch, height;
+};
+
+Rows rows_of(const Tensor& t, const char* where) {
+  KVCACHE_CHECK(t.defined() && t.rank() >= 1 && t.rank() <= 4, where,
+                ": expected a tensor of rank 1 to 4, got ", t.defined() ? t.describe() : "none");
+  if (t.device() == Device::kCpu) {
+    cudaPointerAttributes attributes{};
+    KVCACHE_CUDA_CHECK(cudaPointerGetAttributes(&attributes, t.data()));
+    KVCACHE_CHECK(attributes.type == cudaMemoryTypeHost, where,
+                  ": expected page-locked CPU memory (cuda::empty_pinned), got ", t.describe());
+  }
+  const int r = t.rank();
+  const std::size_t es = t.element_size();
+  const bool rows_contiguous =
+      t.stride(r - 1) == 1 && (r < 2 || t.size(r - 1) <= 1 || t.stride(r - 2) == t.size(r - 1));
+  const bool leading_collapse =
+      r < 4 || t.size(0) <= 1 || t.size(1) <= 1 || t.stride(0) == t.size(1) * t.stride(1);
+  KVCACHE_CHECK(rows_contiguous && leading_collapse, where,
+                ": expected rows of contiguous elements (the last two dimensions contiguous, the "
+                "leading ones collapsing), got strides of ",
+                t.describe());
+  const std::int64_t row_elements = r >= 2 ? t.size(r - 1) * t.size(r - 2) : t.size(0);
+  const std::int64_t height = r == 4 ? t.size(0) * t.size(1) : r == 3 ? t.size(0) : 1;
+  // The distance between consecutive rows (a dimension of size 1 has no meaningful stride).
+  std::int64_t pitch = row_elements;
+  if (r == 4) pitch = t.size(1) > 1 ? t.stride(1) : t.stride(0);
+  if (r == 3) pitch = t.stride(0);
+  if (height <= 1) pitch = row_elements;
+  return {t.data(), static_cast<std::size_t>(row_elements) * es,
+          static_cast<std::size_t>(std::max<std::int64_t>(pitch, row_elements)) * es,
+          static_cast<std::size_t>(height)};
+}
+
+void copy_rows(const Tensor& dst, const Tensor& src, cudaStream_t stream, const char* where) {
+  KVCACHE_CHECK(
+      dst.defined() && src.defined() && dst.dtype() == src.dtype() && dst.rank() == src.rank(),
+      where, ": expected two tensors of one dtype and rank, got ",
+      dst.defined() ? dst.describe() : "none", " and ", src.defined() ? src.describe() : "none");
+  for (int d = 0; d < dst.rank(); ++d) {
+    KVCACHE_CHECK(dst.size(d) == src.size(d), where, ": expected one shape, got ",
+                  dst.shape_string(), " and ", src.shape_string());
+  }
+  if (dst.numel() == 0) return;
+  const Rows to = rows_of(dst, where), from = rows_of(src, where);
+  KVCACHE_CUDA_CHECK(cudaMemcpy2DAsync(to.data, to.pitch, from.data, from.pitch, to.width,
+                                       to.height, cudaMemcpyDefault, stream));
+}
+
+}  // namespace
+
+void copy_async(const Tensor& dst, const Tensor& src) {
+  copy_rows(dst, src, g_stream, "cuda::copy_async");
+}
+
+CopyStream::CopyStream() {
+  cudaStream_t stream = nullptr;
+  KVCACHE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  stream_ = stream;
+  cudaEvent_t a = nullptr, b = nullptr;
+  if (cudaEventCreateWithFlags(&a, cudaEventDisableTiming) != cudaSuccess ||
+      cudaEventCreateWithFlags(&b, cudaEventDisableTiming) != cudaSuccess) {
+    if (a) (void)cudaEventDestroy(a);
+    (void)cudaStreamDestroy(stream);
+    KVCACHE_FAIL("CopyStream: could not create its events");
+  }
+  to_copy_ = a;
+  to_current_ = b;
+}
+
+CopyStream::~CopyStream() {
+  (void)cudaStreamSynchronize(static_cast<cudaStream_t>(stream_));
+  (void)cudaEventDestroy(static_cast<cudaEvent_t>(to_copy_));
+  (void)cudaEventDestroy(static_cast<cudaEvent_t>(to_current_));
+  (void)cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
+}
+
+void CopyStream::wait_for_current() const {
+  KVCACHE_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(to_copy_), g_stream));
+  KVCACHE_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream_),
+                                         static_cast<cudaEvent_t>(to_copy_), 0));
+}
+
+void CopyStream::make_current_wait() const {
+  KVCACHE_CUDA_CHECK(
+      cudaEventRecord(static_cast<cudaEvent_t>(to_current_), static_cast<cudaStream_t>(stream_)));
+  KVCACHE_CUDA_CHECK(cudaStreamWaitEvent(g_stream, static_cast<cudaEvent_t>(to_current_), 0));
+}
+
+void CopyStream::copy(const Tensor& dst, const Tensor& src) const {
+  copy_rows(dst, src, static_cast<cudaStream_t>(stream_), "CopyStream::copy");
+}
+
+void CopyStream::synchronize() const {
+  KVCACHE_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));
+}
 
 namespace {
 

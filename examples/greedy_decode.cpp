@@ -8,7 +8,8 @@
 //
 //   greedy_decode [--model PATH] [--prompt TEXT | --input-ids "1,2,3;4,5"] [--raw] [--system TEXT]
 //                 [--chat] [--max-new-tokens N] [--device cpu|cuda]
-//                 [--dtype float32|bfloat16|float16] [--cache dynamic|static|sink|quantized]
+//                 [--dtype float32|bfloat16|float16] [--cache
+//                 dynamic|static|sink|quantized|offloaded]
 //                 [--window-length N] [--sink-tokens N] [--kv-bits 8|4|2] [--kv-group-size N]
 //                 [--kv-axis channel|token] [--residual-length N] [--cuda-graph on|off]
 //                 [--threads N] [--json]
@@ -71,7 +72,7 @@ const char* kUsage =
     "usage: greedy_decode [--model PATH] [--prompt TEXT | --input-ids \"1,2,3;4,5\"] [--raw]\n"
     "                     [--system TEXT] [--chat] [--max-new-tokens N] [--device cpu|cuda]\n"
     "                     [--dtype float32|bfloat16|float16]\n"
-    "                     [--cache dynamic|static|sink|quantized] [--window-length N]\n"
+    "                     [--cache dynamic|static|sink|quantized|offloaded] [--window-length N]\n"
     "                     [--sink-tokens N] [--kv-bits 8|4|2] [--kv-group-size N]\n"
     "                     [--kv-axis channel|token] [--residual-length N]\n"
     "                     [--cuda-graph on|off] [--threads N] [--json]\n";
@@ -168,8 +169,9 @@ Options parse(int argc, char** argv) {
     fail("--chat reads text turns; it takes neither --input-ids nor --json");
   if (o.device != "cpu" && o.device != "cuda")
     fail("--device expects cpu or cuda, got '" + o.device + "'");
-  if (o.cache != "dynamic" && o.cache != "static" && o.cache != "sink" && o.cache != "quantized") {
-    fail("--cache expects dynamic, static, sink or quantized, got '" + o.cache + "'");
+  if (o.cache != "dynamic" && o.cache != "static" && o.cache != "sink" && o.cache != "quantized" &&
+      o.cache != "offloaded") {
+    fail("--cache expects dynamic, static, sink, quantized or offloaded, got '" + o.cache + "'");
   }
   return o;
 }

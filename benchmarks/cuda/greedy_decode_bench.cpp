@@ -12,15 +12,19 @@
 // (BM_DeviceCopyCuda in attention_cuda_bench; 4.18 TB/s on the H200 counting read + write).
 // BM_PrefillCuda times a 512-token prefill (tokens/s) of the same shapes, and BM_KvAppendCuda one
 // decode step's append of the new token's keys and values into a DynamicCache<cuda::Backend> layer.
+// BM_GreedyDecodeOffloadedCuda: the OffloadedCache (layers in host memory) against the resident
+// DynamicCache at a short and a long prompt.
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <string>
 
 #include "kvcache/backend/cuda.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
+#include "kvcache/cache/offloaded_cache.hpp"
 #include "kvcache/generation/generate.hpp"
 #include "kvcache/model/llama.hpp"
 
@@ -114,6 +118,53 @@ BENCHMARK(BM_GreedyDecodeCuda)
     ->ArgNames({"shape", "graph"})
     ->UseManualTime()
     ->Iterations(3)
+    ->Unit(benchmark::kMillisecond);
+
+// The offloaded cache against the resident one (DynamicCache, decode kernel by kernel as the
+// offloaded one runs), at a prompt of 128 or 2048 tokens and 128 new: decode tokens/s and the
+// device bytes each cache allocates (cache_device_MB) beside the tokens' bytes (cache_MB).
+void BM_GreedyDecodeOffloadedCuda(benchmark::State& state) {
+  if (kvcache::cuda::device_count() == 0) return state.SkipWithError("no CUDA device");
+  const Shape& s = kShapes[state.range(0)];
+  const bool offloaded = state.range(1) != 0;
+  const LlamaModel& model = model_of(static_cast<int>(state.range(0)));
+  const Tensor ids = prompt_ids(1, state.range(2), s.vocab);
+  const kvcache::GenerationConfig config{.max_new_tokens = 128, .cuda_graph = false};
+  double tokens = 0, seconds = 0;
+  std::size_t device_bytes = 0, bytes = 0;
+  std::int64_t prefetched = 0;
+  auto once = [&] {
+    std::unique_ptr<kvcache::Cache<kvcache::cuda::Backend>> cache;
+    if (offloaded) {
+      cache = std::make_unique<kvcache::OffloadedCache>();
+    } else {
+      cache = std::make_unique<kvcache::DynamicCache<kvcache::cuda::Backend>>();
+    }
+    const kvcache::GenerateResult r = kvcache::generate(model, ids, Tensor(), config, cache.get());
+    device_bytes = cache->capacity_bytes();
+    bytes = cache->nbytes();
+    if (offloaded) prefetched = static_cast<kvcache::OffloadedCache&>(*cache).prefetched_updates();
+    return r;
+  };
+  (void)once();  // warm-up
+  for (auto _ : state) {
+    const kvcache::GenerateResult r = once();
+    state.SetIterationTime(r.decode_ms * 1e-3);
+    tokens += static_cast<double>(r.decode_steps);
+    seconds += r.decode_ms * 1e-3;
+  }
+  state.counters["tokens_per_s"] = tokens / seconds;
+  state.counters["cache_device_MB"] = static_cast<double>(device_bytes) * 1e-6;
+  state.counters["cache_MB"] = static_cast<double>(bytes) * 1e-6;
+  state.counters["prefetched_updates"] = static_cast<double>(prefetched);
+  state.SetLabel(std::string(s.name) + (offloaded ? " offloaded" : " resident"));
+}
+// Args: shape (0 TinyLlama, 1 7B), cache (0 DynamicCache, 1 OffloadedCache), prompt tokens.
+BENCHMARK(BM_GreedyDecodeOffloadedCuda)
+    ->ArgsProduct({{0, 1}, {0, 1}, {128, 2048}})
+    ->ArgNames({"shape", "offloaded", "prompt"})
+    ->UseManualTime()
+    ->Iterations(2)
     ->Unit(benchmark::kMillisecond);
 
 void BM_PrefillCuda(benchmark::State& state) {

@@ -12,6 +12,7 @@
 #include "kvcache/cache/cache.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
 #include "kvcache/cache/legacy.hpp"
+#include "kvcache/cache/offloaded_cache.hpp"
 #include "kvcache/cache/quantized_cache.hpp"
 #include "kvcache/cache/sink_cache.hpp"
 #include "kvcache/cache/static_cache.hpp"

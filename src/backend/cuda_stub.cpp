@@ -35,6 +35,14 @@ void synchronize() { not_built("synchronize"); }
 StreamScope::StreamScope() { not_built("StreamScope"); }
 StreamScope::~StreamScope() = default;
 MirroredBuffer::MirroredBuffer(std::size_t) { not_built("MirroredBuffer"); }
+Tensor empty_pinned(Shape, DType) { not_built("empty_pinned"); }
+void copy_async(const Tensor&, const Tensor&) { not_built("copy_async"); }
+CopyStream::CopyStream() { not_built("CopyStream"); }
+CopyStream::~CopyStream() = default;
+void CopyStream::wait_for_current() const { not_built("CopyStream"); }
+void CopyStream::make_current_wait() const { not_built("CopyStream"); }
+void CopyStream::copy(const Tensor&, const Tensor&) const { not_built("CopyStream"); }
+void CopyStream::synchronize() const { not_built("CopyStream"); }
 Tensor MirroredBuffer::device_view(std::size_t, Shape, DType) const {
   not_built("MirroredBuffer::device_view");
 }

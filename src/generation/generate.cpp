@@ -101,9 +101,10 @@ namespace {
 constexpr std::int64_t kMaxReservedNewTokens = 4096;
 
 void check_cache_implementation(const std::string& name) {
-  KVCACHE_CHECK(name == "dynamic" || name == "static" || name == "sink" || name == "quantized",
-                "generate: expected cache_implementation \"dynamic\", \"static\", \"sink\" or "
-                "\"quantized\", got \"",
+  KVCACHE_CHECK(name == "dynamic" || name == "static" || name == "sink" || name == "quantized" ||
+                    name == "offloaded",
+                "generate: expected cache_implementation \"dynamic\", \"static\", \"sink\", "
+                "\"quantized\" or \"offloaded\", got \"",
                 name, "\"");
 }
 
@@ -125,6 +126,18 @@ std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
   if (cache_implementation == "sink" || cache_implementation == "quantized") {
     KVCACHE_CHECK(B::kDevice == Device::kCpu, "make_generation_cache: the ", cache_implementation,
                   " cache is not on the GPU yet; use a CPU model (--device cpu)");
+  }
+  if (cache_implementation == "offloaded") {
+    // Layers in page-locked host memory, two of them on the device at a time.
+    if constexpr (B::kDevice == Device::kCuda) {
+      return std::make_unique<OffloadedCache>(OffloadedCacheOptions{
+          .initial_capacity = std::min(max_cache_len, kMaxReservedNewTokens)});
+    } else {
+      KVCACHE_FAIL(
+          "make_generation_cache: the offloaded cache keeps a GPU model's cache in host "
+          "memory; a CPU model's cache is there already (use --device cuda, or "
+          "\"dynamic\")");
+    }
   }
   if (cache_implementation == "sink") {
     // Re-rotation uses the model's own inverse frequencies (scaling included).

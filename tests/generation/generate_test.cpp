@@ -264,7 +264,13 @@ TEST(CacheImplementation, MakesEachKind) {
   EXPECT_EQ(as_static->num_layers(), 2);  // allocated up front, every layer
   EXPECT_EQ(as_static->capacity_bytes(), 2u * 2 * 2 * 2 * 40 * 16 * 4);
   EXPECT_KVCACHE_ERROR(make_generation_cache<cpu::Backend>(model, "paged", 1, 4),
-                       "\"sink\" or \"quantized\", got \"paged\"");
+                       "\"quantized\" or \"offloaded\", got \"paged\"");
+  // The offloaded cache keeps a GPU model's cache in host memory: not for a CPU model.
+  EXPECT_KVCACHE_ERROR(make_generation_cache<cpu::Backend>(model, "offloaded", 1, 4),
+                       "the offloaded cache keeps a GPU model's cache in host memory");
+  if (cuda::device_count() == 0) {
+    EXPECT_KVCACHE_ERROR(OffloadedCache(), "OffloadedCache");
+  }
   const auto sink = make_generation_cache<cpu::Backend>(model, "sink", 1, 4);
   ASSERT_NE(dynamic_cast<SinkCache<>*>(sink.get()), nullptr);
   const auto quant = make_generation_cache<cpu::Backend>(model, "quantized", 1, 4);

@@ -110,6 +110,48 @@ Tensor upload(const Tensor& host);
 /// Blocks until the backend's stream has finished its work.
 void synchronize();
 
+/// A CPU tensor of `shape` in page-locked host memory (cudaMallocHost), contents undefined: copies
+/// between it and the GPU run asynchronously (copy_async, CopyStream::copy). Freed when the last
+/// tensor sharing it goes, after a device-wide wait, so no copy still in flight can touch it.
+Tensor empty_pinned(Shape shape, DType dtype);
+inline Tensor empty_pinned(std::initializer_list<std::int64_t> shape, DType dtype) {
+  return empty_pinned(Shape(shape.begin(), shape.size()), dtype);
+}
+
+/// dst = src on the thread's current stream, asynchronously: CUDA and page-locked CPU tensors in
+/// any combination, one dtype and shape of rank 1 to 4, each laid out as rows of contiguous
+/// elements — the last two dimensions contiguous (stride(-1) = 1, stride(-2) = size(-1)) and the
+/// leading ones collapsing into one row index — with any row pitch: a cache layer's
+/// [batch, heads, tokens, head_dim] slice of its [batch, heads, capacity, head_dim] storage. One
+/// cudaMemcpy2DAsync. Other layouts are a kvcache::Error.
+void copy_async(const Tensor& dst, const Tensor& src);
+
+/// A second stream for copies that overlap the work on the thread's stream (the offloaded cache's
+/// prefetch of the next layer), with the two waits that order them. Not copyable; the destructor
+/// waits for its copies.
+class CopyStream {
+ public:
+  CopyStream();
+  ~CopyStream();
+  CopyStream(const CopyStream&) = delete;
+  CopyStream& operator=(const CopyStream&) = delete;
+
+  /// Later copies on this stream start after the work issued on the thread's current stream so
+  /// far (an event recorded there, waited for here).
+  void wait_for_current() const;
+  /// Later work on the thread's current stream starts after the copies issued here so far.
+  void make_current_wait() const;
+  /// copy_async's copy, issued on this stream.
+  void copy(const Tensor& dst, const Tensor& src) const;
+  /// Blocks until this stream's copies are done.
+  void synchronize() const;
+
+ private:
+  Stream stream_ = nullptr;
+  void* to_copy_ = nullptr;     // cudaEvent_t: the current stream's work so far
+  void* to_current_ = nullptr;  // cudaEvent_t: this stream's copies so far
+};
+
 /// The thread's own stream of this library for the lifetime of the scope: one non-blocking stream
 /// per thread, created at the thread's first scope and kept (so memory freed on it stays in one
 /// stream's order), made the thread's current stream after the previous one's work so far, and on

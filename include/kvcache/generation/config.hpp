@@ -35,8 +35,9 @@ struct GenerationConfig {
   /// full-length layers, exact for a windowed model too), "sink" (a SinkCache of cache_config's
   /// window_length and num_sink_tokens, re-rotating with the model's RoPE; CPU only) or
   /// "quantized" (a QuantizedCache of cache_config's nbits, q_group_size, axis_key and
-  /// residual_length; CPU only). Any other name is an error, also when a cache is passed (which is
-  /// then used as it is).
+  /// residual_length; CPU only) or "offloaded" (an OffloadedCache: the layers in page-locked
+  /// host memory, two on the device; GPU only). Any other name is an error, also when a cache is
+  /// passed (which is then used as it is).
   std::string cache_implementation = "dynamic";
   /// Options of the "sink" and "quantized" kinds (transformers' cache_config).
   struct CacheConfig {

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "kvcache/cache/dynamic_cache.hpp"
+#include "kvcache/cache/offloaded_cache.hpp"
 #include "kvcache/cache/quantized_cache.hpp"
 #include "kvcache/cache/sink_cache.hpp"
 #include "kvcache/cache/static_cache.hpp"
