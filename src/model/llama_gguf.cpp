@@ -34,6 +34,28 @@ std::vector<std::int64_t> unpermuted_order(std::int64_t rows, std::int64_t heads
   return order;
 }
 
+// The block format a GGUF matrix type is held in as it is (Q4_0 aside: held as Q4_1).
+std::optional<cpu::QuantFormat> held_format(GgufType type) {
+  switch (type) {
+    case GgufType::kQ8_0:
+      return cpu::QuantFormat::kQ8_0;
+    case GgufType::kQ4_1:
+      return cpu::QuantFormat::kQ4_1;
+    case GgufType::kQ5_0:
+      return cpu::QuantFormat::kQ5_0;
+    case GgufType::kQ5_1:
+      return cpu::QuantFormat::kQ5_1;
+    case GgufType::kQ4_K:
+      return cpu::QuantFormat::kQ4_K;
+    case GgufType::kQ5_K:
+      return cpu::QuantFormat::kQ5_K;
+    case GgufType::kQ6_K:
+      return cpu::QuantFormat::kQ6_K;
+    default:
+      return std::nullopt;
+  }
+}
+
 Tensor gather_rows(const Tensor& w, const std::vector<std::int64_t>& order) {
   Tensor out = Tensor::empty(w.shape(), w.dtype());
   for (std::size_t to = 0; to < order.size(); ++to) {
@@ -113,10 +135,11 @@ LlamaModel LlamaModel::from_gguf(const std::string& path, LoadOptions options) {
   if (options.device == Device::kCuda) cuda::require_device("LlamaModel::from_gguf");
   const GgufFile file = GgufFile::open(path);
   ModelConfig config = ModelConfig::from_gguf(file);
-  // Q8_0, Q4_1, Q4_0 and Q5_0 matrices are repacked as blocks the CPU kernels read (Q4_0 as Q4_1,
-  // Q5_0 as Q8_0, both exact; from_weights dequantizes them if options ask for a dtype). Q5_1 and
-  // the K-quants (Q2_K … Q6_K, Q8_K) are dequantized exactly to float32 at load: 4 bytes a weight
-  // against their 0.33–1.1, until kernels read their blocks directly.
+  // Q8_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K matrices are repacked as blocks the CPU kernels
+  // read directly (the same bytes as the file; Q4_0 as Q4_1, exact, 20 bytes a block instead of
+  // 18); from_weights dequantizes them if options ask for a dtype. Q5_0 is held as itself (22
+  // bytes a block), not as the exact Q8_0 (34), since decode reads bytes. Q2_K, Q3_K and Q8_K
+  // are dequantized exactly to float32 at load (no kernel reads their blocks yet).
   std::vector<std::pair<std::string, cpu::Weight>> weights;
   auto take = [&](const std::string& gguf_name, const std::string& name,
                   std::int64_t unpermute_heads = 0) {
@@ -126,14 +149,10 @@ LlamaModel LlamaModel::from_gguf(const std::string& path, LoadOptions options) {
     const std::span<const std::byte> bytes{file.data(*info),
                                            static_cast<std::size_t>(info->nbytes)};
     std::optional<cpu::QuantizedMatrix> blocks;
-    if (matrix && (info->type == GgufType::kQ8_0 || info->type == GgufType::kQ4_1)) {
-      const auto format =
-          info->type == GgufType::kQ4_1 ? cpu::QuantFormat::kQ4_1 : cpu::QuantFormat::kQ8_0;
-      blocks = cpu::QuantizedMatrix::from_ggml(format, bytes, info->ne[1], info->ne[0]);
+    if (const std::optional<cpu::QuantFormat> format = held_format(info->type); matrix && format) {
+      blocks = cpu::QuantizedMatrix::from_ggml(*format, bytes, info->ne[1], info->ne[0]);
     } else if (matrix && info->type == GgufType::kQ4_0) {
       blocks = cpu::QuantizedMatrix::from_ggml_q4_0(bytes, info->ne[1], info->ne[0]);
-    } else if (matrix && info->type == GgufType::kQ5_0) {
-      blocks = cpu::QuantizedMatrix::from_ggml_q5_0(bytes, info->ne[1], info->ne[0]);
     }
     if (blocks) {
       if (unpermute_heads > 0)

@@ -24,29 +24,70 @@ using cpu::CpuIsa;
 using cpu::QuantFormat;
 using cpu::QuantizedMatrix;
 
-// Random ggml blocks for [rows, cols]: every byte random except the fp16 scales, which are kept
-// finite and of a realistic size (a random 16-bit pattern may be NaN or huge).
+// Random ggml blocks for [rows, cols]: every byte random except the fp16 scales (and minimums),
+// which are kept finite and of a realistic size (a random 16-bit pattern may be NaN or huge).
 std::vector<std::byte> random_ggml(QuantFormat format, std::int64_t rows, std::int64_t cols,
                                    std::mt19937& rng) {
-  const std::size_t block = format == QuantFormat::kQ4_1 ? 20 : 34;
-  std::vector<std::byte> out(static_cast<std::size_t>(rows * cols / 32) * block);
+  const std::size_t block = cpu::quant_block_bytes(format);
+  const std::int64_t per_block = cpu::quant_row_granule(format);
+  std::vector<std::byte> out(static_cast<std::size_t>(rows * cols / per_block) * block);
   std::uniform_int_distribution<int> byte(0, 255);
   std::uniform_real_distribution<float> scale(-0.02f, 0.02f);
+  auto put = [](std::byte* p, float v) {
+    const std::uint16_t bits = float_to_fp16(v).bits;
+    std::memcpy(p, &bits, 2);
+  };
   for (std::size_t b = 0; b < out.size() / block; ++b) {
     std::byte* p = out.data() + b * block;
     for (std::size_t i = 0; i < block; ++i) p[i] = static_cast<std::byte>(byte(rng));
-    const std::uint16_t d = float_to_fp16(std::fabs(scale(rng))).bits;
-    std::memcpy(p, &d, 2);
-    if (format == QuantFormat::kQ4_1) {
-      const std::uint16_t m = float_to_fp16(scale(rng) * 8).bits;
-      std::memcpy(p + 2, &m, 2);
+    switch (format) {
+      case QuantFormat::kQ4_1:
+      case QuantFormat::kQ5_1:
+        put(p, std::fabs(scale(rng)));
+        put(p + 2, scale(rng) * 8);
+        break;
+      case QuantFormat::kQ4_K:
+      case QuantFormat::kQ5_K:
+        // d·sc·q − dmin·mn with 6-bit sc and mn: scales of a sixtieth keep weights near ±0.5.
+        put(p, std::fabs(scale(rng)) / 60);
+        put(p + 2, std::fabs(scale(rng)) / 60);
+        break;
+      case QuantFormat::kQ6_K:
+        put(p + 208, scale(rng) / 60);  // int8 scales up to ±128
+        break;
+      default:  // Q8_0, Q5_0
+        put(p, std::fabs(scale(rng)));
     }
   }
   return out;
 }
 
 GgufType ggml_type(QuantFormat f) {
-  return f == QuantFormat::kQ4_1 ? GgufType::kQ4_1 : GgufType::kQ8_0;
+  switch (f) {
+    case QuantFormat::kQ4_1:
+      return GgufType::kQ4_1;
+    case QuantFormat::kQ5_0:
+      return GgufType::kQ5_0;
+    case QuantFormat::kQ5_1:
+      return GgufType::kQ5_1;
+    case QuantFormat::kQ4_K:
+      return GgufType::kQ4_K;
+    case QuantFormat::kQ5_K:
+      return GgufType::kQ5_K;
+    case QuantFormat::kQ6_K:
+      return GgufType::kQ6_K;
+    default:
+      return GgufType::kQ8_0;
+  }
+}
+
+bool is_k(QuantFormat f) { return cpu::quant_row_granule(f) == 256; }
+
+// Row lengths the kernels' remainders need: 32-block formats every remainder of the 4- and
+// 2-block groups; the K-quants (multiples of 256) one to six superblocks.
+std::vector<std::int64_t> widths(QuantFormat f) {
+  if (is_k(f)) return {256, 512, 768, 1536};
+  return {32, 64, 96, 160, 576, 1536};
 }
 
 std::vector<float> floats(const Tensor& t) {
@@ -58,7 +99,7 @@ class QuantizedFormats : public ::testing::TestWithParam<QuantFormat> {};
 TEST_P(QuantizedFormats, RepackedBlocksDequantizeLikeTheGgufReader) {
   const QuantFormat f = GetParam();
   std::mt19937 rng(1);
-  const std::int64_t rows = 7, cols = 32 * 9;
+  const std::int64_t rows = 7, cols = is_k(f) ? 768 : 32 * 9;
   const std::vector<std::byte> ggml = random_ggml(f, rows, cols, rng);
   const QuantizedMatrix m = QuantizedMatrix::from_ggml(f, ggml, rows, cols);
   EXPECT_EQ(m.rows(), rows);
@@ -81,6 +122,11 @@ TEST_P(QuantizedFormats, RepackedBlocksDequantizeLikeTheGgufReader) {
 
 TEST_P(QuantizedFormats, QuantizeFollowsGgmlRounding) {
   const QuantFormat f = GetParam();
+  if (f != QuantFormat::kQ8_0 && f != QuantFormat::kQ4_1) {
+    EXPECT_KVCACHE_ERROR(QuantizedMatrix::quantize(Tensor::zeros({1, 256}, DType::kFloat32), f),
+                         "quantizes to Q8_0 or Q4_1");
+    return;
+  }
   std::mt19937 rng(2);
   const Tensor w = testing::random_tensor({5, 64}, DType::kFloat32, rng, 0.5f);
   const QuantizedMatrix q = QuantizedMatrix::quantize(w, f);
@@ -167,7 +213,7 @@ TEST_P(QuantizedFormats, DecodeRowsComputeTheQuantizedBlockDotProducts) {
     if (isa > cpu::detected_cpu_isa()) continue;
     const IsaLimit limit(isa);
     // Block counts with every remainder of the kernels' 4- and 2-block groups; odd output counts.
-    for (const std::int64_t in : {32, 64, 96, 160, 576, 1536}) {
+    for (const std::int64_t in : widths(f)) {
       for (const std::int64_t rows : {1, 2, 3, 4, 5, 8, 13, 32}) {
         if (rows > cpu::quantized_decode_rows(f)) continue;
         const std::int64_t out = in == 1536 ? 67 : 37;
@@ -194,7 +240,7 @@ TEST_P(QuantizedFormats, DecodeRowsComputeTheQuantizedBlockDotProducts) {
 TEST_P(QuantizedFormats, DecodeRowsStayWithinXsRoundingOfTheFloat32Product) {
   const QuantFormat f = GetParam();
   std::mt19937 rng(4);
-  const std::int64_t in = 576, out = 64;
+  const std::int64_t in = is_k(f) ? 1536 : 576, out = 64;
   const QuantizedMatrix w = QuantizedMatrix::from_ggml(f, random_ggml(f, out, in, rng), out, in);
   const Tensor x = testing::random_tensor({1, in}, DType::kFloat32, rng, 3.0f);
   const Tensor y = cpu::linear(x, w);
@@ -217,7 +263,7 @@ TEST_P(QuantizedFormats, ManyRowsWithoutAmxAreTheExactFloat32Product) {
   const QuantFormat f = GetParam();
   const IsaLimit limit(CpuIsa::kAvx512Vnni);
   std::mt19937 rng(5);
-  const std::int64_t rows = cpu::quantized_decode_rows(f) + 1, in = 96, out = 70;
+  const std::int64_t rows = cpu::quantized_decode_rows(f) + 1, in = is_k(f) ? 512 : 96, out = 70;
   const QuantizedMatrix w = QuantizedMatrix::from_ggml(f, random_ggml(f, out, in, rng), out, in);
   const Tensor x = testing::random_tensor({rows, in}, DType::kFloat32, rng);
   const Tensor bias = testing::random_tensor({out}, DType::kFloat32, rng);
@@ -238,7 +284,9 @@ TEST_P(QuantizedFormats, ManyRowsWithoutAmxAreTheExactFloat32Product) {
 TEST_P(QuantizedFormats, EmbeddingRowsAreExact) {
   const QuantFormat f = GetParam();
   std::mt19937 rng(6);
-  const QuantizedMatrix table = QuantizedMatrix::from_ggml(f, random_ggml(f, 11, 64, rng), 11, 64);
+  const std::int64_t cols = is_k(f) ? 256 : 64;
+  const QuantizedMatrix table =
+      QuantizedMatrix::from_ggml(f, random_ggml(f, 11, cols, rng), 11, cols);
   Tensor ids = Tensor::empty({2, 2}, DType::kInt64);
   const std::int64_t picks[] = {10, 0, 3, 10};
   std::copy(picks, picks + 4, ids.data_as<std::int64_t>());
@@ -247,8 +295,9 @@ TEST_P(QuantizedFormats, EmbeddingRowsAreExact) {
   const std::vector<float> dense = floats(table.dequantize());
   ASSERT_EQ(e.size(0), 4);
   for (int i = 0; i < 4; ++i)
-    for (int c = 0; c < 64; ++c)
-      EXPECT_EQ(e.data_as<float>()[i * 64 + c], dense[static_cast<std::size_t>(picks[i] * 64 + c)]);
+    for (int c = 0; c < cols; ++c)
+      EXPECT_EQ(e.data_as<float>()[i * cols + c],
+                dense[static_cast<std::size_t>(picks[i] * cols + c)]);
   ids.data_as<std::int64_t>()[1] = 11;
   EXPECT_KVCACHE_ERROR(cpu::embedding(weight, ids), "token ids in [0, 11)");
 }
@@ -256,7 +305,7 @@ TEST_P(QuantizedFormats, EmbeddingRowsAreExact) {
 TEST_P(QuantizedFormats, FusedProjectionsEqualSeparateOnes) {
   const QuantFormat f = GetParam();
   std::mt19937 rng(8);
-  const std::int64_t in = 96;
+  const std::int64_t in = is_k(f) ? 256 : 96;
   const cpu::Weight a = QuantizedMatrix::from_ggml(f, random_ggml(f, 13, in, rng), 13, in);
   const cpu::Weight b = QuantizedMatrix::from_ggml(f, random_ggml(f, 3, in, rng), 3, in);
   const cpu::Weight c = QuantizedMatrix::from_ggml(f, random_ggml(f, 29, in, rng), 29, in);
@@ -286,7 +335,10 @@ TEST_P(QuantizedFormats, FusedProjectionsEqualSeparateOnes) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Quantized, QuantizedFormats,
-                         ::testing::Values(QuantFormat::kQ8_0, QuantFormat::kQ4_1),
+                         ::testing::Values(QuantFormat::kQ8_0, QuantFormat::kQ4_1,
+                                           QuantFormat::kQ5_0, QuantFormat::kQ5_1,
+                                           QuantFormat::kQ4_K, QuantFormat::kQ5_K,
+                                           QuantFormat::kQ6_K),
                          [](const auto& info) {
                            return std::string(quant_format_name(info.param));
                          });

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvcache/backend/quantized.hpp"
@@ -68,6 +69,30 @@ TEST(GgufQuantTypes, PartialBlocksAreRefused) {
   EXPECT_THROW(dequantize_row(GgufType::kQ5_0, file.data(*info), out.data(), 48), Error);
 }
 
+TEST(GgufQuantTypes, HeldBlocksKeepEveryValue) {
+  // Each type a kernel reads, repacked from the file's blocks, dequantizes bit for bit as the
+  // GGUF reader does (which is checked against the gguf package above).
+  const GgufFile file = GgufFile::open(kDir + "/quant_types.gguf");
+  const std::pair<const char*, cpu::QuantFormat> held[] = {{"Q5_0", cpu::QuantFormat::kQ5_0},
+                                                           {"Q5_1", cpu::QuantFormat::kQ5_1},
+                                                           {"Q4_K", cpu::QuantFormat::kQ4_K},
+                                                           {"Q5_K", cpu::QuantFormat::kQ5_K},
+                                                           {"Q6_K", cpu::QuantFormat::kQ6_K}};
+  for (const auto& [name, format] : held) {
+    const GgufTensorInfo* info = file.find_tensor(name);
+    ASSERT_NE(info, nullptr) << name;
+    const std::span<const std::byte> bytes{file.data(*info),
+                                           static_cast<std::size_t>(info->nbytes)};
+    const cpu::QuantizedMatrix m = cpu::QuantizedMatrix::from_ggml(format, bytes, 3, 512);
+    EXPECT_EQ(m.nbytes(), bytes.size()) << name;
+    const Tensor held_values = m.dequantize();
+    const Tensor want = file.to_float32(std::string(name) + ".expected");
+    ASSERT_EQ(held_values.numel(), want.numel()) << name;
+    EXPECT_EQ(bit_mismatches(held_values.data_as<float>(), want.data_as<float>(), 3 * 512), 0u)
+        << name;
+  }
+}
+
 TEST(GgufQuantTypes, Q5_0HeldAsQ8_0KeepsEveryValue) {
   const GgufFile file = GgufFile::open(kDir + "/quant_types.gguf");
   const GgufTensorInfo* info = file.find_tensor("Q5_0");
@@ -92,7 +117,8 @@ TEST(GgufQuantTypes, AMixedKQuantModelLoadsAndRuns) {
   EXPECT_EQ(c.num_hidden_layers, 1);
   EXPECT_EQ(c.vocab_size, 320);
   EXPECT_FALSE(c.tie_word_embeddings);
-  // Q8_0 and Q5_0 (as Q8_0) stay blocks in the default holding; the rest is float32 in both.
+  // Q8_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K stay blocks in the default holding (Q2_K and Q3_K
+  // are float32 in both).
   EXPECT_LT(blocks.weight_bytes(), exact.weight_bytes());
 
   Tensor ids = Tensor::empty({1, 6}, DType::kInt64);
@@ -101,8 +127,9 @@ TEST(GgufQuantTypes, AMixedKQuantModelLoadsAndRuns) {
   const Tensor b = exact.forward({.input_ids = ids});
   ASSERT_EQ(a.shape_string(), "[1, 6, 320]");
   ASSERT_EQ(b.shape_string(), "[1, 6, 320]");
-  // The Q8_0 kernels round activations to int8 per block, so the two holdings agree closely, not
-  // exactly; both are finite and neither is all zeros.
+  // The block kernels round activations to int8 per block, so the two holdings agree closely, not
+  // exactly; both are finite and neither is all zeros. Six tokens run the decode kernels (up to
+  // quantized_decode_rows() rows); one token more per call below runs them for a decode step.
   double max_diff = 0, max_abs = 0;
   for (std::int64_t i = 0; i < a.numel(); ++i) {
     const float x = a.data_as<float>()[i], y = b.data_as<float>()[i];
@@ -112,6 +139,21 @@ TEST(GgufQuantTypes, AMixedKQuantModelLoadsAndRuns) {
   }
   EXPECT_GT(max_abs, 0.0);
   EXPECT_LT(max_diff, 0.05 * max_abs);
+
+  // Every format the file mixes, held as blocks, against the float32 dequantization of the same
+  // blocks: one decode row through each kernel (Q6_K, Q4_K, Q5_K, Q5_0, Q5_1, Q8_0).
+  Tensor one = Tensor::empty({1, 1}, DType::kInt64);
+  one.data_as<std::int64_t>()[0] = ids.data_as<std::int64_t>()[0];
+  const Tensor a1 = blocks.forward({.input_ids = one});
+  const Tensor b1 = exact.forward({.input_ids = one});
+  double diff1 = 0, abs1 = 0;
+  for (std::int64_t i = 0; i < a1.numel(); ++i) {
+    diff1 = std::max(
+        diff1, static_cast<double>(std::fabs(a1.data_as<float>()[i] - b1.data_as<float>()[i])));
+    abs1 = std::max(abs1, static_cast<double>(std::fabs(b1.data_as<float>()[i])));
+  }
+  EXPECT_GT(abs1, 0.0);
+  EXPECT_LT(diff1, 0.05 * abs1);
 
   const GenerateResult r = generate(exact, ids, Tensor(), {.max_new_tokens = 8});
   ASSERT_EQ(r.new_tokens.size(), 1u);

@@ -1,6 +1,7 @@
-// Quantized weight matrices for the CPU backend: ggml's Q8_0 and Q4_1 blocks kept as blocks in
-// memory (not widened at load) and multiplied by kernels that read them directly, so a decode step
-// reads 0.625 (Q4_1) or 1.0625 (Q8_0) bytes per weight instead of 4 (float32) or 2 (bfloat16).
+// Quantized weight matrices for the CPU backend: ggml's Q8_0, Q4_1, Q5_0, Q5_1 and K-quant (Q4_K,
+// Q5_K, Q6_K) blocks kept as blocks in memory (not widened at load) and multiplied by kernels that
+// read them directly, so a decode step reads 0.5625 (Q4_K) to 1.0625 (Q8_0) bytes per weight
+// instead of 4 (float32) or 2 (bfloat16).
 //
 // Numerics, stated once here and in linear()'s comment:
 // - Up to quantized_decode_rows() rows of x (decode and batched decode; 4 with AMX, 8–32 without):
@@ -9,7 +10,9 @@
 //   exact integers, scaled and summed in float32. The weights are used exactly; the error is x's
 //   rounding (at most half a step, amax/254, per element). Past 4 rows the weights are read from
 //   memory once per tile of 16 rows, which every group of 4 x rows then passes over in cache.
-// - More rows (prefill): with AMX-BF16 (Sapphire Rapids and later) each weight is dequantized
+//   The K-quants' 32-weight sub-blocks (Q6_K: 16) meet x's 32-element blocks one to one.
+// - More rows (prefill): for Q8_0 and Q4_1 with AMX-BF16 (Sapphire Rapids and later) each weight is
+// dequantized
 //   exactly (d·q + m in float32) and rounded to bfloat16, x is rounded to bfloat16 (elements below
 //   float32's normal range, |x| < 2⁻¹²⁶, count as zero), and products are accumulated in float32
 //   by the tile unit, starting from the bias. Without AMX, weights are dequantized exactly to
@@ -29,16 +32,29 @@
 
 namespace kvcache::cpu {
 
-/// Block formats a QuantizedMatrix holds, each 32 weights along a row:
+/// Block formats a QuantizedMatrix holds (ggml's, value for value), 32 weights a block:
 ///   Q8_0: fp16 scale d and 32 int8 q; weight = d·q.
 ///   Q4_1: fp16 scale d, fp16 minimum m and 32 4-bit q; weight = d·q + m.
-enum class QuantFormat : std::uint8_t { kQ8_0, kQ4_1 };
+///   Q5_0: fp16 d and 32 5-bit q; weight = d·(q − 16).
+///   Q5_1: fp16 d, fp16 m and 32 5-bit q; weight = d·q + m.
+/// and 256-weight superblocks (the K-quants):
+///   Q4_K / Q5_K: fp16 d and dmin, 8 sub-blocks of 32 with 6-bit scale sc and min mn, 4-bit
+///         (5-bit) q; weight = (d·sc)·q − (dmin·mn).
+///   Q6_K: fp16 d, 16 sub-blocks of 16 with int8 scales sc, 6-bit q; weight = (d·sc)·(q − 32).
+enum class QuantFormat : std::uint8_t { kQ8_0, kQ4_1, kQ5_0, kQ5_1, kQ4_K, kQ5_K, kQ6_K };
 
-/// "Q8_0" or "Q4_1".
+/// "Q8_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K" or "Q6_K".
 std::string_view quant_format_name(QuantFormat format);
 
-/// Weights per block (32 for both formats).
+/// Weights per block of x (and per block or sub-block of the weights): 32 for every format.
 constexpr std::int64_t kQuantBlock = 32;
+
+/// Columns a row's length must be a multiple of: 32, or 256 for the K-quants' superblocks.
+std::int64_t quant_row_granule(QuantFormat format);
+
+/// Bytes of one ggml block (32 weights) or superblock (256, the K-quants): 34, 20, 22, 24, 144,
+/// 176, 210.
+std::size_t quant_block_bytes(QuantFormat format);
 
 /// A [rows, cols] weight matrix held as quantized blocks along each row (cols a multiple of 32).
 ///
@@ -46,15 +62,22 @@ constexpr std::int64_t kQuantBlock = 32;
 /// each row is its blocks' payloads back to back — Q4_1: 16 bytes per block, ggml's nibble order
 /// (byte i holds element i in its low nibble and element i + 16 in its high nibble); Q8_0: 32
 /// bytes per block, each int8 stored as the unsigned byte q + 128 — then the blocks' fp16 scales,
-/// then (Q4_1) the blocks' fp16 minimums. A row takes exactly the bytes its ggml blocks take.
-/// Rows are contiguous. Copies share the storage (it is never written after construction).
+/// then (Q4_1) the blocks' fp16 minimums. Q5_0 / Q5_1: the Q4_1 nibble payloads, then the fifth
+/// bits regrouped per 4 blocks (the low 16 bits of each block's qh, then the high 16 bits, so one
+/// 64-bit mask covers a 64-byte payload load), then the d's (and m's). K-quants keep ggml's
+/// superblocks with each 32-weight sub-block's nibbles in Q4_1's order (Q5_K: its fifth bits
+/// regrouped as Q5_0's; Q6_K: the 2-bit high parts of a 128-weight chunk in 32 bytes, byte k
+/// holding those of the chunk's low-nibble bytes k and k + 32 and its high-nibble bytes k and
+/// k + 32). A row takes exactly the bytes its ggml blocks take. Rows are contiguous. Copies share
+/// the storage (it is never written after construction).
 class QuantizedMatrix {
  public:
   QuantizedMatrix() = default;
 
-  /// Copies ggml blocks (row-major: rows × cols/32 blocks, as llama.cpp stores a [rows, cols]
-  /// tensor) into the repacked layout. Throws kvcache::Error when cols is not a positive multiple
-  /// of 32, rows is not positive, or `blocks` does not hold exactly the bytes the shape needs.
+  /// Copies ggml blocks (row-major: rows × cols/32 blocks, or cols/256 superblocks, as llama.cpp
+  /// stores a [rows, cols] tensor) into the repacked layout. Throws kvcache::Error when cols is not
+  /// a positive multiple of quant_row_granule(format), rows is not positive, or `blocks` does not
+  /// hold exactly the bytes the shape needs.
   static QuantizedMatrix from_ggml(QuantFormat format, std::span<const std::byte> blocks,
                                    std::int64_t rows, std::int64_t cols);
 
@@ -67,14 +90,15 @@ class QuantizedMatrix {
 
   /// ggml's Q5_0 blocks (fp16 d, 32 5-bit q; weight = d·(q − 16)) held as Q8_0 with the same d
   /// and q − 16 in −16..15 as its int8: every weight bit for bit, 34 bytes per block instead of 22,
-  /// read by the Q8_0 kernels. Sizes are checked as in from_ggml.
+  /// read by the Q8_0 kernels. Sizes are checked as in from_ggml. (The GGUF loader holds Q5_0 as
+  /// kQ5_0 instead: the same values in 22 bytes, read by its own kernel.)
   static QuantizedMatrix from_ggml_q5_0(std::span<const std::byte> blocks, std::int64_t rows,
                                         std::int64_t cols);
 
   /// Quantizes a float [rows, cols] CPU tensor (float32/bfloat16/float16) with ggml's reference
   /// rounding (Q8_0: d = amax/127, q = round(w/d); Q4_1: d = (max−min)/15, m = min,
   /// q = round((w−m)/d) clamped to 0..15), for tests, benchmarks and float checkpoints run
-  /// quantized.
+  /// quantized. Only Q8_0 and Q4_1 (others throw).
   static QuantizedMatrix quantize(const Tensor& weight, QuantFormat format);
 
   bool defined() const { return storage_.defined(); }
@@ -94,8 +118,8 @@ class QuantizedMatrix {
   /// index is checked; the result may repeat or drop rows.
   QuantizedMatrix gather_rows(std::span<const std::int64_t> order) const;
 
-  /// Rows [r0, r1) dequantized into dst ([r1 − r0, cols] row-major float32): exactly d·q (+ m)
-  /// in float32, as ggml dequantizes. Range checked.
+  /// Rows [r0, r1) dequantized into dst ([r1 − r0, cols] row-major float32): exactly as ggml (and
+  /// the GGUF reader) dequantizes, bit for bit. Range checked.
   void dequantize_rows(std::int64_t r0, std::int64_t r1, float* dst) const;
 
   /// The whole matrix as a float32 [rows, cols] tensor.
@@ -141,19 +165,20 @@ class Weight {
 Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias = Tensor());
 
 /// Rows of x up to which linear() runs the int8 block kernels for `format` on this CPU: 4 where
-/// AMX-BF16 serves more rows; otherwise 32 for Q4_1 and 8 for Q8_0 (where each kernel was measured
-/// faster than the float32 path); more rows take the prefill path.
+/// AMX-BF16 serves more rows (Q8_0, Q4_1); otherwise 32 for Q4_1, 16 for Q5_0 / Q5_1 and 8 for
+/// Q8_0 and the K-quants; more rows take the prefill path (AMX for Q8_0 / Q4_1, else exact
+/// float32 panels).
 std::int64_t quantized_decode_rows(QuantFormat format);
 
 /// linear() for either kind of weight.
 Tensor linear(const Tensor& x, const Weight& weight, const Tensor& bias = Tensor());
 
 /// Several projections of one x (q/k/v; gate/up): the same as linear(x, weights[i], biases[i])
-/// for each i, but when every weight is quantized in one format and x has at most
-/// quantized_decode_rows() rows, x is
-/// quantized once and all outputs are computed in one parallel region (their rows split across
-/// threads as one range), which saves a fork/join and a quantization per extra weight on every
-/// decode step. `biases` is empty or has one (possibly undefined) tensor per weight.
+/// for each i, but when every weight is quantized (in any formats) and x has at most
+/// quantized_decode_rows() rows for each, x is quantized once per order the formats read (Q8_0's;
+/// the nibble formats') and all outputs are computed in one parallel region (their rows split
+/// across threads as one range), which saves a fork/join and a quantization per extra weight on
+/// every decode step. `biases` is empty or has one (possibly undefined) tensor per weight.
 std::vector<Tensor> linear_fused(const Tensor& x, std::span<const Weight* const> weights,
                                  std::span<const Tensor* const> biases = {});
 

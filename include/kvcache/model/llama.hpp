@@ -7,10 +7,11 @@
 // Weights are read from a safetensors checkpoint or a GGUF file. Activations are float32. float32
 // weights are used in place from the memory-mapped file (no copy) when suitably aligned; bfloat16
 // and float16 weights are kept as they are by default and widened block by block inside each
-// matrix product, or converted once to float32 at load with LoadOptions::dtype = kFloat32. Q8_0
-// and Q4_1 matrices from GGUF stay quantized (cpu::QuantizedMatrix, read by kernels that use the
-// blocks directly; numerics in kvcache/backend/quantized.hpp) unless LoadOptions::dtype asks for
-// a float dtype; LoadOptions::quantize turns float matrices into blocks at load.
+// matrix product, or converted once to float32 at load with LoadOptions::dtype = kFloat32. Q8_0,
+// Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K matrices from GGUF stay quantized (cpu::QuantizedMatrix,
+// read by kernels that use the blocks directly; numerics in kvcache/backend/quantized.hpp) unless
+// LoadOptions::dtype asks for a float dtype; LoadOptions::quantize turns float matrices into
+// blocks at load.
 //
 // One model, two backends. The device is chosen at load (LoadOptions::device): the weights move
 // there once, and forward() runs one body, templated on the backend (cpu::Backend or
@@ -129,9 +130,9 @@ class LlamaModel {
 
   /// Loads a llama-architecture GGUF file (llama.cpp's format): the config from its metadata, the
   /// weights under transformers' names with llama.cpp's q/k row permutation undone. Q8_0 and
-  /// Q4_1 matrices stay quantized by default (the default model holds 92 MiB of blocks), Q4_0 ones
-  /// too, as Q4_1 blocks with the same values (11% more bytes), and Q5_0 ones as Q8_0 blocks with
-  /// the same values (55% more bytes); Q5_1 and K-quant (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)
+  /// Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K matrices stay quantized by default, as their own blocks
+  /// (the default model holds 92 MiB of blocks; a Q4_K_M file's mix all stays in blocks), Q4_0
+  /// ones too, as Q4_1 blocks with the same values (11% more bytes); Q2_K, Q3_K and Q8_K
   /// matrices are dequantized exactly to float32 (4 bytes a weight; no kernel reads their blocks
   /// yet); F32/F16/BF16 tensors are used in place from the mapping. With options.dtype quantized
   /// matrices are dequantized once at load (the default model: 538 MB as float32, 269 MB as

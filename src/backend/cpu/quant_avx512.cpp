@@ -6,6 +6,15 @@
 //         nibbles those of 16..31 (quantize_x lays x out that way); the minimum adds m·d_x·Σq_x.
 //   Q8_0: 64 payload bytes = 2 blocks of q + 128; the accumulator starts at −128·Σ(x bytes) per
 //         lane, which removes the offset exactly.
+//   Q5_0 / Q5_1: Q4_1's loop; the fifth bits of a 64-byte load are one 64-bit mask (the layout
+//         regroups qh so), added as 16 with a masked byte add; Q5_0's −16 is a minimum −16·d.
+//   Q4_K / Q5_K: per superblock, the 12 packed bytes become 8 scales and 8 mins in one 128-bit
+//         vector (32-bit shifts and masks), widened to floats ×d / ×dmin; each lane's sub-block
+//         scale is a permute of them, and the mins meet x's d·Σq (dmin·mn·s) in one FMA.
+//   Q6_K: the low nibbles as Q4_1's; the 2-bit highs of 64 payload bytes come from 32 bytes
+//         broadcast to both halves and shifted (0 / 2 bits) per half; low and high nibbles get
+//         their own dot products (their 16-element sub-blocks have their own scales), and the
+//         −32 offset is −32·(d·sc)·(d_x·Σq_x per 16), one FMA per superblock.
 // Compiled for AVX-512 with target attributes whatever the build's -march, and only called when
 // the CPU has it (quantized.cpp checks).
 #if defined(__GNUC__) && !defined(__clang__)
@@ -17,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "quant_kernels.hpp"
 
@@ -159,6 +169,247 @@ KVCACHE_AVX512 inline void q8_0_rows(const std::uint8_t* p, std::size_t row_byte
   for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
 }
 
+// Q4_1 / Q5_0 / Q5_1, one group of n ≤ 4 blocks at payload byte g·64 (`m` masks its 16·n bytes)
+// of RB rows, as q4_1_group; the 5-bit formats add 16 where the group's fifth-bit masks say.
+template <QuantFormat F, int RB, int R>
+KVCACHE_AVX512 inline void q5_group(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
+                                    const QuantizedX& x, std::int64_t r0, std::int64_t g,
+                                    std::int64_t n, __mmask64 m, __m512 (&acc)[R][RB]) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), k16 = _mm512_set1_epi8(16);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512i xlo[R], xhi[R];
+  __m512 xd[R];
+  for (int r = 0; r < R; ++r) {
+    const std::int8_t* xq = x.q_row(r0 + r) + g * 128;
+    xlo[r] = _mm512_maskz_loadu_epi8(m, xq);
+    xhi[r] = _mm512_maskz_loadu_epi8(m, xq + 16 * n);
+    xd[r] = _mm512_loadu_ps(x.drep_row(r0 + r) + g * 16);
+  }
+  for (int i = 0; i < RB; ++i) {
+    const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
+    const __m512i v = _mm512_maskz_loadu_epi8(m, row + g * 64);
+    __m512i lo = _mm512_and_si512(v, low4);
+    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    std::int64_t d_at = nb * 16;
+    if constexpr (F != QuantFormat::kQ4_1) {
+      std::uint64_t bits_lo = 0, bits_hi = 0;
+      const std::uint8_t* qh = row + nb * quant::kQ5Qh + g * 16;
+      std::memcpy(&bits_lo, qh, static_cast<std::size_t>(2 * n));
+      std::memcpy(&bits_hi, qh + 2 * n, static_cast<std::size_t>(2 * n));
+      lo = _mm512_mask_add_epi8(lo, bits_lo, lo, k16);
+      hi = _mm512_mask_add_epi8(hi, bits_hi, hi, k16);
+      d_at = nb * quant::kQ5D;
+    }
+    const __m128i d4 =
+        _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), row + d_at + g * 8);
+    const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d4)));
+    for (int r = 0; r < R; ++r) {
+      const __m512i dot =
+          _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[r]), hi, xhi[r]);
+      acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, xd[r]), acc[r][i]);
+    }
+  }
+}
+
+// Q5_0 / Q5_1: RB rows against x rows [r0, r0 + R); the minimum term Σ m_b·(d_x·Σq_x)_b with
+// Q5_1's m or Q5_0's −16·d.
+template <QuantFormat F, int RB, int R>
+KVCACHE_AVX512 inline void q5_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
+                                   const QuantizedX& x, std::int64_t r0, float (&sums)[R][RB]) {
+  const std::int64_t full = nb / 4, tail = nb % 4;
+  __m512 acc[R][RB];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (std::int64_t g = 0; g < full; ++g)
+    q5_group<F, RB, R>(p, row_bytes, nb, x, r0, g, 4, ~0ULL, acc);
+  if (tail) q5_group<F, RB, R>(p, row_bytes, nb, x, r0, full, tail, ~0ULL >> (64 - 16 * tail), acc);
+  const bool q50 = F == QuantFormat::kQ5_0;
+  const std::int64_t m_at = nb * (q50 ? quant::kQ5D : quant::kQ5M);
+  const __m512 factor = _mm512_set1_ps(q50 ? -16.0f : 1.0f);
+  for (std::int64_t b = 0; b < nb; b += 16) {
+    const __mmask16 m = nb - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - b)) - 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x.s_row(r0 + r) + b), factor);
+      for (int i = 0; i < RB; ++i) {
+        const std::uint8_t* mins = p + static_cast<std::size_t>(i) * row_bytes + m_at + b * 2;
+        acc[r][i] =
+            _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, mins)), s, acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
+}
+
+// Q4_K / Q5_K superblock scales: [d·sc0 … d·sc7, dmin·mn0 … dmin·mn7] from the 12 packed bytes
+// (ggml's get_scale_min_k4, four bytes at a time).
+KVCACHE_AVX512 inline __m512 k4_scales(const std::uint8_t* base) {
+  std::uint32_t a, b, c;
+  std::memcpy(&a, base + 4, 4);
+  std::memcpy(&b, base + 8, 4);
+  std::memcpy(&c, base + 12, 4);
+  const std::uint32_t sc_lo = a & 0x3F3F3F3Fu, mn_lo = b & 0x3F3F3F3Fu;
+  const std::uint32_t sc_hi = (c & 0x0F0F0F0Fu) | ((a >> 2) & 0x30303030u);
+  const std::uint32_t mn_hi = ((c >> 4) & 0x0F0F0F0Fu) | ((b >> 2) & 0x30303030u);
+  const __m128i bytes = _mm_set_epi32(static_cast<int>(mn_hi), static_cast<int>(mn_lo),
+                                      static_cast<int>(sc_hi), static_cast<int>(sc_lo));
+  std::uint32_t dd;
+  std::memcpy(&dd, base, 4);  // fp16 d, fp16 dmin
+  const __m512 d_dmin = _mm512_permutexvar_ps(
+      _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+      _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dd)))));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), d_dmin);
+}
+
+// Q4_K / Q5_K: RB rows of nb / 8 superblocks against x rows [r0, r0 + R).
+template <bool K5, int RB, int R>
+KVCACHE_AVX512 inline void k4_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
+                                   const QuantizedX& x, std::int64_t r0, float (&sums)[R][RB]) {
+  constexpr std::size_t kBytes = K5 ? 176 : 144;
+  constexpr std::int64_t kNib = K5 ? quant::kQ5KNib : quant::kQ4KNib;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), k16 = _mm512_set1_epi8(16);
+  // Lane l of chunk c belongs to sub-block 4c + l / 4.
+  const __m512i sub[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                          _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
+  __m512 acc[R][RB];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (std::int64_t sb = 0; sb < nb / 8; ++sb) {
+    __m512 f[RB];
+    for (int i = 0; i < RB; ++i) {
+      const std::uint8_t* base = p + static_cast<std::size_t>(i) * row_bytes + sb * kBytes;
+      f[i] = k4_scales(base);
+      const __m512 mins = _mm512_shuffle_f32x4(f[i], f[i], 0xEE);  // dmin·mn in lanes 0..7
+      for (int r = 0; r < R; ++r) {
+        const __m512 s = _mm512_maskz_loadu_ps(0x00FF, x.s_row(r0 + r) + sb * 8);
+        acc[r][i] = _mm512_fnmadd_ps(mins, s, acc[r][i]);
+      }
+    }
+    for (int c = 0; c < 2; ++c) {
+      const std::int64_t g = 2 * sb + c;
+      __m512i xlo[R], xhi[R];
+      __m512 xd[R];
+      for (int r = 0; r < R; ++r) {
+        const std::int8_t* xq = x.q_row(r0 + r) + g * 128;
+        xlo[r] = _mm512_loadu_si512(xq);
+        xhi[r] = _mm512_loadu_si512(xq + 64);
+        xd[r] = _mm512_loadu_ps(x.drep_row(r0 + r) + g * 16);
+      }
+      for (int i = 0; i < RB; ++i) {
+        const std::uint8_t* base = p + static_cast<std::size_t>(i) * row_bytes + sb * kBytes;
+        const __m512i v = _mm512_loadu_si512(base + kNib + 64 * c);
+        __m512i lo = _mm512_and_si512(v, low4);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        if constexpr (K5) {
+          std::uint64_t bits_lo, bits_hi;
+          std::memcpy(&bits_lo, base + quant::kQ5KQh + 16 * c, 8);
+          std::memcpy(&bits_hi, base + quant::kQ5KQh + 16 * c + 8, 8);
+          lo = _mm512_mask_add_epi8(lo, bits_lo, lo, k16);
+          hi = _mm512_mask_add_epi8(hi, bits_hi, hi, k16);
+        }
+        const __m512 sc = _mm512_permutexvar_ps(sub[c], f[i]);
+        for (int r = 0; r < R; ++r) {
+          const __m512i dot = _mm512_dpbusd_epi32(
+              _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[r]), hi, xhi[r]);
+          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, xd[r]), acc[r][i]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
+}
+
+// Q6_K: RB rows of nb / 8 superblocks against x rows [r0, r0 + R).
+template <int RB, int R>
+KVCACHE_AVX512 inline void q6_k_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
+                                     const QuantizedX& x, std::int64_t r0, float (&sums)[R][RB]) {
+  constexpr std::size_t kBytes = 210;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), k30 = _mm512_set1_epi8(0x30);
+  // Shift the broadcast high bytes by 0 bits in the low 256, by 2 in the high 256.
+  const __m512i shifts =
+      _mm512_set_epi64(2 * 0x0001000100010001LL, 2 * 0x0001000100010001LL, 2 * 0x0001000100010001LL,
+                       2 * 0x0001000100010001LL, 0, 0, 0, 0);
+  // Low-nibble lane l of chunk c is in 16-element sub-block 8c + 2·(l / 4), high-nibble lane one
+  // after.
+  const __m512i sub_lo[2] = {
+      _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0),
+      _mm512_set_epi32(14, 14, 14, 14, 12, 12, 12, 12, 10, 10, 10, 10, 8, 8, 8, 8)};
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512 acc[R][RB];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (std::int64_t sb = 0; sb < nb / 8; ++sb) {
+    __m512 sc[RB];
+    for (int i = 0; i < RB; ++i) {
+      const std::uint8_t* base = p + static_cast<std::size_t>(i) * row_bytes + sb * kBytes;
+      const __m128i s8 =
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + quant::kQ6KScales));
+      std::uint16_t dbits;
+      std::memcpy(&dbits, base + quant::kQ6KD, 2);
+      const __m512 d = _mm512_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(dbits))));
+      sc[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s8)), d);
+      const __m512 minus32 = _mm512_mul_ps(sc[i], _mm512_set1_ps(-32.0f));
+      for (int r = 0; r < R; ++r)
+        acc[r][i] =
+            _mm512_fmadd_ps(minus32, _mm512_loadu_ps(x.s16_row(r0 + r) + sb * 16), acc[r][i]);
+    }
+    for (int c = 0; c < 2; ++c) {
+      const std::int64_t g = 2 * sb + c;
+      __m512i xlo[R], xhi[R];
+      __m512 xd[R];
+      for (int r = 0; r < R; ++r) {
+        const std::int8_t* xq = x.q_row(r0 + r) + g * 128;
+        xlo[r] = _mm512_loadu_si512(xq);
+        xhi[r] = _mm512_loadu_si512(xq + 64);
+        xd[r] = _mm512_loadu_ps(x.drep_row(r0 + r) + g * 16);
+      }
+      for (int i = 0; i < RB; ++i) {
+        const std::uint8_t* base = p + static_cast<std::size_t>(i) * row_bytes + sb * kBytes;
+        const __m512i v = _mm512_loadu_si512(base + 64 * c);
+        const __m512i h = _mm512_srlv_epi16(
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                reinterpret_cast<const __m256i*>(base + quant::kQ6KHigh + 32 * c))),
+            shifts);
+        const __m512i lo = _mm512_or_si512(_mm512_and_si512(v, low4),
+                                           _mm512_and_si512(_mm512_slli_epi16(h, 4), k30));
+        const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4),
+                                           _mm512_and_si512(h, k30));
+        const __m512 sl = _mm512_permutexvar_ps(sub_lo[c], sc[i]);
+        const __m512 sh = _mm512_permutexvar_ps(_mm512_add_epi32(sub_lo[c], one), sc[i]);
+        for (int r = 0; r < R; ++r) {
+          const __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[r]);
+          const __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xhi[r]);
+          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dlo), _mm512_mul_ps(sl, xd[r]), acc[r][i]);
+          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dhi), _mm512_mul_ps(sh, xd[r]), acc[r][i]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
+}
+
+// One format's kernel for RB weight rows at p.
+template <int RB, int R>
+KVCACHE_AVX512 inline void format_rows(QuantFormat f, const std::uint8_t* p, std::size_t row_bytes,
+                                       std::int64_t nb, const QuantizedX& x, std::int64_t r0,
+                                       float (&sums)[R][RB]) {
+  switch (f) {
+    case QuantFormat::kQ4_1:
+      return q4_1_rows<RB, R>(p, row_bytes, nb, x, r0, sums);
+    case QuantFormat::kQ8_0:
+      return q8_0_rows<RB, R>(p, row_bytes, nb, x, r0, sums);
+    case QuantFormat::kQ5_0:
+      return q5_rows<QuantFormat::kQ5_0, RB, R>(p, row_bytes, nb, x, r0, sums);
+    case QuantFormat::kQ5_1:
+      return q5_rows<QuantFormat::kQ5_1, RB, R>(p, row_bytes, nb, x, r0, sums);
+    case QuantFormat::kQ4_K:
+      return k4_rows<false, RB, R>(p, row_bytes, nb, x, r0, sums);
+    case QuantFormat::kQ5_K:
+      return k4_rows<true, RB, R>(p, row_bytes, nb, x, r0, sums);
+    default:
+      return q6_k_rows<RB, R>(p, row_bytes, nb, x, r0, sums);
+  }
+}
+
 // Rows [o0, o1) of w against x rows [r0, r0 + R): four weight rows at a time for one x row
 // (decode), one at a time for several, each row's bytes prefetched ahead of use.
 template <int R>
@@ -168,18 +419,13 @@ KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std
   constexpr int RB = R <= 2 ? 4 : 2;  // weight rows per pass: x registers reused across them
   const std::int64_t nb = w.blocks_per_row(), out = w.rows();
   const std::size_t row_bytes = w.row_bytes();
-  const bool q41 = w.format() == QuantFormat::kQ4_1;
   const std::uint8_t* first = w.row(o0);
   std::int64_t o = o0;
   for (; o + RB <= o1; o += RB) {
     const std::uint8_t* p = first + static_cast<std::size_t>(o - o0) * row_bytes;
     prefetch_ahead(p, RB * row_bytes);
     float sums[R][RB];
-    if (q41) {
-      q4_1_rows<RB, R>(p, row_bytes, nb, x, r0, sums);
-    } else {
-      q8_0_rows<RB, R>(p, row_bytes, nb, x, r0, sums);
-    }
+    format_rows<RB, R>(w.format(), p, row_bytes, nb, x, r0, sums);
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < RB; ++i)
         y[(r0 + r) * out + o + i] = sums[r][i] + (bias ? bias[o + i] : 0.0f);
@@ -187,11 +433,7 @@ KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std
   for (; o < o1; ++o) {
     const std::uint8_t* p = first + static_cast<std::size_t>(o - o0) * row_bytes;
     float sums[R][1];
-    if (q41) {
-      q4_1_rows<1, R>(p, row_bytes, nb, x, r0, sums);
-    } else {
-      q8_0_rows<1, R>(p, row_bytes, nb, x, r0, sums);
-    }
+    format_rows<1, R>(w.format(), p, row_bytes, nb, x, r0, sums);
     for (int r = 0; r < R; ++r) y[(r0 + r) * out + o] = sums[r][0] + (bias ? bias[o] : 0.0f);
   }
 }

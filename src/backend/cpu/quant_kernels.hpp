@@ -11,8 +11,9 @@
 namespace kvcache::cpu::quant {
 
 // Element i (0..31) of block b of an x row sits at this index of the row's int8 q in a format's
-// order. Q8_0 keeps x in order. Q4_1 groups blocks by four: a group's first 16·n bytes hold its n
-// blocks' elements 0..15 (block after block), the next 16·n their elements 16..31 — matching the
+// order. Q8_0 keeps x in order. Every other format (Q4_1, Q5_0, Q5_1 and the K-quants, whose
+// payloads are all Q4_1-ordered nibbles) groups blocks by four: a group's first 16·n bytes hold its
+// n blocks' elements 0..15 (block after block), the next 16·n their elements 16..31 — matching the
 // low and high nibbles of the weights' 64 payload bytes, so one int32 lane of a dot product
 // always sums four products of one block.
 inline std::int64_t x_index(QuantFormat format, std::int64_t b, std::int64_t i, std::int64_t nb) {
@@ -21,10 +22,11 @@ inline std::int64_t x_index(QuantFormat format, std::int64_t b, std::int64_t i, 
   return g * 128 + (i < 16 ? 0 : 16 * in_group) + (b - 4 * g) * 16 + (i & 15);
 }
 
-// Lanes a 16-lane int32 dot product gives each block: Q4_1 four (4 blocks per 64 payload bytes),
-// Q8_0 eight (2 blocks per 64 bytes). Chunks of 64 payload bytes per row: ceil(nb / blocks).
+// Lanes a 16-lane int32 dot product gives each block: four for the nibble formats (4 blocks per
+// 64 payload bytes), Q8_0 eight (2 blocks per 64 bytes). Chunks of 64 payload bytes per row:
+// ceil(nb / blocks).
 inline std::int64_t blocks_per_chunk(QuantFormat format) {
-  return format == QuantFormat::kQ4_1 ? 4 : 2;
+  return format == QuantFormat::kQ8_0 ? 2 : 4;
 }
 
 // Rows of x quantized for one format's GEMV kernels (any count; the kernels take four at a time).
@@ -36,13 +38,21 @@ struct QuantizedX {
   std::vector<float> s;            // [rows, nb] d·Σq (Q4_1's minimum term)
   std::vector<float> drep;         // [rows, chunks, 16] d of each lane's block
   std::vector<std::int32_t> corr;  // [rows, cols/4] −128·(sum of each lane's 4 q) (Q8_0's offset)
+  std::vector<float> s16;          // [rows, 2·nb] d·Σq per 16 elements (Q6_K's offset term)
 
   const std::int8_t* q_row(std::int64_t r) const { return q.data() + r * cols; }
   const float* d_row(std::int64_t r) const { return d.data() + r * nb; }
   const float* s_row(std::int64_t r) const { return s.data() + r * nb; }
   const float* drep_row(std::int64_t r) const { return drep.data() + r * chunks * 16; }
   const std::int32_t* corr_row(std::int64_t r) const { return corr.data() + r * (cols / 4); }
+  const float* s16_row(std::int64_t r) const { return s16.data() + r * 2 * nb; }
 };
+
+// Block b of a repacked 5-bit or K-format row: weight i = scale[i / 16]·q[i] (− min when
+// has_min), q with any offset (16, 32) already removed; the float32 operations ggml's dequantizer
+// does. (quantized.cpp.)
+void unpack_block(QuantFormat f, const std::uint8_t* row, std::int64_t nb, std::int64_t b,
+                  int (&q)[32], float (&scale)[2], float& min, bool& has_min);
 
 // Quantizes x [rows, cols] (row-major float32) for `format`: d = amax/127 per block, q =
 // round-to-nearest-even(x/d) (all zero when amax is 0).
@@ -71,5 +81,26 @@ void linear_amx(const float* x, std::int64_t m, const QuantizedMatrix& w, const 
 
 // Sets up the calling process for AMX (the kernel's tile-data permission); false when refused.
 bool enable_amx();
+
+}  // namespace kvcache::cpu::quant
+
+namespace kvcache::cpu::quant {
+
+// Byte offsets inside a repacked row or superblock (quantized.hpp describes the layouts), shared
+// by the repacking, the dequantizer and both kernels.
+//   Q5_0 / Q5_1 row of nb blocks: nibbles at 0 (16 per block), fifth bits at 16·nb (group g of
+//   n ≤ 4 blocks at 16·nb + 16·g: n low halves of qh, then n high halves, 2 bytes each), d at
+//   20·nb, m (Q5_1) at 22·nb.
+//   Q4_K superblock (144 bytes): d 0, dmin 2, packed scales 4, nibbles 16 (16 per sub-block).
+//   Q5_K (176): d 0, dmin 2, packed scales 4, fifth bits 16 (two groups of 4 sub-blocks: 8 bytes
+//   of low halves, 8 of high halves), nibbles 48.
+//   Q6_K (210): nibbles 0, 2-bit highs 128 (32 bytes per 128-weight chunk), int8 scales 192, d 208.
+constexpr std::int64_t kQ5Qh = 16, kQ5D = 20, kQ5M = 22;
+constexpr std::int64_t kQ4KNib = 16, kQ5KQh = 16, kQ5KNib = 48;
+constexpr std::int64_t kQ6KHigh = 128, kQ6KScales = 192, kQ6KD = 208;
+
+inline bool is_k_quant(QuantFormat f) {
+  return f == QuantFormat::kQ4_K || f == QuantFormat::kQ5_K || f == QuantFormat::kQ6_K;
+}
 
 }  // namespace kvcache::cpu::quant

@@ -21,8 +21,8 @@
 namespace kvcache::cpu {
 namespace {
 
-// Bytes one block takes in ggml's interleaved layout, and its payload in ours.
-std::size_t ggml_block_bytes(QuantFormat f) { return f == QuantFormat::kQ4_1 ? 20 : 34; }
+// Bytes one block takes in ggml's interleaved layout, and its payload in ours (Q8_0 / Q4_1).
+std::size_t ggml_block_bytes(QuantFormat f) { return quant_block_bytes(f); }
 std::size_t payload_bytes(QuantFormat f) { return f == QuantFormat::kQ4_1 ? 16 : 32; }
 
 float load_half(const std::uint8_t* p) {
@@ -31,38 +31,235 @@ float load_half(const std::uint8_t* p) {
   return fp16_to_float(float16{bits});
 }
 
+std::uint16_t load_u16(const std::uint8_t* p) {
+  std::uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
 void check_shape(QuantFormat format, std::int64_t rows, std::int64_t cols, const char* where) {
-  KVCACHE_CHECK(rows > 0 && cols > 0 && cols % kQuantBlock == 0, where, ": expected a ",
+  const std::int64_t granule = quant_row_granule(format);
+  KVCACHE_CHECK(rows > 0 && cols > 0 && cols % granule == 0, where, ": expected a ",
                 quant_format_name(format),
-                " matrix with rows > 0 and columns a positive multiple of ", kQuantBlock, ", got [",
+                " matrix with rows > 0 and columns a positive multiple of ", granule, ", got [",
                 rows, ", ", cols, "]");
+}
+
+// Q4_K / Q5_K: the eight 6-bit scales and mins packed in 12 bytes (ggml's get_scale_min_k4).
+void k4_scales(const std::uint8_t* packed, int (&sc)[8], int (&mn)[8]) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = packed[j] & 0x3F;
+    mn[j] = packed[j + 4] & 0x3F;
+    sc[j + 4] = (packed[j + 8] & 0x0F) | ((packed[j] >> 2) & 0x30);
+    mn[j + 4] = (packed[j + 8] >> 4) | ((packed[j + 4] >> 2) & 0x30);
+  }
+}
+
+// ggml's bytes of one row (nb 32-blocks) into the repacked layout of the 5-bit and K formats.
+void repack_row(QuantFormat f, const std::uint8_t* in, std::int64_t nb, std::uint8_t* out) {
+  using namespace quant;
+  if (f == QuantFormat::kQ5_0 || f == QuantFormat::kQ5_1) {
+    const bool q51 = f == QuantFormat::kQ5_1;
+    const std::size_t block = q51 ? 24 : 22, head = q51 ? 4 : 2;
+    for (std::int64_t b = 0; b < nb; ++b, in += block) {
+      std::memcpy(out + kQ5D * nb + 2 * b, in, 2);               // d
+      if (q51) std::memcpy(out + kQ5M * nb + 2 * b, in + 2, 2);  // m
+      std::memcpy(out + 16 * b, in + head + 4, 16);              // nibbles, already Q4_1's order
+      const std::int64_t g = b / 4, n = std::min<std::int64_t>(4, nb - 4 * g), slot = b % 4;
+      std::uint8_t* qh = out + kQ5Qh * nb + 16 * g;
+      std::memcpy(qh + 2 * slot, in + head, 2);              // bits of elements 0..15
+      std::memcpy(qh + 2 * n + 2 * slot, in + head + 2, 2);  // bits of elements 16..31
+    }
+    return;
+  }
+  const std::int64_t superblocks = nb / 8;
+  const std::size_t sb_bytes = quant_block_bytes(f);
+  for (std::int64_t s = 0; s < superblocks; ++s, in += sb_bytes, out += sb_bytes) {
+    if (f == QuantFormat::kQ6_K) {
+      // ggml: element e = half·128 + r: low 4 bits nibble r / 64 of ql[half·64 + r % 64], high 2
+      // bits at 2·(r / 32) of qh[half·32 + r % 32].
+      std::uint8_t q[256];
+      for (int e = 0; e < 256; ++e) {
+        const int half = e / 128, r = e % 128;
+        const int low = (in[half * 64 + r % 64] >> (4 * (r / 64))) & 0x0F;
+        const int high = (in[128 + half * 32 + r % 32] >> (2 * (r / 32))) & 3;
+        q[e] = static_cast<std::uint8_t>(low | (high << 4));
+      }
+      std::memset(out, 0, kQ6KScales);
+      for (int b = 0; b < 8; ++b) {
+        for (int i = 0; i < 16; ++i) {
+          out[16 * b + i] = static_cast<std::uint8_t>((q[32 * b + i] & 0x0F) |
+                                                      ((q[32 * b + i + 16] & 0x0F) << 4));
+        }
+      }
+      // Chunk c's low-nibble byte k (k < 64) is element 32·(4c + k / 16) + k % 16, its high-nibble
+      // byte k the element 16 after; their 2-bit highs go to byte k % 32 of the chunk's 32, at
+      // bits 2·(k / 32) (low) and 4 + 2·(k / 32) (high).
+      for (int c = 0; c < 2; ++c) {
+        for (int k = 0; k < 64; ++k) {
+          const int e = 32 * (4 * c + k / 16) + k % 16;
+          const int shift = 2 * (k / 32);
+          out[kQ6KHigh + 32 * c + k % 32] |=
+              static_cast<std::uint8_t>(((q[e] >> 4) << shift) | ((q[e + 16] >> 4) << (4 + shift)));
+        }
+      }
+      std::memcpy(out + kQ6KScales, in + 192, 18);  // scales and d
+      continue;
+    }
+    // Q4_K / Q5_K: d, dmin, packed scales as they are; element e = chunk·64 + nibble·32 + l of
+    // sub-block j = e / 32 is nibble `nibble` of qs[chunk·32 + l] (Q5_K: bit j of qh[l] its fifth).
+    const bool k5 = f == QuantFormat::kQ5_K;
+    const std::uint8_t* qs = in + (k5 ? 48 : 16);
+    std::memcpy(out, in, 16);
+    std::uint8_t* nib = out + (k5 ? kQ5KNib : kQ4KNib);
+    for (int j = 0; j < 8; ++j) {
+      const int chunk = j / 2, nibble = j % 2;
+      for (int i = 0; i < 16; ++i) {
+        const int lo = (qs[chunk * 32 + i] >> (4 * nibble)) & 0x0F;
+        const int hi = (qs[chunk * 32 + i + 16] >> (4 * nibble)) & 0x0F;
+        nib[16 * j + i] = static_cast<std::uint8_t>(lo | (hi << 4));
+      }
+      if (k5) {
+        std::uint32_t bits = 0;
+        for (int i = 0; i < 32; ++i) bits |= static_cast<std::uint32_t>((in[16 + i] >> j) & 1) << i;
+        std::uint8_t* qh = out + kQ5KQh + 16 * (j / 4);
+        const auto low = static_cast<std::uint16_t>(bits),
+                   high = static_cast<std::uint16_t>(bits >> 16);
+        std::memcpy(qh + 2 * (j % 4), &low, 2);
+        std::memcpy(qh + 8 + 2 * (j % 4), &high, 2);
+      }
+    }
+  }
 }
 
 }  // namespace
 
+namespace quant {
+
+// Block b (32 weights) of a repacked row of the 5-bit or K formats: weight i = scale[i / 16]·q[i]
+// − min (min only when has_min), the very float32 operations ggml's dequantizer does.
+void unpack_block(QuantFormat f, const std::uint8_t* row, std::int64_t nb, std::int64_t b,
+                  int (&q)[32], float (&scale)[2], float& min, bool& has_min) {
+  if (f == QuantFormat::kQ5_0 || f == QuantFormat::kQ5_1) {
+    const std::int64_t g = b / 4, n = std::min<std::int64_t>(4, nb - 4 * g), slot = b % 4;
+    const std::uint8_t* qh = row + kQ5Qh * nb + 16 * g;
+    const std::uint32_t bits = load_u16(qh + 2 * slot) |
+                               (static_cast<std::uint32_t>(load_u16(qh + 2 * n + 2 * slot)) << 16);
+    const int offset = f == QuantFormat::kQ5_0 ? 16 : 0;
+    for (int i = 0; i < 32; ++i) {
+      const int low = (row[16 * b + i % 16] >> (4 * (i / 16))) & 0x0F;
+      q[i] = (low | static_cast<int>(((bits >> i) & 1u) << 4)) - offset;
+    }
+    scale[0] = scale[1] = load_half(row + kQ5D * nb + 2 * b);
+    has_min = f == QuantFormat::kQ5_1;
+    min = has_min ? -load_half(row + kQ5M * nb + 2 * b) : 0.0f;
+    return;
+  }
+  const std::int64_t s = b / 8, j = b % 8;
+  const std::uint8_t* base = row + static_cast<std::size_t>(s) * quant_block_bytes(f);
+  if (f == QuantFormat::kQ6_K) {
+    const std::int64_t c = j / 4;
+    for (int i = 0; i < 32; ++i) {
+      const int low = (base[16 * j + i % 16] >> (4 * (i / 16))) & 0x0F;
+      const std::int64_t k = 16 * (j % 4) + i % 16;
+      const int high = (base[kQ6KHigh + 32 * c + k % 32] >> (2 * (k / 32) + (i < 16 ? 0 : 4))) & 3;
+      q[i] = (low | (high << 4)) - 32;
+    }
+    const float d = load_half(base + kQ6KD);
+    for (int h = 0; h < 2; ++h)
+      scale[h] = d * static_cast<float>(static_cast<std::int8_t>(base[kQ6KScales + 2 * j + h]));
+    min = 0.0f;
+    has_min = false;
+    return;
+  }
+  const bool k5 = f == QuantFormat::kQ5_K;
+  const std::uint8_t* nib = base + (k5 ? kQ5KNib : kQ4KNib) + 16 * j;
+  std::uint32_t bits = 0;
+  if (k5) {
+    const std::uint8_t* qh = base + kQ5KQh + 16 * (j / 4);
+    bits = load_u16(qh + 2 * (j % 4)) |
+           (static_cast<std::uint32_t>(load_u16(qh + 8 + 2 * (j % 4))) << 16);
+  }
+  for (int i = 0; i < 32; ++i) {
+    q[i] = ((nib[i % 16] >> (4 * (i / 16))) & 0x0F) | static_cast<int>(((bits >> i) & 1u) << 4);
+  }
+  int sc[8], mn[8];
+  k4_scales(base + 4, sc, mn);
+  scale[0] = scale[1] = load_half(base) * static_cast<float>(sc[j]);
+  min = load_half(base + 2) * static_cast<float>(mn[j]);
+  has_min = true;
+}
+
+}  // namespace quant
+
 std::string_view quant_format_name(QuantFormat format) {
-  return format == QuantFormat::kQ4_1 ? "Q4_1" : "Q8_0";
+  switch (format) {
+    case QuantFormat::kQ8_0:
+      return "Q8_0";
+    case QuantFormat::kQ4_1:
+      return "Q4_1";
+    case QuantFormat::kQ5_0:
+      return "Q5_0";
+    case QuantFormat::kQ5_1:
+      return "Q5_1";
+    case QuantFormat::kQ4_K:
+      return "Q4_K";
+    case QuantFormat::kQ5_K:
+      return "Q5_K";
+    default:
+      return "Q6_K";
+  }
+}
+
+std::int64_t quant_row_granule(QuantFormat format) { return quant::is_k_quant(format) ? 256 : 32; }
+
+std::size_t quant_block_bytes(QuantFormat format) {
+  switch (format) {
+    case QuantFormat::kQ8_0:
+      return 34;
+    case QuantFormat::kQ4_1:
+      return 20;
+    case QuantFormat::kQ5_0:
+      return 22;
+    case QuantFormat::kQ5_1:
+      return 24;
+    case QuantFormat::kQ4_K:
+      return 144;
+    case QuantFormat::kQ5_K:
+      return 176;
+    default:
+      return 210;
+  }
 }
 
 QuantizedMatrix QuantizedMatrix::from_ggml(QuantFormat format, std::span<const std::byte> blocks,
                                            std::int64_t rows, std::int64_t cols) {
   const char* where = "QuantizedMatrix::from_ggml";
   check_shape(format, rows, cols, where);
-  const std::int64_t nb = cols / kQuantBlock;
-  const std::size_t ggml_row = static_cast<std::size_t>(nb) * ggml_block_bytes(format);
+  const std::int64_t nb = cols / kQuantBlock, granule = quant_row_granule(format);
+  const std::int64_t row_blocks = cols / granule;
+  const std::size_t ggml_row = static_cast<std::size_t>(row_blocks) * ggml_block_bytes(format);
   KVCACHE_CHECK(static_cast<std::size_t>(rows) <= blocks.size() / ggml_row &&
                     blocks.size() == ggml_row * static_cast<std::size_t>(rows),
-                where, ": expected ", rows, " rows of ", ggml_row, " bytes (", nb, " ",
-                quant_format_name(format), " blocks) for [", rows, ", ", cols, "], got ",
-                blocks.size(), " bytes");
+                where, ": expected ", rows, " rows of ", ggml_row, " bytes (", row_blocks, " ",
+                quant_format_name(format), granule == 32 ? " blocks" : " superblocks", ") for [",
+                rows, ", ", cols, "], got ", blocks.size(), " bytes");
   QuantizedMatrix m;
   m.format_ = format;
   m.rows_ = rows;
   m.cols_ = cols;
   m.row_bytes_ = ggml_row;
   m.storage_ = Tensor::empty({rows, static_cast<std::int64_t>(ggml_row)}, DType::kUInt8);
-  const std::size_t payload = payload_bytes(format);
   const auto* src = reinterpret_cast<const std::uint8_t*>(blocks.data());
+  if (format != QuantFormat::kQ8_0 && format != QuantFormat::kQ4_1) {
+#pragma omp parallel for schedule(static) if (rows > 256)
+    for (std::int64_t r = 0; r < rows; ++r) {
+      repack_row(format, src + static_cast<std::size_t>(r) * ggml_row, nb,
+                 m.storage_.data_as<std::uint8_t>() + static_cast<std::size_t>(r) * ggml_row);
+    }
+    return m;
+  }
+  const std::size_t payload = payload_bytes(format);
 #pragma omp parallel for schedule(static) if (rows > 256)
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::uint8_t* in = src + static_cast<std::size_t>(r) * ggml_row;
@@ -139,6 +336,8 @@ QuantizedMatrix QuantizedMatrix::quantize(const Tensor& weight, QuantFormat form
   KVCACHE_CHECK(weight.defined() && weight.rank() == 2 && is_floating(weight.dtype()) &&
                     weight.device() == Device::kCpu,
                 where, ": expected a float [rows, cols] CPU tensor, got ", weight.describe());
+  KVCACHE_CHECK(format == QuantFormat::kQ8_0 || format == QuantFormat::kQ4_1, where,
+                ": quantizes to Q8_0 or Q4_1, got ", quant_format_name(format));
   const std::int64_t rows = weight.size(0), cols = weight.size(1);
   check_shape(format, rows, cols, where);
   const Tensor w = weight.dtype() == DType::kFloat32 && weight.is_contiguous()
@@ -217,6 +416,27 @@ void QuantizedMatrix::dequantize_rows(std::int64_t r0, std::int64_t r1, float* d
                 "<= r0 <= r1 <= ",
                 rows_, ", got [", r0, ", ", r1, ")");
   const std::int64_t nb = blocks_per_row();
+  if (format_ != QuantFormat::kQ8_0 && format_ != QuantFormat::kQ4_1) {
+    for (std::int64_t r = r0; r < r1; ++r, dst += cols_) {
+      const std::uint8_t* p =
+          storage_.data_as<std::uint8_t>() + static_cast<std::size_t>(r) * row_bytes_;
+      for (std::int64_t b = 0; b < nb; ++b) {
+        int q[32];
+        float scale[2], min;
+        bool has_min;
+        quant::unpack_block(format_, p, nb, b, q, scale, min, has_min);
+        float* out = dst + b * kQuantBlock;
+        // ggml's order: scale·q rounded, then − min rounded (this file is compiled without FMA
+        // contraction, CMakeLists.txt).
+        if (has_min) {
+          for (int i = 0; i < 32; ++i) out[i] = scale[i / 16] * static_cast<float>(q[i]) - min;
+        } else {
+          for (int i = 0; i < 32; ++i) out[i] = scale[i / 16] * static_cast<float>(q[i]);
+        }
+      }
+    }
+    return;
+  }
   for (std::int64_t r = r0; r < r1; ++r, dst += cols_) {
     const std::uint8_t* p =
         storage_.data_as<std::uint8_t>() + static_cast<std::size_t>(r) * row_bytes_;
@@ -343,6 +563,21 @@ void quantize_x(QuantFormat format, const float* x, std::int64_t rows, std::int6
   } else {
     quantize_x_portable(format, x, rows, cols, out);
   }
+  if (format == QuantFormat::kQ6_K) {
+    // d·Σq over each 16 elements: Q6_K's −32 offset, scaled per 16-element sub-block.
+    out.s16.resize(static_cast<std::size_t>(rows * 2 * nb));
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int8_t* q = out.q_row(r);
+      for (std::int64_t b = 0; b < nb; ++b) {
+        for (int h = 0; h < 2; ++h) {
+          int sum = 0;
+          for (int i = 16 * h; i < 16 * h + 16; ++i) sum += q[x_index(format, b, i, nb)];
+          out.s16[static_cast<std::size_t>(r * 2 * nb + 2 * b + h)] =
+              out.d[static_cast<std::size_t>(r * nb + b)] * static_cast<float>(sum);
+        }
+      }
+    }
+  }
   // Each lane's block scale, for the kernels' per-lane multiply.
   const std::int64_t lanes_per_block = 16 / per_chunk;
   for (std::int64_t r = 0; r < rows; ++r) {
@@ -389,6 +624,32 @@ void gemv_portable(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o
                    const float* bias, float* y) {
   const std::int64_t nb = w.blocks_per_row(), cols = w.cols(), out = w.rows();
   const bool q41 = w.format() == QuantFormat::kQ4_1;
+  if (w.format() != QuantFormat::kQ8_0 && !q41) {
+    // The 5-bit and K formats: each block's integers unpacked (offsets removed), one integer dot
+    // product per 16 elements (Q6_K's scales change there; the others' do not), scaled by
+    // scale·d_x, minus min·d_x·Σq_x.
+    for (std::int64_t o = o0; o < o1; ++o) {
+      const std::uint8_t* p = w.row(o);
+      for (std::int64_t r = 0; r < x.rows; ++r) {
+        const std::int8_t* q = x.q_row(r);
+        float acc = 0.0f;
+        for (std::int64_t b = 0; b < nb; ++b) {
+          int wq[32];
+          float scale[2], min;
+          bool has_min;
+          unpack_block(w.format(), p, nb, b, wq, scale, min, has_min);
+          std::int32_t dot[2] = {0, 0};
+          for (int i = 0; i < 32; ++i) dot[i / 16] += wq[i] * q[x_index(w.format(), b, i, nb)];
+          const float dx = x.d_row(r)[b];
+          acc += static_cast<float>(dot[0]) * (scale[0] * dx) +
+                 static_cast<float>(dot[1]) * (scale[1] * dx);
+          if (has_min) acc -= min * x.s_row(r)[b];
+        }
+        y[r * out + o] = acc + (bias ? bias[o] : 0.0f);
+      }
+    }
+    return;
+  }
   for (std::int64_t o = o0; o < o1; ++o) {
     const std::uint8_t* p = w.row(o);
     const std::uint8_t* scales = p + nb * (q41 ? 16 : 32);
@@ -432,23 +693,50 @@ namespace {}  // namespace
 // Measured on the 2-core AVX-512 VNNI machines (no AMX) with SmolLM2's shapes, one linear()
 // against the float32 panel path: the Q4_1 kernel is 1.5–2.8× faster up to 32 rows, the Q8_0 one
 // 1.05–1.6× at 8 rows and slower from 16 on.
+// The 5-bit and K formats' kernels were not measured against the float32 path by row count; they
+// take Q8_0's 8 (K-quants: a few more operations per byte than Q8_0) and Q5_x 16 (Q4_1's kernel
+// plus a masked add).
 std::int64_t quantized_decode_rows(QuantFormat format) {
-  if (active_cpu_isa() == CpuIsa::kAmx) return 4;
-  return format == QuantFormat::kQ4_1 ? 32 : 8;
+  const bool amx_served = format == QuantFormat::kQ8_0 || format == QuantFormat::kQ4_1;
+  if (active_cpu_isa() == CpuIsa::kAmx && amx_served) return 4;
+  switch (format) {
+    case QuantFormat::kQ4_1:
+      return 32;
+    case QuantFormat::kQ5_0:
+    case QuantFormat::kQ5_1:
+      return 16;
+    default:
+      return 8;
+  }
 }
 
 namespace {
 
-// y_i = x · W_iᵀ (+ bias_i) for ≤ 4 rows of x and matrices of one format: x quantized once, then
-// one parallel region whose threads each take a share of all the matrices' output rows, cut as
-// one range at quads of rows. linear() calls it with one matrix, linear_fused() with several.
+// y_i = x · W_iᵀ (+ bias_i) for decode rows of x and matrices of any formats: x quantized once per
+// order the formats need (Q8_0's, and the nibble formats' — one quantization serves all of those,
+// with Q6_K's per-16 sums when a Q6_K matrix is there), then one parallel region whose threads
+// each take a share of all the matrices' output rows, cut as one range at quads of rows. linear()
+// calls it with one matrix, linear_fused() with several (a Q4_K_M file mixes Q5_0 q/k with Q8_0 v).
 void gemv(const Tensor& x, std::span<const QuantizedMatrix* const> ws,
           std::span<const float* const> biases, std::span<float* const> ys) {
   // The caller's scratch, named by a reference: inside the parallel region the thread_local name
   // would mean each worker's own (empty) copy.
-  thread_local quant::QuantizedX scratch;
-  quant::QuantizedX& qx = scratch;
-  quant::quantize_x(ws[0]->format(), x.data_as<float>(), x.size(0), x.size(1), qx);
+  thread_local quant::QuantizedX scratch_q8, scratch_nibbles;
+  quant::QuantizedX& q8 = scratch_q8;
+  quant::QuantizedX& nibbles = scratch_nibbles;
+  bool any_q8 = false, any_nibbles = false;
+  QuantFormat nibble_format = QuantFormat::kQ4_1;
+  for (const QuantizedMatrix* w : ws) {
+    if (w->format() == QuantFormat::kQ8_0) {
+      any_q8 = true;
+    } else {
+      if (!any_nibbles || w->format() == QuantFormat::kQ6_K) nibble_format = w->format();
+      any_nibbles = true;
+    }
+  }
+  if (any_q8) quant::quantize_x(QuantFormat::kQ8_0, x.data_as<float>(), x.size(0), x.size(1), q8);
+  if (any_nibbles)
+    quant::quantize_x(nibble_format, x.data_as<float>(), x.size(0), x.size(1), nibbles);
   const CpuIsa isa = active_cpu_isa();
   std::int64_t total = 0;
   for (const QuantizedMatrix* w : ws) total += w->rows();
@@ -465,6 +753,7 @@ void gemv(const Tensor& x, std::span<const QuantizedMatrix* const> ws,
                          o1 = std::clamp(end - offset, std::int64_t{0}, w.rows());
       offset += w.rows();
       if (o0 >= o1) continue;
+      const quant::QuantizedX& qx = w.format() == QuantFormat::kQ8_0 ? q8 : nibbles;
       if (isa >= CpuIsa::kAvx512Vnni) {
         quant::gemv_avx512(w, qx, o0, o1, biases[i], ys[i]);
       } else {
@@ -502,7 +791,8 @@ Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias
     const QuantizedMatrix* w = &weight;
     float* yp = y.data_as<float>();
     gemv(x, {&w, 1}, {&b, 1}, {&yp, 1});
-  } else if (isa == CpuIsa::kAmx) {
+  } else if (isa == CpuIsa::kAmx &&
+             (weight.format() == QuantFormat::kQ8_0 || weight.format() == QuantFormat::kQ4_1)) {
     quant::linear_amx(x.data_as<float>(), x.size(0), weight, b, y.data_as<float>());
   } else {
     // Without AMX: panels of 64 weight rows dequantized exactly to float32, then Eigen's GEMM
@@ -534,9 +824,8 @@ std::vector<Tensor> linear_fused(const Tensor& x, std::span<const Weight* const>
   bool fusable = !weights.empty() && x.defined() && x.rank() == 2;
   for (const Weight* w : weights) {
     fusable = fusable && w != nullptr && w->is_quantized() &&
-              w->quantized().format() == weights[0]->quantized().format();
+              x.size(0) <= quantized_decode_rows(w->quantized().format());
   }
-  fusable = fusable && x.size(0) <= quantized_decode_rows(weights[0]->quantized().format());
   std::vector<Tensor> out;
   if (!fusable) {
     for (std::size_t i = 0; i < weights.size(); ++i) {
