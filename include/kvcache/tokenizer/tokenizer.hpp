@@ -85,8 +85,18 @@ struct SpmVocabulary {
   std::optional<std::string> chat_template;
 };
 
+/// A text tokenizer: token ids from UTF-8 text and back, with the vocabulary's special tokens and
+/// the chat template it ships with. Read-only once built, so several threads may encode and
+/// decode with one Tokenizer at once; copies share the vocabulary.
 class Tokenizer {
  public:
+  /// The tokenizer beside a model, as LlamaModel::from_pretrained takes the model: `path` is a
+  /// .gguf file (its tokenizer metadata, as from_gguf) or a folder holding tokenizer.json (as
+  /// from_json_file; tokenizer_config.json beside it is read too) or, without one, tokenizer.model
+  /// (as from_sentencepiece_file). A path to a tokenizer.json or tokenizer.model file itself is
+  /// read the same way. Anything else is a kvcache::Error naming the path and what it looked for.
+  static Tokenizer from_pretrained(const std::string& path);
+
   /// Reads tokenizer.ggml.* and tokenizer.chat_template. Model "gpt2" (byte-level BPE): tokens,
   /// merges, token_type, pre, bos/eos/pad/unknown ids, add_bos_token. Model "llama"
   /// (SentencePiece BPE): tokens, scores, token_type, bos/eos/pad/unknown ids, add_bos_token,
