@@ -10,11 +10,13 @@ namespace kvcache {
 
 /// IEEE 754 binary16, stored as its bits.
 struct float16 {
+  /// The binary16 bit pattern: sign, 5 exponent bits, 10 mantissa bits.
   std::uint16_t bits = 0;
 };
 
 /// bfloat16: the upper 16 bits of a float32, stored as its bits.
 struct bfloat16 {
+  /// The bfloat16 bit pattern: sign, 8 exponent bits, 7 mantissa bits.
   std::uint16_t bits = 0;
 };
 
