@@ -20,9 +20,13 @@
 
 namespace kvcache {
 
+/// Element types: the float types activations, weights and caches use, and integer types for
+/// ids (int64) and masks (int64, int32, uint8).
 enum class DType : std::uint8_t { kFloat32, kFloat16, kBFloat16, kInt32, kInt64, kUInt8 };
+/// Where a tensor's elements live: host memory or the current CUDA device.
 enum class Device : std::uint8_t { kCpu, kCuda };
 
+/// The most dimensions a Tensor has.
 inline constexpr int kMaxRank = 4;
 
 /// Bytes of one element.
@@ -42,6 +46,7 @@ constexpr std::size_t dtype_size(DType dtype) {
   return 0;
 }
 
+/// "float32", "bfloat16", ...: the dtype's name, as error messages and parse_dtype write it.
 constexpr std::string_view dtype_name(DType dtype) {
   switch (dtype) {
     case DType::kFloat32:
@@ -60,10 +65,12 @@ constexpr std::string_view dtype_name(DType dtype) {
   return "?";
 }
 
+/// Whether `dtype` is float32, float16 or bfloat16.
 constexpr bool is_floating(DType dtype) {
   return dtype == DType::kFloat32 || dtype == DType::kFloat16 || dtype == DType::kBFloat16;
 }
 
+/// "cpu" or "cuda".
 constexpr std::string_view device_name(Device device) {
   return device == Device::kCpu ? "cpu" : "cuda";
 }
@@ -90,6 +97,7 @@ constexpr DType dtype_of() {
     static_assert(sizeof(T) == 0, "kvcache: no DType for this element type");
 }
 
+/// A shape or strides: sizes of the dimensions, outermost first (a view; braced lists convert).
 using Shape = std::span<const std::int64_t>;
 
 /// A tensor handle, like torch.Tensor: a dtype, a device, a shape and strides (in elements) of

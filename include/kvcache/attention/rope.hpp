@@ -17,10 +17,13 @@
 
 namespace kvcache {
 
+/// RoPE scaling types: none, linear (positions divided by a factor) and llama3 (long
+/// wavelengths scaled, short ones kept, a smooth blend between).
 enum class RopeType { kDefault, kLinear, kLlama3 };
 
 /// "default", "linear", "llama3" → RopeType; any other name is a kvcache::Error naming it.
 RopeType parse_rope_type(std::string_view name);
+/// The name parse_rope_type() reads: "default", "linear" or "llama3".
 std::string_view rope_type_name(RopeType type);
 
 /// RoPE scaling as config.json's rope_scaling (or rope_parameters) gives it.

@@ -45,11 +45,13 @@ void require_device(const char* where);
 using Stream = void*;
 /// Stream used by the backend's kernels and copies on this thread (nullptr = default stream).
 void set_stream(Stream stream);
+/// The stream this thread's kernels and copies use now (nullptr = the default stream).
 Stream current_stream();
 
 /// A new contiguous, uninitialised tensor in device memory (freed, stream-ordered, when its last
 /// view goes). Inside a ScratchScope it comes from the thread's scratch workspace instead.
 Tensor empty(Shape shape, DType dtype);
+/// empty() with the shape as a braced list.
 inline Tensor empty(std::initializer_list<std::int64_t> shape, DType dtype) {
   return empty(Shape(shape.begin(), shape.size()), dtype);
 }
@@ -57,6 +59,7 @@ inline Tensor empty(std::initializer_list<std::int64_t> shape, DType dtype) {
 /// The same, always from the pool, never from scratch: for what outlives a forward pass (cache
 /// storage, returned logits, weights).
 Tensor empty_persistent(Shape shape, DType dtype);
+/// empty_persistent() with the shape as a braced list.
 inline Tensor empty_persistent(std::initializer_list<std::int64_t> shape, DType dtype) {
   return empty_persistent(Shape(shape.begin(), shape.size()), dtype);
 }
@@ -96,6 +99,7 @@ void append_at(const Tensor& key_storage, const Tensor& keys, const Tensor& valu
 /// A contiguous device copy of a CPU tensor, and a contiguous host copy of a CUDA tensor. Both
 /// wait for the copy to finish.
 Tensor to_device(const Tensor& host);
+/// A contiguous host copy of a CUDA tensor (waits for the copy).
 Tensor to_host(const Tensor& device);
 
 /// A device tensor (uint8 [bytes]) holding a copy of `bytes` host bytes, sent on the current stream
@@ -211,7 +215,9 @@ struct MemoryStats {
   /// Most bytes the pool held since the last reset_peak_memory_stats().
   std::size_t peak_reserved = 0;
 };
+/// The device memory pool's figures now.
 MemoryStats memory_stats();
+/// Starts the peaks of memory_stats() again from the current figures.
 void reset_peak_memory_stats();
 
 /// The backend a Cache of device memory is instantiated on (DynamicCache<cuda::Backend>): storage
