@@ -10,12 +10,14 @@ function(kvcache_target_warnings target)
     $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra>)
 endfunction()
 
-# kvcache_add_test(<name> SOURCES <files...> [LIBS <targets...>] [TEST_PREFIX <prefix>])
+# kvcache_add_test(<name> SOURCES <files...> [LIBS <targets...>] [TEST_PREFIX <prefix>]
+#                  [WORKING_DIRECTORY <dir>])
 # A GoogleTest program whose tests CTest lists one by one (discovered when the tests run, so a
 # CUDA test program is never executed at build time). TEST_PREFIX keeps the names of a second
-# program built from the same sources apart.
+# program built from the same sources apart; WORKING_DIRECTORY is where its tests run (the build
+# folder by default).
 function(kvcache_add_test name)
-  cmake_parse_arguments(ARG "" "TEST_PREFIX" "SOURCES;LIBS" ${ARGN})
+  cmake_parse_arguments(ARG "" "TEST_PREFIX;WORKING_DIRECTORY" "SOURCES;LIBS" ${ARGN})
   add_executable(${name} ${ARG_SOURCES})
   target_link_libraries(${name} PRIVATE kvcache::kvcache GTest::gtest GTest::gtest_main ${ARG_LIBS})
   target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/tests)
@@ -26,6 +28,9 @@ function(kvcache_add_test name)
   set(prefix_args)
   if(ARG_TEST_PREFIX)
     set(prefix_args TEST_PREFIX ${ARG_TEST_PREFIX})
+  endif()
+  if(ARG_WORKING_DIRECTORY)
+    list(APPEND prefix_args WORKING_DIRECTORY ${ARG_WORKING_DIRECTORY})
   endif()
   gtest_discover_tests(${name} DISCOVERY_MODE PRE_TEST ${prefix_args}
                        PROPERTIES ENVIRONMENT "OMP_NUM_THREADS=2")

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what kvcache needs to build and test, from Debian's packages, and nothing else:
-# CMake and a C++20 compiler, Eigen, GoogleTest, Google Benchmark, nlohmann_json, PCRE2 and
-# libsentencepiece (tokenizer.model files), and pip for scripts/setup-model.sh; with --sanitizers,
-# clang 14 and its runtimes (scripts/sanitizer-stage.sh).
+# CMake and a C++20 compiler, Eigen, GoogleTest, Google Benchmark, nlohmann_json, PCRE2,
+# libsentencepiece (tokenizer.model files) and Doxygen (the docs target: the API reference), and
+# pip for scripts/setup-model.sh; with --sanitizers, clang 14 and its runtimes
+# (scripts/sanitizer-stage.sh).
 # The CUDA toolkit (nvcc, cuBLAS) is used when present and is not installed here. Safe to run again:
 # packages already present are left alone, and apt-get is skipped when nothing is missing.
 set -euo pipefail
 
-packages=(cmake g++ make pkg-config libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev libpcre2-dev libsentencepiece-dev)
+packages=(cmake g++ make pkg-config libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev libpcre2-dev libsentencepiece-dev doxygen)
 # --sanitizers (scripts/sanitizer-stage.sh): clang with its sanitizer and libFuzzer runtimes and
 # its OpenMP runtime.
 if [[ ${1:-} == --sanitizers ]]; then packages+=(clang-14 libclang-rt-14-dev libomp-14-dev); fi

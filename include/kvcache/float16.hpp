@@ -10,20 +10,24 @@ namespace kvcache {
 
 /// IEEE 754 binary16, stored as its bits.
 struct float16 {
+  /// The binary16 bit pattern: sign, 5 exponent bits, 10 mantissa bits.
   std::uint16_t bits = 0;
 };
 
 /// bfloat16: the upper 16 bits of a float32, stored as its bits.
 struct bfloat16 {
+  /// The bfloat16 bit pattern: sign, 8 exponent bits, 7 mantissa bits.
   std::uint16_t bits = 0;
 };
 
 static_assert(sizeof(float16) == 2 && sizeof(bfloat16) == 2);
 
+/// The float a bfloat16 holds (exact).
 inline float bf16_to_float(bfloat16 h) {
   return std::bit_cast<float>(static_cast<std::uint32_t>(h.bits) << 16);
 }
 
+/// `f` rounded to the nearest bfloat16, ties to even (NaN stays NaN).
 inline bfloat16 float_to_bf16(float f) {
   std::uint32_t u = std::bit_cast<std::uint32_t>(f);
   if ((u & 0x7fffffffu) > 0x7f800000u)
@@ -32,6 +36,7 @@ inline bfloat16 float_to_bf16(float f) {
   return {static_cast<std::uint16_t>(u >> 16)};
 }
 
+/// The float a float16 holds (exact, subnormals included).
 inline float fp16_to_float(float16 h) {
   const std::uint32_t sign = static_cast<std::uint32_t>(h.bits & 0x8000u) << 16;
   const std::uint32_t exponent = (h.bits >> 10) & 0x1fu;
@@ -56,6 +61,7 @@ inline float fp16_to_float(float16 h) {
   return std::bit_cast<float>(out);
 }
 
+/// `f` rounded to the nearest float16, ties to even (overflow to infinity, NaN stays NaN).
 inline float16 float_to_fp16(float f) {
   const std::uint32_t u = std::bit_cast<std::uint32_t>(f);
   const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
@@ -82,21 +88,26 @@ inline float16 float_to_fp16(float f) {
 
 /// Converts any of the library's element types to float.
 inline float to_float(float x) { return x; }
+/// The float a float16 holds.
 inline float to_float(float16 x) { return fp16_to_float(x); }
+/// The float a bfloat16 holds.
 inline float to_float(bfloat16 x) { return bf16_to_float(x); }
 
 /// Converts a float to element type T with round-to-nearest-even.
 template <class T>
 T from_float(float x);
 template <>
+/// `x` itself.
 inline float from_float<float>(float x) {
   return x;
 }
 template <>
+/// `x` rounded to float16.
 inline float16 from_float<float16>(float x) {
   return float_to_fp16(x);
 }
 template <>
+/// `x` rounded to bfloat16.
 inline bfloat16 from_float<bfloat16>(float x) {
   return float_to_bf16(x);
 }

@@ -3,6 +3,15 @@
 // kvcache/backend/cuda.hpp, come with it and need no CUDA headers).
 #pragma once
 
+/// \namespace kvcache
+/// The library's public API: tensors, caches, the attention module, models, tokenizers and
+/// generation. kvcache::detail holds implementation helpers that are not part of it.
+/// \namespace kvcache::cpu
+/// The CPU backend: copies, attention and the dense and quantized kernels over CPU tensors.
+/// \namespace kvcache::cuda
+/// The CUDA backend's host declarations: device memory, streams, graphs and the kernels'
+/// launchers (they throw where kvcache was built without CUDA).
+
 #include "kvcache/attention/attention.hpp"
 #include "kvcache/attention/mask.hpp"
 #include "kvcache/attention/rope.hpp"

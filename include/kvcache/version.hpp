@@ -6,5 +6,6 @@
 #define KVCACHE_VERSION_PATCH 0
 
 namespace kvcache {
+/// The library's version as text, "major.minor.patch".
 inline constexpr const char* kVersion = "0.1.0";
 }  // namespace kvcache

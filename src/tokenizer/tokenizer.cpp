@@ -1397,6 +1397,33 @@ Tokenizer Tokenizer::from_sentencepiece_file(const std::string& path) {
 #endif
 }
 
+Tokenizer Tokenizer::from_pretrained(const std::string& path) {
+  namespace fs = std::filesystem;
+  const auto ends_with = [&](std::string_view suffix) {
+    return path.size() >= suffix.size() &&
+           path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) {
+    // transformers' order: the fast tokenizer's tokenizer.json first, the slow one's model after.
+    const fs::path json = fs::path(path) / "tokenizer.json";
+    if (fs::exists(json, ec)) return from_json_file(json.string());
+    const fs::path model = fs::path(path) / "tokenizer.model";
+    if (fs::exists(model, ec)) return from_sentencepiece_file(model.string());
+    KVCACHE_FAIL("Tokenizer::from_pretrained(", detail::show_text(path),
+                 "): expected tokenizer.json or tokenizer.model in the folder, found neither");
+  }
+  if (ends_with(".gguf")) return from_gguf(GgufFile::open(path));
+  if (ends_with(".json")) return from_json_file(path);
+  if (ends_with(".model")) return from_sentencepiece_file(path);
+  KVCACHE_CHECK(fs::exists(path, ec), "Tokenizer::from_pretrained(", detail::show_text(path),
+                "): expected a .gguf file or a folder with tokenizer.json or tokenizer.model, got ",
+                "a path that does not exist");
+  KVCACHE_FAIL("Tokenizer::from_pretrained(", detail::show_text(path),
+               "): expected a .gguf file, a tokenizer.json or tokenizer.model file, or a folder "
+               "holding one of them, got a file of none of these kinds");
+}
+
 std::vector<std::int64_t> Tokenizer::encode(std::string_view text, bool parse_special) const {
   const std::size_t bad = invalid_utf8_offset(text);
   KVCACHE_CHECK(bad == std::string_view::npos,

@@ -38,18 +38,27 @@
 
 namespace kvcache {
 
+/// The shape of one layer's attention: heads, kv heads, head size, scale and window.
 struct AttentionOptions {
+  /// Query heads.
   std::int64_t num_heads = 0;
+  /// Key/value heads: num_heads for multi-head attention, a divisor of it for grouped-query.
   std::int64_t num_kv_heads = 0;  // num_heads for multi-head attention, fewer for grouped-query
+  /// Elements per head.
   std::int64_t head_dim = 0;
+  /// The softmax scale; 1 / sqrt(head_dim) when unset.
   std::optional<float> scale;  // default 1 / sqrt(head_dim)
   /// The layer's sliding window W (Mistral; Qwen2's sliding layers): a query at slot q sees key
   /// slots in (q - W, q]. None: full causal attention.
   std::optional<std::int64_t> sliding_window;
 };
 
+/// One decoder layer's self-attention over a cache: stores the new keys and values through
+/// Cache::update and attends over past + new with the mask of attention_mask and cache_position.
 class Attention {
  public:
+  /// The attention of layer `layer_idx` (the cache layer it reads and writes) with `options`;
+  /// throws kvcache::Error for sizes that are not positive or heads that do not divide.
   Attention(int layer_idx, AttentionOptions options);
 
   /// One step of self-attention for layer layer_idx().
@@ -68,8 +77,11 @@ class Attention {
                  std::span<const std::int64_t> cache_position,
                  const Tensor& cache_position_device = Tensor()) const;
 
+  /// The cache layer this module reads and writes.
   int layer_idx() const { return layer_idx_; }
+  /// The options it was built with.
   const AttentionOptions& options() const { return options_; }
+  /// The softmax scale in use (options().scale, or 1 / sqrt(head_dim)).
   float scale() const { return scale_; }
 
  private:

@@ -17,35 +17,54 @@
 
 namespace kvcache {
 
+/// RoPE scaling types: none, linear (positions divided by a factor) and llama3 (long
+/// wavelengths scaled, short ones kept, a smooth blend between).
 enum class RopeType { kDefault, kLinear, kLlama3 };
 
 /// "default", "linear", "llama3" → RopeType; any other name is a kvcache::Error naming it.
 RopeType parse_rope_type(std::string_view name);
+/// The name parse_rope_type() reads: "default", "linear" or "llama3".
 std::string_view rope_type_name(RopeType type);
 
+/// RoPE scaling as config.json's rope_scaling (or rope_parameters) gives it.
 struct RopeScaling {
+  /// Which scaling: default (none), linear or llama3.
   RopeType type = RopeType::kDefault;
+  /// Scaling factor (linear: positions divided by it; llama3: long wavelengths).
   double factor = 1.0;                                   // linear, llama3
+  /// llama3: wavelengths above original_max_position_embeddings / low_freq_factor are scaled.
   double low_freq_factor = 1.0;                          // llama3
+  /// llama3: wavelengths below original_max_position_embeddings / high_freq_factor are kept.
   double high_freq_factor = 4.0;                         // llama3
+  /// llama3: the context length the model was trained at.
   std::int64_t original_max_position_embeddings = 8192;  // llama3
 };
 
+/// The rotary embedding of a model: head size, base and scaling.
 struct RopeOptions {
+  /// Elements per head (even); RoPE rotates head_dim / 2 pairs.
   std::int64_t head_dim = 0;
+  /// The base of the inverse frequencies, theta^(-2k / head_dim).
   double rope_theta = 10000.0;
+  /// Scaling applied to the inverse frequencies.
   RopeScaling scaling;
 };
 
+/// Rotary position embeddings (transformers' LlamaRotaryEmbedding + apply_rotary_pos_emb): the
+/// inverse frequencies of a RopeOptions, cos/sin for position ids, and the rotation of q and k.
 class RotaryEmbedding {
  public:
+  /// Computes the inverse frequencies; throws kvcache::Error for an odd or non-positive head_dim
+  /// or scaling values that are not finite and positive.
   explicit RotaryEmbedding(RopeOptions options);
 
   /// inv_freq[k] for k < head_dim / 2, float32 as transformers computes it (after scaling).
   const std::vector<float>& inv_freq() const { return inv_freq_; }
   /// Factor applied to cos and sin (1 for default, linear and llama3).
   float attention_scaling() const { return attention_scaling_; }
+  /// Elements per head.
   std::int64_t head_dim() const { return options_.head_dim; }
+  /// The options it was built with.
   const RopeOptions& options() const { return options_; }
 
   /// cos and sin for `position_ids` [batch, q_len] (int64), each [batch, q_len, head_dim] in

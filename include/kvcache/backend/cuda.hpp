@@ -45,11 +45,13 @@ void require_device(const char* where);
 using Stream = void*;
 /// Stream used by the backend's kernels and copies on this thread (nullptr = default stream).
 void set_stream(Stream stream);
+/// The stream this thread's kernels and copies use now (nullptr = the default stream).
 Stream current_stream();
 
 /// A new contiguous, uninitialised tensor in device memory (freed, stream-ordered, when its last
 /// view goes). Inside a ScratchScope it comes from the thread's scratch workspace instead.
 Tensor empty(Shape shape, DType dtype);
+/// empty() with the shape as a braced list.
 inline Tensor empty(std::initializer_list<std::int64_t> shape, DType dtype) {
   return empty(Shape(shape.begin(), shape.size()), dtype);
 }
@@ -57,6 +59,7 @@ inline Tensor empty(std::initializer_list<std::int64_t> shape, DType dtype) {
 /// The same, always from the pool, never from scratch: for what outlives a forward pass (cache
 /// storage, returned logits, weights).
 Tensor empty_persistent(Shape shape, DType dtype);
+/// empty_persistent() with the shape as a braced list.
 inline Tensor empty_persistent(std::initializer_list<std::int64_t> shape, DType dtype) {
   return empty_persistent(Shape(shape.begin(), shape.size()), dtype);
 }
@@ -96,6 +99,7 @@ void append_at(const Tensor& key_storage, const Tensor& keys, const Tensor& valu
 /// A contiguous device copy of a CPU tensor, and a contiguous host copy of a CUDA tensor. Both
 /// wait for the copy to finish.
 Tensor to_device(const Tensor& host);
+/// A contiguous host copy of a CUDA tensor (waits for the copy).
 Tensor to_host(const Tensor& device);
 
 /// A device tensor (uint8 [bytes]) holding a copy of `bytes` host bytes, sent on the current stream
@@ -176,19 +180,24 @@ class StreamScope {
 class MirroredBuffer {
  public:
   MirroredBuffer() = default;
+  /// Allocates `bytes` on the host (page-locked) and on the device, both zeroed.
   explicit MirroredBuffer(std::size_t bytes);
+  /// The host half, `bytes` long.
   std::uint8_t* host() const { return static_cast<std::uint8_t*>(host_.get()); }
   /// The device half, uint8 [bytes].
   const Tensor& device() const { return device_; }
+  /// Bytes of each half.
   std::size_t size() const { return bytes_; }
   /// Bytes [offset, offset + bytes) of the device half seen as a contiguous tensor.
   Tensor device_view(std::size_t offset, Shape shape, DType dtype) const;
+  /// device_view() with the shape as a braced list.
   Tensor device_view(std::size_t offset, std::initializer_list<std::int64_t> shape,
                      DType dtype) const {
     return device_view(offset, Shape(shape.begin(), shape.size()), dtype);
   }
   /// Asynchronous copies of bytes [offset, offset + bytes) on the current stream.
   void send(std::size_t offset, std::size_t bytes) const;     // host → device
+  /// Copies bytes [offset, offset + bytes) from the device half to the host half, asynchronously.
   void receive(std::size_t offset, std::size_t bytes) const;  // device → host
 
  private:
@@ -208,6 +217,7 @@ class Graph {
  public:
   Graph() = default;
   template <class F>
+  /// Records the work `body` issues on the current stream and instantiates it; see the class.
   static Graph capture(F&& body) {
     Graph graph;
     graph.begin_capture();
@@ -220,9 +230,11 @@ class Graph {
     graph.end_capture();
     return graph;
   }
+  /// Whether a graph was captured.
   explicit operator bool() const { return exec_ != nullptr; }
   /// Kernel, copy and memset nodes recorded.
   std::size_t nodes() const { return nodes_; }
+  /// Launches the recorded work on the current stream.
   void replay() const;
 
  private:
@@ -236,19 +248,32 @@ class Graph {
 /// Device memory taken from the pool: bytes in use now and at most since the last reset, and
 /// bytes the pool holds from the driver (reserved) now and at most.
 struct MemoryStats {
+  /// Bytes handed out now.
   std::size_t in_use = 0;
+  /// Most bytes handed out at once since the last reset_peak_memory_stats().
   std::size_t peak_in_use = 0;
+  /// Bytes the pool holds from the driver now.
   std::size_t reserved = 0;
+  /// Most bytes the pool held since the last reset_peak_memory_stats().
   std::size_t peak_reserved = 0;
 };
+/// The device memory pool's figures now.
 MemoryStats memory_stats();
+/// Starts the peaks of memory_stats() again from the current figures.
 void reset_peak_memory_stats();
 
+/// The backend a Cache of device memory is instantiated on (DynamicCache<cuda::Backend>): storage
+/// on the current CUDA device, copies by CUDA kernels.
 struct Backend {
+  /// The device the storage lives on.
   static constexpr Device kDevice = Device::kCuda;
+  /// The backend's name, for messages.
   static constexpr std::string_view kName = "cuda";
+  /// Contiguous, uninitialised device storage that lives until its last Tensor goes.
   static Tensor empty(Shape shape, DType dtype) { return cuda::empty_persistent(shape, dtype); }
+  /// Same-shape copy between two device tensors (any strides).
   static void copy(const Tensor& dst, const Tensor& src) { cuda::copy(dst, src); }
+  /// Two same-shape copies in one launch (keys and values at once).
   static void copy2(const Tensor& dst_a, const Tensor& src_a, const Tensor& dst_b,
                     const Tensor& src_b) {
     cuda::copy2(dst_a, src_a, dst_b, src_b);

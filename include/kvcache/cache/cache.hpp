@@ -57,21 +57,30 @@ concept CacheBackend = requires(Shape shape, DType dtype, const Tensor& t) {
 /// Extra per-call information some caches need (transformers' cache_kwargs). DynamicCache ignores
 /// it; sliding-window and static caches read cache_position, sink caches the RoPE sin/cos.
 struct CacheKwargs {
+  /// Absolute cache slots of the new tokens, [q_len].
   std::span<const std::int64_t> cache_position;  // [q_len] absolute slots of the new tokens
+  /// RoPE sin used for the new keys (unused by today's caches).
   Tensor sin;                                    // RoPE sin/cos used for the new keys
+  /// RoPE cos used for the new keys (unused by today's caches).
   Tensor cos;
 };
 
 /// (kv_length, kv_offset) of get_mask_sizes: the attention mask for the next step spans kv_length
 /// key slots starting at absolute slot kv_offset.
 struct MaskSizes {
+  /// Key slots the mask spans (columns of the next step's attention mask).
   std::int64_t kv_length = 0;
+  /// Absolute slot of the first of them (0 unless the layer dropped its oldest keys).
   std::int64_t kv_offset = 0;
 };
 
+/// The interface every cache implements (transformers' Cache): the attention module stores
+/// and reads keys and values through update(), generation loops use the rest. `B` is the
+/// backend whose device holds the storage (cpu::Backend or cuda::Backend).
 template <CacheBackend B>
 class Cache {
  public:
+  /// The backend the cache stores its keys and values on.
   using Backend = B;
 
   virtual ~Cache() = default;
@@ -155,9 +164,13 @@ class Cache {
   virtual std::unique_ptr<Cache> clone_cache() const = 0;
 
   Cache() = default;
+  /// Copies and moves for the concrete caches (which delete their copies: clone() copies).
   Cache(const Cache&) = default;
+  /// Moves the bookkeeping; for the concrete caches' moves.
   Cache(Cache&&) noexcept = default;
+  /// Copy assignment for the concrete caches (which delete theirs).
   Cache& operator=(const Cache&) = default;
+  /// Move assignment for the concrete caches' moves.
   Cache& operator=(Cache&&) noexcept = default;
 };
 

@@ -49,6 +49,7 @@
 
 namespace kvcache {
 
+/// How a DynamicCache allocates: its first capacity, and which layers slide over a window.
 struct DynamicCacheOptions {
   /// Token slots each layer allocates on its first update (at least what that update needs).
   /// Setting it to prompt + max_new_tokens makes a whole generation run without regrowth. (A
@@ -63,10 +64,15 @@ struct DynamicCacheOptions {
   std::int64_t sliding_spare_slots = SlidingWindowLayer<cpu::Backend>::kDefaultSpareSlots;
 };
 
+/// A cache that grows as tokens arrive (transformers' DynamicCache), in amortised O(1) per
+/// token: each layer appends into capacity-managed storage and update() returns views. Layers
+/// are full, or SlidingWindowLayer rings where DynamicCacheOptions::sliding_windows says so.
 template <CacheBackend B = cpu::Backend>
 class DynamicCache : public Cache<B> {
  public:
   DynamicCache() = default;
+  /// A cache with `options` (initial capacity, sliding windows per layer); its layers are made at
+  /// their first update.
   explicit DynamicCache(DynamicCacheOptions options) : options_(std::move(options)) {
     KVCACHE_CHECK(options_.initial_capacity >= 0,
                   "DynamicCache: expected initial_capacity >= 0, got ", options_.initial_capacity);
@@ -85,7 +91,9 @@ class DynamicCache : public Cache<B> {
   }
   DynamicCache(const DynamicCache&) = delete;  // would share storage: use clone()
   DynamicCache& operator=(const DynamicCache&) = delete;
+  /// Moves the storage; the moved-from cache is empty.
   DynamicCache(DynamicCache&&) noexcept = default;
+  /// Moves the storage; the moved-from cache is empty.
   DynamicCache& operator=(DynamicCache&&) noexcept = default;
 
   /// A deep copy: the same options, layers, tokens and capacity, in storage of its own (one copy

@@ -58,11 +58,17 @@ namespace kvcache {
 /// Which way a quantization group runs: along a token's channels, or along a channel's tokens.
 enum class QuantAxis { kPerToken, kPerChannel };
 
+/// The quantization of a QuantizedCache (transformers' QuantizedCacheConfig).
 struct QuantizedCacheOptions {
+  /// Bits per value: 8, 4 or 2.
   int nbits = 4;                                // 2, 4 or 8
+  /// Values sharing one scale and minimum.
   std::int64_t group_size = 64;                 // values a group holds (see the file comment)
+  /// How keys are grouped: per channel across tokens (KIVI, the default) or per token.
   QuantAxis key_axis = QuantAxis::kPerChannel;  // KIVI: keys per channel, values per token
+  /// Most recent tokens kept in full precision before their block is quantized.
   std::int64_t residual_length = 128;           // recent tokens kept in full precision
+  /// The dtype of the scales and minimums (float16 or float32).
   DType scale_dtype = DType::kFloat16;          // scale and min: float16 or float32
 };
 
@@ -136,15 +142,22 @@ struct QuantCodec {
 
 }  // namespace detail
 
+/// A KIVI-style quantized cache (transformers' QuantizedCache): keys and values kept as
+/// nbits-bit groups with a scale and minimum each, the last residual_length tokens in full
+/// precision; a block is quantized once as it leaves the residual. CPU only.
 template <CacheBackend B = cpu::Backend>
 class QuantizedCache final : public Cache<B> {
  public:
+  /// A cache quantizing with `options`; throws kvcache::Error for bits, group size or residual
+  /// length it cannot serve.
   explicit QuantizedCache(QuantizedCacheOptions options = {}) : options_(options) {
     check_options(options_);
   }
   QuantizedCache(const QuantizedCache&) = delete;
   QuantizedCache& operator=(const QuantizedCache&) = delete;
+  /// Moves the storage; the moved-from cache is empty.
   QuantizedCache(QuantizedCache&&) noexcept = default;
+  /// Moves the storage; the moved-from cache is empty.
   QuantizedCache& operator=(QuantizedCache&&) noexcept = default;
 
   /// nbits 2, 4 or 8; group_size in [1, 2^20] and, for per-channel keys, a multiple of 8 / nbits;
@@ -181,8 +194,10 @@ class QuantizedCache final : public Cache<B> {
            static_cast<double>(g.chunk);
   }
 
+  /// The options it was built with.
   const QuantizedCacheOptions& options() const { return options_; }
 
+  /// A deep copy: the same blocks and residual tokens in storage of its own.
   QuantizedCache clone() const {
     QuantizedCache out(options_);
     out.layers_ = layers_;  // vectors only: a deep copy

@@ -59,6 +59,7 @@
 
 namespace kvcache {
 
+/// The window of a SinkCache (transformers 4.36's SinkCache arguments) and the RoPE it re-rotates with.
 struct SinkCacheOptions {
   /// Tokens kept per layer, sinks included (transformers' window_length).
   std::int64_t window_length = 0;
@@ -70,15 +71,22 @@ struct SinkCacheOptions {
   std::vector<float> rope_inv_freq;
 };
 
+/// StreamingLLM's cache (transformers 4.36's SinkCache): the first num_sink_tokens tokens
+/// and the most recent window_length - num_sink_tokens, the recent keys re-rotated to their new
+/// cache positions as older ones are evicted. Memory fixed at window_length per layer. CPU only.
 template <CacheBackend B = cpu::Backend>
 class SinkCache final : public Cache<B> {
  public:
+  /// A cache keeping `options.window_length` tokens per layer; throws kvcache::Error unless
+  /// 0 <= num_sink_tokens < window_length.
   explicit SinkCache(SinkCacheOptions options) : options_(std::move(options)) {
     check_options(options_);
   }
   SinkCache(const SinkCache&) = delete;
   SinkCache& operator=(const SinkCache&) = delete;
+  /// Moves the storage; the moved-from cache is empty.
   SinkCache(SinkCache&&) noexcept = default;
+  /// Moves the storage; the moved-from cache is empty.
   SinkCache& operator=(SinkCache&&) noexcept = default;
 
   /// The options' checks: window_length >= 1, 0 <= num_sink_tokens < window_length.
@@ -90,8 +98,11 @@ class SinkCache final : public Cache<B> {
                   "), got ", o.num_sink_tokens);
   }
 
+  /// The options it was built with.
   const SinkCacheOptions& options() const { return options_; }
+  /// Tokens kept per layer, sinks included.
   std::int64_t window_length() const { return options_.window_length; }
+  /// Leading tokens kept for good.
   std::int64_t num_sink_tokens() const { return options_.num_sink_tokens; }
 
   /// A deep copy: same options, contents and capacity in storage of its own.

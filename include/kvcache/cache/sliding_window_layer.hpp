@@ -48,6 +48,8 @@
 
 namespace kvcache {
 
+/// One sliding-window layer of a DynamicCache (transformers' DynamicSlidingWindowLayer): a
+/// mirrored ring of window - 1 + spare_slots tokens, written in O(new tokens) a step.
 template <CacheBackend B>
 class SlidingWindowLayer {
  public:
@@ -70,7 +72,9 @@ class SlidingWindowLayer {
                   spare_slots);
   }
 
+  /// The attention window W (a query sees the W - 1 keys before it and itself).
   std::int64_t window() const { return window_; }
+  /// Slots kept beyond window - 1, which crop() can roll back after the window has filled.
   std::int64_t spare_slots() const { return spare_; }
   /// Tokens held at most: window - 1 + spare_slots.
   std::int64_t max_held() const { return window_ - 1 + spare_; }

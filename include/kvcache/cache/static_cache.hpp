@@ -48,6 +48,7 @@
 
 namespace kvcache {
 
+/// The size of a StaticCache, and optionally its layout to allocate every layer up front.
 struct StaticCacheOptions {
   /// Rows the storage holds; a step may use fewer.
   std::int64_t max_batch_size = 1;
@@ -56,12 +57,17 @@ struct StaticCacheOptions {
   /// The layout, to allocate every layer up front: all three > 0, or all 0 to allocate each layer
   /// at its first update from its states.
   int num_layers = 0;
+  /// Key/value heads per layer (with num_layers and head_dim: the up-front layout).
   std::int64_t num_kv_heads = 0;
+  /// Elements per head (with num_layers and num_kv_heads: the up-front layout).
   std::int64_t head_dim = 0;
   /// The dtype of the up-front storage (lazy layers take their states' dtype).
   DType dtype = DType::kFloat32;
 };
 
+/// A cache of fixed size (transformers' StaticCache): each layer holds max_cache_len slots
+/// written at cache_position, allocated once; attention reads the filled slots only, and the
+/// storage never moves, so its addresses stay fixed (what CUDA-graph replay needs).
 template <CacheBackend B = cpu::Backend>
 class StaticCache : public Cache<B> {
  public:
@@ -103,7 +109,9 @@ class StaticCache : public Cache<B> {
 
   StaticCache(const StaticCache&) = delete;  // would share storage: use clone()
   StaticCache& operator=(const StaticCache&) = delete;
+  /// Moves the storage; the moved-from cache is empty.
   StaticCache(StaticCache&&) noexcept = default;
+  /// Moves the storage; the moved-from cache is empty.
   StaticCache& operator=(StaticCache&&) noexcept = default;
 
   /// A deep copy: the same options, layers and tokens in storage of its own (the full
@@ -276,7 +284,9 @@ class StaticCache : public Cache<B> {
     return -1;
   }
 
+  /// Rows the storage holds.
   std::int64_t max_batch_size() const { return options_.max_batch_size; }
+  /// Token slots per layer.
   std::int64_t max_cache_len() const { return options_.max_cache_len; }
 
   /// Layer `layer_idx`'s whole storage, keys and values [max_batch_size, num_kv_heads,

@@ -16,33 +16,59 @@ namespace kvcache {
 
 class GgufFile;
 
+/// A model's configuration: config.json's fields (or a GGUF file's llama.* metadata), resolved
+/// as transformers resolves them.
 struct ModelConfig {
+  /// config.json's architectures[0].
   std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"
+  /// config.json's model_type.
   std::string model_type;    // "llama", "qwen2", "mistral"
+  /// Tokens in the vocabulary (rows of the embedding and of the LM head).
   std::int64_t vocab_size = 0;
+  /// Width of the residual stream.
   std::int64_t hidden_size = 0;
+  /// Width of the MLP's gate and up projections.
   std::int64_t intermediate_size = 0;
+  /// Decoder layers.
   std::int64_t num_hidden_layers = 0;
+  /// Query heads per layer.
   std::int64_t num_attention_heads = 0;
+  /// Key/value heads per layer (num_attention_heads when the config does not say).
   std::int64_t num_key_value_heads = 0;  // defaults to num_attention_heads
+  /// Elements per head (hidden_size / num_attention_heads when the config does not say).
   std::int64_t head_dim = 0;             // defaults to hidden_size / num_attention_heads
+  /// The context length the model was trained for (informational; not enforced).
   std::int64_t max_position_embeddings = 0;
+  /// RMSNorm's epsilon.
   double rms_norm_eps = 1e-6;
+  /// The MLP's activation; only "silu" is served.
   std::string hidden_act = "silu";  // only silu is served
+  /// Whether the LM head is the embedding matrix.
   bool tie_word_embeddings = false;
+  /// config.json's attention_bias: q/k/v/o biases (Llama).
   bool attention_bias = false;  // q/k/v/o biases (Llama); Qwen2 always has q/k/v biases
+  /// config.json's mlp_bias: gate/up/down biases.
   bool mlp_bias = false;
+  /// Resolved: whether the q/k/v projections carry biases (Qwen2 always).
   bool qkv_bias = false;                       // resolved: whether q/k/v projections carry biases
+  /// Resolved: whether o_proj carries a bias.
   bool o_bias = false;                         // resolved: whether o_proj carries a bias
+  /// The attention window of the sliding layers (Mistral; Qwen2 with use_sliding_window).
   std::optional<std::int64_t> sliding_window;  // Mistral (and Qwen2 when use_sliding_window)
   /// Per layer, as transformers resolves it: "full_attention" or "sliding_attention". Mistral
   /// slides every layer when sliding_window is set; Qwen2 only layers >= max_window_layers (or as
   /// its config's own layer_types says); Llama none.
   std::vector<std::string> layer_types;
+  /// The rotary embedding: head_dim, rope_theta and scaling.
   RopeOptions rope;  // head_dim, theta, scaling
+  /// The BOS id, if the config names one.
   std::optional<std::int64_t> bos_token_id;
+  /// The EOS ids (config.json's eos_token_id may be one id or a list); generate() stops rows at
+  /// these when GenerationConfig::eos_token_ids is set from them.
   std::vector<std::int64_t> eos_token_ids;  // eos_token_id may be an int or a list
+  /// The padding id, if the config names one.
   std::optional<std::int64_t> pad_token_id;
+  /// The weights' dtype as config.json names it ("dtype" / "torch_dtype"), when present.
   std::optional<DType> torch_dtype;  // "dtype" / "torch_dtype" when present
 
   /// The window layer `layer_idx` attends over, or none for full attention (and for layers the

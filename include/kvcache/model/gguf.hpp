@@ -72,6 +72,7 @@ struct GgufArrayAccess;  // the reader that fills arrays (gguf.cpp)
 /// `i` (signed types) or `u` (unsigned types), floats in `f`, bools in `b`, strings in `s` and
 /// arrays in `array` (elements of `array_type`; arrays of arrays nest).
 struct GgufValue {
+  /// GGUF's metadata value types, with the file format's numbering.
   enum class Type : std::uint32_t {
     kUInt8 = 0,
     kInt8 = 1,
@@ -93,8 +94,11 @@ struct GgufValue {
   /// 30 MB array of uint8 takes 30 MB, not a GgufValue (about 100 bytes) per element.
   class Array {
    public:
+    /// Number of elements.
     std::size_t size() const { return count_; }
+    /// Whether the array has no elements.
     bool empty() const { return count_ == 0; }
+    /// The type of every element.
     Type element_type() const { return type_; }
     /// Element `i`, decoded; an error when i >= size().
     GgufValue operator[](std::size_t i) const;
@@ -111,48 +115,77 @@ struct GgufValue {
     std::vector<std::uint64_t> offsets_;  // each element's start in bytes_ (strings, arrays)
   };
 
+  /// The value's type, which says which member below holds it.
   Type type = Type::kUInt8;
+  /// The value of an unsigned integer type.
   std::uint64_t u = 0;
+  /// The value of a signed integer type.
   std::int64_t i = 0;
+  /// The value of a float type.
   double f = 0;
+  /// The value of a bool.
   bool b = false;
+  /// The value of a string (its bytes as the file holds them).
   std::string s;
+  /// The elements of an array.
   Array array;
+  /// The element type of an array (when type is kArray).
   Type array_type = Type::kUInt8;  // element type when type == kArray
 };
 
+/// One tensor's entry in a GGUF file: name, ggml shape, type and where its data lies.
 struct GgufTensorInfo {
+  /// The tensor's GGUF name ("blk.0.attn_q.weight").
   std::string name;
+  /// The sizes in ggml order: ne[0] is the fastest-varying (contiguous) dimension.
   std::vector<std::int64_t> ne;  // ggml order: ne[0] is the fastest-varying (contiguous) dimension
+  /// The element or block type.
   GgufType type = GgufType::kF32;
+  /// Where the data starts, from the start of the data section.
   std::uint64_t offset = 0;  // from the start of the data section
+  /// Bytes of data.
   std::uint64_t nbytes = 0;
   /// The shape as torch orders it (ne reversed): a weight [out, in] has ne = {in, out}.
   std::vector<std::int64_t> shape() const { return {ne.rbegin(), ne.rend()}; }
+  /// Number of elements (the product of ne).
   std::int64_t numel() const;
 };
 
+/// A GGUF file (llama.cpp's format), memory-mapped and validated: its metadata, its tensor
+/// infos, and the tensors' data as bytes, float32 copies or zero-copy views.
 class GgufFile {
  public:
   /// Maps and validates `path`; throws kvcache::Error naming the file (and key or tensor).
   static GgufFile open(const std::string& path);
 
+  /// The path it was opened from.
   const std::string& path() const { return path_; }
+  /// The format version (2 or 3).
   std::uint32_t version() const { return version_; }
+  /// The data alignment in bytes (general.alignment, 32 by default).
   std::uint64_t alignment() const { return alignment_; }
+  /// Every metadata key and value.
   const std::map<std::string, GgufValue>& metadata() const { return metadata_; }
+  /// The tensor infos in file order.
   const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
 
+  /// The metadata value of `key`, or null.
   const GgufValue* find(const std::string& key) const;
+  /// The tensor named `name`, or null.
   const GgufTensorInfo* find_tensor(const std::string& name) const;
 
   /// Typed metadata reads; the error names the key, the type expected and the type found.
   /// Integers of any width and sign convert when the value fits.
   std::optional<std::int64_t> get_int(const std::string& key) const;
+  /// A float (float32 or float64) value; nullopt when absent.
   std::optional<double> get_float(const std::string& key) const;
+  /// A string value; nullopt when absent.
   std::optional<std::string> get_string(const std::string& key) const;
+  /// A bool value; nullopt when absent.
   std::optional<bool> get_bool(const std::string& key) const;
+  /// An array of strings; empty when absent.
   std::vector<std::string> get_string_array(const std::string& key) const;  // empty when absent
+  /// An array of integers of any width; empty when absent.
   std::vector<std::int64_t> get_int_array(const std::string& key) const;    // empty when absent
 
   /// Raw bytes of a tensor (inside the mapping).

@@ -49,6 +49,8 @@
 
 namespace kvcache {
 
+/// How LlamaModel::from_pretrained and from_gguf load: the weights' dtype, quantization at
+/// load, and the device.
 struct LoadOptions {
   /// Dtype the weights are held in: empty keeps each matrix as the file holds it (quantized
   /// blocks included); kFloat32 widens 16-bit weights and dequantizes quantized ones exactly, once
@@ -67,14 +69,18 @@ struct LoadOptions {
 class CacheRef {
  public:
   CacheRef() = default;
+  /// No cache: forward() uses one local to the call.
   CacheRef(std::nullptr_t) {}                              // NOLINT(google-explicit-constructor)
+  /// A CPU cache.
   CacheRef(Cache<cpu::Backend>* cache) : cpu_(cache) {}    // NOLINT(google-explicit-constructor)
+  /// A GPU cache.
   CacheRef(Cache<cuda::Backend>* cache) : cuda_(cache) {}  // NOLINT(google-explicit-constructor)
 
+  /// Whether a cache is referred to.
   explicit operator bool() const { return cpu_ != nullptr || cuda_ != nullptr; }
   /// The device of the cache's backend (kCpu for a null reference).
   Device device() const { return cuda_ ? Device::kCuda : Device::kCpu; }
-  /// The cache as Cache<B>*, or null when it is of the other backend (or null).
+  /// The cache as `Cache<B>*`, or null when it is of the other backend (or null).
   template <class B>
   Cache<B>* get() const {
     if constexpr (B::kDevice == Device::kCpu) {
@@ -111,16 +117,27 @@ class DecodeGraph;
 
 /// Inputs of one forward pass, named as transformers names them.
 struct ForwardArgs {
+  /// Token ids [batch, q_len] int64 (host memory on either backend).
   Tensor input_ids;       // [batch, q_len] int64
+  /// [batch, past + q_len] int64/int32/uint8, 1 = attend, 0 = padding; undefined = all ones.
   Tensor attention_mask;  // [batch, past + q_len] int64/int32/uint8; undefined = all ones
+  /// [batch, q_len] int64 RoPE positions; undefined = from the mask (cumsum - 1, padded 1), or
+  /// the cache's own positions (SinkCache).
   Tensor position_ids;    // [batch, q_len] int64; undefined = from the mask (cumsum − 1, pads 1)
+  /// The new tokens' cache slots, [q_len]; empty = past .. past + q_len - 1.
   std::vector<std::int64_t> cache_position;  // [q_len]; empty = past .. past + q_len − 1
+  /// The cache to read and extend, of the model's backend; null: a cache local to the call.
   CacheRef past_key_values;         // of the model's backend; null: a cache local to this call
+  /// false: the given cache is read but not updated.
   bool use_cache = true;            // false: the given cache is not updated
+  /// Logits for the last logits_to_keep positions only; 0 = every position.
   std::int64_t logits_to_keep = 0;  // last positions to compute logits for; 0 = all
   // input_ids, attention_mask and position_ids are host (CPU) tensors on either backend.
 };
 
+/// A Llama-family decoder (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM) loaded from a
+/// checkpoint folder or a GGUF file, on the CPU or a GPU. Read-only once loaded: several threads
+/// may call forward() at once, each with a cache of its own.
 class LlamaModel {
  public:
   /// Loads config.json and the safetensors weights from `dir`. Throws kvcache::Error naming the
@@ -139,6 +156,7 @@ class LlamaModel {
   /// bfloat16). Other types (the IQ family, TQ, MXFP4) are errors naming the type.
   static LlamaModel from_gguf(const std::string& path, LoadOptions options = {});
 
+  /// The configuration the model was loaded with.
   const ModelConfig& config() const { return config_; }
 
   /// Logits [batch, kept positions, vocab_size] float32, on the model's device.

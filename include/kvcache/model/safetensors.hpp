@@ -24,11 +24,17 @@ class MappedFile;
 
 /// One tensor's entry in a safetensors header.
 struct SafetensorsEntry {
+  /// The tensor's name ("model.layers.0.self_attn.q_proj.weight").
   std::string name;
+  /// The dtype as the file writes it: "F32", "BF16", "F16", "I64", ...
   std::string dtype_name;      // as written in the file: "F32", "BF16", "F16", "I64", ...
+  /// The dtype as kvcache holds it; empty for dtypes it does not (F64, I8, ...).
   std::optional<DType> dtype;  // empty for dtypes kvcache does not hold (F64, I8, ...)
+  /// The sizes, outermost first.
   std::vector<std::int64_t> shape;
+  /// First byte of the data, from the start of the data section.
   std::uint64_t begin = 0;  // byte offsets into the data section, [begin, end)
+  /// One past the last byte of the data.
   std::uint64_t end = 0;
 };
 
@@ -38,10 +44,13 @@ class SafetensorsFile {
   /// Maps and validates `path`; throws kvcache::Error naming the file (and tensor) on bad input.
   static SafetensorsFile open(const std::string& path);
 
+  /// The path it was opened from.
   const std::string& path() const { return path_; }
   /// Entries in header order.
   const std::vector<SafetensorsEntry>& entries() const { return entries_; }
+  /// The entry of tensor `name`, or null.
   const SafetensorsEntry* find(const std::string& name) const;
+  /// Whether the file holds tensor `name`.
   bool contains(const std::string& name) const { return find(name) != nullptr; }
   /// The "__metadata__" string map (empty when absent).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
@@ -68,11 +77,13 @@ class SafetensorsCheckpoint {
   /// only shards that exist and tensors those shards hold.
   static SafetensorsCheckpoint open(const std::string& dir);
 
+  /// Whether some shard holds tensor `name`.
   bool contains(const std::string& name) const;
   /// Zero-copy view of tensor `name`; the error names the folder and tensor when missing.
   Tensor tensor(const std::string& name) const;
   /// All tensor names, sorted.
   std::vector<std::string> names() const;
+  /// The files opened (one, or every shard).
   const std::vector<SafetensorsFile>& files() const { return files_; }
 
  private:

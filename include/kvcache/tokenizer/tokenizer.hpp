@@ -54,14 +54,24 @@ struct BpeVocabulary {
   std::vector<std::string> merges;
   /// TokenType numbers by id; empty means all normal.
   std::vector<std::int32_t> token_types;
-  /// llama.cpp's pre-tokenizer name (tokenizer.ggml.pre): "smollm" (each \p{N} character on its
+  /// llama.cpp's pre-tokenizer name (tokenizer.ggml.pre): "smollm" (each `\p{N}` character on its
   /// own, then GPT-2's regex, as SmolLM2's tokenizer.json and llama.cpp split; transformers' gguf
   /// integration skips the digit step), "gpt2" and "default" (GPT-2's regex, which is also what
   /// transformers uses for any GGUF file) or "llama-bpe" (Llama 3's regex; a pre-token that is a
   /// whole vocabulary entry is not merged). Any other name is an error naming it.
   std::string pre = "default";
+  /// The BOS id, where the vocabulary names one.
   std::optional<std::int64_t> bos_token_id, eos_token_id, pad_token_id, unk_token_id;
+  /// \var eos_token_id
+  /// The EOS id, where the vocabulary names one.
+  /// \var pad_token_id
+  /// The padding id, where the vocabulary names one.
+  /// \var unk_token_id
+  /// The unknown token's id, where the vocabulary names one.
+  /// \var add_bos_token
+  /// Whether the model expects BOS before a prompt (encode() never adds it).
   bool add_bos_token = false;
+  /// The chat template shipped with the vocabulary (tokenizer.chat_template), if any.
   std::optional<std::string> chat_template;
 };
 
@@ -77,16 +87,35 @@ struct SpmVocabulary {
   std::vector<std::int32_t> token_types;
   /// The unknown token; when unset, the first token of type unknown (an error if none).
   std::optional<std::int64_t> unk_token_id;
+  /// The BOS id, where the vocabulary names one.
   std::optional<std::int64_t> bos_token_id, eos_token_id, pad_token_id;
+  /// \var eos_token_id
+  /// The EOS id, where the vocabulary names one.
+  /// \var pad_token_id
+  /// The padding id, where the vocabulary names one.
+  /// \var add_bos_token
+  /// Whether the model expects BOS before a prompt (llama.cpp's default for SentencePiece).
   bool add_bos_token = true;  // llama.cpp's default for SentencePiece vocabularies
+  /// Whether the model expects EOS after a prompt.
   bool add_eos_token = false;
   /// sentencepiece's add_dummy_prefix: "▁" before the text (llama.cpp: add_space_prefix).
   bool add_dummy_prefix = true;
+  /// The chat template shipped with the vocabulary (tokenizer.chat_template), if any.
   std::optional<std::string> chat_template;
 };
 
+/// A text tokenizer: token ids from UTF-8 text and back, with the vocabulary's special tokens and
+/// the chat template it ships with. Read-only once built, so several threads may encode and
+/// decode with one Tokenizer at once; copies share the vocabulary.
 class Tokenizer {
  public:
+  /// The tokenizer beside a model, as LlamaModel::from_pretrained takes the model: `path` is a
+  /// .gguf file (its tokenizer metadata, as from_gguf) or a folder holding tokenizer.json (as
+  /// from_json_file; tokenizer_config.json beside it is read too) or, without one, tokenizer.model
+  /// (as from_sentencepiece_file). A path to a tokenizer.json or tokenizer.model file itself is
+  /// read the same way. Anything else is a kvcache::Error naming the path and what it looked for.
+  static Tokenizer from_pretrained(const std::string& path);
+
   /// Reads tokenizer.ggml.* and tokenizer.chat_template. Model "gpt2" (byte-level BPE): tokens,
   /// merges, token_type, pre, bos/eos/pad/unknown ids, add_bos_token. Model "llama"
   /// (SentencePiece BPE): tokens, scores, token_type, bos/eos/pad/unknown ids, add_bos_token,
@@ -110,6 +139,8 @@ class Tokenizer {
 
   /// Builds from parts (what from_gguf reads); throws as from_gguf does.
   static Tokenizer from_vocabulary(const BpeVocabulary& vocabulary);
+  /// Builds a SentencePiece tokenizer from parts (what from_gguf reads for model "llama");
+  /// throws as from_gguf does.
   static Tokenizer from_vocabulary(const SpmVocabulary& vocabulary);
 
   /// Token ids of UTF-8 `text` (transformers' tokenizer(text, add_special_tokens=False)); no BOS
@@ -126,13 +157,20 @@ class Tokenizer {
   const std::string& token_text(std::int64_t id) const;
   /// The bytes `id` decodes to (" world"); may be part of a UTF-8 character.
   const std::string& token_bytes(std::int64_t id) const;
+  /// The kind of token `id` is (normal, control, byte, ...); an id out of range is an error.
   TokenType token_type(std::int64_t id) const;
+  /// The id of vocabulary string `token` ("<|im_end|>", "Ġworld"), if the vocabulary has it.
   std::optional<std::int64_t> token_id(std::string_view token) const;
+  /// Number of tokens (ids are 0 .. vocab_size() - 1).
   std::int64_t vocab_size() const;
 
+  /// The BOS id, if the tokenizer has one.
   std::optional<std::int64_t> bos_token_id() const;
+  /// The EOS id, if the tokenizer has one (a model may stop at more: ModelConfig::eos_token_ids).
   std::optional<std::int64_t> eos_token_id() const;
+  /// The padding id, if the tokenizer has one.
   std::optional<std::int64_t> pad_token_id() const;
+  /// The unknown token's id, if the tokenizer has one.
   std::optional<std::int64_t> unk_token_id() const;
   /// Whether the model expects BOS before a prompt (GGUF tokenizer.ggml.add_bos_token,
   /// tokenizer_config.json add_bos_token); encode() never adds it.
@@ -163,7 +201,10 @@ class StreamDecoder {
   /// Keeps a reference to `tokenizer`'s vocabulary (shared, so the Tokenizer may go first).
   explicit StreamDecoder(const Tokenizer& tokenizer, bool skip_special = false);
 
+  /// Adds token `id` and returns the text complete so far (valid UTF-8; empty while a
+  /// character waits for its last byte). An id out of range is an error.
   std::string push(std::int64_t id);
+  /// Returns the bytes still held (U+FFFD for an incomplete character) and lets them go.
   std::string flush();
 
  private:
