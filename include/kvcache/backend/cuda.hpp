@@ -118,6 +118,7 @@ void synchronize();
 /// between it and the GPU run asynchronously (copy_async, CopyStream::copy). Freed when the last
 /// tensor sharing it goes, after a device-wide wait, so no copy still in flight can touch it.
 Tensor empty_pinned(Shape shape, DType dtype);
+/// The same from a braced shape: `cuda::empty_pinned({2, 8}, DType::kFloat32)`.
 inline Tensor empty_pinned(std::initializer_list<std::int64_t> shape, DType dtype) {
   return empty_pinned(Shape(shape.begin(), shape.size()), dtype);
 }

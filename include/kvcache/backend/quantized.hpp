@@ -101,12 +101,19 @@ class QuantizedMatrix {
   /// quantized. Only Q8_0 and Q4_1 (others throw).
   static QuantizedMatrix quantize(const Tensor& weight, QuantFormat format);
 
+  /// Whether it holds a matrix (a default-constructed one does not).
   bool defined() const { return storage_.defined(); }
+  /// The block format of its rows.
   QuantFormat format() const { return format_; }
+  /// Rows (output features).
   std::int64_t rows() const { return rows_; }
+  /// Columns (input features).
   std::int64_t cols() const { return cols_; }
+  /// 32-value blocks per row.
   std::int64_t blocks_per_row() const { return cols_ / kQuantBlock; }
+  /// Bytes of one row's blocks.
   std::size_t row_bytes() const { return row_bytes_; }
+  /// Bytes of the whole matrix.
   std::size_t nbytes() const { return row_bytes_ * static_cast<std::size_t>(rows_); }
   /// "Q4_1 [576, 1536]".
   std::string describe() const;
@@ -137,15 +144,24 @@ class QuantizedMatrix {
 class Weight {
  public:
   Weight() = default;
-  Weight(Tensor dense) : dense_(std::move(dense)) {}       // NOLINT(google-explicit-constructor)
+  /// A dense weight (float32, bfloat16 or float16 [out, in]).
+  Weight(Tensor dense) : dense_(std::move(dense)) {}  // NOLINT(google-explicit-constructor)
+  /// A weight held as quantized blocks.
   Weight(QuantizedMatrix q) : quantized_(std::move(q)) {}  // NOLINT(google-explicit-constructor)
 
+  /// Whether it holds a matrix.
   bool defined() const { return dense_.defined() || quantized_.defined(); }
+  /// Whether it is held as quantized blocks (else dense).
   bool is_quantized() const { return quantized_.defined(); }
+  /// The dense tensor (undefined when quantized).
   const Tensor& dense() const { return dense_; }
+  /// The quantized blocks (undefined when dense).
   const QuantizedMatrix& quantized() const { return quantized_; }
+  /// Rows (output features).
   std::int64_t rows() const;
+  /// Columns (input features).
   std::int64_t cols() const;
+  /// Bytes held.
   std::size_t nbytes() const;
   /// Where the bytes live, to tell tied weights apart (the same pointer means the same matrix).
   const void* data() const;

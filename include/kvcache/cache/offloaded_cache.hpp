@@ -48,11 +48,15 @@ struct OffloadedCacheOptions {
 /// A cache of pinned host layers with two device slots; see the file comment.
 class OffloadedCache final : public Cache<cuda::Backend> {
  public:
+  /// An empty cache; its layers are made at their first update. Throws kvcache::Error where no
+  /// CUDA device is usable.
   explicit OffloadedCache(OffloadedCacheOptions options = {});
   ~OffloadedCache() override;
   OffloadedCache(const OffloadedCache&) = delete;
   OffloadedCache& operator=(const OffloadedCache&) = delete;
+  /// Moves the layers, slots and copy stream; the moved-from cache may only be destroyed.
   OffloadedCache(OffloadedCache&&) noexcept;
+  /// As the move constructor.
   OffloadedCache& operator=(OffloadedCache&&) noexcept;
 
   std::pair<Tensor, Tensor> update(const Tensor& key_states, const Tensor& value_states,
@@ -79,6 +83,7 @@ class OffloadedCache final : public Cache<cuda::Backend> {
   /// Updates whose layer was already in a slot (prefetched while the layer before it ran), and
   /// those that copied it in on demand.
   std::int64_t prefetched_updates() const { return prefetched_; }
+  /// See prefetched_updates().
   std::int64_t on_demand_updates() const { return on_demand_; }
 
   /// A deep copy of the host layers (the device slots are refilled at the copy's next update).

@@ -22,15 +22,16 @@ namespace kvcache {
 
 class Tokenizer;
 
+/// One turn of a conversation, as a chat template's `messages` entries carry them.
 struct ChatMessage {
-  std::string role;  // "system", "user", "assistant", ...
-  std::string content;
+  std::string role;     ///< "system", "user", "assistant", ...
+  std::string content;  ///< the turn's text (UTF-8)
 };
 
 /// What a chat template sees besides the messages.
 struct ChatTemplateOptions {
-  std::string bos_token;  // the tokenizer's BOS token text ("<s>", "<|begin_of_text|>"), or ""
-  std::string eos_token;  // the tokenizer's EOS token text ("</s>", "<|im_end|>"), or ""
+  std::string bos_token;  ///< the tokenizer's BOS token text ("<s>", "<|begin_of_text|>"), or ""
+  std::string eos_token;  ///< the tokenizer's EOS token text ("</s>", "<|im_end|>"), or ""
   /// Further string variables (name, value), e.g. {"date_string", "26 Jul 2024"}.
   std::vector<std::pair<std::string, std::string>> variables;
 
@@ -38,6 +39,7 @@ struct ChatTemplateOptions {
   static ChatTemplateOptions from_tokenizer(const Tokenizer& tokenizer);
 };
 
+/// A parsed chat template, rendered by kvcache's Jinja engine (kvcache/tokenizer/jinja.hpp).
 class ChatTemplate {
  public:
   /// Parses a Jinja chat template (GGUF tokenizer.chat_template, tokenizer_config.json
@@ -50,6 +52,7 @@ class ChatTemplate {
   /// --raw) where the template raises or cannot be rendered, or a message is not UTF-8.
   std::string apply(std::span<const ChatMessage> messages, bool add_generation_prompt) const;
 
+  /// The options it renders with (bos/eos token texts, extra variables).
   const ChatTemplateOptions& options() const { return options_; }
 
  private:

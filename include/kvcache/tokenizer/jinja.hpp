@@ -33,53 +33,83 @@ class Value;
 
 /// Positional and keyword arguments of a call.
 struct Arguments {
-  std::vector<Value> positional;
-  std::vector<std::pair<std::string, Value>> keyword;
+  std::vector<Value> positional;                       ///< in call order
+  std::vector<std::pair<std::string, Value>> keyword;  ///< name = value, in call order
 };
 
 /// A template value with Python semantics. Lists and dicts are immutable once built and shared
 /// between copies; a namespace() object is the one mutable kind (attribute assignment).
 class Value {
  public:
+  /// What a value holds (a tuple is a kList, a namespace() object a kDict).
   enum class Kind { kUndefined, kNone, kBool, kInt, kFloat, kString, kList, kDict, kCallable };
+  /// A list's (or tuple's) items.
   using List = std::vector<Value>;
-  using Dict = std::vector<std::pair<std::string, Value>>;  // insertion order, unique keys
+  /// A dict's entries, in insertion order, keys unique.
+  using Dict = std::vector<std::pair<std::string, Value>>;
+  /// A callable: a global (range, namespace, ...), a method or a macro.
   using Function = std::function<Value(Arguments&)>;
 
-  Value() = default;  // undefined
+  /// Undefined (jinja2's Undefined: prints empty, is falsy, `is defined` false).
+  Value() = default;
+  /// Python's None.
   static Value none();
-  Value(bool b);
-  Value(int i) : Value(static_cast<std::int64_t>(i)) {}
-  Value(std::int64_t i);
-  Value(double d);
-  Value(const char* s) : Value(std::string(s)) {}
-  Value(std::string s);
-  Value(List list);
-  Value(Dict dict);
+  /// A bool.
+  Value(bool b);  // NOLINT(google-explicit-constructor)
+  /// An int.
+  Value(int i) : Value(static_cast<std::int64_t>(i)) {}  // NOLINT(google-explicit-constructor)
+  /// An int.
+  Value(std::int64_t i);  // NOLINT(google-explicit-constructor)
+  /// A float.
+  Value(double d);  // NOLINT(google-explicit-constructor)
+  /// A string (UTF-8).
+  Value(const char* s) : Value(std::string(s)) {}  // NOLINT(google-explicit-constructor)
+  /// A string (UTF-8).
+  Value(std::string s);  // NOLINT(google-explicit-constructor)
+  /// A list.
+  Value(List list);  // NOLINT(google-explicit-constructor)
+  /// A dict.
+  Value(Dict dict);  // NOLINT(google-explicit-constructor)
   /// A list that prints as a Python tuple ("(1, 2)"); otherwise a list.
   static Value tuple(List items);
+  /// A callable value.
   static Value function(Function f);
   /// A namespace() object: a dict whose entries `{% set ns.key = ... %}` may change.
   static Value make_namespace(Dict initial);
 
+  /// What it holds.
   Kind kind() const { return kind_; }
+  /// Whether it is undefined.
   bool is_undefined() const { return kind_ == Kind::kUndefined; }
+  /// Whether it is None.
   bool is_none() const { return kind_ == Kind::kNone; }
+  /// Whether it is a string.
   bool is_string() const { return kind_ == Kind::kString; }
+  /// Whether it is an int or a float.
   bool is_number() const { return kind_ == Kind::kInt || kind_ == Kind::kFloat; }
+  /// Whether it is a namespace() object.
   bool is_namespace() const { return kind_ == Kind::kDict && namespace_; }
+  /// Whether it is a tuple.
   bool is_tuple() const { return kind_ == Kind::kList && namespace_; }
   /// Nesting of lists and dicts (0 for a scalar), and whether a namespace is inside: the renderer
   /// bounds the first and refuses cycles through namespaces with the second.
   std::uint32_t depth() const { return depth_; }
+  /// See depth().
   bool holds_namespace() const { return holds_namespace_; }
 
+  /// The bool it holds (kind kBool).
   bool as_bool() const { return b_; }
+  /// The int it holds (kind kInt).
   std::int64_t as_int() const { return i_; }
+  /// The number it holds as a double (kind kInt or kFloat).
   double as_float() const { return kind_ == Kind::kInt ? static_cast<double>(i_) : d_; }
+  /// The string it holds (kind kString).
   const std::string& as_string() const { return *s_; }
+  /// The items it holds (kind kList).
   const List& as_list() const { return *list_; }
+  /// The entries it holds (kind kDict).
   const Dict& as_dict() const { return *dict_; }
+  /// The callable it holds (kind kCallable).
   const Function& as_function() const { return *f_; }
 
   /// The entry `key` of a dict, or nullptr.
@@ -103,10 +133,10 @@ class Value {
 
 /// Limits against hostile templates; each one reached is a kvcache::Error.
 struct Limits {
-  std::size_t max_output_bytes = 16u << 20;  // the rendered text, and any one string built
-  std::size_t max_steps = 2'000'000;         // loop iterations, calls and emitted pieces
-  std::size_t max_depth = 200;               // nesting of statements, expressions and calls
-  std::size_t max_items = 1'000'000;         // elements of one list (range(), list * n)
+  std::size_t max_output_bytes = 16u << 20;  ///< the rendered text, and any one string built
+  std::size_t max_steps = 2'000'000;         ///< loop iterations, calls and emitted pieces
+  std::size_t max_depth = 200;               ///< nesting of statements, expressions and calls
+  std::size_t max_items = 1'000'000;         ///< elements of one list (range(), list * n)
 };
 
 namespace detail {
