@@ -42,10 +42,10 @@ struct AttentionOptions {
   std::int64_t num_heads = 0;
   std::int64_t num_kv_heads = 0;  // num_heads for multi-head attention, fewer for grouped-query
   std::int64_t head_dim = 0;
-  std::optional<float> scale;  // default 1 / sqrt(head_dim)
+  std::optional<float> scale{};  // default 1 / sqrt(head_dim)
   /// The layer's sliding window W (Mistral; Qwen2's sliding layers): a query at slot q sees key
   /// slots in (q - W, q]. None: full causal attention.
-  std::optional<std::int64_t> sliding_window;
+  std::optional<std::int64_t> sliding_window{};
 };
 
 class Attention {

@@ -34,7 +34,7 @@ struct RopeScaling {
 struct RopeOptions {
   std::int64_t head_dim = 0;
   double rope_theta = 10000.0;
-  RopeScaling scaling;
+  RopeScaling scaling{};
 };
 
 class RotaryEmbedding {

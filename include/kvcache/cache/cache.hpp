@@ -57,9 +57,9 @@ concept CacheBackend = requires(Shape shape, DType dtype, const Tensor& t) {
 /// Extra per-call information some caches need (transformers' cache_kwargs). DynamicCache ignores
 /// it; sliding-window and static caches read cache_position, sink caches the RoPE sin/cos.
 struct CacheKwargs {
-  std::span<const std::int64_t> cache_position;  // [q_len] absolute slots of the new tokens
-  Tensor sin;                                    // RoPE sin/cos used for the new keys
-  Tensor cos;
+  std::span<const std::int64_t> cache_position{};  // [q_len] absolute slots of the new tokens
+  Tensor sin{};                                    // RoPE sin/cos used for the new keys
+  Tensor cos{};
 };
 
 /// (kv_length, kv_offset) of get_mask_sizes: the attention mask for the next step spans kv_length

@@ -67,7 +67,7 @@ struct SinkCacheOptions {
   /// The model's RoPE inverse frequencies (head_dim / 2 of them, after scaling: what
   /// RotaryEmbedding::inv_freq() gives), used to re-rotate the kept keys. Empty: keys are not
   /// re-rotated (a model without RoPE).
-  std::vector<float> rope_inv_freq;
+  std::vector<float> rope_inv_freq{};
 };
 
 template <CacheBackend B = cpu::Backend>

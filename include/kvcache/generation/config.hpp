@@ -12,11 +12,11 @@ struct GenerationConfig {
   std::int64_t max_new_tokens = 20;
   bool do_sample = false;  // false: greedy (argmax)
   float temperature = 1.0f;
-  std::int64_t top_k = 0;                    // 0: off
-  float top_p = 1.0f;                        // 1: off
-  std::uint64_t seed = 0;                    // sampling seed; the same seed gives the same tokens
-  std::vector<std::int64_t> eos_token_ids;   // a row that emits one of these is finished
-  std::optional<std::int64_t> pad_token_id;  // emitted by finished rows (default 0)
+  std::int64_t top_k = 0;                      // 0: off
+  float top_p = 1.0f;                          // 1: off
+  std::uint64_t seed = 0;                      // sampling seed; the same seed gives the same tokens
+  std::vector<std::int64_t> eos_token_ids{};   // a row that emits one of these is finished
+  std::optional<std::int64_t> pad_token_id{};  // emitted by finished rows (default 0)
   /// On the GPU, with a DynamicCache of full layers or a StaticCache (the one passed or the one
   /// cache_implementation builds), when max_new_tokens >= 3: the decode step (one token per
   /// row) is captured as a CUDA graph at the second decode step and replayed from then on, one
@@ -47,7 +47,7 @@ struct GenerationConfig {
     std::string axis_key = "channel";    // quantized: keys grouped per "channel" (KIVI) or "token"
     std::int64_t residual_length = 128;  // quantized: recent tokens kept in full precision
   };
-  CacheConfig cache_config;
+  CacheConfig cache_config{};
 };
 
 }  // namespace kvcache

@@ -37,7 +37,7 @@ namespace kvcache {
 
 struct GenerateResult {
   std::vector<std::vector<std::int64_t>>
-      new_tokens;  // per row, max_new_tokens or fewer if all stopped
+      new_tokens{};  // per row, max_new_tokens or fewer if all stopped
   double prefill_ms = 0;
   double decode_ms = 0;  // all steps after the prefill
   std::int64_t decode_steps = 0;

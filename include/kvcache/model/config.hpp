@@ -17,8 +17,8 @@ namespace kvcache {
 class GgufFile;
 
 struct ModelConfig {
-  std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"
-  std::string model_type;    // "llama", "qwen2", "mistral"
+  std::string architecture{};  // "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"
+  std::string model_type{};    // "llama", "qwen2", "mistral"
   std::int64_t vocab_size = 0;
   std::int64_t hidden_size = 0;
   std::int64_t intermediate_size = 0;
@@ -32,18 +32,18 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   bool attention_bias = false;  // q/k/v/o biases (Llama); Qwen2 always has q/k/v biases
   bool mlp_bias = false;
-  bool qkv_bias = false;                       // resolved: whether q/k/v projections carry biases
-  bool o_bias = false;                         // resolved: whether o_proj carries a bias
-  std::optional<std::int64_t> sliding_window;  // Mistral (and Qwen2 when use_sliding_window)
+  bool qkv_bias = false;                         // resolved: whether q/k/v projections carry biases
+  bool o_bias = false;                           // resolved: whether o_proj carries a bias
+  std::optional<std::int64_t> sliding_window{};  // Mistral (and Qwen2 when use_sliding_window)
   /// Per layer, as transformers resolves it: "full_attention" or "sliding_attention". Mistral
   /// slides every layer when sliding_window is set; Qwen2 only layers >= max_window_layers (or as
   /// its config's own layer_types says); Llama none.
-  std::vector<std::string> layer_types;
-  RopeOptions rope;  // head_dim, theta, scaling
-  std::optional<std::int64_t> bos_token_id;
-  std::vector<std::int64_t> eos_token_ids;  // eos_token_id may be an int or a list
-  std::optional<std::int64_t> pad_token_id;
-  std::optional<DType> torch_dtype;  // "dtype" / "torch_dtype" when present
+  std::vector<std::string> layer_types{};
+  RopeOptions rope{};  // head_dim, theta, scaling
+  std::optional<std::int64_t> bos_token_id{};
+  std::vector<std::int64_t> eos_token_ids{};  // eos_token_id may be an int or a list
+  std::optional<std::int64_t> pad_token_id{};
+  std::optional<DType> torch_dtype{};  // "dtype" / "torch_dtype" when present
 
   /// The window layer `layer_idx` attends over, or none for full attention (and for layers the
   /// config does not have). Without layer_types (a config built by hand; the loaders always fill

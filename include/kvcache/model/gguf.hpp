@@ -116,14 +116,15 @@ struct GgufValue {
   std::int64_t i = 0;
   double f = 0;
   bool b = false;
-  std::string s;
-  Array array;
+  std::string s{};
+  Array array{};
   Type array_type = Type::kUInt8;  // element type when type == kArray
 };
 
 struct GgufTensorInfo {
-  std::string name;
-  std::vector<std::int64_t> ne;  // ggml order: ne[0] is the fastest-varying (contiguous) dimension
+  std::string name{};
+  std::vector<std::int64_t>
+      ne{};  // ggml order: ne[0] is the fastest-varying (contiguous) dimension
   GgufType type = GgufType::kF32;
   std::uint64_t offset = 0;  // from the start of the data section
   std::uint64_t nbytes = 0;

@@ -52,10 +52,10 @@ struct LoadOptions {
   /// Dtype the weights are held in: empty keeps each matrix as the file holds it (quantized
   /// blocks included); kFloat32 widens 16-bit weights and dequantizes quantized ones exactly, once
   /// at load; kBFloat16 / kFloat16 narrow float32 weights (and dequantized ones).
-  std::optional<DType> dtype;
+  std::optional<DType> dtype{};
   /// Quantizes float weight matrices (not norms or biases) to this block format at load, with
   /// ggml's reference rounding; matrices already quantized are kept. Not combinable with dtype.
-  std::optional<cpu::QuantFormat> quantize;
+  std::optional<cpu::QuantFormat> quantize{};
   /// Where the weights live and the forward pass runs: Device::kCpu, or Device::kCuda (the
   /// current CUDA device; an error where none is usable). Quantize is CPU-only.
   Device device = Device::kCpu;
@@ -95,13 +95,13 @@ namespace detail {
 /// these device tensors, whose addresses stay fixed while the graph lives, and keys and values go
 /// straight into the cache's storage at the slot read on the device.
 struct DecodeReplay {
-  Tensor ids;             // [batch] int64
-  Tensor position_ids;    // [batch, 1] int64
-  Tensor cache_position;  // [1] int64: the step's slot, the cache length before it
-  Tensor kv_len;          // [1] int64: the keys after the append (cache_position + 1)
-  Tensor mask;            // [batch, capacity] uint8, or undefined when no row is padded
-  Tensor logits;          // [batch, vocab] float32, written by the step
-  std::vector<std::pair<Tensor, Tensor>> storage;  // per layer: keys, values [b, kv, capacity, d]
+  Tensor ids{};             // [batch] int64
+  Tensor position_ids{};    // [batch, 1] int64
+  Tensor cache_position{};  // [1] int64: the step's slot, the cache length before it
+  Tensor kv_len{};          // [1] int64: the keys after the append (cache_position + 1)
+  Tensor mask{};            // [batch, capacity] uint8, or undefined when no row is padded
+  Tensor logits{};          // [batch, vocab] float32, written by the step
+  std::vector<std::pair<Tensor, Tensor>> storage{};  // per layer: keys, values [b, kv, capacity, d]
 };
 
 class DecodeGraph;
@@ -110,11 +110,11 @@ class DecodeGraph;
 
 /// Inputs of one forward pass, named as transformers names them.
 struct ForwardArgs {
-  Tensor input_ids;       // [batch, q_len] int64
-  Tensor attention_mask;  // [batch, past + q_len] int64/int32/uint8; undefined = all ones
-  Tensor position_ids;    // [batch, q_len] int64; undefined = from the mask (cumsum − 1, pads 1)
-  std::vector<std::int64_t> cache_position;  // [q_len]; empty = past .. past + q_len − 1
-  CacheRef past_key_values;         // of the model's backend; null: a cache local to this call
+  Tensor input_ids{};       // [batch, q_len] int64
+  Tensor attention_mask{};  // [batch, past + q_len] int64/int32/uint8; undefined = all ones
+  Tensor position_ids{};  // [batch, q_len] int64; undefined = from the mask (cumsum − 1, pads 1)
+  std::vector<std::int64_t> cache_position{};  // [q_len]; empty = past .. past + q_len − 1
+  CacheRef past_key_values{};       // of the model's backend; null: a cache local to this call
   bool use_cache = true;            // false: the given cache is not updated
   std::int64_t logits_to_keep = 0;  // last positions to compute logits for; 0 = all
   // input_ids, attention_mask and position_ids are host (CPU) tensors on either backend.

@@ -24,10 +24,10 @@ class MappedFile;
 
 /// One tensor's entry in a safetensors header.
 struct SafetensorsEntry {
-  std::string name;
-  std::string dtype_name;      // as written in the file: "F32", "BF16", "F16", "I64", ...
-  std::optional<DType> dtype;  // empty for dtypes kvcache does not hold (F64, I8, ...)
-  std::vector<std::int64_t> shape;
+  std::string name{};
+  std::string dtype_name{};      // as written in the file: "F32", "BF16", "F16", "I64", ...
+  std::optional<DType> dtype{};  // empty for dtypes kvcache does not hold (F64, I8, ...)
+  std::vector<std::int64_t> shape{};
   std::uint64_t begin = 0;  // byte offsets into the data section, [begin, end)
   std::uint64_t end = 0;
 };

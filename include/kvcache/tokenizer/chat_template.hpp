@@ -17,8 +17,8 @@
 namespace kvcache {
 
 struct ChatMessage {
-  std::string role;  // "system", "user", "assistant", ...
-  std::string content;
+  std::string role{};  // "system", "user", "assistant", ...
+  std::string content{};
 };
 
 class ChatTemplate {
