@@ -12,7 +12,8 @@
 //       inputs = {"input_ids": next_token_ids, "attention_mask": attention_mask}
 //       cache_position = cache_position[-1:] + 1
 //
-// Run it with a model folder (default: the small model under tests/data), and `--device cuda` to
+// Run it with a model folder (default: the small model under tests/data; --help lists the flags),
+// and `--device cuda` to
 // run the very same loop on the GPU: the model is loaded there and the cache is a
 // DynamicCache<cuda::Backend>; nothing else changes. It checks its tokens against
 // kvcache::generate() and exits non-zero if they differ.
@@ -88,20 +89,48 @@ int run(const std::string& dir) {
 
 }  // namespace
 
+constexpr const char* kUsage =
+    "usage: custom_loop [MODEL_DIR] [--device cpu|cuda] [--help]\n"
+    "\n"
+    "The seed document's hand-written generation loop (model.forward with a DynamicCache, one\n"
+    "token per step), checked token for token against kvcache::generate().\n"
+    "\n"
+    "  MODEL_DIR          a folder with config.json + *.safetensors, or a GGUF file\n"
+    "                     (default: " KVCACHE_DEFAULT_MODEL_DIR
+    ")\n"
+    "  --device cpu|cuda  where the model and the cache live (default: cpu)\n"
+    "  -h, --help         print this help and exit\n";
+
 int main(int argc, char** argv) {
   std::string dir = KVCACHE_DEFAULT_MODEL_DIR;
+  bool dir_given = false;
   bool gpu = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg == "--device" && i + 1 < argc) {
+    if (arg == "--help" || arg == "-h") {
+      std::cout << kUsage;
+      return 0;
+    } else if (arg == "--device") {
+      if (i + 1 >= argc) {
+        std::cerr << "custom_loop: --device expects a value\n" << kUsage;
+        return 2;
+      }
       const std::string device = argv[++i];
       if (device != "cpu" && device != "cuda") {
         std::cerr << "custom_loop: --device expects cpu or cuda, got '" << device << "'\n";
         return 2;
       }
       gpu = device == "cuda";
+    } else if (arg.starts_with("-")) {
+      std::cerr << "custom_loop: unknown flag '" << arg << "'\n" << kUsage;
+      return 2;
+    } else if (dir_given) {
+      std::cerr << "custom_loop: one model path expected, got '" << dir << "' and '" << arg << "'\n"
+                << kUsage;
+      return 2;
     } else {
       dir = arg;
+      dir_given = true;
     }
   }
   // run() reports kvcache::Error itself; anything else (out of memory, a bug) still ends in a

@@ -12,7 +12,7 @@
 //                 dynamic|static|sink|quantized|offloaded]
 //                 [--window-length N] [--sink-tokens N] [--kv-bits 8|4|2] [--kv-group-size N]
 //                 [--kv-axis channel|token] [--residual-length N] [--cuda-graph on|off]
-//                 [--threads N] [--json]
+//                 [--threads N] [--json] [--help]
 //
 // Rows given with --input-ids (';' separates rows) are left-padded with the model's pad id (0 when
 // it has none) and the attention mask is built to match. --raw sends the prompt without the chat
@@ -75,9 +75,63 @@ const char* kUsage =
     "                     [--cache dynamic|static|sink|quantized|offloaded] [--window-length N]\n"
     "                     [--sink-tokens N] [--kv-bits 8|4|2] [--kv-group-size N]\n"
     "                     [--kv-axis channel|token] [--residual-length N]\n"
-    "                     [--cuda-graph on|off] [--threads N] [--json]\n";
+    "                     [--cuda-graph on|off] [--threads N] [--json] [--help]\n";
 
 const char* kSeedQuestion = "Hello, what's your name.";
+
+// --help: every flag with what it does and its default (the defaults read from Options and
+// GenerationConfig::CacheConfig, so the text cannot drift from the code).
+std::string help_text() {
+  const Options d;
+  const kvcache::GenerationConfig::CacheConfig& c = d.cache_config;
+  std::ostringstream h;
+  h << kUsage << "\n"
+    << "Greedy generation with kvcache::generate(): applies the model's chat template to the\n"
+       "prompt, prints the answer as it is produced, then prefill time, decode tokens/s and the\n"
+       "cache's size.\n\n"
+    << "  --model PATH         a GGUF file, or a folder with config.json + *.safetensors\n"
+       "                       (default: "
+    << d.model << ")\n"
+    << "  --prompt TEXT        the user message (default: \"" << kSeedQuestion << "\")\n"
+    << "  --input-ids IDS      token ids instead of text: ',' between ids, ';' between rows\n"
+       "                       (rows left-padded with the model's pad id; ids printed, not text)\n"
+       "  --raw                send the prompt as is, without the chat template (default: off)\n"
+       "  --system TEXT        system prompt in place of the template's default (default: the\n"
+       "                       template's own)\n"
+       "  --chat               read one user turn per line from stdin, keeping the conversation\n"
+       "                       in one cache (default: off)\n"
+    << "  --max-new-tokens N   tokens generated per row, N >= 1 (default: " << d.max_new_tokens
+    << ")\n"
+    << "  --device cpu|cuda    where the weights and the cache live (default: " << d.device << ")\n"
+    << "  --dtype float32|bfloat16|float16\n"
+       "                       weights' dtype; float32 dequantizes GGUF blocks exactly (default:\n"
+       "                       as stored: GGUF Q8_0/Q4_1 blocks stay quantized)\n"
+    << "  --cache dynamic|static|sink|quantized\n"
+       "                       the KV cache (default: "
+    << d.cache << ")\n"
+    << "  --window-length N    sink cache: tokens kept per layer, sinks included (default: "
+    << c.window_length << ")\n"
+    << "  --sink-tokens N      sink cache: leading tokens kept for good (default: "
+    << c.num_sink_tokens << ")\n"
+    << "  --kv-bits 8|4|2      quantized cache: bits per cached value (default: " << c.nbits
+    << ")\n"
+    << "  --kv-group-size N    quantized cache: values per scale/min group (default: "
+    << c.q_group_size << ")\n"
+    << "  --kv-axis channel|token\n"
+       "                       quantized cache: keys grouped per channel (KIVI) or per token\n"
+       "                       (default: "
+    << c.axis_key << ")\n"
+    << "  --residual-length N  quantized cache: recent tokens kept in full precision (default: "
+    << c.residual_length << ")\n"
+    << "  --cuda-graph on|off  GPU: replay decode steps from a CUDA graph (default: "
+    << (d.cuda_graph ? "on" : "off") << ")\n"
+    << "  --threads N          CPU threads, N >= 1 (default: OpenMP's, OMP_NUM_THREADS if set,\n"
+       "                       else one per core)\n"
+       "  --json               end with one JSON line: new_tokens, prefill_ms,\n"
+       "                       decode_tokens_per_s, cache_bytes, ... (default: off)\n"
+       "  -h, --help           print this help and exit\n";
+  return h.str();
+}
 
 [[noreturn]] void fail(const std::string& message) {
   std::cerr << "greedy_decode: " << message << "\n";
@@ -156,7 +210,7 @@ Options parse(int argc, char** argv) {
     } else if (arg == "--json") {
       o.json = true;
     } else if (arg == "--help" || arg == "-h") {
-      std::cout << kUsage;
+      std::cout << help_text();
       std::exit(0);
     } else {
       fail("unknown flag '" + arg + "'\n" + kUsage);

@@ -10,12 +10,13 @@
 // LegacyCache (one (key, value) pair per layer) of 4 layers, each [batch 1, kv_heads 2, seq 5,
 // head_dim 8]. The program converts it to a DynamicCache, appends one decode step to every layer,
 // converts back, and checks that the 5 original positions came through bit for bit. It exits
-// non-zero if they did not.
+// non-zero if they did not. It takes no arguments but --help.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <iostream>
 #include <kvcache/kvcache.hpp>
+#include <string>
 
 namespace {
 
@@ -91,7 +92,27 @@ int run() {
 
 }  // namespace
 
-int main() {
+constexpr const char* kUsage =
+    "usage: legacy_cache [--help]\n"
+    "\n"
+    "Converts a made-up legacy cache (4 layers of (key, value) pairs) to a DynamicCache, appends\n"
+    "one decode step, converts back and checks the original positions came through bit for bit.\n"
+    "Takes no other arguments; exits non-zero if the check fails.\n"
+    "\n"
+    "  -h, --help  print this help and exit\n";
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::cout << kUsage;
+      return 0;
+    }
+    std::cerr << "legacy_cache: unknown " << (arg.starts_with("-") ? "flag" : "argument") << " '"
+              << arg << "'\n"
+              << kUsage;
+    return 2;
+  }
   // Every failure, kvcache::Error or not, ends in a message and a non-zero exit.
   try {
     return run();

@@ -47,10 +47,10 @@ struct AttentionOptions {
   /// Elements per head.
   std::int64_t head_dim = 0;
   /// The softmax scale; 1 / sqrt(head_dim) when unset.
-  std::optional<float> scale;  // default 1 / sqrt(head_dim)
+  std::optional<float> scale{};  // default 1 / sqrt(head_dim)
   /// The layer's sliding window W (Mistral; Qwen2's sliding layers): a query at slot q sees key
   /// slots in (q - W, q]. None: full causal attention.
-  std::optional<std::int64_t> sliding_window;
+  std::optional<std::int64_t> sliding_window{};
 };
 
 /// One decoder layer's self-attention over a cache: stores the new keys and values through

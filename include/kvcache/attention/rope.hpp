@@ -31,11 +31,11 @@ struct RopeScaling {
   /// Which scaling: default (none), linear or llama3.
   RopeType type = RopeType::kDefault;
   /// Scaling factor (linear: positions divided by it; llama3: long wavelengths).
-  double factor = 1.0;                                   // linear, llama3
+  double factor = 1.0;  // linear, llama3
   /// llama3: wavelengths above original_max_position_embeddings / low_freq_factor are scaled.
-  double low_freq_factor = 1.0;                          // llama3
+  double low_freq_factor = 1.0;  // llama3
   /// llama3: wavelengths below original_max_position_embeddings / high_freq_factor are kept.
-  double high_freq_factor = 4.0;                         // llama3
+  double high_freq_factor = 4.0;  // llama3
   /// llama3: the context length the model was trained at.
   std::int64_t original_max_position_embeddings = 8192;  // llama3
 };
@@ -47,7 +47,7 @@ struct RopeOptions {
   /// The base of the inverse frequencies, theta^(-2k / head_dim).
   double rope_theta = 10000.0;
   /// Scaling applied to the inverse frequencies.
-  RopeScaling scaling;
+  RopeScaling scaling{};
 };
 
 /// Rotary position embeddings (transformers' LlamaRotaryEmbedding + apply_rotary_pos_emb): the

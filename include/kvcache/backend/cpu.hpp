@@ -23,7 +23,7 @@ inline Tensor clone(const Tensor& src) { return cast(src, src.dtype()); }
 
 /// The backend a Cache is instantiated on: where its storage lives and how it copies.
 struct Backend {
-  static constexpr Device kDevice = Device::kCpu;  ///< where the storage lives
+  static constexpr Device kDevice = Device::kCpu;   ///< where the storage lives
   static constexpr std::string_view kName = "cpu";  ///< the backend's name in messages
   /// Contiguous, uninitialised storage on this backend's device.
   static Tensor empty(Shape shape, DType dtype) { return Tensor::empty(shape, dtype); }

@@ -197,7 +197,7 @@ class MirroredBuffer {
     return device_view(offset, Shape(shape.begin(), shape.size()), dtype);
   }
   /// Asynchronous copies of bytes [offset, offset + bytes) on the current stream.
-  void send(std::size_t offset, std::size_t bytes) const;     // host → device
+  void send(std::size_t offset, std::size_t bytes) const;  // host → device
   /// Copies bytes [offset, offset + bytes) from the device half to the host half, asynchronously.
   void receive(std::size_t offset, std::size_t bytes) const;  // device → host
 

@@ -58,11 +58,11 @@ concept CacheBackend = requires(Shape shape, DType dtype, const Tensor& t) {
 /// it; sliding-window and static caches read cache_position, sink caches the RoPE sin/cos.
 struct CacheKwargs {
   /// Absolute cache slots of the new tokens, [q_len].
-  std::span<const std::int64_t> cache_position;  // [q_len] absolute slots of the new tokens
+  std::span<const std::int64_t> cache_position{};  // [q_len] absolute slots of the new tokens
   /// RoPE sin used for the new keys (unused by today's caches).
-  Tensor sin;                                    // RoPE sin/cos used for the new keys
+  Tensor sin{};  // RoPE sin/cos used for the new keys
   /// RoPE cos used for the new keys (unused by today's caches).
-  Tensor cos;
+  Tensor cos{};
 };
 
 /// (kv_length, kv_offset) of get_mask_sizes: the attention mask for the next step spans kv_length

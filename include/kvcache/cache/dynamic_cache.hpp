@@ -58,7 +58,7 @@ struct DynamicCacheOptions {
   /// Per layer, the attention window of a sliding layer (transformers' DynamicSlidingWindowLayer)
   /// or 0 for a full-attention layer; layers past the list are full. ModelConfig::sliding_windows()
   /// gives a model's. Empty: every layer full.
-  std::vector<std::int64_t> sliding_windows;
+  std::vector<std::int64_t> sliding_windows{};
   /// Tokens a sliding layer keeps beyond window - 1, so crop() can drop that many of the last
   /// tokens after the window has filled.
   std::int64_t sliding_spare_slots = SlidingWindowLayer<cpu::Backend>::kDefaultSpareSlots;

@@ -61,15 +61,15 @@ enum class QuantAxis { kPerToken, kPerChannel };
 /// The quantization of a QuantizedCache (transformers' QuantizedCacheConfig).
 struct QuantizedCacheOptions {
   /// Bits per value: 8, 4 or 2.
-  int nbits = 4;                                // 2, 4 or 8
+  int nbits = 4;  // 2, 4 or 8
   /// Values sharing one scale and minimum.
-  std::int64_t group_size = 64;                 // values a group holds (see the file comment)
+  std::int64_t group_size = 64;  // values a group holds (see the file comment)
   /// How keys are grouped: per channel across tokens (KIVI, the default) or per token.
   QuantAxis key_axis = QuantAxis::kPerChannel;  // KIVI: keys per channel, values per token
   /// Most recent tokens kept in full precision before their block is quantized.
-  std::int64_t residual_length = 128;           // recent tokens kept in full precision
+  std::int64_t residual_length = 128;  // recent tokens kept in full precision
   /// The dtype of the scales and minimums (float16 or float32).
-  DType scale_dtype = DType::kFloat16;          // scale and min: float16 or float32
+  DType scale_dtype = DType::kFloat16;  // scale and min: float16 or float32
 };
 
 namespace detail {

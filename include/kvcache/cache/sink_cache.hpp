@@ -59,7 +59,8 @@
 
 namespace kvcache {
 
-/// The window of a SinkCache (transformers 4.36's SinkCache arguments) and the RoPE it re-rotates with.
+/// The window of a SinkCache (transformers 4.36's SinkCache arguments) and the RoPE it re-rotates
+/// with.
 struct SinkCacheOptions {
   /// Tokens kept per layer, sinks included (transformers' window_length).
   std::int64_t window_length = 0;
@@ -68,7 +69,7 @@ struct SinkCacheOptions {
   /// The model's RoPE inverse frequencies (head_dim / 2 of them, after scaling: what
   /// RotaryEmbedding::inv_freq() gives), used to re-rotate the kept keys. Empty: keys are not
   /// re-rotated (a model without RoPE).
-  std::vector<float> rope_inv_freq;
+  std::vector<float> rope_inv_freq{};
 };
 
 /// StreamingLLM's cache (transformers 4.36's SinkCache): the first num_sink_tokens tokens

@@ -17,15 +17,15 @@ struct GenerationConfig {
   /// Logits are divided by it before sampling (do_sample only).
   float temperature = 1.0f;
   /// Sample among the k most likely tokens only; 0 turns it off.
-  std::int64_t top_k = 0;                    // 0: off
+  std::int64_t top_k = 0;  // 0: off
   /// Sample among the most likely tokens whose probabilities sum to top_p; 1 turns it off.
-  float top_p = 1.0f;                        // 1: off
+  float top_p = 1.0f;  // 1: off
   /// The sampling seed: the same seed gives the same tokens.
-  std::uint64_t seed = 0;                    // sampling seed; the same seed gives the same tokens
+  std::uint64_t seed = 0;  // sampling seed; the same seed gives the same tokens
   /// Ids that finish a row (ModelConfig::eos_token_ids gives the model's); empty: none.
-  std::vector<std::int64_t> eos_token_ids;   // a row that emits one of these is finished
+  std::vector<std::int64_t> eos_token_ids{};  // a row that emits one of these is finished
   /// What finished rows emit while others go on (0 when unset).
-  std::optional<std::int64_t> pad_token_id;  // emitted by finished rows (default 0)
+  std::optional<std::int64_t> pad_token_id{};  // emitted by finished rows (default 0)
   /// On the GPU, with a DynamicCache of full layers or a StaticCache (the one passed or the one
   /// cache_implementation builds), when max_new_tokens >= 3: the decode step (one token per
   /// row) is captured as a CUDA graph at the second decode step and replayed from then on, one
@@ -51,20 +51,20 @@ struct GenerationConfig {
   /// Options of the "sink" and "quantized" kinds (transformers' cache_config).
   struct CacheConfig {
     /// "sink": tokens kept per layer, sinks included.
-    std::int64_t window_length = 256;    // sink: tokens kept per layer, sinks included
+    std::int64_t window_length = 256;  // sink: tokens kept per layer, sinks included
     /// "sink": leading tokens kept for good.
-    std::int64_t num_sink_tokens = 4;    // sink: leading tokens kept for good
+    std::int64_t num_sink_tokens = 4;  // sink: leading tokens kept for good
     /// "quantized": bits per value, 2, 4 or 8.
-    int nbits = 4;                       // quantized: 2, 4 or 8
+    int nbits = 4;  // quantized: 2, 4 or 8
     /// "quantized": values per scale/min group.
-    std::int64_t q_group_size = 64;      // quantized: values per scale/min group
+    std::int64_t q_group_size = 64;  // quantized: values per scale/min group
     /// "quantized": keys grouped per "channel" (KIVI) or per "token".
-    std::string axis_key = "channel";    // quantized: keys grouped per "channel" (KIVI) or "token"
+    std::string axis_key = "channel";  // quantized: keys grouped per "channel" (KIVI) or "token"
     /// "quantized": recent tokens kept in full precision.
     std::int64_t residual_length = 128;  // quantized: recent tokens kept in full precision
   };
   /// Options of the "sink" and "quantized" cache kinds.
-  CacheConfig cache_config;
+  CacheConfig cache_config{};
 };
 
 }  // namespace kvcache

@@ -41,7 +41,7 @@ struct GenerateResult {
   /// The new tokens per row: max_new_tokens of them, or fewer when every row stopped (a row
   /// that met an EOS id emits pad_token_id until the others stop).
   std::vector<std::vector<std::int64_t>>
-      new_tokens;  // per row, max_new_tokens or fewer if all stopped
+      new_tokens{};  // per row, max_new_tokens or fewer if all stopped
   /// Time of the first forward pass (the prompt), in milliseconds.
   double prefill_ms = 0;
   /// Time of the decode steps after the prefill, in milliseconds.
@@ -51,11 +51,11 @@ struct GenerateResult {
   /// Decode throughput: decode_steps x batch / decode time.
   double decode_tokens_per_s = 0;  // decode steps × batch / decode time
   /// Tokens the cache holds at the end: past + prompt + new tokens - 1 (the last is never fed).
-  std::int64_t cache_length = 0;   // tokens in the cache at the end
+  std::int64_t cache_length = 0;  // tokens in the cache at the end
   /// Bytes of keys and values the cache holds at the end (Cache::nbytes).
-  std::size_t cache_bytes = 0;     // bytes of keys and values held
+  std::size_t cache_bytes = 0;  // bytes of keys and values held
   /// Decode steps replayed from a CUDA graph (GPU only; 0 on the CPU).
-  std::int64_t graph_steps = 0;    // decode steps replayed from a CUDA graph (GPU only)
+  std::int64_t graph_steps = 0;  // decode steps replayed from a CUDA graph (GPU only)
 };
 
 /// Called for every generated token: (row, token, step). Return false to stop generating.

@@ -20,9 +20,9 @@ class GgufFile;
 /// as transformers resolves them.
 struct ModelConfig {
   /// config.json's architectures[0].
-  std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"
+  std::string architecture{};  // "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"
   /// config.json's model_type.
-  std::string model_type;    // "llama", "qwen2", "mistral"
+  std::string model_type{};  // "llama", "qwen2", "mistral"
   /// Tokens in the vocabulary (rows of the embedding and of the LM head).
   std::int64_t vocab_size = 0;
   /// Width of the residual stream.
@@ -36,7 +36,7 @@ struct ModelConfig {
   /// Key/value heads per layer (num_attention_heads when the config does not say).
   std::int64_t num_key_value_heads = 0;  // defaults to num_attention_heads
   /// Elements per head (hidden_size / num_attention_heads when the config does not say).
-  std::int64_t head_dim = 0;             // defaults to hidden_size / num_attention_heads
+  std::int64_t head_dim = 0;  // defaults to hidden_size / num_attention_heads
   /// The context length the model was trained for (informational; not enforced).
   std::int64_t max_position_embeddings = 0;
   /// RMSNorm's epsilon.
@@ -50,26 +50,26 @@ struct ModelConfig {
   /// config.json's mlp_bias: gate/up/down biases.
   bool mlp_bias = false;
   /// Resolved: whether the q/k/v projections carry biases (Qwen2 always).
-  bool qkv_bias = false;                       // resolved: whether q/k/v projections carry biases
+  bool qkv_bias = false;  // resolved: whether q/k/v projections carry biases
   /// Resolved: whether o_proj carries a bias.
-  bool o_bias = false;                         // resolved: whether o_proj carries a bias
+  bool o_bias = false;  // resolved: whether o_proj carries a bias
   /// The attention window of the sliding layers (Mistral; Qwen2 with use_sliding_window).
-  std::optional<std::int64_t> sliding_window;  // Mistral (and Qwen2 when use_sliding_window)
+  std::optional<std::int64_t> sliding_window{};  // Mistral (and Qwen2 when use_sliding_window)
   /// Per layer, as transformers resolves it: "full_attention" or "sliding_attention". Mistral
   /// slides every layer when sliding_window is set; Qwen2 only layers >= max_window_layers (or as
   /// its config's own layer_types says); Llama none.
-  std::vector<std::string> layer_types;
+  std::vector<std::string> layer_types{};
   /// The rotary embedding: head_dim, rope_theta and scaling.
-  RopeOptions rope;  // head_dim, theta, scaling
+  RopeOptions rope{};  // head_dim, theta, scaling
   /// The BOS id, if the config names one.
-  std::optional<std::int64_t> bos_token_id;
+  std::optional<std::int64_t> bos_token_id{};
   /// The EOS ids (config.json's eos_token_id may be one id or a list); generate() stops rows at
   /// these when GenerationConfig::eos_token_ids is set from them.
-  std::vector<std::int64_t> eos_token_ids;  // eos_token_id may be an int or a list
+  std::vector<std::int64_t> eos_token_ids{};  // eos_token_id may be an int or a list
   /// The padding id, if the config names one.
-  std::optional<std::int64_t> pad_token_id;
+  std::optional<std::int64_t> pad_token_id{};
   /// The weights' dtype as config.json names it ("dtype" / "torch_dtype"), when present.
-  std::optional<DType> torch_dtype;  // "dtype" / "torch_dtype" when present
+  std::optional<DType> torch_dtype{};  // "dtype" / "torch_dtype" when present
 
   /// The window layer `layer_idx` attends over, or none for full attention (and for layers the
   /// config does not have). Without layer_types (a config built by hand; the loaders always fill

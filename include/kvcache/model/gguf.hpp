@@ -126,9 +126,9 @@ struct GgufValue {
   /// The value of a bool.
   bool b = false;
   /// The value of a string (its bytes as the file holds them).
-  std::string s;
+  std::string s{};
   /// The elements of an array.
-  Array array;
+  Array array{};
   /// The element type of an array (when type is kArray).
   Type array_type = Type::kUInt8;  // element type when type == kArray
 };
@@ -136,9 +136,10 @@ struct GgufValue {
 /// One tensor's entry in a GGUF file: name, ggml shape, type and where its data lies.
 struct GgufTensorInfo {
   /// The tensor's GGUF name ("blk.0.attn_q.weight").
-  std::string name;
+  std::string name{};
   /// The sizes in ggml order: ne[0] is the fastest-varying (contiguous) dimension.
-  std::vector<std::int64_t> ne;  // ggml order: ne[0] is the fastest-varying (contiguous) dimension
+  std::vector<std::int64_t>
+      ne{};  // ggml order: ne[0] is the fastest-varying (contiguous) dimension
   /// The element or block type.
   GgufType type = GgufType::kF32;
   /// Where the data starts, from the start of the data section.
@@ -186,7 +187,7 @@ class GgufFile {
   /// An array of strings; empty when absent.
   std::vector<std::string> get_string_array(const std::string& key) const;  // empty when absent
   /// An array of integers of any width; empty when absent.
-  std::vector<std::int64_t> get_int_array(const std::string& key) const;    // empty when absent
+  std::vector<std::int64_t> get_int_array(const std::string& key) const;  // empty when absent
 
   /// Raw bytes of a tensor (inside the mapping).
   const std::byte* data(const GgufTensorInfo& info) const;

@@ -55,10 +55,10 @@ struct LoadOptions {
   /// Dtype the weights are held in: empty keeps each matrix as the file holds it (quantized
   /// blocks included); kFloat32 widens 16-bit weights and dequantizes quantized ones exactly, once
   /// at load; kBFloat16 / kFloat16 narrow float32 weights (and dequantized ones).
-  std::optional<DType> dtype;
+  std::optional<DType> dtype{};
   /// Quantizes float weight matrices (not norms or biases) to this block format at load, with
   /// ggml's reference rounding; matrices already quantized are kept. Not combinable with dtype.
-  std::optional<cpu::QuantFormat> quantize;
+  std::optional<cpu::QuantFormat> quantize{};
   /// Where the weights live and the forward pass runs: Device::kCpu, or Device::kCuda (the
   /// current CUDA device; an error where none is usable). Quantize is CPU-only.
   Device device = Device::kCpu;
@@ -70,9 +70,9 @@ class CacheRef {
  public:
   CacheRef() = default;
   /// No cache: forward() uses one local to the call.
-  CacheRef(std::nullptr_t) {}                              // NOLINT(google-explicit-constructor)
+  CacheRef(std::nullptr_t) {}  // NOLINT(google-explicit-constructor)
   /// A CPU cache.
-  CacheRef(Cache<cpu::Backend>* cache) : cpu_(cache) {}    // NOLINT(google-explicit-constructor)
+  CacheRef(Cache<cpu::Backend>* cache) : cpu_(cache) {}  // NOLINT(google-explicit-constructor)
   /// A GPU cache.
   CacheRef(Cache<cuda::Backend>* cache) : cuda_(cache) {}  // NOLINT(google-explicit-constructor)
 
@@ -102,13 +102,13 @@ namespace detail {
 /// these device tensors, whose addresses stay fixed while the graph lives, and keys and values go
 /// straight into the cache's storage at the slot read on the device.
 struct DecodeReplay {
-  Tensor ids;             // [batch] int64
-  Tensor position_ids;    // [batch, 1] int64
-  Tensor cache_position;  // [1] int64: the step's slot, the cache length before it
-  Tensor kv_len;          // [1] int64: the keys after the append (cache_position + 1)
-  Tensor mask;            // [batch, capacity] uint8, or undefined when no row is padded
-  Tensor logits;          // [batch, vocab] float32, written by the step
-  std::vector<std::pair<Tensor, Tensor>> storage;  // per layer: keys, values [b, kv, capacity, d]
+  Tensor ids{};             // [batch] int64
+  Tensor position_ids{};    // [batch, 1] int64
+  Tensor cache_position{};  // [1] int64: the step's slot, the cache length before it
+  Tensor kv_len{};          // [1] int64: the keys after the append (cache_position + 1)
+  Tensor mask{};            // [batch, capacity] uint8, or undefined when no row is padded
+  Tensor logits{};          // [batch, vocab] float32, written by the step
+  std::vector<std::pair<Tensor, Tensor>> storage{};  // per layer: keys, values [b, kv, capacity, d]
 };
 
 class DecodeGraph;
@@ -118,18 +118,18 @@ class DecodeGraph;
 /// Inputs of one forward pass, named as transformers names them.
 struct ForwardArgs {
   /// Token ids [batch, q_len] int64 (host memory on either backend).
-  Tensor input_ids;       // [batch, q_len] int64
+  Tensor input_ids{};  // [batch, q_len] int64
   /// [batch, past + q_len] int64/int32/uint8, 1 = attend, 0 = padding; undefined = all ones.
-  Tensor attention_mask;  // [batch, past + q_len] int64/int32/uint8; undefined = all ones
+  Tensor attention_mask{};  // [batch, past + q_len] int64/int32/uint8; undefined = all ones
   /// [batch, q_len] int64 RoPE positions; undefined = from the mask (cumsum - 1, padded 1), or
   /// the cache's own positions (SinkCache).
-  Tensor position_ids;    // [batch, q_len] int64; undefined = from the mask (cumsum − 1, pads 1)
+  Tensor position_ids{};  // [batch, q_len] int64; undefined = from the mask (cumsum − 1, pads 1)
   /// The new tokens' cache slots, [q_len]; empty = past .. past + q_len - 1.
-  std::vector<std::int64_t> cache_position;  // [q_len]; empty = past .. past + q_len − 1
+  std::vector<std::int64_t> cache_position{};  // [q_len]; empty = past .. past + q_len − 1
   /// The cache to read and extend, of the model's backend; null: a cache local to the call.
-  CacheRef past_key_values;         // of the model's backend; null: a cache local to this call
+  CacheRef past_key_values{};  // of the model's backend; null: a cache local to this call
   /// false: the given cache is read but not updated.
-  bool use_cache = true;            // false: the given cache is not updated
+  bool use_cache = true;  // false: the given cache is not updated
   /// Logits for the last logits_to_keep positions only; 0 = every position.
   std::int64_t logits_to_keep = 0;  // last positions to compute logits for; 0 = all
   // input_ids, attention_mask and position_ids are host (CPU) tensors on either backend.

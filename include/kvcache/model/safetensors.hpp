@@ -25,13 +25,13 @@ class MappedFile;
 /// One tensor's entry in a safetensors header.
 struct SafetensorsEntry {
   /// The tensor's name ("model.layers.0.self_attn.q_proj.weight").
-  std::string name;
+  std::string name{};
   /// The dtype as the file writes it: "F32", "BF16", "F16", "I64", ...
-  std::string dtype_name;      // as written in the file: "F32", "BF16", "F16", "I64", ...
+  std::string dtype_name{};  // as written in the file: "F32", "BF16", "F16", "I64", ...
   /// The dtype as kvcache holds it; empty for dtypes it does not (F64, I8, ...).
-  std::optional<DType> dtype;  // empty for dtypes kvcache does not hold (F64, I8, ...)
+  std::optional<DType> dtype{};  // empty for dtypes kvcache does not hold (F64, I8, ...)
   /// The sizes, outermost first.
-  std::vector<std::int64_t> shape;
+  std::vector<std::int64_t> shape{};
   /// First byte of the data, from the start of the data section.
   std::uint64_t begin = 0;  // byte offsets into the data section, [begin, end)
   /// One past the last byte of the data.

@@ -24,16 +24,16 @@ class Tokenizer;
 
 /// One turn of a conversation, as a chat template's `messages` entries carry them.
 struct ChatMessage {
-  std::string role;     ///< "system", "user", "assistant", ...
-  std::string content;  ///< the turn's text (UTF-8)
+  std::string role{};     ///< "system", "user", "assistant", ...
+  std::string content{};  ///< the turn's text (UTF-8)
 };
 
 /// What a chat template sees besides the messages.
 struct ChatTemplateOptions {
-  std::string bos_token;  ///< the tokenizer's BOS token text ("<s>", "<|begin_of_text|>"), or ""
-  std::string eos_token;  ///< the tokenizer's EOS token text ("</s>", "<|im_end|>"), or ""
+  std::string bos_token{};  ///< the tokenizer's BOS token text ("<s>", "<|begin_of_text|>"), or ""
+  std::string eos_token{};  ///< the tokenizer's EOS token text ("</s>", "<|im_end|>"), or ""
   /// Further string variables (name, value), e.g. {"date_string", "26 Jul 2024"}.
-  std::vector<std::pair<std::string, std::string>> variables;
+  std::vector<std::pair<std::string, std::string>> variables{};
 
   /// bos_token and eos_token from `tokenizer`'s BOS and EOS ids (empty where it has none).
   static ChatTemplateOptions from_tokenizer(const Tokenizer& tokenizer);

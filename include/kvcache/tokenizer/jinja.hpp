@@ -33,8 +33,8 @@ class Value;
 
 /// Positional and keyword arguments of a call.
 struct Arguments {
-  std::vector<Value> positional;                       ///< in call order
-  std::vector<std::pair<std::string, Value>> keyword;  ///< name = value, in call order
+  std::vector<Value> positional{};                       ///< in call order
+  std::vector<std::pair<std::string, Value>> keyword{};  ///< name = value, in call order
 };
 
 /// A template value with Python semantics. Lists and dicts are immutable once built and shared

@@ -49,11 +49,11 @@ enum class TokenType : std::int32_t {
 struct BpeVocabulary {
   /// Vocabulary strings by id: normal tokens in GPT-2's byte alphabet ("Ġworld"), added tokens
   /// (control, user-defined) as their text ("<|im_start|>").
-  std::vector<std::string> tokens;
+  std::vector<std::string> tokens{};
   /// Merges by rank, each "left right" (two vocabulary strings joined by one space).
-  std::vector<std::string> merges;
+  std::vector<std::string> merges{};
   /// TokenType numbers by id; empty means all normal.
-  std::vector<std::int32_t> token_types;
+  std::vector<std::int32_t> token_types{};
   /// llama.cpp's pre-tokenizer name (tokenizer.ggml.pre): "smollm" (each `\p{N}` character on its
   /// own, then GPT-2's regex, as SmolLM2's tokenizer.json and llama.cpp split; transformers' gguf
   /// integration skips the digit step), "gpt2" and "default" (GPT-2's regex, which is also what
@@ -61,7 +61,7 @@ struct BpeVocabulary {
   /// whole vocabulary entry is not merged). Any other name is an error naming it.
   std::string pre = "default";
   /// The BOS id, where the vocabulary names one.
-  std::optional<std::int64_t> bos_token_id, eos_token_id, pad_token_id, unk_token_id;
+  std::optional<std::int64_t> bos_token_id{}, eos_token_id{}, pad_token_id{}, unk_token_id{};
   /// \var eos_token_id
   /// The EOS id, where the vocabulary names one.
   /// \var pad_token_id
@@ -72,23 +72,23 @@ struct BpeVocabulary {
   /// Whether the model expects BOS before a prompt (encode() never adds it).
   bool add_bos_token = false;
   /// The chat template shipped with the vocabulary (tokenizer.chat_template), if any.
-  std::optional<std::string> chat_template;
+  std::optional<std::string> chat_template{};
 };
 
 /// The parts of a SentencePiece BPE tokenizer, as GGUF metadata (tokenizer.ggml.model "llama")
 /// holds them. from_gguf() reads a file into one of these; tests can fill one by hand.
 struct SpmVocabulary {
   /// Pieces by id, as sentencepiece writes them ("▁world", "<s>", "<0x0A>").
-  std::vector<std::string> tokens;
+  std::vector<std::string> tokens{};
   /// One score per token: the merge of the highest-scoring piece is made first.
-  std::vector<float> scores;
+  std::vector<float> scores{};
   /// TokenType numbers by id (one per token); empty means all normal. Byte tokens must be
   /// named <0xNN>, and a model with any must have all 256 (byte fallback).
-  std::vector<std::int32_t> token_types;
+  std::vector<std::int32_t> token_types{};
   /// The unknown token; when unset, the first token of type unknown (an error if none).
-  std::optional<std::int64_t> unk_token_id;
+  std::optional<std::int64_t> unk_token_id{};
   /// The BOS id, where the vocabulary names one.
-  std::optional<std::int64_t> bos_token_id, eos_token_id, pad_token_id;
+  std::optional<std::int64_t> bos_token_id{}, eos_token_id{}, pad_token_id{};
   /// \var eos_token_id
   /// The EOS id, where the vocabulary names one.
   /// \var pad_token_id
@@ -101,7 +101,7 @@ struct SpmVocabulary {
   /// sentencepiece's add_dummy_prefix: "▁" before the text (llama.cpp: add_space_prefix).
   bool add_dummy_prefix = true;
   /// The chat template shipped with the vocabulary (tokenizer.chat_template), if any.
-  std::optional<std::string> chat_template;
+  std::optional<std::string> chat_template{};
 };
 
 /// A text tokenizer: token ids from UTF-8 text and back, with the vocabulary's special tokens and
