@@ -514,35 +514,48 @@ void run(const Problem& p, const Tensor& query, const Src& src, const Tensor& ou
 // sixteen codes at a time: the bytes holding them are spread one to a 32-bit lane, shifted and
 // masked, converted and scaled (x = code * scale + min) in registers.
 
-typedef std::uint8_t U8x16 __attribute__((vector_size(16)));
-
-// Codes idx .. idx + 15 (idx a multiple of 16, so they start on a byte) as floats.
-template <int NB>
-inline Vec16 unpack16(const unsigned char* codes, std::int64_t idx) {
-  U8x16 bytes = {};
-  std::memcpy(&bytes, codes + idx * NB / 8, 2 * NB);
-  U8x16 spread;
-  if constexpr (NB == 8) {
-    spread = bytes;
-  } else if constexpr (NB == 4) {
-    spread = __builtin_shufflevector(bytes, bytes, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  } else {
-    spread = __builtin_shufflevector(bytes, bytes, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  }
-  U32x16 w = __builtin_convertvector(spread, U32x16);
-  if constexpr (NB != 8) {
-    constexpr unsigned per = 8 / NB;
-    U32x16 shift;
-    for (unsigned i = 0; i < 16; ++i) shift[i] = (i % per) * NB;
-    w = (w >> shift) & ((1u << NB) - 1u);
-  }
-  return __builtin_convertvector(w, Vec16);
-}
-
 template <int NB>
 inline float code_at(const unsigned char* codes, std::int64_t idx) {
   constexpr std::int64_t per = 8 / NB;
   return static_cast<float>((codes[idx / per] >> ((idx % per) * NB)) & ((1u << NB) - 1u));
+}
+
+// Codes idx .. idx + 15 (idx a multiple of 16, so they start on a byte) as floats. With AVX-512:
+// the 2 * NB bytes are repeated 8 / NB times each (unpack), widened one to a 32-bit lane, shifted
+// lane by lane to their code and masked (vpsrlvd, vpandd), converted (vcvtdq2ps).
+template <int NB>
+inline Vec16 unpack16(const unsigned char* codes, std::int64_t idx) {
+  const unsigned char* p = codes + idx * NB / 8;
+#ifdef __AVX512F__
+  __m128i bytes;
+  if constexpr (NB == 8) {
+    bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else if constexpr (NB == 4) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    bytes = _mm_unpacklo_epi8(b, b);
+  } else {
+    std::int32_t word;
+    std::memcpy(&word, p, sizeof(word));
+    const __m128i b = _mm_cvtsi32_si128(word);
+    const __m128i two = _mm_unpacklo_epi8(b, b);
+    bytes = _mm_unpacklo_epi16(two, two);
+  }
+  __m512i w = _mm512_cvtepu8_epi32(bytes);
+  if constexpr (NB == 4) {
+    w = _mm512_and_si512(
+        _mm512_srlv_epi32(w, _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0)),
+        _mm512_set1_epi32(0xf));
+  } else if constexpr (NB == 2) {
+    w = _mm512_and_si512(
+        _mm512_srlv_epi32(w, _mm512_set_epi32(6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0)),
+        _mm512_set1_epi32(0x3));
+  }
+  return reinterpret_cast<Vec16>(_mm512_cvtepi32_ps(w));
+#else
+  float f[16];
+  for (int i = 0; i < 16; ++i) f[i] = code_at<NB>(p, i);
+  return load16(f);
+#endif
 }
 
 inline std::pair<float, float> meta_at(const unsigned char* p, DType scale_dtype) {
@@ -585,12 +598,27 @@ void dequant_channel_block(const QuantizedKVView& q, const unsigned char* rec, s
   meta.resize(static_cast<std::size_t>(2 * d));
   float* sc = meta.data();
   float* mn = sc + d;
-  for (std::int64_t c = 0; c < d; ++c)
+  std::int64_t c = 0;
+#ifdef __AVX512F__
+  if (q.scale_dtype == DType::kFloat16) {
+    // Eight (scale, min) pairs at a time: widened, then split into the two halves.
+    const __m512i split = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
+    for (; c + 8 <= d; c += 8) {
+      const __m512 pairs = _mm512_cvtph_ps(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(rec + static_cast<std::size_t>(c) * mb)));
+      const __m512 parted = _mm512_permutexvar_ps(split, pairs);
+      _mm256_storeu_ps(sc + c, _mm512_castps512_ps256(parted));
+      _mm256_storeu_ps(mn + c,
+                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(parted), 1)));
+    }
+  }
+#endif
+  for (; c < d; ++c)
     std::tie(sc[c], mn[c]) = meta_at(rec + static_cast<std::size_t>(c) * mb, q.scale_dtype);
   const unsigned char* codes = rec + static_cast<std::size_t>(d) * mb;
   for (std::int64_t i = i0; i < i1; ++i) {
     float* o = dst + (i - i0) * d;
-    std::int64_t c = 0;
+    c = 0;
     if (d % kLanes == 0) {
       for (; c < d; c += kLanes)
         store16(o + c, unpack16<NB>(codes, i * d + c) * load16(sc + c) + load16(mn + c));
