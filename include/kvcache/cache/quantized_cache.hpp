@@ -106,13 +106,17 @@ struct QuantCodec {
     std::memcpy(f, p, sizeof(f));
     return {f[0], f[1]};
   }
+  // log2 of the codes a byte holds: shifts and masks, not a division per code.
+  int per_shift() const { return nbits == 8 ? 0 : nbits == 4 ? 1 : 2; }
   void put_code(unsigned char* codes, std::int64_t idx, unsigned code) const {
-    const std::int64_t per = 8 / nbits;
-    codes[idx / per] |= static_cast<unsigned char>(code << ((idx % per) * nbits));
+    const int sh = per_shift();
+    const std::int64_t lane = idx & ((std::int64_t{1} << sh) - 1);
+    codes[idx >> sh] |= static_cast<unsigned char>(code << (lane * nbits));
   }
   unsigned get_code(const unsigned char* codes, std::int64_t idx) const {
-    const std::int64_t per = 8 / nbits;
-    return (codes[idx / per] >> ((idx % per) * nbits)) & qmax();
+    const int sh = per_shift();
+    const std::int64_t lane = idx & ((std::int64_t{1} << sh) - 1);
+    return (codes[idx >> sh] >> (lane * nbits)) & qmax();
   }
 
   // Quantizes x[0], x[stride], ... (n values) into meta and codes [first + k * step].
