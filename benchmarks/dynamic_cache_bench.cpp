@@ -4,7 +4,9 @@
 // from an empty cache so the 1.5x regrowths are paid and visible, and checks the flatness target:
 // the per-step time at 8192 tokens within 1.5x of the time at 128.
 //
-// Beside it, the SinkCache and QuantizedCache steps (BM_SinkCacheUpdate, BM_QuantizedCacheUpdate).
+// Beside it, the SinkCache and QuantizedCache steps (BM_SinkCacheUpdate, BM_QuantizedCacheUpdate)
+// and one layer's decode step, attention included, over a QuantizedCache and a DynamicCache
+// (BM_QuantizedDecodeStep/float32/<bits>/<context>, BM_DynamicDecodeStep/<dtype>/<context>).
 //
 // Layer layout throughout: [batch 8, num_kv_heads 4, seq_len, head_dim 64], float32 and bfloat16.
 #include <benchmark/benchmark.h>
@@ -156,9 +158,14 @@ void bm_sink_cache_update(benchmark::State& state, DType dtype) {
 }
 
 // QuantizedCache (4 bits, group 64, per-channel keys, residual 128) holding seq_len tokens: a
-// decode step stores its token and returns the whole layer dequantized (the CPU's
-// dequantize-then-attend path: O(seq_len) a step), then crop() takes the length back.
-void bm_quantized_cache_update(benchmark::State& state, DType dtype) {
+// decode step as the attention module runs it (update_for_attention: the token appended to the
+// residual, a block quantized every 64 steps, the blocks handed over as stored: O(new tokens)).
+// 4096 steps a run, no crop: a block of 64 tokens is quantized every 64 steps, paid in the average
+// (the context grows by 4096 tokens over the run; the step's cost does not depend on it).
+// With `dequantize`, update() instead (the path before this change): the whole layer dequantized
+// into fresh tensors, O(seq_len); crop() takes the length back every 64 steps (the flushes are
+// then mostly not paid: this variant is about the dequantization).
+void bm_quantized_cache_update(benchmark::State& state, DType dtype, bool dequantize) {
   const std::int64_t seq_len = state.range(0);
   kvcache::QuantizedCache<> cache({.nbits = 4,
                                    .group_size = 64,
@@ -167,24 +174,115 @@ void bm_quantized_cache_update(benchmark::State& state, DType dtype) {
   cache.update(random_tensor(seq_len, dtype, 1), random_tensor(seq_len, dtype, 2), 0);
   const Tensor key = random_tensor(1, dtype, 3);
   const Tensor value = random_tensor(1, dtype, 4);
+  std::int64_t step = 0;
   for (auto _ : state) {
-    auto views = cache.update(key, value, 0);
-    benchmark::DoNotOptimize(views);
-    cache.crop(seq_len);  // within the residual: no block is touched
+    if (dequantize) {
+      auto views = cache.update(key, value, 0);
+      benchmark::DoNotOptimize(views);
+    } else {
+      auto views = cache.update_for_attention(key, value, 0);
+      benchmark::DoNotOptimize(views);
+    }
+    if (dequantize && ++step % 64 == 0) cache.crop(seq_len);  // seq_len is a block boundary
   }
   report_per_step(state, dtype);
   state.counters["cache_bytes"] = static_cast<double>(cache.nbytes());
 }
 
+// One decode step of one layer's attention (16 query heads over the 4 kv heads, so 4 query rows a
+// kv head) at a context of seq_len tokens: Attention::forward stores the token and attends. Over
+// a QuantizedCache (bits, group 64, per-channel keys, residual 128) the kernel reads the blocks
+// directly; over a DynamicCache the full-precision keys. Every 64 steps the length is cropped back.
+constexpr std::int64_t kQueryHeads = 16;
+
+// `dequantize`: the path before the quantized kernel, update()'s dequantized layer then
+// cpu::attention (O(seq_len) dequantization and a full-precision copy a step).
+void decode_steps(benchmark::State& state, kvcache::Cache<kvcache::cpu::Backend>& cache,
+                  DType dtype, std::int64_t seq_len, bool dequantize = false) {
+  const kvcache::Attention attn(
+      0, {.num_heads = kQueryHeads, .num_kv_heads = kKvHeads, .head_dim = kHeadDim});
+  cache.update_for_attention(random_tensor(seq_len, dtype, 1), random_tensor(seq_len, dtype, 2), 0);
+  Tensor query = Tensor::empty({kBatch, kQueryHeads, 1, kHeadDim}, DType::kFloat32);
+  {
+    std::mt19937 rng(5);
+    std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+    for (std::int64_t i = 0; i < query.numel(); ++i) query.data_as<float>()[i] = dist(rng);
+    query = kvcache::cpu::cast(query, dtype);
+  }
+  const Tensor key = random_tensor(1, dtype, 3);
+  const Tensor value = random_tensor(1, dtype, 4);
+  // One step untimed: a DynamicCache's first append past its prefill regrows (and faults in) the
+  // whole layer, which is not what a steady decode step costs.
+  attn.forward(query, key, value, cache, Tensor(), std::vector<std::int64_t>{seq_len});
+  cache.crop(seq_len);
+  std::int64_t step = 0;
+  for (auto _ : state) {
+    const std::vector<std::int64_t> pos = {seq_len + step % 64};
+    if (dequantize) {
+      Tensor out = Tensor::empty({kBatch, 1, kQueryHeads, kHeadDim}, dtype);
+      auto [k, v] = cache.update(key, value, 0);
+      kvcache::cpu::attention(query, k, v, Tensor(), pos, 0, attn.scale(), out);
+      benchmark::DoNotOptimize(out.data());
+    } else {
+      Tensor out = attn.forward(query, key, value, cache, Tensor(), pos);
+      benchmark::DoNotOptimize(out.data());
+    }
+    if (++step % 64 == 0) cache.crop(seq_len);
+  }
+  report_per_step(state, dtype);
+  state.counters["cache_bytes"] = static_cast<double>(cache.nbytes());
+}
+
+void bm_quantized_decode_step(benchmark::State& state, bool dequantize) {
+  kvcache::QuantizedCache<> cache({.nbits = static_cast<int>(state.range(0)),
+                                   .group_size = 64,
+                                   .key_axis = kvcache::QuantAxis::kPerChannel,
+                                   .residual_length = 128});
+  decode_steps(state, cache, DType::kFloat32, state.range(1), dequantize);
+}
+
+void bm_dynamic_decode_step(benchmark::State& state, DType dtype) {
+  DynamicCache<> cache;
+  decode_steps(state, cache, dtype, state.range(0));
+}
+
 void register_benchmarks() {
-  benchmark::RegisterBenchmark("BM_SinkCacheUpdate/float32", bm_sink_cache_update, DType::kFloat32)
-      ->RangeMultiplier(4)
-      ->Range(kFlatShort, kFlatLong);
-  benchmark::RegisterBenchmark("BM_QuantizedCacheUpdate/float32", bm_quantized_cache_update,
-                               DType::kFloat32)
-      ->RangeMultiplier(4)
-      ->Range(kFlatShort, kFlatLong)
-      ->Unit(benchmark::kMicrosecond);
+  for (DType dtype : kDTypes) {
+    benchmark::RegisterBenchmark(kvcache::bench::family_name("BM_SinkCacheUpdate", dtype).c_str(),
+                                 bm_sink_cache_update, dtype)
+        ->RangeMultiplier(4)
+        ->Range(kFlatShort, kFlatLong)
+        ->Unit(benchmark::kMicrosecond);
+  }
+  for (DType dtype : kDTypes) {
+    for (bool dequantize : {false, true}) {
+      benchmark::RegisterBenchmark(
+          kvcache::bench::family_name(
+              dequantize ? "BM_QuantizedCacheUpdateDequantized" : "BM_QuantizedCacheUpdate", dtype)
+              .c_str(),
+          bm_quantized_cache_update, dtype, dequantize)
+          ->RangeMultiplier(4)
+          ->Range(kFlatShort, kFlatLong)
+          ->Iterations(dequantize ? 64 : 4096)
+          ->Unit(benchmark::kMicrosecond);
+    }
+  }
+  for (bool dequantize : {false, true}) {
+    benchmark::RegisterBenchmark(
+        dequantize ? "BM_QuantizedDecodeStepDequantized/float32" : "BM_QuantizedDecodeStep/float32",
+        bm_quantized_decode_step, dequantize)
+        ->ArgsProduct({{8, 4, 2}, {128, 512, 2048, 8192}})
+        ->Unit(benchmark::kMicrosecond)
+        ->UseRealTime();
+  }
+  for (DType dtype : kDTypes) {
+    benchmark::RegisterBenchmark(kvcache::bench::family_name("BM_DynamicDecodeStep", dtype).c_str(),
+                                 bm_dynamic_decode_step, dtype)
+        ->RangeMultiplier(4)
+        ->Range(kFlatShort, kFlatLong)
+        ->Unit(benchmark::kMicrosecond)
+        ->UseRealTime();
+  }
   for (DType dtype : kDTypes) {
     benchmark::RegisterBenchmark(
         kvcache::bench::family_name("BM_DynamicCacheUpdate", dtype).c_str(),

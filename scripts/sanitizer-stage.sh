@@ -26,8 +26,8 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 # The hostile-input, tensor, cache, parser and thread-safety suites (the binary holds nothing
 # else).
 suites=(Hostile Tensor CpuCopy Float16 DynamicCache StaticCache LegacyCache SlidingWindowLayer
-        AttentionSliding CpuAttentionWindow Config Gguf Safetensors Tokenizer ChatTemplate
-        ThreadSafety)
+        SinkCache QuantizedCache QuantizedAttention AttentionSliding CpuAttentionWindow Config Gguf
+        Safetensors Tokenizer ChatTemplate ThreadSafety)
 filter=$(printf '%s*:' "${suites[@]}")
 OMP_NUM_THREADS=2 "$build/tests/kvcache_sanitizer_tests" --gtest_brief=1 --gtest_filter="${filter%:}"
 ctest --test-dir "$build" -L fuzz -j2 --output-on-failure

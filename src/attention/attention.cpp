@@ -86,9 +86,14 @@ Tensor Attention::forward(const Tensor& query_states, const Tensor& key_states,
     const std::vector<std::uint8_t> mask =
         kept_columns(mask_to_bytes(attention_mask, batch, mask_columns, where), batch, sizes);
     Tensor out = Tensor::empty({batch, q_len, o.num_heads, o.head_dim}, query_states.dtype());
-    auto [keys, values] = cache.update(key_states, value_states, layer_idx_, kwargs);
-    cpu::attention(query_states, keys, values, mask, cache_position, sizes.kv_offset, scale_, out,
-                   o.sliding_window);
+    const AttentionKV kv = cache.update_for_attention(key_states, value_states, layer_idx_, kwargs);
+    if (kv.quantized) {  // a quantized layer: its blocks are read as stored
+      cpu::attention_quantized(query_states, *kv.quantized, kv.keys, kv.values, mask,
+                               cache_position, sizes.kv_offset, scale_, out, o.sliding_window);
+    } else {
+      cpu::attention(query_states, kv.keys, kv.values, mask, cache_position, sizes.kv_offset,
+                     scale_, out, o.sliding_window);
+    }
     return out;
   } else {
     // The mask as device bytes [batch, kv_length], its columns from kv_offset (the layer's

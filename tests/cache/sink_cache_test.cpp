@@ -109,7 +109,7 @@ struct Fixture {
 };
 
 TEST(SinkCache, KeptKeysEqualFreshKeysAtTheirNewPositions) {
-  for (const auto [window, sinks] :
+  for (const auto& [window, sinks] :
        {std::pair<std::int64_t, std::int64_t>{16, 4}, {9, 0}, {12, 1}}) {
     Fixture f(window, sinks);
     const std::int64_t pattern[] = {5, 1, 1, 3, 1, 7, 1, 2, 1, 1, 4, 1, 20, 1, 1, 9, 1};

@@ -15,6 +15,9 @@
 // windowed model is exact over a full-attention cache layer too, and a layer that dropped keys a
 // query still sees is a clear error before the update (check_keys_held).
 //
+// The keys and values come from cache.update_for_attention: full-precision views for every cache
+// but a QuantizedCache, whose blocks the CPU kernel reads as stored (cpu::attention_quantized).
+//
 // On the GPU the kernels apply the window too, over full-attention cache layers; a cache layer
 // that has dropped its oldest keys (kv_offset > 0, a sliding layer past its window) is refused
 // there for now (a kvcache::Error saying so).

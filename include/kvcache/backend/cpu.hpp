@@ -8,6 +8,7 @@
 #include <span>
 #include <string_view>
 
+#include "kvcache/cache/quantized_view.hpp"
 #include "kvcache/tensor.hpp"
 
 namespace kvcache::cpu {
@@ -58,6 +59,29 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
                std::span<const std::uint8_t> mask_bytes,
                std::span<const std::int64_t> cache_position, std::int64_t kv_offset, float scale,
                const Tensor& out, std::optional<std::int64_t> sliding_window = std::nullopt);
+
+/// The same over a layer whose oldest keys and values are quantized (QuantizedCache): key slots
+/// [0, blocks.tokens) are read from the blocks, dequantized a chunk of keys at a time into a
+/// per-thread buffer that stays in L1 (never the whole history), and slots [blocks.tokens,
+/// kv_len) from `keys` / `values` [batch, num_kv_heads, kv_len - blocks.tokens, head_dim] (full
+/// precision, query's dtype, contiguous head_dim). kv_len = blocks.tokens + keys.size(2); mask
+/// bytes, cache_position, kv_offset and sliding_window as above. Equal to attention() over the
+/// dequantized keys and values within float32 rounding (no rounding of them to the query's
+/// dtype).
+void attention_quantized(const Tensor& query, const QuantizedKVView& blocks, const Tensor& keys,
+                         const Tensor& values, std::span<const std::uint8_t> mask_bytes,
+                         std::span<const std::int64_t> cache_position, std::int64_t kv_offset,
+                         float scale, const Tensor& out,
+                         std::optional<std::int64_t> sliding_window = std::nullopt);
+
+/// RoPE re-rotation of `rows` head_dim-long rows (rotate_half pairs (i, i + head_dim / 2)):
+/// dst row r = (x1 cos - x2 sin, x2 cos + x1 sin) of src row r, in float32 with cos / sin
+/// [head_dim / 2] given (the shift's, computed once), rounded once to `dtype` (float32, float16 or
+/// bfloat16). Strides in elements; dst may be src (in place) or rows below it taken in ascending
+/// order (a slide down). Sixteen lanes at a time for float32 and bfloat16.
+void rotate_rows(const void* src, void* dst, DType dtype, std::int64_t rows, std::int64_t head_dim,
+                 std::int64_t src_stride, std::int64_t dst_stride, const float* cos,
+                 const float* sin);
 
 // --- dense layers (the model's building blocks) ---------------------------------------------
 // All take and return contiguous float32 CPU tensors; weights may be float32, bfloat16 or float16

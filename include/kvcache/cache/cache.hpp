@@ -12,7 +12,8 @@
 //
 // Cache is templated on a Backend (kvcache::cpu::Backend, kvcache::cuda::Backend): the backend
 // decides where storage lives (its device) and how elements are copied. A cache owns storage and
-// bookkeeping and never does attention math; the attention module asks it for keys and values.
+// bookkeeping and never does attention math; the attention module asks it for keys and values
+// (update_for_attention: full-precision views, or a quantized layer's blocks as they are stored).
 // Virtual dispatch happens once per layer per step, never per element, so one attention module
 // serves every cache kind of a backend.
 //
@@ -40,6 +41,7 @@
 #include <string>
 #include <utility>
 
+#include "kvcache/cache/quantized_view.hpp"
 #include "kvcache/error.hpp"
 #include "kvcache/float16.hpp"
 #include "kvcache/tensor.hpp"
@@ -74,6 +76,17 @@ struct MaskSizes {
   std::int64_t kv_offset = 0;
 };
 
+/// What update_for_attention() returns: the kv_length keys and values a step attends over. Without
+/// `quantized`, keys and values are all of them (update()'s views). With it, slots [0,
+/// quantized->tokens) are the layer's quantized blocks and keys / values [batch, num_kv_heads,
+/// kv_length - tokens, head_dim] (contiguous head_dim, any other strides) the full-precision
+/// tokens after them. Valid until the layer's next mutating call.
+struct AttentionKV {
+  Tensor keys{};    ///< all kv_length keys, or (with `quantized`) the full-precision ones after it
+  Tensor values{};  ///< the same for the values
+  std::optional<QuantizedKVView> quantized{};  ///< the quantized blocks, for a QuantizedCache
+};
+
 /// The interface every cache implements (transformers' Cache): the attention module stores
 /// and reads keys and values through update(), generation loops use the rest. `B` is the
 /// backend whose device holds the storage (cpu::Backend or cuda::Backend).
@@ -92,6 +105,16 @@ class Cache {
   /// leaves the cache as it was.
   virtual std::pair<Tensor, Tensor> update(const Tensor& key_states, const Tensor& value_states,
                                            int layer_idx, const CacheKwargs& kwargs = {}) = 0;
+
+  /// update() as the attention module calls it: the same storage step, but a layer that keeps
+  /// part of its tokens in a compact form may return them as they are stored (AttentionKV::
+  /// quantized: QuantizedCache) so the kernel reads them directly instead of a full-precision
+  /// copy. Every other cache keeps this default, update()'s views.
+  virtual AttentionKV update_for_attention(const Tensor& key_states, const Tensor& value_states,
+                                           int layer_idx, const CacheKwargs& kwargs = {}) {
+    auto [keys, values] = update(key_states, value_states, layer_idx, kwargs);
+    return {keys, values, std::nullopt};
+  }
 
   /// Tokens held by `layer_idx` (0 for a layer not seen yet).
   virtual std::int64_t get_seq_length(int layer_idx = 0) const = 0;

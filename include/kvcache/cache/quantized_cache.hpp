@@ -15,26 +15,31 @@
 // Better than transformers: a block is quantized once, when it leaves the residual window, and is
 // never touched again (its bytes are appended to the row's byte stream and stay as they are);
 // transformers dequantizes and re-quantizes the whole history at every flush. A step of q_len
-// tokens attends over the quantized blocks (dequantized) followed by the residual and the new
-// tokens in full precision; only then are the tokens past residual_length flushed into blocks, so
-// a prefill attends over its own tokens exactly, as in transformers.
+// tokens attends over the quantized blocks followed by the residual and the new tokens in full
+// precision; only then are the tokens past residual_length flushed into blocks, so a prefill
+// attends over its own tokens exactly, as in transformers.
 //
-// Attention path (CPU, for now): update() dequantizes the layer's blocks into a fresh
-// [batch, num_kv_heads, seen, head_dim] buffer of the states' dtype and returns it with the
-// residual (dequantize-then-attend, the simple correct form): the buffer lives as long as the
-// returned views, one layer at a time, so the cache itself stays small; the per-step cost is
-// O(seen) dequantization. Reading the blocks directly in the attention kernel is still to do.
+// Attention path (CPU). The attention module calls update_for_attention(), which costs O(q_len)
+// plus the quantization of the blocks leaving the residual: the new tokens are appended to the
+// residual storage, and the layer's blocks are handed over as they are stored (a
+// QuantizedKVView, kvcache/cache/quantized_view.hpp) beside views of the residual;
+// cpu::attention_quantized reads the blocks directly, dequantizing a chunk of keys at a time into
+// a per-thread buffer that stays in L1, so the O(seen) part of a step is the kernel's streaming
+// read of compact blocks and nothing else. update() (transformers' API) still returns the whole
+// layer dequantized into fresh tensors of the states' dtype (O(seen) a call).
 //
 // Bytes per cached token (bytes_per_token()): for head_dim 64, group 64, float16 scale and min,
 // keys + values per kv head: 8 bits 136, 4 bits 72, 2 bits 40 bytes, against 256 for bfloat16
-// and 512 for float32 (4 bits: 0.28x of bfloat16). The residual is held as float32 (exact for
-// every input dtype) and counted so in nbytes().
+// and 512 for float32 (4 bits: 0.28x of bfloat16). The residual is held in the states' dtype
+// (bfloat16 states: a bfloat16 residual; exact, since it is what was given) and counted so in
+// nbytes().
 //
 // Slots as in a DynamicCache: get_seq_length() is every token seen, get_mask_sizes() is
 // (seen + q_len, 0), get_max_cache_shape() is -1. crop() to any length at or past the quantized
 // tokens, or to a block boundary below them (whole blocks dropped, never re-quantized); elsewhere
 // it is a kvcache::Error. Batch operations, reset and clone work. CPU only for now: on
-// cuda::Backend update() is a kvcache::Error (the class compiles for it).
+// cuda::Backend update() and update_for_attention() are a kvcache::Error (the class compiles for
+// it).
 //
 // Every mutating call checks its input and allocates before it changes anything, so a call that
 // throws leaves the cache as it was. Copies are explicit (clone()). Not thread-safe.
@@ -107,13 +112,17 @@ struct QuantCodec {
     std::memcpy(f, p, sizeof(f));
     return {f[0], f[1]};
   }
+  // log2 of the codes a byte holds: shifts and masks, not a division per code.
+  int per_shift() const { return nbits == 8 ? 0 : nbits == 4 ? 1 : 2; }
   void put_code(unsigned char* codes, std::int64_t idx, unsigned code) const {
-    const std::int64_t per = 8 / nbits;
-    codes[idx / per] |= static_cast<unsigned char>(code << ((idx % per) * nbits));
+    const int sh = per_shift();
+    const std::int64_t lane = idx & ((std::int64_t{1} << sh) - 1);
+    codes[idx >> sh] |= static_cast<unsigned char>(code << (lane * nbits));
   }
   unsigned get_code(const unsigned char* codes, std::int64_t idx) const {
-    const std::int64_t per = 8 / nbits;
-    return (codes[idx / per] >> ((idx % per) * nbits)) & qmax();
+    const int sh = per_shift();
+    const std::int64_t lane = idx & ((std::int64_t{1} << sh) - 1);
+    return (codes[idx >> sh] >> (lane * nbits)) & qmax();
   }
 
   // Quantizes x[0], x[stride], ... (n values) into meta and codes [first + k * step].
@@ -204,6 +213,9 @@ class QuantizedCache final : public Cache<B> {
     return out;
   }
 
+  /// transformers' update(): the layer's keys and values, past + new, as fresh [batch, heads,
+  /// seen, head_dim] tensors of the states' dtype: the blocks dequantized, then the residual as
+  /// given (O(seen) a call; the attention module calls update_for_attention instead).
   std::pair<Tensor, Tensor> update(const Tensor& key_states, const Tensor& value_states,
                                    int layer_idx, const CacheKwargs& kwargs = {}) override {
     (void)kwargs;
@@ -213,92 +225,35 @@ class QuantizedCache final : public Cache<B> {
                    "); use it with a CPU model");
     }
     check_states(key_states, value_states, layer_idx);
-    const bool fresh = layer_idx == num_layers();
-    const Layer empty_layer = fresh || layers_[static_cast<std::size_t>(layer_idx)].seen() == 0
-                                  ? make_layer(key_states)
-                                  : Layer{};
-    const Layer& l =
-        empty_layer.heads > 0 ? empty_layer : layers_[static_cast<std::size_t>(layer_idx)];
-    const Geometry& g = l.geo;
-    const std::int64_t batch = l.batch, heads = l.heads, d = l.head_dim, q = key_states.size(2);
-    const std::int64_t res = l.residual + q, seen = l.quantized + res;
-    detail::checked_mul(detail::checked_mul(batch * heads, seen, where, "the dequantized keys"), d,
-                        where, "the dequantized keys");
-    // 1. The residual after the step, token-major [res][batch][heads][d] float32.
-    std::vector<float> rk(static_cast<std::size_t>(res * batch * heads * d)), rv(rk.size());
-    std::copy(l.res_k.begin(), l.res_k.end(), rk.begin());
-    std::copy(l.res_v.begin(), l.res_v.end(), rv.begin());
-    append_states(key_states, rk, l.residual);
-    append_states(value_states, rv, l.residual);
-    // 2. The step's keys and values: the blocks dequantized, then the residual exactly.
-    const std::int64_t shape[4] = {batch, heads, seen, d};
+    const std::int64_t seen =
+        detail::checked_add(get_seq_length(layer_idx), key_states.size(2), where, "the tokens");
+    const std::int64_t shape[4] = {key_states.size(0), key_states.size(1), seen,
+                                   key_states.size(3)};
     Tensor out_k = detail::allocate_storage<B>(shape, key_states.dtype(), where);
     Tensor out_v = detail::allocate_storage<B>(shape, key_states.dtype(), where);
-    dequantize_into(l, out_k, out_v);
-    for (std::int64_t t = 0; t < res; ++t)
-      for (std::int64_t b = 0; b < batch; ++b)
-        for (std::int64_t h = 0; h < heads; ++h) {
-          const std::int64_t src = ((t * batch + b) * heads + h) * d;
-          const std::int64_t dst = ((b * heads + h) * seen + l.quantized + t) * d;
-          for (std::int64_t c = 0; c < d; ++c) {
-            detail::store_float(out_k.data(), out_k.dtype(), dst + c,
-                                rk[static_cast<std::size_t>(src + c)]);
-            detail::store_float(out_v.data(), out_v.dtype(), dst + c,
-                                rv[static_cast<std::size_t>(src + c)]);
-          }
-        }
-    // 3. The blocks leaving the residual, quantized once (per row: chunks of [heads][record]).
-    const std::int64_t flush =
-        res > options_.residual_length ? (res - options_.residual_length) / g.chunk * g.chunk : 0;
-    std::vector<std::vector<unsigned char>> new_k(static_cast<std::size_t>(batch)),
-        new_v(new_k.size());
-    for (std::int64_t b = 0; b < batch; ++b) {
-      auto& kb = new_k[static_cast<std::size_t>(b)];
-      auto& vb = new_v[static_cast<std::size_t>(b)];
-      const std::int64_t chunks = flush / g.chunk;
-      kb.assign(static_cast<std::size_t>(chunks * heads) * g.key_head_bytes, 0);
-      vb.assign(static_cast<std::size_t>(chunks * heads) * g.value_head_bytes, 0);
-      for (std::int64_t k = 0; k < chunks; ++k)
-        for (std::int64_t h = 0; h < heads; ++h) {
-          unsigned char* krec =
-              kb.data() + static_cast<std::size_t>(k * heads + h) * g.key_head_bytes;
-          unsigned char* vrec =
-              vb.data() + static_cast<std::size_t>(k * heads + h) * g.value_head_bytes;
-          quantize_chunk(rk.data(), rv.data(), k * g.chunk, b, h, batch, heads, d, krec, vrec, g);
-        }
-    }
-    // 4. Reserve (may throw), then commit (nothing throws).
-    std::vector<Layer> added;
-    if (fresh) {
-      added.reserve(1);
-      added.push_back(empty_layer);
-      layers_.reserve(layers_.size() + 1);
-    }
-    Layer& target = fresh ? added.front() : layers_[static_cast<std::size_t>(layer_idx)];
-    if (!fresh && empty_layer.heads > 0) {
-      Layer replacement = empty_layer;  // an emptied layer takes the new layout
-      reserve_rows(replacement, new_k, new_v);
-      target = std::move(replacement);
-    } else {
-      reserve_rows(target, new_k, new_v);
-    }
-    for (std::int64_t b = 0; b < batch; ++b) {
-      auto& dk = target.keys[static_cast<std::size_t>(b)];
-      auto& dv = target.values[static_cast<std::size_t>(b)];
-      dk.insert(dk.end(), new_k[static_cast<std::size_t>(b)].begin(),
-                new_k[static_cast<std::size_t>(b)].end());
-      dv.insert(dv.end(), new_v[static_cast<std::size_t>(b)].begin(),
-                new_v[static_cast<std::size_t>(b)].end());
-    }
-    const std::size_t drop = static_cast<std::size_t>(flush * batch * heads * d);
-    rk.erase(rk.begin(), rk.begin() + static_cast<std::ptrdiff_t>(drop));
-    rv.erase(rv.begin(), rv.begin() + static_cast<std::ptrdiff_t>(drop));
-    target.res_k.swap(rk);
-    target.res_v.swap(rv);
-    target.residual = res - flush;
-    target.quantized += flush;
-    if (fresh) layers_.push_back(std::move(added.front()));
+    const AttentionKV kv = step(key_states, value_states, layer_idx, where);
+    const QuantizedKVView& view = *kv.quantized;
+    dequantize(view, out_k, out_v);
+    cpu::copy(out_k.slice(2, view.tokens, seen), kv.keys);
+    cpu::copy(out_v.slice(2, view.tokens, seen), kv.values);
     return {out_k, out_v};
+  }
+
+  /// The attention module's update: stores the step (O(q_len), plus quantizing the blocks that
+  /// leave the residual) and returns the blocks as stored (AttentionKV::quantized, before this
+  /// step's flush) with the residual and new tokens as views of the layer's residual storage
+  /// ([batch, heads, residual + q_len, head_dim] in the states' dtype, token-major strides).
+  /// Valid until the layer's next mutating call.
+  AttentionKV update_for_attention(const Tensor& key_states, const Tensor& value_states,
+                                   int layer_idx, const CacheKwargs& kwargs = {}) override {
+    (void)kwargs;
+    const char* where = "QuantizedCache::update";
+    if constexpr (B::kDevice != Device::kCpu) {
+      KVCACHE_FAIL(where, ": the quantized cache is not on the GPU yet (", device_name(B::kDevice),
+                   "); use it with a CPU model");
+    }
+    check_states(key_states, value_states, layer_idx);
+    return step(key_states, value_states, layer_idx, where);
   }
 
   std::int64_t get_seq_length(int layer_idx = 0) const override {
@@ -324,7 +279,7 @@ class QuantizedCache final : public Cache<B> {
       for (auto& r : l.values) r.clear();
       l.res_k.clear();
       l.res_v.clear();
-      l.quantized = l.residual = 0;
+      l.quantized = l.residual = l.res_begin = 0;
     }
   }
 
@@ -346,6 +301,10 @@ class QuantizedCache final : public Cache<B> {
       if (t >= l.seen()) continue;
       if (t >= l.quantized) {
         l.residual = t - l.quantized;
+        const std::size_t keep =
+            static_cast<std::size_t>(l.res_begin + l.residual) * l.token_bytes();
+        l.res_k.resize(keep);
+        l.res_v.resize(keep);
       } else {
         const std::int64_t chunks = t / l.geo.chunk;
         for (auto& r : l.keys)
@@ -353,12 +312,10 @@ class QuantizedCache final : public Cache<B> {
         for (auto& r : l.values)
           r.resize(static_cast<std::size_t>(chunks * l.heads) * l.geo.value_head_bytes);
         l.quantized = t;
-        l.residual = 0;
+        l.residual = l.res_begin = 0;
+        l.res_k.clear();
+        l.res_v.clear();
       }
-      const std::size_t keep =
-          static_cast<std::size_t>(l.residual * l.batch * l.heads * l.head_dim);
-      l.res_k.resize(keep);
-      l.res_v.resize(keep);
     }
   }
 
@@ -387,13 +344,13 @@ class QuantizedCache final : public Cache<B> {
     gather(std::vector<std::int64_t>(indices.begin(), indices.end()), "batch_select_indices");
   }
 
-  /// Bytes held: the blocks' bytes plus the residual (float32).
+  /// Bytes held: the blocks' bytes plus the residual (in the states' dtype).
   std::size_t nbytes() const override {
     std::size_t total = 0;
     for (const Layer& l : layers_) {
       for (const auto& r : l.keys) total += r.size();
       for (const auto& r : l.values) total += r.size();
-      total += (l.res_k.size() + l.res_v.size()) * sizeof(float);
+      total += 2 * static_cast<std::size_t>(l.residual) * l.token_bytes();
     }
     return total;
   }
@@ -402,7 +359,7 @@ class QuantizedCache final : public Cache<B> {
     for (const Layer& l : layers_) {
       for (const auto& r : l.keys) total += r.capacity();
       for (const auto& r : l.values) total += r.capacity();
-      total += (l.res_k.capacity() + l.res_v.capacity()) * sizeof(float);
+      total += l.res_k.capacity() + l.res_v.capacity();
     }
     return total;
   }
@@ -415,6 +372,52 @@ class QuantizedCache final : public Cache<B> {
     const Layer& l = layers_[static_cast<std::size_t>(layer_idx)];
     KVCACHE_CHECK(row >= 0 && row < l.batch, "QuantizedCache::block_bytes: no row ", row);
     return {l.keys[static_cast<std::size_t>(row)], l.values[static_cast<std::size_t>(row)]};
+  }
+
+  /// Writes a view's blocks, dequantized, into slots [0, view.tokens) of out_k / out_v [batch,
+  /// heads, >= tokens, head_dim] (contiguous CPU tensors of any float dtype): the simple scalar
+  /// form, update()'s dequantize-then-attend path and the tests' reference.
+  static void dequantize(const QuantizedKVView& view, const Tensor& out_k, const Tensor& out_v) {
+    const detail::QuantCodec codec{view.nbits, view.scale_dtype};
+    const std::int64_t d = view.head_dim, len = out_k.size(2), chunks = view.tokens / view.chunk;
+    const std::int64_t groups = d / view.token_group;
+    auto token_record = [&](const unsigned char* rec, void* out, DType dt, std::int64_t o) {
+      const unsigned char* codes = rec + static_cast<std::size_t>(groups) * codec.meta_size();
+      for (std::int64_t grp = 0; grp < groups; ++grp) {
+        const auto [sc, mn] =
+            codec.get_meta(rec + static_cast<std::size_t>(grp) * codec.meta_size());
+        for (std::int64_t c = grp * view.token_group; c < (grp + 1) * view.token_group; ++c)
+          detail::store_float(out, dt, o + c,
+                              static_cast<float>(codec.get_code(codes, c)) * sc + mn);
+      }
+    };
+    for (std::int64_t b = 0; b < view.batch; ++b) {
+      const unsigned char* kb = view.keys[static_cast<std::size_t>(b)];
+      const unsigned char* vb = view.values[static_cast<std::size_t>(b)];
+      for (std::int64_t k = 0; k < chunks; ++k)
+        for (std::int64_t h = 0; h < view.heads; ++h) {
+          const unsigned char* krec =
+              kb + static_cast<std::size_t>(k * view.heads + h) * view.key_head_bytes;
+          const unsigned char* vrec =
+              vb + static_cast<std::size_t>(k * view.heads + h) * view.value_head_bytes;
+          const std::int64_t base = ((b * view.heads + h) * len + k * view.chunk) * d;
+          for (std::int64_t i = 0; i < view.chunk; ++i)
+            token_record(vrec + static_cast<std::size_t>(i) * view.token_record, out_v.data(),
+                         out_v.dtype(), base + i * d);
+          if (!view.keys_per_channel) {
+            token_record(krec, out_k.data(), out_k.dtype(), base);
+            continue;
+          }
+          const unsigned char* codes = krec + static_cast<std::size_t>(d) * codec.meta_size();
+          for (std::int64_t c = 0; c < d; ++c) {
+            const auto [sc, mn] =
+                codec.get_meta(krec + static_cast<std::size_t>(c) * codec.meta_size());
+            for (std::int64_t i = 0; i < view.chunk; ++i)
+              detail::store_float(out_k.data(), out_k.dtype(), base + i * d + c,
+                                  static_cast<float>(codec.get_code(codes, i * d + c)) * sc + mn);
+          }
+        }
+    }
   }
 
   /// Batch rows held, or -1 while every layer is empty.
@@ -457,10 +460,17 @@ class QuantizedCache final : public Cache<B> {
     DType dtype = DType::kFloat32;
     Geometry geo;
     std::int64_t quantized = 0;  // tokens in blocks, a multiple of geo.chunk
-    std::int64_t residual = 0;   // tokens after them, in res_k / res_v
+    std::int64_t residual = 0;   // tokens after them: slots [res_begin, res_begin + residual)
+    std::int64_t res_begin = 0;  // slots already flushed (dropped at the next update)
     std::vector<std::vector<unsigned char>> keys, values;  // per batch row: chunks appended
-    std::vector<float> res_k, res_v;  // [residual][batch][heads][head_dim], float32
+    // Token-major [slot][batch][heads][head_dim] in `dtype`: a step appends its tokens, a flush
+    // only advances res_begin (the step's views still read those slots), the next step moves the
+    // live ones to the front.
+    std::vector<unsigned char> res_k, res_v;
     std::int64_t seen() const { return quantized + residual; }
+    std::size_t token_bytes() const {
+      return static_cast<std::size_t>(batch * heads * head_dim) * dtype_size(dtype);
+    }
   };
 
   Layer make_layer(const Tensor& s) const {
@@ -497,18 +507,143 @@ class QuantizedCache final : public Cache<B> {
                   " (the batch the cache holds), got ", k.size(0));
   }
 
-  // Appends states [b, h, q, d] (any strides) to a token-major residual after `past` tokens.
-  static void append_states(const Tensor& s, std::vector<float>& res, std::int64_t past) {
+  // Writes states [b, h, q, d] (any strides, the layer's dtype) to token-major residual slots
+  // [slot, slot + q) of `res`.
+  static void write_states(const Tensor& s, unsigned char* res, std::int64_t slot) {
     const std::int64_t batch = s.size(0), heads = s.size(1), q = s.size(2), d = s.size(3);
+    const std::size_t es = dtype_size(s.dtype());
+    const auto* src = static_cast<const unsigned char*>(s.data());
     for (std::int64_t t = 0; t < q; ++t)
       for (std::int64_t b = 0; b < batch; ++b)
-        for (std::int64_t h = 0; h < heads; ++h)
-          for (std::int64_t c = 0; c < d; ++c) {
-            const std::int64_t off =
-                b * s.stride(0) + h * s.stride(1) + t * s.stride(2) + c * s.stride(3);
-            res[static_cast<std::size_t>((((past + t) * batch + b) * heads + h) * d + c)] =
-                detail::load_float(s.data(), s.dtype(), off);
+        for (std::int64_t h = 0; h < heads; ++h) {
+          unsigned char* dst =
+              res + static_cast<std::size_t>(((slot + t) * batch + b) * heads + h) *
+                        static_cast<std::size_t>(d) * es;
+          const std::int64_t off = b * s.stride(0) + h * s.stride(1) + t * s.stride(2);
+          if (s.stride(3) == 1) {
+            std::memcpy(dst, src + static_cast<std::size_t>(off) * es,
+                        static_cast<std::size_t>(d) * es);
+          } else {
+            for (std::int64_t c = 0; c < d; ++c)
+              std::memcpy(dst + static_cast<std::size_t>(c) * es,
+                          src + static_cast<std::size_t>(off + c * s.stride(3)) * es, es);
           }
+        }
+  }
+
+  // One step: reserve everything (may throw; the cache is unchanged), then append the new tokens
+  // to the residual, quantize the chunks leaving it and commit (nothing throws). The returned
+  // view is the layer before the flush: old blocks, then residual + new tokens.
+  AttentionKV step(const Tensor& key_states, const Tensor& value_states, int layer_idx,
+                   const char* where) {
+    const auto idx = static_cast<std::size_t>(layer_idx);
+    const bool fresh = layer_idx == num_layers();
+    const bool renew = fresh || layers_[idx].seen() == 0;  // an emptied layer takes the new layout
+    Layer replacement = renew ? make_layer(key_states) : Layer{};
+    Layer& l = renew ? replacement : layers_[idx];
+    const Geometry& g = l.geo;
+    const std::int64_t batch = l.batch, heads = l.heads, d = l.head_dim, q = key_states.size(2);
+    const std::int64_t res = detail::checked_add(l.residual, q, where, "the residual");
+    detail::checked_mul(detail::checked_mul(batch * heads * d, res, where, "the residual"),
+                        static_cast<std::int64_t>(dtype_size(l.dtype)), where, "the residual");
+    const std::int64_t flush =
+        res > options_.residual_length ? (res - options_.residual_length) / g.chunk * g.chunk : 0;
+    const std::int64_t chunks = flush / g.chunk;
+    const std::size_t tb = l.token_bytes();
+    // 1. Reserve (may throw; nothing observable changes).
+    if (fresh) layers_.reserve(layers_.size() + 1);
+    auto grow = [](std::vector<unsigned char>& v, std::size_t size) {
+      if (size > v.capacity()) v.reserve(std::max(size, 2 * v.capacity()));
+    };
+    grow(l.res_k, std::max<std::size_t>(static_cast<std::size_t>(res) * tb, tb));
+    grow(l.res_v, std::max<std::size_t>(static_cast<std::size_t>(res) * tb, tb));
+    const std::size_t add_k = static_cast<std::size_t>(chunks * heads) * g.key_head_bytes;
+    const std::size_t add_v = static_cast<std::size_t>(chunks * heads) * g.value_head_bytes;
+    for (std::int64_t b = 0; b < batch; ++b) {
+      grow(l.keys[static_cast<std::size_t>(b)], l.keys[static_cast<std::size_t>(b)].size() + add_k);
+      grow(l.values[static_cast<std::size_t>(b)],
+           l.values[static_cast<std::size_t>(b)].size() + add_v);
+    }
+    const bool wide = l.dtype == DType::kFloat32;  // else the flushed tokens are widened first
+    std::vector<float> fk(wide ? 0 : static_cast<std::size_t>(flush * batch * heads * d)),
+        fv(fk.size());
+    QuantizedKVView view = make_view(l);  // the blocks before this step's flush
+    // 2. Write (nothing throws: every resize below stays within the capacity reserved).
+    if (l.res_begin > 0) {
+      const std::size_t live = static_cast<std::size_t>(l.residual) * tb;
+      const std::size_t from = static_cast<std::size_t>(l.res_begin) * tb;
+      std::memmove(l.res_k.data(), l.res_k.data() + from, live);
+      std::memmove(l.res_v.data(), l.res_v.data() + from, live);
+      l.res_begin = 0;
+    }
+    l.res_k.resize(static_cast<std::size_t>(res) * tb);
+    l.res_v.resize(l.res_k.size());
+    write_states(key_states, l.res_k.data(), l.residual);
+    write_states(value_states, l.res_v.data(), l.residual);
+    const float* rk = reinterpret_cast<const float*>(l.res_k.data());
+    const float* rv = reinterpret_cast<const float*>(l.res_v.data());
+    if (!wide) {
+      for (std::size_t i = 0; i < fk.size(); ++i) {
+        fk[i] = detail::load_float(l.res_k.data(), l.dtype, static_cast<std::int64_t>(i));
+        fv[i] = detail::load_float(l.res_v.data(), l.dtype, static_cast<std::int64_t>(i));
+      }
+      rk = fk.data();
+      rv = fv.data();
+    }
+    for (std::int64_t b = 0; b < batch; ++b) {
+      auto& kb = l.keys[static_cast<std::size_t>(b)];
+      auto& vb = l.values[static_cast<std::size_t>(b)];
+      const std::size_t k0 = kb.size(), v0 = vb.size();
+      kb.resize(k0 + add_k);  // zeroed: codes are OR-ed in
+      vb.resize(v0 + add_v);
+      for (std::int64_t k = 0; k < chunks; ++k)
+        for (std::int64_t h = 0; h < heads; ++h) {
+          unsigned char* krec =
+              kb.data() + k0 + static_cast<std::size_t>(k * heads + h) * g.key_head_bytes;
+          unsigned char* vrec =
+              vb.data() + v0 + static_cast<std::size_t>(k * heads + h) * g.value_head_bytes;
+          quantize_chunk(rk, rv, k * g.chunk, b, h, batch, heads, d, krec, vrec, g);
+        }
+    }
+    // The residual + new tokens as [batch, heads, res, d] views of the token-major slots.
+    const std::int64_t shape[4] = {batch, heads, res, d};
+    const std::int64_t strides[4] = {heads * d, d, batch * heads * d, 1};
+    AttentionKV out{Tensor::from_blob(l.res_k.data(), shape, l.dtype, Device::kCpu, strides),
+                    Tensor::from_blob(l.res_v.data(), shape, l.dtype, Device::kCpu, strides),
+                    std::move(view)};
+    l.quantized += flush;
+    l.residual = res - flush;
+    l.res_begin = flush;
+    // 3. Commit (moving a Layer moves its vectors' buffers: the views stay valid).
+    if (fresh) {
+      layers_.push_back(std::move(replacement));
+    } else if (renew) {
+      layers_[idx] = std::move(replacement);
+    }
+    return out;
+  }
+
+  QuantizedKVView make_view(const Layer& l) const {
+    QuantizedKVView v;
+    v.nbits = options_.nbits;
+    v.scale_dtype = options_.scale_dtype;
+    v.keys_per_channel = options_.key_axis == QuantAxis::kPerChannel;
+    v.batch = l.batch;
+    v.heads = l.heads;
+    v.head_dim = l.head_dim;
+    v.tokens = l.quantized;
+    v.chunk = l.geo.chunk;
+    v.token_group = l.geo.token_group;
+    v.token_record = l.geo.token_record;
+    v.key_head_bytes = l.geo.key_head_bytes;
+    v.value_head_bytes = l.geo.value_head_bytes;
+    v.keys.reserve(static_cast<std::size_t>(l.batch));
+    v.values.reserve(static_cast<std::size_t>(l.batch));
+    for (std::int64_t b = 0; b < l.batch; ++b) {
+      v.keys.push_back(l.keys[static_cast<std::size_t>(b)].data());
+      v.values.push_back(l.values[static_cast<std::size_t>(b)].data());
+    }
+    return v;
   }
 
   // Quantizes the chunk of tokens [t0, t0 + chunk) of row b, head h of a token-major residual.
@@ -541,63 +676,6 @@ class QuantizedCache final : public Cache<B> {
     }
   }
 
-  // Writes the dequantized blocks of every row and head into out [b, h, seen', d] slots
-  // [0, quantized).
-  void dequantize_into(const Layer& l, const Tensor& out_k, const Tensor& out_v) const {
-    const detail::QuantCodec codec{options_.nbits, options_.scale_dtype};
-    const Geometry& g = l.geo;
-    const std::int64_t d = l.head_dim, len = out_k.size(2), chunks = l.quantized / g.chunk;
-    auto token_record = [&](const unsigned char* rec, void* out, DType dt, std::int64_t o) {
-      const unsigned char* codes =
-          rec + static_cast<std::size_t>(g.token_groups) * codec.meta_size();
-      for (std::int64_t grp = 0; grp < g.token_groups; ++grp) {
-        const auto [sc, mn] =
-            codec.get_meta(rec + static_cast<std::size_t>(grp) * codec.meta_size());
-        for (std::int64_t c = grp * g.token_group; c < (grp + 1) * g.token_group; ++c)
-          detail::store_float(out, dt, o + c,
-                              static_cast<float>(codec.get_code(codes, c)) * sc + mn);
-      }
-    };
-    for (std::int64_t b = 0; b < l.batch; ++b) {
-      const unsigned char* kb = l.keys[static_cast<std::size_t>(b)].data();
-      const unsigned char* vb = l.values[static_cast<std::size_t>(b)].data();
-      for (std::int64_t k = 0; k < chunks; ++k)
-        for (std::int64_t h = 0; h < l.heads; ++h) {
-          const unsigned char* krec =
-              kb + static_cast<std::size_t>(k * l.heads + h) * g.key_head_bytes;
-          const unsigned char* vrec =
-              vb + static_cast<std::size_t>(k * l.heads + h) * g.value_head_bytes;
-          const std::int64_t base = ((b * l.heads + h) * len + k * g.chunk) * d;
-          for (std::int64_t i = 0; i < g.chunk; ++i)
-            token_record(vrec + static_cast<std::size_t>(i) * g.token_record, out_v.data(),
-                         out_v.dtype(), base + i * d);
-          if (options_.key_axis == QuantAxis::kPerToken) {
-            token_record(krec, out_k.data(), out_k.dtype(), base);
-            continue;
-          }
-          const unsigned char* codes = krec + static_cast<std::size_t>(d) * codec.meta_size();
-          for (std::int64_t c = 0; c < d; ++c) {
-            const auto [sc, mn] =
-                codec.get_meta(krec + static_cast<std::size_t>(c) * codec.meta_size());
-            for (std::int64_t i = 0; i < g.chunk; ++i)
-              detail::store_float(out_k.data(), out_k.dtype(), base + i * d + c,
-                                  static_cast<float>(codec.get_code(codes, i * d + c)) * sc + mn);
-          }
-        }
-    }
-  }
-
-  static void reserve_rows(Layer& l, const std::vector<std::vector<unsigned char>>& nk,
-                           const std::vector<std::vector<unsigned char>>& nv) {
-    auto grow = [](std::vector<unsigned char>& v, std::size_t extra) {
-      if (v.size() + extra > v.capacity()) v.reserve(std::max(v.size() + extra, 2 * v.capacity()));
-    };
-    for (std::size_t b = 0; b < nk.size(); ++b) {
-      grow(l.keys[b], nk[b].size());
-      grow(l.values[b], nv[b].size());
-    }
-  }
-
   void gather(const std::vector<std::int64_t>& rows, const char* op) {
     const std::int64_t batch = batch_size();
     if (batch < 0) return;
@@ -617,17 +695,21 @@ class QuantizedCache final : public Cache<B> {
       out.batch = n;
       out.keys.assign(rows.size(), {});
       out.values.assign(rows.size(), {});
-      const std::int64_t hd = l.heads * l.head_dim;
-      out.res_k.assign(static_cast<std::size_t>(l.residual * n * hd), 0.0f);
-      out.res_v.assign(out.res_k.size(), 0.0f);
+      // One token of one row: heads * head_dim elements; the live slots move to the front.
+      const auto hd = static_cast<std::ptrdiff_t>(l.heads * l.head_dim) *
+                      static_cast<std::ptrdiff_t>(dtype_size(l.dtype));
+      out.res_begin = 0;
+      out.res_k.assign(static_cast<std::size_t>(l.residual * n * hd), 0);
+      out.res_v.assign(out.res_k.size(), 0);
       for (std::int64_t i = 0; i < n; ++i) {
         const auto src = static_cast<std::size_t>(rows[static_cast<std::size_t>(i)]);
         out.keys[static_cast<std::size_t>(i)] = l.keys[src];
         out.values[static_cast<std::size_t>(i)] = l.values[src];
         for (std::int64_t t = 0; t < l.residual; ++t) {
-          const auto from =
-              static_cast<std::ptrdiff_t>((t * l.batch + static_cast<std::int64_t>(src)) * hd);
-          const auto to = static_cast<std::ptrdiff_t>((t * n + i) * hd);
+          const auto from = static_cast<std::ptrdiff_t>((l.res_begin + t) * l.batch +
+                                                        static_cast<std::int64_t>(src)) *
+                            hd;
+          const auto to = static_cast<std::ptrdiff_t>(t * n + i) * hd;
           std::copy(l.res_k.begin() + from, l.res_k.begin() + from + hd, out.res_k.begin() + to);
           std::copy(l.res_v.begin() + from, l.res_v.begin() + from + hd, out.res_v.begin() + to);
         }

@@ -8,11 +8,13 @@
 // its index in the cache, not at its index in the text: the keys held are always at positions
 // 0, 1, ..., stored - 1. When tokens are evicted the recent keys slide down to close the gap
 // and are re-rotated by the shift (RoPE composes: R(p - e) = R(-e) R(p)), with cos/sin of the
-// shift computed in float64 from the model's inverse frequencies (SinkCacheOptions::
-// rope_inv_freq, RotaryEmbedding::inv_freq(), so linear and llama3 scaling are covered) and
-// rounded once to the storage dtype. The sinks never move and are never touched. The queries of
-// a step get the positions its new keys get (rope_position_start(), which the model asks for when
-// no position_ids are passed): with q_len new tokens and `stored` held,
+// shift computed once per eviction in float64 from the model's inverse frequencies
+// (SinkCacheOptions::rope_inv_freq, RotaryEmbedding::inv_freq(), so linear and llama3 scaling are
+// covered) and rounded to float32; the rotation itself runs in float32, sixteen lanes at a time,
+// fused with the slide (cpu::rotate_rows), and is rounded once to the storage dtype. The sinks
+// never move and are never touched. The queries of a step get the positions its new keys get
+// (rope_position_start(), which the model asks for when no position_ids are passed): with q_len new
+// tokens and `stored` held,
 //   stored + q_len <= window                  append:  new token i at position stored + i
 //   q_len <= window - sinks (and it overflows) evict:   the oldest recent tokens leave first, the
 //                                                       rest slide down; new token i at
@@ -144,6 +146,8 @@ class SinkCache final : public Cache<B> {
       out_v = detail::allocate_storage<B>(shape, key_states.dtype(), where);
     }
     if (layer_idx == num_layers()) layers_.reserve(layers_.size() + 1);
+    const std::int64_t evicted = n + q > W ? n + q - W : 0;
+    const Rotation rot = rotation(evicted, key_states.size(3));  // cos/sin of the shift, once
     // 2. Write (nothing throws from here on). A shared storage is written in place: the old state
     // is gone only through these writes, which cannot fail.
     std::int64_t kv_length = 0;
@@ -153,7 +157,7 @@ class SinkCache final : public Cache<B> {
       next.stored = kv_length = n + q;
     } else if (!long_step) {
       const std::int64_t e = n + q - W;  // evicted: recent slots [S, S + e)
-      shift_down(next, S + e, n, e);
+      shift_down(next, S + e, n, e, rot);
       B::copy(next.keys.slice(2, W - q, W), key_states);
       B::copy(next.values.slice(2, W - q, W), value_states);
       next.stored = kv_length = W;
@@ -170,7 +174,7 @@ class SinkCache final : public Cache<B> {
       B::copy(next.values.slice(2, 0, S), out_v.slice(2, 0, S));
       B::copy(next.keys.slice(2, S, W), out_k.slice(2, S + e, total));
       B::copy(next.values.slice(2, S, W), out_v.slice(2, S + e, total));
-      rerotate(next.keys, S, W, e);
+      rerotate(next.keys, S, W, rot);
       next.stored = W;
       kv_length = total;
     }
@@ -375,9 +379,31 @@ class SinkCache final : public Cache<B> {
                   " (the batch the cache holds), got ", k.size(0));
   }
 
-  // Moves slots [from, to) of keys and values down by e slots (their tokens' positions drop by e)
-  // and re-rotates the moved keys by -e. Ascending order: each destination slot was read already.
-  void shift_down(Layer& l, std::int64_t from, std::int64_t to, std::int64_t e) const {
+  // cos and sin of a = -e * inv_freq[i] for the head_dim / 2 frequencies (computed in float64,
+  // rounded once to float32), once per eviction; empty without RoPE or for e == 0.
+  struct Rotation {
+    std::vector<float> cos, sin;
+  };
+  Rotation rotation(std::int64_t e, std::int64_t d) const {
+    Rotation rot;
+    if (options_.rope_inv_freq.empty() || e == 0) return rot;
+    const std::int64_t half = d / 2;
+    rot.cos.resize(static_cast<std::size_t>(half));
+    rot.sin.resize(rot.cos.size());
+    for (std::int64_t i = 0; i < half; ++i) {
+      const double a = -static_cast<double>(e) *
+                       static_cast<double>(options_.rope_inv_freq[static_cast<std::size_t>(i)]);
+      rot.cos[static_cast<std::size_t>(i)] = static_cast<float>(std::cos(a));
+      rot.sin[static_cast<std::size_t>(i)] = static_cast<float>(std::sin(a));
+    }
+    return rot;
+  }
+
+  // Moves slots [from, to) of keys and values down by e slots (their tokens' positions drop by e),
+  // the keys re-rotated by -e as they move (one pass: read, rotate, write). Ascending order: each
+  // destination slot was read already.
+  void shift_down(Layer& l, std::int64_t from, std::int64_t to, std::int64_t e,
+                  const Rotation& rot) const {
     const std::int64_t count = to - from;
     if (count <= 0) return;
     const std::int64_t rows = l.keys.size(0) * l.keys.size(1), W = l.keys.size(2),
@@ -389,39 +415,28 @@ class SinkCache final : public Cache<B> {
       const std::size_t dst = static_cast<std::size_t>((r * W + from - e) * d) * es;
       const std::size_t src = static_cast<std::size_t>((r * W + from) * d) * es;
       const std::size_t bytes = static_cast<std::size_t>(count * d) * es;
-      std::memmove(kb + dst, kb + src, bytes);
       std::memmove(vb + dst, vb + src, bytes);
+      if (rot.cos.empty()) {
+        std::memmove(kb + dst, kb + src, bytes);
+      } else {
+        cpu::rotate_rows(kb + src, kb + dst, l.keys.dtype(), count, d, d, d, rot.cos.data(),
+                         rot.sin.data());
+      }
     }
-    rerotate(l.keys, from - e, to - e, e);
   }
 
-  // Rotates the keys of slots [from, to) of contiguous storage [b, h, W, d] by -e positions:
-  // (x1, x2) -> (x1 cos a - x2 sin a, x2 cos a + x1 sin a) with a = -e * inv_freq[i], the pairs
-  // (i, i + d/2) of rotate_half, in float64, rounded once to the storage dtype.
-  void rerotate(const Tensor& keys, std::int64_t from, std::int64_t to, std::int64_t e) const {
-    if (options_.rope_inv_freq.empty() || e == 0 || to <= from) return;
+  // Rotates the keys of slots [from, to) of contiguous storage [b, h, W, d] by -e positions in
+  // place: (x1, x2) -> (x1 cos a - x2 sin a, x2 cos a + x1 sin a), the pairs (i, i + d/2) of
+  // rotate_half, in float32 (cpu::rotate_rows), rounded once to the storage dtype.
+  static void rerotate(const Tensor& keys, std::int64_t from, std::int64_t to,
+                       const Rotation& rot) {
+    if (rot.cos.empty() || to <= from) return;
     const std::int64_t rows = keys.size(0) * keys.size(1), W = keys.size(2), d = keys.size(3);
-    const std::int64_t half = d / 2;
-    std::vector<double> c(static_cast<std::size_t>(half)), s(c.size());
-    for (std::int64_t i = 0; i < half; ++i) {
-      const double a = -static_cast<double>(e) *
-                       static_cast<double>(options_.rope_inv_freq[static_cast<std::size_t>(i)]);
-      c[static_cast<std::size_t>(i)] = std::cos(a);
-      s[static_cast<std::size_t>(i)] = std::sin(a);
-    }
-    const DType dt = keys.dtype();
-    void* base = keys.data();
+    const std::size_t es = dtype_size(keys.dtype());
+    auto* base = static_cast<unsigned char*>(keys.data());
     for (std::int64_t r = 0; r < rows; ++r) {
-      for (std::int64_t t = from; t < to; ++t) {
-        const std::int64_t o = (r * W + t) * d;
-        for (std::int64_t i = 0; i < half; ++i) {
-          const double x1 = detail::load_float(base, dt, o + i);
-          const double x2 = detail::load_float(base, dt, o + i + half);
-          const double ci = c[static_cast<std::size_t>(i)], si = s[static_cast<std::size_t>(i)];
-          detail::store_float(base, dt, o + i, static_cast<float>(x1 * ci - x2 * si));
-          detail::store_float(base, dt, o + i + half, static_cast<float>(x2 * ci + x1 * si));
-        }
-      }
+      unsigned char* row = base + static_cast<std::size_t>((r * W + from) * d) * es;
+      cpu::rotate_rows(row, row, keys.dtype(), to - from, d, d, d, rot.cos.data(), rot.sin.data());
     }
   }
 

@@ -12,6 +12,13 @@
 //   the many query rows. Query blocks keep a block's scores within kScoreBudget floats, and keys
 //   past a block's last visible slot (the causal frontier) are never touched.
 // 16-bit keys and values are widened chunk by chunk into a per-thread float buffer.
+//
+// Both paths read keys and values through a source (DenseKV: tensors; QuantKV: a quantized
+// cache layer's blocks, then its full-precision residual), which hands over a chunk of rows as
+// float32: in place for float32 tensors, else widened or dequantized (16 codes to a vector:
+// unpacked, converted, scaled and offset in registers) into the per-thread buffer. So
+// attention_quantized runs the same masking, GQA grouping, window, splitting and merging as
+// attention, over values equal to the dequantized ones, and never materializes the history.
 
 // g++ 12 reports false -Wmaybe-uninitialized positives inside its own AVX-512 intrinsic headers
 // when Eigen's GEMM kernels are inlined here with -march=native.
@@ -24,6 +31,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -66,6 +74,7 @@ struct Problem {
 struct Scratch {
   RowMatrix q_rows, scores, acc;
   std::vector<float> widened;
+  std::vector<float> meta;  // a per-channel key block's scales and mins as float (quantized path)
 };
 
 template <class T>
@@ -93,6 +102,22 @@ std::pair<const float*, std::int64_t> rows_as_float(const T* base, std::int64_t 
     return {widened.data(), cols};
   }
 }
+
+// Where the kernels read keys and values: rows(key, b, kvh, start, n, w) gives key (or value)
+// slots [start, start + n) of head (b, kvh) as float32 rows (first row, row stride), in place or
+// in w.widened. DenseKV reads [batch, num_kv_heads, kv_len, head_dim] tensors of T.
+template <class T>
+struct DenseKV {
+  const Tensor& keys;
+  const Tensor& values;
+  std::pair<const float*, std::int64_t> rows(bool key, std::int64_t b, std::int64_t kvh,
+                                             std::int64_t start, std::int64_t n, std::int64_t d,
+                                             Scratch& w) const {
+    const Tensor& t = key ? keys : values;
+    const T* base = t.data_as<T>() + b * t.stride(0) + kvh * t.stride(1);
+    return rows_as_float(base, t.stride(2), start, n, d, w.widened);
+  }
+};
 
 // Q rows of kv head `kvh` for queries [q0, q1), widened and pre-scaled: row g * (q1 - q0) + (i -
 // q0) holds query head kvh * n_rep + g at query i.
@@ -326,22 +351,19 @@ inline void axpy(float w, const float* x, float* y, std::int64_t d) {
 
 // One piece of the decode path: every query row of kv head `kvh` against keys [j0, j1). Writes
 // per row: max, sum, and the unnormalised sum of exp-weighted values, to partial[r * (d + 2)].
-template <class T>
-void decode_piece(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
-                  std::int64_t b, std::int64_t kvh, std::int64_t j0, std::int64_t j1,
-                  float* partial, Scratch& w) {
+template <class T, class Src>
+void decode_piece(const Problem& p, const Tensor& query, const Src& src, std::int64_t b,
+                  std::int64_t kvh, std::int64_t j0, std::int64_t j1, float* partial, Scratch& w) {
   const std::int64_t d = p.head_dim, rows = p.n_rep * p.q_len,
                      n = std::max<std::int64_t>(j1 - j0, 0);
   load_queries<T>(p, query, b, kvh, 0, p.q_len, w.q_rows);
   w.scores.resize(rows, std::max<std::int64_t>(n, 1));
-  const T* kbase = keys.data_as<T>() + b * keys.stride(0) + kvh * keys.stride(1);
-  const T* vbase = values.data_as<T>() + b * values.stride(0) + kvh * values.stride(1);
   const std::int64_t ld = w.scores.cols();
 
   // Scores: each key row is read once and used by every query row.
   for (std::int64_t c0 = 0; c0 < n; c0 += kStreamChunk) {
     const std::int64_t cn = std::min(kStreamChunk, n - c0);
-    auto [k, k_stride] = rows_as_float(kbase, keys.stride(2), j0 + c0, cn, d, w.widened);
+    auto [k, k_stride] = src.rows(true, b, kvh, j0 + c0, cn, d, w);
     score_all(w.q_rows.data(), d, rows, k, k_stride, cn, d, w.scores.data() + c0, ld);
   }
 
@@ -355,14 +377,13 @@ void decode_piece(const Problem& p, const Tensor& query, const Tensor& keys, con
   // Values: each value row is read once and added into every output row.
   for (std::int64_t c0 = 0; c0 < n; c0 += kStreamChunk) {
     const std::int64_t cn = std::min(kStreamChunk, n - c0);
-    auto [v, v_stride] = rows_as_float(vbase, values.stride(2), j0 + c0, cn, d, w.widened);
+    auto [v, v_stride] = src.rows(false, b, kvh, j0 + c0, cn, d, w);
     accumulate_all(w.scores.data() + c0, ld, rows, v, v_stride, cn, d, partial + 2, d + 2);
   }
 }
 
-template <class T>
-void run_decode(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
-                const Tensor& out) {
+template <class T, class Src>
+void run_decode(const Problem& p, const Tensor& query, const Src& src, const Tensor& out) {
   const std::int64_t d = p.head_dim, rows = p.n_rep * p.q_len;
   const std::int64_t groups = p.batch * p.num_kv_heads;
   const std::int64_t kv_end = causal_end(p, 0, p.q_len);
@@ -391,7 +412,7 @@ void run_decode(const Problem& p, const Tensor& query, const Tensor& keys, const
       const std::int64_t s = item % splits, g = item / splits;
       const std::int64_t j0 = kv_begin + std::min(s * piece, kv_span);
       const std::int64_t j1 = std::min(j0 + piece, kv_end);
-      decode_piece<T>(p, query, keys, values, g / p.num_kv_heads, g % p.num_kv_heads, j0, j1,
+      decode_piece<T>(p, query, src, g / p.num_kv_heads, g % p.num_kv_heads, j0, j1,
                       part_base + item * rows * row_floats, w);
     }
     // Merge the pieces of each row: rescale each to the global max, add, normalise.
@@ -423,22 +444,19 @@ void run_decode(const Problem& p, const Tensor& query, const Tensor& keys, const
 
 // --- prefill path ------------------------------------------------------------------------------
 
-template <class T>
-void prefill_block(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
-                   const Tensor& out, std::int64_t b, std::int64_t kvh, std::int64_t q0,
-                   std::int64_t q1, Scratch& w) {
+template <class T, class Src>
+void prefill_block(const Problem& p, const Tensor& query, const Src& src, const Tensor& out,
+                   std::int64_t b, std::int64_t kvh, std::int64_t q0, std::int64_t q1, Scratch& w) {
   const std::int64_t d = p.head_dim, qn = q1 - q0, rows = p.n_rep * qn;
   const std::int64_t kv_end = causal_end(p, q0, q1);
   // Keys before the block's first visible slot under the window are skipped (0 without one).
   const std::int64_t kv_begin = window_begin(p, q0, q1, kv_end);
   const std::int64_t span = kv_end - kv_begin;
   load_queries<T>(p, query, b, kvh, q0, q1, w.q_rows);
-  const T* kbase = keys.data_as<T>() + b * keys.stride(0) + kvh * keys.stride(1);
-  const T* vbase = values.data_as<T>() + b * values.stride(0) + kvh * values.stride(1);
   w.scores.resize(rows, std::max<std::int64_t>(span, 1));
   for (std::int64_t c0 = 0; c0 < span; c0 += kKvChunk) {
     const std::int64_t cn = std::min(kKvChunk, span - c0);
-    auto [k, k_stride] = rows_as_float(kbase, keys.stride(2), kv_begin + c0, cn, d, w.widened);
+    auto [k, k_stride] = src.rows(true, b, kvh, kv_begin + c0, cn, d, w);
     w.scores.middleCols(c0, cn).noalias() =
         w.q_rows * ConstRowMap(k, cn, d, Eigen::OuterStride<>(k_stride)).transpose();
   }
@@ -451,7 +469,7 @@ void prefill_block(const Problem& p, const Tensor& query, const Tensor& keys, co
   w.acc.setZero(rows, d);
   for (std::int64_t c0 = 0; c0 < span; c0 += kKvChunk) {
     const std::int64_t cn = std::min(kKvChunk, span - c0);
-    auto [v, v_stride] = rows_as_float(vbase, values.stride(2), kv_begin + c0, cn, d, w.widened);
+    auto [v, v_stride] = src.rows(false, b, kvh, kv_begin + c0, cn, d, w);
     w.acc.noalias() +=
         w.scores.middleCols(c0, cn) * ConstRowMap(v, cn, d, Eigen::OuterStride<>(v_stride));
   }
@@ -462,9 +480,8 @@ void prefill_block(const Problem& p, const Tensor& query, const Tensor& keys, co
   }
 }
 
-template <class T>
-void run_prefill(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
-                 const Tensor& out) {
+template <class T, class Src>
+void run_prefill(const Problem& p, const Tensor& query, const Src& src, const Tensor& out) {
   // Query block: as many queries as keep n_rep × block × kv_len scores within budget.
   const std::int64_t per_query = p.n_rep * std::max<std::int64_t>(p.kv_len, 1);
   const std::int64_t block = std::clamp<std::int64_t>(kScoreBudget / per_query, 1, p.q_len);
@@ -479,20 +496,189 @@ void run_prefill(const Problem& p, const Tensor& query, const Tensor& keys, cons
       const std::int64_t kvh = (item / q_blocks) % p.num_kv_heads;
       const std::int64_t b = item / (q_blocks * p.num_kv_heads);
       const std::int64_t q0 = qb * block;
-      prefill_block<T>(p, query, keys, values, out, b, kvh, q0, std::min(p.q_len, q0 + block), w);
+      prefill_block<T>(p, query, src, out, b, kvh, q0, std::min(p.q_len, q0 + block), w);
     }
   }
 }
 
-template <class T>
-void run(const Problem& p, const Tensor& query, const Tensor& keys, const Tensor& values,
-         const Tensor& out) {
+template <class T, class Src>
+void run(const Problem& p, const Tensor& query, const Src& src, const Tensor& out) {
   if (p.n_rep * p.q_len <= kMaxStreamRows) {
-    run_decode<T>(p, query, keys, values, out);
+    run_decode<T>(p, query, src, out);
   } else {
-    run_prefill<T>(p, query, keys, values, out);
+    run_prefill<T>(p, query, src, out);
   }
 }
+
+// --- quantized layers --------------------------------------------------------------------------
+// QuantKV reads a QuantizedKVView's blocks for slots [0, tokens) and DenseKV tensors after them.
+// A chunk of keys is dequantized into w.widened (kStreamChunk or kKvChunk rows: L1 / L2 sized),
+// sixteen codes at a time: the bytes holding them are spread one to a 32-bit lane, shifted and
+// masked, converted and scaled (x = code * scale + min) in registers.
+
+template <int NB>
+inline float code_at(const unsigned char* codes, std::int64_t idx) {
+  constexpr std::int64_t per = 8 / NB;
+  return static_cast<float>((codes[idx / per] >> ((idx % per) * NB)) & ((1u << NB) - 1u));
+}
+
+// Codes idx .. idx + 15 (idx a multiple of 16, so they start on a byte) as floats. With AVX-512:
+// the 2 * NB bytes are repeated 8 / NB times each (unpack), widened one to a 32-bit lane, shifted
+// lane by lane to their code and masked (vpsrlvd, vpandd), converted (vcvtdq2ps).
+template <int NB>
+inline Vec16 unpack16(const unsigned char* codes, std::int64_t idx) {
+  const unsigned char* p = codes + idx * NB / 8;
+#ifdef __AVX512F__
+  __m128i bytes;
+  if constexpr (NB == 8) {
+    bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else if constexpr (NB == 4) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    bytes = _mm_unpacklo_epi8(b, b);
+  } else {
+    std::int32_t word;
+    std::memcpy(&word, p, sizeof(word));
+    const __m128i b = _mm_cvtsi32_si128(word);
+    const __m128i two = _mm_unpacklo_epi8(b, b);
+    bytes = _mm_unpacklo_epi16(two, two);
+  }
+  __m512i w = _mm512_cvtepu8_epi32(bytes);
+  if constexpr (NB == 4) {
+    w = _mm512_and_si512(
+        _mm512_srlv_epi32(w, _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0)),
+        _mm512_set1_epi32(0xf));
+  } else if constexpr (NB == 2) {
+    w = _mm512_and_si512(
+        _mm512_srlv_epi32(w, _mm512_set_epi32(6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0)),
+        _mm512_set1_epi32(0x3));
+  }
+  return reinterpret_cast<Vec16>(_mm512_cvtepi32_ps(w));
+#else
+  float f[16];
+  for (int i = 0; i < 16; ++i) f[i] = code_at<NB>(p, i);
+  return load16(f);
+#endif
+}
+
+inline std::pair<float, float> meta_at(const unsigned char* p, DType scale_dtype) {
+  if (scale_dtype == DType::kFloat16) {
+    float16 h[2];
+    std::memcpy(h, p, sizeof(h));
+    return {to_float(h[0]), to_float(h[1])};
+  }
+  float f[2];
+  std::memcpy(f, p, sizeof(f));
+  return {f[0], f[1]};
+}
+
+inline std::size_t meta_bytes(DType scale_dtype) { return 2 * dtype_size(scale_dtype); }
+
+// One token record (head_dim codes in groups of token_group channels) into dst[0, d).
+template <int NB>
+void dequant_token(const QuantizedKVView& q, const unsigned char* rec, float* dst) {
+  const std::int64_t d = q.head_dim, g = q.token_group, groups = d / g;
+  const std::size_t mb = meta_bytes(q.scale_dtype);
+  const unsigned char* codes = rec + static_cast<std::size_t>(groups) * mb;
+  for (std::int64_t grp = 0; grp < groups; ++grp) {
+    const auto [sc, mn] = meta_at(rec + static_cast<std::size_t>(grp) * mb, q.scale_dtype);
+    const std::int64_t c0 = grp * g, c1 = c0 + g;
+    std::int64_t c = c0;
+    if (g % kLanes == 0) {
+      const Vec16 vs = Vec16{} + sc, vm = Vec16{} + mn;
+      for (; c < c1; c += kLanes) store16(dst + c, unpack16<NB>(codes, c) * vs + vm);
+    }
+    for (; c < c1; ++c) dst[c] = code_at<NB>(codes, c) * sc + mn;
+  }
+}
+
+// Tokens [i0, i1) of a per-channel key block into dst rows of d floats.
+template <int NB>
+void dequant_channel_block(const QuantizedKVView& q, const unsigned char* rec, std::int64_t i0,
+                           std::int64_t i1, float* dst, std::vector<float>& meta) {
+  const std::int64_t d = q.head_dim;
+  const std::size_t mb = meta_bytes(q.scale_dtype);
+  meta.resize(static_cast<std::size_t>(2 * d));
+  float* sc = meta.data();
+  float* mn = sc + d;
+  std::int64_t c = 0;
+#ifdef __AVX512F__
+  if (q.scale_dtype == DType::kFloat16) {
+    // Eight (scale, min) pairs at a time: widened, then split into the two halves.
+    const __m512i split = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
+    for (; c + 8 <= d; c += 8) {
+      const __m512 pairs = _mm512_cvtph_ps(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(rec + static_cast<std::size_t>(c) * mb)));
+      const __m512 parted = _mm512_permutexvar_ps(split, pairs);
+      _mm256_storeu_ps(sc + c, _mm512_castps512_ps256(parted));
+      _mm256_storeu_ps(mn + c,
+                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(parted), 1)));
+    }
+  }
+#endif
+  for (; c < d; ++c)
+    std::tie(sc[c], mn[c]) = meta_at(rec + static_cast<std::size_t>(c) * mb, q.scale_dtype);
+  const unsigned char* codes = rec + static_cast<std::size_t>(d) * mb;
+  for (std::int64_t i = i0; i < i1; ++i) {
+    float* o = dst + (i - i0) * d;
+    c = 0;
+    if (d % kLanes == 0) {
+      for (; c < d; c += kLanes)
+        store16(o + c, unpack16<NB>(codes, i * d + c) * load16(sc + c) + load16(mn + c));
+    }
+    for (; c < d; ++c) o[c] = code_at<NB>(codes, i * d + c) * sc[c] + mn[c];
+  }
+}
+
+template <class T>
+struct QuantKV {
+  const QuantizedKVView& q;
+  DenseKV<T> tail;  // slots [q.tokens, kv_len)
+
+  std::pair<const float*, std::int64_t> rows(bool key, std::int64_t b, std::int64_t kvh,
+                                             std::int64_t start, std::int64_t n, std::int64_t d,
+                                             Scratch& w) const {
+    if (start >= q.tokens) return tail.rows(key, b, kvh, start - q.tokens, n, d, w);
+    switch (q.nbits) {
+      case 8:
+        return dequant_rows<8>(key, b, kvh, start, n, d, w);
+      case 4:
+        return dequant_rows<4>(key, b, kvh, start, n, d, w);
+      default:
+        return dequant_rows<2>(key, b, kvh, start, n, d, w);
+    }
+  }
+
+  template <int NB>
+  std::pair<const float*, std::int64_t> dequant_rows(bool key, std::int64_t b, std::int64_t kvh,
+                                                     std::int64_t start, std::int64_t n,
+                                                     std::int64_t d, Scratch& w) const {
+    w.widened.resize(static_cast<std::size_t>(n * d));
+    float* dst = w.widened.data();
+    const std::int64_t end = start + n, qend = std::min(end, q.tokens);
+    const unsigned char* row = (key ? q.keys : q.values)[static_cast<std::size_t>(b)];
+    const std::size_t head_bytes = key ? q.key_head_bytes : q.value_head_bytes;
+    for (std::int64_t t = start; t < qend;) {
+      const std::int64_t blk = t / q.chunk, i0 = t % q.chunk;
+      const std::int64_t i1 = std::min(q.chunk, i0 + (qend - t));
+      const unsigned char* rec = row + static_cast<std::size_t>(blk * q.heads + kvh) * head_bytes;
+      float* o = dst + (t - start) * d;
+      if (key && q.keys_per_channel) {
+        dequant_channel_block<NB>(q, rec, i0, i1, o, w.meta);
+      } else {
+        for (std::int64_t i = i0; i < i1; ++i)
+          dequant_token<NB>(q, rec + static_cast<std::size_t>(i) * q.token_record,
+                            o + (i - i0) * d);
+      }
+      t += i1 - i0;
+    }
+    if (qend < end) {  // the chunk runs on into the full-precision tokens
+      const Tensor& t = key ? tail.keys : tail.values;
+      const T* base = t.data_as<T>() + b * t.stride(0) + kvh * t.stride(1);
+      widen_rows(base, t.stride(2), end - qend, d, dst + (qend - start) * d);
+    }
+    return {dst, d};
+  }
+};
 
 }  // namespace
 
@@ -559,11 +745,75 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values,
             mask.empty() ? nullptr : mask.data()};
   switch (query.dtype()) {
     case DType::kFloat32:
-      return run<float>(p, query, keys, values, out);
+      return run<float>(p, query, DenseKV<float>{keys, values}, out);
     case DType::kFloat16:
-      return run<float16>(p, query, keys, values, out);
+      return run<float16>(p, query, DenseKV<float16>{keys, values}, out);
     case DType::kBFloat16:
-      return run<bfloat16>(p, query, keys, values, out);
+      return run<bfloat16>(p, query, DenseKV<bfloat16>{keys, values}, out);
+    default:
+      break;
+  }
+}
+
+}  // namespace kvcache::cpu
+
+namespace kvcache::cpu {
+
+void attention_quantized(const Tensor& query, const QuantizedKVView& blocks, const Tensor& keys,
+                         const Tensor& values, std::span<const std::uint8_t> mask,
+                         std::span<const std::int64_t> cache_position, std::int64_t kv_offset,
+                         float scale, const Tensor& out,
+                         std::optional<std::int64_t> sliding_window) {
+  const char* where = "cpu::attention_quantized";
+  const detail::AttentionShape shape =
+      detail::check_attention_operands(query, keys, values, out, Device::kCpu, where);
+  const std::int64_t batch = shape.batch, head_dim = shape.head_dim;
+  const QuantizedKVView& q = blocks;
+  KVCACHE_CHECK(q.nbits == 2 || q.nbits == 4 || q.nbits == 8, where,
+                ": expected 2, 4 or 8 bits, got ", q.nbits);
+  KVCACHE_CHECK(q.scale_dtype == DType::kFloat16 || q.scale_dtype == DType::kFloat32, where,
+                ": expected float16 or float32 scales, got ", dtype_name(q.scale_dtype));
+  KVCACHE_CHECK(q.batch == batch && q.heads == shape.num_kv_heads && q.head_dim == head_dim &&
+                    static_cast<std::int64_t>(q.keys.size()) == batch &&
+                    static_cast<std::int64_t>(q.values.size()) == batch,
+                where, ": expected blocks of [", batch, ", ", shape.num_kv_heads, ", *, ", head_dim,
+                "] (the full-precision keys' layout), got [", q.batch, ", ", q.heads, ", ",
+                q.tokens, ", ", q.head_dim, "] with ", q.keys.size(), " rows");
+  KVCACHE_CHECK(q.chunk >= 1 && q.tokens >= 0 && q.tokens % q.chunk == 0 && q.token_group >= 1 &&
+                    head_dim % q.token_group == 0 && (head_dim * q.nbits) % 8 == 0,
+                where, ": inconsistent block geometry (chunk ", q.chunk, ", tokens ", q.tokens,
+                ", token_group ", q.token_group, ", head_dim ", head_dim, ")");
+  KVCACHE_CHECK(q.tokens <= std::numeric_limits<std::int64_t>::max() - shape.kv_len, where, ": ",
+                q.tokens, " quantized + ", shape.kv_len, " key slots overflow");
+  const std::int64_t kv_len = q.tokens + shape.kv_len;
+  KVCACHE_CHECK(static_cast<std::int64_t>(cache_position.size()) == shape.q_len, where,
+                ": expected ", shape.q_len, " cache positions (one per query), got ",
+                cache_position.size());
+  KVCACHE_CHECK(mask.empty() || static_cast<std::int64_t>(mask.size()) == batch * kv_len, where,
+                ": expected a padding mask of [batch, kv_len] = ", batch * kv_len, " bytes, got ",
+                mask.size());
+  KVCACHE_CHECK(!sliding_window || *sliding_window >= 1, where,
+                ": expected a sliding window >= 1 (or none), got ", sliding_window.value_or(0));
+  if (batch == 0 || shape.q_len == 0) return;
+  Problem p{batch,
+            shape.num_heads,
+            shape.num_kv_heads,
+            shape.q_len,
+            kv_len,
+            head_dim,
+            shape.num_heads / shape.num_kv_heads,
+            kv_offset,
+            sliding_window.value_or(0),
+            scale,
+            cache_position.data(),
+            mask.empty() ? nullptr : mask.data()};
+  switch (query.dtype()) {
+    case DType::kFloat32:
+      return run<float>(p, query, QuantKV<float>{q, {keys, values}}, out);
+    case DType::kFloat16:
+      return run<float16>(p, query, QuantKV<float16>{q, {keys, values}}, out);
+    case DType::kBFloat16:
+      return run<bfloat16>(p, query, QuantKV<bfloat16>{q, {keys, values}}, out);
     default:
       break;
   }

@@ -9,6 +9,8 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -290,6 +292,73 @@ Tensor embedding(const Tensor& table, const Tensor& ids) {
     copy(out.slice(0, i, i + 1), table.slice(0, id[i], id[i] + 1));
   }
   return out;
+}
+
+namespace {
+
+// Sixteen floats rounded to bfloat16 (to nearest, ties to even; NaN stays NaN), float_to_bf16's
+// rule lane by lane.
+inline void store16_bf16(bfloat16* p, simd::Vec16 v) {
+  simd::U32x16 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const simd::U32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const simd::U32x16 nan = (u >> 16) | 0x40u;
+  const simd::U32x16 r = ((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded;
+  const simd::U16x16 h = __builtin_convertvector(r, simd::U16x16);
+  std::memcpy(static_cast<void*>(p), &h, sizeof(h));
+}
+
+template <class T>
+void rotate_rows_as(const T* src, T* dst, std::int64_t rows, std::int64_t d,
+                    std::int64_t src_stride, std::int64_t dst_stride, const float* cos,
+                    const float* sin) {
+  using simd::kLanes;
+  const std::int64_t half = d / 2;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const T* x = src + r * src_stride;
+    T* y = dst + r * dst_stride;
+    std::int64_t i = 0;
+    if constexpr (!std::is_same_v<T, float16>) {
+      for (; i + kLanes <= half; i += kLanes) {
+        const simd::Vec16 x1 = simd::load16(x + i), x2 = simd::load16(x + i + half);
+        const simd::Vec16 c = simd::load16(cos + i), s = simd::load16(sin + i);
+        const simd::Vec16 y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
+        if constexpr (std::is_same_v<T, float>) {
+          simd::store16(y + i, y1);
+          simd::store16(y + i + half, y2);
+        } else {
+          store16_bf16(y + i, y1);
+          store16_bf16(y + i + half, y2);
+        }
+      }
+    }
+    for (; i < half; ++i) {
+      const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
+      y[i] = from_float<T>(x1 * cos[i] - x2 * sin[i]);
+      y[i + half] = from_float<T>(x2 * cos[i] + x1 * sin[i]);
+    }
+  }
+}
+
+}  // namespace
+
+void rotate_rows(const void* src, void* dst, DType dtype, std::int64_t rows, std::int64_t head_dim,
+                 std::int64_t src_stride, std::int64_t dst_stride, const float* cos,
+                 const float* sin) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return rotate_rows_as(static_cast<const float*>(src), static_cast<float*>(dst), rows,
+                            head_dim, src_stride, dst_stride, cos, sin);
+    case DType::kBFloat16:
+      return rotate_rows_as(static_cast<const bfloat16*>(src), static_cast<bfloat16*>(dst), rows,
+                            head_dim, src_stride, dst_stride, cos, sin);
+    case DType::kFloat16:
+      return rotate_rows_as(static_cast<const float16*>(src), static_cast<float16*>(dst), rows,
+                            head_dim, src_stride, dst_stride, cos, sin);
+    default:
+      KVCACHE_FAIL("cpu::rotate_rows: expected float32, float16 or bfloat16, got ",
+                   dtype_name(dtype));
+  }
 }
 
 }  // namespace kvcache::cpu

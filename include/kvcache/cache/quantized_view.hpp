@@ -1,0 +1,46 @@
+// What a cache layer that keeps part of its keys and values quantized hands the attention module
+// (Cache::update_for_attention): the layer's quantized blocks as they sit in its storage, read by
+// the attention kernels directly (cpu::attention_quantized dequantizes a few dozen keys at a time
+// into an L1-sized buffer, never the whole history), beside the full-precision tokens after them.
+//
+// Layout (QuantizedCache's; every group asymmetric: x' = code * scale + min, scale and min stored
+// as a pair of scale_dtype, codes packed little-endian within a byte, 8 / nbits to a byte).
+// Per batch row b, keys[b] and values[b] hold blocks in order; block k, head h starts at
+// k * heads * *_head_bytes + h * *_head_bytes. A block holds `chunk` tokens:
+// - values, and keys when !keys_per_channel: `chunk` token records of token_record bytes, each
+//   head_dim / token_group (scale, min) pairs, then head_dim codes;
+// - keys when keys_per_channel (KIVI): head_dim (scale, min) pairs, one per channel, each over the
+//   block's chunk tokens, then chunk * head_dim codes token-major (code of token i, channel c at
+//   index i * head_dim + c).
+// Slots [0, tokens) of the layer are in the blocks; the full-precision keys and values passed
+// beside the view hold slots [tokens, tokens + their length).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "kvcache/tensor.hpp"
+
+namespace kvcache {
+
+/// A layer's quantized blocks as the attention kernels read them (layout in the file comment).
+struct QuantizedKVView {
+  int nbits = 4;                        ///< 2, 4 or 8
+  DType scale_dtype = DType::kFloat16;  ///< scale and min: float16 or float32
+  bool keys_per_channel = true;         ///< keys' groups run along a channel's tokens (KIVI)
+  std::int64_t batch = 0;               ///< batch rows
+  std::int64_t heads = 0;               ///< kv heads
+  std::int64_t head_dim = 0;            ///< elements per head
+  /// Quantized tokens per row (slots [0, tokens)), a multiple of chunk.
+  std::int64_t tokens = 0;
+  std::int64_t chunk = 1;            ///< tokens per block
+  std::int64_t token_group = 1;      ///< channels per group of a token record (divides head_dim)
+  std::size_t token_record = 0;      ///< bytes of one token record (one head)
+  std::size_t key_head_bytes = 0;    ///< bytes of one block of one head's keys
+  std::size_t value_head_bytes = 0;  ///< bytes of one block of one head's values
+  std::vector<const unsigned char*> keys{};    ///< per batch row: its key blocks
+  std::vector<const unsigned char*> values{};  ///< per batch row: its value blocks
+};
+
+}  // namespace kvcache
