@@ -31,11 +31,7 @@ namespace kvcache::jinja {
 
 class Value;
 
-/// Positional and keyword arguments of a call.
-struct Arguments {
-  std::vector<Value> positional{};                       ///< in call order
-  std::vector<std::pair<std::string, Value>> keyword{};  ///< name = value, in call order
-};
+struct Arguments;
 
 /// A template value with Python semantics. Lists and dicts are immutable once built and shared
 /// between copies; a namespace() object is the one mutable kind (attribute assignment).
@@ -129,6 +125,12 @@ class Value {
   std::shared_ptr<const List> list_;
   std::shared_ptr<Dict> dict_;  // mutable only through set_attribute on a namespace
   std::shared_ptr<const Function> f_;
+};
+
+/// Positional and keyword arguments of a call.
+struct Arguments {
+  std::vector<Value> positional{};                       ///< in call order
+  std::vector<std::pair<std::string, Value>> keyword{};  ///< name = value, in call order
 };
 
 /// Limits against hostile templates; each one reached is a kvcache::Error.
