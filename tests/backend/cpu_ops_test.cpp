@@ -3,12 +3,10 @@
 // enough to run threaded.
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
 
-#include "../../src/backend/cpu/team.hpp"  // the CPU backend's private team policy
 #include "kvcache/kvcache.hpp"
 #include "test_util.hpp"
 
@@ -58,51 +56,6 @@ TEST(CpuOps, RmsNormAndAddInplaceMatchFloat64) {
     for (std::int64_t i = 0; i < y.numel(); ++i)
       ASSERT_EQ(y.data_as<float>()[i], before.data_as<float>()[i] + x.data_as<float>()[i]);
   }
-}
-
-// The team policy of src/backend/cpu/team.hpp: a region whose threads end far apart sends the
-// next regions to the calling thread alone, for a stretch that doubles with each stall and comes
-// back to its minimum after a run of clean regions; chunks cover every row once.
-TEST(CpuThreads, AStalledRegionSendsTheNextOnesToTheCaller) {
-  namespace team = cpu::team;
-  const int before = cpu::num_threads();
-  cpu::set_num_threads(2);
-  team::state() = {};
-  EXPECT_EQ(team::size(), 2);
-  team::report_region(2, 1e-3, 1e-5);  // 10 us apart: clean
-  EXPECT_EQ(team::size(), 2);
-  team::report_region(2, 1e-3, 5e-3);  // the last thread 5 ms late: a stall
-  EXPECT_EQ(team::state().stalls, 1);
-  for (std::int64_t i = 0; i < team::kMinSoloRegions; ++i) ASSERT_EQ(team::size(), 1);
-  EXPECT_EQ(team::size(), 2);  // then the full team is tried again
-  EXPECT_EQ(team::state().solo_stretch, 2 * team::kMinSoloRegions);
-  team::report_region(1, 1e-3, 1.0);  // a team of one never stalls
-  EXPECT_EQ(team::state().stalls, 1);
-  for (std::int64_t i = 0; i < team::kResetRegions; ++i) team::report_region(2, 1e-3, 1e-5);
-  EXPECT_EQ(team::state().solo_stretch, team::kMinSoloRegions);
-
-  // Every row once, whatever the team, and the same results on a team of two and of one.
-  for (const std::int64_t total : {1, 5, 31, 32, 33, 577, 49152}) {
-    team::DynamicRows rows(total, 2);
-    std::vector<int> seen(static_cast<std::size_t>(total), 0);
-    std::int64_t b = 0, e = 0;
-    while (rows.next(b, e))
-      for (std::int64_t r = b; r < e; ++r) ++seen[static_cast<std::size_t>(r)];
-    ASSERT_TRUE(std::all_of(seen.begin(), seen.end(), [](int n) { return n == 1; })) << total;
-  }
-  std::mt19937 rng(11);
-  const Tensor x = testing::random_tensor({1, 96}, DType::kFloat32, rng);
-  const Tensor w = testing::random_tensor({300, 96}, DType::kFloat32, rng);
-  const cpu::QuantizedMatrix q = cpu::QuantizedMatrix::quantize(w, cpu::QuantFormat::kQ4_1);
-  team::state() = {};
-  const Tensor dense_team = cpu::linear(x, w), quant_team = cpu::linear(x, q);
-  team::state().solo_left = 1000;
-  const Tensor dense_solo = cpu::linear(x, w), quant_solo = cpu::linear(x, q);
-  EXPECT_LT(team::state().solo_left, 1000);  // the kernels asked the policy
-  EXPECT_EQ(testing::to_doubles(dense_team), testing::to_doubles(dense_solo));
-  EXPECT_EQ(testing::to_doubles(quant_team), testing::to_doubles(quant_solo));
-  team::state() = {};
-  cpu::set_num_threads(before);
 }
 
 TEST(CpuThreads, SetNumThreadsChangesWhatTheKernelsUse) {

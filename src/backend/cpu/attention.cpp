@@ -43,7 +43,6 @@
 #include "kvcache/backend/attention_shapes.hpp"
 #include "kvcache/backend/cpu.hpp"
 #include "simd.hpp"
-#include "team.hpp"
 
 namespace kvcache::cpu {
 namespace {
@@ -403,8 +402,7 @@ void run_decode(const Problem& p, const Tensor& query, const Src& src, const Ten
       std::max(partials.size(), static_cast<std::size_t>(groups * splits * rows * row_floats)));
   float* const part_base = partials.data();
 
-  // The matrix products' team (team.hpp): the caller alone while another process holds a core.
-#pragma omp parallel num_threads(team::size())
+#pragma omp parallel
   {
     Scratch w;
 #pragma omp for schedule(dynamic, 1)
@@ -487,7 +485,7 @@ void run_prefill(const Problem& p, const Tensor& query, const Src& src, const Te
   const std::int64_t block = std::clamp<std::int64_t>(kScoreBudget / per_query, 1, p.q_len);
   const std::int64_t q_blocks = (p.q_len + block - 1) / block;
   const std::int64_t items = p.batch * p.num_kv_heads * q_blocks;
-#pragma omp parallel num_threads(team::size())
+#pragma omp parallel
   {
     Scratch w;
 #pragma omp for schedule(dynamic, 1)

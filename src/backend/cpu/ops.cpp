@@ -18,7 +18,6 @@
 #include "internal.hpp"
 #include "kvcache/backend/cpu.hpp"
 #include "simd.hpp"
-#include "team.hpp"
 
 namespace kvcache::cpu {
 namespace {
@@ -98,34 +97,28 @@ void gemv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tenso
   const T* w = weight.data_as<T>();
   const float* b = bias.defined() ? bias.data_as<float>() : nullptr;
   float* yp = y.data_as<float>();
-  // Contiguous chunks of output rows (multiples of 4) from a shared counter, each streamed by the
-  // thread that takes it, on a team that shrinks to the caller alone while another process holds
-  // a core (team.hpp).
-  const int team = team::size();
-  team::DynamicRows chunks(out, team);
-  team::Timer timer(team);
-#pragma omp parallel num_threads(team)
+  // Contiguous output ranges per thread, multiples of 4 rows: each thread streams its share.
+#pragma omp parallel
   {
-    std::int64_t o0 = 0, o1 = 0;
-    while (chunks.next(o0, o1)) {
-      switch (rows) {
-        case 1:
-          gemv_range<T, 1>(xp, in, w, o0, o1, b, yp, out);
-          break;
-        case 2:
-          gemv_range<T, 2>(xp, in, w, o0, o1, b, yp, out);
-          break;
-        case 3:
-          gemv_range<T, 3>(xp, in, w, o0, o1, b, yp, out);
-          break;
-        default:
-          gemv_range<T, 4>(xp, in, w, o0, o1, b, yp, out);
-          break;
-      }
+    const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const std::int64_t quads = (out + 3) / 4;
+    const std::int64_t o0 = std::min(out, quads * t / threads * 4),
+                       o1 = std::min(out, quads * (t + 1) / threads * 4);
+    switch (rows) {
+      case 1:
+        gemv_range<T, 1>(xp, in, w, o0, o1, b, yp, out);
+        break;
+      case 2:
+        gemv_range<T, 2>(xp, in, w, o0, o1, b, yp, out);
+        break;
+      case 3:
+        gemv_range<T, 3>(xp, in, w, o0, o1, b, yp, out);
+        break;
+      default:
+        gemv_range<T, 4>(xp, in, w, o0, o1, b, yp, out);
+        break;
     }
-    timer.mark_done();
   }
-  timer.finish();
 }
 
 }  // namespace
@@ -136,14 +129,10 @@ void linear_panels(const float* x, std::int64_t rows, std::int64_t in, std::int6
                    std::int64_t block, const float* bias, float* y, const PanelRows& panel_rows) {
   const ConstRowMap X(x, rows, in, Eigen::OuterStride<>(in));
   const std::int64_t blocks = (out + block - 1) / block;
-  // Panels handed out one at a time, on the team of team.hpp (the caller alone while another
-  // process holds a core).
-  const int team = team::size();
-  team::Timer timer(team);
-#pragma omp parallel num_threads(team)
+#pragma omp parallel
   {
     std::vector<float> scratch;
-#pragma omp for schedule(dynamic, 1) nowait
+#pragma omp for schedule(static)
     for (std::int64_t blk = 0; blk < blocks; ++blk) {
       const std::int64_t o0 = blk * block, on = std::min(block, out - o0);
       const float* wf = panel_rows(o0, on, scratch);
@@ -151,9 +140,7 @@ void linear_panels(const float* x, std::int64_t rows, std::int64_t in, std::int6
       Y.noalias() = X * ConstRowMap(wf, on, in, Eigen::OuterStride<>(in)).transpose();
       if (bias) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bias + o0, on);
     }
-    timer.mark_done();
   }
-  timer.finish();
 }
 
 }  // namespace detail
@@ -217,7 +204,7 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps) {
   const std::int64_t rows = x.size(0), n = x.size(1);
   Tensor y = Tensor::empty({rows, n}, DType::kFloat32);
   const float* w = weight.data_as<float>();
-#pragma omp parallel for schedule(static) if (rows > 16) num_threads(team::size())
+#pragma omp parallel for schedule(static) if (rows > 16)
   for (std::int64_t r = 0; r < rows; ++r) {
     const float* in = x.data_as<float>() + r * n;
     float* out = y.data_as<float>() + r * n;
@@ -245,7 +232,7 @@ Tensor silu_mul(const Tensor& gate, const Tensor& up) {
   // the build has AVX-512 (within about 1 ulp of expf; prefill spent an eighth of its time in
   // scalar expf).
   const std::int64_t chunks = (n + 1023) / 1024;
-#pragma omp parallel for schedule(static) if (n > 65536) num_threads(team::size())
+#pragma omp parallel for schedule(static) if (n > 65536)
   for (std::int64_t c = 0; c < chunks; ++c) {
     const std::int64_t end = std::min(n, (c + 1) * 1024);
     std::int64_t i = c * 1024;
@@ -271,7 +258,7 @@ void add_inplace(const Tensor& y, const Tensor& x) {
   float* a = y.data_as<float>();
   const float* b = x.data_as<float>();
   const std::int64_t n = y.numel();
-#pragma omp parallel for schedule(static) if (n > 65536) num_threads(team::size())
+#pragma omp parallel for schedule(static) if (n > 65536)
   for (std::int64_t i = 0; i < n; ++i) a[i] += b[i];
 }
 

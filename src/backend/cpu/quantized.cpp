@@ -17,7 +17,6 @@
 #include "kvcache/error.hpp"
 #include "kvcache/float16.hpp"
 #include "quant_kernels.hpp"
-#include "team.hpp"
 
 namespace kvcache::cpu {
 namespace {
@@ -716,8 +715,7 @@ namespace {
 // y_i = x · W_iᵀ (+ bias_i) for decode rows of x and matrices of any formats: x quantized once per
 // order the formats need (Q8_0's, and the nibble formats' — one quantization serves all of those,
 // with Q6_K's per-16 sums when a Q6_K matrix is there), then one parallel region whose threads
-// take chunks of all the matrices' output rows from a shared counter (multiples of 4 rows, one
-// range across the matrices). linear()
+// each take a share of all the matrices' output rows, cut as one range at quads of rows. linear()
 // calls it with one matrix, linear_fused() with several (a Q4_K_M file mixes Q5_0 q/k with Q8_0 v).
 void gemv(const Tensor& x, std::span<const QuantizedMatrix* const> ws,
           std::span<const float* const> biases, std::span<float* const> ys) {
@@ -742,33 +740,27 @@ void gemv(const Tensor& x, std::span<const QuantizedMatrix* const> ws,
   const CpuIsa isa = active_cpu_isa();
   std::int64_t total = 0;
   for (const QuantizedMatrix* w : ws) total += w->rows();
-  // Rows in chunks from a shared counter, on a team that shrinks to the caller alone while
-  // another process holds a core (team.hpp).
-  const int team = team::size();
-  team::DynamicRows chunks(total, team);
-  team::Timer timer(team);
-#pragma omp parallel num_threads(team)
+#pragma omp parallel
   {
-    std::int64_t begin = 0, end = 0;
-    while (chunks.next(begin, end)) {
-      std::int64_t offset = 0;
-      for (std::size_t i = 0; i < ws.size(); ++i) {
-        const QuantizedMatrix& w = *ws[i];
-        const std::int64_t o0 = std::clamp(begin - offset, std::int64_t{0}, w.rows()),
-                           o1 = std::clamp(end - offset, std::int64_t{0}, w.rows());
-        offset += w.rows();
-        if (o0 >= o1) continue;
-        const quant::QuantizedX& qx = w.format() == QuantFormat::kQ8_0 ? q8 : nibbles;
-        if (isa >= CpuIsa::kAvx512Vnni) {
-          quant::gemv_avx512(w, qx, o0, o1, biases[i], ys[i]);
-        } else {
-          quant::gemv_portable(w, qx, o0, o1, biases[i], ys[i]);
-        }
+    const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const std::int64_t quads = (total + 3) / 4;
+    const std::int64_t begin = std::min(total, quads * t / threads * 4),
+                       end = std::min(total, quads * (t + 1) / threads * 4);
+    std::int64_t offset = 0;
+    for (std::size_t i = 0; i < ws.size(); ++i) {
+      const QuantizedMatrix& w = *ws[i];
+      const std::int64_t o0 = std::clamp(begin - offset, std::int64_t{0}, w.rows()),
+                         o1 = std::clamp(end - offset, std::int64_t{0}, w.rows());
+      offset += w.rows();
+      if (o0 >= o1) continue;
+      const quant::QuantizedX& qx = w.format() == QuantFormat::kQ8_0 ? q8 : nibbles;
+      if (isa >= CpuIsa::kAvx512Vnni) {
+        quant::gemv_avx512(w, qx, o0, o1, biases[i], ys[i]);
+      } else {
+        quant::gemv_portable(w, qx, o0, o1, biases[i], ys[i]);
       }
     }
-    timer.mark_done();
   }
-  timer.finish();
 }
 
 void check_linear_args(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias) {
