@@ -188,9 +188,11 @@ thread_local Staging g_staging;
 
 }  // namespace
 
-Tensor upload(const void* host, std::size_t bytes) {
-  Tensor out = empty({static_cast<std::int64_t>(bytes)}, DType::kUInt8);
-  if (bytes == 0) return out;
+namespace {
+
+// Sends `bytes` host bytes to `device` on the stream through the page-locked staging buffer.
+void upload_into(void* device, const void* host, std::size_t bytes) {
+  if (bytes == 0) return;
   Staging& s = g_staging;
   if (s.copied == nullptr)
     KVCACHE_CUDA_CHECK(cudaEventCreateWithFlags(&s.copied, cudaEventDisableTiming));
@@ -204,8 +206,15 @@ Tensor upload(const void* host, std::size_t bytes) {
     s.capacity = grown;
   }
   std::memcpy(s.host, host, bytes);
-  KVCACHE_CUDA_CHECK(cudaMemcpyAsync(out.data(), s.host, bytes, cudaMemcpyHostToDevice, g_stream));
+  KVCACHE_CUDA_CHECK(cudaMemcpyAsync(device, s.host, bytes, cudaMemcpyHostToDevice, g_stream));
   KVCACHE_CUDA_CHECK(cudaEventRecord(s.copied, g_stream));
+}
+
+}  // namespace
+
+Tensor upload(const void* host, std::size_t bytes) {
+  Tensor out = empty({static_cast<std::int64_t>(bytes)}, DType::kUInt8);
+  upload_into(out.data(), host, bytes);
   return out;
 }
 
@@ -215,6 +224,14 @@ Tensor upload(const Tensor& host) {
   const Tensor bytes = upload(host.data(), host.nbytes());
   return Tensor::from_storage(bytes.storage(), bytes.data(), host.shape(), host.dtype(),
                               Device::kCuda);
+}
+
+Tensor upload_persistent(const Tensor& host) {
+  KVCACHE_CHECK(host.defined() && host.device() == Device::kCpu && host.is_contiguous(),
+                "cuda::upload_persistent: expected a contiguous CPU tensor, got ", host.describe());
+  Tensor out = empty_persistent(host.shape(), host.dtype());
+  upload_into(out.data(), host.data(), host.nbytes());
+  return out;
 }
 
 void synchronize() { KVCACHE_CUDA_CHECK(cudaStreamSynchronize(g_stream)); }

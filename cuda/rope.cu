@@ -25,6 +25,13 @@
 // bfloat16/float16 x is widened, rotated in float32 and rounded once (the CPU path instead rounds
 // cos/sin and each product to the 16-bit type, as torch does in that dtype: the two differ by
 // about one 16-bit ulp). rope_append stores the very bits rope would leave in x.
+//
+// cuda::rotate_rows: the sink cache's re-rotation of kept keys by a fixed shift, with the shift's
+// cos/sin given (the cache computes them once per eviction, as on the CPU): one thread a rotation
+// pair, the same float32 expression as rope's (and cpu::rotate_rows': x1·c − x2·s, x2·c + x1·s,
+// every product and sum rounded, no FMA), rounded once to the dtype, so both backends store the
+// same bits.
+#include <algorithm>
 #include <cstdint>
 
 #include "check.cuh"
@@ -154,7 +161,64 @@ void launch_rope(const char* where, const Tensor& x, const Tensor& position_ids,
   });
 }
 
+// dst[r, j, :] = rotate(src[r, j, :]) for r = (b, h), slot j; one thread a pair (r, j, k).
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    rotate_rows_kernel(const T* src, T* dst, std::int64_t heads, std::int64_t slots,
+                       std::int64_t half, std::int64_t s_b, std::int64_t s_h, std::int64_t s_j,
+                       std::int64_t d_b, std::int64_t d_h, std::int64_t d_j,
+                       const float* __restrict__ cos_sin, std::int64_t pairs) {
+  detail::grid_dependency_wait();  // src may be the last kernel's output
+  detail::allow_dependent_launch();
+  for (std::int64_t idx = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+       idx < pairs; idx += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t k = idx % half, rest = idx / half;
+    const std::int64_t j = rest % slots, bh = rest / slots;
+    const std::int64_t b = bh / heads, h = bh % heads;
+    const T* x = src + b * s_b + h * s_h + j * s_j;
+    T* y = dst + b * d_b + h * d_h + j * d_j;
+    const float x1 = detail::to_f32(x[k]), x2 = detail::to_f32(x[k + half]);
+    const float c = cos_sin[k], s = cos_sin[half + k];
+    const float first = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+    const float second = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+    y[k] = detail::from_f32<T>(first);
+    y[k + half] = detail::from_f32<T>(second);
+  }
+}
+
 }  // namespace
+
+void rotate_rows(const Tensor& src, const Tensor& dst, const Tensor& cos_sin) {
+  const char* where = "cuda::rotate_rows";
+  KVCACHE_CHECK(src.defined() && src.device() == Device::kCuda && src.rank() == 4 &&
+                    is_floating(src.dtype()) && src.size(3) % 2 == 0 &&
+                    (src.size(3) <= 1 || src.stride(3) == 1),
+                where,
+                ": expected src [batch, heads, slots, head_dim] float on CUDA with an even, "
+                "contiguous head_dim, got ",
+                src.defined() ? src.describe() : "undefined");
+  KVCACHE_CHECK(dst.defined() && dst.device() == Device::kCuda && dst.dtype() == src.dtype() &&
+                    std::ranges::equal(dst.shape(), src.shape()) &&
+                    (dst.size(3) <= 1 || dst.stride(3) == 1),
+                where, ": expected dst shaped and typed as src ", src.describe(), ", got ",
+                dst.defined() ? dst.describe() : "undefined");
+  const std::int64_t half = src.size(3) / 2;
+  KVCACHE_CHECK(cos_sin.defined() && cos_sin.device() == Device::kCuda &&
+                    cos_sin.dtype() == DType::kFloat32 && cos_sin.is_contiguous() &&
+                    cos_sin.numel() == 2 * half,
+                where, ": expected cos_sin [2, ", half, "] float32 contiguous on CUDA, got ",
+                cos_sin.defined() ? cos_sin.describe() : "undefined");
+  const std::int64_t pairs = src.numel() / 2;
+  if (pairs == 0) return;
+  detail::dispatch_float(src.dtype(), where, [&](auto tag) {
+    using T = decltype(tag);
+    KVCACHE_CUDA_CHECK(detail::launch_overlapped(
+        rotate_rows_kernel<T>, dim3(detail::grid_for(pairs, kThreads)), dim3(kThreads), 0,
+        detail::stream(), static_cast<const T*>(src.data()), static_cast<T*>(dst.data()),
+        src.size(1), src.size(2), half, src.stride(0), src.stride(1), src.stride(2), dst.stride(0),
+        dst.stride(1), dst.stride(2), static_cast<const float*>(cos_sin.data()), pairs));
+  });
+}
 
 void rope(const Tensor& x, const Tensor& position_ids, const Tensor& inv_freq,
           float attention_scaling) {

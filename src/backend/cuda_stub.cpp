@@ -30,6 +30,7 @@ Tensor to_device(const Tensor&) { not_built("to_device"); }
 Tensor to_host(const Tensor&) { not_built("to_host"); }
 Tensor upload(const void*, std::size_t) { not_built("upload"); }
 Tensor upload(const Tensor&) { not_built("upload"); }
+Tensor upload_persistent(const Tensor&) { not_built("upload_persistent"); }
 void fill_uniform(const Tensor&, std::uint64_t, float, float) { not_built("fill_uniform"); }
 void synchronize() { not_built("synchronize"); }
 StreamScope::StreamScope() { not_built("StreamScope"); }
@@ -66,6 +67,7 @@ void add_bias(const Tensor&, const Tensor&) { not_built("add_bias"); }
 Tensor silu_mul(const Tensor&, const Tensor&) { not_built("silu_mul"); }
 void add_inplace(const Tensor&, const Tensor&) { not_built("add_inplace"); }
 void rope(const Tensor&, const Tensor&, const Tensor&, float) { not_built("rope"); }
+void rotate_rows(const Tensor&, const Tensor&, const Tensor&) { not_built("rotate_rows"); }
 void rope_append(const Tensor&, std::int64_t, const Tensor&, const Tensor&, const Tensor&,
                  const Tensor&, const Tensor&, float, const Tensor&) {
   not_built("rope_append");

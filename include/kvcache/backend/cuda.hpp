@@ -110,6 +110,9 @@ Tensor upload(const void* host, std::size_t bytes);
 /// The same for a contiguous CPU tensor: a device tensor of its shape and dtype, sent without
 /// waiting (cuda::to_device's asynchronous twin, for a decode step's small inputs).
 Tensor upload(const Tensor& host);
+/// The same into storage of its own (as empty_persistent), never a forward pass's scratch: for
+/// small tables a cache keeps from step to step.
+Tensor upload_persistent(const Tensor& host);
 
 /// Blocks until the backend's stream has finished its work.
 void synchronize();
@@ -263,6 +266,14 @@ MemoryStats memory_stats();
 /// Starts the peaks of memory_stats() again from the current figures.
 void reset_peak_memory_stats();
 
+/// RoPE re-rotation by a fixed shift (the sink cache's kept keys): dst[b, h, j] =
+/// (x1·c − x2·s, x2·c + x1·s) of src[b, h, j] for the rotate_half pairs (k, k + head_dim / 2),
+/// c = cos_sin[k], s = cos_sin[head_dim / 2 + k], in float32 and rounded once to the dtype (the
+/// bits cpu::rotate_rows stores). src and dst [batch, heads, slots, head_dim] of one float dtype
+/// (any strides, last dim contiguous); cos_sin [2, head_dim / 2] float32 contiguous on CUDA. dst
+/// may be src itself (in place) but must not otherwise overlap it.
+void rotate_rows(const Tensor& src, const Tensor& dst, const Tensor& cos_sin);
+
 /// The backend a Cache of device memory is instantiated on (DynamicCache<cuda::Backend>): storage
 /// on the current CUDA device, copies by CUDA kernels.
 struct Backend {
@@ -278,6 +289,13 @@ struct Backend {
   static void copy2(const Tensor& dst_a, const Tensor& src_a, const Tensor& dst_b,
                     const Tensor& src_b) {
     cuda::copy2(dst_a, src_a, dst_b, src_b);
+  }
+  /// A device copy of a small contiguous CPU tensor in storage of its own, sent without waiting
+  /// (cuda::upload_persistent).
+  static Tensor upload(const Tensor& host) { return cuda::upload_persistent(host); }
+  /// RoPE re-rotation by a fixed shift, src to dst (cuda::rotate_rows).
+  static void rotate_rows(const Tensor& src, const Tensor& dst, const Tensor& cos_sin) {
+    cuda::rotate_rows(src, dst, cos_sin);
   }
 };
 

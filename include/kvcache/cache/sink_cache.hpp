@@ -39,8 +39,14 @@
 //
 // Storage per layer: keys and values [batch, num_kv_heads, window_length, head_dim] in the
 // states' dtype (float32, float16 or bfloat16), allocated on the layer's first update; an update
-// returns views of slots [0, kv_length), valid until the layer's next update. CPU only for now:
-// on cuda::Backend update() is a kvcache::Error (the class compiles for it).
+// returns views of slots [0, kv_length), valid until the layer's next update.
+//
+// On the GPU (SinkCache<cuda::Backend>) the same steps run as kernels: a slide copies the recent
+// slots to a scratch buffer (keys and values in one launch) and writes them back shifted, the keys
+// through cuda::rotate_rows, which computes cpu::rotate_rows' float32 expression, so both backends
+// hold the same bits. The shift's cos/sin go to the device once per shift length (a decode step
+// always shifts by one, so once a generation) and are kept. A decode step over a sink cache runs
+// kernel by kernel (no CUDA graph: the slide's length changes until the window has filled).
 //
 // Every mutating call checks its input and allocates before it writes, so a call that throws
 // leaves the cache as it was. Copies are explicit (clone()). Not thread-safe.
@@ -76,7 +82,8 @@ struct SinkCacheOptions {
 
 /// StreamingLLM's cache (transformers 4.36's SinkCache): the first num_sink_tokens tokens
 /// and the most recent window_length - num_sink_tokens, the recent keys re-rotated to their new
-/// cache positions as older ones are evicted. Memory fixed at window_length per layer. CPU only.
+/// cache positions as older ones are evicted. Memory fixed at window_length per layer. CPU and
+/// CUDA.
 template <CacheBackend B = cpu::Backend>
 class SinkCache final : public Cache<B> {
  public:
@@ -120,10 +127,6 @@ class SinkCache final : public Cache<B> {
                                    int layer_idx, const CacheKwargs& kwargs = {}) override {
     (void)kwargs;
     const char* where = "SinkCache::update";
-    if constexpr (B::kDevice != Device::kCpu) {
-      KVCACHE_FAIL(where, ": the sink cache is not on the GPU yet (", device_name(B::kDevice),
-                   "); use it with a CPU model");
-    }
     check_states(key_states, value_states, layer_idx);
     const std::int64_t W = options_.window_length, S = options_.num_sink_tokens;
     const std::int64_t q = key_states.size(2);
@@ -147,7 +150,19 @@ class SinkCache final : public Cache<B> {
     }
     if (layer_idx == num_layers()) layers_.reserve(layers_.size() + 1);
     const std::int64_t evicted = n + q > W ? n + q - W : 0;
-    const Rotation rot = rotation(evicted, key_states.size(3));  // cos/sin of the shift, once
+    const Rotation& rot = rotation(evicted, key_states.size(3));  // cos/sin of the shift, once
+    // A slide on the GPU goes through a scratch copy of the slots it moves (a kernel may not read
+    // slots another block of it writes).
+    Tensor scratch_k, scratch_v;
+    if constexpr (B::kDevice != Device::kCpu) {
+      const std::int64_t moved = n - (S + evicted);
+      if (!long_step && evicted > 0 && moved > 0) {
+        const std::int64_t shape[4] = {key_states.size(0), key_states.size(1), moved,
+                                       key_states.size(3)};
+        scratch_k = detail::allocate_storage<B>(shape, key_states.dtype(), where);
+        scratch_v = detail::allocate_storage<B>(shape, key_states.dtype(), where);
+      }
+    }
     // 2. Write (nothing throws from here on). A shared storage is written in place: the old state
     // is gone only through these writes, which cannot fail.
     std::int64_t kv_length = 0;
@@ -157,7 +172,7 @@ class SinkCache final : public Cache<B> {
       next.stored = kv_length = n + q;
     } else if (!long_step) {
       const std::int64_t e = n + q - W;  // evicted: recent slots [S, S + e)
-      shift_down(next, S + e, n, e, rot);
+      shift_down(next, S + e, n, e, rot, scratch_k, scratch_v);
       B::copy(next.keys.slice(2, W - q, W), key_states);
       B::copy(next.values.slice(2, W - q, W), value_states);
       next.stored = kv_length = W;
@@ -380,13 +395,20 @@ class SinkCache final : public Cache<B> {
   }
 
   // cos and sin of a = -e * inv_freq[i] for the head_dim / 2 frequencies (computed in float64,
-  // rounded once to float32), once per eviction; empty without RoPE or for e == 0.
+  // rounded once to float32); empty without RoPE or for e == 0. On the GPU also on the device,
+  // as one [2, head_dim / 2] float32 tensor (cos, then sin).
   struct Rotation {
     std::vector<float> cos, sin;
+    Tensor table;  // on the device (GPU backends only)
+    std::int64_t shift = 0, head_dim = 0;
   };
-  Rotation rotation(std::int64_t e, std::int64_t d) const {
+  // The rotation by -e for head_dim d, made once per (e, d) and kept: a decode step always
+  // shifts by one. Not part of the cache's contents (a failed call may leave a new one here).
+  const Rotation& rotation(std::int64_t e, std::int64_t d) {
+    static const Rotation none;
+    if (options_.rope_inv_freq.empty() || e == 0) return none;
+    if (rotation_.shift == e && rotation_.head_dim == d) return rotation_;
     Rotation rot;
-    if (options_.rope_inv_freq.empty() || e == 0) return rot;
     const std::int64_t half = d / 2;
     rot.cos.resize(static_cast<std::size_t>(half));
     rot.sin.resize(rot.cos.size());
@@ -396,16 +418,38 @@ class SinkCache final : public Cache<B> {
       rot.cos[static_cast<std::size_t>(i)] = static_cast<float>(std::cos(a));
       rot.sin[static_cast<std::size_t>(i)] = static_cast<float>(std::sin(a));
     }
-    return rot;
+    if constexpr (B::kDevice != Device::kCpu) {
+      Tensor host = Tensor::empty({2, half}, DType::kFloat32);
+      std::copy(rot.cos.begin(), rot.cos.end(), host.data_as<float>());
+      std::copy(rot.sin.begin(), rot.sin.end(), host.data_as<float>() + half);
+      rot.table = B::upload(host);
+    }
+    rot.shift = e;
+    rot.head_dim = d;
+    rotation_ = std::move(rot);
+    return rotation_;
   }
 
   // Moves slots [from, to) of keys and values down by e slots (their tokens' positions drop by e),
   // the keys re-rotated by -e as they move (one pass: read, rotate, write). Ascending order: each
   // destination slot was read already.
-  void shift_down(Layer& l, std::int64_t from, std::int64_t to, std::int64_t e,
-                  const Rotation& rot) const {
+  // On the GPU through scratch_k / scratch_v [batch, heads, to - from, head_dim].
+  void shift_down(Layer& l, std::int64_t from, std::int64_t to, std::int64_t e, const Rotation& rot,
+                  const Tensor& scratch_k, const Tensor& scratch_v) const {
     const std::int64_t count = to - from;
     if (count <= 0) return;
+    if constexpr (B::kDevice != Device::kCpu) {
+      const Tensor dst_k = l.keys.slice(2, from - e, to - e);
+      const Tensor dst_v = l.values.slice(2, from - e, to - e);
+      B::copy2(scratch_k, l.keys.slice(2, from, to), scratch_v, l.values.slice(2, from, to));
+      if (rot.cos.empty()) {
+        B::copy2(dst_k, scratch_k, dst_v, scratch_v);
+      } else {
+        B::rotate_rows(scratch_k, dst_k, rot.table);
+        B::copy(dst_v, scratch_v);
+      }
+      return;
+    }
     const std::int64_t rows = l.keys.size(0) * l.keys.size(1), W = l.keys.size(2),
                        d = l.keys.size(3);
     const std::size_t es = dtype_size(l.keys.dtype());
@@ -431,6 +475,11 @@ class SinkCache final : public Cache<B> {
   static void rerotate(const Tensor& keys, std::int64_t from, std::int64_t to,
                        const Rotation& rot) {
     if (rot.cos.empty() || to <= from) return;
+    if constexpr (B::kDevice != Device::kCpu) {
+      const Tensor slots = keys.slice(2, from, to);
+      B::rotate_rows(slots, slots, rot.table);  // in place: each pair is read, then written
+      return;
+    }
     const std::int64_t rows = keys.size(0) * keys.size(1), W = keys.size(2), d = keys.size(3);
     const std::size_t es = dtype_size(keys.dtype());
     auto* base = static_cast<unsigned char*>(keys.data());
@@ -467,6 +516,7 @@ class SinkCache final : public Cache<B> {
 
   SinkCacheOptions options_;
   std::vector<Layer> layers_;  // one per decoder layer seen
+  Rotation rotation_;          // the last shift's cos/sin (rotation())
 };
 
 extern template class SinkCache<cpu::Backend>;

@@ -42,7 +42,7 @@ struct GenerationConfig {
   /// passes a window, since full layers replay from a CUDA graph) or "static" (a StaticCache of
   /// the prompt's batch and max_cache_len = prompt + max_new_tokens, allocated before the prefill;
   /// full-length layers, exact for a windowed model too), "sink" (a SinkCache of cache_config's
-  /// window_length and num_sink_tokens, re-rotating with the model's RoPE; CPU only) or
+  /// window_length and num_sink_tokens, re-rotating with the model's RoPE; CPU and CUDA) or
   /// "quantized" (a QuantizedCache of cache_config's nbits, q_group_size, axis_key and
   /// residual_length; CPU only) or "offloaded" (an OffloadedCache: the layers in page-locked
   /// host memory, two on the device; GPU only). Any other name is an error, also when a cache is
