@@ -161,6 +161,52 @@ Tensor split_heads(const Tensor& p, std::int64_t batch, std::int64_t q_len, std:
   return Tensor::from_storage(p.storage(), p.data(), shape, p.dtype(), p.device(), strides);
 }
 
+// The tokens of a step that are not leading padding, as flat rows b · q_len + i: token i of row b
+// is leading padding when its mask column past + i and every column before it are 0 (a
+// left-padded prompt's pads, which attend to nothing). Empty when there is no such token, or when
+// every token is one (nothing to gain).
+std::vector<std::int64_t> unpadded_rows(std::span<const std::uint8_t> mask, std::int64_t batch,
+                                        std::int64_t past, std::int64_t q_len) {
+  std::vector<std::int64_t> rows;
+  if (mask.empty() || q_len < 2) return rows;
+  const std::int64_t columns = past + q_len;
+  rows.reserve(static_cast<std::size_t>(batch * q_len));
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::uint8_t* row = mask.data() + b * columns;
+    std::int64_t first = 0;  // the row's first attended column
+    while (first < columns && row[first] == 0) ++first;
+    for (std::int64_t i = std::max<std::int64_t>(0, first - past); i < q_len; ++i)
+      rows.push_back(b * q_len + i);
+  }
+  if (rows.empty() || static_cast<std::int64_t>(rows.size()) == batch * q_len) rows.clear();
+  return rows;
+}
+
+// Rows `rows` of a float32 [n, cols] CPU tensor (any row stride, rows contiguous), packed.
+Tensor gather_rows(const Tensor& src, std::span<const std::int64_t> rows) {
+  const std::int64_t cols = src.size(1);
+  Tensor out = Tensor::empty({static_cast<std::int64_t>(rows.size()), cols}, DType::kFloat32);
+  const float* from = src.data_as<float>();
+  float* to = out.data_as<float>();
+  for (std::size_t r = 0; r < rows.size(); ++r)
+    std::memcpy(to + static_cast<std::int64_t>(r) * cols, from + rows[r] * src.stride(0),
+                static_cast<std::size_t>(cols) * sizeof(float));
+  return out;
+}
+
+// The inverse: a zeroed float32 [n, cols] CPU tensor whose rows `rows` are src's rows in order.
+Tensor scatter_rows(const Tensor& src, std::span<const std::int64_t> rows, std::int64_t n) {
+  const std::int64_t cols = src.size(1);
+  Tensor out = Tensor::empty({n, cols}, DType::kFloat32);
+  std::memset(out.data(), 0, out.nbytes());
+  const float* from = src.data_as<float>();
+  float* to = out.data_as<float>();
+  for (std::size_t r = 0; r < rows.size(); ++r)
+    std::memcpy(to + rows[r] * cols, from + static_cast<std::int64_t>(r) * src.stride(0),
+                static_cast<std::size_t>(cols) * sizeof(float));
+  return out;
+}
+
 // Bytes `offset..` of an uploaded buffer seen as a contiguous tensor of `shape` and `dtype`.
 Tensor view_bytes(const Tensor& bytes, std::size_t offset,
                   std::initializer_list<std::int64_t> shape, DType dtype) {
@@ -503,19 +549,34 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
     }
   };
   Tensor hidden;  // [batch · q_len, hidden] float32: the residual stream
+  // Left-padded prompts of different lengths (CPU): the residual stream, the projections and the
+  // MLP hold only the tokens that are not leading padding (`real`), so a batch costs what its real
+  // tokens cost; q, k and v go back to [batch · q_len] rows (padding rows zero) for the RoPE, the
+  // cache and the attention, whose output comes back to the real rows. A padding position's
+  // hidden state is then zero (its logits those of a zero state): transformers computes one for
+  // it from attending to nothing, which no caller reads. The GPU runs every position.
+  std::vector<std::int64_t> real;
   if constexpr (B::kDevice == Device::kCpu) {
     hidden = cpu::embedding(embed_tokens_, in.ids);
+    if (!replay)
+      real = unpadded_rows(mask_to_bytes(mask, batch, past + q_len, where), batch, past, q_len);
+    if (!real.empty()) hidden = gather_rows(hidden, real);
   } else {
     hidden = cuda::embedding(embed_tokens_.dense(), in.ids);
   }
+  // Back to [batch · q_len] rows where the stream holds the real tokens only.
+  auto all_rows = [&](const Tensor& t) {
+    return real.empty() ? t : scatter_rows(t, real, batch * q_len);
+  };
 
   for (std::size_t l = 0; l < layers_.size(); ++l) {
     const Layer& w = layers_[l];
     // Projections come out [batch * q_len, heads * head_dim]; seen as [batch, heads, q_len, hd].
     const cpu::Weight* qkv[] = {&w.q, &w.k, &w.v};
     const Tensor* qkv_bias[] = {&w.q_bias, &w.k_bias, &w.v_bias};
-    const std::vector<Tensor> proj =
+    std::vector<Tensor> proj =
         project_normed<B>(hidden, w.input_norm, c.rms_norm_eps, qkv, qkv_bias, w.qkv_fused);
+    for (Tensor& part : proj) part = all_rows(part);
     const Tensor q = split_heads(proj[0], batch, q_len, heads, hd);
     const Tensor k = split_heads(proj[1], batch, q_len, kv_heads, hd);
     const Tensor v = split_heads(proj[2], batch, q_len, kv_heads, hd);
@@ -560,7 +621,9 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
     if (!attn.defined()) {
       attn = attention.forward(q, k, v, *cache, in.mask, cache_position, in.cache_position);
     }
-    add_projection<B>(hidden, attn.view({batch * q_len, heads * hd}), w.o, w.o_bias);
+    Tensor attn_rows = attn.view({batch * q_len, heads * hd});
+    if (!real.empty()) attn_rows = gather_rows(attn_rows, real);
+    add_projection<B>(hidden, attn_rows, w.o, w.o_bias);
 
     const cpu::Weight* gate_up[] = {&w.gate, &w.up};
     const Tensor* gate_up_bias[] = {&w.gate_bias, &w.up_bias};
@@ -569,6 +632,7 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
     add_mlp_down<B>(hidden, mlp[0], mlp[1], w.down, w.down_bias);
   }
 
+  hidden = all_rows(hidden);
   // The LM head only for the last `keep` positions of every row.
   const std::int64_t keep = args.logits_to_keep > 0 ? std::min(args.logits_to_keep, q_len) : q_len;
   Tensor last = B::empty(std::array<std::int64_t, 3>{batch, keep, c.hidden_size}, DType::kFloat32);

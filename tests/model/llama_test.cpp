@@ -78,6 +78,56 @@ TEST(Llama, LeftPaddingChangesNothingForRealTokens) {
   for (double x : to_doubles(padded)) ASSERT_FALSE(std::isnan(x));  // padded positions too
 }
 
+// Rows of three lengths in one left-padded prefill (the CPU then runs the projections on the real
+// tokens only): every row's logits at its real positions, the keys and values it leaves in the
+// cache and the decode step after it equal the row run on its own; the padding slots hold zeros.
+TEST(Llama, LeftPaddedRowsOfThreeLengthsEqualEachRowAlone) {
+  const ModelConfig c = tiny_config();
+  const LlamaModel model = tiny_model(c);
+  const std::vector<std::vector<std::int64_t>> prompts = {
+      {1, 2, 3, 4, 5, 6, 7}, {40, 41, 42}, {9, 8, 7, 6, 5}};
+  auto [ids, mask] = left_pad(prompts, 0);
+  DynamicCache<> cache;
+  const Tensor padded =
+      model.forward({.input_ids = ids, .attention_mask = mask, .past_key_values = &cache});
+  const Tensor next = token_column({11, 12, 13});
+  const Tensor step = model.forward({.input_ids = next,
+                                     .attention_mask = extend_attention_mask(mask),
+                                     .cache_position = {7},
+                                     .past_key_values = &cache});
+  const auto legacy = cache.to_legacy_cache();
+  for (std::int64_t b = 0; b < 3; ++b) {
+    const auto n = static_cast<std::int64_t>(prompts[static_cast<std::size_t>(b)].size());
+    auto [one_ids, one_mask] = left_pad({prompts[static_cast<std::size_t>(b)]}, 0);
+    DynamicCache<> own;
+    const Tensor alone =
+        model.forward({.input_ids = one_ids, .attention_mask = one_mask, .past_key_values = &own});
+    EXPECT_LT(testing::compare(to_doubles(padded.slice(0, b, b + 1).slice(1, 7 - n, 7)),
+                               to_doubles(alone))
+                  .max_abs,
+              2e-5)
+        << "row " << b;
+    const auto own_legacy = own.to_legacy_cache();
+    for (std::size_t l = 0; l < legacy.size(); ++l) {
+      for (int kv = 0; kv < 2; ++kv) {
+        const Tensor& held = kv == 0 ? legacy[l].first : legacy[l].second;
+        const Tensor& mine = kv == 0 ? own_legacy[l].first : own_legacy[l].second;
+        const Tensor row = held.slice(0, b, b + 1);
+        EXPECT_LT(testing::compare(to_doubles(row.slice(2, 7 - n, 7)), to_doubles(mine)).max_abs,
+                  2e-5)
+            << "row " << b << ", layer " << l << (kv == 0 ? " keys" : " values");
+        for (double x : to_doubles(row.slice(2, 0, 7 - n))) ASSERT_EQ(x, 0.0);
+      }
+    }
+    const Tensor own_step = model.forward({.input_ids = token_column({11 + b}),
+                                           .attention_mask = extend_attention_mask(one_mask),
+                                           .cache_position = {n},
+                                           .past_key_values = &own});
+    EXPECT_LT(testing::compare(row_logits(step, b), row_logits(own_step, 0)).max_abs, 2e-5)
+        << "decode step, row " << b;
+  }
+}
+
 TEST(Llama, LogitsToKeep) {
   const LlamaModel model = tiny_model(tiny_config());
   auto [ids, mask] = left_pad({{1, 2, 3, 4, 5}}, 0);
