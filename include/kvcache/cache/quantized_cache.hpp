@@ -86,7 +86,7 @@ struct QuantCodec {
   DType scale_dtype = DType::kFloat16;
 
   unsigned qmax() const { return (1u << nbits) - 1u; }
-  std::size_t meta_size() const { return 2 * dtype_size(scale_dtype); }
+  std::size_t meta_size() const { return quant_meta_bytes(scale_dtype); }
   std::size_t code_bytes(std::int64_t count) const {
     return static_cast<std::size_t>(count * nbits / 8);
   }
@@ -103,14 +103,7 @@ struct QuantCodec {
     }
   }
   std::pair<float, float> get_meta(const unsigned char* p) const {
-    if (scale_dtype == DType::kFloat16) {
-      float16 h[2];
-      std::memcpy(h, p, sizeof(h));
-      return {to_float(h[0]), to_float(h[1])};
-    }
-    float f[2];
-    std::memcpy(f, p, sizeof(f));
-    return {f[0], f[1]};
+    return quant_meta(p, scale_dtype);
   }
   // log2 of the codes a byte holds: shifts and masks, not a division per code.
   int per_shift() const { return nbits == 8 ? 0 : nbits == 4 ? 1 : 2; }
