@@ -105,7 +105,7 @@ Tensor Tensor::empty(Shape shape, DType dtype) {
   const std::size_t padded = (bytes + alignment - 1) / alignment * alignment + (large ? 0 : 64);
   // Through the global operator new (its aligned, nothrow form), so a program that replaces the
   // allocator sees tensor storage too (the allocation-failure tests fail it on purpose).
-  void* memory = ::operator new(padded, std::align_val_t{alignment}, std::nothrow);
+  void* memory = ::operator new (padded, std::align_val_t{alignment}, std::nothrow);
   KVCACHE_CHECK(memory != nullptr, "Tensor::empty: cannot allocate ", bytes, " bytes for ",
                 dtype_name(dtype), " ", shape_text(shape), " (out of memory)");
 #ifdef MADV_HUGEPAGE
@@ -114,7 +114,7 @@ Tensor Tensor::empty(Shape shape, DType dtype) {
   std::shared_ptr<void> storage;
   try {
     storage = std::shared_ptr<void>(
-        memory, [alignment](void* p) { ::operator delete(p, std::align_val_t{alignment}); });
+        memory, [alignment](void* p) { ::operator delete (p, std::align_val_t{alignment}); });
   } catch (const std::bad_alloc&) {  // the control block; the deleter has already freed memory
     KVCACHE_FAIL("Tensor::empty: out of memory");
   }
