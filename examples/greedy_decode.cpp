@@ -12,7 +12,7 @@
 //                 dynamic|static|sink|quantized|offloaded]
 //                 [--window-length N] [--sink-tokens N] [--kv-bits 8|4|2] [--kv-group-size N]
 //                 [--kv-axis channel|token] [--residual-length N] [--cuda-graph on|off]
-//                 [--threads N] [--json] [--help]
+//                 [--threads N] [--allow-past-context] [--json] [--help]
 //
 // Rows given with --input-ids (';' separates rows) are left-padded with the model's pad id (0 when
 // it has none) and the attention mask is built to match. --raw sends the prompt without the chat
@@ -26,7 +26,11 @@
 // default; off launches every step kernel by kernel). Without --dtype a GGUF file's
 // Q8_0/Q4_1 matrices stay blocks and are multiplied as such (fast; x is rounded to int8 per block,
 // see kvcache/backend/quantized.hpp); --dtype float32 dequantizes them exactly at load, which is
-// how the parity tests match transformers token for token.
+// how the parity tests match transformers token for token. A question (or a --chat turn) whose
+// prompt plus --max-new-tokens would pass the model's context length (max_position_embeddings,
+// a GGUF's llama.context_length) fails with generate()'s message before it starts, unless
+// --allow-past-context is given (GenerationConfig::allow_past_context: the tokens past it get the
+// positions that follow, which the model was never trained on).
 #include <algorithm>
 #include <cctype>
 #include <cstdint>
@@ -65,6 +69,7 @@ struct Options {
   kvcache::GenerationConfig::CacheConfig cache_config;  // --window-length ... --residual-length
   bool cuda_graph = true;  // --cuda-graph off: GPU decode steps launched kernel by kernel
   int threads = 0;         // --threads N: CPU threads (0: OpenMP's default, OMP_NUM_THREADS)
+  bool allow_past_context = false;  // --allow-past-context: generate past the context length
   bool json = false;
 };
 
@@ -75,7 +80,8 @@ const char* kUsage =
     "                     [--cache dynamic|static|sink|quantized|offloaded] [--window-length N]\n"
     "                     [--sink-tokens N] [--kv-bits 8|4|2] [--kv-group-size N]\n"
     "                     [--kv-axis channel|token] [--residual-length N]\n"
-    "                     [--cuda-graph on|off] [--threads N] [--json] [--help]\n";
+    "                     [--cuda-graph on|off] [--threads N] [--allow-past-context]\n"
+    "                     [--json] [--help]\n";
 
 const char* kSeedQuestion = "Hello, what's your name.";
 
@@ -128,6 +134,9 @@ std::string help_text() {
     << (d.cuda_graph ? "on" : "off") << ")\n"
     << "  --threads N          CPU threads, N >= 1 (default: OpenMP's, OMP_NUM_THREADS if set,\n"
        "                       else one per core)\n"
+       "  --allow-past-context generate past the model's context length (max_position_embeddings)\n"
+       "                       instead of failing before the prefill; the positions past it were\n"
+       "                       never trained (default: off)\n"
        "  --json               end with one JSON line: new_tokens, prefill_ms,\n"
        "                       decode_tokens_per_s, cache_bytes, ... (default: off)\n"
        "  -h, --help           print this help and exit\n";
@@ -208,6 +217,8 @@ Options parse(int argc, char** argv) {
       } catch (const std::exception&) {
         fail("--threads expects a positive integer, got '" + v + "'");
       }
+    } else if (arg == "--allow-past-context") {
+      o.allow_past_context = true;
     } else if (arg == "--json") {
       o.json = true;
     } else if (arg == "--help" || arg == "-h") {
@@ -352,6 +363,7 @@ int main(int argc, char** argv) {
     // path falls back to the tokenizer's EOS when the config names none.
     gen.eos_token_ids = config.eos_token_ids;
     gen.cuda_graph = o.cuda_graph;
+    gen.allow_past_context = o.allow_past_context;
     gen.cache_implementation = o.cache;  // the cache generate() builds when none is passed
     gen.cache_config = o.cache_config;
 

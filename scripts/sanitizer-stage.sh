@@ -16,7 +16,7 @@ cmake -B "$build" -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 \
   -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS=-gline-tables-only -DKVCACHE_CUDA=OFF \
   -DKVCACHE_SANITIZE=address,undefined -DKVCACHE_BUILD_FUZZERS=ON \
   -DKVCACHE_BUILD_BENCHMARKS=OFF -DKVCACHE_BUILD_EXAMPLES=OFF -DKVCACHE_INSTALL=OFF
-cmake --build "$build" -j2 --target kvcache_sanitizer_tests fuzz_gguf fuzz_safetensors fuzz_config \
+cmake --build "$build" -j2 --target kvcache_sanitizer_tests kvcache_allocation_failure_tests fuzz_gguf fuzz_safetensors fuzz_config \
   fuzz_tokenizer fuzz_tokenizer_config fuzz_encode fuzz_chat_template fuzz_cache
 
 # allocator_may_return_null: a huge request is std::bad_alloc (which the library turns into a
@@ -30,6 +30,9 @@ suites=(Hostile Tensor CpuCopy Float16 DynamicCache StaticCache LegacyCache Slid
         Safetensors Tokenizer ChatTemplate ThreadSafety)
 filter=$(printf '%s*:' "${suites[@]}")
 OMP_NUM_THREADS=2 "$build/tests/kvcache_sanitizer_tests" --gtest_brief=1 --gtest_filter="${filter%:}"
+# Every cache call with its Nth allocation failing, N = 1, 2, ... (its own program: it replaces
+# the global operator new).
+OMP_NUM_THREADS=2 "$build/tests/kvcache_allocation_failure_tests" --gtest_brief=1
 ctest --test-dir "$build" -L fuzz -j2 --output-on-failure
 
 echo "sanitizer stage: passed in $(($(date +%s) - start)) s"

@@ -103,7 +103,9 @@ Tensor Tensor::empty(Shape shape, DType dtype) {
   const std::size_t alignment = large ? kHugePage : 64;
   // Round up to the alignment so aligned_alloc's size rule holds; never allocate zero bytes.
   const std::size_t padded = (bytes + alignment - 1) / alignment * alignment + (large ? 0 : 64);
-  void* memory = std::aligned_alloc(alignment, padded);
+  // Through the global operator new (its aligned, nothrow form), so a program that replaces the
+  // allocator sees tensor storage too (the allocation-failure tests fail it on purpose).
+  void* memory = ::operator new (padded, std::align_val_t{alignment}, std::nothrow);
   KVCACHE_CHECK(memory != nullptr, "Tensor::empty: cannot allocate ", bytes, " bytes for ",
                 dtype_name(dtype), " ", shape_text(shape), " (out of memory)");
 #ifdef MADV_HUGEPAGE
@@ -111,7 +113,8 @@ Tensor Tensor::empty(Shape shape, DType dtype) {
 #endif
   std::shared_ptr<void> storage;
   try {
-    storage = std::shared_ptr<void>(memory, [](void* p) { std::free(p); });
+    storage = std::shared_ptr<void>(
+        memory, [alignment](void* p) { ::operator delete (p, std::align_val_t{alignment}); });
   } catch (const std::bad_alloc&) {  // the control block; the deleter has already freed memory
     KVCACHE_FAIL("Tensor::empty: out of memory");
   }

@@ -235,6 +235,34 @@ std::vector<std::int64_t> choose_tokens(const Tensor& logits, const GenerationCo
   return next;
 }
 
+// The positions a generation gives its tokens must stay inside the model's context length
+// (max_position_embeddings; a GGUF's llama.context_length) unless the caller opts in: RoPE
+// computes any position alike, but the model never saw those past it in training, so its output
+// there degrades (or, with some models, turns to nonsense) without any error. The span is the
+// whole sequence, past + prompt + max_new_tokens, as transformers' max_length counts it. A
+// SinkCache places tokens at positions of its own (their slots): past its window_length a step
+// stays below the window, so only the prompt step (when it does not evict) can go past it.
+void check_context_length(const LlamaModel& model, const GenerationConfig& config,
+                          std::int64_t past, std::int64_t prompt, std::int64_t total,
+                          std::optional<std::pair<std::int64_t, std::int64_t>> sink) {
+  const std::int64_t context = model.config().max_position_embeddings;
+  if (config.allow_past_context || context <= 0) return;
+  std::int64_t span = total;
+  if (sink) {
+    const auto [window, sinks] = *sink;
+    const std::int64_t prefill =
+        past + prompt <= window || prompt > window - sinks ? past + prompt : window;
+    span = std::max(prefill, std::min(total, window));
+  }
+  KVCACHE_CHECK(span <= context, "generate: expected past + prompt_len + max_new_tokens = ", past,
+                " + ", prompt, " + ", config.max_new_tokens, " = ", total,
+                sink ? " (positions in a SinkCache: " + std::to_string(span) + ")" : std::string(),
+                " to stay within the model's context length of ", context,
+                " (max_position_embeddings), got ", span - context,
+                " position(s) past it; set GenerationConfig::allow_past_context "
+                "(greedy_decode --allow-past-context) to generate past it anyway");
+}
+
 template <class B>
 GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
                            const Tensor& attention_mask, const GenerationConfig& config,
@@ -247,6 +275,13 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
   const std::int64_t total =
       detail::checked_add(detail::checked_add(past, prompt, where, "past + prompt_len"),
                           config.max_new_tokens, where, "past + prompt_len + max_new_tokens");
+  std::optional<std::pair<std::int64_t, std::int64_t>> sink;  // (window_length, sinks)
+  if (const auto* s = dynamic_cast<const SinkCache<B>*>(cache)) {
+    sink.emplace(s->window_length(), s->num_sink_tokens());
+  } else if (!cache && config.cache_implementation == "sink") {
+    sink.emplace(config.cache_config.window_length, config.cache_config.num_sink_tokens);
+  }
+  check_context_length(model, config, past, prompt, total, sink);
   std::unique_ptr<Cache<B>> local;
   if (!cache) {
     const bool dynamic = config.cache_implementation == "dynamic";

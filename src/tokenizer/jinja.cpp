@@ -28,6 +28,7 @@
 #include <unordered_map>
 
 #include "kvcache/error.hpp"
+#include "utf8.hpp"
 
 namespace kvcache::jinja {
 
@@ -144,24 +145,6 @@ std::int64_t length_of(const std::string& s) {
   std::int64_t n = 0;
   for (char c : s) n += (static_cast<unsigned char>(c) & 0xC0) != 0x80;
   return n;
-}
-
-void append_utf8(std::string& out, std::uint32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
 }
 
 bool is_space(char c) {
@@ -657,7 +640,7 @@ class Lexer {
             cp = cp * 16 + static_cast<std::uint32_t>(d);
           }
           if (cp > 0x10FFFF) error(line, column, "expected a code point up to 0x10ffff");
-          append_utf8(value, cp);
+          kvcache::detail::append_utf8(static_cast<char32_t>(cp), value);
         };
         switch (e) {
           case 'n':

@@ -22,6 +22,7 @@
 #include "../io_util.hpp"
 #include "kvcache/error.hpp"
 #include "kvcache/model/gguf.hpp"
+#include "utf8.hpp"
 
 #if KVCACHE_HAVE_SENTENCEPIECE
 #include <sentencepiece_processor.h>
@@ -31,24 +32,6 @@ namespace kvcache {
 namespace {
 
 // --- UTF-8 ------------------------------------------------------------------------------------
-
-void append_utf8(char32_t cp, std::string& out) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
 
 constexpr std::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD
 constexpr std::string_view kMeta = "\xE2\x96\x81";         // U+2581 "▁", SentencePiece's space
@@ -151,7 +134,7 @@ struct ByteAlphabet {
       const bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
       const char32_t cp =
           printable ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + extra++);
-      append_utf8(cp, utf8[static_cast<std::size_t>(b)]);
+      detail::append_utf8(cp, utf8[static_cast<std::size_t>(b)]);
       byte[cp] = static_cast<std::int16_t>(b);
     }
   }

@@ -320,6 +320,7 @@ TEST(GenerateLimits, PromptPlusMaxNewTokensOverflowIsAnError) {
   for (const char* kind : {"dynamic", "static"}) {
     GenerationConfig config{.max_new_tokens = max};
     config.cache_implementation = kind;
+    config.allow_past_context = true;  // the sizes, not the context length, are tested here
     EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config),
                          "past + prompt_len + max_new_tokens of 3 + 9223372036854775807 does not "
                          "fit in 64 bits");
@@ -332,7 +333,7 @@ TEST(GenerateLimits, PromptPlusMaxNewTokensOverflowIsAnError) {
   DynamicCache<> cache;
   generate(model, ids, mask, {.max_new_tokens = 2}, &cache);
   EXPECT_KVCACHE_ERROR(generate(model, ids, extend_attention_mask(ones_mask(1, 4), 3),
-                                {.max_new_tokens = max - 6}, &cache),
+                                {.max_new_tokens = max - 6, .allow_past_context = true}, &cache),
                        "does not fit in 64 bits");
   EXPECT_EQ(cache.get_seq_length(), 4);
 }
@@ -342,7 +343,7 @@ TEST(GenerateLimits, HugeMaxNewTokensWithADynamicCacheDoesNotAllocateItUpFront) 
   // number of slots and grows as it goes; a static cache of that size is a clear error.
   const LlamaModel& model = tiny_model();
   auto [ids, mask] = left_pad({{1, 2, 3}}, 0);
-  GenerationConfig config{.max_new_tokens = 1'000'000'000'000};
+  GenerationConfig config{.max_new_tokens = 1'000'000'000'000, .allow_past_context = true};
   const GenerateResult result =
       generate(model, ids, mask, config, nullptr,
                [](std::int64_t, std::int64_t, std::int64_t step) { return step < 2; });
@@ -351,6 +352,98 @@ TEST(GenerateLimits, HugeMaxNewTokensWithADynamicCacheDoesNotAllocateItUpFront) 
   config.max_new_tokens = 10'000'000'000'000;
   config.cache_implementation = "static";
   EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config), "could not allocate");
+}
+
+// --- the context length (issue #10) ------------------------------------------------------------
+
+// Counts the tokens the callback sees (0: generation never started).
+struct CountingCallback {
+  int calls = 0;
+  TokenCallback get() {
+    return [this](std::int64_t, std::int64_t, std::int64_t) {
+      ++calls;
+      return true;
+    };
+  }
+};
+
+TEST(GenerateContextLength, PassingItIsAnErrorBeforeTheFirstToken) {
+  const LlamaModel& model = tiny_model();  // max_position_embeddings 256
+  ASSERT_EQ(model.config().max_position_embeddings, 256);
+  auto [ids, mask] = left_pad({{1, 2, 3}}, 0);
+  for (const char* kind : {"dynamic", "static", "quantized"}) {
+    SCOPED_TRACE(kind);
+    GenerationConfig config{.max_new_tokens = 254};  // 3 + 254 = 257 > 256
+    config.cache_implementation = kind;
+    CountingCallback counter;
+    EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config, nullptr, counter.get()),
+                         "generate: expected past + prompt_len + max_new_tokens = 0 + 3 + 254 = "
+                         "257 to stay within the model's context length of 256 "
+                         "(max_position_embeddings), got 1 position(s) past it; set "
+                         "GenerationConfig::allow_past_context");
+    EXPECT_EQ(counter.calls, 0);
+  }
+  // Exactly the context length is allowed.
+  const GenerateResult full = generate(model, ids, mask, {.max_new_tokens = 253});
+  EXPECT_EQ(full.new_tokens[0].size(), 253u);
+  EXPECT_EQ(full.cache_length, 255);
+}
+
+TEST(GenerateContextLength, APassedCacheCountsWhatItHolds) {
+  const LlamaModel& model = tiny_model();
+  auto [ids, mask] = left_pad({{1, 2, 3}}, 0);
+  DynamicCache<> cache;
+  generate(model, ids, mask, {.max_new_tokens = 2}, &cache);  // holds 3 + 2 - 1 = 4
+  ASSERT_EQ(cache.get_seq_length(), 4);
+  const Tensor more = extend_attention_mask(ones_mask(1, 4), 3);
+  CountingCallback counter;
+  EXPECT_KVCACHE_ERROR(generate(model, ids, more, {.max_new_tokens = 250}, &cache, counter.get()),
+                       "= 4 + 3 + 250 = 257 to stay within the model's context length of 256");
+  EXPECT_EQ(counter.calls, 0);
+  EXPECT_EQ(cache.get_seq_length(), 4);  // untouched
+  EXPECT_EQ(generate(model, ids, more, {.max_new_tokens = 249}, &cache).cache_length, 4 + 3 + 248);
+}
+
+TEST(GenerateContextLength, AllowPastContextGeneratesPastItWithTheSameTokensBefore) {
+  const LlamaModel& model = tiny_model();
+  auto [ids, mask] = left_pad({{5, 6, 7}, {8, 9}}, 0);
+  const GenerateResult within = generate(model, ids, mask, {.max_new_tokens = 253});
+  GenerationConfig config{.max_new_tokens = 300, .allow_past_context = true};
+  const GenerateResult past = generate(model, ids, mask, config);
+  ASSERT_EQ(past.new_tokens.size(), 2u);
+  for (std::size_t row = 0; row < 2; ++row) {
+    ASSERT_EQ(past.new_tokens[row].size(), 300u);
+    // The opt-in changes nothing about the tokens inside the context: they are the same.
+    EXPECT_EQ(
+        std::vector<std::int64_t>(past.new_tokens[row].begin(), past.new_tokens[row].begin() + 253),
+        within.new_tokens[row])
+        << "row " << row;
+  }
+  EXPECT_EQ(past.cache_length, 3 + 300 - 1);
+  config.cache_implementation = "static";
+  EXPECT_EQ(generate(model, ids, mask, config).new_tokens, past.new_tokens);
+}
+
+TEST(GenerateContextLength, ASinkCacheCountsThePositionsItGives) {
+  const LlamaModel& model = tiny_model();
+  auto [ids, mask] = left_pad({{1, 2, 3}}, 0);
+  // A window of 16: every token's position stays below 16, so 300 new tokens are inside 256.
+  GenerationConfig config{.max_new_tokens = 300};
+  config.cache_implementation = "sink";
+  config.cache_config.window_length = 16;
+  EXPECT_EQ(generate(model, ids, mask, config).new_tokens[0].size(), 300u);
+  // A window wider than the context: positions reach min(3 + 300, 300) = 300.
+  config.cache_config.window_length = 300;
+  EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config),
+                       "= 0 + 3 + 300 = 303 (positions in a SinkCache: 300) to stay within the "
+                       "model's context length of 256");
+  SinkCache<> sink(SinkCacheOptions{.window_length = 300, .num_sink_tokens = 4});
+  config.max_new_tokens = 254;
+  EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config, &sink),
+                       "(positions in a SinkCache: 257)");
+  EXPECT_EQ(sink.get_seq_length(), 0);
+  config.allow_past_context = true;
+  EXPECT_EQ(generate(model, ids, mask, config, &sink).new_tokens[0].size(), 254u);
 }
 
 }  // namespace

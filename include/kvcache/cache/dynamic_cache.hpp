@@ -99,14 +99,16 @@ class DynamicCache : public Cache<B> {
   /// A deep copy: the same options, layers, tokens and capacity, in storage of its own (one copy
   /// of the tokens held). Hides Cache<B>::clone(), which returns the same as a unique_ptr.
   DynamicCache clone() const {
-    DynamicCache copy(options_);
-    copy.layers_.reserve(layers_.size());
-    for (const LayerSlot& slot : layers_) {
-      copy.layers_.push_back(std::visit(
-          [](const auto& layer) -> LayerSlot { return layer.deep_copy("DynamicCache::clone"); },
-          slot));
-    }
-    return copy;
+    return detail::out_of_memory_as_error("DynamicCache::clone", [&]() -> DynamicCache {
+      DynamicCache copy(options_);
+      copy.layers_.reserve(layers_.size());
+      for (const LayerSlot& slot : layers_) {
+        copy.layers_.push_back(std::visit(
+            [](const auto& layer) -> LayerSlot { return layer.deep_copy("DynamicCache::clone"); },
+            slot));
+      }
+      return copy;
+    });
   }
 
   /// Builds a cache from the legacy format, copying every layer into cache storage (one copy of
@@ -114,64 +116,74 @@ class DynamicCache : public Cache<B> {
   /// A sliding layer of `options` keeps the last of the pairs' tokens and counts them all as seen.
   static DynamicCache from_legacy_cache(const LegacyCache& legacy,
                                         DynamicCacheOptions options = {}) {
-    DynamicCache cache(std::move(options));
-    for (std::size_t i = 0; i < legacy.size(); ++i) {
-      cache.update(legacy[i].first, legacy[i].second, static_cast<int>(i));
-    }
-    return cache;
+    return detail::out_of_memory_as_error("DynamicCache::from_legacy_cache", [&]() -> DynamicCache {
+      DynamicCache cache(std::move(options));
+      for (std::size_t i = 0; i < legacy.size(); ++i) {
+        cache.update(legacy[i].first, legacy[i].second, static_cast<int>(i));
+      }
+      return cache;
+    });
   }
 
   /// The legacy format as views of the cache's storage: no copy, O(layers). See the aliasing
   /// note at the top of this file. A sliding layer gives the tokens it keeps (its last window - 1,
   /// as transformers' layer.keys), valid until its next update.
   LegacyCache to_legacy_cache() const {
-    LegacyCache legacy;
-    legacy.reserve(layers_.size());
-    for (const LayerSlot& slot : layers_) {
-      if (const Layer* full = std::get_if<Layer>(&slot)) {
-        legacy.emplace_back(full->key_view(), full->value_view());
-      } else {
-        legacy.push_back(std::get<Sliding>(slot).kept());
+    return detail::out_of_memory_as_error("DynamicCache::to_legacy_cache", [&]() -> LegacyCache {
+      LegacyCache legacy;
+      legacy.reserve(layers_.size());
+      for (const LayerSlot& slot : layers_) {
+        if (const Layer* full = std::get_if<Layer>(&slot)) {
+          legacy.emplace_back(full->key_view(), full->value_view());
+        } else {
+          legacy.push_back(std::get<Sliding>(slot).kept());
+        }
       }
-    }
-    return legacy;
+      return legacy;
+    });
   }
 
   std::pair<Tensor, Tensor> update(const Tensor& key_states, const Tensor& value_states,
                                    int layer_idx, const CacheKwargs& kwargs = {}) override {
-    (void)kwargs;
-    check_states(key_states, value_states, layer_idx);
-    const bool new_layer = layer_idx == num_layers();
-    if (new_layer) layers_.reserve(layers_.size() + 1);  // may throw: the push_back cannot
-    LayerSlot staged =
-        new_layer ? make_layer(layer_idx) : layers_[static_cast<std::size_t>(layer_idx)];
-    std::pair<Tensor, Tensor> out;
-    if (Layer* full = std::get_if<Layer>(&staged)) {
-      const std::int64_t q_len = key_states.size(2);
-      const std::int64_t past = full->seq_len;
-      // Allocate first (may throw), then copy into slots past the committed length: until the
-      // commit below, nothing the cache exposes has changed.
-      full->ensure_capacity(key_states, past + q_len, options_.initial_capacity);
-      const Tensor key_slots = full->keys.slice(2, past, past + q_len);
-      const Tensor value_slots = full->values.slice(2, past, past + q_len);
-      if constexpr (requires { B::copy2(key_slots, key_states, value_slots, value_states); }) {
-        B::copy2(key_slots, key_states, value_slots, value_states);  // one launch for both
-      } else {
-        B::copy(key_slots, key_states);
-        B::copy(value_slots, value_states);
-      }
-      full->seq_len = past + q_len;
-      out = {full->key_view(), full->value_view()};
-    } else {
-      // Allocates before it writes; its ring writes come last and do not throw.
-      out = std::get<Sliding>(staged).update(key_states, value_states, options_.initial_capacity);
-    }
-    if (new_layer) {
-      layers_.push_back(std::move(staged));  // capacity reserved above: does not throw
-    } else {
-      layers_[static_cast<std::size_t>(layer_idx)] = std::move(staged);
-    }
-    return out;
+    return detail::out_of_memory_as_error(
+        "DynamicCache::update", [&]() -> std::pair<Tensor, Tensor> {
+          (void)kwargs;
+          check_states(key_states, value_states, layer_idx);
+          const bool new_layer = layer_idx == num_layers();
+          if (new_layer) layers_.reserve(layers_.size() + 1);  // may throw: the push_back cannot
+          LayerSlot staged =
+              new_layer ? make_layer(layer_idx) : layers_[static_cast<std::size_t>(layer_idx)];
+          std::pair<Tensor, Tensor> out;
+          if (Layer* full = std::get_if<Layer>(&staged)) {
+            const std::int64_t q_len = key_states.size(2);
+            const std::int64_t past = full->seq_len;
+            // Allocate first (may throw), then copy into slots past the committed length: until the
+            // commit below, nothing the cache exposes has changed.
+            full->ensure_capacity(key_states, past + q_len, options_.initial_capacity);
+            const Tensor key_slots = full->keys.slice(2, past, past + q_len);
+            const Tensor value_slots = full->values.slice(2, past, past + q_len);
+            if constexpr (requires {
+                            B::copy2(key_slots, key_states, value_slots, value_states);
+                          }) {
+              B::copy2(key_slots, key_states, value_slots, value_states);  // one launch for both
+            } else {
+              B::copy(key_slots, key_states);
+              B::copy(value_slots, value_states);
+            }
+            full->seq_len = past + q_len;
+            out = {full->key_view(), full->value_view()};
+          } else {
+            // Allocates before it writes; its ring writes come last and do not throw.
+            out = std::get<Sliding>(staged).update(key_states, value_states,
+                                                   options_.initial_capacity);
+          }
+          if (new_layer) {
+            layers_.push_back(std::move(staged));  // capacity reserved above: does not throw
+          } else {
+            layers_[static_cast<std::size_t>(layer_idx)] = std::move(staged);
+          }
+          return out;
+        });
   }
 
   /// Tokens layer_idx has seen (a sliding layer keeps fewer: transformers' cumulative length).
@@ -234,51 +246,59 @@ class DynamicCache : public Cache<B> {
   /// needs (the last window - 1 tokens before the cut): crop within its spare slots works after the
   /// window has filled, deeper is a kvcache::Error and no layer changes.
   void crop(std::int64_t max_length) override {
-    const char* where = "DynamicCache::crop";
-    const std::int64_t target =
-        max_length >= 0 ? max_length : detail::crop_target(max_length, get_seq_length(), where);
-    for (const LayerSlot& slot : layers_) {
-      if (const Sliding* s = std::get_if<Sliding>(&slot)) s->check_crop(target, where);
-    }
-    for (LayerSlot& slot : layers_) {
-      if (Layer* full = std::get_if<Layer>(&slot)) {
-        full->seq_len = std::min(full->seq_len, target);
-      } else {
-        std::get<Sliding>(slot).crop(target);
+    detail::out_of_memory_as_error("DynamicCache::crop", [&]() {
+      const char* where = "DynamicCache::crop";
+      const std::int64_t target =
+          max_length >= 0 ? max_length : detail::crop_target(max_length, get_seq_length(), where);
+      for (const LayerSlot& slot : layers_) {
+        if (const Sliding* s = std::get_if<Sliding>(&slot)) s->check_crop(target, where);
       }
-    }
+      for (LayerSlot& slot : layers_) {
+        if (Layer* full = std::get_if<Layer>(&slot)) {
+          full->seq_len = std::min(full->seq_len, target);
+        } else {
+          std::get<Sliding>(slot).crop(target);
+        }
+      }
+    });
   }
 
   // The base's braced-list overloads stay visible beside the overrides below.
   using Cache<B>::reorder_cache;
   using Cache<B>::batch_select_indices;
   void reorder_cache(std::span<const std::int64_t> beam_idx) override {
-    const std::int64_t batch = batch_size();
-    KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
-                  "DynamicCache::reorder_cache: expected ", batch,
-                  " beam indices (one per row), got ", beam_idx.size());
-    check_rows(beam_idx, "reorder_cache");
-    gather_batch(static_cast<std::int64_t>(beam_idx.size()),
-                 [&](std::int64_t i) { return beam_idx[static_cast<std::size_t>(i)]; });
+    detail::out_of_memory_as_error("DynamicCache::reorder_cache", [&]() {
+      const std::int64_t batch = batch_size();
+      KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
+                    "DynamicCache::reorder_cache: expected ", batch,
+                    " beam indices (one per row), got ", beam_idx.size());
+      check_rows(beam_idx, "reorder_cache");
+      gather_batch(static_cast<std::int64_t>(beam_idx.size()),
+                   [&](std::int64_t i) { return beam_idx[static_cast<std::size_t>(i)]; });
+    });
   }
 
   void batch_repeat_interleave(std::int64_t repeats) override {
-    KVCACHE_CHECK(repeats >= 1,
-                  "DynamicCache::batch_repeat_interleave: expected repeats >= 1, got ", repeats);
-    const std::int64_t batch = batch_size();
-    if (batch < 0) return;  // nothing held: nothing to repeat
-    const std::int64_t rows =
-        detail::checked_mul(batch, repeats, "DynamicCache::batch_repeat_interleave",
-                            "the new batch size (batch x repeats)");
-    gather_batch(rows, [&](std::int64_t i) { return i / repeats; });
+    detail::out_of_memory_as_error("DynamicCache::batch_repeat_interleave", [&]() {
+      KVCACHE_CHECK(repeats >= 1,
+                    "DynamicCache::batch_repeat_interleave: expected repeats >= 1, got ", repeats);
+      const std::int64_t batch = batch_size();
+      if (batch < 0) return;  // nothing held: nothing to repeat
+      const std::int64_t rows =
+          detail::checked_mul(batch, repeats, "DynamicCache::batch_repeat_interleave",
+                              "the new batch size (batch x repeats)");
+      gather_batch(rows, [&](std::int64_t i) { return i / repeats; });
+    });
   }
 
   void batch_select_indices(std::span<const std::int64_t> indices) override {
-    KVCACHE_CHECK(!indices.empty() || batch_size() < 0,
-                  "DynamicCache::batch_select_indices: expected at least one index, got none");
-    check_rows(indices, "batch_select_indices");
-    gather_batch(static_cast<std::int64_t>(indices.size()),
-                 [&](std::int64_t i) { return indices[static_cast<std::size_t>(i)]; });
+    detail::out_of_memory_as_error("DynamicCache::batch_select_indices", [&]() {
+      KVCACHE_CHECK(!indices.empty() || batch_size() < 0,
+                    "DynamicCache::batch_select_indices: expected at least one index, got none");
+      check_rows(indices, "batch_select_indices");
+      gather_batch(static_cast<std::int64_t>(indices.size()),
+                   [&](std::int64_t i) { return indices[static_cast<std::size_t>(i)]; });
+    });
   }
 
   std::size_t nbytes() const override {
@@ -534,7 +554,9 @@ class DynamicCache : public Cache<B> {
   }
 
   std::unique_ptr<Cache<B>> clone_cache() const override {
-    return std::make_unique<DynamicCache>(clone());
+    return detail::out_of_memory_as_error(
+        "DynamicCache::clone",
+        [&]() -> std::unique_ptr<Cache<B>> { return std::make_unique<DynamicCache>(clone()); });
   }
 
   DynamicCacheOptions options_;

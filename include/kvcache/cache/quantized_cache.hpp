@@ -86,7 +86,7 @@ struct QuantCodec {
   DType scale_dtype = DType::kFloat16;
 
   unsigned qmax() const { return (1u << nbits) - 1u; }
-  std::size_t meta_size() const { return 2 * dtype_size(scale_dtype); }
+  std::size_t meta_size() const { return quant_meta_bytes(scale_dtype); }
   std::size_t code_bytes(std::int64_t count) const {
     return static_cast<std::size_t>(count * nbits / 8);
   }
@@ -103,14 +103,7 @@ struct QuantCodec {
     }
   }
   std::pair<float, float> get_meta(const unsigned char* p) const {
-    if (scale_dtype == DType::kFloat16) {
-      float16 h[2];
-      std::memcpy(h, p, sizeof(h));
-      return {to_float(h[0]), to_float(h[1])};
-    }
-    float f[2];
-    std::memcpy(f, p, sizeof(f));
-    return {f[0], f[1]};
+    return quant_meta(p, scale_dtype);
   }
   // log2 of the codes a byte holds: shifts and masks, not a division per code.
   int per_shift() const { return nbits == 8 ? 0 : nbits == 4 ? 1 : 2; }
@@ -208,9 +201,11 @@ class QuantizedCache final : public Cache<B> {
 
   /// A deep copy: the same blocks and residual tokens in storage of its own.
   QuantizedCache clone() const {
-    QuantizedCache out(options_);
-    out.layers_ = layers_;  // vectors only: a deep copy
-    return out;
+    return detail::out_of_memory_as_error("QuantizedCache::clone", [&]() -> QuantizedCache {
+      QuantizedCache out(options_);
+      out.layers_ = layers_;  // vectors only: a deep copy
+      return out;
+    });
   }
 
   /// transformers' update(): the layer's keys and values, past + new, as fresh [batch, heads,
@@ -218,25 +213,28 @@ class QuantizedCache final : public Cache<B> {
   /// given (O(seen) a call; the attention module calls update_for_attention instead).
   std::pair<Tensor, Tensor> update(const Tensor& key_states, const Tensor& value_states,
                                    int layer_idx, const CacheKwargs& kwargs = {}) override {
-    (void)kwargs;
-    const char* where = "QuantizedCache::update";
-    if constexpr (B::kDevice != Device::kCpu) {
-      KVCACHE_FAIL(where, ": the quantized cache is not on the GPU yet (", device_name(B::kDevice),
-                   "); use it with a CPU model");
-    }
-    check_states(key_states, value_states, layer_idx);
-    const std::int64_t seen =
-        detail::checked_add(get_seq_length(layer_idx), key_states.size(2), where, "the tokens");
-    const std::int64_t shape[4] = {key_states.size(0), key_states.size(1), seen,
-                                   key_states.size(3)};
-    Tensor out_k = detail::allocate_storage<B>(shape, key_states.dtype(), where);
-    Tensor out_v = detail::allocate_storage<B>(shape, key_states.dtype(), where);
-    const AttentionKV kv = step(key_states, value_states, layer_idx, where);
-    const QuantizedKVView& view = *kv.quantized;
-    dequantize(view, out_k, out_v);
-    cpu::copy(out_k.slice(2, view.tokens, seen), kv.keys);
-    cpu::copy(out_v.slice(2, view.tokens, seen), kv.values);
-    return {out_k, out_v};
+    return detail::out_of_memory_as_error(
+        "QuantizedCache::update", [&]() -> std::pair<Tensor, Tensor> {
+          (void)kwargs;
+          const char* where = "QuantizedCache::update";
+          if constexpr (B::kDevice != Device::kCpu) {
+            KVCACHE_FAIL(where, ": the quantized cache is not on the GPU yet (",
+                         device_name(B::kDevice), "); use it with a CPU model");
+          }
+          check_states(key_states, value_states, layer_idx);
+          const std::int64_t seen = detail::checked_add(get_seq_length(layer_idx),
+                                                        key_states.size(2), where, "the tokens");
+          const std::int64_t shape[4] = {key_states.size(0), key_states.size(1), seen,
+                                         key_states.size(3)};
+          Tensor out_k = detail::allocate_storage<B>(shape, key_states.dtype(), where);
+          Tensor out_v = detail::allocate_storage<B>(shape, key_states.dtype(), where);
+          const AttentionKV kv = step(key_states, value_states, layer_idx, where);
+          const QuantizedKVView& view = *kv.quantized;
+          dequantize(view, out_k, out_v);
+          cpu::copy(out_k.slice(2, view.tokens, seen), kv.keys);
+          cpu::copy(out_v.slice(2, view.tokens, seen), kv.values);
+          return {out_k, out_v};
+        });
   }
 
   /// The attention module's update: stores the step (O(q_len), plus quantizing the blocks that
@@ -246,14 +244,17 @@ class QuantizedCache final : public Cache<B> {
   /// Valid until the layer's next mutating call.
   AttentionKV update_for_attention(const Tensor& key_states, const Tensor& value_states,
                                    int layer_idx, const CacheKwargs& kwargs = {}) override {
-    (void)kwargs;
-    const char* where = "QuantizedCache::update";
-    if constexpr (B::kDevice != Device::kCpu) {
-      KVCACHE_FAIL(where, ": the quantized cache is not on the GPU yet (", device_name(B::kDevice),
-                   "); use it with a CPU model");
-    }
-    check_states(key_states, value_states, layer_idx);
-    return step(key_states, value_states, layer_idx, where);
+    return detail::out_of_memory_as_error(
+        "QuantizedCache::update_for_attention", [&]() -> AttentionKV {
+          (void)kwargs;
+          const char* where = "QuantizedCache::update";
+          if constexpr (B::kDevice != Device::kCpu) {
+            KVCACHE_FAIL(where, ": the quantized cache is not on the GPU yet (",
+                         device_name(B::kDevice), "); use it with a CPU model");
+          }
+          check_states(key_states, value_states, layer_idx);
+          return step(key_states, value_states, layer_idx, where);
+        });
   }
 
   std::int64_t get_seq_length(int layer_idx = 0) const override {
@@ -286,62 +287,73 @@ class QuantizedCache final : public Cache<B> {
   /// Keeps the first max_length tokens: any length at or past the quantized tokens, or a block
   /// boundary below them (whole blocks dropped); else a kvcache::Error and nothing changes.
   void crop(std::int64_t max_length) override {
-    const char* where = "QuantizedCache::crop";
-    std::vector<std::int64_t> targets;
-    for (const Layer& l : layers_) {
-      const std::int64_t t = detail::crop_target(max_length, l.seen(), where);
-      KVCACHE_CHECK(t >= l.quantized || t % l.geo.chunk == 0, where, "(", max_length,
-                    "): the first ", l.quantized, " tokens are quantized in blocks of ",
-                    l.geo.chunk, "; a crop below them must land on a block boundary, got ", t);
-      targets.push_back(t);
-    }
-    for (std::size_t i = 0; i < layers_.size(); ++i) {
-      Layer& l = layers_[i];
-      const std::int64_t t = targets[i];
-      if (t >= l.seen()) continue;
-      if (t >= l.quantized) {
-        l.residual = t - l.quantized;
-        const std::size_t keep =
-            static_cast<std::size_t>(l.res_begin + l.residual) * l.token_bytes();
-        l.res_k.resize(keep);
-        l.res_v.resize(keep);
-      } else {
-        const std::int64_t chunks = t / l.geo.chunk;
-        for (auto& r : l.keys)
-          r.resize(static_cast<std::size_t>(chunks * l.heads) * l.geo.key_head_bytes);
-        for (auto& r : l.values)
-          r.resize(static_cast<std::size_t>(chunks * l.heads) * l.geo.value_head_bytes);
-        l.quantized = t;
-        l.residual = l.res_begin = 0;
-        l.res_k.clear();
-        l.res_v.clear();
+    detail::out_of_memory_as_error("QuantizedCache::crop", [&]() {
+      const char* where = "QuantizedCache::crop";
+      std::vector<std::int64_t> targets;
+      for (const Layer& l : layers_) {
+        const std::int64_t t = detail::crop_target(max_length, l.seen(), where);
+        KVCACHE_CHECK(t >= l.quantized || t % l.geo.chunk == 0, where, "(", max_length,
+                      "): the first ", l.quantized, " tokens are quantized in blocks of ",
+                      l.geo.chunk, "; a crop below them must land on a block boundary, got ", t);
+        targets.push_back(t);
       }
-    }
+      for (std::size_t i = 0; i < layers_.size(); ++i) {
+        Layer& l = layers_[i];
+        const std::int64_t t = targets[i];
+        if (t >= l.seen()) continue;
+        if (t >= l.quantized) {
+          l.residual = t - l.quantized;
+          const std::size_t keep =
+              static_cast<std::size_t>(l.res_begin + l.residual) * l.token_bytes();
+          l.res_k.resize(keep);
+          l.res_v.resize(keep);
+        } else {
+          const std::int64_t chunks = t / l.geo.chunk;
+          for (auto& r : l.keys)
+            r.resize(static_cast<std::size_t>(chunks * l.heads) * l.geo.key_head_bytes);
+          for (auto& r : l.values)
+            r.resize(static_cast<std::size_t>(chunks * l.heads) * l.geo.value_head_bytes);
+          l.quantized = t;
+          l.residual = l.res_begin = 0;
+          l.res_k.clear();
+          l.res_v.clear();
+        }
+      }
+    });
   }
 
   using Cache<B>::reorder_cache;
   using Cache<B>::batch_select_indices;
   void reorder_cache(std::span<const std::int64_t> beam_idx) override {
-    const std::int64_t batch = batch_size();
-    KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
-                  "QuantizedCache::reorder_cache: expected ", batch,
-                  " beam indices (one per row), got ", beam_idx.size());
-    gather(std::vector<std::int64_t>(beam_idx.begin(), beam_idx.end()), "reorder_cache");
+    detail::out_of_memory_as_error("QuantizedCache::reorder_cache", [&]() {
+      const std::int64_t batch = batch_size();
+      KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
+                    "QuantizedCache::reorder_cache: expected ", batch,
+                    " beam indices (one per row), got ", beam_idx.size());
+      gather(std::vector<std::int64_t>(beam_idx.begin(), beam_idx.end()), "reorder_cache");
+    });
   }
   void batch_repeat_interleave(std::int64_t repeats) override {
-    KVCACHE_CHECK(repeats >= 1,
-                  "QuantizedCache::batch_repeat_interleave: expected repeats >= 1, got ", repeats);
-    const std::int64_t batch = batch_size();
-    if (batch < 0) return;
-    detail::checked_mul(batch, repeats, "QuantizedCache::batch_repeat_interleave", "the new batch");
-    std::vector<std::int64_t> rows(static_cast<std::size_t>(batch * repeats));
-    for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<std::int64_t>(i) / repeats;
-    gather(rows, "batch_repeat_interleave");
+    detail::out_of_memory_as_error("QuantizedCache::batch_repeat_interleave", [&]() {
+      KVCACHE_CHECK(repeats >= 1,
+                    "QuantizedCache::batch_repeat_interleave: expected repeats >= 1, got ",
+                    repeats);
+      const std::int64_t batch = batch_size();
+      if (batch < 0) return;
+      detail::checked_mul(batch, repeats, "QuantizedCache::batch_repeat_interleave",
+                          "the new batch");
+      std::vector<std::int64_t> rows(static_cast<std::size_t>(batch * repeats));
+      for (std::size_t i = 0; i < rows.size(); ++i)
+        rows[i] = static_cast<std::int64_t>(i) / repeats;
+      gather(rows, "batch_repeat_interleave");
+    });
   }
   void batch_select_indices(std::span<const std::int64_t> indices) override {
-    KVCACHE_CHECK(!indices.empty() || batch_size() < 0,
-                  "QuantizedCache::batch_select_indices: expected at least one index, got none");
-    gather(std::vector<std::int64_t>(indices.begin(), indices.end()), "batch_select_indices");
+    detail::out_of_memory_as_error("QuantizedCache::batch_select_indices", [&]() {
+      KVCACHE_CHECK(!indices.empty() || batch_size() < 0,
+                    "QuantizedCache::batch_select_indices: expected at least one index, got none");
+      gather(std::vector<std::int64_t>(indices.begin(), indices.end()), "batch_select_indices");
+    });
   }
 
   /// Bytes held: the blocks' bytes plus the residual (in the states' dtype).
@@ -720,7 +732,9 @@ class QuantizedCache final : public Cache<B> {
   }
 
   std::unique_ptr<Cache<B>> clone_cache() const override {
-    return std::make_unique<QuantizedCache>(clone());
+    return detail::out_of_memory_as_error(
+        "QuantizedCache::clone",
+        [&]() -> std::unique_ptr<Cache<B>> { return std::make_unique<QuantizedCache>(clone()); });
   }
 
   QuantizedCacheOptions options_;

@@ -18,6 +18,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <utility>
 #include <vector>
 
 #include "kvcache/tensor.hpp"
@@ -42,5 +44,25 @@ struct QuantizedKVView {
   std::vector<const unsigned char*> keys{};    ///< per batch row: its key blocks
   std::vector<const unsigned char*> values{};  ///< per batch row: its value blocks
 };
+
+namespace detail {
+
+/// Bytes of one group's (scale, min) pair of `scale_dtype` (float16 or float32).
+constexpr std::size_t quant_meta_bytes(DType scale_dtype) { return 2 * dtype_size(scale_dtype); }
+
+/// The (scale, min) pair at `p` as floats: one reader for the cache's quantizer and reference
+/// dequantizer and for the attention kernels, so both decode the blocks alike.
+inline std::pair<float, float> quant_meta(const unsigned char* p, DType scale_dtype) {
+  if (scale_dtype == DType::kFloat16) {
+    float16 h[2];
+    std::memcpy(h, p, sizeof(h));
+    return {to_float(h[0]), to_float(h[1])};
+  }
+  float f[2];
+  std::memcpy(f, p, sizeof(f));
+  return {f[0], f[1]};
+}
+
+}  // namespace detail
 
 }  // namespace kvcache

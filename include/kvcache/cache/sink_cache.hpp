@@ -117,92 +117,99 @@ class SinkCache final : public Cache<B> {
 
   /// A deep copy: same options, contents and capacity in storage of its own.
   SinkCache clone() const {
-    SinkCache out(options_);
-    out.layers_.reserve(layers_.size());
-    for (const Layer& l : layers_) out.layers_.push_back(l.gathered(l.batch(), identity, "clone"));
-    return out;
+    return detail::out_of_memory_as_error("SinkCache::clone", [&]() -> SinkCache {
+      SinkCache out(options_);
+      out.layers_.reserve(layers_.size());
+      for (const Layer& l : layers_)
+        out.layers_.push_back(l.gathered(l.batch(), identity, "clone"));
+      return out;
+    });
   }
 
   std::pair<Tensor, Tensor> update(const Tensor& key_states, const Tensor& value_states,
                                    int layer_idx, const CacheKwargs& kwargs = {}) override {
-    (void)kwargs;
-    const char* where = "SinkCache::update";
-    check_states(key_states, value_states, layer_idx);
-    const std::int64_t W = options_.window_length, S = options_.num_sink_tokens;
-    const std::int64_t q = key_states.size(2);
-    Layer next = layer_idx < num_layers() ? layers_[static_cast<std::size_t>(layer_idx)] : Layer{};
-    const std::int64_t n = next.stored;
-    const std::int64_t seen = detail::checked_add(next.seen, q, where, "the tokens seen");
-    // 1. Allocate (may throw): storage on first use (or for a new layout of an empty layer), and
-    // the step's own output when it attends over more than the window.
-    if (!next.layout_matches(key_states)) {
-      const std::int64_t shape[4] = {key_states.size(0), key_states.size(1), W, key_states.size(3)};
-      next.keys = detail::allocate_storage<B>(shape, key_states.dtype(), where);
-      next.values = detail::allocate_storage<B>(shape, key_states.dtype(), where);
-    }
-    const bool long_step = n + q > W && q > W - S;
-    Tensor out_k, out_v;
-    if (long_step) {
-      const std::int64_t shape[4] = {key_states.size(0), key_states.size(1), n + q,
-                                     key_states.size(3)};
-      out_k = detail::allocate_storage<B>(shape, key_states.dtype(), where);
-      out_v = detail::allocate_storage<B>(shape, key_states.dtype(), where);
-    }
-    if (layer_idx == num_layers()) layers_.reserve(layers_.size() + 1);
-    const std::int64_t evicted = n + q > W ? n + q - W : 0;
-    const Rotation& rot = rotation(evicted, key_states.size(3));  // cos/sin of the shift, once
-    // A slide on the GPU goes through a scratch copy of the slots it moves (a kernel may not read
-    // slots another block of it writes).
-    Tensor scratch_k, scratch_v;
-    if constexpr (B::kDevice != Device::kCpu) {
-      const std::int64_t moved = n - (S + evicted);
-      if (!long_step && evicted > 0 && moved > 0) {
-        const std::int64_t shape[4] = {key_states.size(0), key_states.size(1), moved,
+    return detail::out_of_memory_as_error("SinkCache::update", [&]() -> std::pair<Tensor, Tensor> {
+      (void)kwargs;
+      const char* where = "SinkCache::update";
+      check_states(key_states, value_states, layer_idx);
+      const std::int64_t W = options_.window_length, S = options_.num_sink_tokens;
+      const std::int64_t q = key_states.size(2);
+      Layer next =
+          layer_idx < num_layers() ? layers_[static_cast<std::size_t>(layer_idx)] : Layer{};
+      const std::int64_t n = next.stored;
+      const std::int64_t seen = detail::checked_add(next.seen, q, where, "the tokens seen");
+      // 1. Allocate (may throw): storage on first use (or for a new layout of an empty layer), and
+      // the step's own output when it attends over more than the window.
+      if (!next.layout_matches(key_states)) {
+        const std::int64_t shape[4] = {key_states.size(0), key_states.size(1), W,
                                        key_states.size(3)};
-        scratch_k = detail::allocate_storage<B>(shape, key_states.dtype(), where);
-        scratch_v = detail::allocate_storage<B>(shape, key_states.dtype(), where);
+        next.keys = detail::allocate_storage<B>(shape, key_states.dtype(), where);
+        next.values = detail::allocate_storage<B>(shape, key_states.dtype(), where);
       }
-    }
-    // 2. Write (nothing throws from here on). A shared storage is written in place: the old state
-    // is gone only through these writes, which cannot fail.
-    std::int64_t kv_length = 0;
-    if (n + q <= W) {
-      B::copy(next.keys.slice(2, n, n + q), key_states);
-      B::copy(next.values.slice(2, n, n + q), value_states);
-      next.stored = kv_length = n + q;
-    } else if (!long_step) {
-      const std::int64_t e = n + q - W;  // evicted: recent slots [S, S + e)
-      shift_down(next, S + e, n, e, rot, scratch_k, scratch_v);
-      B::copy(next.keys.slice(2, W - q, W), key_states);
-      B::copy(next.values.slice(2, W - q, W), value_states);
-      next.stored = kv_length = W;
-    } else {
-      // Attend over everything stored and new; keep the sinks and the last W - S of them.
-      if (n > 0) {
-        B::copy(out_k.slice(2, 0, n), next.keys.slice(2, 0, n));
-        B::copy(out_v.slice(2, 0, n), next.values.slice(2, 0, n));
+      const bool long_step = n + q > W && q > W - S;
+      Tensor out_k, out_v;
+      if (long_step) {
+        const std::int64_t shape[4] = {key_states.size(0), key_states.size(1), n + q,
+                                       key_states.size(3)};
+        out_k = detail::allocate_storage<B>(shape, key_states.dtype(), where);
+        out_v = detail::allocate_storage<B>(shape, key_states.dtype(), where);
       }
-      B::copy(out_k.slice(2, n, n + q), key_states);
-      B::copy(out_v.slice(2, n, n + q), value_states);
-      const std::int64_t total = n + q, e = total - W;
-      B::copy(next.keys.slice(2, 0, S), out_k.slice(2, 0, S));
-      B::copy(next.values.slice(2, 0, S), out_v.slice(2, 0, S));
-      B::copy(next.keys.slice(2, S, W), out_k.slice(2, S + e, total));
-      B::copy(next.values.slice(2, S, W), out_v.slice(2, S + e, total));
-      rerotate(next.keys, S, W, rot);
-      next.stored = W;
-      kv_length = total;
-    }
-    next.seen = seen;
-    // 3. Commit.
-    if (layer_idx == num_layers()) {
-      layers_.push_back(std::move(next));
-    } else {
-      layers_[static_cast<std::size_t>(layer_idx)] = std::move(next);
-    }
-    if (long_step) return {out_k, out_v};
-    const Layer& l = layers_[static_cast<std::size_t>(layer_idx)];
-    return {l.keys.slice(2, 0, kv_length), l.values.slice(2, 0, kv_length)};
+      if (layer_idx == num_layers()) layers_.reserve(layers_.size() + 1);
+      const std::int64_t evicted = n + q > W ? n + q - W : 0;
+      const Rotation& rot = rotation(evicted, key_states.size(3));  // cos/sin of the shift, once
+      // A slide on the GPU goes through a scratch copy of the slots it moves (a kernel may not
+      // read slots another block of it writes).
+      Tensor scratch_k, scratch_v;
+      if constexpr (B::kDevice != Device::kCpu) {
+        const std::int64_t moved = n - (S + evicted);
+        if (!long_step && evicted > 0 && moved > 0) {
+          const std::int64_t shape[4] = {key_states.size(0), key_states.size(1), moved,
+                                         key_states.size(3)};
+          scratch_k = detail::allocate_storage<B>(shape, key_states.dtype(), where);
+          scratch_v = detail::allocate_storage<B>(shape, key_states.dtype(), where);
+        }
+      }
+      // 2. Write (nothing throws from here on). A shared storage is written in place: the old state
+      // is gone only through these writes, which cannot fail.
+      std::int64_t kv_length = 0;
+      if (n + q <= W) {
+        B::copy(next.keys.slice(2, n, n + q), key_states);
+        B::copy(next.values.slice(2, n, n + q), value_states);
+        next.stored = kv_length = n + q;
+      } else if (!long_step) {
+        const std::int64_t e = n + q - W;  // evicted: recent slots [S, S + e)
+        shift_down(next, S + e, n, e, rot, scratch_k, scratch_v);
+        B::copy(next.keys.slice(2, W - q, W), key_states);
+        B::copy(next.values.slice(2, W - q, W), value_states);
+        next.stored = kv_length = W;
+      } else {
+        // Attend over everything stored and new; keep the sinks and the last W - S of them.
+        if (n > 0) {
+          B::copy(out_k.slice(2, 0, n), next.keys.slice(2, 0, n));
+          B::copy(out_v.slice(2, 0, n), next.values.slice(2, 0, n));
+        }
+        B::copy(out_k.slice(2, n, n + q), key_states);
+        B::copy(out_v.slice(2, n, n + q), value_states);
+        const std::int64_t total = n + q, e = total - W;
+        B::copy(next.keys.slice(2, 0, S), out_k.slice(2, 0, S));
+        B::copy(next.values.slice(2, 0, S), out_v.slice(2, 0, S));
+        B::copy(next.keys.slice(2, S, W), out_k.slice(2, S + e, total));
+        B::copy(next.values.slice(2, S, W), out_v.slice(2, S + e, total));
+        rerotate(next.keys, S, W, rot);
+        next.stored = W;
+        kv_length = total;
+      }
+      next.seen = seen;
+      // 3. Commit.
+      if (layer_idx == num_layers()) {
+        layers_.push_back(std::move(next));
+      } else {
+        layers_[static_cast<std::size_t>(layer_idx)] = std::move(next);
+      }
+      if (long_step) return {out_k, out_v};
+      const Layer& l = layers_[static_cast<std::size_t>(layer_idx)];
+      return {l.keys.slice(2, 0, kv_length), l.values.slice(2, 0, kv_length)};
+    });
   }
 
   /// Tokens seen by the layer (its slots), not tokens held: see stored_length().
@@ -255,54 +262,63 @@ class SinkCache final : public Cache<B> {
   /// them), or everything past the sinks (max_length <= num_sink_tokens). A crop into the evicted
   /// middle is a kvcache::Error and nothing changes.
   void crop(std::int64_t max_length) override {
-    const char* where = "SinkCache::crop";
-    const std::int64_t S = options_.num_sink_tokens;
-    std::vector<std::pair<std::int64_t, std::int64_t>> next;  // (stored, seen) per layer
-    for (const Layer& l : layers_) {
-      const std::int64_t target = detail::crop_target(max_length, l.seen, where);
-      const std::int64_t drop = l.seen - target;
-      if (drop == 0) {
-        next.emplace_back(l.stored, l.seen);
-      } else if (l.seen == l.stored || target <= S) {
-        next.emplace_back(std::min(l.stored, target), target);
-      } else {
-        KVCACHE_CHECK(drop <= l.stored - S, where, "(", max_length, "): the layer saw ", l.seen,
-                      " tokens and holds the ", S, " sinks and the last ", l.stored - S,
-                      "; a crop to ", target,
-                      " tokens needs tokens it has evicted (at most the held recent ones can be "
-                      "dropped, or everything past the sinks)");
-        next.emplace_back(l.stored - drop, target);
+    detail::out_of_memory_as_error("SinkCache::crop", [&]() {
+      const char* where = "SinkCache::crop";
+      const std::int64_t S = options_.num_sink_tokens;
+      std::vector<std::pair<std::int64_t, std::int64_t>> next;  // (stored, seen) per layer
+      for (const Layer& l : layers_) {
+        const std::int64_t target = detail::crop_target(max_length, l.seen, where);
+        const std::int64_t drop = l.seen - target;
+        if (drop == 0) {
+          next.emplace_back(l.stored, l.seen);
+        } else if (l.seen == l.stored || target <= S) {
+          next.emplace_back(std::min(l.stored, target), target);
+        } else {
+          KVCACHE_CHECK(drop <= l.stored - S, where, "(", max_length, "): the layer saw ", l.seen,
+                        " tokens and holds the ", S, " sinks and the last ", l.stored - S,
+                        "; a crop to ", target,
+                        " tokens needs tokens it has evicted (at most the held recent ones can be "
+                        "dropped, or everything past the sinks)");
+          next.emplace_back(l.stored - drop, target);
+        }
       }
-    }
-    for (std::size_t i = 0; i < layers_.size(); ++i) {
-      layers_[i].stored = next[i].first;
-      layers_[i].seen = next[i].second;
-    }
+      for (std::size_t i = 0; i < layers_.size(); ++i) {
+        layers_[i].stored = next[i].first;
+        layers_[i].seen = next[i].second;
+      }
+    });
   }
 
   using Cache<B>::reorder_cache;
   using Cache<B>::batch_select_indices;
   void reorder_cache(std::span<const std::int64_t> beam_idx) override {
-    const std::int64_t batch = batch_size();
-    KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
-                  "SinkCache::reorder_cache: expected ", batch, " beam indices (one per row), got ",
-                  beam_idx.size());
-    gather(beam_idx, "reorder_cache");
+    detail::out_of_memory_as_error("SinkCache::reorder_cache", [&]() {
+      const std::int64_t batch = batch_size();
+      KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
+                    "SinkCache::reorder_cache: expected ", batch,
+                    " beam indices (one per row), got ", beam_idx.size());
+      gather(beam_idx, "reorder_cache");
+    });
   }
   void batch_repeat_interleave(std::int64_t repeats) override {
-    KVCACHE_CHECK(repeats >= 1, "SinkCache::batch_repeat_interleave: expected repeats >= 1, got ",
-                  repeats);
-    const std::int64_t batch = batch_size();
-    if (batch < 0) return;
-    detail::checked_mul(batch, repeats, "SinkCache::batch_repeat_interleave", "the new batch");
-    std::vector<std::int64_t> rows(static_cast<std::size_t>(batch * repeats));
-    for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<std::int64_t>(i) / repeats;
-    gather(rows, "batch_repeat_interleave");
+    detail::out_of_memory_as_error("SinkCache::batch_repeat_interleave", [&]() {
+      KVCACHE_CHECK(repeats >= 1, "SinkCache::batch_repeat_interleave: expected repeats >= 1, got ",
+                    repeats);
+      const std::int64_t batch = batch_size();
+      if (batch < 0) return;
+      detail::checked_mul(batch, repeats, "SinkCache::batch_repeat_interleave", "the new batch");
+      std::vector<std::int64_t> rows(static_cast<std::size_t>(batch * repeats));
+      for (std::size_t i = 0; i < rows.size(); ++i)
+        rows[i] = static_cast<std::int64_t>(i) / repeats;
+      gather(rows, "batch_repeat_interleave");
+    });
   }
   void batch_select_indices(std::span<const std::int64_t> indices) override {
-    KVCACHE_CHECK(!indices.empty() || batch_size() < 0,
-                  "SinkCache::batch_select_indices: expected at least one index, got none");
-    gather(indices, "batch_select_indices");
+    detail::out_of_memory_as_error("SinkCache::batch_select_indices", [&]() {
+      KVCACHE_CHECK(!indices.empty() || batch_size() < 0,
+                    "SinkCache::batch_select_indices: expected at least one index, got none");
+      gather(indices, "batch_select_indices");
+    });
   }
 
   std::size_t nbytes() const override {
@@ -511,7 +527,9 @@ class SinkCache final : public Cache<B> {
   }
 
   std::unique_ptr<Cache<B>> clone_cache() const override {
-    return std::make_unique<SinkCache>(clone());
+    return detail::out_of_memory_as_error("SinkCache::clone", [&]() -> std::unique_ptr<Cache<B>> {
+      return std::make_unique<SinkCache>(clone());
+    });
   }
 
   SinkCacheOptions options_;

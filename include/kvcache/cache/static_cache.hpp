@@ -118,21 +118,23 @@ class StaticCache : public Cache<B> {
   /// max_cache_len, so the copy can go on to the same length). Hides Cache<B>::clone(), which
   /// returns the same as a unique_ptr.
   StaticCache clone() const {
-    StaticCache copy(StaticCacheOptions{.max_batch_size = options_.max_batch_size,
-                                        .max_cache_len = options_.max_cache_len});
-    copy.options_ = options_;
-    copy.batch_ = batch_;
-    copy.layers_.reserve(layers_.size());
-    for (const Layer& layer : layers_) {
-      Layer fresh = Layer::allocate(layer.keys.shape(), layer.keys.dtype(), "StaticCache::clone");
-      fresh.seq_len = layer.seq_len;
-      if (layer.seq_len > 0) {
-        B::copy(fresh.key_view(batch_), layer.key_view(batch_));
-        B::copy(fresh.value_view(batch_), layer.value_view(batch_));
+    return detail::out_of_memory_as_error("StaticCache::clone", [&]() -> StaticCache {
+      StaticCache copy(StaticCacheOptions{.max_batch_size = options_.max_batch_size,
+                                          .max_cache_len = options_.max_cache_len});
+      copy.options_ = options_;
+      copy.batch_ = batch_;
+      copy.layers_.reserve(layers_.size());
+      for (const Layer& layer : layers_) {
+        Layer fresh = Layer::allocate(layer.keys.shape(), layer.keys.dtype(), "StaticCache::clone");
+        fresh.seq_len = layer.seq_len;
+        if (layer.seq_len > 0) {
+          B::copy(fresh.key_view(batch_), layer.key_view(batch_));
+          B::copy(fresh.value_view(batch_), layer.value_view(batch_));
+        }
+        copy.layers_.push_back(std::move(fresh));
       }
-      copy.layers_.push_back(std::move(fresh));
-    }
-    return copy;
+      return copy;
+    });
   }
 
   /// Writes key_states/value_states [batch, num_kv_heads, q_len, head_dim] at
@@ -141,37 +143,43 @@ class StaticCache : public Cache<B> {
   /// of this file for what positions are accepted.
   std::pair<Tensor, Tensor> update(const Tensor& key_states, const Tensor& value_states,
                                    int layer_idx, const CacheKwargs& kwargs = {}) override {
-    const char* where = "StaticCache::update";
-    check_states(key_states, value_states, layer_idx);
-    const std::int64_t batch = key_states.size(0), q_len = key_states.size(2);
-    const bool new_layer = layer_idx == num_layers();
-    const std::int64_t filled =
-        new_layer ? 0 : layers_[static_cast<std::size_t>(layer_idx)].seq_len;
-    const std::int64_t start = write_start(kwargs.cache_position, q_len, filled, where);
-    // A lazy layer is allocated (may throw) before anything the cache exposes changes.
-    Layer staged;
-    if (new_layer) {
-      const std::int64_t shape[4] = {options_.max_batch_size, key_states.size(1),
-                                     options_.max_cache_len, key_states.size(3)};
-      staged = Layer::allocate(shape, key_states.dtype(), where);
-      layers_.reserve(layers_.size() + 1);  // may throw: the push_back below then cannot
-    }
-    Layer& layer = new_layer ? staged : layers_[static_cast<std::size_t>(layer_idx)];
-    if (q_len > 0) {
-      const Tensor key_slots = layer.keys.slice(0, 0, batch).slice(2, start, start + q_len);
-      const Tensor value_slots = layer.values.slice(0, 0, batch).slice(2, start, start + q_len);
-      if constexpr (requires { B::copy2(key_slots, key_states, value_slots, value_states); }) {
-        B::copy2(key_slots, key_states, value_slots, value_states);  // one launch for both
-      } else {
-        B::copy(key_slots, key_states);
-        B::copy(value_slots, value_states);
-      }
-    }
-    layer.seq_len = start + q_len;
-    if (new_layer) layers_.push_back(std::move(staged));
-    batch_ = batch;
-    const Layer& done = layers_[static_cast<std::size_t>(layer_idx)];
-    return {done.key_view(batch), done.value_view(batch)};
+    return detail::out_of_memory_as_error(
+        "StaticCache::update", [&]() -> std::pair<Tensor, Tensor> {
+          const char* where = "StaticCache::update";
+          check_states(key_states, value_states, layer_idx);
+          const std::int64_t batch = key_states.size(0), q_len = key_states.size(2);
+          const bool new_layer = layer_idx == num_layers();
+          const std::int64_t filled =
+              new_layer ? 0 : layers_[static_cast<std::size_t>(layer_idx)].seq_len;
+          const std::int64_t start = write_start(kwargs.cache_position, q_len, filled, where);
+          // A lazy layer is allocated (may throw) before anything the cache exposes changes.
+          Layer staged;
+          if (new_layer) {
+            const std::int64_t shape[4] = {options_.max_batch_size, key_states.size(1),
+                                           options_.max_cache_len, key_states.size(3)};
+            staged = Layer::allocate(shape, key_states.dtype(), where);
+            layers_.reserve(layers_.size() + 1);  // may throw: the push_back below then cannot
+          }
+          Layer& layer = new_layer ? staged : layers_[static_cast<std::size_t>(layer_idx)];
+          if (q_len > 0) {
+            const Tensor key_slots = layer.keys.slice(0, 0, batch).slice(2, start, start + q_len);
+            const Tensor value_slots =
+                layer.values.slice(0, 0, batch).slice(2, start, start + q_len);
+            if constexpr (requires {
+                            B::copy2(key_slots, key_states, value_slots, value_states);
+                          }) {
+              B::copy2(key_slots, key_states, value_slots, value_states);  // one launch for both
+            } else {
+              B::copy(key_slots, key_states);
+              B::copy(value_slots, value_states);
+            }
+          }
+          layer.seq_len = start + q_len;
+          if (new_layer) layers_.push_back(std::move(staged));
+          batch_ = batch;
+          const Layer& done = layers_[static_cast<std::size_t>(layer_idx)];
+          return {done.key_view(batch), done.value_view(batch)};
+        });
   }
 
   std::int64_t get_seq_length(int layer_idx = 0) const override {
@@ -206,49 +214,57 @@ class StaticCache : public Cache<B> {
   }
 
   void crop(std::int64_t max_length) override {
-    const std::int64_t target =
-        max_length >= 0 ? max_length
-                        : detail::crop_target(max_length, get_seq_length(), "StaticCache::crop");
-    for (auto& layer : layers_) layer.seq_len = std::min(layer.seq_len, target);
-    if (batch_size() < 0) batch_ = 0;
+    detail::out_of_memory_as_error("StaticCache::crop", [&]() {
+      const std::int64_t target =
+          max_length >= 0 ? max_length
+                          : detail::crop_target(max_length, get_seq_length(), "StaticCache::crop");
+      for (auto& layer : layers_) layer.seq_len = std::min(layer.seq_len, target);
+      if (batch_size() < 0) batch_ = 0;
+    });
   }
 
   // The base's braced-list overloads stay visible beside the overrides below.
   using Cache<B>::reorder_cache;
   using Cache<B>::batch_select_indices;
   void reorder_cache(std::span<const std::int64_t> beam_idx) override {
-    const std::int64_t batch = batch_size();
-    KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
-                  "StaticCache::reorder_cache: expected ", batch,
-                  " beam indices (one per row), got ", beam_idx.size());
-    check_rows(beam_idx, "reorder_cache");
-    gather_batch(static_cast<std::int64_t>(beam_idx.size()),
-                 [&](std::int64_t i) { return beam_idx[static_cast<std::size_t>(i)]; });
+    detail::out_of_memory_as_error("StaticCache::reorder_cache", [&]() {
+      const std::int64_t batch = batch_size();
+      KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
+                    "StaticCache::reorder_cache: expected ", batch,
+                    " beam indices (one per row), got ", beam_idx.size());
+      check_rows(beam_idx, "reorder_cache");
+      gather_batch(static_cast<std::int64_t>(beam_idx.size()),
+                   [&](std::int64_t i) { return beam_idx[static_cast<std::size_t>(i)]; });
+    });
   }
 
   /// Repeats each row `repeats` times; the new batch must fit in max_batch_size.
   void batch_repeat_interleave(std::int64_t repeats) override {
-    KVCACHE_CHECK(repeats >= 1, "StaticCache::batch_repeat_interleave: expected repeats >= 1, got ",
-                  repeats);
-    const std::int64_t batch = batch_size();
-    if (batch < 0) return;  // nothing held: nothing to repeat
-    KVCACHE_CHECK(repeats <= options_.max_batch_size / batch,
-                  "StaticCache::batch_repeat_interleave: expected batch ", batch, " x repeats ",
-                  repeats, " to fit in max_batch_size ", options_.max_batch_size);
-    gather_batch(batch * repeats, [&](std::int64_t i) { return i / repeats; });
+    detail::out_of_memory_as_error("StaticCache::batch_repeat_interleave", [&]() {
+      KVCACHE_CHECK(repeats >= 1,
+                    "StaticCache::batch_repeat_interleave: expected repeats >= 1, got ", repeats);
+      const std::int64_t batch = batch_size();
+      if (batch < 0) return;  // nothing held: nothing to repeat
+      KVCACHE_CHECK(repeats <= options_.max_batch_size / batch,
+                    "StaticCache::batch_repeat_interleave: expected batch ", batch, " x repeats ",
+                    repeats, " to fit in max_batch_size ", options_.max_batch_size);
+      gather_batch(batch * repeats, [&](std::int64_t i) { return i / repeats; });
+    });
   }
 
   /// Keeps the rows named by `indices`; at most max_batch_size of them.
   void batch_select_indices(std::span<const std::int64_t> indices) override {
-    KVCACHE_CHECK(!indices.empty() || batch_size() < 0,
-                  "StaticCache::batch_select_indices: expected at least one index, got none");
-    KVCACHE_CHECK(
-        batch_size() < 0 || static_cast<std::int64_t>(indices.size()) <= options_.max_batch_size,
-        "StaticCache::batch_select_indices: expected at most ", options_.max_batch_size,
-        " indices (max_batch_size), got ", indices.size());
-    check_rows(indices, "batch_select_indices");
-    gather_batch(static_cast<std::int64_t>(indices.size()),
-                 [&](std::int64_t i) { return indices[static_cast<std::size_t>(i)]; });
+    detail::out_of_memory_as_error("StaticCache::batch_select_indices", [&]() {
+      KVCACHE_CHECK(!indices.empty() || batch_size() < 0,
+                    "StaticCache::batch_select_indices: expected at least one index, got none");
+      KVCACHE_CHECK(
+          batch_size() < 0 || static_cast<std::int64_t>(indices.size()) <= options_.max_batch_size,
+          "StaticCache::batch_select_indices: expected at most ", options_.max_batch_size,
+          " indices (max_batch_size), got ", indices.size());
+      check_rows(indices, "batch_select_indices");
+      gather_batch(static_cast<std::int64_t>(indices.size()),
+                   [&](std::int64_t i) { return indices[static_cast<std::size_t>(i)]; });
+    });
   }
 
   std::size_t nbytes() const override {
@@ -269,12 +285,14 @@ class StaticCache : public Cache<B> {
 
   /// The legacy format as views of the filled slots (no copy; they alias the storage).
   LegacyCache to_legacy_cache() const {
-    LegacyCache legacy;
-    legacy.reserve(layers_.size());
-    const std::int64_t batch = std::max<std::int64_t>(batch_, 1);
-    for (const auto& layer : layers_)
-      legacy.emplace_back(layer.key_view(batch), layer.value_view(batch));
-    return legacy;
+    return detail::out_of_memory_as_error("StaticCache::to_legacy_cache", [&]() -> LegacyCache {
+      LegacyCache legacy;
+      legacy.reserve(layers_.size());
+      const std::int64_t batch = std::max<std::int64_t>(batch_, 1);
+      for (const auto& layer : layers_)
+        legacy.emplace_back(layer.key_view(batch), layer.value_view(batch));
+      return legacy;
+    });
   }
 
   /// Rows held, or -1 while every layer is empty.
@@ -437,7 +455,9 @@ class StaticCache : public Cache<B> {
   }
 
   std::unique_ptr<Cache<B>> clone_cache() const override {
-    return std::make_unique<StaticCache>(clone());
+    return detail::out_of_memory_as_error("StaticCache::clone", [&]() -> std::unique_ptr<Cache<B>> {
+      return std::make_unique<StaticCache>(clone());
+    });
   }
 
   StaticCacheOptions options_;

@@ -65,6 +65,14 @@ struct GenerationConfig {
   };
   /// Options of the "sink" and "quantized" cache kinds.
   CacheConfig cache_config{};
+  /// Generate past the model's context length (ModelConfig::max_position_embeddings, a GGUF's
+  /// llama.context_length). false (the default): generate() refuses, before the prefill, a call
+  /// whose past + prompt_len + max_new_tokens passes it, with a kvcache::Error naming the sum and
+  /// the context length (with a SinkCache, whose tokens take positions inside its window, the
+  /// positions it will give are counted instead). true: the tokens past it get the positions
+  /// that follow (RoPE computes any position alike; no error, nothing truncated), but the model
+  /// never saw them in training and its output there typically degrades.
+  bool allow_past_context = false;
 };
 
 }  // namespace kvcache

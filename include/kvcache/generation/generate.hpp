@@ -69,7 +69,9 @@ using TokenCallback = std::function<bool(std::int64_t row, std::int64_t token, s
 /// reserving prompt + max_new_tokens slots, up to 4096 new ones; "static": a StaticCache of
 /// max_cache_len prompt + max_new_tokens), of the model's backend either way. A cache of bounded
 /// size (get_max_cache_shape() >= 0) must hold past + prompt + max_new_tokens - 1 tokens, checked
-/// before the prefill. On the GPU the logits stay there:
+/// before the prefill, and past + prompt + max_new_tokens must stay within the model's context
+/// length (max_position_embeddings) unless config.allow_past_context (see there). On the GPU the
+/// logits stay there:
 /// the token choice (argmax, or sampling from one uniform per row drawn on the host from `seed`)
 /// runs on the device and only the chosen ids come back, the step's one wait for the GPU.
 GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,

@@ -558,27 +558,15 @@ inline Vec16 unpack16(const unsigned char* codes, std::int64_t idx) {
 #endif
 }
 
-inline std::pair<float, float> meta_at(const unsigned char* p, DType scale_dtype) {
-  if (scale_dtype == DType::kFloat16) {
-    float16 h[2];
-    std::memcpy(h, p, sizeof(h));
-    return {to_float(h[0]), to_float(h[1])};
-  }
-  float f[2];
-  std::memcpy(f, p, sizeof(f));
-  return {f[0], f[1]};
-}
-
-inline std::size_t meta_bytes(DType scale_dtype) { return 2 * dtype_size(scale_dtype); }
-
 // One token record (head_dim codes in groups of token_group channels) into dst[0, d).
 template <int NB>
 void dequant_token(const QuantizedKVView& q, const unsigned char* rec, float* dst) {
   const std::int64_t d = q.head_dim, g = q.token_group, groups = d / g;
-  const std::size_t mb = meta_bytes(q.scale_dtype);
+  const std::size_t mb = kvcache::detail::quant_meta_bytes(q.scale_dtype);
   const unsigned char* codes = rec + static_cast<std::size_t>(groups) * mb;
   for (std::int64_t grp = 0; grp < groups; ++grp) {
-    const auto [sc, mn] = meta_at(rec + static_cast<std::size_t>(grp) * mb, q.scale_dtype);
+    const auto [sc, mn] =
+        kvcache::detail::quant_meta(rec + static_cast<std::size_t>(grp) * mb, q.scale_dtype);
     const std::int64_t c0 = grp * g, c1 = c0 + g;
     std::int64_t c = c0;
     if (g % kLanes == 0) {
@@ -594,7 +582,7 @@ template <int NB>
 void dequant_channel_block(const QuantizedKVView& q, const unsigned char* rec, std::int64_t i0,
                            std::int64_t i1, float* dst, std::vector<float>& meta) {
   const std::int64_t d = q.head_dim;
-  const std::size_t mb = meta_bytes(q.scale_dtype);
+  const std::size_t mb = kvcache::detail::quant_meta_bytes(q.scale_dtype);
   meta.resize(static_cast<std::size_t>(2 * d));
   float* sc = meta.data();
   float* mn = sc + d;
@@ -614,7 +602,8 @@ void dequant_channel_block(const QuantizedKVView& q, const unsigned char* rec, s
   }
 #endif
   for (; c < d; ++c)
-    std::tie(sc[c], mn[c]) = meta_at(rec + static_cast<std::size_t>(c) * mb, q.scale_dtype);
+    std::tie(sc[c], mn[c]) =
+        kvcache::detail::quant_meta(rec + static_cast<std::size_t>(c) * mb, q.scale_dtype);
   const unsigned char* codes = rec + static_cast<std::size_t>(d) * mb;
   for (std::int64_t i = i0; i < i1; ++i) {
     float* o = dst + (i - i0) * d;
