@@ -32,6 +32,10 @@
 
 #define KVCACHE_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+// Group helpers are forced inline (their accumulators then stay in registers); each format's
+// row kernel is one function, called once per RB rows, so the register allocator sees it alone.
+#define KVCACHE_ALWAYS_INLINE inline __attribute__((always_inline))
+#define KVCACHE_NOINLINE __attribute__((noinline))
 
 namespace kvcache::cpu::quant {
 namespace {
@@ -70,66 +74,7 @@ KVCACHE_AVX512 inline void reduce_rows(const __m512 (&acc)[RB], float* out) {
   }
 }
 
-// Q4_1, one group of n ≤ 4 blocks at payload byte g·64 (`m` masks its 16·n bytes) of RB
-// consecutive weight rows (from p, row_bytes apart) against R rows of x, into acc[r][i]. The
-// group's x bytes and scales are loaded once for all RB rows.
-template <int RB, int R>
-KVCACHE_AVX512 inline void q4_1_group(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
-                                      const QuantizedX& x, std::int64_t r0, std::int64_t g,
-                                      std::int64_t n, __mmask64 m, __m512 (&acc)[R][RB]) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  __m512i xlo[R], xhi[R];
-  __m512 xd[R];
-  for (int r = 0; r < R; ++r) {
-    const std::int8_t* xq = x.q_row(r0 + r) + g * 128;
-    xlo[r] = _mm512_maskz_loadu_epi8(m, xq);
-    xhi[r] = _mm512_maskz_loadu_epi8(m, xq + 16 * n);
-    xd[r] = _mm512_loadu_ps(x.drep_row(r0 + r) + g * 16);
-  }
-  for (int i = 0; i < RB; ++i) {
-    const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
-    const __m512i v = _mm512_maskz_loadu_epi8(m, row + g * 64);
-    const __m512i lo = _mm512_and_si512(v, low4);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    const __m128i d4 =
-        _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), row + nb * 16 + g * 8);
-    const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d4)));
-    for (int r = 0; r < R; ++r) {
-      const __m512i dot =
-          _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[r]), hi, xhi[r]);
-      acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, xd[r]), acc[r][i]);
-    }
-  }
-}
-
-// Q4_1: RB consecutive weight rows against x rows [r0, r0 + R); sums[r][i].
-template <int RB, int R>
-KVCACHE_AVX512 inline void q4_1_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
-                                     const QuantizedX& x, std::int64_t r0, float (&sums)[R][RB]) {
-  const std::int64_t full = nb / 4, tail = nb % 4;
-  __m512 acc[R][RB];
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (std::int64_t g = 0; g < full; ++g)
-    q4_1_group<RB, R>(p, row_bytes, nb, x, r0, g, 4, ~0ULL, acc);
-  if (tail) q4_1_group<RB, R>(p, row_bytes, nb, x, r0, full, tail, ~0ULL >> (64 - 16 * tail), acc);
-  // The minimums: Σ_b m_b · (d_x · Σq_x)_b, sixteen blocks at a time.
-  for (std::int64_t b = 0; b < nb; b += 16) {
-    const __mmask16 m = nb - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - b)) - 1);
-    for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_maskz_loadu_ps(m, x.s_row(r0 + r) + b);
-      for (int i = 0; i < RB; ++i) {
-        const std::uint8_t* mins = p + static_cast<std::size_t>(i) * row_bytes + nb * 18 + b * 2;
-        acc[r][i] =
-            _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, mins)), s, acc[r][i]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
-}
-
-// Q8_0, one chunk of n ≤ 2 blocks at payload byte c·64: the same shape as q4_1_group, the
+// Q8_0, one chunk of n ≤ 2 blocks at payload byte c·64: the same shape as nibble_group, the
 // accumulator starting from −128·Σ(x bytes) per lane to undo the stored offset.
 template <int RB, int R>
 KVCACHE_AVX512 inline void q8_0_chunk(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
@@ -169,39 +114,66 @@ KVCACHE_AVX512 inline void q8_0_rows(const std::uint8_t* p, std::size_t row_byte
   for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
 }
 
-// Q4_1 / Q5_0 / Q5_1, one group of n ≤ 4 blocks at payload byte g·64 (`m` masks its 16·n bytes)
-// of RB rows, as q4_1_group; the 5-bit formats add 16 where the group's fifth-bit masks say.
-template <QuantFormat F, int RB, int R>
-KVCACHE_AVX512 inline void q5_group(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
-                                    const QuantizedX& x, std::int64_t r0, std::int64_t g,
-                                    std::int64_t n, __mmask64 m, __m512 (&acc)[R][RB]) {
+// The fifth bits of a group of n blocks (the low halves' 2·n bytes at qh, then the high halves'),
+// as two byte masks. A full group's are two 8-byte loads; a tail group's are loaded masked (a
+// variable-length memcpy goes through the stack, and the 8-byte read of its bytes stalls).
+template <bool kFull>
+KVCACHE_AVX512 KVCACHE_ALWAYS_INLINE void fifth_bits(const std::uint8_t* qh, std::int64_t n,
+                                                     __mmask64& lo, __mmask64& hi) {
+  if constexpr (kFull) {
+    std::uint64_t a, b;
+    std::memcpy(&a, qh, 8);
+    std::memcpy(&b, qh + 8, 8);
+    lo = _cvtu64_mask64(a);
+    hi = _cvtu64_mask64(b);
+  } else {
+    const auto bytes = static_cast<__mmask16>((1u << (2 * n)) - 1);
+    lo = _cvtu64_mask64(
+        static_cast<std::uint64_t>(_mm_cvtsi128_si64(_mm_maskz_loadu_epi8(bytes, qh))));
+    hi = _cvtu64_mask64(
+        static_cast<std::uint64_t>(_mm_cvtsi128_si64(_mm_maskz_loadu_epi8(bytes, qh + 2 * n))));
+  }
+}
+
+// Q4_1 / Q5_0 / Q5_1, one group of n ≤ 4 blocks at payload byte g·64 (n = 4 when kFull) of RB
+// consecutive weight rows (from p, row_bytes apart) against R rows of x, into acc[r][i]: the low
+// nibbles meet x's elements 0..15 of each block, the high nibbles 16..31, and the 5-bit formats add
+// 16 where the group's fifth bits say. The group's x bytes and scales are loaded once for all RB
+// rows.
+template <QuantFormat F, int RB, int R, bool kFull>
+KVCACHE_AVX512 KVCACHE_ALWAYS_INLINE void nibble_group(const std::uint8_t* p, std::size_t row_bytes,
+                                                       std::int64_t nb, const QuantizedX& x,
+                                                       std::int64_t r0, std::int64_t g,
+                                                       std::int64_t n, __m512 (&acc)[R][RB]) {
+  constexpr bool k5 = F != QuantFormat::kQ4_1;
+  if constexpr (kFull) n = 4;
+  const __mmask64 m = kFull ? ~0ULL : ~0ULL >> (64 - 16 * n);
   const __m512i low4 = _mm512_set1_epi8(0x0F), k16 = _mm512_set1_epi8(16);
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const std::int64_t d_at = nb * (k5 ? quant::kQ5D : 16);
   __m512i xlo[R], xhi[R];
   __m512 xd[R];
   for (int r = 0; r < R; ++r) {
     const std::int8_t* xq = x.q_row(r0 + r) + g * 128;
-    xlo[r] = _mm512_maskz_loadu_epi8(m, xq);
-    xhi[r] = _mm512_maskz_loadu_epi8(m, xq + 16 * n);
+    xlo[r] = kFull ? _mm512_loadu_si512(xq) : _mm512_maskz_loadu_epi8(m, xq);
+    xhi[r] = kFull ? _mm512_loadu_si512(xq + 64) : _mm512_maskz_loadu_epi8(m, xq + 16 * n);
     xd[r] = _mm512_loadu_ps(x.drep_row(r0 + r) + g * 16);
   }
   for (int i = 0; i < RB; ++i) {
     const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
-    const __m512i v = _mm512_maskz_loadu_epi8(m, row + g * 64);
+    const __m512i v =
+        kFull ? _mm512_loadu_si512(row + g * 64) : _mm512_maskz_loadu_epi8(m, row + g * 64);
     __m512i lo = _mm512_and_si512(v, low4);
     __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    std::int64_t d_at = nb * 16;
-    if constexpr (F != QuantFormat::kQ4_1) {
-      std::uint64_t bits_lo = 0, bits_hi = 0;
-      const std::uint8_t* qh = row + nb * quant::kQ5Qh + g * 16;
-      std::memcpy(&bits_lo, qh, static_cast<std::size_t>(2 * n));
-      std::memcpy(&bits_hi, qh + 2 * n, static_cast<std::size_t>(2 * n));
+    if constexpr (k5) {
+      __mmask64 bits_lo, bits_hi;
+      fifth_bits<kFull>(row + nb * quant::kQ5Qh + g * 16, n, bits_lo, bits_hi);
       lo = _mm512_mask_add_epi8(lo, bits_lo, lo, k16);
       hi = _mm512_mask_add_epi8(hi, bits_hi, hi, k16);
-      d_at = nb * quant::kQ5D;
     }
     const __m128i d4 =
-        _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), row + d_at + g * 8);
+        kFull ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d_at + g * 8))
+              : _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), row + d_at + g * 8);
     const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d4)));
     for (int r = 0; r < R; ++r) {
       const __m512i dot =
@@ -211,25 +183,27 @@ KVCACHE_AVX512 inline void q5_group(const std::uint8_t* p, std::size_t row_bytes
   }
 }
 
-// Q5_0 / Q5_1: RB rows against x rows [r0, r0 + R); the minimum term Σ m_b·(d_x·Σq_x)_b with
-// Q5_1's m or Q5_0's −16·d.
+// Q4_1 / Q5_0 / Q5_1: RB rows against x rows [r0, r0 + R); the minimum term Σ m_b·(d_x·Σq_x)_b
+// with Q4_1's or Q5_1's m, or Q5_0's −16·d.
 template <QuantFormat F, int RB, int R>
-KVCACHE_AVX512 inline void q5_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
-                                   const QuantizedX& x, std::int64_t r0, float (&sums)[R][RB]) {
+KVCACHE_AVX512 KVCACHE_NOINLINE void nibble_rows(const std::uint8_t* p, std::size_t row_bytes,
+                                                 std::int64_t nb, const QuantizedX& x,
+                                                 std::int64_t r0, float (&sums)[R][RB]) {
   const std::int64_t full = nb / 4, tail = nb % 4;
   __m512 acc[R][RB];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
   for (std::int64_t g = 0; g < full; ++g)
-    q5_group<F, RB, R>(p, row_bytes, nb, x, r0, g, 4, ~0ULL, acc);
-  if (tail) q5_group<F, RB, R>(p, row_bytes, nb, x, r0, full, tail, ~0ULL >> (64 - 16 * tail), acc);
+    nibble_group<F, RB, R, true>(p, row_bytes, nb, x, r0, g, 4, acc);
+  if (tail) nibble_group<F, RB, R, false>(p, row_bytes, nb, x, r0, full, tail, acc);
   const bool q50 = F == QuantFormat::kQ5_0;
-  const std::int64_t m_at = nb * (q50 ? quant::kQ5D : quant::kQ5M);
+  const std::int64_t m_at = nb * (F == QuantFormat::kQ4_1 ? 18 : (q50 ? quant::kQ5D : quant::kQ5M));
   const __m512 factor = _mm512_set1_ps(q50 ? -16.0f : 1.0f);
   for (std::int64_t b = 0; b < nb; b += 16) {
     const __mmask16 m = nb - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - b)) - 1);
     for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x.s_row(r0 + r) + b), factor);
+      __m512 s = _mm512_maskz_loadu_ps(m, x.s_row(r0 + r) + b);
+      if (q50) s = _mm512_mul_ps(s, factor);
       for (int i = 0; i < RB; ++i) {
         const std::uint8_t* mins = p + static_cast<std::size_t>(i) * row_bytes + m_at + b * 2;
         acc[r][i] =
@@ -394,13 +368,13 @@ KVCACHE_AVX512 inline void format_rows(QuantFormat f, const std::uint8_t* p, std
                                        float (&sums)[R][RB]) {
   switch (f) {
     case QuantFormat::kQ4_1:
-      return q4_1_rows<RB, R>(p, row_bytes, nb, x, r0, sums);
+      return nibble_rows<QuantFormat::kQ4_1, RB, R>(p, row_bytes, nb, x, r0, sums);
     case QuantFormat::kQ8_0:
       return q8_0_rows<RB, R>(p, row_bytes, nb, x, r0, sums);
     case QuantFormat::kQ5_0:
-      return q5_rows<QuantFormat::kQ5_0, RB, R>(p, row_bytes, nb, x, r0, sums);
+      return nibble_rows<QuantFormat::kQ5_0, RB, R>(p, row_bytes, nb, x, r0, sums);
     case QuantFormat::kQ5_1:
-      return q5_rows<QuantFormat::kQ5_1, RB, R>(p, row_bytes, nb, x, r0, sums);
+      return nibble_rows<QuantFormat::kQ5_1, RB, R>(p, row_bytes, nb, x, r0, sums);
     case QuantFormat::kQ4_K:
       return k4_rows<false, RB, R>(p, row_bytes, nb, x, r0, sums);
     case QuantFormat::kQ5_K:
