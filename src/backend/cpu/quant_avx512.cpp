@@ -414,6 +414,139 @@ KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std
 
 }  // namespace
 
+// --- dequantization (the prefill panels) ------------------------------------------------------
+
+namespace {
+
+// out[0..16) = scale·(q − offset) (− min), q the 16 unsigned bytes of `q8`. The multiply and the
+// subtraction carry explicit rounding (_round_ forms), so no compiler contracts them into an FMA:
+// the result is ggml's two float32 roundings, bit for bit, as the scalar dequantizer's.
+template <bool kMin>
+KVCACHE_AVX512 KVCACHE_ALWAYS_INLINE void put16(float* out, __m128i q8, int offset, float scale,
+                                                float min) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(q8), _mm512_set1_epi32(offset));
+  __m512 v = _mm512_mul_round_ps(_mm512_set1_ps(scale), _mm512_cvtepi32_ps(q), kRound);
+  if constexpr (kMin) v = _mm512_sub_round_ps(v, _mm512_set1_ps(min), kRound);
+  _mm512_storeu_ps(out, v);
+}
+
+KVCACHE_AVX512 KVCACHE_ALWAYS_INLINE float half_at(const std::uint8_t* p) {
+  std::uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+}
+
+// The 16 fifth bits `bits` added to q8's bytes as 16.
+KVCACHE_AVX512 KVCACHE_ALWAYS_INLINE __m128i add_fifth(__m128i q8, std::uint16_t bits) {
+  return _mm_mask_add_epi8(q8, static_cast<__mmask16>(bits), q8, _mm_set1_epi8(16));
+}
+
+KVCACHE_AVX512 KVCACHE_ALWAYS_INLINE std::uint16_t u16_at(const std::uint8_t* p) {
+  std::uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+}  // namespace
+
+KVCACHE_AVX512 void dequantize_row_avx512(QuantFormat f, const std::uint8_t* row, std::int64_t nb,
+                                          float* out) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  switch (f) {
+    case QuantFormat::kQ8_0:
+      // ggml: d · q, q stored as q + 128.
+      for (std::int64_t b = 0; b < nb; ++b, out += 32) {
+        const float d = half_at(row + nb * 32 + 2 * b);
+        const auto* q = reinterpret_cast<const __m128i*>(row + 32 * b);
+        put16<false>(out, _mm_loadu_si128(q), 128, d, 0.0f);
+        put16<false>(out + 16, _mm_loadu_si128(q + 1), 128, d, 0.0f);
+      }
+      return;
+    case QuantFormat::kQ4_1:
+    case QuantFormat::kQ5_0:
+    case QuantFormat::kQ5_1: {
+      // Q4_1 / Q5_1: d·q + m (as d·q − (−m), the same float); Q5_0: d·(q − 16).
+      const bool k5 = f != QuantFormat::kQ4_1, q50 = f == QuantFormat::kQ5_0;
+      const std::int64_t d_at = nb * (k5 ? quant::kQ5D : 16);
+      const std::int64_t m_at = nb * (k5 ? quant::kQ5M : 18);
+      for (std::int64_t b = 0; b < nb; ++b, out += 32) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * b));
+        __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+        if (k5) {
+          const std::int64_t g = b / 4, n = std::min<std::int64_t>(4, nb - 4 * g), slot = b % 4;
+          const std::uint8_t* qh = row + quant::kQ5Qh * nb + 16 * g;
+          lo = add_fifth(lo, u16_at(qh + 2 * slot));
+          hi = add_fifth(hi, u16_at(qh + 2 * n + 2 * slot));
+        }
+        const float d = half_at(row + d_at + 2 * b);
+        if (q50) {
+          put16<false>(out, lo, 16, d, 0.0f);
+          put16<false>(out + 16, hi, 16, d, 0.0f);
+        } else {
+          const float minus_m = -half_at(row + m_at + 2 * b);
+          put16<true>(out, lo, 0, d, minus_m);
+          put16<true>(out + 16, hi, 0, d, minus_m);
+        }
+      }
+      return;
+    }
+    case QuantFormat::kQ4_K:
+    case QuantFormat::kQ5_K: {
+      // Sub-block j: (d·sc_j)·q − dmin·mn_j, both products rounded to float32 first as ggml's.
+      const bool k5 = f == QuantFormat::kQ5_K;
+      const std::size_t sb_bytes = k5 ? 176 : 144;
+      for (std::int64_t s = 0; s < nb / 8; ++s) {
+        const std::uint8_t* base = row + static_cast<std::size_t>(s) * sb_bytes;
+        const std::uint8_t* nib = base + (k5 ? quant::kQ5KNib : quant::kQ4KNib);
+        const float d = half_at(base), dmin = half_at(base + 2);
+        const std::uint8_t* packed = base + 4;
+        for (int j = 0; j < 8; ++j, out += 32) {
+          const int sc =
+              j < 4 ? packed[j] & 0x3F : (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 2) & 0x30);
+          const int mn =
+              j < 4 ? packed[j + 4] & 0x3F : (packed[j + 4] >> 4) | ((packed[j] >> 2) & 0x30);
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nib + 16 * j));
+          __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+          if (k5) {
+            const std::uint8_t* qh = base + quant::kQ5KQh + 16 * (j / 4);
+            lo = add_fifth(lo, u16_at(qh + 2 * (j % 4)));
+            hi = add_fifth(hi, u16_at(qh + 8 + 2 * (j % 4)));
+          }
+          const float scale = d * static_cast<float>(sc), min = dmin * static_cast<float>(mn);
+          put16<true>(out, lo, 0, scale, min);
+          put16<true>(out + 16, hi, 0, scale, min);
+        }
+      }
+      return;
+    }
+    default: {
+      // Q6_K block j of a superblock: low nibbles as Q4_1's; its 2-bit highs are bits s and s + 4
+      // (s = 0 or 2) of 16 bytes of the chunk's 32 (repack_row's layout), minus 32; scale d·sc per
+      // 16 elements.
+      for (std::int64_t s = 0; s < nb / 8; ++s) {
+        const std::uint8_t* base = row + static_cast<std::size_t>(s) * 210;
+        const float d = half_at(base + quant::kQ6KD);
+        const auto* sc = reinterpret_cast<const std::int8_t*>(base + quant::kQ6KScales);
+        for (int j = 0; j < 8; ++j, out += 32) {
+          const int c = j / 4, k = j % 4;
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + 16 * j));
+          const __m128i h = _mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                                              base + quant::kQ6KHigh + 32 * c + 16 * (k % 2))),
+                                          _mm_cvtsi32_si128(2 * (k / 2)));
+          const __m128i three = _mm_set1_epi8(0x30);
+          const __m128i lo =
+              _mm_or_si128(_mm_and_si128(v, low4), _mm_and_si128(_mm_slli_epi16(h, 4), three));
+          const __m128i hi =
+              _mm_or_si128(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(h, three));
+          put16<false>(out, lo, 32, d * static_cast<float>(sc[2 * j]), 0.0f);
+          put16<false>(out + 16, hi, 32, d * static_cast<float>(sc[2 * j + 1]), 0.0f);
+        }
+      }
+    }
+  }
+}
+
 KVCACHE_AVX512 void quantize_x_avx512(QuantFormat format, const float* x, std::int64_t rows,
                                       std::int64_t cols, QuantizedX& out) {
   const std::int64_t nb = cols / kQuantBlock;
