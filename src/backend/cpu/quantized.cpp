@@ -697,7 +697,22 @@ void gemv_portable(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o
 
 // --- linear and embedding ----------------------------------------------------------------------
 
-namespace {}  // namespace
+namespace {
+
+// Output rows per dequantized panel of the prefill path: about 64 (a panel of 64 × 576 float32
+// stays in L2 between its dequantization and the GEMM), a multiple of 16, and a count of panels
+// that the threads share evenly — linear_panels hands them out statically, and 64-row panels of a
+// 576- or 192-row matrix (9 and 3 of them) leave one of two threads idle for a panel.
+std::int64_t panel_rows(std::int64_t out) {
+  const std::int64_t threads = omp_get_max_threads();
+  for (std::int64_t per_thread = (out + 64 * threads - 1) / (64 * threads);; ++per_thread) {
+    const std::int64_t rows = (out + threads * per_thread - 1) / (threads * per_thread);
+    const std::int64_t panel = (rows + 15) / 16 * 16;
+    if (panel <= 16 || ((out + panel - 1) / panel) % threads == 0) return panel;
+  }
+}
+
+}  // namespace
 
 // Measured on the 2-core AVX-512 VNNI machines (no AMX) with SmolLM2's shapes, one linear()
 // against the float32 panel path: the Q4_1 kernel is 1.5–2.8× faster up to 32 rows, the Q8_0 one
@@ -804,11 +819,11 @@ Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias
              (weight.format() == QuantFormat::kQ8_0 || weight.format() == QuantFormat::kQ4_1)) {
     quant::linear_amx(x.data_as<float>(), x.size(0), weight, b, y.data_as<float>());
   } else {
-    // Without AMX: panels of 64 weight rows dequantized exactly to float32, then Eigen's GEMM
-    // (small panels stay in L2 between the dequantization and the GEMM; one panel per thread, as
-    // dense weights use, measured 16% slower).
-    detail::linear_panels(x.data_as<float>(), x.size(0), x.size(1), weight.rows(), 64, b,
-                          y.data_as<float>(),
+    // Without AMX: panels of about 64 weight rows (panel_rows) dequantized exactly to float32,
+    // then Eigen's GEMM (small panels stay in L2 between the dequantization and the GEMM; one
+    // panel per thread, as dense weights use, measured 16% slower).
+    detail::linear_panels(x.data_as<float>(), x.size(0), x.size(1), weight.rows(),
+                          panel_rows(weight.rows()), b, y.data_as<float>(),
                           [&](std::int64_t o0, std::int64_t n, std::vector<float>& scratch) {
                             scratch.resize(static_cast<std::size_t>(n * weight.cols()));
                             weight.dequantize_rows(o0, o0 + n, scratch.data());
