@@ -378,6 +378,37 @@ INSTANTIATE_TEST_SUITE_P(Quantized, QuantizedFormats,
                            return std::string(quant_format_name(info.param));
                          });
 
+TEST(Quantized, FusedProjectionsOfMixedFormatsEqualSeparateOnesForAnyThreadCount) {
+  // A Q4_K_M file fuses Q5_0 q / k with a Q8_0 v: the threads' shares are cut by bytes, so a cut
+  // may fall anywhere in any matrix (odd row counts, a matrix smaller than a share).
+  std::mt19937 rng(10);
+  const std::int64_t in = 512;
+  const std::pair<QuantFormat, std::int64_t> mats[] = {{QuantFormat::kQ5_0, 13},
+                                                       {QuantFormat::kQ8_0, 3},
+                                                       {QuantFormat::kQ6_K, 29},
+                                                       {QuantFormat::kQ4_1, 1},
+                                                       {QuantFormat::kQ4_K, 6}};
+  std::vector<cpu::Weight> weights;
+  for (const auto& [f, rows] : mats)
+    weights.emplace_back(QuantizedMatrix::from_ggml(f, random_ggml(f, rows, in, rng), rows, in));
+  std::vector<const cpu::Weight*> ptrs;
+  for (const cpu::Weight& w : weights) ptrs.push_back(&w);
+  const int threads_before = cpu::num_threads();
+  for (const int threads : {1, 2, 3, 5}) {
+    cpu::set_num_threads(threads);
+    for (const std::int64_t rows : {1, 2, 5}) {
+      const Tensor x = testing::random_tensor({rows, in}, DType::kFloat32, rng);
+      const std::vector<Tensor> fused = cpu::linear_fused(x, ptrs, {});
+      ASSERT_EQ(fused.size(), weights.size());
+      for (std::size_t i = 0; i < weights.size(); ++i) {
+        EXPECT_EQ(floats(fused[i]), floats(cpu::linear(x, weights[i])))
+            << "threads " << threads << " rows " << rows << " weight " << i;
+      }
+    }
+  }
+  cpu::set_num_threads(threads_before);
+}
+
 TEST(Quantized, RealBlocksOfTheDefaultModelKeepTheirValues) {
   // tests/data/gguf/smollm2_blocks.gguf holds rows copied from SmolLM2's Q8_0 embedding and Q4_1
   // layers; the GGUF reader's float32 values for them are checked against the gguf package.

@@ -739,7 +739,7 @@ namespace {
 // y_i = x · W_iᵀ (+ bias_i) for decode rows of x and matrices of any formats: x quantized once per
 // order the formats need (Q8_0's, and the nibble formats' — one quantization serves all of those,
 // with Q6_K's per-16 sums when a Q6_K matrix is there), then one parallel region whose threads
-// each take a share of all the matrices' output rows, cut as one range at quads of rows. linear()
+// each take an equal share of all the matrices' bytes, cut as one range at quads of rows. linear()
 // calls it with one matrix, linear_fused() with several (a Q4_K_M file mixes Q5_0 q/k with Q8_0 v).
 void gemv(const Tensor& x, std::span<const QuantizedMatrix* const> ws,
           std::span<const float* const> biases, std::span<float* const> ys) {
@@ -762,14 +762,31 @@ void gemv(const Tensor& x, std::span<const QuantizedMatrix* const> ws,
   if (any_nibbles)
     quant::quantize_x(nibble_format, x.data_as<float>(), x.size(0), x.size(1), nibbles);
   const CpuIsa isa = active_cpu_isa();
-  std::int64_t total = 0;
-  for (const QuantizedMatrix* w : ws) total += w->rows();
+  std::int64_t total_bytes = 0;
+  for (const QuantizedMatrix* w : ws)
+    total_bytes += w->rows() * static_cast<std::int64_t>(w->row_bytes());
+  // Where share k of `shares` begins, as a row of all the matrices taken one after another: the
+  // shares hold equal bytes (a Q8_0 v row is half again a Q5_0 q row), cut at quads of rows of
+  // one matrix.
+  auto cut = [&](std::int64_t k, std::int64_t shares) {
+    const std::int64_t at = total_bytes * k / shares;
+    std::int64_t rows_before = 0, bytes_before = 0;
+    for (const QuantizedMatrix* w : ws) {
+      const auto quad_bytes = 4 * static_cast<std::int64_t>(w->row_bytes());
+      const std::int64_t bytes = w->rows() * static_cast<std::int64_t>(w->row_bytes());
+      if (at < bytes_before + bytes) {
+        const std::int64_t quads = (at - bytes_before + quad_bytes / 2) / quad_bytes;
+        return rows_before + std::min(w->rows(), 4 * quads);
+      }
+      rows_before += w->rows();
+      bytes_before += bytes;
+    }
+    return rows_before;
+  };
 #pragma omp parallel
   {
     const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const std::int64_t quads = (total + 3) / 4;
-    const std::int64_t begin = std::min(total, quads * t / threads * 4),
-                       end = std::min(total, quads * (t + 1) / threads * 4);
+    const std::int64_t begin = cut(t, threads), end = cut(t + 1, threads);
     std::int64_t offset = 0;
     for (std::size_t i = 0; i < ws.size(); ++i) {
       const QuantizedMatrix& w = *ws[i];
