@@ -214,23 +214,25 @@ KVCACHE_AVX512 KVCACHE_NOINLINE void nibble_rows(const std::uint8_t* p, std::siz
   for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
 }
 
-// Q4_K / Q5_K superblock scales: [d·sc0 … d·sc7, dmin·mn0 … dmin·mn7] from the 12 packed bytes
-// (ggml's get_scale_min_k4, four bytes at a time).
+// Q4_K / Q5_K superblock scales: [d·sc0 … d·sc7, dmin·mn0 … dmin·mn7] from the superblock's
+// first 16 bytes (fp16 d, dmin, then the 12 packed bytes q0..q11 of ggml's get_scale_min_k4):
+// two byte shuffles line up [q0..q3, q8..q11, q4..q7, q8..q11] (the low 6 bits of sc0..3 and
+// mn0..3, the low nibbles of sc4..7 and, shifted by 4, those of mn4..7) and q0..q7 under sc4..7 /
+// mn4..7 (whose top 2 bits they hold), then masks and one OR.
 KVCACHE_AVX512 inline __m512 k4_scales(const std::uint8_t* base) {
-  std::uint32_t a, b, c;
-  std::memcpy(&a, base + 4, 4);
-  std::memcpy(&b, base + 8, 4);
-  std::memcpy(&c, base + 12, 4);
-  const std::uint32_t sc_lo = a & 0x3F3F3F3Fu, mn_lo = b & 0x3F3F3F3Fu;
-  const std::uint32_t sc_hi = (c & 0x0F0F0F0Fu) | ((a >> 2) & 0x30303030u);
-  const std::uint32_t mn_hi = ((c >> 4) & 0x0F0F0F0Fu) | ((b >> 2) & 0x30303030u);
-  const __m128i bytes = _mm_set_epi32(static_cast<int>(mn_hi), static_cast<int>(mn_lo),
-                                      static_cast<int>(sc_hi), static_cast<int>(sc_lo));
-  std::uint32_t dd;
-  std::memcpy(&dd, base, 4);  // fp16 d, fp16 dmin
-  const __m512 d_dmin = _mm512_permutexvar_ps(
-      _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-      _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dd)))));
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base));
+  const __m128i a =
+      _mm_shuffle_epi8(v, _mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m128i b =
+      _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11));
+  const __m128i low = _mm_and_si128(_mm_mask_blend_epi8(0xF000, a, _mm_srli_epi16(a, 4)),
+                                    _mm_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
+  const __m128i high =
+      _mm_and_si128(_mm_srli_epi16(b, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+  const __m128i bytes = _mm_or_si128(low, high);
+  const __m512 d_dmin =
+      _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                            _mm512_castps128_ps512(_mm_cvtph_ps(v)));
   return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), d_dmin);
 }
 
