@@ -11,6 +11,7 @@
 #include <cstring>
 #include <optional>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "kvcache/kvcache.hpp"
@@ -120,6 +121,47 @@ TEST_P(QuantizedFormats, RepackedBlocksDequantizeLikeTheGgufReader) {
   }
 }
 
+// Restores the instruction-set cap when a test ends, whatever it asserted.
+struct IsaLimit {
+  explicit IsaLimit(CpuIsa limit) : previous(cpu::set_cpu_isa_limit(limit)) {}
+  ~IsaLimit() { cpu::set_cpu_isa_limit(previous); }
+  CpuIsa previous;
+};
+
+TEST_P(QuantizedFormats, DequantizedRowsAreBitExactOnEveryInstructionSet) {
+  // The prefill panels' dequantizer (AVX-512 where present, the portable loop otherwise) against
+  // the GGUF reader's: every width's group tails, any row range, nothing written outside it.
+  const QuantFormat f = GetParam();
+  std::mt19937 rng(9);
+  for (const CpuIsa isa : {CpuIsa::kPortable, CpuIsa::kAvx512Vnni}) {
+    if (isa > cpu::detected_cpu_isa()) continue;
+    const IsaLimit limit(isa);
+    for (const std::int64_t cols : widths(f)) {
+      const std::int64_t rows = 9;
+      const std::vector<std::byte> ggml = random_ggml(f, rows, cols, rng);
+      const QuantizedMatrix m = QuantizedMatrix::from_ggml(f, ggml, rows, cols);
+      std::vector<float> expected(static_cast<std::size_t>(rows * cols));
+      dequantize_row(ggml_type(f), ggml.data(), expected.data(), rows * cols);
+      for (const auto& [r0, r1] :
+           {std::pair<std::int64_t, std::int64_t>{0, rows}, {3, 4}, {2, 7}}) {
+        std::vector<float> got(static_cast<std::size_t>((r1 - r0 + 2) * cols), -7.0f);
+        m.dequantize_rows(r0, r1, got.data() + cols);  // a poisoned row either side
+        for (std::int64_t i = 0; i < (r1 - r0) * cols; ++i) {
+          ASSERT_EQ(got[static_cast<std::size_t>(cols + i)],
+                    expected[static_cast<std::size_t>(r0 * cols + i)])
+              << cpu::cpu_isa_name(isa) << " cols " << cols << " rows [" << r0 << ", " << r1
+              << ") at " << i;
+        }
+        for (std::int64_t i = 0; i < cols; ++i) {
+          ASSERT_EQ(got[static_cast<std::size_t>(i)], -7.0f) << "written before the rows";
+          ASSERT_EQ(got[static_cast<std::size_t>((r1 - r0 + 1) * cols + i)], -7.0f)
+              << "written after the rows";
+        }
+      }
+    }
+  }
+}
+
 TEST_P(QuantizedFormats, QuantizeFollowsGgmlRounding) {
   const QuantFormat f = GetParam();
   if (f != QuantFormat::kQ8_0 && f != QuantFormat::kQ4_1) {
@@ -198,13 +240,6 @@ std::vector<double> magnitudes(const QuantizedMatrix& w, const Tensor& x) {
             std::fabs(dense[static_cast<std::size_t>(o * in + k)] * x.data_as<float>()[r * in + k]);
   return m;
 }
-
-// Restores the instruction-set cap when a test ends, whatever it asserted.
-struct IsaLimit {
-  explicit IsaLimit(CpuIsa limit) : previous(cpu::set_cpu_isa_limit(limit)) {}
-  ~IsaLimit() { cpu::set_cpu_isa_limit(previous); }
-  CpuIsa previous;
-};
 
 TEST_P(QuantizedFormats, DecodeRowsComputeTheQuantizedBlockDotProducts) {
   const QuantFormat f = GetParam();
@@ -342,6 +377,37 @@ INSTANTIATE_TEST_SUITE_P(Quantized, QuantizedFormats,
                          [](const auto& info) {
                            return std::string(quant_format_name(info.param));
                          });
+
+TEST(Quantized, FusedProjectionsOfMixedFormatsEqualSeparateOnesForAnyThreadCount) {
+  // A Q4_K_M file fuses Q5_0 q / k with a Q8_0 v: the threads' shares are cut by bytes, so a cut
+  // may fall anywhere in any matrix (odd row counts, a matrix smaller than a share).
+  std::mt19937 rng(10);
+  const std::int64_t in = 512;
+  const std::pair<QuantFormat, std::int64_t> mats[] = {{QuantFormat::kQ5_0, 13},
+                                                       {QuantFormat::kQ8_0, 3},
+                                                       {QuantFormat::kQ6_K, 29},
+                                                       {QuantFormat::kQ4_1, 1},
+                                                       {QuantFormat::kQ4_K, 6}};
+  std::vector<cpu::Weight> weights;
+  for (const auto& [f, rows] : mats)
+    weights.emplace_back(QuantizedMatrix::from_ggml(f, random_ggml(f, rows, in, rng), rows, in));
+  std::vector<const cpu::Weight*> ptrs;
+  for (const cpu::Weight& w : weights) ptrs.push_back(&w);
+  const int threads_before = cpu::num_threads();
+  for (const int threads : {1, 2, 3, 5}) {
+    cpu::set_num_threads(threads);
+    for (const std::int64_t rows : {1, 2, 5}) {
+      const Tensor x = testing::random_tensor({rows, in}, DType::kFloat32, rng);
+      const std::vector<Tensor> fused = cpu::linear_fused(x, ptrs, {});
+      ASSERT_EQ(fused.size(), weights.size());
+      for (std::size_t i = 0; i < weights.size(); ++i) {
+        EXPECT_EQ(floats(fused[i]), floats(cpu::linear(x, weights[i])))
+            << "threads " << threads << " rows " << rows << " weight " << i;
+      }
+    }
+  }
+  cpu::set_num_threads(threads_before);
+}
 
 TEST(Quantized, RealBlocksOfTheDefaultModelKeepTheirValues) {
   // tests/data/gguf/smollm2_blocks.gguf holds rows copied from SmolLM2's Q8_0 embedding and Q4_1

@@ -32,6 +32,10 @@
 
 #define KVCACHE_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+// Group helpers are forced inline (their accumulators then stay in registers); each format's
+// row kernel is one function, called once per RB rows, so the register allocator sees it alone.
+#define KVCACHE_ALWAYS_INLINE inline __attribute__((always_inline))
+#define KVCACHE_NOINLINE __attribute__((noinline))
 
 namespace kvcache::cpu::quant {
 namespace {
@@ -70,66 +74,7 @@ KVCACHE_AVX512 inline void reduce_rows(const __m512 (&acc)[RB], float* out) {
   }
 }
 
-// Q4_1, one group of n ≤ 4 blocks at payload byte g·64 (`m` masks its 16·n bytes) of RB
-// consecutive weight rows (from p, row_bytes apart) against R rows of x, into acc[r][i]. The
-// group's x bytes and scales are loaded once for all RB rows.
-template <int RB, int R>
-KVCACHE_AVX512 inline void q4_1_group(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
-                                      const QuantizedX& x, std::int64_t r0, std::int64_t g,
-                                      std::int64_t n, __mmask64 m, __m512 (&acc)[R][RB]) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  __m512i xlo[R], xhi[R];
-  __m512 xd[R];
-  for (int r = 0; r < R; ++r) {
-    const std::int8_t* xq = x.q_row(r0 + r) + g * 128;
-    xlo[r] = _mm512_maskz_loadu_epi8(m, xq);
-    xhi[r] = _mm512_maskz_loadu_epi8(m, xq + 16 * n);
-    xd[r] = _mm512_loadu_ps(x.drep_row(r0 + r) + g * 16);
-  }
-  for (int i = 0; i < RB; ++i) {
-    const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
-    const __m512i v = _mm512_maskz_loadu_epi8(m, row + g * 64);
-    const __m512i lo = _mm512_and_si512(v, low4);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    const __m128i d4 =
-        _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), row + nb * 16 + g * 8);
-    const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d4)));
-    for (int r = 0; r < R; ++r) {
-      const __m512i dot =
-          _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[r]), hi, xhi[r]);
-      acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, xd[r]), acc[r][i]);
-    }
-  }
-}
-
-// Q4_1: RB consecutive weight rows against x rows [r0, r0 + R); sums[r][i].
-template <int RB, int R>
-KVCACHE_AVX512 inline void q4_1_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
-                                     const QuantizedX& x, std::int64_t r0, float (&sums)[R][RB]) {
-  const std::int64_t full = nb / 4, tail = nb % 4;
-  __m512 acc[R][RB];
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (std::int64_t g = 0; g < full; ++g)
-    q4_1_group<RB, R>(p, row_bytes, nb, x, r0, g, 4, ~0ULL, acc);
-  if (tail) q4_1_group<RB, R>(p, row_bytes, nb, x, r0, full, tail, ~0ULL >> (64 - 16 * tail), acc);
-  // The minimums: Σ_b m_b · (d_x · Σq_x)_b, sixteen blocks at a time.
-  for (std::int64_t b = 0; b < nb; b += 16) {
-    const __mmask16 m = nb - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - b)) - 1);
-    for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_maskz_loadu_ps(m, x.s_row(r0 + r) + b);
-      for (int i = 0; i < RB; ++i) {
-        const std::uint8_t* mins = p + static_cast<std::size_t>(i) * row_bytes + nb * 18 + b * 2;
-        acc[r][i] =
-            _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, mins)), s, acc[r][i]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
-}
-
-// Q8_0, one chunk of n ≤ 2 blocks at payload byte c·64: the same shape as q4_1_group, the
+// Q8_0, one chunk of n ≤ 2 blocks at payload byte c·64: the same shape as nibble_group, the
 // accumulator starting from −128·Σ(x bytes) per lane to undo the stored offset.
 template <int RB, int R>
 KVCACHE_AVX512 inline void q8_0_chunk(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
@@ -169,39 +114,66 @@ KVCACHE_AVX512 inline void q8_0_rows(const std::uint8_t* p, std::size_t row_byte
   for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
 }
 
-// Q4_1 / Q5_0 / Q5_1, one group of n ≤ 4 blocks at payload byte g·64 (`m` masks its 16·n bytes)
-// of RB rows, as q4_1_group; the 5-bit formats add 16 where the group's fifth-bit masks say.
-template <QuantFormat F, int RB, int R>
-KVCACHE_AVX512 inline void q5_group(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
-                                    const QuantizedX& x, std::int64_t r0, std::int64_t g,
-                                    std::int64_t n, __mmask64 m, __m512 (&acc)[R][RB]) {
+// The fifth bits of a group of n blocks (the low halves' 2·n bytes at qh, then the high halves'),
+// as two byte masks. A full group's are two 8-byte loads; a tail group's are loaded masked (a
+// variable-length memcpy goes through the stack, and the 8-byte read of its bytes stalls).
+template <bool kFull>
+KVCACHE_AVX512 KVCACHE_ALWAYS_INLINE void fifth_bits(const std::uint8_t* qh, std::int64_t n,
+                                                     __mmask64& lo, __mmask64& hi) {
+  if constexpr (kFull) {
+    std::uint64_t a, b;
+    std::memcpy(&a, qh, 8);
+    std::memcpy(&b, qh + 8, 8);
+    lo = _cvtu64_mask64(a);
+    hi = _cvtu64_mask64(b);
+  } else {
+    const auto bytes = static_cast<__mmask16>((1u << (2 * n)) - 1);
+    lo = _cvtu64_mask64(
+        static_cast<std::uint64_t>(_mm_cvtsi128_si64(_mm_maskz_loadu_epi8(bytes, qh))));
+    hi = _cvtu64_mask64(
+        static_cast<std::uint64_t>(_mm_cvtsi128_si64(_mm_maskz_loadu_epi8(bytes, qh + 2 * n))));
+  }
+}
+
+// Q4_1 / Q5_0 / Q5_1, one group of n ≤ 4 blocks at payload byte g·64 (n = 4 when kFull) of RB
+// consecutive weight rows (from p, row_bytes apart) against R rows of x, into acc[r][i]: the low
+// nibbles meet x's elements 0..15 of each block, the high nibbles 16..31, and the 5-bit formats add
+// 16 where the group's fifth bits say. The group's x bytes and scales are loaded once for all RB
+// rows.
+template <QuantFormat F, int RB, int R, bool kFull>
+KVCACHE_AVX512 KVCACHE_ALWAYS_INLINE void nibble_group(const std::uint8_t* p, std::size_t row_bytes,
+                                                       std::int64_t nb, const QuantizedX& x,
+                                                       std::int64_t r0, std::int64_t g,
+                                                       std::int64_t n, __m512 (&acc)[R][RB]) {
+  constexpr bool k5 = F != QuantFormat::kQ4_1;
+  if constexpr (kFull) n = 4;
+  const __mmask64 m = kFull ? ~0ULL : ~0ULL >> (64 - 16 * n);
   const __m512i low4 = _mm512_set1_epi8(0x0F), k16 = _mm512_set1_epi8(16);
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const std::int64_t d_at = nb * (k5 ? quant::kQ5D : 16);
   __m512i xlo[R], xhi[R];
   __m512 xd[R];
   for (int r = 0; r < R; ++r) {
     const std::int8_t* xq = x.q_row(r0 + r) + g * 128;
-    xlo[r] = _mm512_maskz_loadu_epi8(m, xq);
-    xhi[r] = _mm512_maskz_loadu_epi8(m, xq + 16 * n);
+    xlo[r] = kFull ? _mm512_loadu_si512(xq) : _mm512_maskz_loadu_epi8(m, xq);
+    xhi[r] = kFull ? _mm512_loadu_si512(xq + 64) : _mm512_maskz_loadu_epi8(m, xq + 16 * n);
     xd[r] = _mm512_loadu_ps(x.drep_row(r0 + r) + g * 16);
   }
   for (int i = 0; i < RB; ++i) {
     const std::uint8_t* row = p + static_cast<std::size_t>(i) * row_bytes;
-    const __m512i v = _mm512_maskz_loadu_epi8(m, row + g * 64);
+    const __m512i v =
+        kFull ? _mm512_loadu_si512(row + g * 64) : _mm512_maskz_loadu_epi8(m, row + g * 64);
     __m512i lo = _mm512_and_si512(v, low4);
     __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    std::int64_t d_at = nb * 16;
-    if constexpr (F != QuantFormat::kQ4_1) {
-      std::uint64_t bits_lo = 0, bits_hi = 0;
-      const std::uint8_t* qh = row + nb * quant::kQ5Qh + g * 16;
-      std::memcpy(&bits_lo, qh, static_cast<std::size_t>(2 * n));
-      std::memcpy(&bits_hi, qh + 2 * n, static_cast<std::size_t>(2 * n));
+    if constexpr (k5) {
+      __mmask64 bits_lo, bits_hi;
+      fifth_bits<kFull>(row + nb * quant::kQ5Qh + g * 16, n, bits_lo, bits_hi);
       lo = _mm512_mask_add_epi8(lo, bits_lo, lo, k16);
       hi = _mm512_mask_add_epi8(hi, bits_hi, hi, k16);
-      d_at = nb * quant::kQ5D;
     }
     const __m128i d4 =
-        _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), row + d_at + g * 8);
+        kFull ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d_at + g * 8))
+              : _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), row + d_at + g * 8);
     const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(d4)));
     for (int r = 0; r < R; ++r) {
       const __m512i dot =
@@ -211,25 +183,27 @@ KVCACHE_AVX512 inline void q5_group(const std::uint8_t* p, std::size_t row_bytes
   }
 }
 
-// Q5_0 / Q5_1: RB rows against x rows [r0, r0 + R); the minimum term Σ m_b·(d_x·Σq_x)_b with
-// Q5_1's m or Q5_0's −16·d.
+// Q4_1 / Q5_0 / Q5_1: RB rows against x rows [r0, r0 + R); the minimum term Σ m_b·(d_x·Σq_x)_b
+// with Q4_1's or Q5_1's m, or Q5_0's −16·d.
 template <QuantFormat F, int RB, int R>
-KVCACHE_AVX512 inline void q5_rows(const std::uint8_t* p, std::size_t row_bytes, std::int64_t nb,
-                                   const QuantizedX& x, std::int64_t r0, float (&sums)[R][RB]) {
+KVCACHE_AVX512 KVCACHE_NOINLINE void nibble_rows(const std::uint8_t* p, std::size_t row_bytes,
+                                                 std::int64_t nb, const QuantizedX& x,
+                                                 std::int64_t r0, float (&sums)[R][RB]) {
   const std::int64_t full = nb / 4, tail = nb % 4;
   __m512 acc[R][RB];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < RB; ++i) acc[r][i] = _mm512_setzero_ps();
   for (std::int64_t g = 0; g < full; ++g)
-    q5_group<F, RB, R>(p, row_bytes, nb, x, r0, g, 4, ~0ULL, acc);
-  if (tail) q5_group<F, RB, R>(p, row_bytes, nb, x, r0, full, tail, ~0ULL >> (64 - 16 * tail), acc);
+    nibble_group<F, RB, R, true>(p, row_bytes, nb, x, r0, g, 4, acc);
+  if (tail) nibble_group<F, RB, R, false>(p, row_bytes, nb, x, r0, full, tail, acc);
   const bool q50 = F == QuantFormat::kQ5_0;
-  const std::int64_t m_at = nb * (q50 ? quant::kQ5D : quant::kQ5M);
+  const std::int64_t m_at = nb * (F == QuantFormat::kQ4_1 ? 18 : (q50 ? quant::kQ5D : quant::kQ5M));
   const __m512 factor = _mm512_set1_ps(q50 ? -16.0f : 1.0f);
   for (std::int64_t b = 0; b < nb; b += 16) {
     const __mmask16 m = nb - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - b)) - 1);
     for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x.s_row(r0 + r) + b), factor);
+      __m512 s = _mm512_maskz_loadu_ps(m, x.s_row(r0 + r) + b);
+      if (q50) s = _mm512_mul_ps(s, factor);
       for (int i = 0; i < RB; ++i) {
         const std::uint8_t* mins = p + static_cast<std::size_t>(i) * row_bytes + m_at + b * 2;
         acc[r][i] =
@@ -240,23 +214,25 @@ KVCACHE_AVX512 inline void q5_rows(const std::uint8_t* p, std::size_t row_bytes,
   for (int r = 0; r < R; ++r) reduce_rows<RB>(acc[r], sums[r]);
 }
 
-// Q4_K / Q5_K superblock scales: [d·sc0 … d·sc7, dmin·mn0 … dmin·mn7] from the 12 packed bytes
-// (ggml's get_scale_min_k4, four bytes at a time).
+// Q4_K / Q5_K superblock scales: [d·sc0 … d·sc7, dmin·mn0 … dmin·mn7] from the superblock's
+// first 16 bytes (fp16 d, dmin, then the 12 packed bytes q0..q11 of ggml's get_scale_min_k4):
+// two byte shuffles line up [q0..q3, q8..q11, q4..q7, q8..q11] (the low 6 bits of sc0..3 and
+// mn0..3, the low nibbles of sc4..7 and, shifted by 4, those of mn4..7) and q0..q7 under sc4..7 /
+// mn4..7 (whose top 2 bits they hold), then masks and one OR.
 KVCACHE_AVX512 inline __m512 k4_scales(const std::uint8_t* base) {
-  std::uint32_t a, b, c;
-  std::memcpy(&a, base + 4, 4);
-  std::memcpy(&b, base + 8, 4);
-  std::memcpy(&c, base + 12, 4);
-  const std::uint32_t sc_lo = a & 0x3F3F3F3Fu, mn_lo = b & 0x3F3F3F3Fu;
-  const std::uint32_t sc_hi = (c & 0x0F0F0F0Fu) | ((a >> 2) & 0x30303030u);
-  const std::uint32_t mn_hi = ((c >> 4) & 0x0F0F0F0Fu) | ((b >> 2) & 0x30303030u);
-  const __m128i bytes = _mm_set_epi32(static_cast<int>(mn_hi), static_cast<int>(mn_lo),
-                                      static_cast<int>(sc_hi), static_cast<int>(sc_lo));
-  std::uint32_t dd;
-  std::memcpy(&dd, base, 4);  // fp16 d, fp16 dmin
-  const __m512 d_dmin = _mm512_permutexvar_ps(
-      _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-      _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dd)))));
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base));
+  const __m128i a =
+      _mm_shuffle_epi8(v, _mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m128i b =
+      _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11));
+  const __m128i low = _mm_and_si128(_mm_mask_blend_epi8(0xF000, a, _mm_srli_epi16(a, 4)),
+                                    _mm_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
+  const __m128i high =
+      _mm_and_si128(_mm_srli_epi16(b, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+  const __m128i bytes = _mm_or_si128(low, high);
+  const __m512 d_dmin =
+      _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                            _mm512_castps128_ps512(_mm_cvtph_ps(v)));
   return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), d_dmin);
 }
 
@@ -394,13 +370,13 @@ KVCACHE_AVX512 inline void format_rows(QuantFormat f, const std::uint8_t* p, std
                                        float (&sums)[R][RB]) {
   switch (f) {
     case QuantFormat::kQ4_1:
-      return q4_1_rows<RB, R>(p, row_bytes, nb, x, r0, sums);
+      return nibble_rows<QuantFormat::kQ4_1, RB, R>(p, row_bytes, nb, x, r0, sums);
     case QuantFormat::kQ8_0:
       return q8_0_rows<RB, R>(p, row_bytes, nb, x, r0, sums);
     case QuantFormat::kQ5_0:
-      return q5_rows<QuantFormat::kQ5_0, RB, R>(p, row_bytes, nb, x, r0, sums);
+      return nibble_rows<QuantFormat::kQ5_0, RB, R>(p, row_bytes, nb, x, r0, sums);
     case QuantFormat::kQ5_1:
-      return q5_rows<QuantFormat::kQ5_1, RB, R>(p, row_bytes, nb, x, r0, sums);
+      return nibble_rows<QuantFormat::kQ5_1, RB, R>(p, row_bytes, nb, x, r0, sums);
     case QuantFormat::kQ4_K:
       return k4_rows<false, RB, R>(p, row_bytes, nb, x, r0, sums);
     case QuantFormat::kQ5_K:
@@ -439,6 +415,139 @@ KVCACHE_AVX512 void gemv_rows(const QuantizedMatrix& w, const QuantizedX& x, std
 }
 
 }  // namespace
+
+// --- dequantization (the prefill panels) ------------------------------------------------------
+
+namespace {
+
+// out[0..16) = scale·(q − offset) (− min), q the 16 unsigned bytes of `q8`. The multiply and the
+// subtraction carry explicit rounding (_round_ forms), so no compiler contracts them into an FMA:
+// the result is ggml's two float32 roundings, bit for bit, as the scalar dequantizer's.
+template <bool kMin>
+KVCACHE_AVX512 KVCACHE_ALWAYS_INLINE void put16(float* out, __m128i q8, int offset, float scale,
+                                                float min) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(q8), _mm512_set1_epi32(offset));
+  __m512 v = _mm512_mul_round_ps(_mm512_set1_ps(scale), _mm512_cvtepi32_ps(q), kRound);
+  if constexpr (kMin) v = _mm512_sub_round_ps(v, _mm512_set1_ps(min), kRound);
+  _mm512_storeu_ps(out, v);
+}
+
+KVCACHE_AVX512 KVCACHE_ALWAYS_INLINE float half_at(const std::uint8_t* p) {
+  std::uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+}
+
+// The 16 fifth bits `bits` added to q8's bytes as 16.
+KVCACHE_AVX512 KVCACHE_ALWAYS_INLINE __m128i add_fifth(__m128i q8, std::uint16_t bits) {
+  return _mm_mask_add_epi8(q8, static_cast<__mmask16>(bits), q8, _mm_set1_epi8(16));
+}
+
+KVCACHE_AVX512 KVCACHE_ALWAYS_INLINE std::uint16_t u16_at(const std::uint8_t* p) {
+  std::uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+}  // namespace
+
+KVCACHE_AVX512 void dequantize_row_avx512(QuantFormat f, const std::uint8_t* row, std::int64_t nb,
+                                          float* out) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  switch (f) {
+    case QuantFormat::kQ8_0:
+      // ggml: d · q, q stored as q + 128.
+      for (std::int64_t b = 0; b < nb; ++b, out += 32) {
+        const float d = half_at(row + nb * 32 + 2 * b);
+        const auto* q = reinterpret_cast<const __m128i*>(row + 32 * b);
+        put16<false>(out, _mm_loadu_si128(q), 128, d, 0.0f);
+        put16<false>(out + 16, _mm_loadu_si128(q + 1), 128, d, 0.0f);
+      }
+      return;
+    case QuantFormat::kQ4_1:
+    case QuantFormat::kQ5_0:
+    case QuantFormat::kQ5_1: {
+      // Q4_1 / Q5_1: d·q + m (as d·q − (−m), the same float); Q5_0: d·(q − 16).
+      const bool k5 = f != QuantFormat::kQ4_1, q50 = f == QuantFormat::kQ5_0;
+      const std::int64_t d_at = nb * (k5 ? quant::kQ5D : 16);
+      const std::int64_t m_at = nb * (k5 ? quant::kQ5M : 18);
+      for (std::int64_t b = 0; b < nb; ++b, out += 32) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * b));
+        __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+        if (k5) {
+          const std::int64_t g = b / 4, n = std::min<std::int64_t>(4, nb - 4 * g), slot = b % 4;
+          const std::uint8_t* qh = row + quant::kQ5Qh * nb + 16 * g;
+          lo = add_fifth(lo, u16_at(qh + 2 * slot));
+          hi = add_fifth(hi, u16_at(qh + 2 * n + 2 * slot));
+        }
+        const float d = half_at(row + d_at + 2 * b);
+        if (q50) {
+          put16<false>(out, lo, 16, d, 0.0f);
+          put16<false>(out + 16, hi, 16, d, 0.0f);
+        } else {
+          const float minus_m = -half_at(row + m_at + 2 * b);
+          put16<true>(out, lo, 0, d, minus_m);
+          put16<true>(out + 16, hi, 0, d, minus_m);
+        }
+      }
+      return;
+    }
+    case QuantFormat::kQ4_K:
+    case QuantFormat::kQ5_K: {
+      // Sub-block j: (d·sc_j)·q − dmin·mn_j, both products rounded to float32 first as ggml's.
+      const bool k5 = f == QuantFormat::kQ5_K;
+      const std::size_t sb_bytes = k5 ? 176 : 144;
+      for (std::int64_t s = 0; s < nb / 8; ++s) {
+        const std::uint8_t* base = row + static_cast<std::size_t>(s) * sb_bytes;
+        const std::uint8_t* nib = base + (k5 ? quant::kQ5KNib : quant::kQ4KNib);
+        const float d = half_at(base), dmin = half_at(base + 2);
+        const std::uint8_t* packed = base + 4;
+        for (int j = 0; j < 8; ++j, out += 32) {
+          const int sc =
+              j < 4 ? packed[j] & 0x3F : (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 2) & 0x30);
+          const int mn =
+              j < 4 ? packed[j + 4] & 0x3F : (packed[j + 4] >> 4) | ((packed[j] >> 2) & 0x30);
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nib + 16 * j));
+          __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+          if (k5) {
+            const std::uint8_t* qh = base + quant::kQ5KQh + 16 * (j / 4);
+            lo = add_fifth(lo, u16_at(qh + 2 * (j % 4)));
+            hi = add_fifth(hi, u16_at(qh + 8 + 2 * (j % 4)));
+          }
+          const float scale = d * static_cast<float>(sc), min = dmin * static_cast<float>(mn);
+          put16<true>(out, lo, 0, scale, min);
+          put16<true>(out + 16, hi, 0, scale, min);
+        }
+      }
+      return;
+    }
+    default: {
+      // Q6_K block j of a superblock: low nibbles as Q4_1's; its 2-bit highs are bits s and s + 4
+      // (s = 0 or 2) of 16 bytes of the chunk's 32 (repack_row's layout), minus 32; scale d·sc per
+      // 16 elements.
+      for (std::int64_t s = 0; s < nb / 8; ++s) {
+        const std::uint8_t* base = row + static_cast<std::size_t>(s) * 210;
+        const float d = half_at(base + quant::kQ6KD);
+        const auto* sc = reinterpret_cast<const std::int8_t*>(base + quant::kQ6KScales);
+        for (int j = 0; j < 8; ++j, out += 32) {
+          const int c = j / 4, k = j % 4;
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + 16 * j));
+          const __m128i h = _mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                                              base + quant::kQ6KHigh + 32 * c + 16 * (k % 2))),
+                                          _mm_cvtsi32_si128(2 * (k / 2)));
+          const __m128i three = _mm_set1_epi8(0x30);
+          const __m128i lo =
+              _mm_or_si128(_mm_and_si128(v, low4), _mm_and_si128(_mm_slli_epi16(h, 4), three));
+          const __m128i hi =
+              _mm_or_si128(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(h, three));
+          put16<false>(out, lo, 32, d * static_cast<float>(sc[2 * j]), 0.0f);
+          put16<false>(out + 16, hi, 32, d * static_cast<float>(sc[2 * j + 1]), 0.0f);
+        }
+      }
+    }
+  }
+}
 
 KVCACHE_AVX512 void quantize_x_avx512(QuantFormat format, const float* x, std::int64_t rows,
                                       std::int64_t cols, QuantizedX& out) {

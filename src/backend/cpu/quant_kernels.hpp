@@ -64,6 +64,10 @@ void quantize_x(QuantFormat format, const float* x, std::int64_t rows, std::int6
 void quantize_x_avx512(QuantFormat format, const float* x, std::int64_t rows, std::int64_t cols,
                        QuantizedX& out);
 
+// One repacked row of nb blocks (any format) dequantized to out[0, 32·nb): the same floats as
+// QuantizedMatrix::dequantize_rows' portable loop (ggml's, bit for bit), AVX-512.
+void dequantize_row_avx512(QuantFormat f, const std::uint8_t* row, std::int64_t nb, float* out);
+
 // y[r, o] = Σ_blocks (weight row o's block · x row r's block) + bias[o] for o in [o0, o1), every
 // x row of `x`; y is [x.rows, out] row-major. Portable and AVX-512 VNNI versions compute the same
 // integers and differ only in float32 summation order.

@@ -416,6 +416,15 @@ void QuantizedMatrix::dequantize_rows(std::int64_t r0, std::int64_t r1, float* d
                 "<= r0 <= r1 <= ",
                 rows_, ", got [", r0, ", ", r1, ")");
   const std::int64_t nb = blocks_per_row();
+  if (active_cpu_isa() >= CpuIsa::kAvx512Vnni) {
+    // The prefill panels' dequantization: the same floats, a block's 32 at a time.
+    for (std::int64_t r = r0; r < r1; ++r, dst += cols_) {
+      quant::dequantize_row_avx512(
+          format_, storage_.data_as<std::uint8_t>() + static_cast<std::size_t>(r) * row_bytes_, nb,
+          dst);
+    }
+    return;
+  }
   if (format_ != QuantFormat::kQ8_0 && format_ != QuantFormat::kQ4_1) {
     for (std::int64_t r = r0; r < r1; ++r, dst += cols_) {
       const std::uint8_t* p =
@@ -688,7 +697,22 @@ void gemv_portable(const QuantizedMatrix& w, const QuantizedX& x, std::int64_t o
 
 // --- linear and embedding ----------------------------------------------------------------------
 
-namespace {}  // namespace
+namespace {
+
+// Output rows per dequantized panel of the prefill path: about 64 (a panel of 64 × 576 float32
+// stays in L2 between its dequantization and the GEMM), a multiple of 16, and a count of panels
+// that the threads share evenly — linear_panels hands them out statically, and 64-row panels of a
+// 576- or 192-row matrix (9 and 3 of them) leave one of two threads idle for a panel.
+std::int64_t panel_rows(std::int64_t out) {
+  const std::int64_t threads = omp_get_max_threads();
+  for (std::int64_t per_thread = (out + 64 * threads - 1) / (64 * threads);; ++per_thread) {
+    const std::int64_t rows = (out + threads * per_thread - 1) / (threads * per_thread);
+    const std::int64_t panel = (rows + 15) / 16 * 16;
+    if (panel <= 16 || ((out + panel - 1) / panel) % threads == 0) return panel;
+  }
+}
+
+}  // namespace
 
 // Measured on the 2-core AVX-512 VNNI machines (no AMX) with SmolLM2's shapes, one linear()
 // against the float32 panel path: the Q4_1 kernel is 1.5–2.8× faster up to 32 rows, the Q8_0 one
@@ -715,7 +739,7 @@ namespace {
 // y_i = x · W_iᵀ (+ bias_i) for decode rows of x and matrices of any formats: x quantized once per
 // order the formats need (Q8_0's, and the nibble formats' — one quantization serves all of those,
 // with Q6_K's per-16 sums when a Q6_K matrix is there), then one parallel region whose threads
-// each take a share of all the matrices' output rows, cut as one range at quads of rows. linear()
+// each take an equal share of all the matrices' bytes, cut as one range at quads of rows. linear()
 // calls it with one matrix, linear_fused() with several (a Q4_K_M file mixes Q5_0 q/k with Q8_0 v).
 void gemv(const Tensor& x, std::span<const QuantizedMatrix* const> ws,
           std::span<const float* const> biases, std::span<float* const> ys) {
@@ -738,14 +762,31 @@ void gemv(const Tensor& x, std::span<const QuantizedMatrix* const> ws,
   if (any_nibbles)
     quant::quantize_x(nibble_format, x.data_as<float>(), x.size(0), x.size(1), nibbles);
   const CpuIsa isa = active_cpu_isa();
-  std::int64_t total = 0;
-  for (const QuantizedMatrix* w : ws) total += w->rows();
+  std::int64_t total_bytes = 0;
+  for (const QuantizedMatrix* w : ws)
+    total_bytes += w->rows() * static_cast<std::int64_t>(w->row_bytes());
+  // Where share k of `shares` begins, as a row of all the matrices taken one after another: the
+  // shares hold equal bytes (a Q8_0 v row is half again a Q5_0 q row), cut at quads of rows of
+  // one matrix.
+  auto cut = [&](std::int64_t k, std::int64_t shares) {
+    const std::int64_t at = total_bytes * k / shares;
+    std::int64_t rows_before = 0, bytes_before = 0;
+    for (const QuantizedMatrix* w : ws) {
+      const auto quad_bytes = 4 * static_cast<std::int64_t>(w->row_bytes());
+      const std::int64_t bytes = w->rows() * static_cast<std::int64_t>(w->row_bytes());
+      if (at < bytes_before + bytes) {
+        const std::int64_t quads = (at - bytes_before + quad_bytes / 2) / quad_bytes;
+        return rows_before + std::min(w->rows(), 4 * quads);
+      }
+      rows_before += w->rows();
+      bytes_before += bytes;
+    }
+    return rows_before;
+  };
 #pragma omp parallel
   {
     const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const std::int64_t quads = (total + 3) / 4;
-    const std::int64_t begin = std::min(total, quads * t / threads * 4),
-                       end = std::min(total, quads * (t + 1) / threads * 4);
+    const std::int64_t begin = cut(t, threads), end = cut(t + 1, threads);
     std::int64_t offset = 0;
     for (std::size_t i = 0; i < ws.size(); ++i) {
       const QuantizedMatrix& w = *ws[i];
@@ -795,11 +836,11 @@ Tensor linear(const Tensor& x, const QuantizedMatrix& weight, const Tensor& bias
              (weight.format() == QuantFormat::kQ8_0 || weight.format() == QuantFormat::kQ4_1)) {
     quant::linear_amx(x.data_as<float>(), x.size(0), weight, b, y.data_as<float>());
   } else {
-    // Without AMX: panels of 64 weight rows dequantized exactly to float32, then Eigen's GEMM
-    // (small panels stay in L2 between the dequantization and the GEMM; one panel per thread, as
-    // dense weights use, measured 16% slower).
-    detail::linear_panels(x.data_as<float>(), x.size(0), x.size(1), weight.rows(), 64, b,
-                          y.data_as<float>(),
+    // Without AMX: panels of about 64 weight rows (panel_rows) dequantized exactly to float32,
+    // then Eigen's GEMM (small panels stay in L2 between the dequantization and the GEMM; one
+    // panel per thread, as dense weights use, measured 16% slower).
+    detail::linear_panels(x.data_as<float>(), x.size(0), x.size(1), weight.rows(),
+                          panel_rows(weight.rows()), b, y.data_as<float>(),
                           [&](std::int64_t o0, std::int64_t n, std::vector<float>& scratch) {
                             scratch.resize(static_cast<std::size_t>(n * weight.cols()));
                             weight.dequantize_rows(o0, o0 + n, scratch.data());
