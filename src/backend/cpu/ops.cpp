@@ -43,11 +43,11 @@ constexpr std::int64_t kOutBlock = 64;
 // sequences).
 constexpr std::int64_t kGemvRows = 4;
 // Rows of x up to which the tiled GEMV serves (a batch decoding together, a short prompt); above,
-// Eigen's GEMM (over widened panels for 16-bit weights). Measured one thread, SmolLM2-135M's
+// Eigen's GEMM (over widened panels for 16-bit weights). Measured one thread on SmolLM2-135M's
 // [1536, 576] and [576, 1536] matrices, GFLOP/s of linear() (benchmarks/README.md, "Dense weights:
-// float16 in place and batched decode"): float32 weights, the GEMV 120-140 from 8 to 64 rows, the
-// GEMM 70-95 at 8-16, even at 32-64, ahead from 96 (132-146 against 118-139); 16-bit weights, the
-// GEMV 135-180 from 8 to 128 rows, the GEMM 57-93 at 8-16, 125-145 at 65-128, even at 256.
+// float16 in place and batched decode"): float32 weights, the GEMV 100-153 from 8 to 64 rows
+// against the GEMM's 70-97 at 8-16 and 83-143 at 32-64, the GEMM even or ahead from 96; 16-bit
+// weights, the GEMV 102-176 from 8 to 128 rows against 57-128 to 64 rows and 124-149 at 96-128.
 constexpr std::int64_t kBatchedGemvRows = 64;
 constexpr std::int64_t kBatchedGemvRows16 = 128;
 // Bytes of weight rows per tile of the batched GEMV: read from memory once, then reused from L1
