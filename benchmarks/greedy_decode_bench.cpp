@@ -14,8 +14,15 @@
 // dtype, as the activations are. When the default model is installed (scripts/setup-model.sh),
 // the real SmolLM2-135M-Instruct Q4_1 file is measured too: held as its blocks (Q4_1 layers, Q8_0
 // embedding/LM head: what greedy_decode runs) and dequantized at load to float32 and bfloat16.
-// KVCACHE_BENCH_MODEL=<file.gguf> measures another GGUF file instead, under its file name (the
-// same binary for any model; the peers' columns then refer to the default model).
+// KVCACHE_BENCH_MODEL=<file.gguf>[:<file.gguf>...] measures other GGUF files beside it, under
+// their file names (the same binary for any model; the peers' columns refer to the default model,
+// except for an F16 file, compared with llama.cpp's F16 figure from issue #12). A dense file
+// (F16 / BF16 / F32, told by its name's last part) is measured held as stored, as float32 and as
+// bfloat16.
+//
+// Several sequences at once (BM_BatchedDecodeCpu, batch 1 to 64, tokens/s counting every row):
+// each real file as it is held by default, a dense file also widened to float32 and converted to
+// bfloat16 at load, and the random model in float32, bfloat16, float16, Q8_0 and Q4_1.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -49,6 +56,9 @@ constexpr std::int64_t kLayers = 30;
 constexpr std::int64_t kKvHeads = 3;
 constexpr std::int64_t kHeadDim = 64;
 constexpr DType kDTypes[] = {DType::kFloat32, DType::kBFloat16};
+// The random model's dtypes in the batched-decode rows.
+constexpr DType kBatchDTypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
+constexpr std::int64_t kBatches[] = {1, 4, 8, 16, 32, 64};
 constexpr std::int64_t kContexts[] = {128, 512, 1024, 2048, 4096};
 constexpr std::int64_t kShortContext = 128;  // the peer comparison and the flatness ratio's base
 constexpr std::int64_t kLongContext = 4096;
@@ -117,18 +127,26 @@ std::string holding_name(Holding h) {
   return h ? std::string(kvcache::dtype_name(*h)) : std::string("blocks");
 }
 
-// The GGUF files the real-model rows measure: the default model, and $KVCACHE_BENCH_MODEL when
-// set (another file, e.g. a Q4_K_M one, timed in the same run against the same streaming read),
-// each only when it exists.
+// The GGUF files the real-model rows measure: the default model, and the files
+// $KVCACHE_BENCH_MODEL names, separated by ':' (others, e.g. a Q4_K_M or an F16 one, timed in the
+// same run against the same streaming read), each only when it exists.
 const std::vector<std::string>& model_paths() {
   static const std::vector<std::string> paths = [] {
     std::vector<std::string> out;
     if (std::filesystem::exists(KVCACHE_DEFAULT_MODEL_PATH))
       out.emplace_back(KVCACHE_DEFAULT_MODEL_PATH);
     const char* env = std::getenv("KVCACHE_BENCH_MODEL");
-    if (env != nullptr && *env != '\0' && std::string(env) != KVCACHE_DEFAULT_MODEL_PATH &&
-        std::filesystem::exists(env))
-      out.emplace_back(env);
+    std::string list = env != nullptr ? env : "";
+    while (!list.empty()) {
+      const std::size_t colon = list.find(':');
+      const std::string path = list.substr(0, colon);
+      list = colon == std::string::npos ? "" : list.substr(colon + 1);
+      if (path.empty() || !std::filesystem::exists(path)) {
+        if (!path.empty()) std::fprintf(stderr, "KVCACHE_BENCH_MODEL: no file %s\n", path.c_str());
+        continue;
+      }
+      if (std::find(out.begin(), out.end(), path) == out.end()) out.push_back(path);
+    }
     return out;
   }();
   return paths;
@@ -140,8 +158,27 @@ std::string model_tag(const std::string& path) {
   return std::filesystem::path(path).stem().string();
 }
 
+// Whether the file holds dense matrices (its name ends in F16, BF16 or F32, as llama.cpp's
+// convert script names them): then "held as stored" is a dtype, not blocks.
+bool dense_file(const std::string& path) {
+  std::string stem = std::filesystem::path(path).stem().string();
+  for (char& ch : stem) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  for (const char* suffix : {"F16", "BF16", "F32"}) {
+    const std::string s(suffix);
+    if (stem.size() >= s.size() && stem.compare(stem.size() - s.size(), s.size(), s) == 0)
+      return true;
+  }
+  return false;
+}
+
+// "blocks" / "stored" (as the file holds it) or the dtype asked for at load.
+std::string holding_name(const std::string& path, Holding h) {
+  if (!h) return dense_file(path) ? "stored" : "blocks";
+  return holding_name(h);
+}
+
 std::string real_name(const char* family, const std::string& path, Holding h) {
-  return std::string(family) + "/" + model_tag(path) + "/" + holding_name(h);
+  return std::string(family) + "/" + model_tag(path) + "/" + holding_name(path, h);
 }
 
 std::map<std::pair<std::string, Holding>, LlamaModel>& default_models() {
@@ -309,8 +346,11 @@ void batched_decode_steps(benchmark::State& state, const LlamaModel& m) {
       benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void bm_batched_decode_real(benchmark::State& state) {
-  batched_decode_steps(state, default_model(model_paths().back(), std::nullopt));
+void bm_batched_decode_real(benchmark::State& state, std::string path, Holding h) {
+  batched_decode_steps(state, default_model(path, h));
+}
+void bm_batched_decode_dense(benchmark::State& state, DType dtype) {
+  batched_decode_steps(state, model(dtype));
 }
 void bm_batched_decode_quantized(benchmark::State& state, kvcache::cpu::QuantFormat format) {
   batched_decode_steps(state, quantized_model(format));
@@ -388,13 +428,22 @@ void register_benchmarks() {
           ->Unit(benchmark::kMillisecond);
     }
   }
-  // Several sequences decoding together: the real file (Q4_1 layers, Q8_0 embedding and LM head)
-  // and the random model in each block format.
-  constexpr std::int64_t kBatches[] = {1, 4, 8, 16, 32};
-  if (!model_paths().empty()) {
+  // Several sequences decoding together: each real file as held by default (the default model:
+  // Q4_1 layers, Q8_0 embedding and LM head), a dense file also as float32 and bfloat16, and the
+  // random model in each dense dtype and block format.
+  for (const std::string& path : model_paths()) {
+    for (Holding h : kHoldings) {
+      if (h && !dense_file(path)) continue;
+      auto* batched = benchmark::RegisterBenchmark(
+          real_name("BM_BatchedDecodeCpu", path, h).c_str(), bm_batched_decode_real, path, h);
+      for (std::int64_t b : kBatches) batched->Arg(b);
+      batched->ArgName("batch")->UseRealTime()->Unit(benchmark::kMillisecond);
+    }
+  }
+  for (DType dtype : kBatchDTypes) {
     auto* batched = benchmark::RegisterBenchmark(
-        ("BM_BatchedDecodeCpu/" + model_tag(model_paths().back()) + "/blocks").c_str(),
-        bm_batched_decode_real);
+        ("BM_BatchedDecodeCpu/random_" + std::string(kvcache::dtype_name(dtype))).c_str(),
+        bm_batched_decode_dense, dtype);
     for (std::int64_t b : kBatches) batched->Arg(b);
     batched->ArgName("batch")->UseRealTime()->Unit(benchmark::kMillisecond);
   }
@@ -524,7 +573,17 @@ void print_summary(const CollectingReporter& reporter) {
           it == default_models().end() ? 0.0 : static_cast<double>(it->second.weight_bytes());
       const double ratio = reporter.counter(decode_run, "floor_ratio");
       std::printf("%s held as %s (%.1f MB of weights read per step):\n", model_tag(path).c_str(),
-                  holding_name(h).c_str(), bytes * 1e-6);
+                  holding_name(path, h).c_str(), bytes * 1e-6);
+      if (dense_file(path)) {
+        // llama.cpp's figures for an F16 file of this model on this machine kind (issue #12:
+        // decode 48 tokens/s, F16 held as stored); none measured for BF16 or F32 files.
+        const bool f16 = lower.ends_with("f16") && !lower.ends_with("bf16");
+        std::printf("  decode  %7.1f tokens/s (%.2f of the floor, %.1f tokens/s; target 0.85)",
+                    decode, ratio, ratio > 0 ? decode / ratio : 0.0);
+        if (f16) std::printf("  llama.cpp F16 48.0: %s", verdict(decode, 48.0).c_str());
+        std::printf("\n  prefill %7.1f tokens/s\n", prefill);
+        continue;
+      }
       if (q4_k_m) {
         std::printf(
             "  decode  %7.1f tokens/s (%.2f of the floor, %.1f tokens/s; target 0.85)  1.5 x "
@@ -565,6 +624,34 @@ void print_summary(const CollectingReporter& reporter) {
                          "floor_ratio"),
         peer_decode, verdict(decode, peer_decode).c_str(), prefill, peer_prefill,
         verdict(prefill, peer_prefill).c_str());
+  }
+
+  // Batched decode: total tokens/s per batch and against batch 1 (issue #12: it must rise with
+  // the batch and never fall below batch 1).
+  std::vector<std::string> families;
+  for (const std::string& path : model_paths()) {
+    for (Holding h : kHoldings) {
+      if (!h || dense_file(path)) families.push_back(real_name("BM_BatchedDecodeCpu", path, h));
+    }
+  }
+  for (DType dtype : kBatchDTypes)
+    families.push_back("BM_BatchedDecodeCpu/random_" + std::string(kvcache::dtype_name(dtype)));
+  for (const kvcache::cpu::QuantFormat f : kFormats)
+    families.push_back("BM_BatchedDecodeCpu/random_" + format_name(f));
+  bool batched_header = false;
+  for (const std::string& family : families) {
+    const double one = reporter.counter(family + "/batch:1", "tokens_per_s");
+    if (one <= 0) continue;
+    if (!batched_header) {
+      std::printf("Batched decode, tokens/s counting every row (x batch 1's):\n");
+      batched_header = true;
+    }
+    std::printf("  %s:", family.c_str());
+    for (std::int64_t b : kBatches) {
+      const double t = reporter.counter(family + "/batch:" + std::to_string(b), "tokens_per_s");
+      if (t > 0) std::printf("  %lld: %.1f (%.2fx)", static_cast<long long>(b), t, t / one);
+    }
+    std::printf("\n");
   }
 
   for (DType dtype : kDTypes) {

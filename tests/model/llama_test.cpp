@@ -179,6 +179,37 @@ TEST(Llama, SixteenBitWeightsMatchTheirFloat32Widening) {
   }
 }
 
+// Greedy decoding on 16-bit weights held as stored gives the tokens of the same weights widened
+// to float32 at load: one prompt (the one-group GEMV), seven prompts of different lengths decoding
+// together (the tiled batch GEMV, its prefill of 56 rows too) and three prompts of up to 45 tokens
+// (a prefill of 135 rows: the GEMM over widened panels). The MLP's 56 features make `in` no
+// multiple of 16 for down_proj.
+TEST(Llama, SixteenBitWeightsDecodeTheTokensOfTheirFloat32Widening) {
+  ModelConfig c = tiny_config();
+  c.intermediate_size = 56;
+  auto prompt = [](std::int64_t length, std::int64_t first) {
+    std::vector<std::int64_t> ids;
+    for (std::int64_t i = 0; i < length; ++i) ids.push_back((first + 7 * i) % 97);
+    return ids;
+  };
+  std::vector<std::vector<std::vector<std::int64_t>>> batches = {{prompt(6, 5)}, {}, {}};
+  for (std::int64_t b = 0; b < 7; ++b) batches[1].push_back(prompt(3 + b % 6, 11 * b + 1));
+  for (const std::int64_t length : {45, 40, 30}) batches[2].push_back(prompt(length, length));
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    const auto weights = random_llama_weights(c, 7, dtype, 0.3f);
+    const LlamaModel kept = LlamaModel::from_weights(c, weights);
+    const LlamaModel widened = LlamaModel::from_weights(c, weights, {.dtype = DType::kFloat32});
+    ASSERT_LT(kept.weight_bytes(), widened.weight_bytes());
+    for (const auto& prompts : batches) {
+      auto [ids, mask] = left_pad(prompts, 0);
+      const GenerateResult a = generate(kept, ids, mask, {.max_new_tokens = 12});
+      const GenerateResult b = generate(widened, ids, mask, {.max_new_tokens = 12});
+      EXPECT_EQ(a.new_tokens, b.new_tokens)
+          << dtype_name(dtype) << ", " << prompts.size() << " prompts";
+    }
+  }
+}
+
 TEST(Generate, GreedyEqualsTheCustomLoopAndEosRowsEmitPad) {
   const LlamaModel model = tiny_model(tiny_config());
   auto [ids, mask] = left_pad({{11, 12, 13}, {21, 22, 23, 24, 25}}, 0);

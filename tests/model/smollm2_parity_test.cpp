@@ -251,5 +251,39 @@ TEST(SmolLM2, QuantizedBlocksStayCloseToTheExactModel) {
   }
 }
 
+// The default model written as F16 and BF16 GGUF files (tools/make_f16_gguf.py: the Q4_1 values
+// rounded to 16 bits), held as stored — the 16-bit matrices used in place, 271 MB — decode the
+// greedy tokens of the same file widened to float32 at load (538 MB): one prompt alone (the
+// one-group GEMV) and all six reference prompts together, left-padded (the tiled batch GEMV; its
+// prefill of 360 rows, the GEMM over widened panels). Skipped where the files have not been made.
+TEST(SmolLM2, SixteenBitFilesHeldAsStoredDecodeTheTokensOfTheirFloat32Widening) {
+  const std::string q4_1 = KVCACHE_DEFAULT_MODEL_PATH;
+  const std::size_t at = q4_1.rfind("Q4_1");
+  ASSERT_NE(at, std::string::npos) << q4_1;
+  std::ifstream in(std::string(KVCACHE_TEST_DATA_DIR) + "/smollm2_reference.json");
+  const nlohmann::json reference = nlohmann::json::parse(in);
+  std::vector<std::vector<std::int64_t>> prompts;
+  for (const auto& c : reference["cases"])
+    prompts.push_back(c["input_ids"].get<std::vector<std::int64_t>>());
+  int found = 0;
+  for (const char* kind : {"F16", "BF16"}) {
+    const std::string path = std::string(q4_1).replace(at, 4, kind);
+    if (!std::filesystem::exists(path)) continue;
+    ++found;
+    const LlamaModel stored = LlamaModel::from_gguf(path);
+    const LlamaModel widened = LlamaModel::from_gguf(path, {.dtype = DType::kFloat32});
+    EXPECT_LT(stored.weight_bytes(), 300'000'000u) << kind << ": 16-bit matrices as stored";
+    EXPECT_GT(widened.weight_bytes(), 500'000'000u);
+    for (const auto& batch : {std::vector<std::vector<std::int64_t>>{prompts[0]}, prompts}) {
+      auto [ids, mask] = left_pad(batch, 0);
+      const GenerateResult a = generate(stored, ids, mask, {.max_new_tokens = 16});
+      const GenerateResult b = generate(widened, ids, mask, {.max_new_tokens = 16});
+      EXPECT_EQ(a.new_tokens, b.new_tokens) << kind << ", " << batch.size() << " prompts";
+    }
+  }
+  if (found == 0)
+    GTEST_SKIP() << "no F16 / BF16 file of the default model: python3 tools/make_f16_gguf.py";
+}
+
 }  // namespace
 }  // namespace kvcache

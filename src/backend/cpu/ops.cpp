@@ -1,6 +1,7 @@
-// Dense CPU layers for the models: linear (GEMV/GEMM through Eigen, threaded over output
-// features), RMSNorm, the SiLU gate, residual adds and the embedding lookup. Activations are
-// float32; weights may be 16-bit, widened a block of rows at a time into a per-thread buffer.
+// Dense CPU layers for the models: linear (our GEMV for decode batches, Eigen's GEMM for prefill,
+// threaded over output features), RMSNorm, the SiLU gate, residual adds and the embedding lookup.
+// Activations are float32; weights may be float32, bfloat16 or float16, used in place: the GEMV
+// widens 16-bit weights in registers, the GEMM a block of rows at a time into a per-thread buffer.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored \
     "-Wmaybe-uninitialized"  // g++ 12 false positives in Eigen's AVX-512 paths
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <omp.h>
@@ -37,12 +39,27 @@ void check_f32_matrix(const Tensor& t, const char* where, const char* what) {
 // both cores get work on the smallest projections.
 constexpr std::int64_t kOutBlock = 64;
 
-// Rows of x up to which the GEMV kernel serves (decode and small batches); above, Eigen's GEMM.
+// Rows of x up to which the GEMV kernel serves one group of rows (decode of one to four
+// sequences).
 constexpr std::int64_t kGemvRows = 4;
+// Rows of x up to which the tiled GEMV serves (a batch decoding together, a short prompt); above,
+// Eigen's GEMM (over widened panels for 16-bit weights). Measured one thread on SmolLM2-135M's
+// [1536, 576] and [576, 1536] matrices, GFLOP/s of linear() (benchmarks/README.md, "Dense weights:
+// float16 in place and batched decode"): float32 weights, the GEMV 100-153 from 8 to 64 rows
+// against the GEMM's 70-97 at 8-16 and 83-143 at 32-64, the GEMM even or ahead from 96; 16-bit
+// weights, the GEMV 102-176 from 8 to 128 rows against 57-128 to 64 rows and 124-149 at 96-128.
+constexpr std::int64_t kBatchedGemvRows = 64;
+constexpr std::int64_t kBatchedGemvRows16 = 128;
+// Bytes of weight rows per tile of the batched GEMV: read from memory once, then reused from L1
+// (48 KiB here, shared with the four x rows of a group) by every group of four x rows.
+// 12, 24, 64 and 128 KiB measured within noise of each other; 24 KiB keeps a tile and a group in L1
+// for SmolLM2's 576-wide rows.
+constexpr std::int64_t kTileBytes = 24 * 1024;
 
-// y[r, o] = x[r] · w[o] (+ bias[o]) for R rows of x and outputs [o0, o1): each weight row is read
-// once for all R rows, four weight rows at a time so 4 × R accumulators stay in registers.
-// 16-bit weights are widened in registers, so a decode step reads 2 bytes per weight, not 4.
+// y[r, o] = x[r] · w[o] (+ bias[o]) for R rows of x and outputs [o0, o1), `w` pointing at row o0:
+// each weight row is read once for all R rows, four weight rows at a time so 4 × R accumulators
+// stay in registers. 16-bit weights are widened in registers, so a decode step reads 2 bytes per
+// weight, not 4.
 template <class T, int R>
 void gemv_range(const float* x, std::int64_t in, const T* w, std::int64_t o0, std::int64_t o1,
                 const float* bias, float* y, std::int64_t out) {
@@ -55,7 +72,7 @@ void gemv_range(const float* x, std::int64_t in, const T* w, std::int64_t o0, st
   };
   std::int64_t o = o0;
   for (; o + 4 <= o1; o += 4) {
-    const T* w0 = w + o * in;
+    const T* w0 = w + (o - o0) * in;
     Vec16 acc[4][R] = {};
     for (std::int64_t c = 0; c < vec_end; c += kLanes) {
       if (c % (64 / sizeof(T)) == 0) {
@@ -64,10 +81,14 @@ void gemv_range(const float* x, std::int64_t in, const T* w, std::int64_t o0, st
         // to 0.83 of the bandwidth floor with it (SmolLM2-135M shape, 2 cores).
         for (int i = 0; i < 4; ++i) __builtin_prefetch(w0 + (8 + i) * in + c, 0, 1);
       }
-      const Vec16 wv[4] = {load16(w0 + c), load16(w0 + in + c), load16(w0 + 2 * in + c),
-                           load16(w0 + 3 * in + c)};
+      Vec16 wv[4] = {load16(w0 + c), load16(w0 + in + c), load16(w0 + 2 * in + c),
+                     load16(w0 + 3 * in + c)};
+      if constexpr (R > 1) {
+        for (Vec16& v : wv) in_register(v);
+      }
       for (int r = 0; r < R; ++r) {
-        const Vec16 xv = load16(x + r * in + c);
+        Vec16 xv = load16(x + r * in + c);
+        in_register(xv);
         for (int i = 0; i < 4; ++i) acc[i][r] += wv[i] * xv;
       }
     }
@@ -80,7 +101,7 @@ void gemv_range(const float* x, std::int64_t in, const T* w, std::int64_t o0, st
     }
   }
   for (; o < o1; ++o) {
-    const T* wrow = w + o * in;
+    const T* wrow = w + (o - o0) * in;
     for (int r = 0; r < R; ++r) {
       Vec16 acc = {};
       for (std::int64_t c = 0; c < vec_end; c += kLanes)
@@ -90,6 +111,32 @@ void gemv_range(const float* x, std::int64_t in, const T* w, std::int64_t o0, st
   }
 }
 
+// One group of 1..4 x rows against weight rows [o0, o1) (`w` at row o0), one kernel instance per
+// count.
+template <class T>
+void gemv_group(const float* x, std::int64_t rows, std::int64_t in, const T* w, std::int64_t o0,
+                std::int64_t o1, const float* bias, float* y, std::int64_t out) {
+  switch (rows) {
+    case 1:
+      return gemv_range<T, 1>(x, in, w, o0, o1, bias, y, out);
+    case 2:
+      return gemv_range<T, 2>(x, in, w, o0, o1, bias, y, out);
+    case 3:
+      return gemv_range<T, 3>(x, in, w, o0, o1, bias, y, out);
+    default:
+      return gemv_range<T, 4>(x, in, w, o0, o1, bias, y, out);
+  }
+}
+
+// This thread's contiguous share of the output rows, in multiples of 4: each thread streams its
+// share of the weight.
+std::pair<std::int64_t, std::int64_t> thread_rows(std::int64_t out) {
+  const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+  const std::int64_t quads = (out + 3) / 4;
+  return {std::min(out, quads * t / threads * 4), std::min(out, quads * (t + 1) / threads * 4)};
+}
+
+// Up to kGemvRows rows of x: one pass over the weight.
 template <class T>
 void gemv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y) {
   const std::int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
@@ -97,27 +144,54 @@ void gemv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tenso
   const T* w = weight.data_as<T>();
   const float* b = bias.defined() ? bias.data_as<float>() : nullptr;
   float* yp = y.data_as<float>();
-  // Contiguous output ranges per thread, multiples of 4 rows: each thread streams its share.
 #pragma omp parallel
   {
-    const std::int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const std::int64_t quads = (out + 3) / 4;
-    const std::int64_t o0 = std::min(out, quads * t / threads * 4),
-                       o1 = std::min(out, quads * (t + 1) / threads * 4);
-    switch (rows) {
-      case 1:
-        gemv_range<T, 1>(xp, in, w, o0, o1, b, yp, out);
-        break;
-      case 2:
-        gemv_range<T, 2>(xp, in, w, o0, o1, b, yp, out);
-        break;
-      case 3:
-        gemv_range<T, 3>(xp, in, w, o0, o1, b, yp, out);
-        break;
-      default:
-        gemv_range<T, 4>(xp, in, w, o0, o1, b, yp, out);
-        break;
+    const auto [o0, o1] = thread_rows(out);
+    if (o0 < o1) gemv_group(xp, rows, in, w + o0 * in, o0, o1, b, yp, out);
+  }
+}
+
+// More rows (several sequences decoding together): the weight is still read from memory once per
+// call, a tile of weight rows at a time, and every group of four x rows passes over the tile while
+// it is in L1. 16-bit weights stay 16-bit in the tile and are widened in registers by each group
+// (two uops a vector on the FMA ports, but half the L1 footprint of a float32 tile and no store
+// and reload: one thread, [1536, 576], 8 to 64 rows, 125 GFLOP/s against 45 when each tile was
+// widened once into a float32 buffer, both measured before in_register was added).
+template <class T>
+void gemv_batched(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y) {
+  const std::int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  const float* xp = x.data_as<float>();
+  const T* w = weight.data_as<T>();
+  const float* b = bias.defined() ? bias.data_as<float>() : nullptr;
+  float* yp = y.data_as<float>();
+  // A multiple of 4 weight rows, about kTileBytes of them (at least 4).
+  const std::int64_t tile_rows =
+      std::max<std::int64_t>(4, kTileBytes / (in * static_cast<std::int64_t>(sizeof(T))) / 4 * 4);
+#pragma omp parallel
+  {
+    const auto [o0, o1] = thread_rows(out);
+    for (std::int64_t t0 = o0; t0 < o1; t0 += tile_rows) {
+      const std::int64_t t1 = std::min(o1, t0 + tile_rows);
+      for (std::int64_t r0 = 0; r0 < rows; r0 += kGemvRows) {
+        gemv_group(xp + r0 * in, std::min(kGemvRows, rows - r0), in, w + t0 * in, t0, t1, b,
+                   yp + r0 * out, out);
+      }
     }
+  }
+}
+
+// The GEMV for this weight's dtype: gemv (one group of rows) or gemv_batched.
+void gemv_dispatch(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& y) {
+  const bool one_group = x.size(0) <= kGemvRows;
+  switch (weight.dtype()) {
+    case DType::kFloat32:
+      return one_group ? gemv<float>(x, weight, bias, y) : gemv_batched<float>(x, weight, bias, y);
+    case DType::kBFloat16:
+      return one_group ? gemv<bfloat16>(x, weight, bias, y)
+                       : gemv_batched<bfloat16>(x, weight, bias, y);
+    default:
+      return one_group ? gemv<float16>(x, weight, bias, y)
+                       : gemv_batched<float16>(x, weight, bias, y);
   }
 }
 
@@ -161,12 +235,10 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   }
   Tensor y = Tensor::empty({x.size(0), weight.size(0)}, DType::kFloat32);
   if (x.size(0) == 0 || weight.size(0) == 0) return y;
-  if (x.size(0) <= kGemvRows && weight.dtype() != DType::kFloat16) {
-    if (weight.dtype() == DType::kFloat32) {
-      gemv<float>(x, weight, bias, y);
-    } else {
-      gemv<bfloat16>(x, weight, bias, y);
-    }
+  const std::int64_t gemv_rows =
+      weight.dtype() == DType::kFloat32 ? kBatchedGemvRows : kBatchedGemvRows16;
+  if (x.size(0) <= gemv_rows) {
+    gemv_dispatch(x, weight, bias, y);
     return y;
   }
   // Many rows: Eigen's GEMM over panels of W; 16-bit rows are widened a panel at a time. Many
@@ -181,14 +253,10 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
       [&](std::int64_t o0, std::int64_t n, std::vector<float>& scratch) -> const float* {
         if (weight.dtype() == DType::kFloat32) return weight.data_as<float>() + o0 * in;
         scratch.resize(static_cast<std::size_t>(n * in));
-        const auto widen = [&](const auto* w) {
-          for (std::int64_t i = 0; i < n * in; ++i)
-            scratch[static_cast<std::size_t>(i)] = to_float(w[o0 * in + i]);
-        };
         if (weight.dtype() == DType::kBFloat16) {
-          widen(weight.data_as<bfloat16>());
+          simd::widen(weight.data_as<bfloat16>() + o0 * in, n * in, scratch.data());
         } else {
-          widen(weight.data_as<float16>());
+          simd::widen(weight.data_as<float16>() + o0 * in, n * in, scratch.data());
         }
         return scratch.data();
       });

@@ -1,7 +1,7 @@
 // Private to the CPU backend: 16-float vectors through GCC/Clang vector extensions (a zmm register
-// with AVX-512; the compiler splits them on narrower machines), loads that widen bfloat16, the
-// horizontal sums the dot-product kernels need, and software prefetch. Explicit vectors keep R rows
-// of accumulators in registers, which plain loops did not.
+// with AVX-512; the compiler splits them on narrower machines), loads that widen bfloat16 and
+// float16 (exactly), the horizontal sums the dot-product kernels need, and software prefetch.
+// Explicit vectors keep R rows of accumulators in registers, which plain loops did not.
 #pragma once
 
 #include <cstdint>
@@ -9,7 +9,7 @@
 
 #include "kvcache/float16.hpp"
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -30,6 +30,16 @@ inline Vec16 load16(const float* p) {
   return v;
 }
 inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+// Keeps v in a register: g++ otherwise folds a float32 load into every FMA that uses it (one
+// weight vector reloaded for each of R rows of x), which makes the GEMV kernels load-bound.
+inline void in_register(Vec16& v) {
+#if defined(__AVX512F__) && defined(__GNUC__)
+  __asm__("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 // Horizontal sum as a tree of halves (4 dependent adds, not 15: this runs once per key and row).
 typedef float Vec8 __attribute__((vector_size(32)));
 typedef float Vec4 __attribute__((vector_size(16)));
@@ -91,6 +101,65 @@ inline Vec16 load16(const bfloat16* p) {
   Vec16 v;
   std::memcpy(&v, &w, sizeof(v));
   return v;
+}
+
+// Sixteen binary16 bit patterns as floats, exactly, by fp16_to_float's arithmetic on all lanes at
+// once: the portable form of load16(const float16*) below (named, so the tests can check it on
+// every build).
+inline Vec16 fp16_bits_to_float(U16x16 h) {
+  const U32x16 bits = __builtin_convertvector(h, U32x16);
+  // Exponent and mantissa moved to float32's places; the exponent is still biased by 15.
+  const U32x16 shifted = (bits & 0x7fffu) << 13;
+  const U32x16 exponent = shifted & 0x0f800000u;
+  // Normal halves: rebias 15 -> 127. Inf/NaN (exponent 31): on to 255, mantissa kept.
+  U32x16 out = shifted + (112u << 23);
+  out = exponent == 0x0f800000u ? out + (112u << 23) : out;
+  // Zero and subnormal halves (exponent 0): one more step of exponent makes the bits read as
+  // 2^-14 · (1 + m/1024); subtracting the float 2^-14 leaves m · 2^-24 exactly (0 for m = 0).
+  const U32x16 one_more = out + (1u << 23);
+  Vec16 sub;
+  std::memcpy(&sub, &one_more, sizeof(sub));
+  sub -= 6.103515625e-05f;  // 2^-14
+  U32x16 sub_bits;
+  std::memcpy(&sub_bits, &sub, sizeof(sub_bits));
+  out = exponent == 0u ? sub_bits : out;
+  out |= (bits & 0x8000u) << 16;
+  Vec16 v;
+  std::memcpy(&v, &out, sizeof(v));
+  return v;
+}
+
+// Sixteen float16 widened to float, exactly (every binary16 value is a float32 value): VCVTPH2PS
+// on a zmm where the build has AVX-512, two F16C ymm conversions where it has F16C only, and
+// fp16_bits_to_float otherwise. One difference: the instructions set the quiet bit of a
+// signalling NaN (sign and payload kept), where the portable form, like fp16_to_float, keeps the
+// bits; a NaN stays a NaN either way. Subnormal halves become normal floats, so MXCSR's DAZ and
+// FTZ never apply.
+inline Vec16 load16(const float16* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<Vec16>(
+      _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  Vec16 v;
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+  return v;
+#else
+  U16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return fp16_bits_to_float(h);
+#endif
+}
+
+// n values of a float, bfloat16 or float16 row widened into dst (float32), sixteen at a time;
+// exact. What the prefill path's GEMM and the batched decode tiles read.
+template <class T>
+inline void widen(const T* src, std::int64_t n, float* dst) {
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store16(dst + i, load16(src + i));
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
 #ifdef __AVX512F__
