@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_util.hpp"
 #include "kvcache/attention/mask.hpp"
 #include "kvcache/attention/rope.hpp"
 #include "kvcache/backend/cuda.hpp"
@@ -26,12 +27,7 @@ namespace {
 using testing::random_tensor;
 using testing::to_doubles;
 
-class SinkCacheCuda : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  }
-};
+class SinkCacheCuda : public testing::CudaTest {};
 
 constexpr int kLayers = 2;
 constexpr std::int64_t kHeadDim = 16;
