@@ -494,7 +494,7 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
       args.attention_mask.defined() ? args.attention_mask : ones_mask(batch, past + q_len);
   // Checked here, before layer 0 touches the cache: a step that fails halfway through the layers
   // would leave the first layers' caches a token longer than the rest.
-  mask_to_bytes(mask, batch, past + q_len, where);
+  const std::vector<std::uint8_t> mask_bytes = mask_to_bytes(mask, batch, past + q_len, where);
   check_cache_position(cache_position, q_len, past + q_len, 0, where);
   Tensor position_ids = args.position_ids;
   if (!position_ids.defined()) {
@@ -558,8 +558,7 @@ Tensor LlamaModel::forward_on(const ForwardArgs& args, Cache<B>* given,
   std::vector<std::int64_t> real;
   if constexpr (B::kDevice == Device::kCpu) {
     hidden = cpu::embedding(embed_tokens_, in.ids);
-    if (!replay)
-      real = unpadded_rows(mask_to_bytes(mask, batch, past + q_len, where), batch, past, q_len);
+    if (!replay) real = unpadded_rows(mask_bytes, batch, past, q_len);
     if (!real.empty()) hidden = gather_rows(hidden, real);
   } else {
     hidden = cuda::embedding(embed_tokens_.dense(), in.ids);
