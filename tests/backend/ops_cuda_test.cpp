@@ -540,6 +540,67 @@ TEST_F(CudaOps, LinearMatchesCpuAndFloat64WithStridedViewsAndBeta) {
                        "expected out [2, 8]");
 }
 
+// cuBLAS writes every element of a contiguous output at the prefill shapes of graph_cuda_test's
+// small model (hidden 64, intermediate 96, 4 + 2 + 2 heads of 16, vocabulary 100; three prompts
+// of 7 tokens, 21 rows). compute-sanitizer's initcheck reports reads of unwritten bytes in the
+// silu_mul that follows the fused gate|up product there: the output here starts as NaN, so an
+// element cuBLAS skipped would stay NaN and fail, and a value it wrote must be the product; the
+// halves then go through silu_mul as the prefill's do.
+TEST_F(CudaOps, LinearWritesEveryElementOfAContiguousOutput) {
+  std::mt19937 rng(29);
+  const LinearCase cases[] = {{21, 64, 128}, {21, 64, 64}, {21, 64, 192}, {21, 96, 64},
+                              {21, 64, 100}, {9, 64, 192}, {7, 64, 192}};
+  for (DType wt : kFloatTypes) {
+    for (const LinearCase& lc : cases) {
+      for (DType ot : {wt, DType::kFloat32}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "rows " << lc.rows << " in " << lc.in << " out " << lc.out << " weight "
+                     << dtype_name(wt) << " out " << dtype_name(ot));
+        if (wt == DType::kFloat32 && ot != wt) continue;
+        const Tensor x_host = random_tensor({lc.rows, lc.in}, wt, rng);
+        const Tensor w_host = random_tensor({lc.out, lc.in}, wt, rng);
+        // The output is rows 1.. of a poisoned buffer one row taller (out.data() past the
+        // buffer's 256-byte aligned start): row 0 must stay untouched.
+        const Tensor buffer = poisoned_device({lc.rows + 1, lc.out}, ot);
+        const Tensor out = buffer.slice(0, 1, lc.rows + 1);
+        cuda::linear(cuda::to_device(x_host), cuda::to_device(w_host), out);
+        std::vector<double> value, magnitude;
+        float64_product(to_doubles(x_host), to_doubles(w_host), lc.rows, lc.in, lc.out, value,
+                        magnitude);
+        const std::vector<double> whole = device_values(buffer);
+        for (std::int64_t i = 0; i < lc.out; ++i) {
+          ASSERT_TRUE(std::isnan(whole[static_cast<std::size_t>(i)]))
+              << "element " << i << " of the row before the output was written";
+        }
+        const std::vector<double> got(whole.begin() + lc.out, whole.end());
+        for (std::size_t at = 0; at < got.size(); ++at) {
+          ASSERT_TRUE(std::isfinite(got[at])) << "element " << at << " was not written";
+          const double tol =
+              1e-6 * magnitude[at] + 2 * unit_roundoff(ot) * std::fabs(value[at]) + 1e-30;
+          ASSERT_NEAR(got[at], value[at], tol) << "element " << at;
+        }
+        // The fused gate|up's halves through silu_mul, as the model's prefill reads them.
+        if (lc.out % 2 == 0 && ot == wt) {
+          const std::int64_t half = lc.out / 2;
+          const Tensor silu = cuda::silu_mul(out.slice(1, 0, half), out.slice(1, half, lc.out));
+          const std::vector<double> y = device_values(silu);
+          const double rel = ot == DType::kFloat32 ? 6e-7 : 1.01 * unit_roundoff(ot);
+          for (std::int64_t r = 0; r < lc.rows; ++r) {
+            for (std::int64_t i = 0; i < half; ++i) {
+              const double g = got[static_cast<std::size_t>(r * lc.out + i)];
+              const double u = got[static_cast<std::size_t>(r * lc.out + half + i)];
+              const double want = g / (1.0 + std::exp(-g)) * u;
+              ASSERT_NEAR(y[static_cast<std::size_t>(r * half + i)], want,
+                          rel * std::fabs(want) + 1e-7)
+                  << "silu_mul row " << r << " element " << i;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // --- argmax -------------------------------------------------------------------------------------
 
 TEST_F(CudaOps, ArgmaxIsTheFirstMaximum) {
