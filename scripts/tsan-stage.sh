@@ -4,10 +4,11 @@
 # tests: several std::threads generating on one shared model (float32 and quantized weights) and
 # encoding/decoding on one tokenizer. Any report fails the stage (TSan exits non-zero).
 #
-# OpenMP: libgomp is not built with TSan, so its barriers are invisible to it. The tests run twice:
+# OpenMP: clang's runtime (libomp, which -fopenmp links under clang) is not built with TSan, so
+# its barriers are invisible to it. The tests run twice:
 # with one OpenMP thread per generating thread (everything TSan sees is kvcache's own code), and
 # with two, telling TSan to ignore the uninstrumented runtime (ignore_noninstrumented_modules), so
-# a race between kvcache's own threaded kernels would show too unless libgomp's synchronisation
+# a race between kvcache's own threaded kernels would show too unless libomp's synchronisation
 # hides it. Usage: bash scripts/tsan-stage.sh [BUILD_DIR] (default build-tsan). About 5 minutes on
 # 2 cores from a clean build folder.
 set -euo pipefail

@@ -246,6 +246,22 @@ TEST(StaticCache, MaskSizesAreTheWrittenEnd) {
   EXPECT_EQ(cache.get_mask_sizes(negative, 0).kv_length, 1);
 }
 
+// Found by fuzz_cache: with max_cache_len near INT64_MAX the clamped start plus q_len overflowed
+// (UBSan: signed overflow). The length saturates, and the update at those positions is refused.
+TEST(StaticCache, MaskSizesOfAHugeCacheDoNotOverflow) {
+  StaticCache<> cache(1, kMax);
+  const std::vector<std::int64_t> huge = {kMax - 1, kMax};
+  EXPECT_EQ(cache.get_mask_sizes(huge, 0).kv_length, kMax);
+  const std::vector<std::int64_t> last = {kMax};
+  EXPECT_EQ(cache.get_mask_sizes(last, 0).kv_length, kMax);
+  const std::vector<std::int64_t> first = {0, 1, 2};
+  EXPECT_EQ(cache.get_mask_sizes(first, 0).kv_length, 3);
+  const Tensor states = Tensor::zeros({1, 1, 2, 4}, DType::kFloat32);
+  EXPECT_KVCACHE_ERROR(cache.update(states, states, 0, {.cache_position = huge}),
+                       "max_cache_len");
+  EXPECT_EQ(cache.get_seq_length(), 0);
+}
+
 TEST(StaticCache, SmallerBatchThanTheMaximum) {
   std::mt19937 rng(4);
   StaticCache<> cache(8, 16);

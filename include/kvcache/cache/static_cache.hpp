@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <limits>
 #include <span>
 #include <utility>
 #include <vector>
@@ -202,6 +203,10 @@ class StaticCache : public Cache<B> {
     const auto q_len = static_cast<std::int64_t>(cache_position.size());
     const std::int64_t start =
         std::clamp<std::int64_t>(cache_position.front(), 0, options_.max_cache_len);
+    // start <= max_cache_len, which may be near INT64_MAX: the sum saturates instead of
+    // overflowing (an update at such positions is refused anyway).
+    if (start > std::numeric_limits<std::int64_t>::max() - q_len)
+      return {std::numeric_limits<std::int64_t>::max(), 0};
     return {start + q_len, 0};
   }
 
