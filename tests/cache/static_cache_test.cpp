@@ -257,8 +257,7 @@ TEST(StaticCache, MaskSizesOfAHugeCacheDoNotOverflow) {
   const std::vector<std::int64_t> first = {0, 1, 2};
   EXPECT_EQ(cache.get_mask_sizes(first, 0).kv_length, 3);
   const Tensor states = Tensor::zeros({1, 1, 2, 4}, DType::kFloat32);
-  EXPECT_KVCACHE_ERROR(cache.update(states, states, 0, {.cache_position = huge}),
-                       "max_cache_len");
+  EXPECT_KVCACHE_ERROR(cache.update(states, states, 0, {.cache_position = huge}), "max_cache_len");
   EXPECT_EQ(cache.get_seq_length(), 0);
 }
 
