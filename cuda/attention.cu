@@ -10,7 +10,9 @@
 // - decode as above in float32 (or in every dtype with kUseTensorCoreDecode off): the SIMT
 //   flash-decoding kernel, with the same splitting and merge;
 // - anything else (float32 prefill, other head dims, unaligned views): the generic SIMT kernel,
-//   with the same splitting.
+//   with the same splitting;
+// - a QuantizedCache layer with quantized tokens (attention_quantized): the generic kernel, which
+//   dequantizes the blocks as it stages each tile of keys and values (any q_len).
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -38,16 +40,28 @@ namespace {
 void attention_impl(const Tensor& query, const Tensor& keys, const Tensor& values,
                     const Tensor& mask, const Tensor& cache_position, std::int64_t kv_offset,
                     float scale, const Tensor& out, const Tensor& kv_len_device,
-                    std::optional<std::int64_t> sliding_window) {
-  const char* where = "cuda::attention";
+                    std::optional<std::int64_t> sliding_window,
+                    const QuantizedKVView* quant = nullptr) {
+  const char* where = quant ? "cuda::attention_quantized" : "cuda::attention";
   KVCACHE_CHECK(!sliding_window || *sliding_window >= 1, where,
                 ": expected a sliding_window >= 1 (or none), got ", sliding_window.value_or(0));
   const kvcache::detail::AttentionShape shape =
       kvcache::detail::check_attention_operands(query, keys, values, out, Device::kCuda, where);
   const DType dtype = query.dtype();
   const std::int64_t batch = shape.batch, num_heads = shape.num_heads, q_len = shape.q_len,
-                     head_dim = shape.head_dim, num_kv_heads = shape.num_kv_heads,
-                     kv_len = shape.kv_len;
+                     head_dim = shape.head_dim, num_kv_heads = shape.num_kv_heads;
+  // A quantized layer's keys: its blocks' tokens, then the full-precision ones in `keys`.
+  const std::int64_t quant_tokens = quant ? quant->tokens : 0;
+  if (quant) {
+    KVCACHE_CHECK(quant->batch == batch && quant->heads == num_kv_heads &&
+                      quant->head_dim == head_dim && quant->tokens >= 0 &&
+                      quant->tokens <= std::numeric_limits<int>::max(),
+                  where, ": expected quantized blocks of batch ", batch, ", ", num_kv_heads,
+                  " kv heads and head_dim ", head_dim, ", got batch ", quant->batch, ", ",
+                  quant->heads, " heads, head_dim ", quant->head_dim, " and ", quant->tokens,
+                  " tokens");
+  }
+  const std::int64_t kv_len = shape.kv_len + quant_tokens;
   KVCACHE_CHECK(head_dim > 0 && head_dim <= 256 && head_dim % 2 == 0, where,
                 ": expected an even head_dim up to 256, got ", head_dim);
   KVCACHE_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1, where,
@@ -121,6 +135,22 @@ void attention_impl(const Tensor& query, const Tensor& keys, const Tensor& value
                     : 0;
 
   const cudaStream_t stream = detail::stream();
+  if (quant_tokens > 0) {
+    // The generic kernel stages every tile through shared memory as float32: the blocks are
+    // dequantized there, and the same flash loop (split over the keys and merged for decode)
+    // runs over blocks and residual alike.
+    const detail::QuantBlocksView qb = detail::quant_blocks_view(*quant, where);
+    const detail::SplitPlan plan = detail::plan_split(view, dtype, detail::SplitKernel::kGeneric);
+    Tensor workspace;
+    float* partials = nullptr;
+    if (plan.splits > 1) {
+      workspace = empty({detail::split_workspace_floats(view, plan)}, DType::kFloat32);
+      partials = workspace.data_as<float>();
+    }
+    KVCACHE_CUDA_CHECK(
+        detail::launch_split_attention_quantized(view, qb, dtype, plan, partials, stream));
+    return;
+  }
   const bool decode = q_len <= detail::kMaxDecodeQLen;
   if (!decode && detail::prefill_supported(view, dtype)) {
     KVCACHE_CUDA_CHECK(detail::launch_prefill_attention(view, dtype, stream));
@@ -147,6 +177,14 @@ void attention_impl(const Tensor& query, const Tensor& keys, const Tensor& value
 }
 
 }  // namespace
+
+void attention_quantized(const Tensor& query, const QuantizedKVView& blocks, const Tensor& keys,
+                         const Tensor& values, const Tensor& mask, const Tensor& cache_position,
+                         std::int64_t kv_offset, float scale, const Tensor& out,
+                         std::optional<std::int64_t> sliding_window) {
+  attention_impl(query, keys, values, mask, cache_position, kv_offset, scale, out, Tensor(),
+                 sliding_window, &blocks);
+}
 
 void attention(const Tensor& query, const Tensor& keys, const Tensor& values, const Tensor& mask,
                const Tensor& cache_position, std::int64_t kv_offset, float scale, const Tensor& out,

@@ -20,6 +20,7 @@
 #include "kvcache/error.hpp"
 #include "kvcache/tensor.hpp"
 #include "mma.cuh"
+#include "quant_kv.cuh"
 
 namespace kvcache::cuda::detail {
 
@@ -91,6 +92,13 @@ SplitPlan plan_split(const AttentionView& view, DType dtype, SplitKernel kernel)
 /// partials in `workspace` (split_workspace_floats(view, plan) floats) into `out`.
 cudaError_t launch_split_attention(const AttentionView& view, DType dtype, const SplitPlan& plan,
                                    float* workspace, cudaStream_t stream);
+
+/// The generic kernel over a QuantizedCache layer (keys [0, qb.tokens) from the blocks, the rest
+/// from view.keys / view.values at key - qb.tokens) and, when plan.splits > 1, the merge. The plan
+/// is plan_split(view, dtype, SplitKernel::kGeneric).
+cudaError_t launch_split_attention_quantized(const AttentionView& view, const QuantBlocksView& qb,
+                                             DType dtype, const SplitPlan& plan, float* workspace,
+                                             cudaStream_t stream);
 
 /// True when the tensor-core prefill serves this call (float16/bfloat16, head_dim 64 or 128,
 /// 16-byte aligned rows).

@@ -32,6 +32,7 @@
 #include "attention.cuh"
 #include "check.cuh"
 #include "dtype.cuh"
+#include "quant_kv.cuh"
 
 namespace kvcache::cuda::detail {
 namespace {
@@ -696,10 +697,13 @@ constexpr std::size_t generic_smem_bytes(int d) {
           kGenericTileKeys * d + kGenericWarps * kGenericRowsPerWarp * kGenericTileKeys);
 }
 
-template <class T>
+// kQuant: a QuantizedCache layer (attention_quantized). Keys [0, qb.tokens) come from the
+// quantized blocks, dequantized as the tile is staged, and keys from qb.tokens on from p.keys /
+// p.values at index key - qb.tokens (the full-precision residual); p.kv_len counts both.
+template <class T, bool kQuant = false>
 __global__ void __launch_bounds__(kGenericThreads)
     generic_attention_kernel(AttentionView p, const SplitPlan plan, float* __restrict__ partial_out,
-                             float2* __restrict__ partial_stats) {
+                             float2* __restrict__ partial_stats, const QuantBlocksView qb) {
   grid_dependency_wait();  // launched overlapped: q, the keys and values are earlier kernels'
   extern __shared__ float gsmem[];
   const int D = p.head_dim;
@@ -762,11 +766,55 @@ __global__ void __launch_bounds__(kGenericThreads)
 
   for (int key0 = key_begin; key0 < key_end; key0 += kGenericTileKeys) {
     __syncthreads();  // the previous tile is consumed (first pass: q_s is written)
-    for (int idx = tid; idx < kGenericTileKeys * D; idx += kGenericThreads) {
+    bool staged = false;
+    if constexpr (kQuant) {
+      if (qb.vec) {  // block-uniform
+        staged = true;
+        // Runs of 8 channels of one key: the key's and the value's code words and metas are all
+        // loaded before any is used, so each thread has a few loads in flight, not one byte.
+        const int runs = D / 8;
+#pragma unroll 2
+        for (int u = tid; u < kGenericTileKeys * runs; u += kGenericThreads) {
+          const int j = u / runs, c0 = (u % runs) * 8, key = key0 + j;
+          Quant8 kq{}, vq{};
+          if (key < key_end && key < qb.tokens) {
+            kq = quant_key8(qb, b, kv_head, key, c0);
+            vq = quant_value8(qb, b, kv_head, key, c0);
+          } else if (key < key_end) {
+            const std::int64_t r = key - qb.tokens;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+              kq.x[k] = to_f32(key_base[r * p.k_stride_seq + c0 + k]);
+              vq.x[k] = to_f32(value_base[r * p.v_stride_seq + c0 + k]);
+            }
+          }
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            k_s[j * (D + 1) + c0 + k] = kq.x[k];
+            v_s[j * D + c0 + k] = vq.x[k];
+          }
+        }
+      }
+    }
+    for (int idx = tid; !staged && idx < kGenericTileKeys * D; idx += kGenericThreads) {
       const int j = idx / D, d = idx % D, key = key0 + j;
       const bool in_range = key < key_end;
-      k_s[j * (D + 1) + d] = in_range ? to_f32(key_base[key * p.k_stride_seq + d]) : 0.0f;
-      v_s[j * D + d] = in_range ? to_f32(value_base[key * p.v_stride_seq + d]) : 0.0f;
+      float kf = 0.0f, vf = 0.0f;
+      if constexpr (kQuant) {
+        if (in_range && key < qb.tokens) {
+          kf = quant_key(qb, b, kv_head, key, d);
+          vf = quant_value(qb, b, kv_head, key, d);
+        } else if (in_range) {
+          const std::int64_t r = key - qb.tokens;
+          kf = to_f32(key_base[r * p.k_stride_seq + d]);
+          vf = to_f32(value_base[r * p.v_stride_seq + d]);
+        }
+      } else if (in_range) {
+        kf = to_f32(key_base[key * p.k_stride_seq + d]);
+        vf = to_f32(value_base[key * p.v_stride_seq + d]);
+      }
+      k_s[j * (D + 1) + d] = kf;
+      v_s[j * D + d] = vf;
     }
     __syncthreads();
 
@@ -950,6 +998,13 @@ int generic_blocks_per_sm() {
   return blocks;
 }
 
+template <class T>
+int quant_generic_blocks_per_sm() {
+  static const int blocks =
+      configure(generic_attention_kernel<T, true>, kGenericThreads, generic_smem_bytes(256));
+  return blocks;
+}
+
 // Calls f(std::integral_constant<int, R>{}) for the decode kernel's rows per block.
 template <class F>
 decltype(auto) dispatch_decode_rows(int rows_per_block, F&& f) {
@@ -1107,7 +1162,7 @@ cudaError_t launch_split_attention(const AttentionView& view, DType dtype, const
       (void)generic_blocks_per_sm<T>();  // makes sure the shared-memory opt-in is done
       status = launch_overlapped(generic_attention_kernel<T>, grid, dim3(kGenericThreads),
                                  generic_smem_bytes(view.head_dim), stream, view, plan, partial_out,
-                                 partial_stats);
+                                 partial_stats, QuantBlocksView{});
     } else {
       dispatch_head_dim(view.head_dim, "cuda::attention", [&](auto dim) {
         constexpr int D = decltype(dim)::value;
@@ -1135,6 +1190,36 @@ cudaError_t launch_split_attention(const AttentionView& view, DType dtype, const
       });
     }
     const cudaError_t last = cudaGetLastError();  // consumed, so no later check reports it again
+    if (status == cudaSuccess) status = last;
+    if (status != cudaSuccess || plan.splits == 1) return status;
+    return launch_merge<T>(view, plan, partial_out, partial_stats, stream);
+  });
+}
+
+cudaError_t launch_split_attention_quantized(const AttentionView& view, const QuantBlocksView& qb,
+                                             DType dtype, const SplitPlan& plan, float* workspace,
+                                             cudaStream_t stream) {
+  KVCACHE_CHECK(plan.kernel == SplitKernel::kGeneric,
+                "cuda::attention_quantized: expected a plan for the generic kernel");
+  float* partial_out = workspace;
+  float2* partial_stats = nullptr;
+  if (plan.splits > 1) {
+    const std::int64_t out_floats = static_cast<std::int64_t>(view.batch) * view.num_kv_heads *
+                                    plan.splits * view.rows * view.head_dim;
+    partial_stats = reinterpret_cast<float2*>(workspace + out_floats);
+  }
+  const std::int64_t blocks64 =
+      static_cast<std::int64_t>(view.batch) * view.num_kv_heads * plan.splits * plan.row_blocks;
+  KVCACHE_CHECK(blocks64 <= std::numeric_limits<int>::max(),
+                "cuda::attention_quantized: expected fewer than 2^31 blocks, got ", blocks64);
+  return dispatch_float(dtype, "cuda::attention_quantized", [&](auto type_tag) -> cudaError_t {
+    using T = decltype(type_tag);
+    (void)quant_generic_blocks_per_sm<T>();  // makes sure the shared-memory opt-in is done
+    cudaError_t status =
+        launch_overlapped(generic_attention_kernel<T, true>, dim3(static_cast<unsigned>(blocks64)),
+                          dim3(kGenericThreads), generic_smem_bytes(view.head_dim), stream, view,
+                          plan, partial_out, partial_stats, qb);
+    const cudaError_t last = cudaGetLastError();
     if (status == cudaSuccess) status = last;
     if (status != cudaSuccess || plan.splits == 1) return status;
     return launch_merge<T>(view, plan, partial_out, partial_stats, stream);

@@ -8,6 +8,8 @@
 //   ratio to the device copy (copy_ratio; target >= 0.85). Every timed call reads a different
 //   layer's keys and values, cycling through enough layers that at least 512 MiB lies between two
 //   reads of the same bytes: the 50 MiB L2 never holds them, as in a real model's step.
+// - BM_DecodeAttentionQuantizedCuda/<batch>/<context>/<nbits>: the same step over a QuantizedCache
+//   layer (cuda::attention_quantized reading the blocks), bytes = what the layer holds.
 // - BM_PrefillAttentionCuda/<shape>/512: a 512-token causal prefill from an empty cache, batch 1,
 //   TinyLlama's attention (32 / 4 heads, head_dim 64) and Llama-2-7B's (32 / 32, head_dim 128),
 //   bfloat16, in TFLOP/s (4 · heads · head_dim flops per visible (query, key) pair).
@@ -22,12 +24,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cuda_bench_util.hpp"
 #include "kvcache/backend/cuda.hpp"
+#include "kvcache/cache/quantized_cache.hpp"
 #include "kvcache/tensor.hpp"
 
 namespace {
@@ -156,6 +160,67 @@ void bm_decode_attention_cuda(benchmark::State& state) {
   }
 }
 
+// One decode step's attention over a QuantizedCache layer (cuda::attention_quantized): the same
+// shape as BM_DecodeAttentionCuda, keys per channel and values per token in groups of 64, 128
+// residual tokens in bfloat16, the rest of the context in nbits-bit blocks read directly by the
+// kernel. Bytes counted are what the layer holds (blocks + residual, QuantizedCache::nbytes), so
+// copy_ratio says how close the kernel comes to streaming the compact cache; compare call_us with
+// BM_DecodeAttentionCuda's at the same batch and context.
+void bm_decode_attention_quantized_cuda(benchmark::State& state) {
+  if (skip_without_device(state)) return;
+  const std::int64_t batch = state.range(0), context = state.range(1);
+  const int nbits = static_cast<int>(state.range(2));
+  const kvcache::QuantizedCacheOptions options{
+      .nbits = nbits, .group_size = 64, .residual_length = 128};
+  std::vector<std::unique_ptr<kvcache::QuantizedCache<cuda::Backend>>> caches;
+  std::vector<kvcache::AttentionKV> views;
+  double layer_bytes = 0.0;
+  int layers = 1;
+  for (int l = 0; l < layers; ++l) {
+    auto cache = std::make_unique<kvcache::QuantizedCache<cuda::Backend>>(options);
+    const Tensor k = uniform({batch, kDecodeKvHeads, context, kDecodeHeadDim}, 2 * l + 1);
+    const Tensor v = uniform({batch, kDecodeKvHeads, context, kDecodeHeadDim}, 2 * l + 2);
+    // context - 1 tokens stored, then the step's own token: the view holds all context keys.
+    cache->update_for_attention(k.slice(2, 0, context - 1), v.slice(2, 0, context - 1), 0);
+    views.push_back(
+        cache->update_for_attention(k.slice(2, context - 1, context), v.slice(2, context - 1, context), 0));
+    caches.push_back(std::move(cache));
+    if (l == 0) {
+      layer_bytes = static_cast<double>(caches[0]->nbytes());
+      layers = std::max(1, static_cast<int>((kColdBytes + layer_bytes - 1) / layer_bytes));
+      layers = std::min(layers, 256);
+    }
+  }
+  const Tensor query = uniform({batch, kDecodeHeads, 1, kDecodeHeadDim}, 999);
+  const Tensor cache_position = positions(context - 1, 1);
+  const Tensor out = cuda::empty({batch, 1, kDecodeHeads, kDecodeHeadDim}, DType::kBFloat16);
+  const float scale = 0.08838834764831845f;  // 1 / sqrt(128)
+  int layer = 0;
+  auto calls = [&](int count) {
+    for (int c = 0; c < count; ++c) {
+      const kvcache::AttentionKV& kv = views[static_cast<std::size_t>(layer)];
+      cuda::attention_quantized(query, *kv.quantized, kv.keys, kv.values, Tensor(), cache_position,
+                                0, scale, out);
+      layer = (layer + 1) % layers;
+    }
+  };
+  EventTimer timer;
+  timer.seconds([&] { calls(2 * layers + 4); });  // warm-up
+  double total = 0.0;
+  for (auto _ : state) {
+    const double s = timer.seconds([&] { calls(kCallsPerIteration); });
+    state.SetIterationTime(s);
+    total += s;
+  }
+  const double reads = layer_bytes * kCallsPerIteration * static_cast<double>(state.iterations());
+  state.SetBytesProcessed(static_cast<std::int64_t>(reads));
+  state.counters["call_us"] =
+      total / (static_cast<double>(state.iterations()) * kCallsPerIteration) * 1e6;
+  state.counters["layers"] = layers;
+  state.counters["bytes_per_token"] = layer_bytes / (static_cast<double>(batch) * context);
+  state.counters["copy_ratio"] = reads / total / copy_bytes_per_second();
+}
+
 struct PrefillShape {
   const char* name;
   std::int64_t heads, kv_heads, head_dim;
@@ -204,6 +269,12 @@ int main(int argc, char** argv) {
   for (std::int64_t batch : {1, 8, 32})
     for (std::int64_t context : {4096, 16384}) decode->Args({batch, context});
   decode->UseManualTime()->Unit(benchmark::kMicrosecond);
+  auto* quantized = benchmark::RegisterBenchmark("BM_DecodeAttentionQuantizedCuda",
+                                                 bm_decode_attention_quantized_cuda);
+  for (std::int64_t batch : {1, 8})
+    for (std::int64_t context : {4096, 16384})
+      for (std::int64_t nbits : {8, 4, 2}) quantized->Args({batch, context, nbits});
+  quantized->UseManualTime()->Unit(benchmark::kMicrosecond);
   for (const PrefillShape& shape : kPrefillShapes) {
     const std::string name =
         std::string("BM_PrefillAttentionCuda/") + shape.name + "/" + std::to_string(kPrefillTokens);

@@ -125,9 +125,14 @@ Tensor Attention::forward(const Tensor& query_states, const Tensor& key_states,
                                                  {q_len}, DType::kInt64));
     }
     Tensor out = cuda::empty({batch, q_len, o.num_heads, o.head_dim}, query_states.dtype());
-    auto [keys, values] = cache.update(key_states, value_states, layer_idx_, kwargs);
-    cuda::attention(query_states, keys, values, mask, positions, sizes.kv_offset, scale_, out,
-                    o.sliding_window);
+    const AttentionKV kv = cache.update_for_attention(key_states, value_states, layer_idx_, kwargs);
+    if (kv.quantized) {  // a quantized layer: its blocks are read as stored
+      cuda::attention_quantized(query_states, *kv.quantized, kv.keys, kv.values, mask, positions,
+                                sizes.kv_offset, scale_, out, o.sliding_window);
+    } else {
+      cuda::attention(query_states, kv.keys, kv.values, mask, positions, sizes.kv_offset, scale_,
+                      out, o.sliding_window);
+    }
     return out;
   }
 }

@@ -87,6 +87,18 @@ void attention(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const
                std::int64_t, float, const Tensor&, const Tensor&, std::optional<std::int64_t>) {
   not_built("attention");
 }
+void attention_quantized(const Tensor&, const QuantizedKVView&, const Tensor&, const Tensor&,
+                         const Tensor&, const Tensor&, std::int64_t, float, const Tensor&,
+                         std::optional<std::int64_t>) {
+  not_built("attention_quantized");
+}
+void quantize_kv_blocks(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                        const QuantizedKVView&, std::int64_t, std::int64_t) {
+  not_built("quantize_kv_blocks");
+}
+void dequantize_kv_blocks(const QuantizedKVView&, const Tensor&, const Tensor&) {
+  not_built("dequantize_kv_blocks");
+}
 Tensor argmax(const Tensor&) { not_built("argmax"); }
 Tensor sample(const Tensor&, float, std::int64_t, float, const Tensor&) { not_built("sample"); }
 

@@ -1,12 +1,9 @@
-// QuantizedCache's instantiations: the CPU one used everywhere, and the CUDA one so that the class
-// keeps compiling for the GPU backend (its update() there is a clear error until the GPU path).
+// QuantizedCache's CPU instantiation (the GPU cache, QuantizedCache<cuda::Backend>, is a
+// specialization defined inline in kvcache/cache/quantized_cache_cuda.hpp).
 #include "kvcache/cache/quantized_cache.hpp"
-
-#include "kvcache/backend/cuda.hpp"
 
 namespace kvcache {
 
 template class QuantizedCache<cpu::Backend>;
-template class QuantizedCache<cuda::Backend>;
 
 }  // namespace kvcache

@@ -123,11 +123,6 @@ std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
                 "make_generation_cache: expected batch >= 1 and max_cache_len >= 1, got ", batch,
                 " and ", max_cache_len);
   const ModelConfig& c = model.config();
-  if (cache_implementation == "quantized") {
-    KVCACHE_CHECK(B::kDevice == Device::kCpu,
-                  "make_generation_cache: the quantized cache is not on the GPU yet; use a CPU "
-                  "model (--device cpu)");
-  }
   if (cache_implementation == "offloaded") {
     // Layers in page-locked host memory, two of them on the device at a time.
     if constexpr (B::kDevice == Device::kCuda) {

@@ -27,6 +27,7 @@
 #include <optional>
 #include <string_view>
 
+#include "kvcache/cache/quantized_view.hpp"  // QuantizedKVView (attention_quantized)
 #include "kvcache/tensor.hpp"
 
 namespace kvcache::cuda {
@@ -396,6 +397,34 @@ void attention(const Tensor& query, const Tensor& keys, const Tensor& values, co
                const Tensor& cache_position, std::int64_t kv_offset, float scale, const Tensor& out,
                const Tensor& kv_len_device,
                std::optional<std::int64_t> sliding_window = std::nullopt);
+
+/// attention() over a QuantizedCache layer on the GPU, as cpu::attention_quantized computes it:
+/// key slots [0, blocks.tokens) read from the quantized blocks (device memory, every row at
+/// blocks.key_row_stride / value_row_stride bytes from the first), dequantized in registers as a
+/// tile of keys is staged (x' = code · scale + min in float32, never rounded to the query's dtype),
+/// and slots [blocks.tokens, kv_len) from keys / values [batch, num_kv_heads, kv_len -
+/// blocks.tokens, head_dim] (full precision, the query's dtype, contiguous head_dim). kv_len =
+/// blocks.tokens + keys.size(2); mask [batch, kv_len] uint8 (or undefined), cache_position,
+/// kv_offset and sliding_window as for attention(). Any q_len (the SIMT flash kernel, split over
+/// the keys and merged for decode); blocks.tokens = 0 is attention() over keys / values.
+void attention_quantized(const Tensor& query, const QuantizedKVView& blocks, const Tensor& keys,
+                         const Tensor& values, const Tensor& mask, const Tensor& cache_position,
+                         std::int64_t kv_offset, float scale, const Tensor& out,
+                         std::optional<std::int64_t> sliding_window = std::nullopt);
+
+/// QuantizedCache's flush on the GPU: quantizes residual slots [0, chunks · layout.chunk) of
+/// res_k / res_v (token-major [slots, batch, heads, head_dim] contiguous, float32, float16 or
+/// bfloat16) into blocks first_chunk, ..., first_chunk + chunks − 1 of every row of key_blocks /
+/// value_blocks (uint8 [batch, row bytes] contiguous, on cuda), with layout's geometry (nbits,
+/// scale_dtype, keys_per_channel, chunk, token_group, record sizes). The bytes equal the CPU
+/// cache's (detail::QuantCodec) bit for bit: the same float32 operations in the same order.
+void quantize_kv_blocks(const Tensor& res_k, const Tensor& res_v, const Tensor& key_blocks,
+                        const Tensor& value_blocks, const QuantizedKVView& layout,
+                        std::int64_t first_chunk, std::int64_t chunks);
+
+/// The blocks of a GPU QuantizedKVView dequantized into slots [0, view.tokens) of out_k / out_v
+/// ([batch, heads, >= tokens, head_dim] contiguous on cuda, any float dtype; rounded once).
+void dequantize_kv_blocks(const QuantizedKVView& view, const Tensor& out_k, const Tensor& out_v);
 
 /// The first maximum of every row: logits [rows, vocab] float32 (any row stride) → [rows] int64.
 Tensor argmax(const Tensor& logits);

@@ -37,9 +37,9 @@
 // Slots as in a DynamicCache: get_seq_length() is every token seen, get_mask_sizes() is
 // (seen + q_len, 0), get_max_cache_shape() is -1. crop() to any length at or past the quantized
 // tokens, or to a block boundary below them (whole blocks dropped, never re-quantized); elsewhere
-// it is a kvcache::Error. Batch operations, reset and clone work. CPU only for now: on
-// cuda::Backend update() and update_for_attention() are a kvcache::Error (the class compiles for
-// it).
+// it is a kvcache::Error. Batch operations, reset and clone work. On the GPU,
+// QuantizedCache<cuda::Backend> (kvcache/cache/quantized_cache_cuda.hpp, included below) is the
+// same cache with device storage and kernels: the same bytes, bit for bit.
 //
 // Every mutating call checks its input and allocates before it changes anything, so a call that
 // throws leaves the cache as it was. Copies are explicit (clone()). Not thread-safe.
@@ -142,13 +142,43 @@ struct QuantCodec {
   }
 };
 
+// Record sizes for a head_dim: a chunk is the tokens flushed together (group_size for per-channel
+// keys, else 1); *_head_bytes are one chunk of one head. Both backends' caches lay blocks out so.
+struct QuantGeometry {
+  std::int64_t chunk = 1;
+  std::int64_t token_groups = 1;  // per-token groups per token
+  std::int64_t token_group = 1;   // channels per per-token group
+  std::size_t token_record = 0;   // one token of one head, per-token: metas + codes
+  std::size_t key_head_bytes = 0;
+  std::size_t value_head_bytes = 0;
+};
+inline QuantGeometry quant_geometry(const QuantizedCacheOptions& o, std::int64_t d) {
+  const QuantCodec codec{o.nbits, o.scale_dtype};
+  QuantGeometry g;
+  g.token_group = std::min(o.group_size, d);
+  g.token_groups = d / g.token_group;
+  g.token_record =
+      static_cast<std::size_t>(g.token_groups) * codec.meta_size() + codec.code_bytes(d);
+  const bool per_channel = o.key_axis == QuantAxis::kPerChannel;
+  g.chunk = per_channel ? o.group_size : 1;
+  g.key_head_bytes = per_channel ? static_cast<std::size_t>(d) * codec.meta_size() +
+                                       codec.code_bytes(o.group_size * d)
+                                 : g.token_record;
+  g.value_head_bytes = static_cast<std::size_t>(g.chunk) * g.token_record;
+  return g;
+}
+
 }  // namespace detail
 
 /// A KIVI-style quantized cache (transformers' QuantizedCache): keys and values kept as
 /// nbits-bit groups with a scale and minimum each, the last residual_length tokens in full
-/// precision; a block is quantized once as it leaves the residual. CPU only.
+/// precision; a block is quantized once as it leaves the residual. This is the CPU cache; the
+/// GPU's is the specialization QuantizedCache<cuda::Backend>.
 template <CacheBackend B = cpu::Backend>
 class QuantizedCache final : public Cache<B> {
+  static_assert(B::kDevice == Device::kCpu,
+                "QuantizedCache<cuda::Backend> is a specialization of its own "
+                "(kvcache/cache/quantized_cache_cuda.hpp)");
  public:
   /// A cache quantizing with `options`; throws kvcache::Error for bits, group size or residual
   /// length it cannot serve.
@@ -217,10 +247,6 @@ class QuantizedCache final : public Cache<B> {
         "QuantizedCache::update", [&]() -> std::pair<Tensor, Tensor> {
           (void)kwargs;
           const char* where = "QuantizedCache::update";
-          if constexpr (B::kDevice != Device::kCpu) {
-            KVCACHE_FAIL(where, ": the quantized cache is not on the GPU yet (",
-                         device_name(B::kDevice), "); use it with a CPU model");
-          }
           check_states(key_states, value_states, layer_idx);
           const std::int64_t seen = detail::checked_add(get_seq_length(layer_idx),
                                                         key_states.size(2), where, "the tokens");
@@ -248,10 +274,6 @@ class QuantizedCache final : public Cache<B> {
         "QuantizedCache::update_for_attention", [&]() -> AttentionKV {
           (void)kwargs;
           const char* where = "QuantizedCache::update";
-          if constexpr (B::kDevice != Device::kCpu) {
-            KVCACHE_FAIL(where, ": the quantized cache is not on the GPU yet (",
-                         device_name(B::kDevice), "); use it with a CPU model");
-          }
           check_states(key_states, value_states, layer_idx);
           return step(key_states, value_states, layer_idx, where);
         });
@@ -441,30 +463,9 @@ class QuantizedCache final : public Cache<B> {
   }
 
  private:
-  // Record sizes for a head_dim: a chunk is the tokens flushed together (group_size for
-  // per-channel keys, else 1); *_head_bytes are one chunk of one head.
-  struct Geometry {
-    std::int64_t chunk = 1;
-    std::int64_t token_groups = 1;  // per-token groups per token
-    std::int64_t token_group = 1;   // channels per per-token group
-    std::size_t token_record = 0;   // one token of one head, per-token: metas + codes
-    std::size_t key_head_bytes = 0;
-    std::size_t value_head_bytes = 0;
-  };
+  using Geometry = detail::QuantGeometry;
   static Geometry geometry(const QuantizedCacheOptions& o, std::int64_t d) {
-    const detail::QuantCodec codec{o.nbits, o.scale_dtype};
-    Geometry g;
-    g.token_group = std::min(o.group_size, d);
-    g.token_groups = d / g.token_group;
-    g.token_record =
-        static_cast<std::size_t>(g.token_groups) * codec.meta_size() + codec.code_bytes(d);
-    const bool per_channel = o.key_axis == QuantAxis::kPerChannel;
-    g.chunk = per_channel ? o.group_size : 1;
-    g.key_head_bytes = per_channel ? static_cast<std::size_t>(d) * codec.meta_size() +
-                                         codec.code_bytes(o.group_size * d)
-                                   : g.token_record;
-    g.value_head_bytes = static_cast<std::size_t>(g.chunk) * g.token_record;
-    return g;
+    return detail::quant_geometry(o, d);
   }
 
   struct Layer {
@@ -744,3 +745,5 @@ class QuantizedCache final : public Cache<B> {
 extern template class QuantizedCache<cpu::Backend>;
 
 }  // namespace kvcache
+
+#include "kvcache/cache/quantized_cache_cuda.hpp"  // QuantizedCache<cuda::Backend>

@@ -13,7 +13,10 @@
 //   block's chunk tokens, then chunk * head_dim codes token-major (code of token i, channel c at
 //   index i * head_dim + c).
 // Slots [0, tokens) of the layer are in the blocks; the full-precision keys and values passed
-// beside the view hold slots [tokens, tokens + their length).
+// beside the view hold slots [tokens, tokens + their length). On the CPU each row's blocks are a
+// host allocation of their own; on the GPU (QuantizedCache<cuda::Backend>) all rows sit in one
+// device buffer, row b at b * key_row_stride / value_row_stride bytes, and the pointers are device
+// addresses.
 #pragma once
 
 #include <cstddef>
@@ -43,6 +46,11 @@ struct QuantizedKVView {
   std::size_t value_head_bytes = 0;  ///< bytes of one block of one head's values
   std::vector<const unsigned char*> keys{};    ///< per batch row: its key blocks
   std::vector<const unsigned char*> values{};  ///< per batch row: its value blocks
+  /// Bytes from one batch row's key blocks to the next when every row sits in one buffer at a
+  /// fixed stride (the GPU cache: keys[b] = keys[0] + b * key_row_stride, and the CUDA kernels
+  /// read keys[0] and the stride); 0 when the rows are separate allocations (the CPU cache).
+  std::int64_t key_row_stride = 0;
+  std::int64_t value_row_stride = 0;  ///< the same for the values
 };
 
 namespace detail {
