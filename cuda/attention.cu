@@ -53,13 +53,12 @@ void attention_impl(const Tensor& query, const Tensor& keys, const Tensor& value
   // A quantized layer's keys: its blocks' tokens, then the full-precision ones in `keys`.
   const std::int64_t quant_tokens = quant ? quant->tokens : 0;
   if (quant) {
-    KVCACHE_CHECK(quant->batch == batch && quant->heads == num_kv_heads &&
-                      quant->head_dim == head_dim && quant->tokens >= 0 &&
-                      quant->tokens <= std::numeric_limits<int>::max(),
-                  where, ": expected quantized blocks of batch ", batch, ", ", num_kv_heads,
-                  " kv heads and head_dim ", head_dim, ", got batch ", quant->batch, ", ",
-                  quant->heads, " heads, head_dim ", quant->head_dim, " and ", quant->tokens,
-                  " tokens");
+    KVCACHE_CHECK(
+        quant->batch == batch && quant->heads == num_kv_heads && quant->head_dim == head_dim &&
+            quant->tokens >= 0 && quant->tokens <= std::numeric_limits<int>::max(),
+        where, ": expected quantized blocks of batch ", batch, ", ", num_kv_heads,
+        " kv heads and head_dim ", head_dim, ", got batch ", quant->batch, ", ", quant->heads,
+        " heads, head_dim ", quant->head_dim, " and ", quant->tokens, " tokens");
   }
   const std::int64_t kv_len = shape.kv_len + quant_tokens;
   KVCACHE_CHECK(head_dim > 0 && head_dim <= 256 && head_dim % 2 == 0, where,

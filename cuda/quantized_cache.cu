@@ -42,7 +42,8 @@ __device__ GroupCodec quantize_group(const T* x, std::int64_t stride, int n, int
   }
   const bool f16 = meta_bytes == 4;
   float mn = round_meta(lo, f16);
-  if (mn > lo) mn = round_meta(__fsub_rn(__fsub_rn(lo, __fmul_rn(fabsf(lo), 0x1p-10f)), 0x1p-24f), f16);
+  if (mn > lo)
+    mn = round_meta(__fsub_rn(__fsub_rn(lo, __fmul_rn(fabsf(lo), 0x1p-10f)), 0x1p-24f), f16);
   const float scale = __fdiv_rn(__fsub_rn(hi, mn), static_cast<float>(qmax));
   float sr = round_meta(scale, f16);
   if (sr < scale) sr = round_meta(__fmul_rn(scale, 1.0f + 0x1p-10f), f16);
@@ -93,13 +94,12 @@ __device__ void quantize_token_record(const T* x, const QuantBlocksView& q, unsi
 // heads, head_dim], slot = chunk · q.chunk + token.
 template <class T>
 __global__ void quantize_blocks_kernel(const T* __restrict__ res_k, const T* __restrict__ res_v,
-                                       unsigned char* kblocks, unsigned char* vblocks, QuantBlocksView q,
-                                       int batch, int first_chunk, int chunks) {
+                                       unsigned char* kblocks, unsigned char* vblocks,
+                                       QuantBlocksView q, int batch, int first_chunk, int chunks) {
   const std::int64_t records = static_cast<std::int64_t>(batch) * chunks * q.chunk * q.heads;
   const int per = 8 / q.nbits, runs = q.head_dim / per;
-  const std::int64_t key_items = q.keys_per_channel
-                                     ? static_cast<std::int64_t>(batch) * chunks * q.heads * runs
-                                     : records;
+  const std::int64_t key_items =
+      q.keys_per_channel ? static_cast<std::int64_t>(batch) * chunks * q.heads * runs : records;
   const std::int64_t token_stride = static_cast<std::int64_t>(batch) * q.heads * q.head_dim;
   const std::int64_t total = records + key_items;
   for (std::int64_t item = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
@@ -120,7 +120,8 @@ __global__ void quantize_blocks_kernel(const T* __restrict__ res_k, const T* __r
                    (static_cast<std::int64_t>(b) * q.heads + h) * q.head_dim;
       unsigned char* rec =
           value ? vblocks + b * q.value_row_stride +
-                      (static_cast<std::int64_t>(first_chunk + k) * q.heads + h) * q.value_head_bytes +
+                      (static_cast<std::int64_t>(first_chunk + k) * q.heads + h) *
+                          q.value_head_bytes +
                       static_cast<std::int64_t>(i) * q.token_record
                 : kblocks + b * q.key_row_stride +
                       (static_cast<std::int64_t>(first_chunk + k) * q.heads + h) * q.key_head_bytes;
@@ -136,8 +137,9 @@ __global__ void quantize_blocks_kernel(const T* __restrict__ res_k, const T* __r
     const int k = static_cast<int>(r % chunks);
     const int b = static_cast<int>(r / chunks);
     const int qmax = (1 << q.nbits) - 1, c0 = run * per;
-    unsigned char* rec = kblocks + b * q.key_row_stride +
-                         (static_cast<std::int64_t>(first_chunk + k) * q.heads + h) * q.key_head_bytes;
+    unsigned char* rec =
+        kblocks + b * q.key_row_stride +
+        (static_cast<std::int64_t>(first_chunk + k) * q.heads + h) * q.key_head_bytes;
     unsigned char* codes = rec + q.head_dim * q.meta_bytes;
     // x(i, c): key slot k · chunk + i, channel c.
     const T* x = res_k + static_cast<std::int64_t>(k) * q.chunk * token_stride +
@@ -153,15 +155,16 @@ __global__ void quantize_blocks_kernel(const T* __restrict__ res_k, const T* __r
         byte |= quantize_code(detail::to_f32(x[i * token_stride + c0 + j]), codec[j], qmax)
                 << (j * q.nbits);
       }
-      codes[(static_cast<std::int64_t>(i) * q.head_dim + c0) / per] = static_cast<unsigned char>(byte);
+      codes[(static_cast<std::int64_t>(i) * q.head_dim + c0) / per] =
+          static_cast<unsigned char>(byte);
     }
   }
 }
 
 // out[b, h, t, c] for t < q.tokens, keys and values; out is [batch, heads, len, head_dim].
 template <class T>
-__global__ void dequantize_blocks_kernel(QuantBlocksView q, int batch, int len, T* __restrict__ out_k,
-                                         T* __restrict__ out_v) {
+__global__ void dequantize_blocks_kernel(QuantBlocksView q, int batch, int len,
+                                         T* __restrict__ out_k, T* __restrict__ out_v) {
   const std::int64_t total = static_cast<std::int64_t>(batch) * q.heads * q.tokens * q.head_dim;
   for (std::int64_t item = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
        item < total; item += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
@@ -172,7 +175,8 @@ __global__ void dequantize_blocks_kernel(QuantBlocksView q, int batch, int len, 
     r /= q.tokens;
     const int h = static_cast<int>(r % q.heads);
     const int b = static_cast<int>(r / q.heads);
-    const std::int64_t at = ((static_cast<std::int64_t>(b) * q.heads + h) * len + t) * q.head_dim + c;
+    const std::int64_t at =
+        ((static_cast<std::int64_t>(b) * q.heads + h) * len + t) * q.head_dim + c;
     out_k[at] = detail::from_f32<T>(detail::quant_key(q, b, h, t, c));
     out_v[at] = detail::from_f32<T>(detail::quant_value(q, b, h, t, c));
   }
@@ -211,8 +215,8 @@ void quantize_kv_blocks(const Tensor& res_k, const Tensor& res_v, const Tensor& 
                   ", ", layout.head_dim, "] contiguous float on cuda, got ",
                   t->defined() ? t->describe() : "undefined");
   }
-  check_blocks_tensor(key_blocks, layout.batch,
-                      (first_chunk + chunks) * q.heads * q.key_head_bytes, "key blocks", where);
+  check_blocks_tensor(key_blocks, layout.batch, (first_chunk + chunks) * q.heads * q.key_head_bytes,
+                      "key blocks", where);
   check_blocks_tensor(value_blocks, layout.batch,
                       (first_chunk + chunks) * q.heads * q.value_head_bytes, "value blocks", where);
   q.keys = static_cast<const unsigned char*>(key_blocks.data());
@@ -221,8 +225,8 @@ void quantize_kv_blocks(const Tensor& res_k, const Tensor& res_v, const Tensor& 
   q.value_row_stride = value_blocks.stride(0);
   const std::int64_t records = layout.batch * chunks * q.chunk * q.heads;
   const std::int64_t items =
-      records + (q.keys_per_channel ? layout.batch * chunks * q.heads * (q.head_dim * q.nbits / 8)
-                                    : records);
+      records +
+      (q.keys_per_channel ? layout.batch * chunks * q.heads * (q.head_dim * q.nbits / 8) : records);
   constexpr int kThreads = 128;
   detail::dispatch_float(res_k.dtype(), where, [&](auto tag) {
     using T = decltype(tag);
@@ -253,9 +257,10 @@ void dequantize_kv_blocks(const QuantizedKVView& view, const Tensor& out_k, cons
   constexpr int kThreads = 256;
   detail::dispatch_float(out_k.dtype(), where, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_blocks_kernel<T><<<detail::grid_for(total, kThreads), kThreads, 0, detail::stream()>>>(
-        q, static_cast<int>(view.batch), static_cast<int>(out_k.size(2)),
-        static_cast<T*>(out_k.data()), static_cast<T*>(out_v.data()));
+    dequantize_blocks_kernel<T>
+        <<<detail::grid_for(total, kThreads), kThreads, 0, detail::stream()>>>(
+            q, static_cast<int>(view.batch), static_cast<int>(out_k.size(2)),
+            static_cast<T*>(out_k.data()), static_cast<T*>(out_v.data()));
   });
   KVCACHE_CUDA_CHECK(cudaGetLastError());
 }

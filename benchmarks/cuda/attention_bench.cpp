@@ -182,8 +182,8 @@ void bm_decode_attention_quantized_cuda(benchmark::State& state) {
     const Tensor v = uniform({batch, kDecodeKvHeads, context, kDecodeHeadDim}, 2 * l + 2);
     // context - 1 tokens stored, then the step's own token: the view holds all context keys.
     cache->update_for_attention(k.slice(2, 0, context - 1), v.slice(2, 0, context - 1), 0);
-    views.push_back(
-        cache->update_for_attention(k.slice(2, context - 1, context), v.slice(2, context - 1, context), 0));
+    views.push_back(cache->update_for_attention(k.slice(2, context - 1, context),
+                                                v.slice(2, context - 1, context), 0));
     caches.push_back(std::move(cache));
     if (l == 0) {
       layer_bytes = static_cast<double>(caches[0]->nbytes());

@@ -179,6 +179,7 @@ class QuantizedCache final : public Cache<B> {
   static_assert(B::kDevice == Device::kCpu,
                 "QuantizedCache<cuda::Backend> is a specialization of its own "
                 "(kvcache/cache/quantized_cache_cuda.hpp)");
+
  public:
   /// A cache quantizing with `options`; throws kvcache::Error for bits, group size or residual
   /// length it cannot serve.
@@ -270,13 +271,13 @@ class QuantizedCache final : public Cache<B> {
   /// Valid until the layer's next mutating call.
   AttentionKV update_for_attention(const Tensor& key_states, const Tensor& value_states,
                                    int layer_idx, const CacheKwargs& kwargs = {}) override {
-    return detail::out_of_memory_as_error(
-        "QuantizedCache::update_for_attention", [&]() -> AttentionKV {
-          (void)kwargs;
-          const char* where = "QuantizedCache::update";
-          check_states(key_states, value_states, layer_idx);
-          return step(key_states, value_states, layer_idx, where);
-        });
+    return detail::out_of_memory_as_error("QuantizedCache::update_for_attention",
+                                          [&]() -> AttentionKV {
+                                            (void)kwargs;
+                                            const char* where = "QuantizedCache::update";
+                                            check_states(key_states, value_states, layer_idx);
+                                            return step(key_states, value_states, layer_idx, where);
+                                          });
   }
 
   std::int64_t get_seq_length(int layer_idx = 0) const override {

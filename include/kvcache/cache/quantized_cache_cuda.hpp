@@ -188,8 +188,8 @@ class QuantizedCache<cuda::Backend> final : public Cache<cuda::Backend> {
     for (const Layer& l : layers_) {
       const std::int64_t t = detail::crop_target(max_length, l.seen(), where);
       KVCACHE_CHECK(t >= l.quantized || t % l.geo.chunk == 0, where, "(", max_length,
-                    "): the first ", l.quantized, " tokens are quantized in blocks of ", l.geo.chunk,
-                    "; a crop below them must land on a block boundary, got ", t);
+                    "): the first ", l.quantized, " tokens are quantized in blocks of ",
+                    l.geo.chunk, "; a crop below them must land on a block boundary, got ", t);
       targets.push_back(t);
     }
     for (std::size_t i = 0; i < layers_.size(); ++i) {
@@ -299,13 +299,13 @@ class QuantizedCache<cuda::Backend> final : public Cache<cuda::Backend> {
     std::int64_t batch = 0, heads = 0, head_dim = 0;
     DType dtype = DType::kFloat32;
     detail::QuantGeometry geo;
-    std::int64_t quantized = 0;  // tokens in blocks, a multiple of geo.chunk
-    std::int64_t residual = 0;   // live residual slots [res_begin, res_begin + residual)
-    std::int64_t res_begin = 0;  // slots flushed by the last step (moved out at the next one)
+    std::int64_t quantized = 0;       // tokens in blocks, a multiple of geo.chunk
+    std::int64_t residual = 0;        // live residual slots [res_begin, res_begin + residual)
+    std::int64_t res_begin = 0;       // slots flushed by the last step (moved out at the next one)
     std::int64_t chunk_capacity = 0;  // blocks a row's buffer holds
     std::int64_t slot_capacity = 0;   // residual slots (res_* and spare_* alike)
-    Tensor kblocks, vblocks;  // uint8 [batch, chunk_capacity * heads * *_head_bytes]
-    Tensor res_k, res_v;      // [slot_capacity, batch, heads, head_dim] in dtype
+    Tensor kblocks, vblocks;          // uint8 [batch, chunk_capacity * heads * *_head_bytes]
+    Tensor res_k, res_v;              // [slot_capacity, batch, heads, head_dim] in dtype
     Tensor spare_k, spare_v;  // the same shape: where the next step compacts the residual to
     std::int64_t seen() const { return quantized + residual; }
     std::size_t token_bytes() const {
@@ -372,9 +372,9 @@ class QuantizedCache<cuda::Backend> final : public Cache<cuda::Backend> {
     v.keys.reserve(static_cast<std::size_t>(l.batch));
     v.values.reserve(static_cast<std::size_t>(l.batch));
     for (std::int64_t b = 0; b < l.batch; ++b) {
-      v.keys.push_back(kblocks.defined()
-                           ? static_cast<const unsigned char*>(kblocks.data()) + b * v.key_row_stride
-                           : nullptr);
+      v.keys.push_back(kblocks.defined() ? static_cast<const unsigned char*>(kblocks.data()) +
+                                               b * v.key_row_stride
+                                         : nullptr);
       v.values.push_back(vblocks.defined() ? static_cast<const unsigned char*>(vblocks.data()) +
                                                  b * v.value_row_stride
                                            : nullptr);
@@ -416,9 +416,9 @@ class QuantizedCache<cuda::Backend> final : public Cache<cuda::Backend> {
     const bool grow_blocks = need_chunks > next.chunk_capacity;
     if (grow_blocks) {
       const std::int64_t cap = std::max({need_chunks, 2 * next.chunk_capacity, std::int64_t{4}});
-      const std::int64_t kbytes = detail::checked_mul(
-          detail::checked_mul(cap, heads, where, "the key blocks"),
-          static_cast<std::int64_t>(g.key_head_bytes), where, "the key blocks");
+      const std::int64_t kbytes =
+          detail::checked_mul(detail::checked_mul(cap, heads, where, "the key blocks"),
+                              static_cast<std::int64_t>(g.key_head_bytes), where, "the key blocks");
       const std::int64_t vbytes = detail::checked_mul(
           detail::checked_mul(cap, heads, where, "the value blocks"),
           static_cast<std::int64_t>(g.value_head_bytes), where, "the value blocks");
@@ -463,8 +463,8 @@ class QuantizedCache<cuda::Backend> final : public Cache<cuda::Backend> {
     next.res_begin = 0;
     QuantizedKVView view = make_view(next, kblocks, vblocks);  // blocks before this flush
     if (chunks > 0) {
-      cuda::quantize_kv_blocks(res_k.slice(0, 0, flush), res_v.slice(0, 0, flush), kblocks,
-                               vblocks, view, old_chunks, chunks);
+      cuda::quantize_kv_blocks(res_k.slice(0, 0, flush), res_v.slice(0, 0, flush), kblocks, vblocks,
+                               view, old_chunks, chunks);
     }
     AttentionKV out{residual_view(res_k, 0, res), residual_view(res_v, 0, res), std::move(view)};
 
@@ -508,10 +508,10 @@ class QuantizedCache<cuda::Backend> final : public Cache<cuda::Backend> {
       out.batch = n;
       out.res_begin = 0;
       if (l.kblocks.defined()) {
-        out.kblocks = detail::allocate_storage<B>(
-            std::array<std::int64_t, 2>{n, l.kblocks.size(1)}, DType::kUInt8, where);
-        out.vblocks = detail::allocate_storage<B>(
-            std::array<std::int64_t, 2>{n, l.vblocks.size(1)}, DType::kUInt8, where);
+        out.kblocks = detail::allocate_storage<B>(std::array<std::int64_t, 2>{n, l.kblocks.size(1)},
+                                                  DType::kUInt8, where);
+        out.vblocks = detail::allocate_storage<B>(std::array<std::int64_t, 2>{n, l.vblocks.size(1)},
+                                                  DType::kUInt8, where);
       }
       const std::int64_t shape[4] = {l.slot_capacity, n, l.heads, l.head_dim};
       out.res_k = detail::allocate_storage<B>(shape, l.dtype, where);
