@@ -1140,21 +1140,41 @@ SplitPlan plan_split(const AttentionView& view, DType dtype, SplitKernel kernel)
   return plan;
 }
 
-cudaError_t launch_split_attention(const AttentionView& view, DType dtype, const SplitPlan& plan,
-                                   float* workspace, cudaStream_t stream) {
-  float* partial_out = workspace;
-  float2* partial_stats = nullptr;
+namespace {
+
+// Where a split launch's partials go in the workspace, and its grid (one block per batch row, kv
+// head, split and row block).
+struct SplitLaunch {
+  float* partial_out;
+  float2* partial_stats;  // null with one split: the kernel writes the output itself
+  dim3 grid;
+};
+
+SplitLaunch split_launch(const AttentionView& view, const SplitPlan& plan, float* workspace,
+                         const char* where) {
+  SplitLaunch launch{workspace, nullptr, dim3(1)};
   if (plan.splits > 1) {
     // Right after partial_out; an even float offset (head_dim is even), so 8-byte aligned.
     const std::int64_t out_floats = static_cast<std::int64_t>(view.batch) * view.num_kv_heads *
                                     plan.splits * view.rows * view.head_dim;
-    partial_stats = reinterpret_cast<float2*>(workspace + out_floats);
+    launch.partial_stats = reinterpret_cast<float2*>(workspace + out_floats);
   }
   const std::int64_t blocks64 =
       static_cast<std::int64_t>(view.batch) * view.num_kv_heads * plan.splits * plan.row_blocks;
-  KVCACHE_CHECK(blocks64 <= std::numeric_limits<int>::max(),
-                "cuda::attention: expected fewer than 2^31 blocks, got ", blocks64);
-  const dim3 grid(static_cast<unsigned>(blocks64));
+  KVCACHE_CHECK(blocks64 <= std::numeric_limits<int>::max(), where,
+                ": expected fewer than 2^31 blocks, got ", blocks64);
+  launch.grid = dim3(static_cast<unsigned>(blocks64));
+  return launch;
+}
+
+}  // namespace
+
+cudaError_t launch_split_attention(const AttentionView& view, DType dtype, const SplitPlan& plan,
+                                   float* workspace, cudaStream_t stream) {
+  const SplitLaunch launch = split_launch(view, plan, workspace, "cuda::attention");
+  float* const partial_out = launch.partial_out;
+  float2* const partial_stats = launch.partial_stats;
+  const dim3 grid = launch.grid;
   return dispatch_float(dtype, "cuda::attention", [&](auto type_tag) -> cudaError_t {
     using T = decltype(type_tag);
     cudaError_t status = cudaSuccess;
@@ -1201,28 +1221,18 @@ cudaError_t launch_split_attention_quantized(const AttentionView& view, const Qu
                                              cudaStream_t stream) {
   KVCACHE_CHECK(plan.kernel == SplitKernel::kGeneric,
                 "cuda::attention_quantized: expected a plan for the generic kernel");
-  float* partial_out = workspace;
-  float2* partial_stats = nullptr;
-  if (plan.splits > 1) {
-    const std::int64_t out_floats = static_cast<std::int64_t>(view.batch) * view.num_kv_heads *
-                                    plan.splits * view.rows * view.head_dim;
-    partial_stats = reinterpret_cast<float2*>(workspace + out_floats);
-  }
-  const std::int64_t blocks64 =
-      static_cast<std::int64_t>(view.batch) * view.num_kv_heads * plan.splits * plan.row_blocks;
-  KVCACHE_CHECK(blocks64 <= std::numeric_limits<int>::max(),
-                "cuda::attention_quantized: expected fewer than 2^31 blocks, got ", blocks64);
+  const SplitLaunch launch = split_launch(view, plan, workspace, "cuda::attention_quantized");
   return dispatch_float(dtype, "cuda::attention_quantized", [&](auto type_tag) -> cudaError_t {
     using T = decltype(type_tag);
     (void)quant_generic_blocks_per_sm<T>();  // makes sure the shared-memory opt-in is done
-    cudaError_t status =
-        launch_overlapped(generic_attention_kernel<T, true>, dim3(static_cast<unsigned>(blocks64)),
-                          dim3(kGenericThreads), generic_smem_bytes(view.head_dim), stream, view,
-                          plan, partial_out, partial_stats, qb);
+    cudaError_t status = launch_overlapped(
+        generic_attention_kernel<T, true>, launch.grid, dim3(kGenericThreads),
+        generic_smem_bytes(view.head_dim), stream, view, plan, launch.partial_out,
+        launch.partial_stats, qb);
     const cudaError_t last = cudaGetLastError();
     if (status == cudaSuccess) status = last;
     if (status != cudaSuccess || plan.splits == 1) return status;
-    return launch_merge<T>(view, plan, partial_out, partial_stats, stream);
+    return launch_merge<T>(view, plan, launch.partial_out, launch.partial_stats, stream);
   });
 }
 

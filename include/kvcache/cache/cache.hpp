@@ -40,6 +40,7 @@
 #include <span>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "kvcache/cache/quantized_view.hpp"
 #include "kvcache/error.hpp"
@@ -321,6 +322,39 @@ inline std::int64_t crop_target(std::int64_t max_length, std::int64_t length, co
   KVCACHE_CHECK(drop <= static_cast<std::uint64_t>(length), where, "(", max_length,
                 "): expected to drop at most ", length, " tokens (the cache length), got ", drop);
   return length + max_length;
+}
+
+/// The rows a batch operation gathers, for the caches that carry out all three as one gather (row
+/// i of the result is row rows[i] of the cache); `cache` names the class in the messages and
+/// `batch` is the cache's batch size, -1 while it holds no tokens.
+/// reorder_cache: the beam indices themselves, one per row.
+inline std::vector<std::int64_t> reorder_rows(std::span<const std::int64_t> beam_idx,
+                                              std::int64_t batch, const char* cache) {
+  KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch, cache,
+                "::reorder_cache: expected ", batch, " beam indices (one per row), got ",
+                beam_idx.size());
+  return {beam_idx.begin(), beam_idx.end()};
+}
+
+/// batch_repeat_interleave: each row `repeats` times in turn (none while the cache is empty).
+inline std::vector<std::int64_t> repeat_rows(std::int64_t repeats, std::int64_t batch,
+                                             const char* cache) {
+  KVCACHE_CHECK(repeats >= 1, cache, "::batch_repeat_interleave: expected repeats >= 1, got ",
+                repeats);
+  if (batch < 0) return {};
+  const std::string where = std::string(cache) + "::batch_repeat_interleave";
+  std::vector<std::int64_t> rows(
+      static_cast<std::size_t>(checked_mul(batch, repeats, where.c_str(), "the new batch")));
+  for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<std::int64_t>(i) / repeats;
+  return rows;
+}
+
+/// batch_select_indices: the indices themselves, at least one while the cache holds tokens.
+inline std::vector<std::int64_t> select_rows(std::span<const std::int64_t> indices,
+                                             std::int64_t batch, const char* cache) {
+  KVCACHE_CHECK(!indices.empty() || batch < 0, cache,
+                "::batch_select_indices: expected at least one index, got none");
+  return {indices.begin(), indices.end()};
 }
 
 }  // namespace detail

@@ -209,33 +209,17 @@ class QuantizedCache<cuda::Backend> final : public Cache<cuda::Backend> {
   using Cache<B>::batch_select_indices;
   void reorder_cache(std::span<const std::int64_t> beam_idx) override {
     detail::out_of_memory_as_error("QuantizedCache::reorder_cache", [&]() {
-      const std::int64_t batch = batch_size();
-      KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
-                    "QuantizedCache::reorder_cache: expected ", batch,
-                    " beam indices (one per row), got ", beam_idx.size());
-      gather(std::vector<std::int64_t>(beam_idx.begin(), beam_idx.end()), "reorder_cache");
+      gather(detail::reorder_rows(beam_idx, batch_size(), "QuantizedCache"), "reorder_cache");
     });
   }
   void batch_repeat_interleave(std::int64_t repeats) override {
     detail::out_of_memory_as_error("QuantizedCache::batch_repeat_interleave", [&]() {
-      KVCACHE_CHECK(repeats >= 1,
-                    "QuantizedCache::batch_repeat_interleave: expected repeats >= 1, got ",
-                    repeats);
-      const std::int64_t batch = batch_size();
-      if (batch < 0) return;
-      detail::checked_mul(batch, repeats, "QuantizedCache::batch_repeat_interleave",
-                          "the new batch");
-      std::vector<std::int64_t> rows(static_cast<std::size_t>(batch * repeats));
-      for (std::size_t i = 0; i < rows.size(); ++i)
-        rows[i] = static_cast<std::int64_t>(i) / repeats;
-      gather(rows, "batch_repeat_interleave");
+      gather(detail::repeat_rows(repeats, batch_size(), "QuantizedCache"), "batch_repeat_interleave");
     });
   }
   void batch_select_indices(std::span<const std::int64_t> indices) override {
     detail::out_of_memory_as_error("QuantizedCache::batch_select_indices", [&]() {
-      KVCACHE_CHECK(!indices.empty() || batch_size() < 0,
-                    "QuantizedCache::batch_select_indices: expected at least one index, got none");
-      gather(std::vector<std::int64_t>(indices.begin(), indices.end()), "batch_select_indices");
+      gather(detail::select_rows(indices, batch_size(), "QuantizedCache"), "batch_select_indices");
     });
   }
 

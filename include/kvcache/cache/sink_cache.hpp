@@ -293,31 +293,17 @@ class SinkCache final : public Cache<B> {
   using Cache<B>::batch_select_indices;
   void reorder_cache(std::span<const std::int64_t> beam_idx) override {
     detail::out_of_memory_as_error("SinkCache::reorder_cache", [&]() {
-      const std::int64_t batch = batch_size();
-      KVCACHE_CHECK(batch < 0 || static_cast<std::int64_t>(beam_idx.size()) == batch,
-                    "SinkCache::reorder_cache: expected ", batch,
-                    " beam indices (one per row), got ", beam_idx.size());
-      gather(beam_idx, "reorder_cache");
+      gather(detail::reorder_rows(beam_idx, batch_size(), "SinkCache"), "reorder_cache");
     });
   }
   void batch_repeat_interleave(std::int64_t repeats) override {
     detail::out_of_memory_as_error("SinkCache::batch_repeat_interleave", [&]() {
-      KVCACHE_CHECK(repeats >= 1, "SinkCache::batch_repeat_interleave: expected repeats >= 1, got ",
-                    repeats);
-      const std::int64_t batch = batch_size();
-      if (batch < 0) return;
-      detail::checked_mul(batch, repeats, "SinkCache::batch_repeat_interleave", "the new batch");
-      std::vector<std::int64_t> rows(static_cast<std::size_t>(batch * repeats));
-      for (std::size_t i = 0; i < rows.size(); ++i)
-        rows[i] = static_cast<std::int64_t>(i) / repeats;
-      gather(rows, "batch_repeat_interleave");
+      gather(detail::repeat_rows(repeats, batch_size(), "SinkCache"), "batch_repeat_interleave");
     });
   }
   void batch_select_indices(std::span<const std::int64_t> indices) override {
     detail::out_of_memory_as_error("SinkCache::batch_select_indices", [&]() {
-      KVCACHE_CHECK(!indices.empty() || batch_size() < 0,
-                    "SinkCache::batch_select_indices: expected at least one index, got none");
-      gather(indices, "batch_select_indices");
+      gather(detail::select_rows(indices, batch_size(), "SinkCache"), "batch_select_indices");
     });
   }
 
