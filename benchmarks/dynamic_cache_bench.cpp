@@ -4,9 +4,9 @@
 // from an empty cache so the 1.5x regrowths are paid and visible, and checks the flatness target:
 // the per-step time at 8192 tokens within 1.5x of the time at 128.
 //
-// Beside it, the SinkCache and QuantizedCache steps (BM_SinkCacheUpdate, BM_QuantizedCacheUpdate)
-// and one layer's decode step, attention included, over a QuantizedCache and a DynamicCache
-// (BM_QuantizedDecodeStep/float32/<bits>/<context>, BM_DynamicDecodeStep/<dtype>/<context>).
+// Beside it, the same step for every other cache kind (BM_<Kind>CacheUpdate: Static, Sliding,
+// Sink, Quantized) and one layer's decode step, attention included, over each kind
+// (BM_<Kind>DecodeStep/<dtype>/<context>; Quantized also by bits).
 //
 // Layer layout throughout: [batch 8, num_kv_heads 4, seq_len, head_dim 64], float32 and bfloat16.
 #include <benchmark/benchmark.h>
@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <map>
+#include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <string_view>
@@ -62,20 +64,57 @@ void report_per_step(benchmark::State& state, DType dtype) {
       1.0, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
 }
 
-void bm_dynamic_cache_update(benchmark::State& state, DType dtype) {
+// The cache kinds whose steps are compared side by side, each holding one layer.
+enum class Kind { kDynamic, kStatic, kSliding, kSink };
+
+// Sliding: every layer slides over 4096 tokens (Mistral). 64 spare slots, so the decode step's
+// crop back by 64 tokens stays within what the ring keeps (the default 8 would refuse it).
+constexpr std::int64_t kSlidingWindow = 4096;
+constexpr std::int64_t kSlidingSpareSlots = 64;
+
+// A cache of `kind` for a layer of seq_len tokens: Static with 64 slots to spare (the decode step
+// writes up to 64 tokens past seq_len before its crop); Sink with a window of seq_len (4 sinks)
+// and RoPE inverse frequencies of base 10000 for its re-rotation.
+std::unique_ptr<kvcache::Cache<kvcache::cpu::Backend>> make_cache(Kind kind, std::int64_t seq_len) {
+  switch (kind) {
+    case Kind::kStatic:
+      return std::make_unique<kvcache::StaticCache<>>(kBatch, seq_len + 64);
+    case Kind::kSliding:
+      return std::make_unique<DynamicCache<>>(kvcache::DynamicCacheOptions{
+          .sliding_windows = {kSlidingWindow}, .sliding_spare_slots = kSlidingSpareSlots});
+    case Kind::kSink: {
+      std::vector<float> inv_freq(kHeadDim / 2);
+      for (std::int64_t i = 0; i < kHeadDim / 2; ++i)
+        inv_freq[static_cast<std::size_t>(i)] =
+            1.0f / std::pow(10000.0f, static_cast<float>(2 * i) / static_cast<float>(kHeadDim));
+      return std::make_unique<kvcache::SinkCache<>>(kvcache::SinkCacheOptions{
+          .window_length = seq_len, .num_sink_tokens = 4, .rope_inv_freq = inv_freq});
+    }
+    case Kind::kDynamic:
+      break;
+  }
+  return std::make_unique<DynamicCache<>>();
+}
+
+// One decode step's update (one token, [8, 4, 1, 64]) on a cache of `kind` holding seq_len tokens.
+// A cache that evicts (Sink, full at its window of seq_len) stays at seq_len by itself: each step
+// evicts one token, slides the recent ones down and re-rotates their keys, O(window) by design.
+// The others are cropped back to seq_len after every step (O(1): the length moves back).
+void bm_cache_update(benchmark::State& state, DType dtype, Kind kind) {
   const std::int64_t seq_len = state.range(0);
-  DynamicCache<> cache;
-  cache.update(random_tensor(seq_len, dtype, 1), random_tensor(seq_len, dtype, 2), 0);
+  const auto cache = make_cache(kind, seq_len);
+  cache->update(random_tensor(seq_len, dtype, 1), random_tensor(seq_len, dtype, 2), 0);
   const Tensor key = random_tensor(1, dtype, 3);    // [8, 4, 1, 64]
   const Tensor value = random_tensor(1, dtype, 4);  // [8, 4, 1, 64]
-  // The prefill leaves capacity == seq_len, so the first append regrows; pay it outside the timing
-  // because this benchmark is about the steady-state step at a fixed length.
-  cache.update(key, value, 0);
-  cache.crop(seq_len);
+  const bool crop = !cache->evicts_tokens();
+  // A DynamicCache's prefill leaves capacity == seq_len, so the first append regrows; pay it
+  // outside the timing because this benchmark is about the steady-state step at a fixed length.
+  cache->update(key, value, 0);
+  if (crop) cache->crop(seq_len);
   for (auto _ : state) {
-    auto views = cache.update(key, value, 0);
+    auto views = cache->update(key, value, 0);
     benchmark::DoNotOptimize(views);
-    cache.crop(seq_len);  // O(1): moves the length back, keeps the capacity
+    if (crop) cache->crop(seq_len);
   }
   report_per_step(state, dtype);
 }
@@ -137,26 +176,6 @@ void bm_dynamic_cache_generation(benchmark::State& state, DType dtype, bool rese
   state.counters["allocations"] = static_cast<double>(allocations);
 }
 
-// SinkCache at a full window of seq_len (4 sinks): each decode step evicts one token, slides the
-// recent ones down and re-rotates their keys, O(window) a step by design.
-void bm_sink_cache_update(benchmark::State& state, DType dtype) {
-  const std::int64_t seq_len = state.range(0);
-  std::vector<float> inv_freq(kHeadDim / 2);
-  for (std::int64_t i = 0; i < kHeadDim / 2; ++i)
-    inv_freq[static_cast<std::size_t>(i)] =
-        1.0f / std::pow(10000.0f, static_cast<float>(2 * i) / static_cast<float>(kHeadDim));
-  kvcache::SinkCache<> cache(kvcache::SinkCacheOptions{
-      .window_length = seq_len, .num_sink_tokens = 4, .rope_inv_freq = inv_freq});
-  cache.update(random_tensor(seq_len, dtype, 1), random_tensor(seq_len, dtype, 2), 0);
-  const Tensor key = random_tensor(1, dtype, 3);
-  const Tensor value = random_tensor(1, dtype, 4);
-  for (auto _ : state) {
-    auto views = cache.update(key, value, 0);
-    benchmark::DoNotOptimize(views);
-  }
-  report_per_step(state, dtype);
-}
-
 // QuantizedCache (4 bits, group 64, per-channel keys, residual 128) holding seq_len tokens: a
 // decode step as the attention module runs it (update_for_attention: the token appended to the
 // residual, a block quantized every 64 steps, the blocks handed over as stored: O(new tokens)).
@@ -192,15 +211,21 @@ void bm_quantized_cache_update(benchmark::State& state, DType dtype, bool dequan
 // One decode step of one layer's attention (16 query heads over the 4 kv heads, so 4 query rows a
 // kv head) at a context of seq_len tokens: Attention::forward stores the token and attends. Over
 // a QuantizedCache (bits, group 64, per-channel keys, residual 128) the kernel reads the blocks
-// directly; over a DynamicCache the full-precision keys. Every 64 steps the length is cropped back.
+// directly; over the other kinds the full-precision keys. Every 64 steps the length is cropped
+// back, except for a cache that evicts (Sink, full at its window): it keeps its length by itself,
+// so it is never cropped and the positions go on.
 constexpr std::int64_t kQueryHeads = 16;
 
 // `dequantize`: the path before the quantized kernel, update()'s dequantized layer then
-// cpu::attention (O(seq_len) dequantization and a full-precision copy a step).
+// cpu::attention (O(seq_len) dequantization and a full-precision copy a step). `sliding_window`:
+// the attention's window, for a cache whose layer slides.
 void decode_steps(benchmark::State& state, kvcache::Cache<kvcache::cpu::Backend>& cache,
-                  DType dtype, std::int64_t seq_len, bool dequantize = false) {
-  const kvcache::Attention attn(
-      0, {.num_heads = kQueryHeads, .num_kv_heads = kKvHeads, .head_dim = kHeadDim});
+                  DType dtype, std::int64_t seq_len, bool dequantize = false,
+                  std::optional<std::int64_t> sliding_window = std::nullopt) {
+  const kvcache::Attention attn(0, {.num_heads = kQueryHeads,
+                                    .num_kv_heads = kKvHeads,
+                                    .head_dim = kHeadDim,
+                                    .sliding_window = sliding_window});
   cache.update_for_attention(random_tensor(seq_len, dtype, 1), random_tensor(seq_len, dtype, 2), 0);
   Tensor query = Tensor::empty({kBatch, kQueryHeads, 1, kHeadDim}, DType::kFloat32);
   {
@@ -214,10 +239,14 @@ void decode_steps(benchmark::State& state, kvcache::Cache<kvcache::cpu::Backend>
   // One step untimed: a DynamicCache's first append past its prefill regrows (and faults in) the
   // whole layer, which is not what a steady decode step costs.
   attn.forward(query, key, value, cache, Tensor(), std::vector<std::int64_t>{seq_len});
-  cache.crop(seq_len);
-  std::int64_t step = 0;
+  const bool crop = !cache.evicts_tokens();
+  std::int64_t next = seq_len + 1;  // the next token's cache slot
+  if (crop) {
+    cache.crop(seq_len);
+    next = seq_len;
+  }
   for (auto _ : state) {
-    const std::vector<std::int64_t> pos = {seq_len + step % 64};
+    const std::vector<std::int64_t> pos = {next};
     if (dequantize) {
       Tensor out = Tensor::empty({kBatch, 1, kQueryHeads, kHeadDim}, dtype);
       auto [k, v] = cache.update(key, value, 0);
@@ -227,7 +256,10 @@ void decode_steps(benchmark::State& state, kvcache::Cache<kvcache::cpu::Backend>
       Tensor out = attn.forward(query, key, value, cache, Tensor(), pos);
       benchmark::DoNotOptimize(out.data());
     }
-    if (++step % 64 == 0) cache.crop(seq_len);
+    if (++next == seq_len + 64 && crop) {
+      cache.crop(seq_len);
+      next = seq_len;
+    }
   }
   report_per_step(state, dtype);
   state.counters["cache_bytes"] = static_cast<double>(cache.nbytes());
@@ -241,26 +273,48 @@ void bm_quantized_decode_step(benchmark::State& state, bool dequantize) {
   decode_steps(state, cache, DType::kFloat32, state.range(1), dequantize);
 }
 
-void bm_dynamic_decode_step(benchmark::State& state, DType dtype) {
-  DynamicCache<> cache;
-  decode_steps(state, cache, dtype, state.range(0));
+void bm_decode_step(benchmark::State& state, DType dtype, Kind kind) {
+  const std::int64_t seq_len = state.range(0);
+  const auto cache = make_cache(kind, seq_len);
+  decode_steps(state, *cache, dtype, seq_len, false,
+               kind == Kind::kSliding ? std::optional(kSlidingWindow) : std::nullopt);
+}
+
+// The per-kind families: BM_<Kind>CacheUpdate and BM_<Kind>DecodeStep.
+struct KindFamilies {
+  Kind kind;
+  const char* update;
+  const char* decode;
+};
+constexpr KindFamilies kKinds[] = {
+    {Kind::kDynamic, "BM_DynamicCacheUpdate", "BM_DynamicDecodeStep"},
+    {Kind::kStatic, "BM_StaticCacheUpdate", "BM_StaticDecodeStep"},
+    {Kind::kSliding, "BM_SlidingCacheUpdate", "BM_SlidingDecodeStep"},
+    {Kind::kSink, "BM_SinkCacheUpdate", "BM_SinkDecodeStep"},
+};
+
+// "<family>/<dtype>", running fn(state, dtype, args...).
+template <class Fn, class... Args>
+benchmark::internal::Benchmark* register_family(const char* family, DType dtype, Fn fn,
+                                                Args... args) {
+  return benchmark::RegisterBenchmark(kvcache::bench::family_name(family, dtype).c_str(), fn, dtype,
+                                      args...);
 }
 
 void register_benchmarks() {
-  for (DType dtype : kDTypes) {
-    benchmark::RegisterBenchmark(kvcache::bench::family_name("BM_SinkCacheUpdate", dtype).c_str(),
-                                 bm_sink_cache_update, dtype)
-        ->RangeMultiplier(4)
-        ->Range(kFlatShort, kFlatLong)
-        ->Unit(benchmark::kMicrosecond);
+  for (const KindFamilies& k : kKinds) {
+    const bool sink = k.kind == Kind::kSink;  // O(window) a step: fewer lengths, in µs
+    for (DType dtype : kDTypes) {
+      register_family(k.update, dtype, bm_cache_update, k.kind)
+          ->RangeMultiplier(sink ? 4 : 2)
+          ->Range(kFlatShort, kFlatLong)
+          ->Unit(sink ? benchmark::kMicrosecond : benchmark::kNanosecond);
+    }
   }
   for (DType dtype : kDTypes) {
     for (bool dequantize : {false, true}) {
-      benchmark::RegisterBenchmark(
-          kvcache::bench::family_name(
-              dequantize ? "BM_QuantizedCacheUpdateDequantized" : "BM_QuantizedCacheUpdate", dtype)
-              .c_str(),
-          bm_quantized_cache_update, dtype, dequantize)
+      register_family(dequantize ? "BM_QuantizedCacheUpdateDequantized" : "BM_QuantizedCacheUpdate",
+                      dtype, bm_quantized_cache_update, dequantize)
           ->RangeMultiplier(4)
           ->Range(kFlatShort, kFlatLong)
           ->Iterations(dequantize ? 64 : 4096)
@@ -275,24 +329,19 @@ void register_benchmarks() {
         ->Unit(benchmark::kMicrosecond)
         ->UseRealTime();
   }
-  for (DType dtype : kDTypes) {
-    benchmark::RegisterBenchmark(kvcache::bench::family_name("BM_DynamicDecodeStep", dtype).c_str(),
-                                 bm_dynamic_decode_step, dtype)
-        ->RangeMultiplier(4)
-        ->Range(kFlatShort, kFlatLong)
-        ->Unit(benchmark::kMicrosecond)
-        ->UseRealTime();
+  // The decode step of every kind: both dtypes for Dynamic, float32 for the others.
+  for (const KindFamilies& k : kKinds) {
+    for (DType dtype : kDTypes) {
+      if (k.kind != Kind::kDynamic && dtype != DType::kFloat32) continue;
+      register_family(k.decode, dtype, bm_decode_step, k.kind)
+          ->RangeMultiplier(4)
+          ->Range(kFlatShort, kFlatLong)
+          ->Unit(benchmark::kMicrosecond)
+          ->UseRealTime();
+    }
   }
   for (DType dtype : kDTypes) {
-    benchmark::RegisterBenchmark(
-        kvcache::bench::family_name("BM_DynamicCacheUpdate", dtype).c_str(),
-        bm_dynamic_cache_update, dtype)
-        ->RangeMultiplier(2)
-        ->Range(kFlatShort, kFlatLong);
-  }
-  for (DType dtype : kDTypes) {
-    benchmark::RegisterBenchmark(kvcache::bench::family_name("BM_NaiveConcatUpdate", dtype).c_str(),
-                                 bm_naive_concat_update, dtype)
+    register_family("BM_NaiveConcatUpdate", dtype, bm_naive_concat_update)
         ->RangeMultiplier(2)
         ->Range(kFlatShort, kFlatLong)
         ->Unit(benchmark::kMicrosecond);
@@ -301,8 +350,7 @@ void register_benchmarks() {
     for (bool reserve : {false, true}) {
       const char* family =
           reserve ? "BM_DynamicCacheGenerationReserved" : "BM_DynamicCacheGeneration";
-      benchmark::RegisterBenchmark(kvcache::bench::family_name(family, dtype).c_str(),
-                                   bm_dynamic_cache_generation, dtype, reserve)
+      register_family(family, dtype, bm_dynamic_cache_generation, reserve)
           ->Arg(1024)
           ->Arg(8192)
           ->Unit(benchmark::kMicrosecond);
