@@ -1,7 +1,7 @@
 // greedy_decode: the project's main job, the seed document's conversation in C++. Loads a
 // Llama-family checkpoint (a GGUF file, or a folder with config.json + safetensors), applies the
 // model's chat template to the prompt, runs greedy generation through kvcache::generate() with a
-// DynamicCache (--cache static: a StaticCache), and prints the answer as it is produced, then
+// DynamicCache (--cache static|sliding|sink|quantized|offloaded: the other kinds), and prints the answer as it is produced, then
 // prefill time, decode tokens/s and the cache's size (and the bytes of weights held). With no
 // arguments it asks the default model (SmolLM2-135M-Instruct, installed by scripts/setup-model.sh)
 // the seed's question.
@@ -9,7 +9,7 @@
 //   greedy_decode [--model PATH] [--prompt TEXT | --input-ids "1,2,3;4,5"] [--raw] [--system TEXT]
 //                 [--chat] [--max-new-tokens N] [--device cpu|cuda]
 //                 [--dtype float32|bfloat16|float16] [--cache
-//                 dynamic|static|sink|quantized|offloaded]
+//                 dynamic|static|sliding|sink|quantized|offloaded]
 //                 [--window-length N] [--sink-tokens N] [--kv-bits 8|4|2] [--kv-group-size N]
 //                 [--kv-axis channel|token] [--residual-length N] [--cuda-graph on|off]
 //                 [--threads N] [--allow-past-context] [--json] [--help]
@@ -77,9 +77,9 @@ const char* kUsage =
     "usage: greedy_decode [--model PATH] [--prompt TEXT | --input-ids \"1,2,3;4,5\"] [--raw]\n"
     "                     [--system TEXT] [--chat] [--max-new-tokens N] [--device cpu|cuda]\n"
     "                     [--dtype float32|bfloat16|float16]\n"
-    "                     [--cache dynamic|static|sink|quantized|offloaded] [--window-length N]\n"
-    "                     [--sink-tokens N] [--kv-bits 8|4|2] [--kv-group-size N]\n"
-    "                     [--kv-axis channel|token] [--residual-length N]\n"
+    "                     [--cache dynamic|static|sliding|sink|quantized|offloaded]\n"
+    "                     [--window-length N] [--sink-tokens N] [--kv-bits 8|4|2]\n"
+    "                     [--kv-group-size N] [--kv-axis channel|token] [--residual-length N]\n"
     "                     [--cuda-graph on|off] [--threads N] [--allow-past-context]\n"
     "                     [--json] [--help]\n";
 
@@ -112,8 +112,9 @@ std::string help_text() {
     << "  --dtype float32|bfloat16|float16\n"
        "                       weights' dtype; float32 dequantizes GGUF blocks exactly (default:\n"
        "                       as stored: GGUF blocks stay quantized)\n"
-    << "  --cache dynamic|static|sink|quantized|offloaded\n"
-       "                       the KV cache (offloaded: in host memory, for --device cuda)\n"
+    << "  --cache dynamic|static|sliding|sink|quantized|offloaded\n"
+       "                       the KV cache (sliding: the model's sliding-window layers as rings\n"
+       "                       from the first step; offloaded: in host memory, for --device cuda)\n"
        "                       (default: "
     << d.cache << ")\n"
     << "  --window-length N    sink cache: tokens kept per layer, sinks included (default: "
@@ -235,9 +236,10 @@ Options parse(int argc, char** argv) {
     fail("--chat reads text turns; it takes neither --input-ids nor --json");
   if (o.device != "cpu" && o.device != "cuda")
     fail("--device expects cpu or cuda, got '" + o.device + "'");
-  if (o.cache != "dynamic" && o.cache != "static" && o.cache != "sink" && o.cache != "quantized" &&
-      o.cache != "offloaded") {
-    fail("--cache expects dynamic, static, sink, quantized or offloaded, got '" + o.cache + "'");
+  if (o.cache != "dynamic" && o.cache != "static" && o.cache != "sliding" && o.cache != "sink" &&
+      o.cache != "quantized" && o.cache != "offloaded") {
+    fail("--cache expects dynamic, static, sliding, sink, quantized or offloaded, got '" + o.cache +
+         "'");
   }
   return o;
 }

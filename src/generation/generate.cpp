@@ -101,10 +101,10 @@ namespace {
 constexpr std::int64_t kMaxReservedNewTokens = 4096;
 
 void check_cache_implementation(const std::string& name) {
-  KVCACHE_CHECK(name == "dynamic" || name == "static" || name == "sink" || name == "quantized" ||
-                    name == "offloaded",
-                "generate: expected cache_implementation \"dynamic\", \"static\", \"sink\", "
-                "\"quantized\" or \"offloaded\", got \"",
+  KVCACHE_CHECK(name == "dynamic" || name == "static" || name == "sliding" || name == "sink" ||
+                    name == "quantized" || name == "offloaded",
+                "generate: expected cache_implementation \"dynamic\", \"static\", \"sliding\", "
+                "\"sink\", \"quantized\" or \"offloaded\", got \"",
                 name, "\"");
 }
 
@@ -154,16 +154,26 @@ std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
         .key_axis = axis == "channel" ? QuantAxis::kPerChannel : QuantAxis::kPerToken,
         .residual_length = cache_config.residual_length});
   }
-  if (cache_implementation == "dynamic") {
+  if (cache_implementation == "dynamic" || cache_implementation == "sliding") {
     // The model's sliding layers get sliding cache layers, as transformers' DynamicCache(config)
-    // makes them. On the GPU only when the generation goes past a window: until then a sliding
-    // layer holds what a full one holds, and a cache of full layers replays its decode step from
-    // a CUDA graph (sliding layers run kernel by kernel, in memory bounded by the window).
+    // makes them. "dynamic" on the GPU only when the generation goes past a window: until then a
+    // sliding layer holds what a full one holds, and a cache of full layers replays its decode
+    // step from a CUDA graph (sliding layers run kernel by kernel, in memory bounded by the
+    // window). "sliding" always (transformers' "sliding_window"), and only for a model that has
+    // sliding layers.
     DynamicCacheOptions options{.initial_capacity = max_cache_len};
     std::vector<std::int64_t> windows = c.sliding_windows();
+    const bool has_a_window =
+        std::any_of(windows.begin(), windows.end(), [](std::int64_t w) { return w > 0; });
+    KVCACHE_CHECK(cache_implementation != "sliding" || has_a_window,
+                  "make_generation_cache: expected a model with sliding-window layers for "
+                  "cache_implementation \"sliding\" (config.json's sliding_window / layer_types), "
+                  "got one whose ",
+                  windows.size(), " layers all attend in full (use \"dynamic\")");
     const bool passes_a_window = std::any_of(
         windows.begin(), windows.end(), [&](std::int64_t w) { return w > 0 && max_cache_len > w; });
-    if (B::kDevice == Device::kCpu || passes_a_window) options.sliding_windows = std::move(windows);
+    if (B::kDevice == Device::kCpu || passes_a_window || cache_implementation == "sliding")
+      options.sliding_windows = std::move(windows);
     return std::make_unique<DynamicCache<B>>(std::move(options));
   }
   // "static": full-length layers for every layer, sliding ones included. Exact for a windowed

@@ -14,7 +14,9 @@
 //     then attention) replayed step after step;
 //   generate(): greedy and sampled, batch 1 and a left-padded batch, a caller's cache holding an
 //     earlier turn, EOS and a stopping callback: the same tokens with cuda_graph on and off, and
-//     graph_steps counting the replayed steps.
+//     graph_steps counting the replayed steps;
+//   prompt reuse (issue #9): a prefilled offloaded, quantized or sink cache cloned twice, the two
+//     continuations interleaved, each equal to a fresh run (generation/prompt_reuse.hpp).
 // Every test skips where no GPU is usable.
 #include <gtest/gtest.h>
 
@@ -31,6 +33,7 @@
 #include <vector>
 
 #include "cuda_test_util.hpp"
+#include "generation/prompt_reuse.hpp"
 #include "kvcache/kvcache.hpp"
 
 namespace kvcache {
@@ -1214,6 +1217,33 @@ TEST_F(CudaGenerate, ACallersCacheWithAnEarlierTurnIsTheSameWithAndWithoutGraphs
       }
     }
   }
+}
+
+// --- prompt reuse on the GPU (issue #9) ----------------------------------------------------------
+
+class PromptReuseCuda : public testing::CudaTest {};
+
+TEST_F(PromptReuseCuda, ClonedOffloadedCachesContinueIndependently) {
+  // Each clone has device slots and a copy stream of its own; the host layers must not be shared.
+  testing::expect_clones_are_independent<OffloadedCache>(gpu_model(DType::kFloat32),
+                                                         [] { return OffloadedCache(); });
+}
+
+TEST_F(PromptReuseCuda, ClonedQuantizedCachesContinueIndependently) {
+  // Blocks of 8 tokens past a residual of 2: the clones flush their first block at the second step.
+  const QuantizedCacheOptions options{.nbits = 4, .group_size = 8, .residual_length = 2};
+  testing::expect_clones_are_independent<QuantizedCache<cuda::Backend>>(
+      gpu_model(DType::kFloat32), [&] { return QuantizedCache<cuda::Backend>(options); });
+}
+
+TEST_F(PromptReuseCuda, ClonedSinkCachesContinueIndependently) {
+  // A window of 10: the clones evict (and re-rotate the kept keys) from the third step on.
+  const LlamaModel model = gpu_model(DType::kFloat32);
+  const SinkCacheOptions options{.window_length = 10,
+                                 .num_sink_tokens = 4,
+                                 .rope_inv_freq = RotaryEmbedding(model.config().rope).inv_freq()};
+  testing::expect_clones_are_independent<SinkCache<cuda::Backend>>(
+      model, [&] { return SinkCache<cuda::Backend>(options); });
 }
 
 }  // namespace

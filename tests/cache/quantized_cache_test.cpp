@@ -2,8 +2,9 @@
 // quantization bound of every group (computed in float64 from the inputs) for 8, 4 and 2 bits,
 // both key axes and both scale dtypes; the residual exact; old blocks' bytes unchanged as tokens
 // arrive (quantized once); bytes per token; attention over it against attention over the exact
-// tokens; crop, batch ops, reset and clone; errors that leave the cache unchanged; and greedy
-// tokens on a transformers fixture equal to the DynamicCache's at 8 bits.
+// tokens; get_mask_sizes across residual flushes; crop, batch ops, reset and clone; errors that
+// leave the cache unchanged; and greedy tokens on a transformers fixture equal to the
+// DynamicCache's at 8 bits.
 #include "kvcache/cache/quantized_cache.hpp"
 
 #include <gtest/gtest.h>
@@ -13,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "cache/quantized_mask_sizes.hpp"
 #include "kvcache/attention/attention.hpp"
 #include "kvcache/backend/cpu.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
@@ -195,6 +197,10 @@ TEST(QuantizedCache, AttentionCloseToTheExactCache) {
     std::printf("attention over %d-bit cache vs exact: max abs error %.4g\n", nbits, worst);
     EXPECT_LT(worst, nbits == 8 ? 0.01 : nbits == 4 ? 0.1 : 0.5);
   }
+}
+
+TEST(QuantizedCache, MaskSizesAreSeqLengthPlusQueryAcrossFlushes) {
+  testing::expect_quantized_mask_sizes_follow_the_tokens<cpu::Backend>();
 }
 
 TEST(QuantizedCache, CropBatchOpsResetClone) {

@@ -1,8 +1,9 @@
-// generate() and the hand-written loop over any cache: a prefilled prompt cache cloned and
-// continued two ways at once (each continuation equal to a fresh run), StaticCache equal to
-// DynamicCache token for token (random models from both loaders' paths, a transformers fixture,
-// the default GGUF model where installed), GenerationConfig::cache_implementation, and the
-// errors of sizes that cannot be held.
+// generate() and the hand-written loop over any cache: a prefilled prompt cache (dynamic, static,
+// sink, quantized) cloned and continued two ways at once (each continuation equal to a fresh
+// run), StaticCache equal to DynamicCache token for token (random models from both loaders' paths,
+// a transformers fixture, the default GGUF model where installed; there also sink and quantized
+// caches that keep every token in full precision), GenerationConfig::cache_implementation, and
+// the errors of sizes that cannot be held.
 #include "kvcache/generation/generate.hpp"
 
 #include <gtest/gtest.h>
@@ -13,8 +14,10 @@
 #include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <vector>
 
+#include "generation/prompt_reuse.hpp"
 #include "kvcache/cache/static_cache.hpp"
 #include "kvcache/model/llama.hpp"
 #include "kvcache/model/safetensors.hpp"
@@ -27,6 +30,9 @@
 namespace kvcache {
 namespace {
 
+using testing::expect_clones_are_independent;
+using testing::kPrompt;
+using testing::prefill;
 using testing::to_doubles;
 
 ModelConfig tiny_config() { return testing::tiny_llama_config(); }
@@ -37,69 +43,28 @@ const LlamaModel& tiny_model() {
   return model;
 }
 
-// Feeds `tokens` one at a time after what `cache` holds (mask all ones), returning each step's
-// last-position logits.
-std::vector<std::vector<double>> step_logits(const LlamaModel& model, Cache<cpu::Backend>& cache,
-                                             const std::vector<std::int64_t>& tokens) {
-  std::vector<std::vector<double>> out;
-  for (std::int64_t token : tokens) {
-    const std::int64_t past = cache.get_seq_length();
-    out.push_back(to_doubles(model.forward({.input_ids = token_column({token}),
-                                            .attention_mask = ones_mask(1, past + 1),
-                                            .cache_position = make_cache_position(past, 1),
-                                            .past_key_values = &cache})));
-  }
-  return out;
-}
-
-const std::vector<std::int64_t> kPrompt = {3, 14, 15, 92, 65, 35, 89, 79};
-
-// Prefills kPrompt into `cache`.
-void prefill(const LlamaModel& model, Cache<cpu::Backend>& cache) {
-  auto [ids, mask] = left_pad({kPrompt}, 0);
-  model.forward({.input_ids = ids, .attention_mask = mask, .past_key_values = &cache});
-}
-
-// The issue's scenario: one prompt prefilled once, cloned twice, two continuations interleaved
-// step by step; each must equal the same continuation run on a fresh cache (a shared-storage copy
-// made them overwrite each other's slots: wrong tokens from the second step on).
-template <class C>
-void expect_clones_are_independent(const std::function<C()>& make) {
-  const LlamaModel& model = tiny_model();
-  const std::vector<std::int64_t> first = {7, 8, 9, 10, 11, 12}, second = {50, 51, 52, 53, 54, 55};
-  std::vector<std::vector<double>> fresh_first, fresh_second;
-  {
-    C a = make(), b = make();
-    prefill(model, a);
-    prefill(model, b);
-    fresh_first = step_logits(model, a, first);
-    fresh_second = step_logits(model, b, second);
-  }
-  C prompt_cache = make();
-  prefill(model, prompt_cache);
-  C one = prompt_cache.clone();
-  std::unique_ptr<Cache<cpu::Backend>> two =
-      static_cast<const Cache<cpu::Backend>&>(prompt_cache).clone();
-  for (std::size_t i = 0; i < first.size(); ++i) {
-    const auto got_first = step_logits(model, one, {first[i]});
-    const auto got_second = step_logits(model, *two, {second[i]});
-    EXPECT_LT(testing::compare(got_first[0], fresh_first[i]).max_abs, 1e-6) << "step " << i;
-    EXPECT_LT(testing::compare(got_second[0], fresh_second[i]).max_abs, 1e-6) << "step " << i;
-  }
-  EXPECT_EQ(one.get_seq_length(), 8 + 6);
-  EXPECT_EQ(two->get_seq_length(), 8 + 6);
-  // The prompt cache itself is untouched and serves a third conversation.
-  EXPECT_EQ(prompt_cache.get_seq_length(), 8);
-  EXPECT_LT(testing::compare(step_logits(model, prompt_cache, first)[5], fresh_first[5]).max_abs,
-            1e-6);
-}
-
+// Each cache kind through generation/prompt_reuse.hpp's scenario (8 prompt tokens, then 6 steps).
 TEST(PromptReuse, ClonedDynamicCachesContinueIndependently) {
-  expect_clones_are_independent<DynamicCache<>>([] { return DynamicCache<>(); });
+  expect_clones_are_independent<DynamicCache<>>(tiny_model(), [] { return DynamicCache<>(); });
 }
 
 TEST(PromptReuse, ClonedStaticCachesContinueIndependently) {
-  expect_clones_are_independent<StaticCache<>>([] { return StaticCache<>(1, 32); });
+  expect_clones_are_independent<StaticCache<>>(tiny_model(), [] { return StaticCache<>(1, 32); });
+}
+
+TEST(PromptReuse, ClonedSinkCachesContinueIndependently) {
+  // A window of 10: the clones evict (and re-rotate the kept keys) from the third step on.
+  const SinkCacheOptions options{.window_length = 10,
+                                 .num_sink_tokens = 4,
+                                 .rope_inv_freq = RotaryEmbedding(tiny_config().rope).inv_freq()};
+  expect_clones_are_independent<SinkCache<>>(tiny_model(), [&] { return SinkCache<>(options); });
+}
+
+TEST(PromptReuse, ClonedQuantizedCachesContinueIndependently) {
+  // Blocks of 8 tokens past a residual of 2: the clones flush their first block at the second step.
+  const QuantizedCacheOptions options{.nbits = 4, .group_size = 8, .residual_length = 2};
+  expect_clones_are_independent<QuantizedCache<>>(tiny_model(),
+                                                  [&] { return QuantizedCache<>(options); });
 }
 
 TEST(PromptReuse, GenerateOnClonesOfOnePromptEqualsFreshGenerations) {
@@ -235,16 +200,26 @@ TEST(StaticGeneration, FixtureFromSafetensorsMatchesTransformersAndDynamic) {
           << "row " << b << ", token " << j;
 }
 
-TEST(StaticGeneration, DefaultGgufModelMatchesDynamic) {
-  // The GGUF loader's path, with quantized weights.
+// The default model (scripts/setup-model.sh), for the GGUF loader's path with quantized weights;
+// nullopt where it is not installed.
+std::optional<LlamaModel> default_gguf_model() {
   const std::string path = KVCACHE_DEFAULT_MODEL_PATH;
-  if (!std::filesystem::exists(path)) GTEST_SKIP() << "no default model (scripts/setup-model.sh)";
-  const LlamaModel model = LlamaModel::from_gguf(path);
+  if (!std::filesystem::exists(path)) return std::nullopt;
+  return LlamaModel::from_gguf(path);
+}
+
+// generate() on the default model: 6 prompt tokens and 12 new ones, the cache `config` names.
+GenerateResult generate_on_default_gguf(const LlamaModel& model, GenerationConfig config) {
   auto [ids, mask] = left_pad({{1, 9690, 28, 940, 314, 597}}, 0);
-  GenerationConfig config{.max_new_tokens = 12};
-  const GenerateResult dynamic = generate(model, ids, mask, config);
-  config.cache_implementation = "static";
-  const GenerateResult fixed = generate(model, ids, mask, config);
+  config.max_new_tokens = 12;
+  return generate(model, ids, mask, config);
+}
+
+TEST(StaticGeneration, DefaultGgufModelMatchesDynamic) {
+  const std::optional<LlamaModel> model = default_gguf_model();
+  if (!model) GTEST_SKIP() << "no default model (scripts/setup-model.sh)";
+  const GenerateResult dynamic = generate_on_default_gguf(*model, {});
+  const GenerateResult fixed = generate_on_default_gguf(*model, {.cache_implementation = "static"});
   EXPECT_EQ(fixed.new_tokens, dynamic.new_tokens);
   EXPECT_EQ(fixed.cache_length, dynamic.cache_length);
 }
@@ -285,13 +260,47 @@ TEST(CacheImplementation, UnknownNamesAreRejected) {
   const LlamaModel& model = tiny_model();
   auto [ids, mask] = left_pad({{1, 2, 3}}, 0);
   GenerationConfig config{.max_new_tokens = 4};
-  for (const char* name : {"", "Static", "sliding", "Quantized"}) {
+  for (const char* name : {"", "Static", "sliding_window", "Quantized"}) {
     config.cache_implementation = name;
     EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config), std::string("got \"") + name + "\"");
     DynamicCache<> cache;  // also when a cache is passed
     EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config, &cache), "cache_implementation");
     EXPECT_EQ(cache.num_layers(), 0);
   }
+}
+
+TEST(CacheImplementation, SlidingNeedsAModelWithSlidingLayers) {
+  // "sliding" (transformers' "sliding_window") on a model whose layers all attend in full is an
+  // error before anything runs; the window fixtures generate over it (parity_test.cpp).
+  const LlamaModel& model = tiny_model();
+  EXPECT_KVCACHE_ERROR(make_generation_cache<cpu::Backend>(model, "sliding", 1, 8),
+                       "expected a model with sliding-window layers");
+  auto [ids, mask] = left_pad({{1, 2, 3}}, 0);
+  GenerationConfig config{.max_new_tokens = 4};
+  config.cache_implementation = "sliding";
+  EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config), "all attend in full");
+  const LlamaModel windowed =
+      LlamaModel::from_pretrained(std::string(KVCACHE_TEST_DATA_DIR) + "/mistral_window");
+  const auto cache = make_generation_cache<cpu::Backend>(windowed, "sliding", 1, 4);
+  ASSERT_NE(dynamic_cast<DynamicCache<>*>(cache.get()), nullptr);
+}
+
+TEST(CacheImplementation, DefaultGgufModelSinkAndQuantizedMatchDynamic) {
+  // The GGUF loader's path through the "sink" and "quantized" kinds, sized so that neither drops
+  // nor quantizes a token of the 6 + 12: their tokens must then be the dynamic cache's.
+  const std::optional<LlamaModel> model = default_gguf_model();
+  if (!model) GTEST_SKIP() << "no default model (scripts/setup-model.sh)";
+  const GenerateResult dynamic = generate_on_default_gguf(*model, {});
+  GenerationConfig config{.cache_implementation = "sink"};
+  config.cache_config.window_length = 6 + 12 + 1;  // longer than every token: nothing evicted
+  const GenerateResult sink = generate_on_default_gguf(*model, config);
+  EXPECT_EQ(sink.new_tokens, dynamic.new_tokens);
+  EXPECT_EQ(sink.cache_length, dynamic.cache_length);
+  config.cache_implementation = "quantized";
+  config.cache_config.residual_length = 6 + 12;  // every token stays in the residual
+  const GenerateResult quantized = generate_on_default_gguf(*model, config);
+  EXPECT_EQ(quantized.new_tokens, dynamic.new_tokens);
+  EXPECT_EQ(quantized.cache_length, dynamic.cache_length);
 }
 
 // --- sizes that cannot be held (issue #10) ---------------------------------------------------

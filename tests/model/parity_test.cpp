@@ -12,13 +12,12 @@
 // option differ. Without a GPU the CUDA instances skip.
 //
 // The sliding-window fixtures (mistral_window, qwen2_window: expected.json has sliding_layers) run
-// past their window, on the CPU only (the GPU kernels have no window rule yet: there a step past
-// the window must be a clear error, checked below). The loop runs twice: over a DynamicCache made
-// from the model's config (sliding layers for sliding layers, as transformers' DynamicCache(config)
-// makes them; what such a layer keeps after the prefill must be exactly what transformers keeps),
-// and over a plain DynamicCache (full layers; the model's window rule alone must give the same
-// tokens). generate() builds the first kind by itself; cache_implementation "static" (full-length
-// layers) must give the same tokens too.
+// past their window, on both backends. The loop runs twice: over a DynamicCache made from the
+// model's config (sliding layers for sliding layers, as transformers' DynamicCache(config) makes
+// them; what such a layer keeps after the prefill must be exactly what transformers keeps), and
+// over a plain DynamicCache (full layers; the model's window rule alone must give the same
+// tokens). generate() builds the first kind by itself; cache_implementation "sliding" (sliding
+// layers from the first step) and "static" (full-length layers) must give the same tokens too.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -211,6 +210,13 @@ void expect_parity(const std::string& fixture) {
         static_cast<std::size_t>(2 * c.num_hidden_layers * input_ids.size(0) *
                                  c.num_key_value_heads * seen * c.head_dim * 4);
     EXPECT_LT(result.cache_bytes, full_bytes) << "generate() built sliding layers";
+    GenerationConfig sliding = config;
+    sliding.cache_implementation = "sliding";
+    const GenerateResult over_rings =
+        generate(model, input_ids, cpu::clone(expected.tensor("attention_mask")), sliding);
+    EXPECT_EQ(over_rings.new_tokens, rows_of(expected.tensor("generate_tokens")))
+        << "generate() with cache_implementation \"sliding\"";
+    EXPECT_LT(over_rings.cache_bytes, full_bytes) << "\"sliding\" built sliding layers";
     GenerationConfig fixed = config;
     fixed.cache_implementation = "static";
     EXPECT_EQ(

@@ -1,5 +1,5 @@
-// The Cache base: the contract every cache (dynamic and static now, with sliding-window layers
-// inside a DynamicCache; sink, quantized, offloaded and paged later) offers the attention module
+// The Cache base: the contract every cache (dynamic, with sliding-window layers inside a
+// DynamicCache, static, sink, quantized and offloaded; paged later) offers the attention module
 // and generation loops. Names and meanings follow transformers' cache_utils so a Python loop ports
 // line by line.
 //
@@ -8,7 +8,10 @@
 // dispatches to them per layer. For a layer, get_mask_sizes says which keys update() returns
 // (kv_length of them from absolute slot kv_offset); the attention module applies the model's rule
 // (causal, padding, the layer's sliding window) over them and refuses a layer that dropped keys
-// a query still sees.
+// a query still sees. A DynamicCache mixes kinds per layer (full layers and SlidingWindowLayer
+// rings, from ModelConfig::sliding_windows: config.layer_types, max_window_layers); the other
+// caches give every layer their one kind (a StaticCache of a windowed model keeps full-length
+// layers, and the attention applies the window over the slots held).
 //
 // Cache is templated on a Backend (kvcache::cpu::Backend, kvcache::cuda::Backend): the backend
 // decides where storage lives (its device) and how elements are copied. A cache owns storage and

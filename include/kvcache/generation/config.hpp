@@ -41,11 +41,13 @@ struct GenerationConfig {
   /// layers as transformers' DynamicCache(config); on the GPU only when prompt + max_new_tokens
   /// passes a window, since full layers replay from a CUDA graph) or "static" (a StaticCache of
   /// the prompt's batch and max_cache_len = prompt + max_new_tokens, allocated before the prefill;
-  /// full-length layers, exact for a windowed model too), "sink" (a SinkCache of cache_config's
-  /// window_length and num_sink_tokens, re-rotating with the model's RoPE; CPU and CUDA) or
+  /// full-length layers, exact for a windowed model too), "sliding" (a DynamicCache whose sliding
+  /// layers are sliding-window rings on both backends from the first step, transformers'
+  /// "sliding_window"; an error for a model without sliding layers), "sink" (a SinkCache of
+  /// cache_config's window_length and num_sink_tokens, re-rotating with the model's RoPE),
   /// "quantized" (a QuantizedCache of cache_config's nbits, q_group_size, axis_key and
-  /// residual_length; CPU only) or "offloaded" (an OffloadedCache: the layers in page-locked
-  /// host memory, two on the device; GPU only). Any other name is an error, also when a cache is
+  /// residual_length) or "offloaded" (an OffloadedCache: the layers in page-locked host memory,
+  /// two on the device; GPU only). All but "offloaded" run on the CPU and the GPU. Any other name is an error, also when a cache is
   /// passed (which is then used as it is).
   std::string cache_implementation = "dynamic";
   /// Options of the "sink" and "quantized" kinds (transformers' cache_config).

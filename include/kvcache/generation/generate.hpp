@@ -79,13 +79,14 @@ GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
                         CacheRef cache = {}, const TokenCallback& on_token = {});
 
 /// A cache of kind `cache_implementation` for generating on `model` (of its backend B): "dynamic",
-/// a DynamicCache reserving max_cache_len slots (it grows past them; on the CPU the model's
-/// sliding layers get sliding-window layers, ModelConfig::sliding_windows), or "static", a
-/// StaticCache of `batch` rows and max_cache_len slots with every layer allocated here in the
-/// model's key/value dtype, or "sink" / "quantized" with `cache_config`'s options (a SinkCache
-/// re-rotating with the model's RoPE inverse frequencies; a QuantizedCache; both CPU only for now:
-/// on the GPU a kvcache::Error). What generate() builds when no cache is passed; other names are
-/// a kvcache::Error.
+/// a DynamicCache reserving max_cache_len slots (it grows past them; the model's sliding layers
+/// get sliding-window layers, ModelConfig::sliding_windows, on the GPU only when max_cache_len
+/// passes a window), "sliding", the same with the sliding layers on both backends (an error for a
+/// model without them), "static", a StaticCache of `batch` rows and max_cache_len slots with
+/// every layer allocated here in the model's key/value dtype, "sink" / "quantized" with
+/// `cache_config`'s options (a SinkCache re-rotating with the model's RoPE inverse frequencies; a
+/// QuantizedCache), or "offloaded" (an OffloadedCache; B = cuda::Backend only). What generate()
+/// builds when no cache is passed; other names are a kvcache::Error.
 template <CacheBackend B>
 std::unique_ptr<Cache<B>> make_generation_cache(
     const LlamaModel& model, const std::string& cache_implementation, std::int64_t batch,
