@@ -1,10 +1,10 @@
 // greedy_decode: the project's main job, the seed document's conversation in C++. Loads a
 // Llama-family checkpoint (a GGUF file, or a folder with config.json + safetensors), applies the
 // model's chat template to the prompt, runs greedy generation through kvcache::generate() with a
-// DynamicCache (--cache static|sliding|sink|quantized|offloaded: the other kinds), and prints the answer as it is produced, then
-// prefill time, decode tokens/s and the cache's size (and the bytes of weights held). With no
-// arguments it asks the default model (SmolLM2-135M-Instruct, installed by scripts/setup-model.sh)
-// the seed's question.
+// DynamicCache (--cache static|sliding|sink|quantized|offloaded: the other kinds), and prints the
+// answer as it is produced, then prefill time, decode tokens/s and the cache's size (and the bytes
+// of weights held). With no arguments it asks the default model (SmolLM2-135M-Instruct, installed
+// by scripts/setup-model.sh) the seed's question.
 //
 //   greedy_decode [--model PATH] [--prompt TEXT | --input-ids "1,2,3;4,5"] [--raw] [--system TEXT]
 //                 [--chat] [--max-new-tokens N] [--device cpu|cuda]

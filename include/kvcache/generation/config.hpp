@@ -47,8 +47,8 @@ struct GenerationConfig {
   /// cache_config's window_length and num_sink_tokens, re-rotating with the model's RoPE),
   /// "quantized" (a QuantizedCache of cache_config's nbits, q_group_size, axis_key and
   /// residual_length) or "offloaded" (an OffloadedCache: the layers in page-locked host memory,
-  /// two on the device; GPU only). All but "offloaded" run on the CPU and the GPU. Any other name is an error, also when a cache is
-  /// passed (which is then used as it is).
+  /// two on the device; GPU only). All but "offloaded" run on the CPU and the GPU. Any other name
+  /// is an error, also when a cache is passed (which is then used as it is).
   std::string cache_implementation = "dynamic";
   /// Options of the "sink" and "quantized" kinds (transformers' cache_config).
   struct CacheConfig {
