@@ -11,8 +11,10 @@
 //   flash-decoding kernel, with the same splitting and merge;
 // - anything else (float32 prefill, other head dims, unaligned views): the generic SIMT kernel,
 //   with the same splitting;
-// - a QuantizedCache layer with quantized tokens (attention_quantized): the generic kernel, which
-//   dequantizes the blocks as it stages each tile of keys and values (any q_len).
+// - a QuantizedCache layer with quantized tokens (attention_quantized): for decode at head_dim 64
+//   or 128 with word-aligned blocks and 16-byte aligned residual rows, the quantized decode kernel
+//   (each lane dequantizes its runs of 8 channels in registers); otherwise the generic kernel,
+//   which dequantizes the blocks as it stages each tile of keys and values (any q_len).
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -135,11 +137,15 @@ void attention_impl(const Tensor& query, const Tensor& keys, const Tensor& value
 
   const cudaStream_t stream = detail::stream();
   if (quant_tokens > 0) {
-    // The generic kernel stages every tile through shared memory as float32: the blocks are
-    // dequantized there, and the same flash loop (split over the keys and merged for decode)
-    // runs over blocks and residual alike.
+    // Blocks and residual in one flash loop, split over the keys and merged for decode: the
+    // quantized decode kernel where the layout allows word loads, else the generic kernel (every
+    // tile staged through shared memory as float32).
     const detail::QuantBlocksView qb = detail::quant_blocks_view(*quant, where);
-    const detail::SplitPlan plan = detail::plan_split(view, dtype, detail::SplitKernel::kGeneric);
+    const bool fast = q_len <= detail::kMaxDecodeQLen && qb.vec &&
+                      (head_dim == 64 || head_dim == 128) &&
+                      detail::rows_are_16b_aligned(view, dtype);
+    const detail::SplitPlan plan = detail::plan_split(
+        view, dtype, fast ? detail::SplitKernel::kDecodeQuant : detail::SplitKernel::kGeneric);
     Tensor workspace;
     float* partials = nullptr;
     if (plan.splits > 1) {

@@ -56,6 +56,8 @@ enum class SplitKernel {
   kDecode,     // head_dim 64/128, 16-byte aligned rows, q_len <= kMaxDecodeQLen: cp.async pipeline,
                // SIMT dot products (float32, or every dtype when kUseTensorCoreDecode is off)
   kGeneric,    // anything else: any even head_dim <= 256, any alignment, scalar loads (SIMT)
+  kDecodeQuant,  // a QuantizedCache layer, head_dim 64/128, word-aligned blocks, 16-byte aligned
+                 // residual rows, q_len <= kMaxDecodeQLen: dequantized in registers (SIMT)
 };
 
 /// How a split-capable kernel covers the call: blocks = units × splits × row_blocks, units =
@@ -63,7 +65,8 @@ enum class SplitKernel {
 /// [split · keys_per_split, (split + 1) · keys_per_split).
 struct SplitPlan {
   SplitKernel kernel;
-  int rows_per_block;  // packed query rows per block (decode: 1, 2, 4 or 8; mma, generic: 16)
+  int rows_per_block;  // packed query rows per block (decode, quantized decode: 1, 2, 4 or 8;
+                       // mma, generic: 16)
   int row_blocks;      // ceil(rows / rows_per_block)
   int splits;          // blocks along the keys; 1 = the blocks write `out` directly
   int keys_per_split;  // a multiple of the kernel's key tile

@@ -88,6 +88,201 @@ constexpr int kDecodeTileBytes = 2048;  // one warp's key (or value) tile in one
 // Shared memory of one block: per warp, kDecodeStages × (key tile, value tile).
 constexpr int kDecodeSmemBytes = kDecodeWarps * kDecodeStages * 2 * kDecodeTileBytes;  // 64 KiB
 
+// E consecutive elements at p (16-byte aligned, E a multiple of one chunk) as float32.
+template <int E, class T>
+__device__ __forceinline__ void run_to_float(const T* p, float (&f)[E]) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
+  static_assert(E % kPer == 0);
+#pragma unroll
+  for (int c = 0; c < E / kPer; ++c) {
+    float part[kPer];
+    chunk_to_float(p + c * kPer, part);
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) f[c * kPer + e] = part[e];
+  }
+}
+
+// --- pieces both SIMT decode kernels share ------------------------------------------------------
+//
+// The decode kernel and the quantized decode kernel give each lane E channels (at column col) of
+// a key row, D / E lanes (LPK) to a key, and hold per lane: q[R][E], the block's R packed query
+// rows pre-scaled; m, l and acc[R][E], an online softmax over the lane group's keys (m alike in
+// every lane of the warp).
+
+// Loads q (rows past p.rows are zeros that see no key) and each row's visible keys
+// [first, limit]; returns the largest limit.
+template <class T, int E, int R>
+__device__ __forceinline__ int load_query_slice(const AttentionView& p, int b, int kv_head,
+                                                int row0, int col, float (&q)[R][E],
+                                                int (&limit)[R], int (&first)[R]) {
+  int max_limit = -1;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = row0 + r;
+    if (row < p.rows) {
+      const T* src = static_cast<const T*>(p.query) + query_row_offset(p, b, kv_head, row);
+      float f[E];
+      run_to_float<E>(src + col, f);
+#pragma unroll
+      for (int e = 0; e < E; ++e) q[r][e] = f[e] * p.scale_log2;
+      limit[r] = row_key_limit(p, row);
+      first[r] = row_key_first(p, row);
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) q[r][e] = 0.0f;
+      limit[r] = -1;
+      first[r] = 0;
+    }
+    max_limit = max(max_limit, limit[r]);
+  }
+  return max_limit;
+}
+
+// The scores of one pass: this lane group's key `key` (its E channels in kf) against the R rows,
+// reduced over the LPK lanes of the key, -inf where the key is past key_end, padding, or outside
+// a row's [first, limit].
+template <int R, int E, int LPK>
+__device__ __forceinline__ void score_pass(const float (&q)[R][E], const float (&kf)[E], int key,
+                                           int key_end, const std::uint8_t* mask_row,
+                                           const int (&limit)[R], const int (&first)[R],
+                                           float (&s)[R]) {
+  float dot[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    dot[r] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) dot[r] = fmaf(q[r][e], kf[e], dot[r]);
+  }
+#pragma unroll
+  for (int offset = LPK / 2; offset > 0; offset /= 2) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) dot[r] += __shfl_xor_sync(kFullMask, dot[r], offset);
+  }
+  const bool attend = key < key_end && (mask_row == nullptr || __ldg(mask_row + key) != 0);
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    s[r] = attend && key <= limit[r] && key >= first[r] ? dot[r] : kNegInf;
+}
+
+// Online softmax over one tile of P passes: the tile max is reduced over the warp's lane groups,
+// m moves to it, l and acc are rescaled, and s[pass][r] becomes the probability (0 for -inf).
+template <int R, int P, int E, int LPK>
+__device__ __forceinline__ void softmax_tile(float (&s)[P][R], float (&m)[R], float (&l)[R],
+                                             float (&acc)[R][E]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float tile_max = s[0][r];
+#pragma unroll
+    for (int pass = 1; pass < P; ++pass) tile_max = fmaxf(tile_max, s[pass][r]);
+#pragma unroll
+    for (int offset = LPK; offset < 32; offset *= 2)
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, offset));
+    const float m_new = fmaxf(m[r], tile_max);
+    // m_new == -inf: nothing seen yet, everything is still 0 (and -inf - -inf must not happen).
+    const float alpha = m_new == kNegInf ? 1.0f : exp2f(m[r] - m_new);
+    m[r] = m_new;
+    l[r] *= alpha;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[r][e] *= alpha;
+#pragma unroll
+    for (int pass = 0; pass < P; ++pass) {
+      s[pass][r] = s[pass][r] == kNegInf ? 0.0f : exp2f(s[pass][r] - m_new);
+      l[r] += s[pass][r];
+    }
+  }
+}
+
+// acc[r] += p · v for one pass (vf: the pass's value channels of this lane).
+template <int R, int E>
+__device__ __forceinline__ void accumulate_pass(const float (&prob)[R], const float (&vf)[E],
+                                                float (&acc)[R][E]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[r][e] = fmaf(prob[r], vf[e], acc[r][e]);
+  }
+}
+
+// Floats of shared memory combine_warps needs.
+template <int D, int R>
+constexpr int combine_floats() {
+  return kDecodeWarps * R * D + 2 * kDecodeWarps * R;
+}
+
+// The end of a block: l and acc summed over the lane groups of each warp, the 4 warps' states
+// combined through `red` (combine_floats<D, R>() floats; every warp must be done with what `red`
+// overlays), and the block's rows written to `out` (one split) or to its partial.
+template <class T, int D, int R, int E, int LPK>
+__device__ __forceinline__ void combine_warps(const AttentionView& p, const SplitPlan& plan,
+                                              float* red, int unit, int split, int b, int kv_head,
+                                              int row0, float (&m)[R], float (&l)[R],
+                                              float (&acc)[R][E], float* __restrict__ partial_out,
+                                              float2* __restrict__ partial_stats) {
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int chunk = lane % LPK;
+#pragma unroll
+  for (int offset = LPK; offset < 32; offset *= 2) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      l[r] += __shfl_xor_sync(kFullMask, l[r], offset);
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[r][e] += __shfl_xor_sync(kFullMask, acc[r][e], offset);
+    }
+  }
+
+  allow_dependent_launch();
+  __syncthreads();  // every warp is done with what `red` overlays
+
+  //   red_out   [kDecodeWarps][R][D]  each warp's acc
+  //   red_max   [kDecodeWarps][R]     each warp's m
+  //   red_sum   [kDecodeWarps][R]     each warp's l
+  float* red_out = red;
+  float* red_max = red_out + kDecodeWarps * R * D;
+  float* red_sum = red_max + kDecodeWarps * R;
+  if (lane < LPK) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) red_out[(warp * R + r) * D + chunk * E + e] = acc[r][e];
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      red_max[warp * R + r] = m[r];
+      red_sum[warp * R + r] = l[r];
+    }
+  }
+  __syncthreads();
+
+  T* out = static_cast<T*>(p.out);
+  for (int idx = static_cast<int>(threadIdx.x); idx < R * D; idx += kDecodeThreads) {
+    const int r = idx / D, d = idx % D, row = row0 + r;
+    if (row >= p.rows) continue;
+    float block_max = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) block_max = fmaxf(block_max, red_max[w * R + r]);
+    float o = 0.0f, sum = 0.0f;
+    if (block_max != kNegInf) {
+#pragma unroll
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        const float f = exp2f(red_max[w * R + r] - block_max);  // exp2(-inf) = 0: empty warp
+        o = fmaf(f, red_out[(w * R + r) * D + d], o);
+        sum = fmaf(f, red_sum[w * R + r], sum);
+      }
+    }
+    if (plan.splits == 1) {
+      // sum >= 1 whenever a key was seen (the max key contributes exp2(0)); else zeros.
+      out[out_row_offset(p, b, kv_head, row) + d] = from_f32<T>(sum > 0.0f ? o / sum : 0.0f);
+    } else {
+      const std::int64_t prow =
+          (static_cast<std::int64_t>(unit) * plan.splits + split) * p.rows + row;
+      partial_out[prow * D + d] = o;
+      if (d == 0) partial_stats[prow] = make_float2(block_max, sum);
+    }
+  }
+}
+
 // How a warp covers key rows of D elements of T: each lane owns one 16-byte chunk of a row, the
 // kLanesPerKey lanes of a row reduce their partial dot products with shuffles, and a warp covers
 // kKeysPerPass keys at once. Every tile takes kPasses passes (4 for every T and D here).
@@ -130,30 +325,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
   // This lane's chunk of the block's R query rows, in registers, pre-scaled:
   //   q[r][e] = query[b, h(row0 + r), i(row0 + r), chunk · E + e] · scale · log2(e).
-  // Rows past p.rows (the last block's padding) are zeros that see no key.
+  // key j is visible to row r iff first[r] <= j <= limit[r] (and not padding).
   float q[R][E];
-  int limit[R];  // key j is visible to row r iff first[r] <= j <= limit[r] (and not padding)
-  int first[R];
-  int max_limit = -1;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int row = row0 + r;
-    if (row < p.rows) {
-      const T* src = static_cast<const T*>(p.query) + query_row_offset(p, b, kv_head, row);
-      float f[E];
-      chunk_to_float(src + chunk * E, f);
-#pragma unroll
-      for (int e = 0; e < E; ++e) q[r][e] = f[e] * p.scale_log2;
-      limit[r] = row_key_limit(p, row);
-      first[r] = row_key_first(p, row);
-    } else {
-#pragma unroll
-      for (int e = 0; e < E; ++e) q[r][e] = 0.0f;
-      limit[r] = -1;
-      first[r] = 0;
-    }
-    max_limit = max(max_limit, limit[r]);
-  }
+  int limit[R], first[R];
+  const int max_limit = load_query_slice<T, E, R>(p, b, kv_head, row0, chunk * E, q, limit, first);
 
   // The block's keys [key_begin, key_end): its split, cut at the causal frontier of its rows.
   const int key_begin = split * plan.keys_per_split;
@@ -233,48 +408,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
       const int k = pass * KPP + key_in_pass;
       float kf[E];
       chunk_to_float(keys_s + k * D + chunk * E, kf);
-      float dot[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        dot[r] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) dot[r] = fmaf(q[r][e], kf[e], dot[r]);
-      }
-#pragma unroll
-      for (int offset = LPK / 2; offset > 0; offset /= 2) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) dot[r] += __shfl_xor_sync(kFullMask, dot[r], offset);
-      }
-      const int key = key0 + k;
-      const bool attend = key < key_end && (mask_row == nullptr || __ldg(mask_row + key) != 0);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        s[pass][r] = attend && key <= limit[r] && key >= first[r] ? dot[r] : kNegInf;
-      }
+      score_pass<R, E, LPK>(q, kf, key0 + k, key_end, mask_row, limit, first, s[pass]);
     }
-
-    // Online softmax over the tile: new max (over the warp), rescale, probabilities.
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float tile_max = s[0][r];
-#pragma unroll
-      for (int pass = 1; pass < S::kPasses; ++pass) tile_max = fmaxf(tile_max, s[pass][r]);
-#pragma unroll
-      for (int offset = LPK; offset < 32; offset *= 2)
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, offset));
-      const float m_new = fmaxf(m[r], tile_max);
-      // m_new == -inf: nothing seen yet, everything is still 0 (and -inf - -inf must not happen).
-      const float alpha = m_new == kNegInf ? 1.0f : exp2f(m[r] - m_new);
-      m[r] = m_new;
-      l[r] *= alpha;
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc[r][e] *= alpha;
-#pragma unroll
-      for (int pass = 0; pass < S::kPasses; ++pass) {
-        s[pass][r] = s[pass][r] == kNegInf ? 0.0f : exp2f(s[pass][r] - m_new);
-        l[r] += s[pass][r];
-      }
-    }
+    softmax_tile<R, S::kPasses, E, LPK>(s, m, l, acc);
 
     // acc[r] += p · v over this lane group's keys (masked keys have p = 0 and, past the range,
     // zero-filled rows).
@@ -283,80 +419,174 @@ __global__ void __launch_bounds__(kDecodeThreads)
       const int k = pass * KPP + key_in_pass;
       float vf[E];
       chunk_to_float(values_s + k * D + chunk * E, vf);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int e = 0; e < E; ++e) acc[r][e] = fmaf(s[pass][r], vf[e], acc[r][e]);
-      }
+      accumulate_pass<R, E>(s[pass], vf, acc);
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
   cp_async_wait<0>();
+  // The pipeline buffers are reused for the cross-warp combine.
+  static_assert(combine_floats<D, R>() * 4 <= kDecodeSmemBytes);
+  combine_warps<T, D, R, E, LPK>(p, plan, reinterpret_cast<float*>(smem), unit, split, b, kv_head,
+                                 row0, m, l, acc, partial_out, partial_stats);
+}
 
-  // Sum l and acc over the lane groups of the warp (lanes with the same chunk).
+// --- the quantized decode kernel
+// ----------------------------------------------------------------------------
+//
+// decode_quant_kernel<T, D, R> (a QuantizedCache layer, attention_quantized: head_dim D = 64 or
+// 128, word-aligned blocks (QuantBlocksView::vec), 16-byte aligned residual rows, q_len <=
+// kMaxDecodeQLen): the decode kernel's shape, one block of 4 warps per (batch row, kv head, key
+// split, block of R packed query rows), each warp on its own tiles (w, w + 4, ...) with its own
+// online softmax, the warps combined once at the end. Each lane owns a run of 8 channels of a key
+// (D / 8 lanes per key, 32 / (D / 8) keys per pass) and nothing is staged in shared memory: for
+// every pass of a tile the lane loads its run's codes (one word) and their scales and minimums
+// from global memory, all before it uses any, and dequantizes in registers (code · scale + min,
+// the CPU's expression). Per-channel key metas are the same for every token of a key block: where
+// blocks hold whole tiles the lane keeps them in registers and reloads them once a block. Keys
+// from qb.tokens on are the full-precision residual, read 16 bytes at a time.
+constexpr int kQuantPasses = 4;  // passes per tile: the loads of 4 keys in flight per lane
+
+template <int D>
+struct QuantDecodeShape {
+  static constexpr int kElems = 8;                        // channels per lane
+  static constexpr int kLanesPerKey = D / kElems;         // 8 or 16
+  static constexpr int kKeysPerPass = 32 / kLanesPerKey;  // 4 or 2
+  static constexpr int kTileKeys = kKeysPerPass * kQuantPasses;
+  static constexpr int kBlockKeys = kTileKeys * kDecodeWarps;  // keys of one block round
+};
+
+template <class T, int D, int R>
+__global__ void __launch_bounds__(kDecodeThreads)
+    decode_quant_kernel(AttentionView p, const SplitPlan plan, float* __restrict__ partial_out,
+                        float2* __restrict__ partial_stats, const QuantBlocksView qb) {
+  grid_dependency_wait();  // launched overlapped: q and the residual are earlier kernels'
+  using S = QuantDecodeShape<D>;
+  constexpr int E = S::kElems, LPK = S::kLanesPerKey, KPP = S::kKeysPerPass, P = kQuantPasses;
+  __shared__ float red[combine_floats<D, R>()];
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int c0 = (lane % LPK) * E;     // this lane's channels [c0, c0 + 8)
+  const int key_in_pass = lane / LPK;  // which of the pass's keys this lane's group reads
+
+  int index = static_cast<int>(blockIdx.x);  // as the decode kernel
+  const int row_block = index % plan.row_blocks;
+  index /= plan.row_blocks;
+  const int split = index % plan.splits;
+  const int unit = index / plan.splits;
+  const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+  p.kv_len = visible_keys(p);
+  const int row0 = row_block * R;
+
+  float q[R][E];
+  int limit[R], first[R];
+  const int max_limit = load_query_slice<T, E, R>(p, b, kv_head, row0, c0, q, limit, first);
+  const int key_begin = split * plan.keys_per_split;
+  const int key_end = min(min(p.kv_len, key_begin + plan.keys_per_split), max_limit + 1);
+  const int tiles =
+      key_end > key_begin ? (key_end - key_begin + S::kTileKeys - 1) / S::kTileKeys : 0;
+  const int my_tiles = tiles > warp ? (tiles - warp + kDecodeWarps - 1) / kDecodeWarps : 0;
+
+  const T* key_base =
+      static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head;
+  const T* value_base =
+      static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head;
+  const std::uint8_t* mask_row = p.mask ? p.mask + b * p.mask_stride : nullptr;
+
+  float m[R], l[R], acc[R][E];
 #pragma unroll
-  for (int offset = LPK; offset < 32; offset *= 2) {
+  for (int r = 0; r < R; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.0f;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      l[r] += __shfl_xor_sync(kFullMask, l[r], offset);
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc[r][e] += __shfl_xor_sync(kFullMask, acc[r][e], offset);
-    }
+    for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
   }
 
-  allow_dependent_launch();
-  __syncthreads();  // every warp is done with its pipeline slice: the buffer is reused below
+  // Per-channel keys in blocks of whole tiles (chunk a multiple of kTileKeys; tiles start at
+  // multiples of it, and qb.tokens is a multiple of chunk): a tile lies in one key block, so the
+  // lane keeps its 8 channels' (scale, min) of that block in registers, reloaded only when the
+  // block changes, and a pass loads one code word for its key.
+  const bool cached_metas = qb.keys_per_channel && qb.chunk % S::kTileKeys == 0;
+  int meta_block = -1;
+  float2 kmeta[E];
+  const unsigned char* kcodes = nullptr;  // the key block's codes
+  const unsigned char* vblock = nullptr;  // the value block's first token record
+  const unsigned code_mask = (1u << qb.nbits) - 1u;
+  // Within a value token record: this lane's (scale, min) and its first code byte.
+  const int vmeta_at = (c0 / qb.token_group) * qb.meta_bytes;
+  const int vcodes_at = (qb.head_dim / qb.token_group) * qb.meta_bytes + (c0 * qb.nbits) / 8;
 
-  // Cross-warp combine, in the same shared memory (floats):
-  //   red_out   [kDecodeWarps][R][D]  each warp's acc
-  //   red_max   [kDecodeWarps][R]     each warp's m
-  //   red_sum   [kDecodeWarps][R]     each warp's l
-  float* red_out = reinterpret_cast<float*>(smem);
-  float* red_max = red_out + kDecodeWarps * R * D;
-  float* red_sum = red_max + kDecodeWarps * R;
-  static_assert((kDecodeWarps * R * D + 2 * kDecodeWarps * R) * 4 <= kDecodeSmemBytes);
-  if (lane < LPK) {
+  for (int local = 0; local < my_tiles; ++local) {
+    const int key0 = key_begin + (warp + local * kDecodeWarps) * S::kTileKeys;
+    if (cached_metas && key0 < qb.tokens) {  // warp-uniform
+      const int block = key0 / qb.chunk;
+      if (block != meta_block) {
+        meta_block = block;
+        const unsigned char* rec =
+            qb.keys + b * qb.key_row_stride +
+            (static_cast<std::int64_t>(block) * qb.heads + kv_head) * qb.key_head_bytes;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int e = 0; e < E; ++e) red_out[(warp * R + r) * D + chunk * E + e] = acc[r][e];
-    }
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      red_max[warp * R + r] = m[r];
-      red_sum[warp * R + r] = l[r];
-    }
-  }
-  __syncthreads();
-
-  T* out = static_cast<T*>(p.out);
-  for (int idx = static_cast<int>(threadIdx.x); idx < R * D; idx += kDecodeThreads) {
-    const int r = idx / D, d = idx % D, row = row0 + r;
-    if (row >= p.rows) continue;
-    float block_max = kNegInf;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) block_max = fmaxf(block_max, red_max[w * R + r]);
-    float o = 0.0f, sum = 0.0f;
-    if (block_max != kNegInf) {
-#pragma unroll
-      for (int w = 0; w < kDecodeWarps; ++w) {
-        const float f = exp2f(red_max[w * R + r] - block_max);  // exp2(-inf) = 0: empty warp
-        o = fmaf(f, red_out[(w * R + r) * D + d], o);
-        sum = fmaf(f, red_sum[w * R + r], sum);
+        for (int e = 0; e < E; ++e)
+          kmeta[e] = quant_meta_aligned(rec + (c0 + e) * qb.meta_bytes, qb.meta_bytes);
+        kcodes = rec + qb.head_dim * qb.meta_bytes;
+        vblock = qb.values + b * qb.value_row_stride +
+                 (static_cast<std::int64_t>(block) * qb.heads + kv_head) * qb.value_head_bytes;
       }
     }
-    if (plan.splits == 1) {
-      // sum >= 1 whenever a key was seen (the max key contributes exp2(0)); else zeros.
-      out[out_row_offset(p, b, kv_head, row) + d] = from_f32<T>(sum > 0.0f ? o / sum : 0.0f);
-    } else {
-      const std::int64_t prow =
-          (static_cast<std::int64_t>(unit) * plan.splits + split) * p.rows + row;
-      partial_out[prow * D + d] = o;
-      if (d == 0) partial_stats[prow] = make_float2(block_max, sum);
+    // Every pass's run of keys and values first (zeros past the range: p = 0 there, and 0 · 0
+    // keeps the sum clean), then the math.
+    float kf[P][E], vf[P][E];
+#pragma unroll
+    for (int pass = 0; pass < P; ++pass) {
+      const int key = key0 + pass * KPP + key_in_pass;
+      if (key < key_end && key < qb.tokens) {
+        if (cached_metas) {  // quant_key8's and quant_value8's arithmetic, no division
+          const int i = key - meta_block * qb.chunk;
+          const unsigned long long kbits =
+              quant_codes8(kcodes + ((i * qb.head_dim + c0) * qb.nbits) / 8, qb.nbits);
+          const unsigned char* vrec = vblock + i * qb.token_record;
+          const float2 vmeta = quant_meta_aligned(vrec + vmeta_at, qb.meta_bytes);
+          const unsigned long long vbits = quant_codes8(vrec + vcodes_at, qb.nbits);
+#pragma unroll
+          for (int e = 0; e < E; ++e) {
+            kf[pass][e] =
+                static_cast<float>(static_cast<unsigned>(kbits >> (e * qb.nbits)) & code_mask) *
+                    kmeta[e].x +
+                kmeta[e].y;
+            vf[pass][e] =
+                static_cast<float>(static_cast<unsigned>(vbits >> (e * qb.nbits)) & code_mask) *
+                    vmeta.x +
+                vmeta.y;
+          }
+        } else {
+          const Quant8 kq = quant_key8(qb, b, kv_head, key, c0);
+          const Quant8 vq = quant_value8(qb, b, kv_head, key, c0);
+#pragma unroll
+          for (int e = 0; e < E; ++e) {
+            kf[pass][e] = kq.x[e];
+            vf[pass][e] = vq.x[e];
+          }
+        }
+      } else if (key < key_end) {
+        const std::int64_t r = key - qb.tokens;
+        run_to_float<E>(key_base + r * p.k_stride_seq + c0, kf[pass]);
+        run_to_float<E>(value_base + r * p.v_stride_seq + c0, vf[pass]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) kf[pass][e] = vf[pass][e] = 0.0f;
+      }
     }
+    float s[P][R];
+#pragma unroll
+    for (int pass = 0; pass < P; ++pass) {
+      score_pass<R, E, LPK>(q, kf[pass], key0 + pass * KPP + key_in_pass, key_end, mask_row, limit,
+                            first, s[pass]);
+    }
+    softmax_tile<R, P, E, LPK>(s, m, l, acc);
+#pragma unroll
+    for (int pass = 0; pass < P; ++pass) accumulate_pass<R, E>(s[pass], vf[pass], acc);
   }
+  combine_warps<T, D, R, E, LPK>(p, plan, red, unit, split, b, kv_head, row0, m, l, acc,
+                                 partial_out, partial_stats);
 }
 
 // --- the tensor-core flash-decoding kernel -------------------------------------------------------
@@ -984,6 +1214,12 @@ int decode_blocks_per_sm() {
   return blocks;
 }
 
+template <class T, int D, int R>
+int quant_decode_blocks_per_sm() {
+  static const int blocks = configure(decode_quant_kernel<T, D, R>, kDecodeThreads, 0);
+  return blocks;
+}
+
 template <class T, int D>
 int mma_blocks_per_sm() {
   static const int blocks = configure(decode_mma_kernel<T, D>, kMmaThreads, kMmaSmemBytes);
@@ -1049,6 +1285,12 @@ KernelFacts kernel_facts(const AttentionView& view, DType dtype, const SplitPlan
           constexpr int kRound = MmaShape<D>::kBlockKeys;
           return {mma_blocks_per_sm<T, D>(), kRound, 2 * kRound};
         }
+      } else if (plan.kernel == SplitKernel::kDecodeQuant) {
+        using Shape = QuantDecodeShape<D>;
+        return dispatch_decode_rows(plan.rows_per_block, [&](auto rows) -> KernelFacts {
+          constexpr int R = decltype(rows)::value;
+          return {quant_decode_blocks_per_sm<T, D, R>(), Shape::kBlockKeys, 2 * Shape::kBlockKeys};
+        });
       } else {
         using Shape = DecodeShape<T, D>;
         return dispatch_decode_rows(plan.rows_per_block, [&](auto rows) -> KernelFacts {
@@ -1101,7 +1343,7 @@ SplitPlan plan_split(const AttentionView& view, DType dtype, SplitKernel kernel)
   plan.kernel = kernel;
   if (kernel == SplitKernel::kDecodeMma) {
     plan.rows_per_block = kMmaRows;  // one m16 tile; padding rows cost no bytes
-  } else if (kernel == SplitKernel::kDecode) {
+  } else if (kernel == SplitKernel::kDecode || kernel == SplitKernel::kDecodeQuant) {
     // The smallest of 1, 2, 4, 8 that holds all rows, or 8 (more rows: more row blocks, each
     // reading the same keys; they run side by side, so the repeats mostly come from L2).
     const int want = std::min(view.rows, 8);
@@ -1219,16 +1461,37 @@ cudaError_t launch_split_attention(const AttentionView& view, DType dtype, const
 cudaError_t launch_split_attention_quantized(const AttentionView& view, const QuantBlocksView& qb,
                                              DType dtype, const SplitPlan& plan, float* workspace,
                                              cudaStream_t stream) {
-  KVCACHE_CHECK(plan.kernel == SplitKernel::kGeneric,
-                "cuda::attention_quantized: expected a plan for the generic kernel");
+  KVCACHE_CHECK(plan.kernel == SplitKernel::kGeneric || plan.kernel == SplitKernel::kDecodeQuant,
+                "cuda::attention_quantized: expected a plan for the generic or the quantized "
+                "decode kernel");
+  KVCACHE_CHECK(plan.kernel == SplitKernel::kGeneric || qb.vec,
+                "cuda::attention_quantized: the quantized decode kernel needs word-aligned blocks");
   const SplitLaunch launch = split_launch(view, plan, workspace, "cuda::attention_quantized");
   return dispatch_float(dtype, "cuda::attention_quantized", [&](auto type_tag) -> cudaError_t {
     using T = decltype(type_tag);
-    (void)quant_generic_blocks_per_sm<T>();  // makes sure the shared-memory opt-in is done
-    cudaError_t status = launch_overlapped(
-        generic_attention_kernel<T, true>, launch.grid, dim3(kGenericThreads),
-        generic_smem_bytes(view.head_dim), stream, view, plan, launch.partial_out,
-        launch.partial_stats, qb);
+    cudaError_t status = cudaSuccess;
+    if (plan.kernel == SplitKernel::kDecodeQuant) {
+      dispatch_head_dim(view.head_dim, "cuda::attention_quantized", [&](auto dim) {
+        constexpr int D = decltype(dim)::value;
+        if constexpr (D == 0) {
+          KVCACHE_FAIL(
+              "cuda::attention_quantized: the decode kernel serves head_dim 64 or 128, got ",
+              view.head_dim);
+        } else {
+          dispatch_decode_rows(plan.rows_per_block, [&](auto rows) {
+            constexpr int R = decltype(rows)::value;
+            status = launch_overlapped(decode_quant_kernel<T, D, R>, launch.grid,
+                                       dim3(kDecodeThreads), 0, stream, view, plan,
+                                       launch.partial_out, launch.partial_stats, qb);
+          });
+        }
+      });
+    } else {
+      (void)quant_generic_blocks_per_sm<T>();  // makes sure the shared-memory opt-in is done
+      status = launch_overlapped(generic_attention_kernel<T, true>, launch.grid,
+                                 dim3(kGenericThreads), generic_smem_bytes(view.head_dim), stream,
+                                 view, plan, launch.partial_out, launch.partial_stats, qb);
+    }
     const cudaError_t last = cudaGetLastError();
     if (status == cudaSuccess) status = last;
     if (status != cudaSuccess || plan.splits == 1) return status;

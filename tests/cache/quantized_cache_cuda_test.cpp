@@ -4,7 +4,8 @@
 // of several ranges and signs, constant groups), the same residual views; update() dequantizes as
 // the CPU does up to an FMA's rounding. cuda::attention_quantized gives cpu::attention_quantized's
 // output (GQA, decode and prefill steps, padding, a sliding window over the block / residual
-// boundary, a row that sees no key) and, with no quantized tokens, cuda::attention's. Crop, beam
+// boundary, a row that sees no key) and, with no quantized tokens, cuda::attention's.
+// get_mask_sizes follows the tokens held across residual flushes, as on the CPU. Crop, beam
 // reorder, batch operations, reset and clone keep the two caches equal; errors leave the GPU cache
 // as it was; a GPU model over a GPU quantized cache gives the CPU model's logits, and generate()
 // with cache_implementation "quantized" follows a hand-written loop. Skips where no GPU is
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -21,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "cache/quantized_mask_sizes.hpp"
 #include "cuda_test_util.hpp"
 #include "kvcache/attention/mask.hpp"
 #include "kvcache/backend/cpu.hpp"
@@ -378,7 +381,6 @@ std::vector<std::uint8_t> attention_mask_bytes(std::int64_t batch, std::int64_t 
 
 TEST_F(QuantizedCacheCuda, AttentionMatchesTheCpu) {
   constexpr std::int64_t kAttnBatch = 3, kHeads = 4;  // GQA: 2 query heads per kv head
-  const float scale = 1.0f / std::sqrt(static_cast<float>(kDim));
   const QuantizedCacheOptions configs[] = {
       {.nbits = 4, .group_size = 8, .key_axis = QuantAxis::kPerChannel, .residual_length = 8},
       {.nbits = 2,
@@ -392,98 +394,110 @@ TEST_F(QuantizedCacheCuda, AttentionMatchesTheCpu) {
       {.nbits = 4, .group_size = 4, .key_axis = QuantAxis::kPerChannel, .residual_length = 8},
   };
   int cases = 0;
-  for (const QuantizedCacheOptions& o : configs)
-    for (const DType dtype : testing::kFloatTypes)
-      for (const std::int64_t q_len : {std::int64_t{1}, std::int64_t{3}, std::int64_t{20}})
-        for (const bool padded : {false, true})
-          for (const std::optional<std::int64_t> window :
-               {std::optional<std::int64_t>{}, std::optional<std::int64_t>{30}}) {
-            const std::string what = describe(o, dtype) + ", q_len " + std::to_string(q_len) +
-                                     (padded ? ", padded" : "") +
-                                     (window ? ", window " + std::to_string(*window) : "");
-            std::mt19937 rng(static_cast<unsigned>(100 * o.nbits + q_len));
-            CpuCache cpu(o);
-            GpuCache gpu(o), twin(o);  // twin: the same steps through update()
-            // 37 + 1 + 1 tokens held: blocks (16, 24 or 31 tokens by config) and a residual.
-            std::int64_t seen = 0;
-            for (const std::int64_t q : {std::int64_t{37}, std::int64_t{1}, std::int64_t{1}}) {
-              const Tensor k = random_tensor({kAttnBatch, kKvHeads, q, kDim}, dtype, rng);
-              const Tensor v = random_tensor({kAttnBatch, kKvHeads, q, kDim}, dtype, rng);
-              cpu.update_for_attention(k, v, 0);
-              gpu.update_for_attention(cuda::to_device(k), cuda::to_device(v), 0);
-              twin.update(cuda::to_device(k), cuda::to_device(v), 0);
-              seen += q;
-            }
-            const Tensor k = random_tensor({kAttnBatch, kKvHeads, q_len, kDim}, dtype, rng);
-            const Tensor v = random_tensor({kAttnBatch, kKvHeads, q_len, kDim}, dtype, rng);
-            const Tensor query = random_tensor({kAttnBatch, kHeads, q_len, kDim}, dtype, rng);
-            const AttentionKV c = cpu.update_for_attention(k, v, 0);
-            const AttentionKV g =
+  // head_dim 32 runs in the generic kernel; 64 and 128 in the quantized decode kernel for q_len 1
+  // and 3 where the blocks allow word loads (q_len 20: the generic kernel). At 128 the history is
+  // long enough for the decode to split over the keys and merge.
+  for (const std::int64_t dim : {kDim, std::int64_t{64}, std::int64_t{128}})
+    for (const QuantizedCacheOptions& o : configs)
+      for (const DType dtype : testing::kFloatTypes)
+        for (const std::int64_t q_len : {std::int64_t{1}, std::int64_t{3}, std::int64_t{20}})
+          for (const bool padded : {false, true})
+            for (const std::optional<std::int64_t> window :
+                 {std::optional<std::int64_t>{}, std::optional<std::int64_t>{30}}) {
+              const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+              const std::string what = describe(o, dtype) + ", head_dim " + std::to_string(dim) +
+                                       ", q_len " + std::to_string(q_len) +
+                                       (padded ? ", padded" : "") +
+                                       (window ? ", window " + std::to_string(*window) : "");
+              std::mt19937 rng(static_cast<unsigned>(100 * o.nbits + q_len));
+              CpuCache cpu(o);
+              GpuCache gpu(o), twin(o);  // twin: the same steps through update()
+              // 37 (600 at head_dim 128) + 1 + 1 tokens held: blocks and a residual.
+              std::int64_t seen = 0;
+              for (const std::int64_t q : {dim == 128 ? std::int64_t{600} : std::int64_t{37},
+                                           std::int64_t{1}, std::int64_t{1}}) {
+                const Tensor k = random_tensor({kAttnBatch, kKvHeads, q, dim}, dtype, rng);
+                const Tensor v = random_tensor({kAttnBatch, kKvHeads, q, dim}, dtype, rng);
+                cpu.update_for_attention(k, v, 0);
                 gpu.update_for_attention(cuda::to_device(k), cuda::to_device(v), 0);
-            ASSERT_TRUE(c.quantized && g.quantized) << what;
-            ASSERT_EQ(view_difference(*g.quantized, *c.quantized), "") << what;
-            const std::int64_t kv_len = seen + q_len;
-            ASSERT_GT(c.quantized->tokens, 0) << what;
-            ASSERT_LT(c.quantized->tokens, seen - 6) << what << ": some held keys in the residual";
-            ASSERT_EQ(c.quantized->tokens + c.keys.size(2), kv_len) << what;
-            if (window) {
-              // The window of the step's first query (keys seen - 29 .. seen) reaches into the
-              // blocks and the residual.
-              ASSERT_LT(seen - *window + 1, c.quantized->tokens) << what;
-            }
+                twin.update(cuda::to_device(k), cuda::to_device(v), 0);
+                seen += q;
+              }
+              const Tensor k = random_tensor({kAttnBatch, kKvHeads, q_len, dim}, dtype, rng);
+              const Tensor v = random_tensor({kAttnBatch, kKvHeads, q_len, dim}, dtype, rng);
+              const Tensor query = random_tensor({kAttnBatch, kHeads, q_len, dim}, dtype, rng);
+              const AttentionKV c = cpu.update_for_attention(k, v, 0);
+              const AttentionKV g =
+                  gpu.update_for_attention(cuda::to_device(k), cuda::to_device(v), 0);
+              ASSERT_TRUE(c.quantized && g.quantized) << what;
+              ASSERT_EQ(view_difference(*g.quantized, *c.quantized), "") << what;
+              const std::int64_t kv_len = seen + q_len;
+              ASSERT_GT(c.quantized->tokens, 0) << what;
+              ASSERT_LT(c.quantized->tokens, seen - 6)
+                  << what << ": some held keys in the residual";
+              ASSERT_EQ(c.quantized->tokens + c.keys.size(2), kv_len) << what;
+              if (window) {
+                // The window of the step's first query (keys seen - 29 .. seen) reaches into the
+                // blocks and the residual.
+                ASSERT_LT(seen - *window + 1, c.quantized->tokens) << what;
+              }
 
-            const std::vector<std::uint8_t> mask =
-                padded ? attention_mask_bytes(kAttnBatch, kv_len, seen)
-                       : std::vector<std::uint8_t>();
-            const std::vector<std::int64_t> pos = make_cache_position(seen, q_len);
-            const Tensor cpu_out = Tensor::empty({kAttnBatch, q_len, kHeads, kDim}, dtype);
-            cpu::attention_quantized(query, *c.quantized, c.keys, c.values, mask, pos, 0, scale,
-                                     cpu_out, window);
-            const Tensor dmask = mask.empty() ? Tensor() : cuda::upload(mask.data(), mask.size());
-            const Tensor dpos = cuda::to_device(
-                Tensor::from_blob(const_cast<std::int64_t*>(pos.data()), {q_len}, DType::kInt64));
-            const Tensor dquery = cuda::to_device(query);
-            const Tensor gpu_out =
-                testing::poisoned_device({kAttnBatch, q_len, kHeads, kDim}, dtype);
-            cuda::attention_quantized(dquery, *g.quantized, g.keys, g.values, dmask, dpos, 0, scale,
-                                      gpu_out, window);
-            const std::vector<double> got = to_doubles(cuda::to_host(gpu_out));
-            const std::vector<double> want = to_doubles(cpu_out);
-            ASSERT_EQ(got.size(), want.size());
-            std::size_t non_finite = 0;
-            for (double x : got) non_finite += std::isfinite(x) ? 0 : 1;
-            EXPECT_EQ(non_finite, 0u) << what << ": outputs left unwritten or NaN";
-            // Relative to max(|expected|, 0.01): float32 noise on outputs near zero is not an
-            // error.
-            const testing::ErrorStats e = testing::compare(got, want, 1e-2);
-            EXPECT_LT(e.max_rel, testing::attention_tolerance(dtype)) << what;
-            if (padded) {
-              // Row 2's first query sees no key: zeros on both backends, never NaN.
-              for (std::int64_t h = 0; h < kHeads; ++h)
-                for (std::int64_t c2 = 0; c2 < kDim; ++c2) {
-                  const auto i =
-                      static_cast<std::size_t>(((2 * q_len + 0) * kHeads + h) * kDim + c2);
-                  EXPECT_EQ(got[i], 0.0) << what << ": the fully masked row, head " << h;
-                  EXPECT_EQ(want[i], 0.0) << what << ": the CPU's fully masked row, head " << h;
-                }
+              const std::vector<std::uint8_t> mask =
+                  padded ? attention_mask_bytes(kAttnBatch, kv_len, seen)
+                         : std::vector<std::uint8_t>();
+              const std::vector<std::int64_t> pos = make_cache_position(seen, q_len);
+              const Tensor cpu_out = Tensor::empty({kAttnBatch, q_len, kHeads, dim}, dtype);
+              cpu::attention_quantized(query, *c.quantized, c.keys, c.values, mask, pos, 0, scale,
+                                       cpu_out, window);
+              const Tensor dmask = mask.empty() ? Tensor() : cuda::upload(mask.data(), mask.size());
+              const Tensor dpos = cuda::to_device(
+                  Tensor::from_blob(const_cast<std::int64_t*>(pos.data()), {q_len}, DType::kInt64));
+              const Tensor dquery = cuda::to_device(query);
+              const Tensor gpu_out =
+                  testing::poisoned_device({kAttnBatch, q_len, kHeads, dim}, dtype);
+              cuda::attention_quantized(dquery, *g.quantized, g.keys, g.values, dmask, dpos, 0,
+                                        scale, gpu_out, window);
+              const std::vector<double> got = to_doubles(cuda::to_host(gpu_out));
+              const std::vector<double> want = to_doubles(cpu_out);
+              ASSERT_EQ(got.size(), want.size());
+              std::size_t non_finite = 0;
+              for (double x : got) non_finite += std::isfinite(x) ? 0 : 1;
+              EXPECT_EQ(non_finite, 0u) << what << ": outputs left unwritten or NaN";
+              // Relative to max(|expected|, 0.01): float32 noise on outputs near zero is not an
+              // error.
+              const testing::ErrorStats e = testing::compare(got, want, 1e-2);
+              EXPECT_LT(e.max_rel, testing::attention_tolerance(dtype)) << what;
+              if (padded) {
+                // Row 2's first query sees no key: zeros on both backends, never NaN.
+                for (std::int64_t h = 0; h < kHeads; ++h)
+                  for (std::int64_t c2 = 0; c2 < dim; ++c2) {
+                    const auto i =
+                        static_cast<std::size_t>(((2 * q_len + 0) * kHeads + h) * dim + c2);
+                    EXPECT_EQ(got[i], 0.0) << what << ": the fully masked row, head " << h;
+                    EXPECT_EQ(want[i], 0.0) << what << ": the CPU's fully masked row, head " << h;
+                  }
+              }
+              if (dtype == DType::kFloat32) {
+                // The GPU's own dequantize-then-attend: cuda::attention over update()'s tensors.
+                const auto [fk, fv] = twin.update(cuda::to_device(k), cuda::to_device(v), 0);
+                ASSERT_EQ(fk.size(2), kv_len) << what;
+                const Tensor plain =
+                    testing::poisoned_device({kAttnBatch, q_len, kHeads, dim}, dtype);
+                cuda::attention(dquery, fk, fv, dmask, dpos, 0, scale, plain, window);
+                // Two float32 kernels summing in different orders (lane groups, warps, the split
+                // merge): float32 noise, relative to max(|expected|, 0.01) as above.
+                const testing::ErrorStats p =
+                    testing::compare(got, to_doubles(cuda::to_host(plain)), 1e-2);
+                EXPECT_LT(p.max_rel, 1e-4) << what << ": against cuda::attention over update()";
+              }
+              if (HasFatalFailure()) return;
+              ++cases;
             }
-            if (dtype == DType::kFloat32) {
-              // The GPU's own dequantize-then-attend: cuda::attention over update()'s tensors.
-              const auto [fk, fv] = twin.update(cuda::to_device(k), cuda::to_device(v), 0);
-              ASSERT_EQ(fk.size(2), kv_len) << what;
-              const Tensor plain =
-                  testing::poisoned_device({kAttnBatch, q_len, kHeads, kDim}, dtype);
-              cuda::attention(dquery, fk, fv, dmask, dpos, 0, scale, plain, window);
-              const testing::ErrorStats p = testing::compare(got, to_doubles(cuda::to_host(plain)));
-              EXPECT_LT(p.max_rel, 2e-5) << what << ": against cuda::attention over update()";
-            }
-            if (HasFatalFailure()) return;
-            ++cases;
-          }
-  EXPECT_EQ(cases, 4 * 3 * 3 * 2 * 2);
+  EXPECT_EQ(cases, 3 * 4 * 3 * 3 * 2 * 2);
 
   // With no quantized token yet (a residual of 64), attention_quantized is cuda::attention over
   // the residual, bit for bit.
+  const float scale = 1.0f / std::sqrt(static_cast<float>(kDim));
   for (const DType dtype : testing::kFloatTypes)
     for (const bool padded : {false, true}) {
       std::mt19937 rng(77);
@@ -523,6 +537,10 @@ TEST_F(QuantizedCacheCuda, AttentionMatchesTheCpu) {
         seen += q_len;
       }
     }
+}
+
+TEST_F(QuantizedCacheCuda, MaskSizesAreSeqLengthPlusQueryAcrossFlushes) {
+  testing::expect_quantized_mask_sizes_follow_the_tokens<cuda::Backend>();
 }
 
 TEST_F(QuantizedCacheCuda, CropReorderBatchOpsResetAndCloneMatchTheCpu) {
@@ -799,11 +817,11 @@ TEST_F(QuantizedCacheCuda, ErrorsLeaveTheCacheUnchanged) {
 // last bits, so a value lying on a code's rounding boundary may get another code; the block bytes
 // are compared, and only where they differ is the bound looser. generate() with
 // cache_implementation "quantized" on the GPU gives the hand-written GPU loop's tokens.
-TEST_F(QuantizedCacheCuda, ModelLogitsMatchTheCpuAndGenerateFollowsTheLoop) {
-  const std::string dir = std::string(KVCACHE_TEST_DATA_DIR) + "/llama_gqa";
-  const LlamaModel gpu_model =
-      LlamaModel::from_pretrained(dir, {.dtype = DType::kFloat32, .device = Device::kCuda});
-  const LlamaModel cpu_model = LlamaModel::from_pretrained(dir, {.dtype = DType::kFloat32});
+// One model in float32 on both backends over 4-bit quantized caches: the GPU's logits
+// teacher-forced along the CPU's greedy tokens, the two caches' block bytes, and generate() on the
+// GPU against the GPU's own loop.
+void expect_quantized_model_matches(const LlamaModel& gpu_model, const LlamaModel& cpu_model,
+                                    const char* name) {
   // Per-channel key blocks of 16 tokens, 8 kept in full precision: blocks are flushed at the
   // 24th and 40th tokens.
   const QuantizedCacheOptions opts{.nbits = 4, .group_size = 16, .residual_length = 8};
@@ -883,9 +901,9 @@ TEST_F(QuantizedCacheCuda, ModelLogitsMatchTheCpuAndGenerateFollowsTheLoop) {
       worst_step = i;
     }
   }
-  std::cout << "[ quantized 4-bit, GPU vs CPU ] worst relative logit error over " << kSteps
-            << " steps: " << worst << " (step " << worst_step << "); " << differing << " of "
-            << total << " block bytes differ between the two models' caches\n";
+  std::cout << "[ quantized 4-bit, GPU vs CPU ] " << name << ": worst relative logit error over "
+            << kSteps << " steps: " << worst << " (step " << worst_step << "); " << differing
+            << " of " << total << " block bytes differ between the two models' caches\n";
   EXPECT_LT(worst, differing == 0 ? 1e-4 : 2e-3)
       << "worst relative logit error at step " << worst_step << " (" << differing
       << " block bytes differ)";
@@ -912,10 +930,27 @@ TEST_F(QuantizedCacheCuda, ModelLogitsMatchTheCpuAndGenerateFollowsTheLoop) {
   }
   // Both caches saw the prompt and kSteps - 1 tokens in the same steps.
   EXPECT_EQ(gen.cache_bytes, loop_cache.nbytes());
-  EXPECT_LT(gen.cache_bytes,
-            std::size_t{2 * 2 * 16 * 4} * (6 + kSteps - 1) * static_cast<std::size_t>(layers))
+  const ModelConfig& c = cpu_model.config();
+  EXPECT_LT(gen.cache_bytes, static_cast<std::size_t>(2 * c.num_key_value_heads * c.head_dim * 4) *
+                                 (6 + kSteps - 1) * static_cast<std::size_t>(layers))
       << "fewer bytes than float32 keys and values";
   EXPECT_EQ(gen.graph_steps, 0);  // kernel by kernel: the storage moves as it grows
+}
+
+TEST_F(QuantizedCacheCuda, ModelLogitsMatchTheCpuAndGenerateFollowsTheLoop) {
+  const std::string dir = std::string(KVCACHE_TEST_DATA_DIR) + "/llama_gqa";
+  expect_quantized_model_matches(
+      LlamaModel::from_pretrained(dir, {.dtype = DType::kFloat32, .device = Device::kCuda}),
+      LlamaModel::from_pretrained(dir, {.dtype = DType::kFloat32}), "llama_gqa");
+}
+
+TEST_F(QuantizedCacheCuda, DefaultModelLogitsMatchTheCpu) {
+  // head_dim 64 and 3 query heads per kv head: the quantized decode kernel's shape.
+  const std::string path = KVCACHE_DEFAULT_MODEL_PATH;
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "no default model (scripts/setup-model.sh)";
+  expect_quantized_model_matches(
+      LlamaModel::from_gguf(path, {.dtype = DType::kFloat32, .device = Device::kCuda}),
+      LlamaModel::from_gguf(path, {.dtype = DType::kFloat32}), "default model");
 }
 
 }  // namespace
