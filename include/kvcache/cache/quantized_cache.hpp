@@ -354,7 +354,8 @@ class QuantizedCache final : public Cache<B> {
   }
   void batch_repeat_interleave(std::int64_t repeats) override {
     detail::out_of_memory_as_error("QuantizedCache::batch_repeat_interleave", [&]() {
-      gather(detail::repeat_rows(repeats, batch_size(), "QuantizedCache"), "batch_repeat_interleave");
+      gather(detail::repeat_rows(repeats, batch_size(), "QuantizedCache"),
+             "batch_repeat_interleave");
     });
   }
   void batch_select_indices(std::span<const std::int64_t> indices) override {
