@@ -136,33 +136,34 @@ void attention_impl(const Tensor& query, const Tensor& keys, const Tensor& value
                     : 0;
 
   const cudaStream_t stream = detail::stream();
+  const bool decode = q_len <= detail::kMaxDecodeQLen;
+  const bool fast_rows =
+      (head_dim == 64 || head_dim == 128) && detail::rows_are_16b_aligned(view, dtype);
+  // Split partials: float32 [units, splits, rows, head_dim] then float2 [units, splits, rows]
+  // (attention.cuh); from the stream-ordered pool, released once the merge has run.
+  auto split_workspace = [&](const detail::SplitPlan& plan) {
+    return plan.splits > 1 ? empty({detail::split_workspace_floats(view, plan)}, DType::kFloat32)
+                           : Tensor();
+  };
   if (quant_tokens > 0) {
     // Blocks and residual in one flash loop, split over the keys and merged for decode: the
     // quantized decode kernel where the layout allows word loads, else the generic kernel (every
     // tile staged through shared memory as float32).
     const detail::QuantBlocksView qb = detail::quant_blocks_view(*quant, where);
-    const bool fast = q_len <= detail::kMaxDecodeQLen && qb.vec &&
-                      (head_dim == 64 || head_dim == 128) &&
-                      detail::rows_are_16b_aligned(view, dtype);
-    const detail::SplitPlan plan = detail::plan_split(
-        view, dtype, fast ? detail::SplitKernel::kDecodeQuant : detail::SplitKernel::kGeneric);
-    Tensor workspace;
-    float* partials = nullptr;
-    if (plan.splits > 1) {
-      workspace = empty({detail::split_workspace_floats(view, plan)}, DType::kFloat32);
-      partials = workspace.data_as<float>();
-    }
+    const detail::SplitPlan plan =
+        detail::plan_split(view, dtype,
+                           decode && fast_rows && qb.vec ? detail::SplitKernel::kDecodeQuant
+                                                         : detail::SplitKernel::kGeneric);
+    const Tensor workspace = split_workspace(plan);
+    float* partials = workspace.defined() ? workspace.data_as<float>() : nullptr;
     KVCACHE_CUDA_CHECK(
         detail::launch_split_attention_quantized(view, qb, dtype, plan, partials, stream));
     return;
   }
-  const bool decode = q_len <= detail::kMaxDecodeQLen;
   if (!decode && detail::prefill_supported(view, dtype)) {
     KVCACHE_CUDA_CHECK(detail::launch_prefill_attention(view, dtype, stream));
     return;
   }
-  const bool fast_rows =
-      (head_dim == 64 || head_dim == 128) && detail::rows_are_16b_aligned(view, dtype);
   const bool half_type = dtype == DType::kBFloat16 || dtype == DType::kFloat16;
   detail::SplitKernel kernel = detail::SplitKernel::kGeneric;
   if (decode && fast_rows) {
@@ -170,14 +171,8 @@ void attention_impl(const Tensor& query, const Tensor& keys, const Tensor& value
                                                : detail::SplitKernel::kDecode;
   }
   const detail::SplitPlan plan = detail::plan_split(view, dtype, kernel);
-  // Split partials: float32 [units, splits, rows, head_dim] then float2 [units, splits, rows]
-  // (attention.cuh); from the stream-ordered pool, released once the merge has run.
-  Tensor workspace;
-  float* partials = nullptr;
-  if (plan.splits > 1) {
-    workspace = empty({detail::split_workspace_floats(view, plan)}, DType::kFloat32);
-    partials = workspace.data_as<float>();
-  }
+  const Tensor workspace = split_workspace(plan);
+  float* partials = workspace.defined() ? workspace.data_as<float>() : nullptr;
   KVCACHE_CUDA_CHECK(detail::launch_split_attention(view, dtype, plan, partials, stream));
 }
 
