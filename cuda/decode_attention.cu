@@ -283,6 +283,53 @@ __device__ __forceinline__ void combine_warps(const AttentionView& p, const Spli
   }
 }
 
+// One block of a split launch: blockIdx.x = (unit · splits + split) · row_blocks + row_block,
+// unit = b · num_kv_heads + kv_head (the row blocks of one split read the same keys side by side),
+// and the bases of its batch row and kv head. Sets p.kv_len to the step's key count, so every
+// later use sees it.
+template <class T>
+struct SplitBlock {
+  int unit, split, b, kv_head, row0;  // unit = b · num_kv_heads + kv_head; row0: first query row
+  const T* key_base;
+  const T* value_base;
+  const std::uint8_t* mask_row;  // null without a padding mask
+};
+
+template <class T>
+__device__ __forceinline__ SplitBlock<T> split_block(AttentionView& p, const SplitPlan& plan,
+                                                     int rows_per_block) {
+  int index = static_cast<int>(blockIdx.x);
+  const int row_block = index % plan.row_blocks;
+  index /= plan.row_blocks;
+  const int split = index % plan.splits;
+  const int unit = index / plan.splits;
+  const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+  p.kv_len = visible_keys(p);
+  return {unit,
+          split,
+          b,
+          kv_head,
+          row_block * rows_per_block,
+          static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head,
+          static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head,
+          p.mask ? p.mask + b * p.mask_stride : nullptr};
+}
+
+// The block's keys [begin, end): its split, cut at the causal frontier of its rows (max_limit, the
+// last key any of them sees).
+__device__ __forceinline__ int2 split_keys(const AttentionView& p, const SplitPlan& plan, int split,
+                                           int max_limit) {
+  const int begin = split * plan.keys_per_split;
+  return make_int2(begin, min(min(p.kv_len, begin + plan.keys_per_split), max_limit + 1));
+}
+
+// How many of the tiles of tile_keys keys over [begin, end) warp `warp` of `warps` takes (tiles
+// warp, warp + warps, ...).
+__device__ __forceinline__ int warp_tiles(int2 keys, int tile_keys, int warp, int warps) {
+  const int tiles = keys.y > keys.x ? (keys.y - keys.x + tile_keys - 1) / tile_keys : 0;
+  return tiles > warp ? (tiles - warp + warps - 1) / warps : 0;
+}
+
 // How a warp covers key rows of D elements of T: each lane owns one 16-byte chunk of a row, the
 // kLanesPerKey lanes of a row reduce their partial dot products with shuffles, and a warp covers
 // kKeysPerPass keys at once. Every tile takes kPasses passes (4 for every T and D here).
@@ -313,15 +360,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int chunk = lane % LPK;        // the 16-byte chunk of a row this lane reads
   const int key_in_pass = lane / LPK;  // which of the pass's keys this lane's group reads
 
-  // blockIdx.x = (unit · splits + split) · row_blocks + row_block, unit = b · num_kv_heads + kvh.
-  int index = static_cast<int>(blockIdx.x);
-  const int row_block = index % plan.row_blocks;
-  index /= plan.row_blocks;
-  const int split = index % plan.splits;
-  const int unit = index / plan.splits;
-  const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
-  p.kv_len = visible_keys(p);  // every later use of kv_len sees the step's key count
-  const int row0 = row_block * R;
+  const SplitBlock<T> blk = split_block<T>(p, plan, R);  // sets p.kv_len
+  const int b = blk.b, kv_head = blk.kv_head, row0 = blk.row0, split = blk.split, unit = blk.unit;
 
   // This lane's chunk of the block's R query rows, in registers, pre-scaled:
   //   q[r][e] = query[b, h(row0 + r), i(row0 + r), chunk · E + e] · scale · log2(e).
@@ -330,18 +370,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
   int limit[R], first[R];
   const int max_limit = load_query_slice<T, E, R>(p, b, kv_head, row0, chunk * E, q, limit, first);
 
-  // The block's keys [key_begin, key_end): its split, cut at the causal frontier of its rows.
-  const int key_begin = split * plan.keys_per_split;
-  const int key_end = min(min(p.kv_len, key_begin + plan.keys_per_split), max_limit + 1);
-  const int tiles =
-      key_end > key_begin ? (key_end - key_begin + S::kTileKeys - 1) / S::kTileKeys : 0;
-  const int my_tiles = tiles > warp ? (tiles - warp + kDecodeWarps - 1) / kDecodeWarps : 0;
+  const int2 keys = split_keys(p, plan, split, max_limit);  // the block's [begin, end)
+  const int key_begin = keys.x, key_end = keys.y;
+  const int my_tiles = warp_tiles(keys, S::kTileKeys, warp, kDecodeWarps);
 
-  const T* key_base =
-      static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head;
-  const T* value_base =
-      static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head;
-  const std::uint8_t* mask_row = p.mask ? p.mask + b * p.mask_stride : nullptr;
+  const T *key_base = blk.key_base, *value_base = blk.value_base;
+  const std::uint8_t* mask_row = blk.mask_row;
 
   // This warp's slice: stage s holds the key tile [kTileKeys][D] at s · 2 · kTileBytes and the
   // value tile right after it, rows packed (row k of the tile = key key0 + k), unswizzled: a pass
@@ -468,29 +502,18 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int c0 = (lane % LPK) * E;     // this lane's channels [c0, c0 + 8)
   const int key_in_pass = lane / LPK;  // which of the pass's keys this lane's group reads
 
-  int index = static_cast<int>(blockIdx.x);  // as the decode kernel
-  const int row_block = index % plan.row_blocks;
-  index /= plan.row_blocks;
-  const int split = index % plan.splits;
-  const int unit = index / plan.splits;
-  const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
-  p.kv_len = visible_keys(p);
-  const int row0 = row_block * R;
+  const SplitBlock<T> blk = split_block<T>(p, plan, R);  // sets p.kv_len
+  const int b = blk.b, kv_head = blk.kv_head, row0 = blk.row0, split = blk.split, unit = blk.unit;
 
   float q[R][E];
   int limit[R], first[R];
   const int max_limit = load_query_slice<T, E, R>(p, b, kv_head, row0, c0, q, limit, first);
-  const int key_begin = split * plan.keys_per_split;
-  const int key_end = min(min(p.kv_len, key_begin + plan.keys_per_split), max_limit + 1);
-  const int tiles =
-      key_end > key_begin ? (key_end - key_begin + S::kTileKeys - 1) / S::kTileKeys : 0;
-  const int my_tiles = tiles > warp ? (tiles - warp + kDecodeWarps - 1) / kDecodeWarps : 0;
+  const int2 keys = split_keys(p, plan, split, max_limit);  // the block's [begin, end)
+  const int key_begin = keys.x, key_end = keys.y;
+  const int my_tiles = warp_tiles(keys, S::kTileKeys, warp, kDecodeWarps);
 
-  const T* key_base =
-      static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head;
-  const T* value_base =
-      static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head;
-  const std::uint8_t* mask_row = p.mask ? p.mask + b * p.mask_stride : nullptr;
+  const T *key_base = blk.key_base, *value_base = blk.value_base;
+  const std::uint8_t* mask_row = blk.mask_row;
 
   float m[R], l[R], acc[R][E];
 #pragma unroll
@@ -641,16 +664,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int group_id = lane >> 2, tig = lane & 3;  // the mma fragment coordinates
 
-  // blockIdx.x = (unit · splits + split) · row_blocks + row_block, unit = b · num_kv_heads + kvh
-  // (as the SIMT kernels: the row blocks of one split read the same keys side by side).
-  int index = static_cast<int>(blockIdx.x);
-  const int row_block = index % plan.row_blocks;
-  index /= plan.row_blocks;
-  const int split = index % plan.splits;
-  const int unit = index / plan.splits;
-  const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
-  p.kv_len = visible_keys(p);  // every later use of kv_len sees the step's key count
-  const int row0 = row_block * kMmaRows;
+  const SplitBlock<T> blk = split_block<T>(p, plan, kMmaRows);  // sets p.kv_len
+  const int b = blk.b, kv_head = blk.kv_head, row0 = blk.row0, split = blk.split, unit = blk.unit;
 
   // This thread's two rows in the fragment layouts: row0 + group_id (a) and row0 + group_id + 8.
   const int row_a = row0 + group_id, row_b = row_a + 8;
@@ -662,16 +677,13 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   // Every warp holds the same 16 rows: the block's frontier is the max over one warp.
   const int max_limit = __reduce_max_sync(kFullMask, max(limit_a, limit_b));
 
-  // The block's keys [key_begin, key_end): its split, cut at the causal frontier of its rows.
-  const int key_begin = split * plan.keys_per_split;
-  const int key_end = min(min(p.kv_len, key_begin + plan.keys_per_split), max_limit + 1);
+  const int2 keys = split_keys(p, plan, split, max_limit);  // the block's [begin, end)
+  const int key_begin = keys.x, key_end = keys.y;
   // Clamped to the block's keys, the limits alone decide the range: key j of a tile is in range
   // and causally visible to row a iff j <= limit_a (j >= key_begin always holds).
   limit_a = min(limit_a, key_end - 1);
   limit_b = min(limit_b, key_end - 1);
-  const int tiles =
-      key_end > key_begin ? (key_end - key_begin + S::kTileKeys - 1) / S::kTileKeys : 0;
-  const int my_tiles = tiles > warp ? (tiles - warp + kMmaWarps - 1) / kMmaWarps : 0;
+  const int my_tiles = warp_tiles(keys, S::kTileKeys, warp, kMmaWarps);
 
   // A fragments of Q (16 rows × D), straight from global memory: for k-step ks,
   //   [0] = Q[a][ks·16 + 2·tig, +1], [1] = Q[b][same], [2] = Q[a][ks·16 + 8 + 2·tig, +1],
@@ -691,11 +703,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     }
   }
 
-  const T* key_base =
-      static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head;
-  const T* value_base =
-      static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head;
-  const std::uint8_t* mask_row = p.mask ? p.mask + b * p.mask_stride : nullptr;
+  const T *key_base = blk.key_base, *value_base = blk.value_base;
+  const std::uint8_t* mask_row = blk.mask_row;
 
   // This warp's slice: stage s holds the key tile [kTileKeys][D] (swizzled) at s · 2 · kTileBytes
   // and the value tile right after it.
@@ -944,15 +953,8 @@ __global__ void __launch_bounds__(kGenericThreads)
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32;
 
-  // blockIdx.x = (unit · splits + split) · row_blocks + row_block (as the decode kernel).
-  int index = static_cast<int>(blockIdx.x);
-  const int row_block = index % plan.row_blocks;
-  index /= plan.row_blocks;
-  const int split = index % plan.splits;
-  const int unit = index / plan.splits;
-  const int b = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
-  p.kv_len = visible_keys(p);  // every later use of kv_len sees the step's key count
-  const int row0 = row_block * kGenericRows;
+  const SplitBlock<T> blk = split_block<T>(p, plan, kGenericRows);  // sets p.kv_len
+  const int b = blk.b, kv_head = blk.kv_head, row0 = blk.row0, split = blk.split, unit = blk.unit;
 
   // This warp's rows are row0 + warp · 4 + k; the block's frontier is the max over all 16.
   int limit[kGenericRowsPerWarp], first[kGenericRowsPerWarp];
@@ -966,8 +968,8 @@ __global__ void __launch_bounds__(kGenericThreads)
   for (int rr = 0; rr < kGenericRows; ++rr) {
     if (row0 + rr < p.rows) max_limit = max(max_limit, row_key_limit(p, row0 + rr));
   }
-  const int key_begin = split * plan.keys_per_split;
-  const int key_end = min(min(p.kv_len, key_begin + plan.keys_per_split), max_limit + 1);
+  const int2 keys = split_keys(p, plan, split, max_limit);  // the block's [begin, end)
+  const int key_begin = keys.x, key_end = keys.y;
 
   const T* query = static_cast<const T*>(p.query);
   for (int idx = tid; idx < kGenericRows * D; idx += kGenericThreads) {
@@ -976,11 +978,8 @@ __global__ void __launch_bounds__(kGenericThreads)
                             : 0.0f;
   }
 
-  const T* key_base =
-      static_cast<const T*>(p.keys) + b * p.k_stride_batch + kv_head * p.k_stride_head;
-  const T* value_base =
-      static_cast<const T*>(p.values) + b * p.v_stride_batch + kv_head * p.v_stride_head;
-  const std::uint8_t* mask_row = p.mask ? p.mask + b * p.mask_stride : nullptr;
+  const T *key_base = blk.key_base, *value_base = blk.value_base;
+  const std::uint8_t* mask_row = blk.mask_row;
 
   float m[kGenericRowsPerWarp], l[kGenericRowsPerWarp];
   float acc[kGenericRowsPerWarp][kGenericMaxDimsPerLane];  // dims lane + 32 t

@@ -13,6 +13,12 @@
 // - BM_PrefillAttentionCuda/<shape>/512: a 512-token causal prefill from an empty cache, batch 1,
 //   TinyLlama's attention (32 / 4 heads, head_dim 64) and Llama-2-7B's (32 / 32, head_dim 128),
 //   bfloat16, in TFLOP/s (4 · heads · head_dim flops per visible (query, key) pair).
+// - BM_OffloadedCacheUpdate/<context> and BM_DynamicCacheUpdateCuda/<context>: one decode step's
+//   cache updates (one token into each of kUpdateLayers layers, batch 1, 8 kv heads, head_dim 128,
+//   bfloat16) at a context of <context> tokens, with no attention between them: what the cache
+//   itself costs a step. The offloaded cache moves every layer's tokens host -> device once a
+//   step (update_us is then the bus time of a layer; host_to_device_GBps the rate); the resident
+//   DynamicCache appends in place.
 // All GPU time comes from CUDA events around a batch of calls (UseManualTime), after warm-up
 // calls; one iteration is a batch, and call_us is the time of one call. The decode rows also
 // replay the same calls as a CUDA graph (graph_call_us, graph_copy_ratio): without the host's
@@ -31,6 +37,8 @@
 
 #include "cuda_bench_util.hpp"
 #include "kvcache/backend/cuda.hpp"
+#include "kvcache/cache/dynamic_cache.hpp"
+#include "kvcache/cache/offloaded_cache.hpp"
 #include "kvcache/cache/quantized_cache.hpp"
 #include "kvcache/tensor.hpp"
 
@@ -221,6 +229,66 @@ void bm_decode_attention_quantized_cuda(benchmark::State& state) {
   state.counters["copy_ratio"] = reads / total / copy_bytes_per_second();
 }
 
+// --- cache updates -------------------------------------------------------------------------------
+
+constexpr int kUpdateLayers = 8;
+constexpr int kUpdateSteps = 16;  // decode steps between two events
+
+// cache: 0 DynamicCache<cuda::Backend> (resident), 1 OffloadedCache.
+void bm_cache_update_cuda(benchmark::State& state, bool offloaded) {
+  if (skip_without_device(state)) return;
+  const std::int64_t context = state.range(0);
+  // Room for the prefill, the warm-up and every timed step, so no update regrows a layer.
+  const std::int64_t capacity = context + kUpdateSteps * 64 + 64;
+  std::unique_ptr<kvcache::Cache<cuda::Backend>> cache;
+  if (offloaded) {
+    cache = std::make_unique<kvcache::OffloadedCache>(
+        kvcache::OffloadedCacheOptions{.initial_capacity = capacity});
+  } else {
+    cache = std::make_unique<kvcache::DynamicCache<cuda::Backend>>(
+        kvcache::DynamicCacheOptions{.initial_capacity = capacity});
+  }
+  {
+    const Tensor k = uniform({1, kDecodeKvHeads, context, kDecodeHeadDim}, 1);
+    const Tensor v = uniform({1, kDecodeKvHeads, context, kDecodeHeadDim}, 2);
+    for (int l = 0; l < kUpdateLayers; ++l) cache->update(k, v, l);
+  }
+  const Tensor key = uniform({1, kDecodeKvHeads, 1, kDecodeHeadDim}, 3);
+  const Tensor value = uniform({1, kDecodeKvHeads, 1, kDecodeHeadDim}, 4);
+  auto steps = [&](int count) {
+    for (int s = 0; s < count; ++s)
+      for (int l = 0; l < kUpdateLayers; ++l) {
+        auto views = cache->update(key, value, l);
+        benchmark::DoNotOptimize(views);
+      }
+  };
+  EventTimer timer;
+  timer.seconds([&] { steps(2); });  // warm-up: the first step after the prefill
+  double total = 0.0;
+  std::int64_t timed_steps = 0;
+  for (auto _ : state) {
+    if (cache->get_seq_length(0) + kUpdateSteps > capacity) {
+      state.PauseTiming();
+      cache->crop(context);
+      steps(1);  // refills the slots, untimed
+      state.ResumeTiming();
+    }
+    const double s = timer.seconds([&] { steps(kUpdateSteps); });
+    state.SetIterationTime(s);
+    total += s;
+    timed_steps += kUpdateSteps;
+  }
+  const double updates = static_cast<double>(timed_steps) * kUpdateLayers;
+  state.counters["update_us"] = total / updates * 1e6;
+  state.counters["step_us"] = total / static_cast<double>(timed_steps) * 1e6;
+  // Bytes of one layer's keys and values at this context (what an offloaded update moves).
+  const double layer_bytes =
+      2.0 * kDecodeKvHeads * static_cast<double>(context) * kDecodeHeadDim * 2;
+  state.counters["layer_MB"] = layer_bytes * 1e-6;
+  if (offloaded) state.counters["host_to_device_GBps"] = layer_bytes * updates / total * 1e-9;
+  state.counters["cache_device_MB"] = static_cast<double>(cache->capacity_bytes()) * 1e-6;
+}
+
 struct PrefillShape {
   const char* name;
   std::int64_t heads, kv_heads, head_dim;
@@ -275,6 +343,15 @@ int main(int argc, char** argv) {
     for (std::int64_t context : {4096, 16384})
       for (std::int64_t nbits : {8, 4, 2}) quantized->Args({batch, context, nbits});
   quantized->UseManualTime()->Unit(benchmark::kMicrosecond);
+  for (const bool offloaded : {false, true}) {
+    benchmark::RegisterBenchmark(
+        offloaded ? "BM_OffloadedCacheUpdate" : "BM_DynamicCacheUpdateCuda", bm_cache_update_cuda,
+        offloaded)
+        ->RangeMultiplier(4)
+        ->Range(512, 32768)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  }
   for (const PrefillShape& shape : kPrefillShapes) {
     const std::string name =
         std::string("BM_PrefillAttentionCuda/") + shape.name + "/" + std::to_string(kPrefillTokens);
