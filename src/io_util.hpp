@@ -79,11 +79,14 @@ inline std::string read_regular_file(const std::string& path, std::string_view w
 }
 
 /// Parses JSON text, refusing nesting deeper than kMaxJsonDepth; throws kvcache::Error starting
-/// with `where` for invalid JSON, too deep a nesting or too little memory.
-inline nlohmann::json parse_json(std::string_view text, const std::string& where) {
-  using Json = nlohmann::json;
-  const Json::parser_callback_t limit_depth = [&where](int depth, Json::parse_event_t event,
-                                                       Json&) {
+/// with `where` for invalid JSON, too deep a nesting or too little memory. `Json` is the
+/// document's type (nlohmann::ordered_json for safetensors headers), parsed as that type: a
+/// conversion from another would copy the document and destroy the original (see release_json).
+template <class Json = nlohmann::json>
+Json parse_json(std::string_view text, const std::string& where) {
+  const typename Json::parser_callback_t limit_depth = [&where](int depth,
+                                                                typename Json::parse_event_t event,
+                                                                Json&) {
     if ((event == Json::parse_event_t::object_start || event == Json::parse_event_t::array_start) &&
         depth >= kMaxJsonDepth) {
       KVCACHE_FAIL(where, ": expected JSON nested at most ", kMaxJsonDepth,
@@ -93,12 +96,47 @@ inline nlohmann::json parse_json(std::string_view text, const std::string& where
   };
   try {
     return Json::parse(text.begin(), text.end(), limit_depth);
-  } catch (const Json::exception& e) {
+  } catch (const typename Json::exception& e) {
     KVCACHE_FAIL(where, ": not valid JSON: ", e.what());
   } catch (const std::bad_alloc&) {
     KVCACHE_FAIL(where, ": out of memory parsing ", text.size(), " bytes of JSON");
   }
 }
+
+/// Empties a JSON value leaves first, so that destroying it afterwards allocates nothing.
+///
+/// Why: nlohmann_json's destructor (basic_json::json_value::destroy, 3.11) moves the children of
+/// a non-empty array or object onto a std::vector it allocates (so that deep nesting does not
+/// recurse), inside a noexcept destructor: when that allocation fails, std::terminate. Destroying
+/// an empty array or object, a string or a number allocates nothing, so clearing each container
+/// after its children are emptied frees the whole tree without allocating. The recursion is as
+/// deep as the value's nesting: documents from parse_json nest at most kMaxJsonDepth levels.
+template <class Json>
+void release_json(Json& value) noexcept {
+  if (value.is_array()) {
+    auto& array = *value.template get_ptr<typename Json::array_t*>();
+    for (Json& child : array) release_json(child);
+    array.clear();
+  } else if (value.is_object()) {
+    auto& object = *value.template get_ptr<typename Json::object_t*>();
+    for (auto& entry : object) release_json(entry.second);
+    object.clear();
+  }
+}
+
+/// Calls release_json on a document when the scope that parsed it ends, by return or by throw:
+/// declare it right after the document, so that it runs before the document's destructor.
+template <class Json>
+class ReleaseJsonAtExit {
+ public:
+  explicit ReleaseJsonAtExit(Json& value) noexcept : value_(value) {}
+  ~ReleaseJsonAtExit() { release_json(value_); }
+  ReleaseJsonAtExit(const ReleaseJsonAtExit&) = delete;
+  ReleaseJsonAtExit& operator=(const ReleaseJsonAtExit&) = delete;
+
+ private:
+  Json& value_;
+};
 
 namespace json_show {
 inline void append(const nlohmann::json& value, std::string& out, std::size_t max) {

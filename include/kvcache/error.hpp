@@ -3,6 +3,7 @@
 // never calls exit() or abort(), and a call that throws leaves caches as they were.
 #pragma once
 
+#include <new>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -48,3 +49,23 @@ std::string concat(Parts&&... parts) {
 /// Throws kvcache::Error unconditionally.
 #define KVCACHE_FAIL(...) \
   ::kvcache::detail::throw_error(__FILE__, __LINE__, ::kvcache::detail::concat(__VA_ARGS__))
+
+namespace kvcache::detail {
+
+/// Runs f() and reports a std::bad_alloc from it as a kvcache::Error "<where>: out of memory".
+/// Every public entry point that allocates runs its body through it (the cache operations, the
+/// loaders, forward(), generate(), the tokenizer), so that running out of memory anywhere below
+/// is one kvcache::Error naming the call; a kvcache::Error from inside passes unchanged. The cache
+/// operations allocate before they commit, so a cache is then as it was (the allocation-failure
+/// tests fail every allocation of every call in turn). Building the message allocates too: under
+/// memory so short that this fails as well, the std::bad_alloc of that leaves instead.
+template <class F>
+decltype(auto) out_of_memory_as_error(const char* where, F&& f) {
+  try {
+    return std::forward<F>(f)();
+  } catch (const std::bad_alloc&) {
+    KVCACHE_FAIL(where, ": out of memory");
+  }
+}
+
+}  // namespace kvcache::detail

@@ -108,13 +108,12 @@ void check_cache_implementation(const std::string& name) {
                 name, "\"");
 }
 
-}  // namespace
-
+// make_generation_cache's body (which wraps it for running out of memory).
 template <CacheBackend B>
-std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
-                                                const std::string& cache_implementation,
-                                                std::int64_t batch, std::int64_t max_cache_len,
-                                                const GenerationConfig::CacheConfig& cache_config) {
+std::unique_ptr<Cache<B>> make_cache_of(const LlamaModel& model,
+                                        const std::string& cache_implementation, std::int64_t batch,
+                                        std::int64_t max_cache_len,
+                                        const GenerationConfig::CacheConfig& cache_config) {
   check_cache_implementation(cache_implementation);
   KVCACHE_CHECK(model.device() == B::kDevice, "make_generation_cache: expected a model on ",
                 device_name(B::kDevice), " (the cache's backend), got one on ",
@@ -188,6 +187,18 @@ std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
                          .num_kv_heads = c.num_key_value_heads,
                          .head_dim = c.head_dim,
                          .dtype = model.kv_dtype()});
+}
+
+}  // namespace
+
+template <CacheBackend B>
+std::unique_ptr<Cache<B>> make_generation_cache(const LlamaModel& model,
+                                                const std::string& cache_implementation,
+                                                std::int64_t batch, std::int64_t max_cache_len,
+                                                const GenerationConfig::CacheConfig& cache_config) {
+  return detail::out_of_memory_as_error("make_generation_cache", [&] {
+    return make_cache_of<B>(model, cache_implementation, batch, max_cache_len, cache_config);
+  });
 }
 
 template std::unique_ptr<Cache<cpu::Backend>> make_generation_cache<cpu::Backend>(
@@ -384,21 +395,25 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
 GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
                         const Tensor& attention_mask, const GenerationConfig& config,
                         CacheRef cache, const TokenCallback& on_token) {
-  KVCACHE_CHECK(input_ids.defined() && input_ids.rank() == 2 && input_ids.dtype() == DType::kInt64,
-                "generate: expected input_ids [batch, prompt_len] int64, got ",
-                input_ids.describe());
-  KVCACHE_CHECK(config.max_new_tokens >= 0, "generate: expected max_new_tokens >= 0, got ",
-                config.max_new_tokens);
-  check_cache_implementation(config.cache_implementation);
-  KVCACHE_CHECK(!cache || cache.device() == model.device(), "generate: expected a cache on ",
-                device_name(model.device()), " (the model's device), got a cache on ",
-                device_name(cache.device()));
-  if (model.device() == Device::kCuda) {
-    return generate_on<cuda::Backend>(model, input_ids, attention_mask, config,
-                                      cache.get<cuda::Backend>(), on_token);
-  }
-  return generate_on<cpu::Backend>(model, input_ids, attention_mask, config,
-                                   cache.get<cpu::Backend>(), on_token);
+  // Running out of memory anywhere below (the cache, a forward pass's activations, the token
+  // lists) is one kvcache::Error naming generate.
+  return detail::out_of_memory_as_error("generate", [&]() -> GenerateResult {
+    KVCACHE_CHECK(
+        input_ids.defined() && input_ids.rank() == 2 && input_ids.dtype() == DType::kInt64,
+        "generate: expected input_ids [batch, prompt_len] int64, got ", input_ids.describe());
+    KVCACHE_CHECK(config.max_new_tokens >= 0, "generate: expected max_new_tokens >= 0, got ",
+                  config.max_new_tokens);
+    check_cache_implementation(config.cache_implementation);
+    KVCACHE_CHECK(!cache || cache.device() == model.device(), "generate: expected a cache on ",
+                  device_name(model.device()), " (the model's device), got a cache on ",
+                  device_name(cache.device()));
+    if (model.device() == Device::kCuda) {
+      return generate_on<cuda::Backend>(model, input_ids, attention_mask, config,
+                                        cache.get<cuda::Backend>(), on_token);
+    }
+    return generate_on<cpu::Backend>(model, input_ids, attention_mask, config,
+                                     cache.get<cpu::Backend>(), on_token);
+  });
 }
 
 }  // namespace kvcache

@@ -216,113 +216,118 @@ std::vector<std::string> read_layer_types(const Reader& r, Family family, const 
 }  // namespace
 
 ModelConfig ModelConfig::from_json(const std::string& text, const std::string& where) {
-  const Json root = detail::parse_json(text, "config " + where);
-  KVCACHE_CHECK(root.is_object(), "config ", where, ": expected a JSON object, got ", show(root));
-  const Reader r(root, where);
-  ModelConfig c;
+  return detail::out_of_memory_as_error("ModelConfig::from_json", [&]() -> ModelConfig {
+    Json root = detail::parse_json(text, "config " + where);
+    const detail::ReleaseJsonAtExit release_root(root);  // its destructor must not allocate
+    KVCACHE_CHECK(root.is_object(), "config ", where, ": expected a JSON object, got ", show(root));
+    const Reader r(root, where);
+    ModelConfig c;
 
-  const Json* archs = r.find("architectures");
-  if (archs == nullptr) r.missing("architectures", "a list such as [\"LlamaForCausalLM\"]");
-  if (!archs->is_array() || archs->empty() || !(*archs)[0].is_string())
-    r.fail("architectures", "a non-empty list of strings", *archs);
-  c.architecture = (*archs)[0].get<std::string>();
-  Family family = Family::kLlama;
-  std::string expected_type;
-  if (c.architecture == "LlamaForCausalLM") {
-    family = Family::kLlama;
-    expected_type = "llama";
-  } else if (c.architecture == "Qwen2ForCausalLM") {
-    family = Family::kQwen2;
-    expected_type = "qwen2";
-  } else if (c.architecture == "MistralForCausalLM") {
-    family = Family::kMistral;
-    expected_type = "mistral";
-  } else {
-    r.bad("architectures",
-          "expected LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM, got '",
-          detail::show_text(c.architecture), "'");
-  }
-  // transformers builds the model from model_type, kvcache from the architecture; a config where
-  // they disagree would be run differently by the two, so it is refused.
-  c.model_type = r.optional_string("model_type").value_or(expected_type);
-  if (c.model_type != expected_type)
-    r.bad("model_type", "expected '", expected_type, "' for ", c.architecture, ", got '",
-          detail::show_text(c.model_type), "'");
+    const Json* archs = r.find("architectures");
+    if (archs == nullptr) r.missing("architectures", "a list such as [\"LlamaForCausalLM\"]");
+    if (!archs->is_array() || archs->empty() || !(*archs)[0].is_string())
+      r.fail("architectures", "a non-empty list of strings", *archs);
+    c.architecture = (*archs)[0].get<std::string>();
+    Family family = Family::kLlama;
+    std::string expected_type;
+    if (c.architecture == "LlamaForCausalLM") {
+      family = Family::kLlama;
+      expected_type = "llama";
+    } else if (c.architecture == "Qwen2ForCausalLM") {
+      family = Family::kQwen2;
+      expected_type = "qwen2";
+    } else if (c.architecture == "MistralForCausalLM") {
+      family = Family::kMistral;
+      expected_type = "mistral";
+    } else {
+      r.bad("architectures",
+            "expected LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM, got '",
+            detail::show_text(c.architecture), "'");
+    }
+    // transformers builds the model from model_type, kvcache from the architecture; a config where
+    // they disagree would be run differently by the two, so it is refused.
+    c.model_type = r.optional_string("model_type").value_or(expected_type);
+    if (c.model_type != expected_type)
+      r.bad("model_type", "expected '", expected_type, "' for ", c.architecture, ", got '",
+            detail::show_text(c.model_type), "'");
 
-  c.vocab_size = r.positive("vocab_size");
-  c.hidden_size = r.positive("hidden_size");
-  c.intermediate_size = r.positive("intermediate_size");
-  c.num_hidden_layers = r.positive("num_hidden_layers");
-  // Checked before read_layer_types builds one entry per layer.
-  if (c.num_hidden_layers > ModelConfig::kMaxLayers)
-    r.bad("num_hidden_layers", "expected at most ", ModelConfig::kMaxLayers, " layers, got ",
-          c.num_hidden_layers);
-  c.num_attention_heads = r.positive("num_attention_heads");
-  c.num_key_value_heads =
-      r.find("num_key_value_heads") ? r.positive("num_key_value_heads") : c.num_attention_heads;
-  if (c.num_attention_heads % c.num_key_value_heads != 0)
-    r.bad("num_key_value_heads", "num_attention_heads (", c.num_attention_heads,
-          ") must be a multiple of num_key_value_heads, got ", c.num_key_value_heads);
-  if (r.find("head_dim")) {
-    c.head_dim = r.positive("head_dim");
-  } else {
-    if (c.hidden_size % c.num_attention_heads != 0)
-      r.bad("head_dim", "absent, and hidden_size (", c.hidden_size,
-            ") is not a multiple of num_attention_heads (", c.num_attention_heads, ")");
-    c.head_dim = c.hidden_size / c.num_attention_heads;
-  }
-  if (c.head_dim % 2 != 0)
-    r.bad("head_dim", "expected an even head_dim (RoPE rotates pairs), got ", c.head_dim);
-  c.max_position_embeddings = r.positive("max_position_embeddings");
-  // rms_norm_eps and hidden_act default as in all three transformers configs.
-  c.rms_norm_eps = r.optional_number("rms_norm_eps").value_or(1e-6);
-  if (!(c.rms_norm_eps > 0)) r.bad("rms_norm_eps", "expected a value > 0, got ", c.rms_norm_eps);
-  c.hidden_act = r.optional_string("hidden_act").value_or("silu");
-  if (c.hidden_act != "silu")
-    r.bad("hidden_act", "expected \"silu\" (the only activation served), got '",
-          detail::show_text(c.hidden_act), "'");
+    c.vocab_size = r.positive("vocab_size");
+    c.hidden_size = r.positive("hidden_size");
+    c.intermediate_size = r.positive("intermediate_size");
+    c.num_hidden_layers = r.positive("num_hidden_layers");
+    // Checked before read_layer_types builds one entry per layer.
+    if (c.num_hidden_layers > ModelConfig::kMaxLayers)
+      r.bad("num_hidden_layers", "expected at most ", ModelConfig::kMaxLayers, " layers, got ",
+            c.num_hidden_layers);
+    c.num_attention_heads = r.positive("num_attention_heads");
+    c.num_key_value_heads =
+        r.find("num_key_value_heads") ? r.positive("num_key_value_heads") : c.num_attention_heads;
+    if (c.num_attention_heads % c.num_key_value_heads != 0)
+      r.bad("num_key_value_heads", "num_attention_heads (", c.num_attention_heads,
+            ") must be a multiple of num_key_value_heads, got ", c.num_key_value_heads);
+    if (r.find("head_dim")) {
+      c.head_dim = r.positive("head_dim");
+    } else {
+      if (c.hidden_size % c.num_attention_heads != 0)
+        r.bad("head_dim", "absent, and hidden_size (", c.hidden_size,
+              ") is not a multiple of num_attention_heads (", c.num_attention_heads, ")");
+      c.head_dim = c.hidden_size / c.num_attention_heads;
+    }
+    if (c.head_dim % 2 != 0)
+      r.bad("head_dim", "expected an even head_dim (RoPE rotates pairs), got ", c.head_dim);
+    c.max_position_embeddings = r.positive("max_position_embeddings");
+    // rms_norm_eps and hidden_act default as in all three transformers configs.
+    c.rms_norm_eps = r.optional_number("rms_norm_eps").value_or(1e-6);
+    if (!(c.rms_norm_eps > 0)) r.bad("rms_norm_eps", "expected a value > 0, got ", c.rms_norm_eps);
+    c.hidden_act = r.optional_string("hidden_act").value_or("silu");
+    if (c.hidden_act != "silu")
+      r.bad("hidden_act", "expected \"silu\" (the only activation served), got '",
+            detail::show_text(c.hidden_act), "'");
 
-  c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
-  c.attention_bias = r.boolean("attention_bias", false);
-  c.mlp_bias = r.boolean("mlp_bias", false);
-  // Qwen2 hard-codes bias=True on q/k/v and False on o_proj whatever the config says.
-  c.qkv_bias = family == Family::kQwen2 ? true : c.attention_bias;
-  c.o_bias = family == Family::kLlama ? c.attention_bias : false;
+    c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
+    c.attention_bias = r.boolean("attention_bias", false);
+    c.mlp_bias = r.boolean("mlp_bias", false);
+    // Qwen2 hard-codes bias=True on q/k/v and False on o_proj whatever the config says.
+    c.qkv_bias = family == Family::kQwen2 ? true : c.attention_bias;
+    c.o_bias = family == Family::kLlama ? c.attention_bias : false;
 
-  // Both configs default sliding_window to 4096 when the key is absent; null turns it off.
-  // Qwen2 uses it only with use_sliding_window; Llama has none.
-  const bool slides = family == Family::kMistral ||
-                      (family == Family::kQwen2 && r.boolean("use_sliding_window", false));
-  if (slides) {
-    c.sliding_window = root.contains("sliding_window") ? r.optional_integer("sliding_window")
-                                                       : std::optional<std::int64_t>(4096);
-  }
-  if (c.sliding_window && *c.sliding_window <= 0)
-    r.bad("sliding_window", "expected a positive window or null, got ", *c.sliding_window);
-  c.layer_types = read_layer_types(r, family, c);
+    // Both configs default sliding_window to 4096 when the key is absent; null turns it off.
+    // Qwen2 uses it only with use_sliding_window; Llama has none.
+    const bool slides = family == Family::kMistral ||
+                        (family == Family::kQwen2 && r.boolean("use_sliding_window", false));
+    if (slides) {
+      c.sliding_window = root.contains("sliding_window") ? r.optional_integer("sliding_window")
+                                                         : std::optional<std::int64_t>(4096);
+    }
+    if (c.sliding_window && *c.sliding_window <= 0)
+      r.bad("sliding_window", "expected a positive window or null, got ", *c.sliding_window);
+    c.layer_types = read_layer_types(r, family, c);
 
-  c.rope = read_rope(r, c.head_dim);
+    c.rope = read_rope(r, c.head_dim);
 
-  c.bos_token_id = r.optional_integer("bos_token_id");
-  c.eos_token_ids = read_eos(r);
-  c.pad_token_id = r.optional_integer("pad_token_id");
+    c.bos_token_id = r.optional_integer("bos_token_id");
+    c.eos_token_ids = read_eos(r);
+    c.pad_token_id = r.optional_integer("pad_token_id");
 
-  // transformers 5 writes "dtype", earlier versions "torch_dtype". Other dtypes (float64, int8
-  // quantised checkpoints' markers, ...) leave it unset: the caller picks one.
-  const auto dtype_text =
-      r.find("dtype") ? r.optional_string("dtype") : r.optional_string("torch_dtype");
-  if (dtype_text == "float32")
-    c.torch_dtype = DType::kFloat32;
-  else if (dtype_text == "bfloat16")
-    c.torch_dtype = DType::kBFloat16;
-  else if (dtype_text == "float16")
-    c.torch_dtype = DType::kFloat16;
-  c.validate("config " + where);
-  return c;
+    // transformers 5 writes "dtype", earlier versions "torch_dtype". Other dtypes (float64, int8
+    // quantised checkpoints' markers, ...) leave it unset: the caller picks one.
+    const auto dtype_text =
+        r.find("dtype") ? r.optional_string("dtype") : r.optional_string("torch_dtype");
+    if (dtype_text == "float32")
+      c.torch_dtype = DType::kFloat32;
+    else if (dtype_text == "bfloat16")
+      c.torch_dtype = DType::kBFloat16;
+    else if (dtype_text == "float16")
+      c.torch_dtype = DType::kFloat16;
+    c.validate("config " + where);
+    return c;
+  });
 }
 
 ModelConfig ModelConfig::from_file(const std::string& path) {
-  return from_json(detail::read_regular_file(path, "config"), path);
+  return detail::out_of_memory_as_error("ModelConfig::from_file", [&]() -> ModelConfig {
+    return from_json(detail::read_regular_file(path, "config"), path);
+  });
 }
 
 void ModelConfig::validate(const std::string& where) const {

@@ -839,149 +839,154 @@ std::int64_t GgufTensorInfo::numel() const {
 // --- GgufFile ------------------------------------------------------------------------------------
 
 GgufFile GgufFile::open(const std::string& path) {
-  GgufFile file;
-  file.path_ = path;
+  return detail::out_of_memory_as_error("GgufFile::open", [&]() -> GgufFile {
+    GgufFile file;
+    file.path_ = path;
 
-  constexpr std::uint64_t kHeaderBytes = 4 + 4 + 8 + 8;  // magic, version, two counts
-  const auto mapping = detail::MappedFile::open(path, "GGUF", kHeaderBytes,
-                                                "magic, version, tensor and metadata counts");
-  file.mapping_ = mapping;
-  const std::uint64_t file_size = mapping->size();
-  const std::byte* bytes = mapping->bytes();
-  Reader in(file.path_, bytes, file_size);
+    constexpr std::uint64_t kHeaderBytes = 4 + 4 + 8 + 8;  // magic, version, two counts
+    const auto mapping = detail::MappedFile::open(path, "GGUF", kHeaderBytes,
+                                                  "magic, version, tensor and metadata counts");
+    file.mapping_ = mapping;
+    const std::uint64_t file_size = mapping->size();
+    const std::byte* bytes = mapping->bytes();
+    Reader in(file.path_, bytes, file_size);
 
-  // --- header ---
-  if (std::memcmp(bytes, "GGUF", 4) != 0) {
-    KVCACHE_FAIL("GGUF ", path, ": expected the magic 'GGUF' at the start, got ",
-                 quote(std::string_view(reinterpret_cast<const char*>(bytes), 4)),
-                 " (not a GGUF file)");
-  }
-  (void)in.read<std::uint32_t>("the magic");
-  file.version_ = in.read<std::uint32_t>("the version");
-  if (file.version_ != 2 && file.version_ != 3) {
-    const std::uint32_t swapped = __builtin_bswap32(file.version_);
-    KVCACHE_CHECK(swapped != 2 && swapped != 3, "GGUF ", path, ": the version reads as ",
-                  file.version_, " little-endian and ", swapped,
-                  " big-endian; big-endian GGUF files are not supported");
-    KVCACHE_FAIL("GGUF ", path, ": expected version 2 or 3, got ", file.version_,
-                 file.version_ == 1 ? " (version 1 used 32-bit counts and is not supported)" : "");
-  }
-  const auto tensor_count = in.read<std::uint64_t>("the tensor count");
-  const auto kv_count = in.read<std::uint64_t>("the metadata count");
-  // Each metadata entry takes at least a key length, a value type and one value byte; each tensor
-  // info at least a name length, n_dims, a type and an offset. Both counts must fit what remains.
-  constexpr std::uint64_t kMinKv = 8 + 4 + 1;
-  constexpr std::uint64_t kMinTensorInfo = 8 + 4 + 4 + 8;
-  KVCACHE_CHECK(kv_count <= in.remaining() / kMinKv, "GGUF ", path, ": header: ", kv_count,
-                " metadata entries (at least ", kMinKv, " bytes each) do not fit the ",
-                in.remaining(), " bytes after the header");
-  KVCACHE_CHECK(tensor_count <= (in.remaining() - kv_count * kMinKv) / kMinTensorInfo, "GGUF ",
-                path, ": header: ", tensor_count, " tensor infos (at least ", kMinTensorInfo,
-                " bytes each) and ", kv_count, " metadata entries do not fit the ", in.remaining(),
-                " bytes after the header");
-
-  // --- metadata ---
-  for (std::uint64_t k = 0; k < kv_count; ++k) {
-    in.set_context(detail::concat("metadata entry ", k, " (of ", kv_count, ")"));
-    std::string key = in.read_string("the key");
-    in.set_context(detail::concat("metadata key ", quote(key)));
-    KVCACHE_CHECK(!file.metadata_.contains(key), in.where(), ": the key appears twice");
-    const ValueType type = in.read_value_type("value type");
-    file.metadata_.emplace(std::move(key), in.read_value(type, 0));
-  }
-
-  if (const GgufValue* alignment = file.find("general.alignment")) {
-    const std::string where = detail::concat("GGUF ", path, ": metadata key 'general.alignment'");
-    KVCACHE_CHECK(alignment->type == ValueType::kUInt32, where, ": expected a uint32, got ",
-                  describe(*alignment));
-    KVCACHE_CHECK(alignment->u != 0 && std::has_single_bit(alignment->u), where,
-                  ": expected a power of two, got ", alignment->u);
-    file.alignment_ = alignment->u;
-  }
-
-  // --- tensor infos ---
-  file.tensors_.reserve(static_cast<std::size_t>(tensor_count));
-  for (std::uint64_t t = 0; t < tensor_count; ++t) {
-    in.set_context(detail::concat("tensor info ", t, " (of ", tensor_count, ")"));
-    GgufTensorInfo info;
-    info.name = in.read_string("the name");
-    in.set_context(detail::concat("tensor ", quote(info.name)));
-    const std::string where = in.where();
-    KVCACHE_CHECK(!file.tensor_index_.contains(info.name), where, ": the name appears twice");
-
-    const auto n_dims = in.read<std::uint32_t>("n_dims");
-    KVCACHE_CHECK(n_dims <= static_cast<std::uint32_t>(kMaxRank), where, ": expected at most ",
-                  kMaxRank, " dimensions, got n_dims = ", n_dims);
-    bool overflow = false;
-    std::int64_t numel = 1;
-    for (std::uint32_t d = 0; d < n_dims; ++d) {
-      const auto size = in.read<std::int64_t>("a dimension size");
-      KVCACHE_CHECK(size >= 0, where, ": expected sizes >= 0, got ne[", d, "] = ", size);
-      info.ne.push_back(size);
-      overflow = overflow || __builtin_mul_overflow(numel, size, &numel);
+    // --- header ---
+    if (std::memcmp(bytes, "GGUF", 4) != 0) {
+      KVCACHE_FAIL("GGUF ", path, ": expected the magic 'GGUF' at the start, got ",
+                   quote(std::string_view(reinterpret_cast<const char*>(bytes), 4)),
+                   " (not a GGUF file)");
     }
-    KVCACHE_CHECK(!overflow, where, ": ne = ", ne_text(info.ne),
-                  " has more elements than int64 can count");
+    (void)in.read<std::uint32_t>("the magic");
+    file.version_ = in.read<std::uint32_t>("the version");
+    if (file.version_ != 2 && file.version_ != 3) {
+      const std::uint32_t swapped = __builtin_bswap32(file.version_);
+      KVCACHE_CHECK(swapped != 2 && swapped != 3, "GGUF ", path, ": the version reads as ",
+                    file.version_, " little-endian and ", swapped,
+                    " big-endian; big-endian GGUF files are not supported");
+      KVCACHE_FAIL(
+          "GGUF ", path, ": expected version 2 or 3, got ", file.version_,
+          file.version_ == 1 ? " (version 1 used 32-bit counts and is not supported)" : "");
+    }
+    const auto tensor_count = in.read<std::uint64_t>("the tensor count");
+    const auto kv_count = in.read<std::uint64_t>("the metadata count");
+    // Each metadata entry takes at least a key length, a value type and one value byte; each tensor
+    // info at least a name length, n_dims, a type and an offset. Both counts must fit what remains.
+    constexpr std::uint64_t kMinKv = 8 + 4 + 1;
+    constexpr std::uint64_t kMinTensorInfo = 8 + 4 + 4 + 8;
+    KVCACHE_CHECK(kv_count <= in.remaining() / kMinKv, "GGUF ", path, ": header: ", kv_count,
+                  " metadata entries (at least ", kMinKv, " bytes each) do not fit the ",
+                  in.remaining(), " bytes after the header");
+    KVCACHE_CHECK(tensor_count <= (in.remaining() - kv_count * kMinKv) / kMinTensorInfo, "GGUF ",
+                  path, ": header: ", tensor_count, " tensor infos (at least ", kMinTensorInfo,
+                  " bytes each) and ", kv_count, " metadata entries do not fit the ",
+                  in.remaining(), " bytes after the header");
 
-    const auto type_number = in.read<std::uint32_t>("the tensor type");
-    const TypeInfo* type = find_type(type_number);
-    KVCACHE_CHECK(type != nullptr, where, ": unknown tensor type ", type_number,
-                  " (expected a ggml type: 0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0, 30 BF16, ...)");
-    info.type = type->type;
-    // Blocks run along ne[0] (a row); a scalar (n_dims = 0) is a row of one element.
-    const std::int64_t row = info.ne.empty() ? 1 : info.ne[0];
-    KVCACHE_CHECK(row % type->block_size == 0, where, ": ", type->name, " stores blocks of ",
-                  type->block_size, " elements along ne[0], but ne = ", ne_text(info.ne));
-    const auto nbytes = bytes_of(*type, numel);
-    KVCACHE_CHECK(nbytes.has_value(), where, ": ", type->name, " x ", ne_text(info.ne),
-                  " has more bytes than a file can hold");
-    info.nbytes = *nbytes;
+    // --- metadata ---
+    for (std::uint64_t k = 0; k < kv_count; ++k) {
+      in.set_context(detail::concat("metadata entry ", k, " (of ", kv_count, ")"));
+      std::string key = in.read_string("the key");
+      in.set_context(detail::concat("metadata key ", quote(key)));
+      KVCACHE_CHECK(!file.metadata_.contains(key), in.where(), ": the key appears twice");
+      const ValueType type = in.read_value_type("value type");
+      file.metadata_.emplace(std::move(key), in.read_value(type, 0));
+    }
 
-    info.offset = in.read<std::uint64_t>("the data offset");
-    KVCACHE_CHECK(info.offset % file.alignment_ == 0, where, ": expected a data offset that is a ",
-                  "multiple of the alignment ", file.alignment_, ", got ", info.offset);
-    file.tensor_index_.emplace(info.name, file.tensors_.size());
-    file.tensors_.push_back(std::move(info));
-  }
+    if (const GgufValue* alignment = file.find("general.alignment")) {
+      const std::string where = detail::concat("GGUF ", path, ": metadata key 'general.alignment'");
+      KVCACHE_CHECK(alignment->type == ValueType::kUInt32, where, ": expected a uint32, got ",
+                    describe(*alignment));
+      KVCACHE_CHECK(alignment->u != 0 && std::has_single_bit(alignment->u), where,
+                    ": expected a power of two, got ", alignment->u);
+      file.alignment_ = alignment->u;
+    }
 
-  // --- data section: after the tensor infos, padded to the alignment ---
-  in.set_context("data section");
-  const std::uint64_t infos_end = in.offset();
-  // Overflow-safe round up: infos_end <= file_size, and the alignment is a power of two < 2^32.
-  const std::uint64_t data_start =
-      (infos_end + file.alignment_ - 1) / file.alignment_ * file.alignment_;
-  // A file without tensors may end before the padding (llama.cpp writes metadata-only files so);
-  // with tensors the data section must start inside the file.
-  KVCACHE_CHECK(tensor_count == 0 || data_start <= file_size, in.where(), ": expected to start at ",
-                data_start, " (the tensor infos end at ", infos_end, ", padded to the alignment ",
-                file.alignment_, "), but the file has ", file_size, " bytes");
-  const std::uint64_t data_size = data_start <= file_size ? file_size - data_start : 0;
-  file.data_begin_ = bytes + std::min(data_start, file_size);
+    // --- tensor infos ---
+    file.tensors_.reserve(static_cast<std::size_t>(tensor_count));
+    for (std::uint64_t t = 0; t < tensor_count; ++t) {
+      in.set_context(detail::concat("tensor info ", t, " (of ", tensor_count, ")"));
+      GgufTensorInfo info;
+      info.name = in.read_string("the name");
+      in.set_context(detail::concat("tensor ", quote(info.name)));
+      const std::string where = in.where();
+      KVCACHE_CHECK(!file.tensor_index_.contains(info.name), where, ": the name appears twice");
 
-  for (const GgufTensorInfo& info : file.tensors_) {
-    KVCACHE_CHECK(info.offset <= data_size && info.nbytes <= data_size - info.offset, "GGUF ", path,
-                  ": tensor ", quote(info.name), ": ", gguf_type_name(info.type), " x ",
-                  ne_text(info.ne), " needs bytes [", info.offset, ", ", info.offset, " + ",
-                  info.nbytes, ") of the data section, which has ", data_size,
-                  " bytes (it starts at file offset ", data_start, ")");
-  }
-  // No two tensors may share bytes: sorted by offset, each must start at or after the end of the
-  // one before. Empty tensors hold no bytes and cannot overlap.
-  std::vector<std::size_t> order(file.tensors_.size());
-  std::iota(order.begin(), order.end(), std::size_t{0});
-  std::erase_if(order, [&](std::size_t i) { return file.tensors_[i].nbytes == 0; });
-  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-    return file.tensors_[a].offset < file.tensors_[b].offset;
+      const auto n_dims = in.read<std::uint32_t>("n_dims");
+      KVCACHE_CHECK(n_dims <= static_cast<std::uint32_t>(kMaxRank), where, ": expected at most ",
+                    kMaxRank, " dimensions, got n_dims = ", n_dims);
+      bool overflow = false;
+      std::int64_t numel = 1;
+      for (std::uint32_t d = 0; d < n_dims; ++d) {
+        const auto size = in.read<std::int64_t>("a dimension size");
+        KVCACHE_CHECK(size >= 0, where, ": expected sizes >= 0, got ne[", d, "] = ", size);
+        info.ne.push_back(size);
+        overflow = overflow || __builtin_mul_overflow(numel, size, &numel);
+      }
+      KVCACHE_CHECK(!overflow, where, ": ne = ", ne_text(info.ne),
+                    " has more elements than int64 can count");
+
+      const auto type_number = in.read<std::uint32_t>("the tensor type");
+      const TypeInfo* type = find_type(type_number);
+      KVCACHE_CHECK(type != nullptr, where, ": unknown tensor type ", type_number,
+                    " (expected a ggml type: 0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0, 30 BF16, ...)");
+      info.type = type->type;
+      // Blocks run along ne[0] (a row); a scalar (n_dims = 0) is a row of one element.
+      const std::int64_t row = info.ne.empty() ? 1 : info.ne[0];
+      KVCACHE_CHECK(row % type->block_size == 0, where, ": ", type->name, " stores blocks of ",
+                    type->block_size, " elements along ne[0], but ne = ", ne_text(info.ne));
+      const auto nbytes = bytes_of(*type, numel);
+      KVCACHE_CHECK(nbytes.has_value(), where, ": ", type->name, " x ", ne_text(info.ne),
+                    " has more bytes than a file can hold");
+      info.nbytes = *nbytes;
+
+      info.offset = in.read<std::uint64_t>("the data offset");
+      KVCACHE_CHECK(info.offset % file.alignment_ == 0, where,
+                    ": expected a data offset that is a ", "multiple of the alignment ",
+                    file.alignment_, ", got ", info.offset);
+      file.tensor_index_.emplace(info.name, file.tensors_.size());
+      file.tensors_.push_back(std::move(info));
+    }
+
+    // --- data section: after the tensor infos, padded to the alignment ---
+    in.set_context("data section");
+    const std::uint64_t infos_end = in.offset();
+    // Overflow-safe round up: infos_end <= file_size, and the alignment is a power of two < 2^32.
+    const std::uint64_t data_start =
+        (infos_end + file.alignment_ - 1) / file.alignment_ * file.alignment_;
+    // A file without tensors may end before the padding (llama.cpp writes metadata-only files so);
+    // with tensors the data section must start inside the file.
+    KVCACHE_CHECK(tensor_count == 0 || data_start <= file_size, in.where(),
+                  ": expected to start at ", data_start, " (the tensor infos end at ", infos_end,
+                  ", padded to the alignment ", file.alignment_, "), but the file has ", file_size,
+                  " bytes");
+    const std::uint64_t data_size = data_start <= file_size ? file_size - data_start : 0;
+    file.data_begin_ = bytes + std::min(data_start, file_size);
+
+    for (const GgufTensorInfo& info : file.tensors_) {
+      KVCACHE_CHECK(info.offset <= data_size && info.nbytes <= data_size - info.offset, "GGUF ",
+                    path, ": tensor ", quote(info.name), ": ", gguf_type_name(info.type), " x ",
+                    ne_text(info.ne), " needs bytes [", info.offset, ", ", info.offset, " + ",
+                    info.nbytes, ") of the data section, which has ", data_size,
+                    " bytes (it starts at file offset ", data_start, ")");
+    }
+    // No two tensors may share bytes: sorted by offset, each must start at or after the end of the
+    // one before. Empty tensors hold no bytes and cannot overlap.
+    std::vector<std::size_t> order(file.tensors_.size());
+    std::iota(order.begin(), order.end(), std::size_t{0});
+    std::erase_if(order, [&](std::size_t i) { return file.tensors_[i].nbytes == 0; });
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return file.tensors_[a].offset < file.tensors_[b].offset;
+    });
+    for (std::size_t k = 1; k < order.size(); ++k) {
+      const GgufTensorInfo& prev = file.tensors_[order[k - 1]];
+      const GgufTensorInfo& next = file.tensors_[order[k]];
+      KVCACHE_CHECK(next.offset >= prev.offset + prev.nbytes, "GGUF ", path, ": tensors ",
+                    quote(prev.name), " (data bytes [", prev.offset, ", ",
+                    prev.offset + prev.nbytes, ")) and ", quote(next.name), " (data bytes [",
+                    next.offset, ", ", next.offset + next.nbytes, ")) overlap");
+    }
+    return file;
   });
-  for (std::size_t k = 1; k < order.size(); ++k) {
-    const GgufTensorInfo& prev = file.tensors_[order[k - 1]];
-    const GgufTensorInfo& next = file.tensors_[order[k]];
-    KVCACHE_CHECK(next.offset >= prev.offset + prev.nbytes, "GGUF ", path, ": tensors ",
-                  quote(prev.name), " (data bytes [", prev.offset, ", ", prev.offset + prev.nbytes,
-                  ")) and ", quote(next.name), " (data bytes [", next.offset, ", ",
-                  next.offset + next.nbytes, ")) overlap");
-  }
-  return file;
 }
 
 const GgufValue* GgufFile::find(const std::string& key) const {

@@ -307,118 +307,126 @@ void add_mlp_down(const Tensor& hidden, const Tensor& gate, const Tensor& up,
 }  // namespace
 
 LlamaModel LlamaModel::from_pretrained(const std::string& dir, LoadOptions options) {
-  // Before any file is read: no GPU is a clear error, not minutes of loading first.
-  if (options.device == Device::kCuda) cuda::require_device("LlamaModel::from_pretrained");
-  if (dir.size() > 5 && dir.compare(dir.size() - 5, 5, ".gguf") == 0)
-    return from_gguf(dir, options);
-  try {
-    ModelConfig config = ModelConfig::from_file(dir + "/config.json");
-    const SafetensorsCheckpoint checkpoint = SafetensorsCheckpoint::open(dir);
-    std::vector<std::pair<std::string, Tensor>> weights;
-    for (const std::string& name : checkpoint.names())
-      weights.emplace_back(name, checkpoint.tensor(name));
-    return from_weights(std::move(config), weights, options);
-  } catch (const std::bad_alloc&) {
-    KVCACHE_FAIL("checkpoint ", dir, ": out of memory loading the model");
-  }
+  return detail::out_of_memory_as_error("LlamaModel::from_pretrained", [&]() -> LlamaModel {
+    // Before any file is read: no GPU is a clear error, not minutes of loading first.
+    if (options.device == Device::kCuda) cuda::require_device("LlamaModel::from_pretrained");
+    if (dir.size() > 5 && dir.compare(dir.size() - 5, 5, ".gguf") == 0)
+      return from_gguf(dir, options);
+    try {
+      ModelConfig config = ModelConfig::from_file(dir + "/config.json");
+      const SafetensorsCheckpoint checkpoint = SafetensorsCheckpoint::open(dir);
+      std::vector<std::pair<std::string, Tensor>> weights;
+      for (const std::string& name : checkpoint.names())
+        weights.emplace_back(name, checkpoint.tensor(name));
+      return from_weights(std::move(config), weights, options);
+    } catch (const std::bad_alloc&) {
+      KVCACHE_FAIL("checkpoint ", dir, ": out of memory loading the model");
+    }
+  });
 }
 
 LlamaModel LlamaModel::from_weights(ModelConfig config,
                                     const std::vector<std::pair<std::string, Tensor>>& list,
                                     LoadOptions options) {
-  return from_weights(std::move(config),
-                      std::vector<std::pair<std::string, cpu::Weight>>(list.begin(), list.end()),
-                      options);
+  return detail::out_of_memory_as_error("LlamaModel::from_weights", [&]() -> LlamaModel {
+    return from_weights(std::move(config),
+                        std::vector<std::pair<std::string, cpu::Weight>>(list.begin(), list.end()),
+                        options);
+  });
 }
 
 LlamaModel LlamaModel::from_weights(ModelConfig config,
                                     const std::vector<std::pair<std::string, cpu::Weight>>& list,
                                     LoadOptions options) {
-  const std::string where = "LlamaModel(" + config.architecture + ")";
-  // The loaders validate as they read; a config built by hand is held to the same rules, so zero
-  // layers or a pad id past the vocabulary fail here, not in a forward pass.
-  config.validate(where);
-  KVCACHE_CHECK(!options.dtype || is_floating(*options.dtype), where,
-                ": expected a float weight dtype, got ", dtype_name(*options.dtype));
-  KVCACHE_CHECK(!options.dtype || !options.quantize, where, ": LoadOptions asks for both a dtype (",
-                dtype_name(*options.dtype), ") and quantization; choose one");
-  KVCACHE_CHECK(options.device == Device::kCpu || !options.quantize, where,
-                ": LoadOptions::quantize is for the CPU; on cuda quantized files are held as "
-                "bfloat16");
-  WeightMap weights(list.begin(), list.end());
-  const bool on_gpu = options.device == Device::kCuda;
-  if (on_gpu) cuda::require_device(where.c_str());
-  const DType gpu_dtype = on_gpu ? gpu_weight_dtype(weights, options) : DType::kFloat32;
-  // The holding of a matrix and of a vector on the chosen device.
-  auto hold_m = [&](const cpu::Weight& w) -> cpu::Weight {
-    return on_gpu ? cpu::Weight(gpu_matrix(w, gpu_dtype)) : hold_matrix(w, options);
-  };
-  auto hold_v = [&](const Tensor& t) {
-    return on_gpu ? to_gpu(t, DType::kFloat32) : hold_vector(t);
-  };
-  const ModelConfig& c = config;
-  const std::int64_t hidden = c.hidden_size, inter = c.intermediate_size, hd = c.head_dim;
-  const std::int64_t q_out = c.num_attention_heads * hd, kv_out = c.num_key_value_heads * hd;
+  return detail::out_of_memory_as_error("LlamaModel::from_weights", [&]() -> LlamaModel {
+    const std::string where = "LlamaModel(" + config.architecture + ")";
+    // The loaders validate as they read; a config built by hand is held to the same rules, so zero
+    // layers or a pad id past the vocabulary fail here, not in a forward pass.
+    config.validate(where);
+    KVCACHE_CHECK(!options.dtype || is_floating(*options.dtype), where,
+                  ": expected a float weight dtype, got ", dtype_name(*options.dtype));
+    KVCACHE_CHECK(!options.dtype || !options.quantize, where,
+                  ": LoadOptions asks for both a dtype (", dtype_name(*options.dtype),
+                  ") and quantization; choose one");
+    KVCACHE_CHECK(options.device == Device::kCpu || !options.quantize, where,
+                  ": LoadOptions::quantize is for the CPU; on cuda quantized files are held as "
+                  "bfloat16");
+    WeightMap weights(list.begin(), list.end());
+    const bool on_gpu = options.device == Device::kCuda;
+    if (on_gpu) cuda::require_device(where.c_str());
+    const DType gpu_dtype = on_gpu ? gpu_weight_dtype(weights, options) : DType::kFloat32;
+    // The holding of a matrix and of a vector on the chosen device.
+    auto hold_m = [&](const cpu::Weight& w) -> cpu::Weight {
+      return on_gpu ? cpu::Weight(gpu_matrix(w, gpu_dtype)) : hold_matrix(w, options);
+    };
+    auto hold_v = [&](const Tensor& t) {
+      return on_gpu ? to_gpu(t, DType::kFloat32) : hold_vector(t);
+    };
+    const ModelConfig& c = config;
+    const std::int64_t hidden = c.hidden_size, inter = c.intermediate_size, hd = c.head_dim;
+    const std::int64_t q_out = c.num_attention_heads * hd, kv_out = c.num_key_value_heads * hd;
 
-  LlamaModel model;
-  model.device_ = options.device;
-  model.kv_dtype_ = gpu_dtype;
-  model.embed_tokens_ =
-      hold_m(require_matrix(weights, "model.embed_tokens.weight", c.vocab_size, hidden, where));
-  model.final_norm_ = hold_v(require_vector(weights, "model.norm.weight", hidden, where));
-  if (c.tie_word_embeddings) {
-    model.lm_head_ = model.embed_tokens_;
-  } else {
-    model.lm_head_ = hold_m(require_matrix(weights, "lm_head.weight", c.vocab_size, hidden, where));
-  }
-  for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    // Matrices [rows, cols] in the requested dtype; vectors [n] in float32 when `wanted`.
-    // On the GPU the matrices that get fused are only checked here; fuse_rows holds them.
-    auto matrix = [&](const std::string& name, std::int64_t rows, std::int64_t cols,
-                      bool fused = false) -> cpu::Weight {
-      const cpu::Weight& w = require_matrix(weights, p + name, rows, cols, where);
-      return on_gpu && fused ? w : hold_m(w);
-    };
-    auto vector = [&](const std::string& name, bool wanted, std::int64_t n) {
-      if (!on_gpu) return optional_vector(weights, p + name, wanted, n, where);
-      return wanted ? hold_v(require_vector(weights, p + name, n, where)) : Tensor();
-    };
-    Layer layer;
-    layer.input_norm = vector("input_layernorm.weight", true, hidden);
-    layer.post_norm = vector("post_attention_layernorm.weight", true, hidden);
-    layer.q = matrix("self_attn.q_proj.weight", q_out, hidden, true);
-    layer.k = matrix("self_attn.k_proj.weight", kv_out, hidden, true);
-    layer.v = matrix("self_attn.v_proj.weight", kv_out, hidden, true);
-    layer.o = matrix("self_attn.o_proj.weight", hidden, q_out);
-    layer.q_bias = vector("self_attn.q_proj.bias", c.qkv_bias, q_out);
-    layer.k_bias = vector("self_attn.k_proj.bias", c.qkv_bias, kv_out);
-    layer.v_bias = vector("self_attn.v_proj.bias", c.qkv_bias, kv_out);
-    layer.o_bias = vector("self_attn.o_proj.bias", c.o_bias, hidden);
-    layer.gate = matrix("mlp.gate_proj.weight", inter, hidden, true);
-    layer.up = matrix("mlp.up_proj.weight", inter, hidden, true);
-    layer.down = matrix("mlp.down_proj.weight", hidden, inter);
-    layer.gate_bias = vector("mlp.gate_proj.bias", c.mlp_bias, inter);
-    layer.up_bias = vector("mlp.up_proj.bias", c.mlp_bias, inter);
-    layer.down_bias = vector("mlp.down_proj.bias", c.mlp_bias, hidden);
-    if (on_gpu) {
-      cpu::Weight* qkv[] = {&layer.q, &layer.k, &layer.v};
-      cpu::Weight* gate_up[] = {&layer.gate, &layer.up};
-      layer.qkv_fused = fuse_rows(qkv, gpu_dtype);
-      layer.gate_up_fused = fuse_rows(gate_up, gpu_dtype);
+    LlamaModel model;
+    model.device_ = options.device;
+    model.kv_dtype_ = gpu_dtype;
+    model.embed_tokens_ =
+        hold_m(require_matrix(weights, "model.embed_tokens.weight", c.vocab_size, hidden, where));
+    model.final_norm_ = hold_v(require_vector(weights, "model.norm.weight", hidden, where));
+    if (c.tie_word_embeddings) {
+      model.lm_head_ = model.embed_tokens_;
+    } else {
+      model.lm_head_ =
+          hold_m(require_matrix(weights, "lm_head.weight", c.vocab_size, hidden, where));
     }
-    model.layers_.push_back(std::move(layer));
-  }
-  if (on_gpu) {
-    const RotaryEmbedding rope(c.rope);
-    Tensor inv_freq =
-        Tensor::empty({static_cast<std::int64_t>(rope.inv_freq().size())}, DType::kFloat32);
-    std::copy(rope.inv_freq().begin(), rope.inv_freq().end(), inv_freq.data_as<float>());
-    model.inv_freq_ = cuda::to_device(inv_freq);
-    cuda::synchronize();
-  }
-  model.config_ = std::move(config);
-  return model;
+    for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      // Matrices [rows, cols] in the requested dtype; vectors [n] in float32 when `wanted`.
+      // On the GPU the matrices that get fused are only checked here; fuse_rows holds them.
+      auto matrix = [&](const std::string& name, std::int64_t rows, std::int64_t cols,
+                        bool fused = false) -> cpu::Weight {
+        const cpu::Weight& w = require_matrix(weights, p + name, rows, cols, where);
+        return on_gpu && fused ? w : hold_m(w);
+      };
+      auto vector = [&](const std::string& name, bool wanted, std::int64_t n) {
+        if (!on_gpu) return optional_vector(weights, p + name, wanted, n, where);
+        return wanted ? hold_v(require_vector(weights, p + name, n, where)) : Tensor();
+      };
+      Layer layer;
+      layer.input_norm = vector("input_layernorm.weight", true, hidden);
+      layer.post_norm = vector("post_attention_layernorm.weight", true, hidden);
+      layer.q = matrix("self_attn.q_proj.weight", q_out, hidden, true);
+      layer.k = matrix("self_attn.k_proj.weight", kv_out, hidden, true);
+      layer.v = matrix("self_attn.v_proj.weight", kv_out, hidden, true);
+      layer.o = matrix("self_attn.o_proj.weight", hidden, q_out);
+      layer.q_bias = vector("self_attn.q_proj.bias", c.qkv_bias, q_out);
+      layer.k_bias = vector("self_attn.k_proj.bias", c.qkv_bias, kv_out);
+      layer.v_bias = vector("self_attn.v_proj.bias", c.qkv_bias, kv_out);
+      layer.o_bias = vector("self_attn.o_proj.bias", c.o_bias, hidden);
+      layer.gate = matrix("mlp.gate_proj.weight", inter, hidden, true);
+      layer.up = matrix("mlp.up_proj.weight", inter, hidden, true);
+      layer.down = matrix("mlp.down_proj.weight", hidden, inter);
+      layer.gate_bias = vector("mlp.gate_proj.bias", c.mlp_bias, inter);
+      layer.up_bias = vector("mlp.up_proj.bias", c.mlp_bias, inter);
+      layer.down_bias = vector("mlp.down_proj.bias", c.mlp_bias, hidden);
+      if (on_gpu) {
+        cpu::Weight* qkv[] = {&layer.q, &layer.k, &layer.v};
+        cpu::Weight* gate_up[] = {&layer.gate, &layer.up};
+        layer.qkv_fused = fuse_rows(qkv, gpu_dtype);
+        layer.gate_up_fused = fuse_rows(gate_up, gpu_dtype);
+      }
+      model.layers_.push_back(std::move(layer));
+    }
+    if (on_gpu) {
+      const RotaryEmbedding rope(c.rope);
+      Tensor inv_freq =
+          Tensor::empty({static_cast<std::int64_t>(rope.inv_freq().size())}, DType::kFloat32);
+      std::copy(rope.inv_freq().begin(), rope.inv_freq().end(), inv_freq.data_as<float>());
+      model.inv_freq_ = cuda::to_device(inv_freq);
+      cuda::synchronize();
+    }
+    model.config_ = std::move(config);
+    return model;
+  });
 }
 
 std::size_t LlamaModel::weight_bytes() const {
@@ -436,12 +444,15 @@ std::size_t LlamaModel::weight_bytes() const {
 }
 
 Tensor LlamaModel::forward(const ForwardArgs& args) const {
-  const CacheRef& given = args.past_key_values;
-  KVCACHE_CHECK(!given || given.device() == device_, "LlamaModel::forward: expected a cache on ",
-                device_name(device_), " (the model's device), got a cache on ",
-                device_name(given.device()));
-  if (device_ == Device::kCuda) return forward_on<cuda::Backend>(args, given.get<cuda::Backend>());
-  return forward_on<cpu::Backend>(args, given.get<cpu::Backend>());
+  return detail::out_of_memory_as_error("LlamaModel::forward", [&]() -> Tensor {
+    const CacheRef& given = args.past_key_values;
+    KVCACHE_CHECK(!given || given.device() == device_, "LlamaModel::forward: expected a cache on ",
+                  device_name(device_), " (the model's device), got a cache on ",
+                  device_name(given.device()));
+    if (device_ == Device::kCuda)
+      return forward_on<cuda::Backend>(args, given.get<cuda::Backend>());
+    return forward_on<cpu::Backend>(args, given.get<cpu::Backend>());
+  });
 }
 
 template <class B>

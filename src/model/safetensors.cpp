@@ -30,8 +30,13 @@ static_assert(std::endian::native == std::endian::little,
 
 namespace kvcache {
 
-// ordered_json keeps the header's key order, so entries() lists tensors as the file does.
-using Json = nlohmann::ordered_json;
+// Headers and indexes are read as nlohmann::json (keys sorted, so entries() lists tensors by
+// name): inserting into ordered_json's vector of (const key, value) pairs copies the values when
+// it grows and destroys the old copies, and that destruction allocates inside a noexcept
+// destructor (see detail::release_json), which ends in std::terminate when memory runs out.
+// save_safetensors writes with ordered_json (the caller's order), its object reserved up front.
+using Json = nlohmann::json;
+using OrderedJson = nlohmann::ordered_json;
 
 namespace {
 
@@ -192,9 +197,10 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
 
   const auto* header_begin = reinterpret_cast<const char*>(bytes + 8);
   // Nesting is bounded while parsing (detail::kMaxJsonDepth): the walks below recurse.
-  const Json header = detail::parse_json(
+  Json header = detail::parse_json(
       std::string_view(header_begin, static_cast<std::size_t>(header_len)),
       detail::concat("safetensors ", path, ": the ", header_len, "-byte header"));
+  const detail::ReleaseJsonAtExit release_header(header);  // its destructor must not allocate
   KVCACHE_CHECK(header.is_object(), "safetensors ", path,
                 ": expected the header to be a JSON object, got ", show(header));
 
@@ -263,7 +269,8 @@ SafetensorsCheckpoint SafetensorsCheckpoint::open(const std::string& dir) {
   const fs::path index_path = root / "model.safetensors.index.json";
   if (fs::is_regular_file(index_path, ec)) {
     const std::string where = index_path.string();
-    const Json index = detail::parse_json(read_text_file(where), "safetensors index " + where);
+    Json index = detail::parse_json(read_text_file(where), "safetensors index " + where);
+    const detail::ReleaseJsonAtExit release_index(index);  // its destructor must not allocate
     KVCACHE_CHECK(index.is_object(), "safetensors index ", where, ": expected a JSON object, got ",
                   show(index));
     const auto map_it = index.find("weight_map");
@@ -363,19 +370,23 @@ void save_safetensors(const std::string& path,
     cursor += tensors[i].second.nbytes();
   }
 
-  Json header = Json::object();
+  OrderedJson header = OrderedJson::object();
+  const detail::ReleaseJsonAtExit release_header(header);  // its destructor must not allocate
+  // Room for every key first: growing ordered_json's vector would copy and destroy values.
+  header.get_ptr<OrderedJson::object_t*>()->reserve(tensors.size() + 1);
   if (!metadata.empty()) {
-    Json meta = Json::object();
+    OrderedJson meta = OrderedJson::object();
     for (const auto& [key, value] : metadata) meta[key] = value;
     header["__metadata__"] = std::move(meta);
   }
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     const Tensor& t = tensors[i].second;
-    Json shape = Json::array();
+    OrderedJson shape = OrderedJson::array();
     for (const std::int64_t size : t.shape()) shape.push_back(size);
-    header[tensors[i].first] = Json{{"dtype", std::string(safetensors_dtype_name(t.dtype()))},
-                                    {"shape", std::move(shape)},
-                                    {"data_offsets", {offsets[i].first, offsets[i].second}}};
+    header[tensors[i].first] =
+        OrderedJson{{"dtype", std::string(safetensors_dtype_name(t.dtype()))},
+                    {"shape", std::move(shape)},
+                    {"data_offsets", {offsets[i].first, offsets[i].second}}};
   }
   std::string header_text = header.dump();
   // Spaces are JSON whitespace; the format pads with them so the data section starts at a

@@ -844,31 +844,33 @@ std::vector<PreStep> gguf_pre_steps(const std::string& pre, bool& ignore_merges)
 Tokenizer::Tokenizer(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
 
 Tokenizer Tokenizer::from_vocabulary(const BpeVocabulary& v) {
-  auto impl = std::make_shared<Impl>();
-  KVCACHE_CHECK(!v.tokens.empty(), "tokenizer: expected a vocabulary, got no tokens");
-  KVCACHE_CHECK(v.token_types.empty() || v.token_types.size() == v.tokens.size(),
-                "tokenizer: expected one token type per token (", v.tokens.size(), "), got ",
-                v.token_types.size());
-  impl->tokens = v.tokens;
-  impl->types.assign(v.tokens.size(), TokenType::kNormal);
-  for (std::size_t i = 0; i < v.token_types.size(); ++i) {
-    const std::int32_t t = v.token_types[i];
-    KVCACHE_CHECK(t >= 1 && t <= 6, "tokenizer: token ", i, " (\"", detail::show_text(v.tokens[i]),
-                  "\"): expected a token type in 1..6, got ", t);
-    impl->types[i] = static_cast<TokenType>(t);
-  }
-  impl->index({});
-  impl->add_merges(split_merges(v.merges));
-  impl->pre_steps = gguf_pre_steps(v.pre, impl->ignore_merges);
-  impl->pre_name = v.pre;
-  impl->bos = v.bos_token_id;
-  impl->eos = v.eos_token_id;
-  impl->pad = v.pad_token_id;
-  impl->unk = v.unk_token_id;
-  impl->check_special_ids();
-  impl->add_bos = v.add_bos_token;
-  impl->chat_template = v.chat_template;
-  return Tokenizer(std::move(impl));
+  return detail::out_of_memory_as_error("Tokenizer::from_vocabulary", [&]() -> Tokenizer {
+    auto impl = std::make_shared<Impl>();
+    KVCACHE_CHECK(!v.tokens.empty(), "tokenizer: expected a vocabulary, got no tokens");
+    KVCACHE_CHECK(v.token_types.empty() || v.token_types.size() == v.tokens.size(),
+                  "tokenizer: expected one token type per token (", v.tokens.size(), "), got ",
+                  v.token_types.size());
+    impl->tokens = v.tokens;
+    impl->types.assign(v.tokens.size(), TokenType::kNormal);
+    for (std::size_t i = 0; i < v.token_types.size(); ++i) {
+      const std::int32_t t = v.token_types[i];
+      KVCACHE_CHECK(t >= 1 && t <= 6, "tokenizer: token ", i, " (\"",
+                    detail::show_text(v.tokens[i]), "\"): expected a token type in 1..6, got ", t);
+      impl->types[i] = static_cast<TokenType>(t);
+    }
+    impl->index({});
+    impl->add_merges(split_merges(v.merges));
+    impl->pre_steps = gguf_pre_steps(v.pre, impl->ignore_merges);
+    impl->pre_name = v.pre;
+    impl->bos = v.bos_token_id;
+    impl->eos = v.eos_token_id;
+    impl->pad = v.pad_token_id;
+    impl->unk = v.unk_token_id;
+    impl->check_special_ids();
+    impl->add_bos = v.add_bos_token;
+    impl->chat_template = v.chat_template;
+    return Tokenizer(std::move(impl));
+  });
 }
 
 namespace {
@@ -928,73 +930,77 @@ SpmVocabulary gguf_spm_vocabulary(const GgufFile& file) {
 }  // namespace
 
 Tokenizer Tokenizer::from_vocabulary(const SpmVocabulary& v) {
-  auto impl = std::make_shared<Impl>();
-  impl->sentencepiece = true;
-  const std::size_t n = v.tokens.size();
-  KVCACHE_CHECK(n > 0, "tokenizer: expected a vocabulary, got no tokens");
-  KVCACHE_CHECK(v.scores.size() == n, "tokenizer: expected one score per token (", n, "), got ",
-                v.scores.size());
-  KVCACHE_CHECK(v.token_types.empty() || v.token_types.size() == n,
-                "tokenizer: expected one token type per token (", n, "), got ",
-                v.token_types.size());
-  for (std::size_t i = 0; i < n; ++i) {
-    // NaN would break the merge queue's ordering; an infinite score is no ranking either.
-    KVCACHE_CHECK(std::isfinite(v.scores[i]), "tokenizer: token ", i, " (\"",
-                  detail::show_text(v.tokens[i]), "\"): expected a finite score, got ",
-                  v.scores[i]);
-  }
-  impl->tokens = v.tokens;
-  impl->scores = v.scores;
-  impl->types.assign(n, TokenType::kNormal);
-  for (std::size_t i = 0; i < v.token_types.size(); ++i) {
-    const std::int32_t t = v.token_types[i];
-    KVCACHE_CHECK(t >= 1 && t <= 6, "tokenizer: token ", i, " (\"", detail::show_text(v.tokens[i]),
-                  "\"): expected a token type in 1..6, got ", t);
-    impl->types[i] = static_cast<TokenType>(t);
-  }
-  impl->add_dummy_prefix = v.add_dummy_prefix;
-  impl->index({});
-  impl->bos = v.bos_token_id;
-  impl->eos = v.eos_token_id;
-  impl->pad = v.pad_token_id;
-  impl->unk = v.unk_token_id;
-  impl->check_special_ids();  // before the unknown token id is used to index anything
-  impl->finish_sentencepiece(v.unk_token_id);
-  impl->add_bos = v.add_bos_token;
-  impl->add_eos = v.add_eos_token;
-  impl->chat_template = v.chat_template;
-  return Tokenizer(std::move(impl));
+  return detail::out_of_memory_as_error("Tokenizer::from_vocabulary", [&]() -> Tokenizer {
+    auto impl = std::make_shared<Impl>();
+    impl->sentencepiece = true;
+    const std::size_t n = v.tokens.size();
+    KVCACHE_CHECK(n > 0, "tokenizer: expected a vocabulary, got no tokens");
+    KVCACHE_CHECK(v.scores.size() == n, "tokenizer: expected one score per token (", n, "), got ",
+                  v.scores.size());
+    KVCACHE_CHECK(v.token_types.empty() || v.token_types.size() == n,
+                  "tokenizer: expected one token type per token (", n, "), got ",
+                  v.token_types.size());
+    for (std::size_t i = 0; i < n; ++i) {
+      // NaN would break the merge queue's ordering; an infinite score is no ranking either.
+      KVCACHE_CHECK(std::isfinite(v.scores[i]), "tokenizer: token ", i, " (\"",
+                    detail::show_text(v.tokens[i]), "\"): expected a finite score, got ",
+                    v.scores[i]);
+    }
+    impl->tokens = v.tokens;
+    impl->scores = v.scores;
+    impl->types.assign(n, TokenType::kNormal);
+    for (std::size_t i = 0; i < v.token_types.size(); ++i) {
+      const std::int32_t t = v.token_types[i];
+      KVCACHE_CHECK(t >= 1 && t <= 6, "tokenizer: token ", i, " (\"",
+                    detail::show_text(v.tokens[i]), "\"): expected a token type in 1..6, got ", t);
+      impl->types[i] = static_cast<TokenType>(t);
+    }
+    impl->add_dummy_prefix = v.add_dummy_prefix;
+    impl->index({});
+    impl->bos = v.bos_token_id;
+    impl->eos = v.eos_token_id;
+    impl->pad = v.pad_token_id;
+    impl->unk = v.unk_token_id;
+    impl->check_special_ids();  // before the unknown token id is used to index anything
+    impl->finish_sentencepiece(v.unk_token_id);
+    impl->add_bos = v.add_bos_token;
+    impl->add_eos = v.add_eos_token;
+    impl->chat_template = v.chat_template;
+    return Tokenizer(std::move(impl));
+  });
 }
 
 Tokenizer Tokenizer::from_gguf(const GgufFile& file) {
-  try {
-    const std::optional<std::string> model = file.get_string("tokenizer.ggml.model");
-    KVCACHE_CHECK(model.has_value(),
-                  "tokenizer.ggml.model: expected \"gpt2\" or \"llama\", got no such key");
-    if (*model == "llama") return from_vocabulary(gguf_spm_vocabulary(file));
-    KVCACHE_CHECK(*model == "gpt2",
-                  "tokenizer.ggml.model: expected \"gpt2\" (byte-level BPE) or \"llama\" "
-                  "(SentencePiece), got \"",
-                  detail::show_text(*model), "\"");
-    BpeVocabulary v;
-    v.tokens = file.get_string_array("tokenizer.ggml.tokens");
-    v.merges = file.get_string_array("tokenizer.ggml.merges");
-    for (std::int64_t t : file.get_int_array("tokenizer.ggml.token_type"))
-      v.token_types.push_back(static_cast<std::int32_t>(std::clamp<std::int64_t>(t, -1, 1000)));
-    v.pre = file.get_string("tokenizer.ggml.pre").value_or("default");
-    v.bos_token_id = file.get_int("tokenizer.ggml.bos_token_id");
-    v.eos_token_id = file.get_int("tokenizer.ggml.eos_token_id");
-    v.pad_token_id = file.get_int("tokenizer.ggml.padding_token_id");
-    v.unk_token_id = file.get_int("tokenizer.ggml.unknown_token_id");
-    v.add_bos_token = file.get_bool("tokenizer.ggml.add_bos_token").value_or(false);
-    v.chat_template = file.get_string("tokenizer.chat_template");
-    KVCACHE_CHECK(!v.merges.empty(), "tokenizer.ggml.merges: expected BPE merges, got none");
-    return from_vocabulary(v);
-  } catch (const Error& e) {
-    throw Error(file.path() + ": " + e.what());
-  } catch (const std::bad_alloc&) {
-    KVCACHE_FAIL(file.path(), ": out of memory building the vocabulary");
-  }
+  return detail::out_of_memory_as_error("Tokenizer::from_gguf", [&]() -> Tokenizer {
+    try {
+      const std::optional<std::string> model = file.get_string("tokenizer.ggml.model");
+      KVCACHE_CHECK(model.has_value(),
+                    "tokenizer.ggml.model: expected \"gpt2\" or \"llama\", got no such key");
+      if (*model == "llama") return from_vocabulary(gguf_spm_vocabulary(file));
+      KVCACHE_CHECK(*model == "gpt2",
+                    "tokenizer.ggml.model: expected \"gpt2\" (byte-level BPE) or \"llama\" "
+                    "(SentencePiece), got \"",
+                    detail::show_text(*model), "\"");
+      BpeVocabulary v;
+      v.tokens = file.get_string_array("tokenizer.ggml.tokens");
+      v.merges = file.get_string_array("tokenizer.ggml.merges");
+      for (std::int64_t t : file.get_int_array("tokenizer.ggml.token_type"))
+        v.token_types.push_back(static_cast<std::int32_t>(std::clamp<std::int64_t>(t, -1, 1000)));
+      v.pre = file.get_string("tokenizer.ggml.pre").value_or("default");
+      v.bos_token_id = file.get_int("tokenizer.ggml.bos_token_id");
+      v.eos_token_id = file.get_int("tokenizer.ggml.eos_token_id");
+      v.pad_token_id = file.get_int("tokenizer.ggml.padding_token_id");
+      v.unk_token_id = file.get_int("tokenizer.ggml.unknown_token_id");
+      v.add_bos_token = file.get_bool("tokenizer.ggml.add_bos_token").value_or(false);
+      v.chat_template = file.get_string("tokenizer.chat_template");
+      KVCACHE_CHECK(!v.merges.empty(), "tokenizer.ggml.merges: expected BPE merges, got none");
+      return from_vocabulary(v);
+    } catch (const Error& e) {
+      throw Error(file.path() + ": " + e.what());
+    } catch (const std::bad_alloc&) {
+      KVCACHE_FAIL(file.path(), ": out of memory building the vocabulary");
+    }
+  });
 }
 
 namespace {
@@ -1047,6 +1053,16 @@ std::optional<std::string> config_token(const json& config, const char* key) {
                detail::show_json(t));
 }
 
+// The member `key` of `object`, or `fallback` when it has none. Unlike json::value(key, default),
+// which returns a copy, this copies nothing: a copy of a non-empty array or object allocates when
+// it is destroyed, in a noexcept destructor (see detail::release_json).
+const json& member_or(const json& object, const char* key, const json& fallback) {
+  const auto it = object.find(key);
+  return it == object.end() ? fallback : *it;
+}
+const json kNoJson;                          // null: a member that is absent
+const json kEmptyJsonArray = json::array();  // a list that is absent
+
 // The file must be regular (a FIFO would block) and its JSON nested at most
 // detail::kMaxJsonDepth levels (every walk of the value recurses).
 json read_json(const std::string& path) {
@@ -1056,177 +1072,182 @@ json read_json(const std::string& path) {
 }  // namespace
 
 Tokenizer Tokenizer::from_json_file(const std::string& path) {
-  const json root = read_json(path);
-  try {
-    auto impl = std::make_shared<Impl>();
-    const json& model = root.at("model");
-    const std::string type = model.value("type", std::string("BPE"));
-    KVCACHE_CHECK(type == "BPE", "model.type: expected BPE, got ", type);
-    KVCACHE_CHECK(!model.contains("dropout") || model["dropout"].is_null() ||
-                      model["dropout"].get<double>() == 0.0,
-                  "model.dropout: expected none, got ", detail::show_json(model["dropout"]));
-    for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
-      KVCACHE_CHECK(!model.contains(key) || model[key].is_null() || model[key] == "", "model.", key,
-                    ": expected none, got ", detail::show_json(model[key]));
-    }
-    const json& normalizer = root.value("normalizer", json());
-    KVCACHE_CHECK(normalizer.is_null() || (normalizer.value("type", "") == "Sequence" &&
-                                           normalizer.value("normalizers", json::array()).empty()),
-                  "normalizer: expected none, got ", detail::show_json(normalizer));
-
-    // Vocabulary: model.vocab plus added_tokens (which may add ids past it). Every id must be one
-    // of 0 .. entries - 1 (the ids are dense, each entry one id), checked before any table is
-    // sized by them: a negative id, 2^63 - 1 or 10^12 is an error, not a write out of bounds or
-    // an allocation of terabytes.
-    const json& vocab = model.at("vocab");
-    KVCACHE_CHECK(vocab.is_object(), "model.vocab: expected an object of token: id, got ",
-                  detail::show_json(vocab));
-    const json added = root.value("added_tokens", json::array());
-    KVCACHE_CHECK(added.is_array(), "added_tokens: expected a list, got ",
-                  detail::show_json(added));
-    const auto entries = static_cast<std::int64_t>(vocab.size() + added.size());
-    const auto checked_id = [&](const json& id, const std::string& token, const char* where) {
-      KVCACHE_CHECK(id.is_number_integer() &&
-                        (id.is_number_unsigned()
-                             ? id.get<std::uint64_t>() < static_cast<std::uint64_t>(entries)
-                             : id.get<std::int64_t>() >= 0 && id.get<std::int64_t>() < entries),
-                    where, " \"", detail::show_text(token), "\": expected an id in [0, ", entries,
-                    ") (the vocabulary and added tokens hold ", entries, " entries), got ",
-                    detail::show_json(id));
-      return id.get<std::int64_t>();
-    };
-    std::int64_t size = 0;
-    for (const auto& [token, id] : vocab.items())
-      size = std::max(size, checked_id(id, token, "model.vocab") + 1);
-    for (const json& a : added) {
-      KVCACHE_CHECK(a.is_object(), "added_tokens: expected objects, got ", detail::show_json(a));
-      size = std::max(
-          size, checked_id(a.at("id"), a.value("content", std::string()), "added_tokens") + 1);
-    }
-    KVCACHE_CHECK(size > 0, "model.vocab: expected tokens, got none");
-    std::vector<bool> present(static_cast<std::size_t>(size), false), normalized(present);
-    impl->tokens.assign(static_cast<std::size_t>(size), {});
-    impl->types.assign(static_cast<std::size_t>(size), TokenType::kNormal);
-    for (const auto& [token, id] : vocab.items()) {
-      const auto i = static_cast<std::size_t>(id.get<std::int64_t>());
-      impl->tokens[i] = token;
-      present[i] = true;
-    }
-    struct Strip {
-      bool lstrip, rstrip;
-    };
-    std::unordered_map<std::int64_t, Strip> strips;
-    for (const json& a : added) {
-      const std::int64_t id = a.at("id").get<std::int64_t>();
-      KVCACHE_CHECK(id >= 0, "added_tokens: expected ids >= 0, got ", id);
-      const std::string content = a.at("content").get<std::string>();
-      KVCACHE_CHECK(!a.value("single_word", false), "added_tokens: \"", detail::show_text(content),
-                    "\": single_word tokens are not served");
-      const auto i = static_cast<std::size_t>(id);
-      impl->tokens[i] = content;
-      present[i] = true;
-      impl->types[i] = a.value("special", false) ? TokenType::kControl : TokenType::kUserDefined;
-      normalized[i] = a.value("normalized", !a.value("special", false));
-      strips[id] = {a.value("lstrip", false), a.value("rstrip", false)};
-    }
-    for (std::size_t i = 0; i < present.size(); ++i)
-      KVCACHE_CHECK(present[i], "model.vocab: expected ids 0..", size - 1, ", got no token ", i);
-    impl->index(normalized);
-    for (AddedToken& a : impl->added) {
-      if (auto it = strips.find(a.id); it != strips.end()) {
-        a.lstrip = it->second.lstrip;
-        a.rstrip = it->second.rstrip;
+  return detail::out_of_memory_as_error("Tokenizer::from_json_file", [&]() -> Tokenizer {
+    json root = read_json(path);
+    const detail::ReleaseJsonAtExit release_root(root);  // its destructor must not allocate
+    try {
+      auto impl = std::make_shared<Impl>();
+      const json& model = root.at("model");
+      const std::string type = model.value("type", std::string("BPE"));
+      KVCACHE_CHECK(type == "BPE", "model.type: expected BPE, got ", type);
+      KVCACHE_CHECK(!model.contains("dropout") || model["dropout"].is_null() ||
+                        model["dropout"].get<double>() == 0.0,
+                    "model.dropout: expected none, got ", detail::show_json(model["dropout"]));
+      for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
+        KVCACHE_CHECK(!model.contains(key) || model[key].is_null() || model[key] == "", "model.",
+                      key, ": expected none, got ", detail::show_json(model[key]));
       }
-    }
+      const json& normalizer = member_or(root, "normalizer", kNoJson);
+      KVCACHE_CHECK(normalizer.is_null() || (normalizer.value("type", "") == "Sequence" &&
+                                             member_or(normalizer, "normalizers", kNoJson).empty()),
+                    "normalizer: expected none, got ", detail::show_json(normalizer));
 
-    std::vector<std::pair<std::string, std::string>> pairs;
-    std::vector<std::string> strings;
-    for (const json& m : model.value("merges", json::array())) {
-      if (m.is_string()) {
-        strings.push_back(m.get<std::string>());
-      } else {
-        KVCACHE_CHECK(m.is_array() && m.size() == 2,
-                      "model.merges: expected \"a b\" or [a, b], got ", detail::show_json(m));
-        pairs.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
-      }
-    }
-    if (!strings.empty()) {
-      KVCACHE_CHECK(pairs.empty(), "model.merges: expected one form, got strings and pairs mixed");
-      pairs = split_merges(strings);
-    }
-    impl->add_merges(pairs);
-    impl->ignore_merges = model.value("ignore_merges", false);
-    impl->byte_fallback = model.value("byte_fallback", false);
-    impl->fuse_unk = model.value("fuse_unk", false);
-    if (model.contains("unk_token") && model["unk_token"].is_string()) {
-      const std::string unk = model["unk_token"].get<std::string>();
-      const auto it = impl->ids.find(unk);
-      KVCACHE_CHECK(it != impl->ids.end(),
-                    "model.unk_token: expected a token of the vocabulary, got \"",
-                    detail::show_text(unk), "\"");
-      impl->unk = it->second;
-      // An added (special or user-defined) unknown token is reported by unk_token_id() but never
-      // produced from text: encode() drops a byte without a token instead.
-      const TokenType unk_type = impl->types[static_cast<std::size_t>(it->second)];
-      if (unk_type != TokenType::kControl && unk_type != TokenType::kUserDefined)
-        impl->model_unk = it->second;
-    }
-
-    bool byte_level = false;
-    std::string name;
-    KVCACHE_CHECK(root.contains("pre_tokenizer") && !root["pre_tokenizer"].is_null(),
-                  "pre_tokenizer: expected ByteLevel (byte-level BPE), got none");
-    json_pre_steps(root["pre_tokenizer"], impl->pre_steps, name, byte_level);
-    KVCACHE_CHECK(byte_level, "pre_tokenizer: expected a ByteLevel step (byte-level BPE), got ",
-                  name);
-    impl->pre_name = "tokenizer.json: " + name;
-    if (const json decoder = root.value("decoder", json()); !decoder.is_null()) {
-      const std::string d = decoder.dump(-1, ' ', false, json::error_handler_t::replace);
-      KVCACHE_CHECK(d.find("\"ByteLevel\"") != std::string::npos,
-                    "decoder: expected ByteLevel (alone or in a Sequence), got ",
-                    detail::show_json(decoder));
-    }
-
-    // tokenizer_config.json beside it: special tokens, add_bos_token, the chat template.
-    const auto config_path = std::filesystem::path(path).parent_path() / "tokenizer_config.json";
-    if (std::error_code ec; std::filesystem::exists(config_path, ec)) {
-      const json config = read_json(config_path.string());
-      auto id_of = [&](const char* key) -> std::optional<std::int64_t> {
-        const std::optional<std::string> token = config_token(config, key);
-        if (!token) return std::nullopt;
-        const auto it = impl->ids.find(*token);
-        KVCACHE_CHECK(it != impl->ids.end(), "tokenizer_config.json ", key,
-                      ": expected a token of ", "the vocabulary, got \"", detail::show_text(*token),
-                      "\"");
-        return it->second;
+      // Vocabulary: model.vocab plus added_tokens (which may add ids past it). Every id must be one
+      // of 0 .. entries - 1 (the ids are dense, each entry one id), checked before any table is
+      // sized by them: a negative id, 2^63 - 1 or 10^12 is an error, not a write out of bounds or
+      // an allocation of terabytes.
+      const json& vocab = model.at("vocab");
+      KVCACHE_CHECK(vocab.is_object(), "model.vocab: expected an object of token: id, got ",
+                    detail::show_json(vocab));
+      const json& added = member_or(root, "added_tokens", kEmptyJsonArray);
+      KVCACHE_CHECK(added.is_array(), "added_tokens: expected a list, got ",
+                    detail::show_json(added));
+      const auto entries = static_cast<std::int64_t>(vocab.size() + added.size());
+      const auto checked_id = [&](const json& id, const std::string& token, const char* where) {
+        KVCACHE_CHECK(id.is_number_integer() &&
+                          (id.is_number_unsigned()
+                               ? id.get<std::uint64_t>() < static_cast<std::uint64_t>(entries)
+                               : id.get<std::int64_t>() >= 0 && id.get<std::int64_t>() < entries),
+                      where, " \"", detail::show_text(token), "\": expected an id in [0, ", entries,
+                      ") (the vocabulary and added tokens hold ", entries, " entries), got ",
+                      detail::show_json(id));
+        return id.get<std::int64_t>();
       };
-      impl->bos = id_of("bos_token");
-      impl->eos = id_of("eos_token");
-      impl->pad = id_of("pad_token");
-      if (auto unk = id_of("unk_token")) impl->unk = unk;
-      impl->add_bos = config.value("add_bos_token", false);
-      impl->add_eos = config.value("add_eos_token", false);
-      if (config.contains("chat_template")) {
-        const json& t = config["chat_template"];
-        if (t.is_string()) {
-          impl->chat_template = t.get<std::string>();
-        } else if (t.is_array() && !t.empty()) {  // [{"name": ..., "template": ...}, ...]
-          impl->chat_template = t[0].at("template").get<std::string>();
-          for (const json& named : t)
-            if (named.value("name", "") == "default")
-              impl->chat_template = named.at("template").get<std::string>();
+      std::int64_t size = 0;
+      for (const auto& [token, id] : vocab.items())
+        size = std::max(size, checked_id(id, token, "model.vocab") + 1);
+      for (const json& a : added) {
+        KVCACHE_CHECK(a.is_object(), "added_tokens: expected objects, got ", detail::show_json(a));
+        size = std::max(
+            size, checked_id(a.at("id"), a.value("content", std::string()), "added_tokens") + 1);
+      }
+      KVCACHE_CHECK(size > 0, "model.vocab: expected tokens, got none");
+      std::vector<bool> present(static_cast<std::size_t>(size), false), normalized(present);
+      impl->tokens.assign(static_cast<std::size_t>(size), {});
+      impl->types.assign(static_cast<std::size_t>(size), TokenType::kNormal);
+      for (const auto& [token, id] : vocab.items()) {
+        const auto i = static_cast<std::size_t>(id.get<std::int64_t>());
+        impl->tokens[i] = token;
+        present[i] = true;
+      }
+      struct Strip {
+        bool lstrip, rstrip;
+      };
+      std::unordered_map<std::int64_t, Strip> strips;
+      for (const json& a : added) {
+        const std::int64_t id = a.at("id").get<std::int64_t>();
+        KVCACHE_CHECK(id >= 0, "added_tokens: expected ids >= 0, got ", id);
+        const std::string content = a.at("content").get<std::string>();
+        KVCACHE_CHECK(!a.value("single_word", false), "added_tokens: \"",
+                      detail::show_text(content), "\": single_word tokens are not served");
+        const auto i = static_cast<std::size_t>(id);
+        impl->tokens[i] = content;
+        present[i] = true;
+        impl->types[i] = a.value("special", false) ? TokenType::kControl : TokenType::kUserDefined;
+        normalized[i] = a.value("normalized", !a.value("special", false));
+        strips[id] = {a.value("lstrip", false), a.value("rstrip", false)};
+      }
+      for (std::size_t i = 0; i < present.size(); ++i)
+        KVCACHE_CHECK(present[i], "model.vocab: expected ids 0..", size - 1, ", got no token ", i);
+      impl->index(normalized);
+      for (AddedToken& a : impl->added) {
+        if (auto it = strips.find(a.id); it != strips.end()) {
+          a.lstrip = it->second.lstrip;
+          a.rstrip = it->second.rstrip;
         }
       }
+
+      std::vector<std::pair<std::string, std::string>> pairs;
+      std::vector<std::string> strings;
+      for (const json& m : member_or(model, "merges", kEmptyJsonArray)) {
+        if (m.is_string()) {
+          strings.push_back(m.get<std::string>());
+        } else {
+          KVCACHE_CHECK(m.is_array() && m.size() == 2,
+                        "model.merges: expected \"a b\" or [a, b], got ", detail::show_json(m));
+          pairs.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
+        }
+      }
+      if (!strings.empty()) {
+        KVCACHE_CHECK(pairs.empty(),
+                      "model.merges: expected one form, got strings and pairs mixed");
+        pairs = split_merges(strings);
+      }
+      impl->add_merges(pairs);
+      impl->ignore_merges = model.value("ignore_merges", false);
+      impl->byte_fallback = model.value("byte_fallback", false);
+      impl->fuse_unk = model.value("fuse_unk", false);
+      if (model.contains("unk_token") && model["unk_token"].is_string()) {
+        const std::string unk = model["unk_token"].get<std::string>();
+        const auto it = impl->ids.find(unk);
+        KVCACHE_CHECK(it != impl->ids.end(),
+                      "model.unk_token: expected a token of the vocabulary, got \"",
+                      detail::show_text(unk), "\"");
+        impl->unk = it->second;
+        // An added (special or user-defined) unknown token is reported by unk_token_id() but never
+        // produced from text: encode() drops a byte without a token instead.
+        const TokenType unk_type = impl->types[static_cast<std::size_t>(it->second)];
+        if (unk_type != TokenType::kControl && unk_type != TokenType::kUserDefined)
+          impl->model_unk = it->second;
+      }
+
+      bool byte_level = false;
+      std::string name;
+      KVCACHE_CHECK(root.contains("pre_tokenizer") && !root["pre_tokenizer"].is_null(),
+                    "pre_tokenizer: expected ByteLevel (byte-level BPE), got none");
+      json_pre_steps(root["pre_tokenizer"], impl->pre_steps, name, byte_level);
+      KVCACHE_CHECK(byte_level, "pre_tokenizer: expected a ByteLevel step (byte-level BPE), got ",
+                    name);
+      impl->pre_name = "tokenizer.json: " + name;
+      if (const json& decoder = member_or(root, "decoder", kNoJson); !decoder.is_null()) {
+        const std::string d = decoder.dump(-1, ' ', false, json::error_handler_t::replace);
+        KVCACHE_CHECK(d.find("\"ByteLevel\"") != std::string::npos,
+                      "decoder: expected ByteLevel (alone or in a Sequence), got ",
+                      detail::show_json(decoder));
+      }
+
+      // tokenizer_config.json beside it: special tokens, add_bos_token, the chat template.
+      const auto config_path = std::filesystem::path(path).parent_path() / "tokenizer_config.json";
+      if (std::error_code ec; std::filesystem::exists(config_path, ec)) {
+        json config = read_json(config_path.string());
+        const detail::ReleaseJsonAtExit release_config(config);  // see release_root
+        auto id_of = [&](const char* key) -> std::optional<std::int64_t> {
+          const std::optional<std::string> token = config_token(config, key);
+          if (!token) return std::nullopt;
+          const auto it = impl->ids.find(*token);
+          KVCACHE_CHECK(it != impl->ids.end(), "tokenizer_config.json ", key,
+                        ": expected a token of ", "the vocabulary, got \"",
+                        detail::show_text(*token), "\"");
+          return it->second;
+        };
+        impl->bos = id_of("bos_token");
+        impl->eos = id_of("eos_token");
+        impl->pad = id_of("pad_token");
+        if (auto unk = id_of("unk_token")) impl->unk = unk;
+        impl->add_bos = config.value("add_bos_token", false);
+        impl->add_eos = config.value("add_eos_token", false);
+        if (config.contains("chat_template")) {
+          const json& t = config["chat_template"];
+          if (t.is_string()) {
+            impl->chat_template = t.get<std::string>();
+          } else if (t.is_array() && !t.empty()) {  // [{"name": ..., "template": ...}, ...]
+            impl->chat_template = t[0].at("template").get<std::string>();
+            for (const json& named : t)
+              if (named.value("name", "") == "default")
+                impl->chat_template = named.at("template").get<std::string>();
+          }
+        }
+      }
+      impl->check_special_ids();
+      return Tokenizer(std::move(impl));
+    } catch (const json::exception& e) {
+      KVCACHE_FAIL(path, ": unexpected tokenizer.json layout: ", e.what());
+    } catch (const Error& e) {
+      throw Error(path + ": " + e.what());
+    } catch (const std::bad_alloc&) {
+      KVCACHE_FAIL(path, ": out of memory building the vocabulary");
     }
-    impl->check_special_ids();
-    return Tokenizer(std::move(impl));
-  } catch (const json::exception& e) {
-    KVCACHE_FAIL(path, ": unexpected tokenizer.json layout: ", e.what());
-  } catch (const Error& e) {
-    throw Error(path + ": " + e.what());
-  } catch (const std::bad_alloc&) {
-    KVCACHE_FAIL(path, ": out of memory building the vocabulary");
-  }
+  });
 }
 
 #if KVCACHE_HAVE_SENTENCEPIECE
@@ -1322,141 +1343,151 @@ std::optional<ModelProtoFacts> model_proto_facts(std::string_view proto) {
 #endif  // KVCACHE_HAVE_SENTENCEPIECE
 
 Tokenizer Tokenizer::from_sentencepiece_file(const std::string& path) {
+  return detail::out_of_memory_as_error("Tokenizer::from_sentencepiece_file", [&]() -> Tokenizer {
 #if !KVCACHE_HAVE_SENTENCEPIECE
-  KVCACHE_FAIL(path,
-               ": reading a sentencepiece model needs libsentencepiece, and kvcache was built "
-               "without libsentencepiece (install libsentencepiece-dev and configure again), "
-               "or read the model's GGUF file with Tokenizer::from_gguf");
+    KVCACHE_FAIL(path,
+                 ": reading a sentencepiece model needs libsentencepiece, and kvcache was built "
+                 "without libsentencepiece (install libsentencepiece-dev and configure again), "
+                 "or read the model's GGUF file with Tokenizer::from_gguf");
 #else
-  const std::string proto = detail::read_regular_file(path, "sentencepiece model");
-  try {
-    auto library = std::make_shared<sentencepiece::SentencePieceProcessor>();
-    const auto status = library->LoadFromSerializedProto(proto);
-    KVCACHE_CHECK(status.ok(), "expected a sentencepiece model (ModelProto), got one ",
-                  "libsentencepiece cannot load: ", status.ToString());
-    const std::optional<ModelProtoFacts> facts = model_proto_facts(proto);
-    const int n = library->GetPieceSize();
-    KVCACHE_CHECK(facts.has_value() && facts->types.size() == static_cast<std::size_t>(n),
-                  "expected ", n, " pieces in the ModelProto, got a proto that does not parse");
-    SpmVocabulary v;
-    v.tokens.reserve(static_cast<std::size_t>(n));
-    for (int i = 0; i < n; ++i) {
-      v.tokens.push_back(library->IdToPiece(i));
-      v.scores.push_back(library->GetScore(i));
-      v.token_types.push_back(facts->types[static_cast<std::size_t>(i)]);
-    }
-    const auto id_or_none = [](int id) {
-      return id >= 0 ? std::optional<std::int64_t>(id) : std::nullopt;
-    };
-    v.unk_token_id = id_or_none(library->unk_id());
-    v.bos_token_id = id_or_none(library->bos_id());
-    v.eos_token_id = id_or_none(library->eos_id());
-    v.pad_token_id = id_or_none(library->pad_id());
-    v.add_bos_token = v.bos_token_id.has_value();
-    v.add_dummy_prefix = facts->add_dummy_prefix;
-
-    // tokenizer_config.json beside it (transformers' LlamaTokenizer folders).
-    const auto config_path = std::filesystem::path(path).parent_path() / "tokenizer_config.json";
-    if (std::error_code ec; std::filesystem::exists(config_path, ec)) {
-      const json config = read_json(config_path.string());
-      try {
-        v.add_bos_token = config.value("add_bos_token", v.add_bos_token);
-        v.add_eos_token = config.value("add_eos_token", false);
-        if (config.contains("chat_template") && config["chat_template"].is_string())
-          v.chat_template = config["chat_template"].get<std::string>();
-      } catch (const json::exception& e) {
-        KVCACHE_FAIL(config_path.string(), ": unexpected tokenizer_config.json layout: ", e.what());
+    const std::string proto = detail::read_regular_file(path, "sentencepiece model");
+    try {
+      auto library = std::make_shared<sentencepiece::SentencePieceProcessor>();
+      const auto status = library->LoadFromSerializedProto(proto);
+      KVCACHE_CHECK(status.ok(), "expected a sentencepiece model (ModelProto), got one ",
+                    "libsentencepiece cannot load: ", status.ToString());
+      const std::optional<ModelProtoFacts> facts = model_proto_facts(proto);
+      const int n = library->GetPieceSize();
+      KVCACHE_CHECK(facts.has_value() && facts->types.size() == static_cast<std::size_t>(n),
+                    "expected ", n, " pieces in the ModelProto, got a proto that does not parse");
+      SpmVocabulary v;
+      v.tokens.reserve(static_cast<std::size_t>(n));
+      for (int i = 0; i < n; ++i) {
+        v.tokens.push_back(library->IdToPiece(i));
+        v.scores.push_back(library->GetScore(i));
+        v.token_types.push_back(facts->types[static_cast<std::size_t>(i)]);
       }
+      const auto id_or_none = [](int id) {
+        return id >= 0 ? std::optional<std::int64_t>(id) : std::nullopt;
+      };
+      v.unk_token_id = id_or_none(library->unk_id());
+      v.bos_token_id = id_or_none(library->bos_id());
+      v.eos_token_id = id_or_none(library->eos_id());
+      v.pad_token_id = id_or_none(library->pad_id());
+      v.add_bos_token = v.bos_token_id.has_value();
+      v.add_dummy_prefix = facts->add_dummy_prefix;
+
+      // tokenizer_config.json beside it (transformers' LlamaTokenizer folders).
+      const auto config_path = std::filesystem::path(path).parent_path() / "tokenizer_config.json";
+      if (std::error_code ec; std::filesystem::exists(config_path, ec)) {
+        json config = read_json(config_path.string());
+        const detail::ReleaseJsonAtExit release_config(config);  // see release_root
+        try {
+          v.add_bos_token = config.value("add_bos_token", v.add_bos_token);
+          v.add_eos_token = config.value("add_eos_token", false);
+          if (config.contains("chat_template") && config["chat_template"].is_string())
+            v.chat_template = config["chat_template"].get<std::string>();
+        } catch (const json::exception& e) {
+          KVCACHE_FAIL(config_path.string(), ": unexpected tokenizer_config.json layout: ", e.what());
+        }
+      }
+      Tokenizer tokenizer = from_vocabulary(v);
+      auto impl = std::const_pointer_cast<Impl>(tokenizer.impl_);  // not shared with anyone yet
+      impl->library = std::move(library);
+      return tokenizer;
+    } catch (const Error& e) {
+      throw Error(path + ": " + e.what());
+    } catch (const std::bad_alloc&) {
+      KVCACHE_FAIL(path, ": out of memory building the vocabulary");
     }
-    Tokenizer tokenizer = from_vocabulary(v);
-    auto impl = std::const_pointer_cast<Impl>(tokenizer.impl_);  // not shared with anyone yet
-    impl->library = std::move(library);
-    return tokenizer;
-  } catch (const Error& e) {
-    throw Error(path + ": " + e.what());
-  } catch (const std::bad_alloc&) {
-    KVCACHE_FAIL(path, ": out of memory building the vocabulary");
-  }
 #endif
+  });
 }
 
 Tokenizer Tokenizer::from_pretrained(const std::string& path) {
-  namespace fs = std::filesystem;
-  const auto ends_with = [&](std::string_view suffix) {
-    return path.size() >= suffix.size() &&
-           path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;
-  };
-  std::error_code ec;
-  if (fs::is_directory(path, ec)) {
-    // transformers' order: the fast tokenizer's tokenizer.json first, the slow one's model after.
-    const fs::path json = fs::path(path) / "tokenizer.json";
-    if (fs::exists(json, ec)) return from_json_file(json.string());
-    const fs::path model = fs::path(path) / "tokenizer.model";
-    if (fs::exists(model, ec)) return from_sentencepiece_file(model.string());
+  return detail::out_of_memory_as_error("Tokenizer::from_pretrained", [&]() -> Tokenizer {
+    namespace fs = std::filesystem;
+    const auto ends_with = [&](std::string_view suffix) {
+      return path.size() >= suffix.size() &&
+             path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;
+    };
+    std::error_code ec;
+    if (fs::is_directory(path, ec)) {
+      // transformers' order: the fast tokenizer's tokenizer.json first, the slow one's model after.
+      const fs::path json = fs::path(path) / "tokenizer.json";
+      if (fs::exists(json, ec)) return from_json_file(json.string());
+      const fs::path model = fs::path(path) / "tokenizer.model";
+      if (fs::exists(model, ec)) return from_sentencepiece_file(model.string());
+      KVCACHE_FAIL("Tokenizer::from_pretrained(", detail::show_text(path),
+                   "): expected tokenizer.json or tokenizer.model in the folder, found neither");
+    }
+    if (ends_with(".gguf")) return from_gguf(GgufFile::open(path));
+    if (ends_with(".json")) return from_json_file(path);
+    if (ends_with(".model")) return from_sentencepiece_file(path);
+    KVCACHE_CHECK(
+        fs::exists(path, ec), "Tokenizer::from_pretrained(", detail::show_text(path),
+        "): expected a .gguf file or a folder with tokenizer.json or tokenizer.model, got ",
+        "a path that does not exist");
     KVCACHE_FAIL("Tokenizer::from_pretrained(", detail::show_text(path),
-                 "): expected tokenizer.json or tokenizer.model in the folder, found neither");
-  }
-  if (ends_with(".gguf")) return from_gguf(GgufFile::open(path));
-  if (ends_with(".json")) return from_json_file(path);
-  if (ends_with(".model")) return from_sentencepiece_file(path);
-  KVCACHE_CHECK(fs::exists(path, ec), "Tokenizer::from_pretrained(", detail::show_text(path),
-                "): expected a .gguf file or a folder with tokenizer.json or tokenizer.model, got ",
-                "a path that does not exist");
-  KVCACHE_FAIL("Tokenizer::from_pretrained(", detail::show_text(path),
-               "): expected a .gguf file, a tokenizer.json or tokenizer.model file, or a folder "
-               "holding one of them, got a file of none of these kinds");
+                 "): expected a .gguf file, a tokenizer.json or tokenizer.model file, or a folder "
+                 "holding one of them, got a file of none of these kinds");
+  });
 }
 
 std::vector<std::int64_t> Tokenizer::encode(std::string_view text, bool parse_special) const {
-  const std::size_t bad = invalid_utf8_offset(text);
-  KVCACHE_CHECK(bad == std::string_view::npos,
-                "encode: expected UTF-8 text, got an invalid byte 0x", std::hex,
-                static_cast<int>(static_cast<unsigned char>(text[bad])), std::dec, " at offset ",
-                bad);
-  std::vector<Impl::Segment> first, segments;
-  impl_->split_added(text, parse_special, /*normalized_pass=*/false, first);
-  for (const Impl::Segment& s : first) {
-    if (s.id >= 0)
-      segments.push_back(s);
-    else
-      impl_->split_added(s.text, parse_special, /*normalized_pass=*/true, segments);
-  }
-  std::vector<std::int64_t> out;
-  std::vector<std::string> pieces;
-  for (const Impl::Segment& s : segments) {
-    if (s.id >= 0) {
-      out.push_back(s.id);
-      continue;
+  return detail::out_of_memory_as_error("Tokenizer::encode", [&]() -> std::vector<std::int64_t> {
+    const std::size_t bad = invalid_utf8_offset(text);
+    KVCACHE_CHECK(bad == std::string_view::npos,
+                  "encode: expected UTF-8 text, got an invalid byte 0x", std::hex,
+                  static_cast<int>(static_cast<unsigned char>(text[bad])), std::dec, " at offset ",
+                  bad);
+    std::vector<Impl::Segment> first, segments;
+    impl_->split_added(text, parse_special, /*normalized_pass=*/false, first);
+    for (const Impl::Segment& s : first) {
+      if (s.id >= 0)
+        segments.push_back(s);
+      else
+        impl_->split_added(s.text, parse_special, /*normalized_pass=*/true, segments);
     }
-    if (impl_->sentencepiece) {
-#if KVCACHE_HAVE_SENTENCEPIECE
-      if (impl_->library) {
-        std::vector<int> ids;
-        const auto status = impl_->library->Encode(s.text, &ids);
-        KVCACHE_CHECK(status.ok(), "encode: libsentencepiece failed: ", status.ToString());
-        out.insert(out.end(), ids.begin(), ids.end());
+    std::vector<std::int64_t> out;
+    std::vector<std::string> pieces;
+    for (const Impl::Segment& s : segments) {
+      if (s.id >= 0) {
+        out.push_back(s.id);
         continue;
       }
+      if (impl_->sentencepiece) {
+#if KVCACHE_HAVE_SENTENCEPIECE
+        if (impl_->library) {
+          std::vector<int> ids;
+          const auto status = impl_->library->Encode(s.text, &ids);
+          KVCACHE_CHECK(status.ok(), "encode: libsentencepiece failed: ", status.ToString());
+          out.insert(out.end(), ids.begin(), ids.end());
+          continue;
+        }
 #endif
-      impl_->spm_encode(s.text, out);
-      continue;
+        impl_->spm_encode(s.text, out);
+        continue;
+      }
+      impl_->pre_tokenize(s.text, pieces);
+      for (const std::string& piece : pieces) impl_->bpe(piece, out);
     }
-    impl_->pre_tokenize(s.text, pieces);
-    for (const std::string& piece : pieces) impl_->bpe(piece, out);
-  }
-  return out;
+    return out;
+  });
 }
 
 std::string Tokenizer::decode(std::span<const std::int64_t> ids, bool skip_special) const {
-  std::string bytes;
-  bool at_start = true;
-  for (const std::int64_t id : ids) {
-    impl_->check_id(id, "decode");
-    impl_->append_decoded(static_cast<std::size_t>(id), skip_special, at_start, bytes);
-  }
-  std::string text;
-  append_utf8_lossy(bytes, /*final=*/true, text);
-  return text;
+  return detail::out_of_memory_as_error("Tokenizer::decode", [&]() -> std::string {
+    std::string bytes;
+    bool at_start = true;
+    for (const std::int64_t id : ids) {
+      impl_->check_id(id, "decode");
+      impl_->append_decoded(static_cast<std::size_t>(id), skip_special, at_start, bytes);
+    }
+    std::string text;
+    append_utf8_lossy(bytes, /*final=*/true, text);
+    return text;
+  });
 }
 
 const std::string& Tokenizer::token_text(std::int64_t id) const {
@@ -1496,18 +1527,22 @@ StreamDecoder::StreamDecoder(const Tokenizer& tokenizer, bool skip_special)
     : impl_(tokenizer.impl_), skip_special_(skip_special) {}
 
 std::string StreamDecoder::push(std::int64_t id) {
-  impl_->check_id(id, "StreamDecoder::push");
-  impl_->append_decoded(static_cast<std::size_t>(id), skip_special_, at_start_, pending_);
-  std::string text;
-  pending_.erase(0, append_utf8_lossy(pending_, /*final=*/false, text));
-  return text;
+  return detail::out_of_memory_as_error("StreamDecoder::push", [&]() -> std::string {
+    impl_->check_id(id, "StreamDecoder::push");
+    impl_->append_decoded(static_cast<std::size_t>(id), skip_special_, at_start_, pending_);
+    std::string text;
+    pending_.erase(0, append_utf8_lossy(pending_, /*final=*/false, text));
+    return text;
+  });
 }
 
 std::string StreamDecoder::flush() {
-  std::string text;
-  append_utf8_lossy(pending_, /*final=*/true, text);
-  pending_.clear();
-  return text;
+  return detail::out_of_memory_as_error("StreamDecoder::flush", [&]() -> std::string {
+    std::string text;
+    append_utf8_lossy(pending_, /*final=*/true, text);
+    pending_.clear();
+    return text;
+  });
 }
 
 }  // namespace kvcache

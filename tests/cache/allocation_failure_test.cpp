@@ -7,11 +7,10 @@
 // failing allocator. DynamicCache (full and sliding layers), StaticCache (lazy and up front),
 // SinkCache and QuantizedCache are run; OffloadedCache is GPU only.
 //
-// The failing allocator is this program's replacement of the global operator new (every form):
-// disarmed it is malloc / aligned_alloc; armed it fails exactly the Nth allocation counted from
-// arming, and no other, so the library's own error message (which allocates) can be built. Cache
-// storage comes through it too: Tensor::empty allocates with the aligned operator new. That is
-// why this is a program of its own: its allocator is no other test's.
+// The failing allocator (tests/fail_nth_allocation.hpp) is this program's replacement of the
+// global operator new (every form): armed it fails exactly the Nth allocation counted from arming.
+// Cache storage comes through it too (Tensor::empty allocates with the aligned operator new).
+// That is why this is a program of its own: its allocator is no other test's.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -24,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "fail_nth_allocation.hpp"
 #include "kvcache/attention/mask.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
 #include "kvcache/cache/quantized_cache.hpp"
@@ -31,89 +31,10 @@
 #include "kvcache/cache/static_cache.hpp"
 #include "test_util.hpp"
 
-namespace {
-
-// 0: disarmed. Otherwise the 1-based index (counted from arming) of the allocation that fails.
-std::atomic<long> g_fail_at{0};
-std::atomic<long> g_allocations{0};  // allocations since arming
-
-bool this_one_fails() {
-  const long at = g_fail_at.load(std::memory_order_relaxed);
-  if (at == 0) return false;
-  return g_allocations.fetch_add(1, std::memory_order_relaxed) + 1 == at;
-}
-
-void* allocate(std::size_t n) noexcept {
-  if (this_one_fails()) return nullptr;
-  return std::malloc(n == 0 ? 1 : n);
-}
-
-void* allocate_aligned(std::size_t n, std::align_val_t align) noexcept {
-  if (this_one_fails()) return nullptr;
-  const auto a = std::max(static_cast<std::size_t>(align), sizeof(void*));
-  const std::size_t rounded = n == 0 ? a : (n + a - 1) / a * a;  // aligned_alloc's size rule
-  return std::aligned_alloc(a, rounded);
-}
-
-// Arms the allocator for its lifetime: allocation number `n` from now fails.
-class FailNthAllocation {
- public:
-  explicit FailNthAllocation(long n) {
-    g_allocations.store(0);
-    g_fail_at.store(n);
-  }
-  ~FailNthAllocation() { g_fail_at.store(0); }
-  FailNthAllocation(const FailNthAllocation&) = delete;
-  FailNthAllocation& operator=(const FailNthAllocation&) = delete;
-  long allocations() const { return g_allocations.load(); }
-};
-
-}  // namespace
-
-// They free what malloc / aligned_alloc gave (GCC cannot see that the pair matches).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-void* operator new(std::size_t n) {
-  if (void* p = allocate(n)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n) {
-  if (void* p = allocate(n)) return p;
-  throw std::bad_alloc();
-}
-void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return allocate(n); }
-void* operator new[](std::size_t n, const std::nothrow_t&) noexcept { return allocate(n); }
-void* operator new(std::size_t n, std::align_val_t a) {
-  if (void* p = allocate_aligned(n, a)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n, std::align_val_t a) {
-  if (void* p = allocate_aligned(n, a)) return p;
-  throw std::bad_alloc();
-}
-void* operator new(std::size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
-  return allocate_aligned(n, a);
-}
-void* operator new[](std::size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
-  return allocate_aligned(n, a);
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
-
 namespace kvcache {
 namespace {
 
+using testing::FailNthAllocation;
 using testing::random_tensor;
 using testing::to_doubles;
 using CpuCache = Cache<cpu::Backend>;

@@ -224,20 +224,6 @@ inline std::int64_t checked_add(std::int64_t a, std::int64_t b, const char* wher
   return a + b;
 }
 
-/// Runs f() and reports a std::bad_alloc from it as a kvcache::Error naming `where`: the public
-/// cache calls run their bodies through it, so that running out of memory for bookkeeping (the
-/// list of layers, a staged layer, the rows of a gather) is the same kvcache::Error as running out
-/// for storage (allocate_storage). The calls allocate before they commit, so the cache is then as
-/// it was (the allocation-failure tests fail every allocation of every call in turn).
-template <class F>
-decltype(auto) out_of_memory_as_error(const char* where, F&& f) {
-  try {
-    return std::forward<F>(f)();
-  } catch (const std::bad_alloc&) {
-    KVCACHE_FAIL(where, ": out of memory");
-  }
-}
-
 /// Bytes of a [d0, d1, d2, d3] tensor of `dtype`, checked: every size non-negative and the
 /// element and byte counts within int64 (so within what Tensor and the allocator can index).
 inline std::int64_t storage_bytes(Shape shape, DType dtype, const char* where) {

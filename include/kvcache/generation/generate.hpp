@@ -74,6 +74,15 @@ using TokenCallback = std::function<bool(std::int64_t row, std::int64_t token, s
 /// logits stay there:
 /// the token choice (argmax, or sampling from one uniform per row drawn on the host from `seed`)
 /// runs on the device and only the chosen ids come back, the step's one wait for the GPU.
+///
+/// Errors are kvcache::Error, running out of memory included ("...: out of memory", naming the
+/// call that could not allocate). A failed generate() does not restore a cache passed to it: each
+/// layer keeps what it held before the call, plus the tokens of the forward passes that finished
+/// and, for the pass that failed, its tokens in the layers it had stored them in (every cache
+/// update is all or nothing, and layers are updated in order, so a layer holds them only if every
+/// layer before it does). For a DynamicCache or StaticCache of full layers, crop(past) with the
+/// length the cache had before the call returns it to what it held (layers the call added stay,
+/// empty); a sliding, sink or quantized cache may have dropped or requantized tokens already.
 GenerateResult generate(const LlamaModel& model, const Tensor& input_ids,
                         const Tensor& attention_mask, const GenerationConfig& config,
                         CacheRef cache = {}, const TokenCallback& on_token = {});

@@ -46,7 +46,7 @@ class SafetensorsFile {
 
   /// The path it was opened from.
   const std::string& path() const { return path_; }
-  /// Entries in header order.
+  /// Entries sorted by tensor name.
   const std::vector<SafetensorsEntry>& entries() const { return entries_; }
   /// The entry of tensor `name`, or null.
   const SafetensorsEntry* find(const std::string& name) const;

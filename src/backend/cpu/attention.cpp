@@ -39,6 +39,7 @@
 #include <omp.h>
 #endif
 
+#include "../../parallel_errors.hpp"
 #include "kvcache/attention/mask.hpp"
 #include "kvcache/backend/attention_shapes.hpp"
 #include "kvcache/backend/cpu.hpp"
@@ -48,6 +49,7 @@ namespace kvcache::cpu {
 namespace {
 
 using namespace simd;
+using ::kvcache::detail::ParallelErrors;
 
 constexpr std::int64_t kKvChunk = 256;          // keys per GEMM chunk (prefill path)
 constexpr std::int64_t kStreamChunk = 64;       // keys widened at once (decode path, 16-bit)
@@ -402,42 +404,53 @@ void run_decode(const Problem& p, const Tensor& query, const Src& src, const Ten
       std::max(partials.size(), static_cast<std::size_t>(groups * splits * rows * row_floats)));
   float* const part_base = partials.data();
 
+  // A std::bad_alloc from a scratch buffer must not leave the region (std::terminate): each
+  // piece runs through `errors`, which the caller's thread rethrows after the region.
+  ParallelErrors errors;
 #pragma omp parallel
   {
     Scratch w;
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t item = 0; item < groups * splits; ++item) {
-      const std::int64_t s = item % splits, g = item / splits;
-      const std::int64_t j0 = kv_begin + std::min(s * piece, kv_span);
-      const std::int64_t j1 = std::min(j0 + piece, kv_end);
-      decode_piece<T>(p, query, src, g / p.num_kv_heads, g % p.num_kv_heads, j0, j1,
-                      part_base + item * rows * row_floats, w);
+      errors.run([&] {
+        const std::int64_t s = item % splits, g = item / splits;
+        const std::int64_t j0 = kv_begin + std::min(s * piece, kv_span);
+        const std::int64_t j1 = std::min(j0 + piece, kv_end);
+        decode_piece<T>(p, query, src, g / p.num_kv_heads, g % p.num_kv_heads, j0, j1,
+                        part_base + item * rows * row_floats, w);
+      });
     }
-    // Merge the pieces of each row: rescale each to the global max, add, normalise.
+    // Merge the pieces of each row: rescale each to the global max, add, normalise. (A failed
+    // piece leaves the merge's loop running empty: every thread still meets its barrier.)
+    std::vector<float> acc;
+    errors.run([&] { acc.resize(static_cast<std::size_t>(d)); });
 #pragma omp for schedule(static)
     for (std::int64_t gr = 0; gr < groups * rows; ++gr) {
-      const std::int64_t g = gr / rows, r = gr % rows;
-      const std::int64_t b = g / p.num_kv_heads, kvh = g % p.num_kv_heads;
-      const std::int64_t h = kvh * p.n_rep + r / p.q_len, i = r % p.q_len;
-      float global_max = kNegInf;
-      for (std::int64_t s = 0; s < splits; ++s)
-        global_max = std::max(global_max, part_base[((g * splits + s) * rows + r) * row_floats]);
-      T* dst = out.data_as<T>() + b * out.stride(0) + i * out.stride(1) + h * out.stride(2);
-      std::vector<float> acc(static_cast<std::size_t>(d), 0.0f);
-      float total = 0.0f;
-      if (global_max != kNegInf) {
-        for (std::int64_t s = 0; s < splits; ++s) {
-          const float* part = part_base + ((g * splits + s) * rows + r) * row_floats;
-          if (part[0] == kNegInf) continue;
-          const float factor = std::exp(part[0] - global_max);
-          total += part[1] * factor;
-          axpy(factor, part + 2, acc.data(), d);
+      errors.run([&] {
+        const std::int64_t g = gr / rows, r = gr % rows;
+        const std::int64_t b = g / p.num_kv_heads, kvh = g % p.num_kv_heads;
+        const std::int64_t h = kvh * p.n_rep + r / p.q_len, i = r % p.q_len;
+        float global_max = kNegInf;
+        for (std::int64_t s = 0; s < splits; ++s)
+          global_max = std::max(global_max, part_base[((g * splits + s) * rows + r) * row_floats]);
+        T* dst = out.data_as<T>() + b * out.stride(0) + i * out.stride(1) + h * out.stride(2);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        float total = 0.0f;
+        if (global_max != kNegInf) {
+          for (std::int64_t s = 0; s < splits; ++s) {
+            const float* part = part_base + ((g * splits + s) * rows + r) * row_floats;
+            if (part[0] == kNegInf) continue;
+            const float factor = std::exp(part[0] - global_max);
+            total += part[1] * factor;
+            axpy(factor, part + 2, acc.data(), d);
+          }
         }
-      }
-      // A row that sees no key at all gives zeros (left padding), never NaN.
-      store_row(acc.data(), total > 0.0f ? 1.0f / total : 0.0f, d, dst, out.stride(3));
+        // A row that sees no key at all gives zeros (left padding), never NaN.
+        store_row(acc.data(), total > 0.0f ? 1.0f / total : 0.0f, d, dst, out.stride(3));
+      });
     }
   }
+  errors.rethrow_if_failed();
 }
 
 // --- prefill path ------------------------------------------------------------------------------
@@ -485,18 +498,22 @@ void run_prefill(const Problem& p, const Tensor& query, const Src& src, const Te
   const std::int64_t block = std::clamp<std::int64_t>(kScoreBudget / per_query, 1, p.q_len);
   const std::int64_t q_blocks = (p.q_len + block - 1) / block;
   const std::int64_t items = p.batch * p.num_kv_heads * q_blocks;
+  ParallelErrors errors;  // as in run_decode: a scratch allocation fails without terminating
 #pragma omp parallel
   {
     Scratch w;
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t item = 0; item < items; ++item) {
-      const std::int64_t qb = item % q_blocks;
-      const std::int64_t kvh = (item / q_blocks) % p.num_kv_heads;
-      const std::int64_t b = item / (q_blocks * p.num_kv_heads);
-      const std::int64_t q0 = qb * block;
-      prefill_block<T>(p, query, src, out, b, kvh, q0, std::min(p.q_len, q0 + block), w);
+      errors.run([&] {
+        const std::int64_t qb = item % q_blocks;
+        const std::int64_t kvh = (item / q_blocks) % p.num_kv_heads;
+        const std::int64_t b = item / (q_blocks * p.num_kv_heads);
+        const std::int64_t q0 = qb * block;
+        prefill_block<T>(p, query, src, out, b, kvh, q0, std::min(p.q_len, q0 + block), w);
+      });
     }
   }
+  errors.rethrow_if_failed();
 }
 
 template <class T, class Src>

@@ -17,6 +17,7 @@
 
 #include <omp.h>
 
+#include "../../parallel_errors.hpp"
 #include "internal.hpp"
 #include "kvcache/backend/cpu.hpp"
 #include "simd.hpp"
@@ -203,18 +204,24 @@ void linear_panels(const float* x, std::int64_t rows, std::int64_t in, std::int6
                    std::int64_t block, const float* bias, float* y, const PanelRows& panel_rows) {
   const ConstRowMap X(x, rows, in, Eigen::OuterStride<>(in));
   const std::int64_t blocks = (out + block - 1) / block;
+  // The scratch panel and Eigen's GEMM allocate: a std::bad_alloc must not leave the region
+  // (std::terminate), so each panel runs through `errors` and this thread rethrows after it.
+  ::kvcache::detail::ParallelErrors errors;
 #pragma omp parallel
   {
     std::vector<float> scratch;
 #pragma omp for schedule(static)
     for (std::int64_t blk = 0; blk < blocks; ++blk) {
-      const std::int64_t o0 = blk * block, on = std::min(block, out - o0);
-      const float* wf = panel_rows(o0, on, scratch);
-      RowMap Y(y + o0, rows, on, Eigen::OuterStride<>(out));
-      Y.noalias() = X * ConstRowMap(wf, on, in, Eigen::OuterStride<>(in)).transpose();
-      if (bias) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bias + o0, on);
+      errors.run([&] {
+        const std::int64_t o0 = blk * block, on = std::min(block, out - o0);
+        const float* wf = panel_rows(o0, on, scratch);
+        RowMap Y(y + o0, rows, on, Eigen::OuterStride<>(out));
+        Y.noalias() = X * ConstRowMap(wf, on, in, Eigen::OuterStride<>(in)).transpose();
+        if (bias) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(bias + o0, on);
+      });
     }
   }
+  errors.rethrow_if_failed();
 }
 
 }  // namespace detail
