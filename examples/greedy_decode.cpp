@@ -32,7 +32,6 @@
 // --allow-past-context is given (GenerationConfig::allow_past_context: the tokens past it get the
 // positions that follow, which the model was never trained on).
 #include <algorithm>
-#include <cctype>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -48,6 +47,8 @@
 #include <string>
 #include <vector>
 
+#include "input_ids.hpp"
+
 #ifndef KVCACHE_DEFAULT_MODEL_PATH
 #define KVCACHE_DEFAULT_MODEL_PATH "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #endif
@@ -59,6 +60,7 @@ struct Options {
   std::string prompt;
   std::string input_ids;
   bool input_ids_given = false;  // --input-ids "" is an error, not the default prompt
+  std::vector<std::vector<std::int64_t>> rows;  // --input-ids parsed (input_ids.hpp)
   bool raw = false;
   std::optional<std::string> system;
   bool chat = false;
@@ -229,8 +231,6 @@ Options parse(int argc, char** argv) {
       fail("unknown flag '" + arg + "'\n" + kUsage);
     }
   }
-  if (o.input_ids_given && o.input_ids.empty())
-    fail("--input-ids is empty (expected integers separated by ',' and rows by ';')");
   if (!o.prompt.empty() && !o.input_ids.empty()) fail("give --prompt or --input-ids, not both");
   if (o.chat && (!o.input_ids.empty() || o.json))
     fail("--chat reads text turns; it takes neither --input-ids nor --json");
@@ -241,34 +241,15 @@ Options parse(int argc, char** argv) {
     fail("--cache expects dynamic, static, sliding, sink, quantized or offloaded, got '" + o.cache +
          "'");
   }
-  return o;
-}
-
-// "1,2,3;4,5" -> {{1,2,3},{4,5}}.
-std::vector<std::vector<std::int64_t>> parse_ids(const std::string& text) {
-  std::vector<std::vector<std::int64_t>> rows;
-  std::stringstream rows_in(text);
-  std::string row;
-  while (std::getline(rows_in, row, ';')) {
-    rows.emplace_back();
-    std::stringstream ids_in(row);
-    std::string id;
-    while (std::getline(ids_in, id, ',')) {
-      try {
-        std::size_t used = 0;
-        const long long v = std::stoll(id, &used);
-        while (used < id.size() && std::isspace(static_cast<unsigned char>(id[used]))) ++used;
-        if (used != id.size()) throw std::invalid_argument(id);
-        rows.back().push_back(v);
-      } catch (const std::exception&) {
-        fail("--input-ids expects integers separated by ',' and rows by ';', got '" + id + "'");
-      }
+  // Malformed ids (an empty text included) fail here, before the model is loaded.
+  if (o.input_ids_given) {
+    try {
+      o.rows = kvcache::examples::parse_input_ids(o.input_ids);
+    } catch (const kvcache::Error& e) {
+      fail(e.what());
     }
-    if (rows.back().empty())
-      fail("--input-ids has an empty row (row " + std::to_string(rows.size() - 1) + ")");
   }
-  if (rows.empty()) fail("--input-ids is empty");
-  return rows;
+  return o;
 }
 
 bool is_gguf(const std::string& path) {
@@ -374,7 +355,9 @@ int main(int argc, char** argv) {
       if (!o.prompt.empty() || o.chat) {
         fail("this model has no tokenizer kvcache can read; pass token ids with --input-ids");
       }
-      const auto rows = parse_ids(o.input_ids.empty() ? "1,2,3,4,5,6,7,8" : o.input_ids);
+      const std::vector<std::vector<std::int64_t>> rows =
+          o.input_ids_given ? o.rows
+                            : std::vector<std::vector<std::int64_t>>{{1, 2, 3, 4, 5, 6, 7, 8}};
       for (std::size_t r = 0; r < rows.size(); ++r)
         for (std::int64_t id : rows[r])
           if (id < 0 || id >= config.vocab_size)

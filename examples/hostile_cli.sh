@@ -26,6 +26,19 @@ expect_failure() {  # NEEDLE ARGS...: non-zero exit (not a signal) and NEEDLE in
 expect_failure "--input-ids is empty" --input-ids "" --max-new-tokens 1
 expect_failure "--input-ids is empty" --model "$small" --input-ids "" --max-new-tokens 1
 
+# Every separator is followed by an id: a trailing ',' or ';' is refused like ",1", "1,,2" and
+# "1;;2", each with a message naming what was expected and what came (examples/input_ids.hpp).
+expect_failure "--input-ids ends with ',' at byte 5" --model "$small" --input-ids 1,2,3, --max-new-tokens 1
+expect_failure "--input-ids ends with ';' at byte 1" --model "$small" --input-ids "1;" --max-new-tokens 1
+expect_failure "--input-ids ends with ';'" --model "$small" --input-ids "3,4;5 ; " --max-new-tokens 1
+expect_failure "--input-ids has an empty id before the ',' at byte 0" --model "$small" --input-ids ",1" --max-new-tokens 1
+expect_failure "--input-ids has an empty id before the ',' at byte 2" --model "$small" --input-ids "1,,2" --max-new-tokens 1
+expect_failure "--input-ids has an empty row (row 1) at byte 2" --model "$small" --input-ids "1;;2" --max-new-tokens 1
+expect_failure "--input-ids has a negative id at byte 2" --model "$small" --input-ids "3,-1" --max-new-tokens 1
+expect_failure "--input-ids has an id past the largest 64-bit integer" --model "$small" --input-ids 99999999999999999999 --max-new-tokens 1
+expect_failure "--input-ids has 'x' at byte 1 where ',', ';' or the end should follow an id" --model "$small" --input-ids "3x" --max-new-tokens 1
+expect_failure "--input-ids is empty" --model "$small" --input-ids " " --max-new-tokens 1
+
 # A FIFO as the model is refused before open() could wait for a writer.
 mkfifo "$tmp/fifo.gguf"
 expect_failure "got a FIFO" --model "$tmp/fifo.gguf" --input-ids 1,2 --max-new-tokens 1

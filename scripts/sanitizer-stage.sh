@@ -22,8 +22,8 @@ cmake -B "$build" -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 \
 # Every test program, example and fuzz target (benchmarks, install and docs are off).
 cmake --build "$build" -j2 --target kvcache_tests kvcache_allocation_failure_tests \
   kvcache_readme_tests fuzz_gguf fuzz_safetensors fuzz_config fuzz_tokenizer \
-  fuzz_tokenizer_config fuzz_encode fuzz_chat_template fuzz_cache legacy_cache greedy_decode \
-  custom_loop
+  fuzz_tokenizer_config fuzz_encode fuzz_chat_template fuzz_cache fuzz_input_ids legacy_cache \
+  greedy_decode custom_loop
 built=$(date +%s)
 
 # allocator_may_return_null: a huge request is std::bad_alloc (which the library turns into a

@@ -322,6 +322,44 @@ TEST(HostileHangs, FifosAreRefusedWithoutOpeningThem) {
   EXPECT_ERROR_HAS(GgufFile::open(dir.str()), "got a directory");
 }
 
+// --- 4b. undefined behaviour in size arithmetic
+// --------------------------------------------------------------------
+
+TEST(HostileUndefinedBehaviour, HeadsTimesHeadDimThatOverflowsIsAClearError) {
+  // heads x head_dim (the query rows) is checked without overflow in validate(), which both
+  // loaders end in: a GGUF key_length or a config.json head_dim so large that the product wraps
+  // int64 (2 x 2^62, 2 x (2^63 - 2)), or that fits but passes 2^31, is refused by name.
+  constexpr std::uint64_t k62 = std::uint64_t{1} << 62;
+  constexpr std::uint64_t kMaxEven = std::uint64_t{std::numeric_limits<std::int64_t>::max()} - 1;
+  TempDir dir;
+  const std::string path = dir.file("llama.gguf");
+  for (const std::uint64_t key_length : {k62, kMaxEven, std::uint64_t{1} << 31}) {
+    SCOPED_TRACE(key_length);
+    write_bytes(path, tiny_llama({kv_u64("llama.attention.key_length", key_length)}));
+    const std::string want =
+        "expected sizes below 2^31, got vocab_size 12, hidden_size 8, "
+        "intermediate_size 16, num_attention_heads 2 x head_dim " +
+        std::to_string(key_length);
+    EXPECT_ERROR_HAS(ModelConfig::from_gguf(GgufFile::open(path)), want);
+    EXPECT_ERROR_HAS(LlamaModel::from_gguf(path), want);
+    EXPECT_ERROR_HAS(LlamaModel::from_gguf(path), path);
+    EXPECT_ERROR_HAS(
+        ModelConfig::from_json(config_with(", \"head_dim\": " + std::to_string(key_length))), want);
+  }
+  // A key_length past int64 itself is refused where it is read, naming the key.
+  write_bytes(path, tiny_llama({kv_u64("llama.attention.key_length", std::uint64_t{1} << 63)}));
+  EXPECT_ERROR_HAS(LlamaModel::from_gguf(path),
+                   "metadata key 'llama.attention.key_length': expected an integer that fits "
+                   "int64, got 9223372036854775808");
+  EXPECT_ERROR_HAS(ModelConfig::from_json(config_with(R"(, "head_dim": 18446744073709551614)")),
+                   "head_dim");
+  // Both factors large (2^32 heads of 2^32): the product is 2^64.
+  EXPECT_ERROR_HAS(ModelConfig::from_json(config_with(
+                       R"(, "num_attention_heads": 4294967296, "num_key_value_heads": 4294967296,)"
+                       R"( "head_dim": 4294967296)")),
+                   "num_attention_heads 4294967296 x head_dim 4294967296");
+}
+
 // --- 5. garbage accepted
 // ----------------------------------------------------------------------------
 

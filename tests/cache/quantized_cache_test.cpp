@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -268,6 +269,87 @@ TEST(QuantizedCache, ErrorsLeaveTheCacheUnchanged) {
   EXPECT_EQ(cache.num_layers(), 1);
   EXPECT_EQ(cache.get_seq_length(), 40);
   EXPECT_EQ(cache.nbytes(), bytes);
+}
+
+// Extreme arguments (issue #10): crop of any int64 (INT64_MIN is not negated) and repeat counts
+// whose batch overflows int64 or cannot be allocated end in a kvcache::Error naming the call, and
+// every layer's lengths, quantized blocks and residual are as they were (the next step returns
+// what a clone taken before returns); crop(INT64_MAX) keeps everything.
+TEST(QuantizedCache, ExtremeArgumentsAreErrorsAndLeaveTheCacheUnchanged) {
+  constexpr std::int64_t kMin = std::numeric_limits<std::int64_t>::min();
+  constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
+  QuantizedCache<> cache({.nbits = 4, .group_size = 8, .residual_length = 4});
+  std::mt19937 rng(8);
+  for (int layer = 0; layer < 2; ++layer) {
+    const Tensor k = random_tensor({kBatch, kHeads, 30, kDim}, DType::kFloat32, rng);
+    const Tensor v = random_tensor({kBatch, kHeads, 30, kDim}, DType::kFloat32, rng);
+    cache.update(k, v, layer);  // 24 quantized (3 blocks of 8), 6 in the residual
+  }
+  ASSERT_EQ(cache.quantized_length(1), 24);
+  const QuantizedCache<> before = cache.clone();
+  const std::size_t bytes = cache.nbytes();
+  using Bytes = std::vector<unsigned char>;
+  std::vector<Bytes> blocks;  // [layer][row]: keys then values
+  for (int layer = 0; layer < 2; ++layer)
+    for (std::int64_t row = 0; row < kBatch; ++row) {
+      const auto [k, v] = cache.block_bytes(layer, row);
+      blocks.emplace_back(k.begin(), k.end());
+      blocks.emplace_back(v.begin(), v.end());
+    }
+  auto unchanged = [&] {
+    EXPECT_EQ(cache.num_layers(), 2);
+    EXPECT_EQ(cache.batch_size(), kBatch);
+    EXPECT_EQ(cache.nbytes(), bytes);
+    std::size_t i = 0;
+    for (int layer = 0; layer < 2; ++layer) {
+      EXPECT_EQ(cache.get_seq_length(layer), 30);
+      EXPECT_EQ(cache.quantized_length(layer), 24);
+      for (std::int64_t row = 0; row < kBatch; ++row) {
+        const auto [k, v] = cache.block_bytes(layer, row);
+        EXPECT_EQ(Bytes(k.begin(), k.end()), blocks[i++]);
+        EXPECT_EQ(Bytes(v.begin(), v.end()), blocks[i++]);
+      }
+    }
+  };
+  EXPECT_KVCACHE_ERROR(cache.crop(kMin),
+                       "QuantizedCache::crop(-9223372036854775808): expected to drop at most 30 "
+                       "tokens (the cache length), got 9223372036854775808");
+  unchanged();
+  EXPECT_KVCACHE_ERROR(cache.crop(kMin + 1), "got 9223372036854775807");
+  unchanged();
+  EXPECT_KVCACHE_ERROR(cache.crop(-31), "expected to drop at most 30 tokens");
+  unchanged();
+  cache.crop(kMax);  // past the length: nothing to drop
+  unchanged();
+  cache.crop(30);
+  unchanged();
+  // 2 rows x 2^62 and x INT64_MAX overflow int64 (2^62 used to wrap to batch 0).
+  EXPECT_KVCACHE_ERROR(cache.batch_repeat_interleave(std::int64_t{1} << 62),
+                       "QuantizedCache::batch_repeat_interleave: the new batch of 2 x "
+                       "4611686018427387904 does not fit in 64 bits");
+  unchanged();
+  EXPECT_KVCACHE_ERROR(cache.batch_repeat_interleave(kMax), "does not fit in 64 bits");
+  unchanged();
+  // 2^41 rows fit in int64 but not in memory: a kvcache::Error, not std::bad_alloc (the rows'
+  // list is the first allocation, through operator new: not under ASan, see kAddressSanitizer).
+  if (!testing::kAddressSanitizer) {
+    EXPECT_KVCACHE_ERROR(cache.batch_repeat_interleave(std::int64_t{1} << 40),
+                         "QuantizedCache::batch_repeat_interleave: out of memory");
+    unchanged();
+  }
+  EXPECT_KVCACHE_ERROR(cache.batch_repeat_interleave(0), "expected repeats >= 1, got 0");
+  EXPECT_KVCACHE_ERROR(cache.batch_repeat_interleave(kMin),
+                       "expected repeats >= 1, got -9223372036854775808");
+  unchanged();
+  // The residual too: the next step of every layer returns exactly what the clone's does.
+  QuantizedCache<> reference = before.clone();
+  for (int layer = 0; layer < 2; ++layer) {
+    const Tensor k = random_tensor({kBatch, kHeads, 1, kDim}, DType::kFloat32, rng);
+    const auto [got_k, got_v] = cache.update(k, k, layer);
+    const auto [want_k, want_v] = reference.update(k, k, layer);
+    EXPECT_EQ(to_doubles(got_k), to_doubles(want_k)) << "layer " << layer;
+    EXPECT_EQ(to_doubles(got_v), to_doubles(want_v)) << "layer " << layer;
+  }
 }
 
 TEST(QuantizedCache, EightBitGreedyTokensMatchTheDynamicCacheOnAFixture) {

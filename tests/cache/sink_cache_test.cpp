@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -233,6 +234,61 @@ TEST(SinkCache, ErrorsLeaveTheCacheUnchanged) {
   copy.reset();
   EXPECT_EQ(copy.get_seq_length(), 0);
   EXPECT_EQ(f.cache.get_seq_length(), 13);  // the clone is independent
+}
+
+// Extreme arguments (issue #10): crop of any int64 (INT64_MIN is not negated) and repeat counts
+// whose batch overflows int64 or cannot be allocated end in a kvcache::Error naming the call, and
+// the cache's lengths, keys and values are as they were; crop(INT64_MAX) keeps everything.
+TEST(SinkCache, ExtremeArgumentsAreErrorsAndLeaveTheCacheUnchanged) {
+  constexpr std::int64_t kMin = std::numeric_limits<std::int64_t>::min();
+  constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
+  Fixture f(10, 2);
+  for (int i = 0; i < 4; ++i) f.step(4);  // evicted: seen 16, stored 10
+  const Tensor keys = cpu::clone(f.cache.storage(0).first);
+  const Tensor values = cpu::clone(f.cache.storage(0).second);
+  auto unchanged = [&] {
+    EXPECT_EQ(f.cache.get_seq_length(), 16);
+    EXPECT_EQ(f.cache.stored_length(), 10);
+    EXPECT_EQ(f.cache.batch_size(), kBatch);
+    const auto [k, v] = f.cache.storage(0);
+    ASSERT_EQ(k.nbytes(), keys.nbytes());
+    EXPECT_EQ(0, std::memcmp(keys.data(), k.data(), keys.nbytes()));
+    EXPECT_EQ(0, std::memcmp(values.data(), v.data(), values.nbytes()));
+  };
+  EXPECT_KVCACHE_ERROR(f.cache.crop(kMin),
+                       "SinkCache::crop(-9223372036854775808): expected to drop at most 16 tokens "
+                       "(the cache length), got 9223372036854775808");
+  unchanged();
+  EXPECT_KVCACHE_ERROR(f.cache.crop(kMin + 1), "got 9223372036854775807");
+  unchanged();
+  EXPECT_KVCACHE_ERROR(f.cache.crop(-17), "expected to drop at most 16 tokens");
+  unchanged();
+  f.cache.crop(kMax);  // past the length: nothing to drop
+  unchanged();
+  f.cache.crop(16);
+  unchanged();
+  // 2 rows x 2^62 and x INT64_MAX overflow int64 (2^62 used to wrap to batch 0).
+  EXPECT_KVCACHE_ERROR(f.cache.batch_repeat_interleave(std::int64_t{1} << 62),
+                       "SinkCache::batch_repeat_interleave: the new batch of 2 x "
+                       "4611686018427387904 does not fit in 64 bits");
+  unchanged();
+  EXPECT_KVCACHE_ERROR(f.cache.batch_repeat_interleave(kMax), "does not fit in 64 bits");
+  unchanged();
+  // 2^41 rows fit in int64 but not in memory: a kvcache::Error, not std::bad_alloc (the rows'
+  // list is the first allocation, through operator new: not under ASan, see kAddressSanitizer).
+  if (!testing::kAddressSanitizer) {
+    EXPECT_KVCACHE_ERROR(f.cache.batch_repeat_interleave(std::int64_t{1} << 40),
+                         "SinkCache::batch_repeat_interleave: out of memory");
+    unchanged();
+  }
+  EXPECT_KVCACHE_ERROR(f.cache.batch_repeat_interleave(0), "expected repeats >= 1, got 0");
+  EXPECT_KVCACHE_ERROR(f.cache.batch_repeat_interleave(kMin),
+                       "expected repeats >= 1, got -9223372036854775808");
+  unchanged();
+  // The cache still works after the failed calls: the next step is the reference's.
+  f.step(1);
+  EXPECT_EQ(f.cache.get_seq_length(), 17);
+  EXPECT_LT(f.key_error(), 2e-5);
 }
 
 TEST(SinkCache, BatchOpsMoveRows) {
