@@ -1,9 +1,11 @@
 // Fuzz target: the Cache API driven by a byte stream. The first bytes pick a DynamicCache (full
-// layers, or sliding-window layers with small windows) or a StaticCache (lazy or allocated up
-// front) and the states' layout; the rest is a sequence of operations with sizes and indices from
-// the input, the extremes included (crop(INT64_MIN), batch_repeat_interleave(2^62), ...):
-// update, crop, reorder_cache, batch_repeat_interleave, batch_select_indices, reset, clone,
-// to/from the legacy format, get_mask_sizes. Tensors stay tiny (batch <= 4, 2 heads, head_dim
+// layers, or sliding-window layers with small windows), a StaticCache (lazy or allocated up
+// front), a SinkCache (small windows and sinks, with or without re-rotation) or a QuantizedCache
+// (8 / 4 / 2 bits, small groups and residuals, either key axis) and the states' layout; the rest is
+// a sequence of operations with sizes and indices from the input, the extremes included
+// (crop(INT64_MIN), batch_repeat_interleave(2^62), ...): update, crop, reorder_cache,
+// batch_repeat_interleave, batch_select_indices, reset, clone, to/from the legacy format,
+// get_mask_sizes. Tensors stay tiny (batch <= 4, 2 heads, head_dim
 // <= 4, a few tokens), so each input runs in microseconds.
 //
 // Checked after every operation, against a snapshot taken before it:
@@ -13,6 +15,12 @@
 //   a StaticCache, wrote at cache_position) the new states and kept the slots before them, crop
 //   kept a prefix, the batch operations moved whole rows, reset emptied, clone and the legacy
 //   round trip copied exactly and independently.
+// SinkCache and QuantizedCache have no legacy form: their snapshot is what they expose (a sink
+// layer's stored slots from storage(); a quantized layer's lengths and its blocks' bytes, row by
+// row), so the strong guarantee is checked on those, and a call that returns is checked for its
+// lengths (a sink layer never holds more than its window; a quantized layer keeps every token
+// seen, and crop keeps a prefix) rather than its contents, which their unit tests check against
+// references (re-rotation; dequantization).
 // A broken expectation is a finding (abort), as is any crash or sanitizer report.
 #include <cstddef>
 #include <cstdint>
@@ -26,6 +34,8 @@
 
 #include "fuzz_util.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
+#include "kvcache/cache/quantized_cache.hpp"
+#include "kvcache/cache/sink_cache.hpp"
 #include "kvcache/cache/static_cache.hpp"
 
 namespace {
@@ -34,6 +44,10 @@ using kvcache::DType;
 using kvcache::DynamicCache;
 using kvcache::DynamicCacheOptions;
 using kvcache::LegacyCache;
+using kvcache::QuantizedCache;
+using kvcache::QuantizedCacheOptions;
+using kvcache::SinkCache;
+using kvcache::SinkCacheOptions;
 using kvcache::StaticCache;
 using kvcache::StaticCacheOptions;
 using kvcache::Tensor;
@@ -85,7 +99,53 @@ std::vector<unsigned char> bytes_of(const Tensor& t) {
 }
 
 template <class C>
+Snap legacy_snapshot(const C& cache);
+
+template <class C>
+constexpr bool kHasLegacy = std::is_same_v<C, DynamicCache<>> || std::is_same_v<C, StaticCache<>>;
+
+template <class C>
 Snap snapshot(const C& cache) {
+  Snap snap;
+  if constexpr (std::is_same_v<C, SinkCache<>>) {
+    for (int l = 0; l < cache.num_layers(); ++l) {
+      LayerSnap layer;
+      layer.seq_len = cache.get_seq_length(l);
+      const std::int64_t stored = cache.stored_length(l);
+      const auto [k, v] = cache.storage(l);
+      if (stored > 0 && k.defined() && k.rank() == 4) {
+        FUZZ_ASSERT(stored <= k.size(2), "sink layer %d stores %lld of %lld slots", l,
+                    static_cast<long long>(stored), static_cast<long long>(k.size(2)));
+        const Tensor ks = k.slice(2, 0, stored), vs = v.slice(2, 0, stored);
+        for (int d = 0; d < 4; ++d) layer.dims[d] = ks.size(d);
+        layer.element = ks.element_size();
+        layer.keys = bytes_of(ks);
+        layer.values = bytes_of(vs);
+      }
+      snap.layers.push_back(std::move(layer));
+    }
+    return snap;
+  } else if constexpr (std::is_same_v<C, QuantizedCache<>>) {
+    for (int l = 0; l < cache.num_layers(); ++l) {
+      LayerSnap layer;
+      layer.seq_len = cache.get_seq_length(l);
+      layer.dims[0] = cache.batch_size();
+      layer.dims[2] = cache.quantized_length(l);
+      for (std::int64_t r = 0; layer.seq_len > 0 && r < layer.dims[0]; ++r) {
+        const auto [k, v] = cache.block_bytes(l, r);
+        layer.keys.insert(layer.keys.end(), k.begin(), k.end());
+        layer.values.insert(layer.values.end(), v.begin(), v.end());
+      }
+      snap.layers.push_back(std::move(layer));
+    }
+    return snap;
+  } else {
+    return legacy_snapshot(cache);
+  }
+}
+
+template <class C>
+Snap legacy_snapshot(const C& cache) {
   Snap snap;
   const LegacyCache legacy = cache.to_legacy_cache();
   FUZZ_ASSERT(static_cast<int>(legacy.size()) == cache.num_layers(), "legacy has %zu layers",
@@ -189,13 +249,18 @@ std::vector<std::int64_t> indices(ByteReader& in) {
 template <class C>
 struct Driver {
   static constexpr bool kStatic = std::is_same_v<C, StaticCache<>>;
+  static constexpr bool kSink = std::is_same_v<C, SinkCache<>>;
+  static constexpr bool kQuantized = std::is_same_v<C, QuantizedCache<>>;
   std::unique_ptr<C> cache;
   std::vector<std::int64_t> windows;  // DynamicCache: per layer, 0 = full
   std::int64_t heads = 1, head_dim = 1;
   DType dtype = DType::kFloat32;
   std::uint32_t counter = 0;
 
-  bool full_layer(std::size_t l) const { return kStatic || l >= windows.size() || windows[l] == 0; }
+  // A layer whose contents are checked exactly (its legacy form): not a sink or quantized one.
+  bool full_layer(std::size_t l) const {
+    return kHasLegacy<C> && (kStatic || l >= windows.size() || windows[l] == 0);
+  }
   bool all_full(std::size_t layers) const {
     for (std::size_t l = 0; l < layers; ++l)
       if (!full_layer(l)) return false;
@@ -260,8 +325,20 @@ struct Driver {
       FUZZ_ASSERT(o >= before.layers.size() || same_layer(before.layers[o], after.layers[o]),
                   "update of layer %d changed layer %zu", layer, o);
     }
-    if (!full_layer(l)) return;
     const LayerSnap old = l < before.layers.size() ? before.layers[l] : LayerSnap{};
+    if constexpr (kSink || kQuantized) {  // tokens seen; a sink layer holds at most its window
+      FUZZ_ASSERT(after.layers[l].seq_len == old.seq_len + q,
+                  "update: %lld seen, expected %lld + %lld",
+                  static_cast<long long>(after.layers[l].seq_len),
+                  static_cast<long long>(old.seq_len), static_cast<long long>(q));
+      if constexpr (kSink) {
+        FUZZ_ASSERT(cache->stored_length(layer) <= cache->window_length(),
+                    "update: a sink layer holds %lld tokens past its window of %lld",
+                    static_cast<long long>(cache->stored_length(layer)),
+                    static_cast<long long>(cache->window_length()));
+      }
+    }
+    if (!full_layer(l)) return;
     const LayerSnap& now = after.layers[l];
     const std::int64_t kept = positions.empty() ? old.seq_len : positions.front();
     FUZZ_ASSERT(now.seq_len == kept + q, "update: length %lld, expected %lld + %lld",
@@ -303,6 +380,11 @@ struct Driver {
                 static_cast<long long>(n), static_cast<long long>(seen));
     const std::int64_t target = n >= 0 ? n : seen + n;
     for (std::size_t l = 0; l < after.layers.size(); ++l) {
+      if constexpr (kQuantized) {  // keeps a prefix of what it has seen
+        FUZZ_ASSERT(after.layers[l].seq_len == std::min(before.layers[l].seq_len, target),
+                    "crop(%lld): quantized layer %zu holds %lld", static_cast<long long>(n), l,
+                    static_cast<long long>(after.layers[l].seq_len));
+      }
       if (!full_layer(l)) continue;
       const LayerSnap& old = before.layers[l];
       const LayerSnap& now = after.layers[l];
@@ -390,7 +472,7 @@ struct Driver {
         break;
       }
       default: {
-        if constexpr (!kStatic) {
+        if constexpr (std::is_same_v<C, DynamicCache<>>) {
           if (all_full(before.layers.size())) {
             std::unique_ptr<C> rebuilt;
             kvcache::fuzz::expect_only_errors("from_legacy_cache", [&] {
@@ -434,7 +516,7 @@ void run(Driver<C>& driver, ByteReader& in) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   ByteReader in(data, size);
-  const std::int64_t kind = in.below(4);
+  const std::int64_t kind = in.below(6);
   const std::int64_t heads = 1 + in.below(2), head_dim = 1 + in.below(4);
   const DType dtype = in.below(4) == 0 ? DType::kFloat16 : DType::kFloat32;
   if (kind < 2) {
@@ -450,6 +532,33 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     driver.heads = heads, driver.head_dim = head_dim, driver.dtype = dtype;
     kvcache::fuzz::expect_only_errors(
         "DynamicCache", [&] { driver.cache = std::make_unique<DynamicCache<>>(options); });
+    if (driver.cache) run(driver, in);
+  } else if (kind == 4) {
+    SinkCacheOptions options;
+    options.window_length = in.below(8) == 0 ? size_or_extreme(in, 4) : 1 + in.below(8);
+    options.num_sink_tokens = in.below(8) == 0 ? interesting(in) : in.below(3);
+    if (in.below(2) == 0) {  // re-rotation over head_dim / 2 frequencies (or a wrong count)
+      const std::int64_t n = head_dim / 2 + (in.below(8) == 0 ? 1 : 0);
+      for (std::int64_t i = 0; i < n; ++i) options.rope_inv_freq.push_back(1.0f / (1.0f + i));
+    }
+    Driver<SinkCache<>> driver;
+    driver.heads = heads, driver.head_dim = head_dim, driver.dtype = dtype;
+    kvcache::fuzz::expect_only_errors(
+        "SinkCache", [&] { driver.cache = std::make_unique<SinkCache<>>(options); });
+    if (driver.cache) run(driver, in);
+  } else if (kind == 5) {
+    QuantizedCacheOptions options;
+    const int bits[] = {2, 4, 8, 3};
+    options.nbits = bits[in.below(8) == 0 ? 3 : in.below(3)];
+    options.group_size = in.below(8) == 0 ? size_or_extreme(in, 4) : 1 + in.below(4);
+    options.key_axis =
+        in.below(2) == 0 ? kvcache::QuantAxis::kPerChannel : kvcache::QuantAxis::kPerToken;
+    options.residual_length = in.below(8) == 0 ? size_or_extreme(in, 4) : in.below(5);
+    options.scale_dtype = in.below(2) == 0 ? DType::kFloat16 : DType::kFloat32;
+    Driver<QuantizedCache<>> driver;
+    driver.heads = heads, driver.head_dim = head_dim, driver.dtype = dtype;
+    kvcache::fuzz::expect_only_errors(
+        "QuantizedCache", [&] { driver.cache = std::make_unique<QuantizedCache<>>(options); });
     if (driver.cache) run(driver, in);
   } else {
     StaticCacheOptions options;

@@ -118,22 +118,6 @@ std::string error_of(F&& f) {
     }                                                                               \
   } while (false)
 
-/// True in an AddressSanitizer build. There a throwing operator new that cannot be served aborts
-/// the program (ASan reports out-of-memory instead of throwing std::bad_alloc, whatever
-/// allocator_may_return_null says; malloc does return null), so the cases that need
-/// std::bad_alloc from new to become a kvcache::Error run only without ASan.
-#if defined(__SANITIZE_ADDRESS__)
-inline constexpr bool kAddressSanitizer = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-inline constexpr bool kAddressSanitizer = true;
-#else
-inline constexpr bool kAddressSanitizer = false;
-#endif
-#else
-inline constexpr bool kAddressSanitizer = false;
-#endif
-
 /// The tests' tiny Llama-family config: vocab 97, hidden 32, ffn 48, 2 layers, 4 heads / 2 kv
 /// heads of 16; Qwen2 gets its q/k/v biases.
 inline ModelConfig tiny_llama_config(const std::string& arch = "LlamaForCausalLM") {

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -34,12 +35,12 @@ struct Job {
 };
 
 // Job j: a left-padded batch of prompts of its own, greedy for even j, seeded sampling for odd j.
-Job make_job(int j, std::int64_t vocab) {
+Job make_job(int j, std::int64_t vocab, std::int64_t max_new_tokens) {
   const std::int64_t a = 3 + j, b = 1 + (j % 3);
   std::vector<std::vector<std::int64_t>> rows = {{(a * 7) % vocab, (a * 11) % vocab, 5, 9},
                                                  {(b * 13) % vocab, (a + b) % vocab}};
   auto [ids, mask] = left_pad(rows, 0);
-  GenerationConfig config{.max_new_tokens = 10};
+  GenerationConfig config{.max_new_tokens = max_new_tokens};
   if (j % 2 == 1) {
     config.do_sample = true;
     config.temperature = 0.9f;
@@ -50,10 +51,11 @@ Job make_job(int j, std::int64_t vocab) {
   return {ids, mask, config};
 }
 
-void expect_concurrent_equals_sequential(const LlamaModel& model) {
+void expect_concurrent_equals_sequential(const LlamaModel& model, int rounds = kRoundsPerThread,
+                                         std::int64_t max_new_tokens = 10) {
   const std::int64_t vocab = model.config().vocab_size;
   std::vector<Job> jobs;
-  for (int j = 0; j < kThreads; ++j) jobs.push_back(make_job(j, vocab));
+  for (int j = 0; j < kThreads; ++j) jobs.push_back(make_job(j, vocab, max_new_tokens));
   std::vector<std::vector<std::vector<std::int64_t>>> sequential;
   for (const Job& job : jobs) {
     sequential.push_back(generate(model, job.ids, job.mask, job.config).new_tokens);
@@ -66,7 +68,7 @@ void expect_concurrent_equals_sequential(const LlamaModel& model) {
   for (int t = 0; t < kThreads; ++t) {
     workers.emplace_back([&, t] {
       try {
-        for (int r = 0; r < kRoundsPerThread; ++r) {
+        for (int r = 0; r < rounds; ++r) {
           const Job& job = jobs[static_cast<std::size_t>(t)];
           got[static_cast<std::size_t>(t)].push_back(
               generate(model, job.ids, job.mask, job.config).new_tokens);
@@ -80,8 +82,8 @@ void expect_concurrent_equals_sequential(const LlamaModel& model) {
   for (int t = 0; t < kThreads; ++t) {
     const auto i = static_cast<std::size_t>(t);
     EXPECT_EQ(errors[i], "") << "thread " << t;
-    ASSERT_EQ(got[i].size(), static_cast<std::size_t>(kRoundsPerThread)) << "thread " << t;
-    for (int r = 0; r < kRoundsPerThread; ++r) {
+    ASSERT_EQ(got[i].size(), static_cast<std::size_t>(rounds)) << "thread " << t;
+    for (int r = 0; r < rounds; ++r) {
       EXPECT_EQ(got[i][static_cast<std::size_t>(r)], sequential[i])
           << "thread " << t << ", round " << r << (t % 2 ? " (sampled)" : " (greedy)");
     }
@@ -107,6 +109,26 @@ TEST(ThreadSafety, ConcurrentGenerationsOnOneQuantizedModelEqualSequentialOnes) 
         c, random_llama_weights(c, 22, DType::kFloat32, 0.3f), {.quantize = format});
     expect_concurrent_equals_sequential(model);
   }
+}
+
+// The default model (SmolLM2-135M-Instruct, the Q4_1 GGUF scripts/setup-model.sh installs) as
+// loaded (Q4_1 / Q8_0 blocks run by the quantized kernels) and widened to float32 at load: real
+// shapes (GQA 9 / 3 heads, 576 wide, 30 layers), so the OpenMP-parallel kernels split real work
+// between threads. Short generations keep the ThreadSanitizer stage's run bounded.
+TEST(ThreadSafety, ConcurrentGenerationsOnTheDefaultModelEqualSequentialOnes) {
+#ifdef KVCACHE_DEFAULT_MODEL_PATH
+  const std::string path = KVCACHE_DEFAULT_MODEL_PATH;
+  if (!std::ifstream(path).good()) GTEST_SKIP() << "default model not installed: " << path;
+  for (const bool widen : {false, true}) {
+    SCOPED_TRACE(widen ? "float32 at load" : "as held in the file");
+    LoadOptions options;
+    if (widen) options.dtype = DType::kFloat32;
+    const LlamaModel model = LlamaModel::from_gguf(path, options);
+    expect_concurrent_equals_sequential(model, 1, 4);
+  }
+#else
+  GTEST_SKIP() << "built without KVCACHE_DEFAULT_MODEL_PATH";
+#endif
 }
 
 TEST(ThreadSafety, ConcurrentEncodeAndDecodeOnOneTokenizerEqualSequentialOnes) {

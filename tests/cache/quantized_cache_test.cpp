@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <limits>
@@ -275,6 +276,65 @@ TEST(QuantizedCache, ErrorsLeaveTheCacheUnchanged) {
 // whose batch overflows int64 or cannot be allocated end in a kvcache::Error naming the call, and
 // every layer's lengths, quantized blocks and residual are as they were (the next step returns
 // what a clone taken before returns); crop(INT64_MAX) keeps everything.
+// An empty cache holds 0 tokens: dropping any is an error, as in a DynamicCache (fuzz_cache found
+// crop(INT64_MIN) of a SinkCache with no layer accepted; this cache had the same gap).
+TEST(QuantizedCache, CropOfACacheWithNoLayerChecksItsArgument) {
+  QuantizedCache<> cache({.nbits = 4, .group_size = 16, .residual_length = 8});
+  EXPECT_KVCACHE_ERROR(
+      cache.crop(std::numeric_limits<std::int64_t>::min()),
+      "QuantizedCache::crop(-9223372036854775808): expected to drop at most 0 tokens");
+  EXPECT_KVCACHE_ERROR(cache.crop(-1), "expected to drop at most 0 tokens");
+  cache.crop(0);
+  cache.crop(5);
+  EXPECT_EQ(cache.num_layers(), 0);
+}
+
+// A negative crop drops from get_seq_length() (layer 0) and crops every layer to that one target,
+// as DynamicCache and transformers do; it used to drop |n| from each layer's own length.
+TEST(QuantizedCache, NegativeCropTakesOneTargetForEveryLayer) {
+  QuantizedCache<> cache({.nbits = 4, .group_size = 16, .residual_length = 8});
+  std::mt19937 rng(3);
+  auto feed = [&](int layer, std::int64_t q) {
+    cache.update(random_tensor({kBatch, kHeads, q, kDim}, DType::kFloat32, rng),
+                 random_tensor({kBatch, kHeads, q, kDim}, DType::kFloat32, rng), layer);
+  };
+  feed(0, 6);
+  feed(1, 4);  // mid-step: layer 1 has not had this step's 2 tokens yet
+  cache.crop(-1);
+  EXPECT_EQ(cache.get_seq_length(0), 5);
+  EXPECT_EQ(cache.get_seq_length(1), 4);
+  cache.crop(-2);
+  EXPECT_EQ(cache.get_seq_length(0), 3);
+  EXPECT_EQ(cache.get_seq_length(1), 3);
+  EXPECT_KVCACHE_ERROR(cache.crop(-4), "expected to drop at most 3 tokens");
+}
+
+// A group holding a NaN or an infinity quantizes without undefined behaviour (the sanitizer stage
+// runs this under UBSan): a NaN code is 0, as the GPU's conversion makes it, and the finite groups
+// are unaffected.
+TEST(QuantizedCache, NonFiniteValuesQuantizeWithoutUndefinedBehaviour) {
+  for (QuantAxis axis : {QuantAxis::kPerChannel, QuantAxis::kPerToken}) {
+    QuantizedCache<> cache({.nbits = 4, .group_size = 16, .key_axis = axis, .residual_length = 0});
+    std::mt19937 rng(4);
+    Tensor k = random_tensor({kBatch, kHeads, 16, kDim}, DType::kFloat32, rng);
+    const Tensor v = random_tensor({kBatch, kHeads, 16, kDim}, DType::kFloat32, rng);
+    float* kp = k.data_as<float>();
+    kp[0] = std::numeric_limits<float>::quiet_NaN();
+    kp[1] = std::numeric_limits<float>::infinity();
+    kp[2] = -std::numeric_limits<float>::infinity();
+    const auto [keys, values] = cache.update(k, v, 0);
+    EXPECT_EQ(cache.get_seq_length(), 16);
+    EXPECT_EQ(cache.quantized_length(), 16);
+    // Batch row 1 holds only finite values: its keys are within the 4-bit error of the input.
+    const float* out = keys.data_as<float>();
+    const std::int64_t row = kHeads * 16 * kDim;
+    double worst = 0.0;
+    for (std::int64_t i = row; i < 2 * row; ++i)
+      worst = std::max(worst, static_cast<double>(std::abs(out[i] - kp[i])));
+    EXPECT_LT(worst, 0.2) << (axis == QuantAxis::kPerChannel ? "per-channel" : "per-token");
+  }
+}
+
 TEST(QuantizedCache, ExtremeArgumentsAreErrorsAndLeaveTheCacheUnchanged) {
   constexpr std::int64_t kMin = std::numeric_limits<std::int64_t>::min();
   constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
@@ -330,13 +390,10 @@ TEST(QuantizedCache, ExtremeArgumentsAreErrorsAndLeaveTheCacheUnchanged) {
   unchanged();
   EXPECT_KVCACHE_ERROR(cache.batch_repeat_interleave(kMax), "does not fit in 64 bits");
   unchanged();
-  // 2^41 rows fit in int64 but not in memory: a kvcache::Error, not std::bad_alloc (the rows'
-  // list is the first allocation, through operator new: not under ASan, see kAddressSanitizer).
-  if (!testing::kAddressSanitizer) {
-    EXPECT_KVCACHE_ERROR(cache.batch_repeat_interleave(std::int64_t{1} << 40),
-                         "QuantizedCache::batch_repeat_interleave: out of memory");
-    unchanged();
-  }
+  // 2^41 rows fit in int64 but not in memory: a kvcache::Error before anything is allocated.
+  EXPECT_KVCACHE_ERROR(cache.batch_repeat_interleave(std::int64_t{1} << 40),
+                       "QuantizedCache::batch_repeat_interleave: out of memory");
+  unchanged();
   EXPECT_KVCACHE_ERROR(cache.batch_repeat_interleave(0), "expected repeats >= 1, got 0");
   EXPECT_KVCACHE_ERROR(cache.batch_repeat_interleave(kMin),
                        "expected repeats >= 1, got -9223372036854775808");

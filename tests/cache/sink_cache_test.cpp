@@ -239,6 +239,38 @@ TEST(SinkCache, ErrorsLeaveTheCacheUnchanged) {
 // Extreme arguments (issue #10): crop of any int64 (INT64_MIN is not negated) and repeat counts
 // whose batch overflows int64 or cannot be allocated end in a kvcache::Error naming the call, and
 // the cache's lengths, keys and values are as they were; crop(INT64_MAX) keeps everything.
+// An empty cache holds 0 tokens: dropping any is an error, as in a DynamicCache (fuzz_cache found
+// crop(INT64_MIN) of a SinkCache with no layer accepted).
+TEST(SinkCache, CropOfACacheWithNoLayerChecksItsArgument) {
+  SinkCache<> cache(SinkCacheOptions{.window_length = 8, .num_sink_tokens = 2});
+  EXPECT_KVCACHE_ERROR(cache.crop(std::numeric_limits<std::int64_t>::min()),
+                       "SinkCache::crop(-9223372036854775808): expected to drop at most 0 tokens");
+  EXPECT_KVCACHE_ERROR(cache.crop(-1), "expected to drop at most 0 tokens");
+  cache.crop(0);
+  cache.crop(5);
+  EXPECT_EQ(cache.num_layers(), 0);
+}
+
+// A negative crop drops from get_seq_length() (layer 0) and crops every layer to that one target,
+// as DynamicCache and transformers do; it used to drop |n| from each layer's own length.
+TEST(SinkCache, NegativeCropTakesOneTargetForEveryLayer) {
+  SinkCache<> cache(SinkCacheOptions{.window_length = 8, .num_sink_tokens = 2});
+  std::mt19937 rng(3);
+  auto feed = [&](int layer, std::int64_t q) {
+    cache.update(random_tensor({kBatch, kHeads, q, kDim}, DType::kFloat32, rng),
+                 random_tensor({kBatch, kHeads, q, kDim}, DType::kFloat32, rng), layer);
+  };
+  feed(0, 6);
+  feed(1, 4);  // mid-step: layer 1 has not had this step's 2 tokens yet
+  cache.crop(-1);
+  EXPECT_EQ(cache.get_seq_length(0), 5);
+  EXPECT_EQ(cache.get_seq_length(1), 4);
+  cache.crop(-2);
+  EXPECT_EQ(cache.get_seq_length(0), 3);
+  EXPECT_EQ(cache.get_seq_length(1), 3);
+  EXPECT_KVCACHE_ERROR(cache.crop(-4), "expected to drop at most 3 tokens");
+}
+
 TEST(SinkCache, ExtremeArgumentsAreErrorsAndLeaveTheCacheUnchanged) {
   constexpr std::int64_t kMin = std::numeric_limits<std::int64_t>::min();
   constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
@@ -274,13 +306,10 @@ TEST(SinkCache, ExtremeArgumentsAreErrorsAndLeaveTheCacheUnchanged) {
   unchanged();
   EXPECT_KVCACHE_ERROR(f.cache.batch_repeat_interleave(kMax), "does not fit in 64 bits");
   unchanged();
-  // 2^41 rows fit in int64 but not in memory: a kvcache::Error, not std::bad_alloc (the rows'
-  // list is the first allocation, through operator new: not under ASan, see kAddressSanitizer).
-  if (!testing::kAddressSanitizer) {
-    EXPECT_KVCACHE_ERROR(f.cache.batch_repeat_interleave(std::int64_t{1} << 40),
-                         "SinkCache::batch_repeat_interleave: out of memory");
-    unchanged();
-  }
+  // 2^41 rows fit in int64 but not in memory: a kvcache::Error before anything is allocated.
+  EXPECT_KVCACHE_ERROR(f.cache.batch_repeat_interleave(std::int64_t{1} << 40),
+                       "SinkCache::batch_repeat_interleave: out of memory");
+  unchanged();
   EXPECT_KVCACHE_ERROR(f.cache.batch_repeat_interleave(0), "expected repeats >= 1, got 0");
   EXPECT_KVCACHE_ERROR(f.cache.batch_repeat_interleave(kMin),
                        "expected repeats >= 1, got -9223372036854775808");

@@ -45,6 +45,10 @@
 #include <utility>
 #include <vector>
 
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf: the machine's memory (physical_memory_bytes)
+#endif
+
 #include "kvcache/cache/quantized_view.hpp"
 #include "kvcache/error.hpp"
 #include "kvcache/float16.hpp"
@@ -326,14 +330,32 @@ inline std::vector<std::int64_t> reorder_rows(std::span<const std::int64_t> beam
 }
 
 /// batch_repeat_interleave: each row `repeats` times in turn (none while the cache is empty).
+/// The machine's physical memory in bytes, or 0 where it cannot be told.
+inline std::uint64_t physical_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0)
+    return static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page);
+#endif
+  return 0;
+}
+
 inline std::vector<std::int64_t> repeat_rows(std::int64_t repeats, std::int64_t batch,
                                              const char* cache) {
   KVCACHE_CHECK(repeats >= 1, cache, "::batch_repeat_interleave: expected repeats >= 1, got ",
                 repeats);
   if (batch < 0) return {};
   const std::string where = std::string(cache) + "::batch_repeat_interleave";
-  std::vector<std::int64_t> rows(
-      static_cast<std::size_t>(checked_mul(batch, repeats, where.c_str(), "the new batch")));
+  const std::int64_t new_batch = checked_mul(batch, repeats, where.c_str(), "the new batch");
+  // The row list alone is 8 bytes a row, and the layers' new storage far more: a batch whose list
+  // could not fit in the machine's memory is refused before anything is allocated (a failed
+  // operator new is not a std::bad_alloc under every allocator: AddressSanitizer aborts).
+  const std::uint64_t memory = physical_memory_bytes();
+  KVCACHE_CHECK(
+      memory == 0 || static_cast<std::uint64_t>(new_batch) <= memory / sizeof(std::int64_t), where,
+      ": out of memory: the new batch of ", batch, " x ", repeats, " = ", new_batch,
+      " rows needs more than the ", memory, " bytes of memory this machine has");
+  std::vector<std::int64_t> rows(static_cast<std::size_t>(new_batch));
   for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<std::int64_t>(i) / repeats;
   return rows;
 }

@@ -136,7 +136,10 @@ struct QuantCodec {
     const float inv = sr > 0 ? 1.0f / sr : 0.0f;
     for (std::int64_t k = 0; k < n; ++k) {
       const float c = std::nearbyint((x[k * stride] - mn) * inv);
-      const unsigned code = static_cast<unsigned>(std::clamp(c, 0.0f, static_cast<float>(qmax())));
+      // A NaN (from a NaN or an infinite value in the group) is code 0, as the GPU's conversion
+      // makes it; converting it to unsigned here would be undefined (fuzz_cache found it).
+      const unsigned code =
+          c >= 0.0f ? static_cast<unsigned>(std::min(c, static_cast<float>(qmax()))) : 0u;
       put_code(codes, first + k * step, code);
     }
   }
@@ -313,8 +316,12 @@ class QuantizedCache final : public Cache<B> {
     detail::out_of_memory_as_error("QuantizedCache::crop", [&]() {
       const char* where = "QuantizedCache::crop";
       std::vector<std::int64_t> targets;
+      // One target for every layer, as DynamicCache and transformers take it: a negative
+      // max_length drops from get_seq_length() (layer 0's tokens; 0 with no layer yet).
+      const std::int64_t all =
+          max_length >= 0 ? max_length : detail::crop_target(max_length, get_seq_length(), where);
       for (const Layer& l : layers_) {
-        const std::int64_t t = detail::crop_target(max_length, l.seen(), where);
+        const std::int64_t t = std::min(all, l.seen());
         KVCACHE_CHECK(t >= l.quantized || t % l.geo.chunk == 0, where, "(", max_length,
                       "): the first ", l.quantized, " tokens are quantized in blocks of ",
                       l.geo.chunk, "; a crop below them must land on a block boundary, got ", t);

@@ -266,8 +266,12 @@ class SinkCache final : public Cache<B> {
       const char* where = "SinkCache::crop";
       const std::int64_t S = options_.num_sink_tokens;
       std::vector<std::pair<std::int64_t, std::int64_t>> next;  // (stored, seen) per layer
+      // One target for every layer, as DynamicCache and transformers take it: a negative
+      // max_length drops from get_seq_length() (layer 0's tokens; 0 with no layer yet).
+      const std::int64_t all =
+          max_length >= 0 ? max_length : detail::crop_target(max_length, get_seq_length(), where);
       for (const Layer& l : layers_) {
-        const std::int64_t target = detail::crop_target(max_length, l.seen, where);
+        const std::int64_t target = std::min(all, l.seen);
         const std::int64_t drop = l.seen - target;
         if (drop == 0) {
           next.emplace_back(l.stored, l.seen);
