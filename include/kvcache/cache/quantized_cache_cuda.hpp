@@ -183,10 +183,14 @@ class QuantizedCache<cuda::Backend> final : public Cache<cuda::Backend> {
   /// lengths change: no device work.
   void crop(std::int64_t max_length) override {
     const char* where = "QuantizedCache::crop";
+    // One target for every layer, as the CPU cache, DynamicCache and transformers take it: a
+    // negative max_length drops from get_seq_length() (layer 0's tokens; 0 with no layer yet).
+    const std::int64_t all =
+        max_length >= 0 ? max_length : detail::crop_target(max_length, get_seq_length(), where);
     std::vector<std::int64_t> targets;
     targets.reserve(layers_.size());
     for (const Layer& l : layers_) {
-      const std::int64_t t = detail::crop_target(max_length, l.seen(), where);
+      const std::int64_t t = std::min(all, l.seen());
       KVCACHE_CHECK(t >= l.quantized || t % l.geo.chunk == 0, where, "(", max_length,
                     "): the first ", l.quantized, " tokens are quantized in blocks of ",
                     l.geo.chunk, "; a crop below them must land on a block boundary, got ", t);
