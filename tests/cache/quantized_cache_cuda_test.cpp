@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <random>
@@ -541,6 +542,32 @@ TEST_F(QuantizedCacheCuda, AttentionMatchesTheCpu) {
 
 TEST_F(QuantizedCacheCuda, MaskSizesAreSeqLengthPlusQueryAcrossFlushes) {
   testing::expect_quantized_mask_sizes_follow_the_tokens<cuda::Backend>();
+}
+
+// A negative crop of layers of different lengths (mid-step) takes one target, get_seq_length()
+// minus the drop, for every layer, as the CPU cache does; an empty cache checks the argument.
+TEST_F(QuantizedCacheCuda, NegativeCropTakesOneTargetForEveryLayerAsTheCpu) {
+  const QuantizedCacheOptions o{.nbits = 4, .group_size = 8, .residual_length = 4};
+  const DType dtype = DType::kBFloat16;
+  std::mt19937 rng(41);
+  CpuCache cpu(o);
+  GpuCache gpu(o);
+  EXPECT_KVCACHE_ERROR(gpu.crop(std::numeric_limits<std::int64_t>::min()),
+                       "expected to drop at most 0 tokens");
+  int kind = 0;
+  for (const auto& [layer, q] : {std::pair{0, 14}, std::pair{1, 10}}) {
+    const Tensor k = make_states(kBatch, q, kDim, dtype, rng, kind++);
+    const Tensor v = make_states(kBatch, q, kDim, dtype, rng, kind++);
+    EXPECT_EQ(step_difference(gpu, cpu, layer, k, v), "") << "layer " << layer;
+  }
+  for (const std::int64_t n : {std::int64_t{-1}, std::int64_t{-3}}) {
+    cpu.crop(n);
+    gpu.crop(n);
+    EXPECT_EQ(difference(gpu, cpu), "") << "crop(" << n << ")";
+  }
+  EXPECT_EQ(gpu.get_seq_length(0), 10);
+  EXPECT_EQ(gpu.get_seq_length(1), 10);
+  EXPECT_KVCACHE_ERROR(gpu.crop(-11), "expected to drop at most 10 tokens");
 }
 
 TEST_F(QuantizedCacheCuda, CropReorderBatchOpsResetAndCloneMatchTheCpu) {
