@@ -15,6 +15,7 @@
 #include "check.cuh"
 #include "dtype.cuh"
 #include "kvcache/backend/cuda.hpp"
+#include "kvcache/memory.hpp"
 
 namespace kvcache::cuda {
 namespace {
@@ -70,6 +71,16 @@ int device_count() {
 void require_device(const char* where) {
   KVCACHE_CHECK(device_count() > 0, where,
                 ": expected a CUDA device, got none (no GPU or no driver on this machine)");
+}
+
+std::uint64_t free_device_memory() {
+  if (device_count() == 0) return 0;
+  std::size_t free = 0, total = 0;
+  KVCACHE_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  std::uint64_t reserved = 0, used = 0;
+  KVCACHE_CUDA_CHECK(cudaMemPoolGetAttribute(pool(), cudaMemPoolAttrReservedMemCurrent, &reserved));
+  KVCACHE_CUDA_CHECK(cudaMemPoolGetAttribute(pool(), cudaMemPoolAttrUsedMemCurrent, &used));
+  return static_cast<std::uint64_t>(free) + (reserved > used ? reserved - used : 0);
 }
 
 void set_stream(Stream stream) { g_stream = static_cast<cudaStream_t>(stream); }
@@ -240,6 +251,9 @@ Tensor empty_pinned(Shape shape, DType dtype) {
   KVCACHE_CHECK(shape.size() <= static_cast<std::size_t>(kMaxRank),
                 "cuda::empty_pinned: expected rank <= ", kMaxRank, ", got ", shape.size());
   const std::size_t bytes = checked_bytes(shape, dtype);
+  // Page-locked memory cannot be swapped out, and a large request can stall the machine first.
+  if (bytes >= detail::kLargeAllocation)
+    detail::require_memory(Device::kCpu, bytes, "cuda::empty_pinned", "page-locked host memory");
   void* host = nullptr;
   KVCACHE_CUDA_CHECK(cudaMallocHost(&host, bytes == 0 ? 1 : bytes));
   // A copy still in flight on any stream may read or write it: wait for the device first.

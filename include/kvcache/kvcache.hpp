@@ -29,6 +29,7 @@
 #include "kvcache/float16.hpp"
 #include "kvcache/generation/config.hpp"
 #include "kvcache/generation/generate.hpp"
+#include "kvcache/memory.hpp"
 #include "kvcache/model/config.hpp"
 #include "kvcache/model/llama.hpp"
 #include "kvcache/model/safetensors.hpp"

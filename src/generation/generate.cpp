@@ -18,6 +18,7 @@
 #include "decode_graph.hpp"
 #include "kvcache/attention/mask.hpp"
 #include "kvcache/error.hpp"
+#include "kvcache/memory.hpp"
 
 namespace kvcache {
 
@@ -172,7 +173,26 @@ std::unique_ptr<Cache<B>> make_cache_of(const LlamaModel& model,
     const bool passes_a_window = std::any_of(
         windows.begin(), windows.end(), [&](std::int64_t w) { return w > 0 && max_cache_len > w; });
     if (B::kDevice == Device::kCpu || passes_a_window || cache_implementation == "sliding")
-      options.sliding_windows = std::move(windows);
+      options.sliding_windows = windows;
+    // What the layers reserve at their first update (a full layer max_cache_len slots, a sliding
+    // one at most its window), checked before the prefill allocates it layer by layer.
+    const char* where = "make_generation_cache";
+    std::int64_t per_token = 2 * static_cast<std::int64_t>(dtype_size(model.kv_dtype()));
+    for (const std::int64_t n : {batch, c.num_key_value_heads, c.head_dim})
+      per_token = detail::checked_mul(per_token, n, where, "the reservation");
+    std::int64_t tokens = 0;
+    for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      const std::size_t i = static_cast<std::size_t>(l);
+      const std::int64_t w = i < options.sliding_windows.size() ? options.sliding_windows[i] : 0;
+      tokens = detail::checked_add(tokens, w > 0 ? std::min(w, max_cache_len) : max_cache_len,
+                                   where, "the reservation");
+    }
+    detail::require_memory(
+        B::kDevice,
+        static_cast<std::uint64_t>(
+            detail::checked_mul(per_token, tokens, where, "the reservation")),
+        where,
+        "the dynamic cache's reservation of " + std::to_string(max_cache_len) + " tokens a layer");
     return std::make_unique<DynamicCache<B>>(std::move(options));
   }
   // "static": full-length layers for every layer, sliding ones included. Exact for a windowed

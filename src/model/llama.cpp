@@ -19,6 +19,7 @@
 #include "kvcache/attention/rope.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
 #include "kvcache/error.hpp"
+#include "kvcache/memory.hpp"
 #include "kvcache/model/safetensors.hpp"
 #include "kvcache/tensor.hpp"
 
@@ -147,6 +148,61 @@ Tensor fuse_rows(std::span<cpu::Weight* const> parts, DType dtype) {
     r0 = r1;
   }
   return fused;
+}
+
+// The bytes holding the weights allocates on the model's device (what hold_m / hold_v and
+// fuse_rows make of them): the tensors the model uses (lm_head only when not tied; biases only
+// where the config has them), a matrix used in place as 0. Checked against what the device has
+// before the first weight is converted, so a model that cannot fit fails at once.
+std::uint64_t holding_bytes(const WeightMap& weights, const ModelConfig& c,
+                            const LoadOptions& options, bool on_gpu, DType gpu_dtype) {
+  std::uint64_t total = 0;
+  auto matrix = [&](const std::string& name) {
+    const auto it = weights.find(name);
+    if (it == weights.end() || (!it->second.is_quantized() && it->second.dense().rank() != 2))
+      return;  // missing or misshapen: the loading says so
+    const cpu::Weight& w = it->second;
+    const auto rows = static_cast<std::uint64_t>(w.rows()),
+               cols = static_cast<std::uint64_t>(w.cols());
+    if (on_gpu) {
+      total += rows * cols * dtype_size(gpu_dtype);
+    } else if (w.is_quantized()) {
+      if (options.dtype) total += rows * cols * dtype_size(*options.dtype);
+    } else if (options.quantize) {
+      const auto granule = static_cast<std::uint64_t>(cpu::quant_row_granule(*options.quantize));
+      total += rows * (cols / granule) * cpu::quant_block_bytes(*options.quantize);
+    } else {
+      const Tensor& t = w.dense();
+      const DType target = options.dtype.value_or(t.dtype());
+      const bool aligned = reinterpret_cast<std::uintptr_t>(t.data()) % dtype_size(target) == 0;
+      if (!(target == t.dtype() && aligned && t.is_contiguous()))
+        total += rows * cols * dtype_size(target);
+    }
+  };
+  auto vector = [&](const std::string& name, bool wanted) {
+    const auto it = weights.find(name);
+    if (!wanted || it == weights.end() || it->second.is_quantized()) return;
+    total += static_cast<std::uint64_t>(it->second.dense().numel()) * sizeof(float);
+  };
+  matrix("model.embed_tokens.weight");
+  vector("model.norm.weight", true);
+  if (!c.tie_word_embeddings) matrix("lm_head.weight");
+  for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    for (const char* m : {"self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                          "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                          "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"})
+      matrix(p + m);
+    vector(p + "input_layernorm.weight", true);
+    vector(p + "post_attention_layernorm.weight", true);
+    for (const char* b :
+         {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"})
+      vector(p + b, c.qkv_bias);
+    vector(p + "self_attn.o_proj.bias", c.o_bias);
+    for (const char* b : {"mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"})
+      vector(p + b, c.mlp_bias);
+  }
+  return total;
 }
 
 // --- where the forward pass differs per backend ---------------------------------------------
@@ -355,6 +411,9 @@ LlamaModel LlamaModel::from_weights(ModelConfig config,
     const bool on_gpu = options.device == Device::kCuda;
     if (on_gpu) cuda::require_device(where.c_str());
     const DType gpu_dtype = on_gpu ? gpu_weight_dtype(weights, options) : DType::kFloat32;
+    detail::require_memory(options.device,
+                           holding_bytes(weights, config, options, on_gpu, gpu_dtype), where,
+                           "holding the weights", options.max_memory);
     // The holding of a matrix and of a vector on the chosen device.
     auto hold_m = [&](const cpu::Weight& w) -> cpu::Weight {
       return on_gpu ? cpu::Weight(gpu_matrix(w, gpu_dtype)) : hold_matrix(w, options);

@@ -553,7 +553,7 @@ TEST(StaticCache, BadConstructionIsAnErrorBeforeAllocating) {
                                       .num_layers = 1,
                                       .num_kv_heads = 2,
                                       .head_dim = 4}),
-                       "could not allocate");
+                       "out of memory: the storage of every layer needs");
   // Lazily: the first update fails, the cache stays empty.
   std::mt19937 rng(10);
   StaticCache<> lazy(1, std::int64_t{1} << 62);

@@ -360,7 +360,8 @@ TEST(GenerateLimits, HugeMaxNewTokensWithADynamicCacheDoesNotAllocateItUpFront) 
   EXPECT_LT(result.cache_bytes, 1u << 20);
   config.max_new_tokens = 10'000'000'000'000;
   config.cache_implementation = "static";
-  EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config), "could not allocate");
+  EXPECT_KVCACHE_ERROR(generate(model, ids, mask, config),
+                       "StaticCache: out of memory: the storage of every layer needs");
 }
 
 // --- the context length (issue #10) ------------------------------------------------------------

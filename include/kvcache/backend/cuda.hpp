@@ -42,6 +42,10 @@ int device_count();
 /// Throws kvcache::Error unless a GPU is usable ("--device cuda on a machine without a GPU").
 void require_device(const char* where);
 
+/// Bytes a new allocation can take on the current device: its free memory (cudaMemGetInfo) plus
+/// what kvcache's stream-ordered pool has reserved and holds unused. 0 with no usable device.
+std::uint64_t free_device_memory();
+
 /// Opaque cudaStream_t, so this header needs no CUDA headers.
 using Stream = void*;
 /// Stream used by the backend's kernels and copies on this thread (nullptr = default stream).

@@ -52,6 +52,7 @@
 #include "kvcache/cache/quantized_view.hpp"
 #include "kvcache/error.hpp"
 #include "kvcache/float16.hpp"
+#include "kvcache/memory.hpp"
 #include "kvcache/tensor.hpp"
 
 namespace kvcache {
@@ -242,6 +243,8 @@ inline std::int64_t storage_bytes(Shape shape, DType dtype, const char* where) {
 template <CacheBackend B>
 Tensor allocate_storage(Shape shape, DType dtype, const char* where) {
   const std::int64_t bytes = storage_bytes(shape, dtype, where);
+  if (static_cast<std::uint64_t>(bytes) >= kLargeAllocation)
+    require_memory(B::kDevice, static_cast<std::uint64_t>(bytes), where, "cache storage");
   std::string reason;
   try {
     return B::empty(shape, dtype);

@@ -98,10 +98,13 @@ class StaticCache : public Cache<B> {
     if (all) {
       const std::int64_t shape[4] = {options.max_batch_size, options.num_kv_heads,
                                      options.max_cache_len, options.head_dim};
-      // The whole cache's bytes, checked before the first layer is allocated.
-      detail::checked_mul(detail::storage_bytes(shape, options.dtype, where),
-                          2 * options.num_layers, where,
-                          "the cache's byte count (layers x keys and values x bytes per layer)");
+      // The whole cache's bytes, checked (overflow, then what the device has free) before the
+      // first layer is allocated.
+      const std::int64_t bytes = detail::checked_mul(
+          detail::storage_bytes(shape, options.dtype, where), 2 * options.num_layers, where,
+          "the cache's byte count (layers x keys and values x bytes per layer)");
+      detail::require_memory(B::kDevice, static_cast<std::uint64_t>(bytes), where,
+                             "the storage of every layer");
       layers_.reserve(static_cast<std::size_t>(options.num_layers));
       for (int l = 0; l < options.num_layers; ++l)
         layers_.push_back(Layer::allocate(shape, options.dtype, where));

@@ -62,6 +62,12 @@ struct LoadOptions {
   /// Where the weights live and the forward pass runs: Device::kCpu, or Device::kCuda (the
   /// current CUDA device; an error where none is usable). Quantize is CPU-only.
   Device device = Device::kCpu;
+  /// The most bytes holding the weights may allocate on `device` (transformers' max_memory); 0:
+  /// no limit but what the device has available (kvcache::available_memory). Both are checked
+  /// before the first weight is converted, so a model that cannot fit fails at once, with the
+  /// bytes it needs. Weights used in place (a mapped float32 or quantized matrix held as the file
+  /// has it) take none; LlamaModel::weight_bytes() is what the holding took in the end.
+  std::uint64_t max_memory = 0;
 };
 
 /// The cache a forward pass reads and extends: a pointer to a cache of either backend (or null).
