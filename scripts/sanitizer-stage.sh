@@ -21,7 +21,7 @@ cmake -B "$build" -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 \
   -DKVCACHE_BUILD_BENCHMARKS=OFF -DKVCACHE_BUILD_EXAMPLES=ON -DKVCACHE_INSTALL=OFF
 # Every test program, example and fuzz target (benchmarks, install and docs are off).
 cmake --build "$build" -j2 --target kvcache_tests kvcache_allocation_failure_tests \
-  kvcache_readme_tests fuzz_gguf fuzz_safetensors fuzz_config fuzz_tokenizer \
+  kvcache_hostile_allocation_tests kvcache_readme_tests fuzz_gguf fuzz_safetensors fuzz_config fuzz_tokenizer \
   fuzz_tokenizer_config fuzz_encode fuzz_chat_template fuzz_cache fuzz_input_ids legacy_cache \
   greedy_decode custom_loop
 built=$(date +%s)

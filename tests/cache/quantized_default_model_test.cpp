@@ -120,7 +120,12 @@ TEST(QuantizedCacheDefaultModel, LogitsErrorAndFirstDifferingToken) {
       EXPECT_GT(worst, 0.0) << "the blocks were quantized";
       EXPECT_GT(worst, previous_error) << "fewer bits, larger error";
       previous_error = worst;
-      if (nbits == 8) EXPECT_GT(first_difference, eos_step) << "8 bits keeps the whole answer";
+      // Which token a free run first changes hangs on near-ties that differ between builds (the
+      // gcc build keeps the whole answer at 8 bits, clang's ASan build changes it at step 29), so
+      // the bound is on the teacher-forced steps: 8 bits moves the argmax at a few at most.
+      if (nbits == 8) {
+        EXPECT_LE(argmax_changes, kSteps / 16) << "8 bits changes the argmax at few steps";
+      }
       EXPECT_LT(argmax_changes, kSteps / 2);
     }
   }
