@@ -252,8 +252,9 @@ Tensor empty_pinned(Shape shape, DType dtype) {
                 "cuda::empty_pinned: expected rank <= ", kMaxRank, ", got ", shape.size());
   const std::size_t bytes = checked_bytes(shape, dtype);
   // Page-locked memory cannot be swapped out, and a large request can stall the machine first.
-  if (bytes >= detail::kLargeAllocation)
-    detail::require_memory(Device::kCpu, bytes, "cuda::empty_pinned", "page-locked host memory");
+  if (bytes >= ::kvcache::detail::kLargeAllocation)
+    ::kvcache::detail::require_memory(Device::kCpu, bytes, "cuda::empty_pinned",
+                                      "page-locked host memory");
   void* host = nullptr;
   KVCACHE_CUDA_CHECK(cudaMallocHost(&host, bytes == 0 ? 1 : bytes));
   // A copy still in flight on any stream may read or write it: wait for the device first.
