@@ -75,11 +75,21 @@ void require_device(const char* where) {
 
 std::uint64_t free_device_memory() {
   if (device_count() == 0) return 0;
+  // cudaMemGetInfo and the pool's attributes are "potentially unsafe" calls: inside this thread's
+  // stream capture (a decode step being recorded) they would fail and invalidate the capture. The
+  // thread is put in relaxed capture mode for the queries, and its mode restored before any throw.
+  const cudaMemPool_t p = pool();  // may throw: before the mode changes
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  KVCACHE_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
   std::size_t free = 0, total = 0;
-  KVCACHE_CUDA_CHECK(cudaMemGetInfo(&free, &total));
   std::uint64_t reserved = 0, used = 0;
-  KVCACHE_CUDA_CHECK(cudaMemPoolGetAttribute(pool(), cudaMemPoolAttrReservedMemCurrent, &reserved));
-  KVCACHE_CUDA_CHECK(cudaMemPoolGetAttribute(pool(), cudaMemPoolAttrUsedMemCurrent, &used));
+  cudaError_t status = cudaMemGetInfo(&free, &total);
+  if (status == cudaSuccess)
+    status = cudaMemPoolGetAttribute(p, cudaMemPoolAttrReservedMemCurrent, &reserved);
+  if (status == cudaSuccess)
+    status = cudaMemPoolGetAttribute(p, cudaMemPoolAttrUsedMemCurrent, &used);
+  KVCACHE_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  KVCACHE_CUDA_CHECK(status);
   return static_cast<std::uint64_t>(free) + (reserved > used ? reserved - used : 0);
 }
 
