@@ -12,6 +12,7 @@
 #include "kvcache/cache/static_cache.hpp"
 #include "kvcache/memory.hpp"
 #include "kvcache/model/llama.hpp"
+#include "max_memory_check.hpp"
 
 namespace kvcache {
 namespace {
@@ -67,16 +68,8 @@ TEST_F(MemoryCuda, DynamicCacheGrowthPastTheDeviceIsAnErrorAndChangesNothing) {
 
 // On the GPU every weight is converted, so the holding is weight_bytes() whatever the dtype.
 TEST_F(MemoryCuda, MaxMemoryBoundsTheHoldingOfTheWeightsExactly) {
-  for (const DType dtype : {DType::kBFloat16, DType::kFloat32}) {
-    LoadOptions options{.dtype = dtype, .device = Device::kCuda};
-    const std::size_t held = LlamaModel::from_pretrained(kGqa, options).weight_bytes();
-    options.max_memory = held;
-    EXPECT_EQ(LlamaModel::from_pretrained(kGqa, options).weight_bytes(), held);
-    options.max_memory = held - 1;
-    EXPECT_KVCACHE_ERROR(
-        LlamaModel::from_pretrained(kGqa, options),
-        "out of memory: holding the weights needs " + std::to_string(held) + " bytes");
-  }
+  testing::expect_max_memory_is_exact(kGqa, {.dtype = DType::kBFloat16, .device = Device::kCuda});
+  testing::expect_max_memory_is_exact(kGqa, {.dtype = DType::kFloat32, .device = Device::kCuda});
 }
 
 }  // namespace

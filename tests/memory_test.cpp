@@ -17,6 +17,7 @@
 #include "kvcache/cache/static_cache.hpp"
 #include "kvcache/generation/generate.hpp"
 #include "kvcache/model/llama.hpp"
+#include "max_memory_check.hpp"
 #include "test_util.hpp"
 
 namespace kvcache {
@@ -131,19 +132,8 @@ TEST(Memory, GenerationCacheReservationLargerThanMemoryIsRefusedUpFront) {
 // float32 checkpoint, or Q8_0 blocks), a limit of exactly weight_bytes() loads, one byte less is
 // refused with the bytes named.
 TEST(Memory, MaxMemoryBoundsTheHoldingOfTheWeightsExactly) {
-  LoadOptions bf16{.dtype = DType::kBFloat16};
-  LoadOptions q8{.quantize = cpu::QuantFormat::kQ8_0};
-  for (LoadOptions options : {bf16, q8}) {
-    const std::size_t held = LlamaModel::from_pretrained(kGqa, options).weight_bytes();
-    options.max_memory = held;
-    EXPECT_EQ(LlamaModel::from_pretrained(kGqa, options).weight_bytes(), held);
-    options.max_memory = held - 1;
-    EXPECT_KVCACHE_ERROR(
-        LlamaModel::from_pretrained(kGqa, options),
-        "out of memory: holding the weights needs " + std::to_string(held) + " bytes");
-    EXPECT_KVCACHE_ERROR(LlamaModel::from_pretrained(kGqa, options),
-                         "more than the limit of " + std::to_string(held - 1) + " bytes");
-  }
+  testing::expect_max_memory_is_exact(kGqa, {.dtype = DType::kBFloat16});
+  testing::expect_max_memory_is_exact(kGqa, {.quantize = cpu::QuantFormat::kQ8_0});
 }
 
 }  // namespace
