@@ -53,16 +53,6 @@ using kvcache::StaticCacheOptions;
 using kvcache::Tensor;
 using kvcache::fuzz::ByteReader;
 
-#define FUZZ_ASSERT(cond, ...)                                                 \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      std::fprintf(stderr, "FINDING: %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                       \
-      std::fprintf(stderr, "\n");                                              \
-      std::abort();                                                            \
-    }                                                                          \
-  } while (false)
-
 // One layer as to_legacy_cache shows it: [batch, heads, tokens, head_dim] and its bytes.
 struct LayerSnap {
   std::int64_t seq_len = 0;  // get_seq_length (tokens seen)

@@ -31,16 +31,6 @@ using kvcache::examples::format_input_ids;
 using kvcache::examples::parse_input_ids;
 using kvcache::fuzz::ByteReader;
 
-#define FUZZ_ASSERT(cond, ...)                                                 \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      std::fprintf(stderr, "FINDING: %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                       \
-      std::fprintf(stderr, "\n");                                              \
-      std::abort();                                                            \
-    }                                                                          \
-  } while (false)
-
 // A message names --input-ids and quotes at most 48 bytes of the text (4 characters each when
 // escaped) plus fixed words: well under this bound for any input.
 constexpr std::size_t kMaxMessage = 512;

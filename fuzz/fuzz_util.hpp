@@ -15,6 +15,18 @@
 
 #include "kvcache/error.hpp"
 
+/// A broken expectation of a fuzz target: prints "FINDING: file:line: condition: <message>"
+/// (printf-style arguments) and aborts, which libFuzzer reports and saves as a crash input.
+#define FUZZ_ASSERT(cond, ...)                                                 \
+  do {                                                                         \
+    if (!(cond)) {                                                             \
+      std::fprintf(stderr, "FINDING: %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                                       \
+      std::fprintf(stderr, "\n");                                              \
+      std::abort();                                                            \
+    }                                                                          \
+  } while (false)
+
 namespace kvcache::fuzz {
 
 /// Runs `body`; a kvcache::Error is the accepted outcome of bad input, anything else that

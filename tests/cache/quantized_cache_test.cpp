@@ -16,6 +16,7 @@
 #include <random>
 #include <vector>
 
+#include "cache/negative_crop.hpp"
 #include "cache/quantized_mask_sizes.hpp"
 #include "kvcache/attention/attention.hpp"
 #include "kvcache/backend/cpu.hpp"
@@ -293,20 +294,7 @@ TEST(QuantizedCache, CropOfACacheWithNoLayerChecksItsArgument) {
 // as DynamicCache and transformers do; it used to drop |n| from each layer's own length.
 TEST(QuantizedCache, NegativeCropTakesOneTargetForEveryLayer) {
   QuantizedCache<> cache({.nbits = 4, .group_size = 16, .residual_length = 8});
-  std::mt19937 rng(3);
-  auto feed = [&](int layer, std::int64_t q) {
-    cache.update(random_tensor({kBatch, kHeads, q, kDim}, DType::kFloat32, rng),
-                 random_tensor({kBatch, kHeads, q, kDim}, DType::kFloat32, rng), layer);
-  };
-  feed(0, 6);
-  feed(1, 4);  // mid-step: layer 1 has not had this step's 2 tokens yet
-  cache.crop(-1);
-  EXPECT_EQ(cache.get_seq_length(0), 5);
-  EXPECT_EQ(cache.get_seq_length(1), 4);
-  cache.crop(-2);
-  EXPECT_EQ(cache.get_seq_length(0), 3);
-  EXPECT_EQ(cache.get_seq_length(1), 3);
-  EXPECT_KVCACHE_ERROR(cache.crop(-4), "expected to drop at most 3 tokens");
+  testing::expect_negative_crop_takes_one_target(cache, kBatch, kHeads, kDim);
 }
 
 // A group holding a NaN or an infinity quantizes without undefined behaviour (the sanitizer stage

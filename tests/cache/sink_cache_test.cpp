@@ -14,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "cache/negative_crop.hpp"
 #include "kvcache/attention/rope.hpp"
 #include "kvcache/backend/cpu.hpp"
 #include "kvcache/cache/dynamic_cache.hpp"
@@ -255,20 +256,7 @@ TEST(SinkCache, CropOfACacheWithNoLayerChecksItsArgument) {
 // as DynamicCache and transformers do; it used to drop |n| from each layer's own length.
 TEST(SinkCache, NegativeCropTakesOneTargetForEveryLayer) {
   SinkCache<> cache(SinkCacheOptions{.window_length = 8, .num_sink_tokens = 2});
-  std::mt19937 rng(3);
-  auto feed = [&](int layer, std::int64_t q) {
-    cache.update(random_tensor({kBatch, kHeads, q, kDim}, DType::kFloat32, rng),
-                 random_tensor({kBatch, kHeads, q, kDim}, DType::kFloat32, rng), layer);
-  };
-  feed(0, 6);
-  feed(1, 4);  // mid-step: layer 1 has not had this step's 2 tokens yet
-  cache.crop(-1);
-  EXPECT_EQ(cache.get_seq_length(0), 5);
-  EXPECT_EQ(cache.get_seq_length(1), 4);
-  cache.crop(-2);
-  EXPECT_EQ(cache.get_seq_length(0), 3);
-  EXPECT_EQ(cache.get_seq_length(1), 3);
-  EXPECT_KVCACHE_ERROR(cache.crop(-4), "expected to drop at most 3 tokens");
+  testing::expect_negative_crop_takes_one_target(cache, kBatch, kHeads, kDim);
 }
 
 TEST(SinkCache, ExtremeArgumentsAreErrorsAndLeaveTheCacheUnchanged) {
