@@ -14,7 +14,6 @@
 #include <string>
 
 #include "kvcache/backend/cuda.hpp"
-#include "kvcache/cache/cache.hpp"  // detail::physical_memory_bytes
 #include "kvcache/error.hpp"
 
 namespace kvcache {

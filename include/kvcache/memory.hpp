@@ -16,6 +16,10 @@
 #include <cstdint>
 #include <string_view>
 
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf: the machine's memory (physical_memory_bytes)
+#endif
+
 #include "kvcache/tensor.hpp"
 
 namespace kvcache {
@@ -28,6 +32,16 @@ namespace kvcache {
 std::uint64_t available_memory(Device device);
 
 namespace detail {
+
+/// The machine's physical memory in bytes, or 0 where it cannot be told.
+inline std::uint64_t physical_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0)
+    return static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page);
+#endif
+  return 0;
+}
 
 /// Cache allocations this large or larger are checked against available_memory() first (reading
 /// /proc/meminfo costs microseconds; an allocation this size costs milliseconds to touch).

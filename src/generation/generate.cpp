@@ -173,7 +173,7 @@ std::unique_ptr<Cache<B>> make_cache_of(const LlamaModel& model,
     const bool passes_a_window = std::any_of(
         windows.begin(), windows.end(), [&](std::int64_t w) { return w > 0 && max_cache_len > w; });
     if (B::kDevice == Device::kCpu || passes_a_window || cache_implementation == "sliding")
-      options.sliding_windows = windows;
+      options.sliding_windows = std::move(windows);
     // What the layers reserve at their first update (a full layer max_cache_len slots, a sliding
     // one at most its window), checked before the prefill allocates it layer by layer.
     const char* where = "make_generation_cache";

@@ -45,10 +45,6 @@
 #include <utility>
 #include <vector>
 
-#if __has_include(<unistd.h>)
-#include <unistd.h>  // sysconf: the machine's memory (physical_memory_bytes)
-#endif
-
 #include "kvcache/cache/quantized_view.hpp"
 #include "kvcache/error.hpp"
 #include "kvcache/float16.hpp"
@@ -333,16 +329,6 @@ inline std::vector<std::int64_t> reorder_rows(std::span<const std::int64_t> beam
 }
 
 /// batch_repeat_interleave: each row `repeats` times in turn (none while the cache is empty).
-/// The machine's physical memory in bytes, or 0 where it cannot be told.
-inline std::uint64_t physical_memory_bytes() {
-#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
-  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-  if (pages > 0 && page > 0)
-    return static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page);
-#endif
-  return 0;
-}
-
 inline std::vector<std::int64_t> repeat_rows(std::int64_t repeats, std::int64_t batch,
                                              const char* cache) {
   KVCACHE_CHECK(repeats >= 1, cache, "::batch_repeat_interleave: expected repeats >= 1, got ",
