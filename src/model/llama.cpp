@@ -75,6 +75,14 @@ Tensor require_vector(const WeightMap& weights, const std::string& name, std::in
   return t;
 }
 
+// Whether a dense matrix held in `target` is used as the file has it (no copy): the same dtype,
+// data aligned to its element size (safetensors does not promise alignment), contiguous.
+// hold_matrix and holding_bytes decide alike through it.
+bool used_in_place(const Tensor& t, DType target) {
+  const bool aligned = reinterpret_cast<std::uintptr_t>(t.data()) % dtype_size(target) == 0;
+  return target == t.dtype() && aligned && t.is_contiguous();
+}
+
 // A weight matrix as the model holds it. Quantized: kept, or dequantized when a dtype is asked
 // for. Dense: quantized when asked for; else in `dtype` when given, else as stored — float32 data
 // is used in place when 4-byte aligned (safetensors does not promise alignment), else copied.
@@ -87,8 +95,7 @@ cpu::Weight hold_matrix(const cpu::Weight& w, const LoadOptions& options) {
   const Tensor& t = w.dense();
   if (options.quantize) return cpu::QuantizedMatrix::quantize(t, *options.quantize);
   const DType target = options.dtype.value_or(t.dtype());
-  const bool aligned = reinterpret_cast<std::uintptr_t>(t.data()) % dtype_size(target) == 0;
-  if (target == t.dtype() && aligned && t.is_contiguous()) return t;
+  if (used_in_place(t, target)) return t;
   return cpu::cast(t, target);
 }
 
@@ -172,11 +179,8 @@ std::uint64_t holding_bytes(const WeightMap& weights, const ModelConfig& c,
       const auto granule = static_cast<std::uint64_t>(cpu::quant_row_granule(*options.quantize));
       total += rows * (cols / granule) * cpu::quant_block_bytes(*options.quantize);
     } else {
-      const Tensor& t = w.dense();
-      const DType target = options.dtype.value_or(t.dtype());
-      const bool aligned = reinterpret_cast<std::uintptr_t>(t.data()) % dtype_size(target) == 0;
-      if (!(target == t.dtype() && aligned && t.is_contiguous()))
-        total += rows * cols * dtype_size(target);
+      const DType target = options.dtype.value_or(w.dense().dtype());
+      if (!used_in_place(w.dense(), target)) total += rows * cols * dtype_size(target);
     }
   };
   auto vector = [&](const std::string& name, bool wanted) {
