@@ -7,10 +7,13 @@
 // the next one of that shape is served from memory the pool already holds: a warm decode step
 // makes no call that reaches the driver's allocator. memory_stats() reads the pool's counters.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
+#include <utility>
 
 #include "check.cuh"
 #include "dtype.cuh"
@@ -21,6 +24,22 @@ namespace kvcache::cuda {
 namespace {
 
 thread_local cudaStream_t g_stream = nullptr;
+
+std::atomic<detail::AllocationFaultHook> g_fault_hook{nullptr};
+
+// cudaMallocAsync and cudaMallocHost through the fault-injection hook (detail::
+// set_allocation_fault_hook): every allocation of the backend comes through one of these two.
+cudaError_t device_malloc(void** memory, std::size_t bytes, cudaStream_t stream) {
+  const detail::AllocationFaultHook hook = g_fault_hook.load(std::memory_order_relaxed);
+  if (hook != nullptr && hook()) return cudaErrorMemoryAllocation;
+  return cudaMallocAsync(memory, bytes, stream);
+}
+
+cudaError_t host_malloc(void** memory, std::size_t bytes) {
+  const detail::AllocationFaultHook hook = g_fault_hook.load(std::memory_order_relaxed);
+  if (hook != nullptr && hook()) return cudaErrorMemoryAllocation;
+  return cudaMallocHost(memory, bytes);
+}
 
 // The device's default pool, configured once per process to keep what it reserves.
 cudaMemPool_t pool() {
@@ -51,10 +70,25 @@ std::size_t checked_bytes(Shape shape, DType dtype) {
   return static_cast<std::size_t>(count) * dtype_size(dtype);
 }
 
+// A shared owner of new memory. Its control block is an allocation of its own: where that fails,
+// the deleter has already freed `memory`, and the failure becomes a kvcache::Error naming `where`
+// (as Tensor::empty's does), not a std::bad_alloc.
+template <class Deleter>
+std::shared_ptr<void> own(void* memory, Deleter deleter, const char* where) {
+  try {
+    return std::shared_ptr<void>(memory, std::move(deleter));
+  } catch (const std::bad_alloc&) {
+    KVCACHE_FAIL(where, ": out of memory (host memory for the allocation's owner)");
+  }
+}
+
 }  // namespace
 
 namespace detail {
 cudaStream_t stream() { return g_stream; }
+void set_allocation_fault_hook(AllocationFaultHook hook) {
+  g_fault_hook.store(hook, std::memory_order_relaxed);
+}
 }  // namespace detail
 
 bool built_with_cuda() { return true; }
@@ -102,9 +136,10 @@ Tensor empty_persistent(Shape shape, DType dtype) {
   const std::size_t bytes = checked_bytes(shape, dtype);
   void* memory = nullptr;
   (void)pool();
-  KVCACHE_CUDA_CHECK(cudaMallocAsync(&memory, bytes == 0 ? 1 : bytes, g_stream));
+  KVCACHE_CUDA_CHECK(device_malloc(&memory, bytes == 0 ? 1 : bytes, g_stream));
   // Freed on the stream current at the time of the free; never throws from the deleter.
-  std::shared_ptr<void> storage(memory, [](void* p) { (void)cudaFreeAsync(p, g_stream); });
+  std::shared_ptr<void> storage = own(
+      memory, [](void* p) { (void)cudaFreeAsync(p, g_stream); }, "cuda::empty");
   return Tensor::from_storage(std::move(storage), memory, shape, dtype, Device::kCuda);
 }
 
@@ -221,7 +256,7 @@ void upload_into(void* device, const void* host, std::size_t bytes) {
   if (s.capacity < bytes) {
     const std::size_t grown = std::max<std::size_t>(bytes, 2 * s.capacity);
     void* fresh = nullptr;
-    KVCACHE_CUDA_CHECK(cudaMallocHost(&fresh, grown));
+    KVCACHE_CUDA_CHECK(host_malloc(&fresh, grown));
     if (s.host) (void)cudaFreeHost(s.host);
     s.host = fresh;
     s.capacity = grown;
@@ -266,12 +301,15 @@ Tensor empty_pinned(Shape shape, DType dtype) {
     ::kvcache::detail::require_memory(Device::kCpu, bytes, "cuda::empty_pinned",
                                       "page-locked host memory");
   void* host = nullptr;
-  KVCACHE_CUDA_CHECK(cudaMallocHost(&host, bytes == 0 ? 1 : bytes));
+  KVCACHE_CUDA_CHECK(host_malloc(&host, bytes == 0 ? 1 : bytes));
   // A copy still in flight on any stream may read or write it: wait for the device first.
-  std::shared_ptr<void> storage(host, [](void* p) {
-    (void)cudaDeviceSynchronize();
-    (void)cudaFreeHost(p);
-  });
+  std::shared_ptr<void> storage = own(
+      host,
+      [](void* p) {
+        (void)cudaDeviceSynchronize();
+        (void)cudaFreeHost(p);
+      },
+      "cuda::empty_pinned");
   return Tensor::from_storage(std::move(storage), host, shape, dtype, Device::kCpu);
 }
 
@@ -427,8 +465,9 @@ StreamScope::~StreamScope() {
 
 MirroredBuffer::MirroredBuffer(std::size_t bytes) : bytes_(bytes) {
   void* host = nullptr;
-  KVCACHE_CUDA_CHECK(cudaMallocHost(&host, bytes == 0 ? 1 : bytes));
-  host_ = std::shared_ptr<void>(host, [](void* p) { (void)cudaFreeHost(p); });
+  KVCACHE_CUDA_CHECK(host_malloc(&host, bytes == 0 ? 1 : bytes));
+  host_ = own(
+      host, [](void* p) { (void)cudaFreeHost(p); }, "cuda::MirroredBuffer");
   std::memset(host, 0, bytes);
   device_ = empty_persistent({static_cast<std::int64_t>(bytes)}, DType::kUInt8);
   if (bytes > 0) KVCACHE_CUDA_CHECK(cudaMemsetAsync(device_.data(), 0, bytes, g_stream));
@@ -486,8 +525,9 @@ void Graph::end_capture() {
   if (status == cudaSuccess) status = cudaGraphInstantiate(&exec, graph, 0);
   (void)cudaGraphDestroy(graph);
   KVCACHE_CUDA_CHECK(status);
-  exec_ = std::shared_ptr<void>(
-      exec, [](void* e) { (void)cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(e)); });
+  exec_ = own(
+      exec, [](void* e) { (void)cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(e)); },
+      "cuda::Graph::end_capture");
   nodes_ = count;
 }
 

@@ -10,7 +10,8 @@
 # `bash .xfer/sh/second.sh` carrying .xfer/sh .xfer/b.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-programs=(tests/kvcache_tests tests/kvcache_cuda_tests examples/greedy_decode examples/custom_loop
+programs=(tests/kvcache_tests tests/kvcache_cuda_tests tests/kvcache_cuda_allocation_failure_tests
+          examples/greedy_decode examples/custom_loop
           benchmarks/attention_cuda_bench benchmarks/greedy_decode_cuda_bench benchmarks/gemv_cuda_bench)
 cmake -B build-gpu -DCMAKE_BUILD_TYPE=Release -DKVCACHE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DKVCACHE_NATIVE=OFF \
   -DKVCACHE_BUILD_EXAMPLES=ON -DKVCACHE_BUILD_BENCHMARKS=ON
@@ -25,4 +26,4 @@ if [[ ! -f .xfer/b/model.xz.b ]]; then
   xz -T2 -6 -c models/SmolLM2-135M-Instruct.Q4_1.gguf | split -b 45M - .xfer/m.
   mv .xfer/m.aa .xfer/a/model.xz.a && mv .xfer/m.ab .xfer/b/model.xz.b
 fi
-cp scripts/device/first.sh scripts/device/second.sh scripts/device/common.sh .xfer/sh/
+cp scripts/device/*.sh .xfer/sh/

@@ -21,6 +21,7 @@ void require_device(const char* where) {
 void set_stream(Stream) { not_built("set_stream"); }
 Stream current_stream() { return nullptr; }
 std::uint64_t free_device_memory() { return 0; }
+void detail::set_allocation_fault_hook(detail::AllocationFaultHook) {}
 Tensor empty(Shape, DType) { not_built("empty"); }
 Tensor empty_persistent(Shape, DType) { not_built("empty_persistent"); }
 ScratchScope::ScratchScope() { not_built("ScratchScope"); }

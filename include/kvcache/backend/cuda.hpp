@@ -46,6 +46,17 @@ void require_device(const char* where);
 /// what kvcache's stream-ordered pool has reserved and holds unused. 0 with no usable device.
 std::uint64_t free_device_memory();
 
+namespace detail {
+/// Fault injection for the allocation-failure tests (tests/cache/allocation_failure_cuda_test.cpp):
+/// while a hook is set, every device allocation (cudaMallocAsync) and page-locked host allocation
+/// (cudaMallocHost) the backend makes calls it first, and a `true` return fails that allocation
+/// as an exhausted device or host would (kvcache::Error, cudaErrorMemoryAllocation). nullptr, the
+/// default, turns it off; the check then costs one relaxed atomic load per allocation. Set it while
+/// no other thread allocates through the backend.
+using AllocationFaultHook = bool (*)();
+void set_allocation_fault_hook(AllocationFaultHook hook);
+}  // namespace detail
+
 /// Opaque cudaStream_t, so this header needs no CUDA headers.
 using Stream = void*;
 /// Stream used by the backend's kernels and copies on this thread (nullptr = default stream).
