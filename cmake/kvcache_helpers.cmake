@@ -41,7 +41,10 @@ endfunction()
 function(kvcache_add_benchmark name)
   cmake_parse_arguments(ARG "" "" "SOURCES;LIBS" ${ARGN})
   add_executable(${name} ${ARG_SOURCES})
-  target_link_libraries(${name} PRIVATE kvcache::kvcache benchmark::benchmark ${ARG_LIBS})
+  # OpenMP for the benchmarks' own parallel loops (bench_util.hpp's streaming read, the yardstick
+  # of every floor ratio, runs on the library's threads); the library links it privately.
+  target_link_libraries(${name} PRIVATE kvcache::kvcache benchmark::benchmark OpenMP::OpenMP_CXX
+                                        ${ARG_LIBS})
   target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/benchmarks)
   target_compile_options(${name} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-O3 -DNDEBUG> $<$<COMPILE_LANGUAGE:CUDA>:-O3 -DNDEBUG>)
   if(KVCACHE_NATIVE)

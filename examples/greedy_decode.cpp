@@ -12,7 +12,8 @@
 //                 dynamic|static|sliding|sink|quantized|offloaded]
 //                 [--window-length N] [--sink-tokens N] [--kv-bits 8|4|2] [--kv-group-size N]
 //                 [--kv-axis channel|token] [--residual-length N] [--cuda-graph on|off]
-//                 [--threads N] [--allow-past-context] [--json] [--help]
+//                 [--threads N] [--adapt-threads on|off] [--allow-past-context] [--json]
+//                 [--help]
 //
 // Rows given with --input-ids (';' separates rows) are left-padded with the model's pad id (0 when
 // it has none) and the attention mask is built to match. --raw sends the prompt without the chat
@@ -69,8 +70,9 @@ struct Options {
   std::string dtype;  // empty: as stored (GGUF Q8_0/Q4_1: quantized blocks)
   std::string cache = "dynamic";
   kvcache::GenerationConfig::CacheConfig cache_config;  // --window-length ... --residual-length
-  bool cuda_graph = true;  // --cuda-graph off: GPU decode steps launched kernel by kernel
-  int threads = 0;         // --threads N: CPU threads (0: OpenMP's default, OMP_NUM_THREADS)
+  bool cuda_graph = true;     // --cuda-graph off: GPU decode steps launched kernel by kernel
+  int threads = 0;            // --threads N: CPU threads (0: OpenMP's default, OMP_NUM_THREADS)
+  bool adapt_threads = true;  // --adapt-threads off: every CPU decode step on all threads
   bool allow_past_context = false;  // --allow-past-context: generate past the context length
   bool json = false;
 };
@@ -82,8 +84,8 @@ const char* kUsage =
     "                     [--cache dynamic|static|sliding|sink|quantized|offloaded]\n"
     "                     [--window-length N] [--sink-tokens N] [--kv-bits 8|4|2]\n"
     "                     [--kv-group-size N] [--kv-axis channel|token] [--residual-length N]\n"
-    "                     [--cuda-graph on|off] [--threads N] [--allow-past-context]\n"
-    "                     [--json] [--help]\n";
+    "                     [--cuda-graph on|off] [--threads N] [--adapt-threads on|off]\n"
+    "                     [--allow-past-context] [--json] [--help]\n";
 
 const char* kSeedQuestion = "Hello, what's your name.";
 
@@ -137,6 +139,11 @@ std::string help_text() {
     << (d.cuda_graph ? "on" : "off") << ")\n"
     << "  --threads N          CPU threads, N >= 1 (default: OpenMP's, OMP_NUM_THREADS if set,\n"
        "                       else one per core)\n"
+    << "  --adapt-threads on|off CPU: a decode step that other processes starve of CPU time has\n"
+       "                       the following steps tried on one thread, kept while faster\n"
+       "                       (GenerationConfig::adapt_decode_threads; default: "
+    << (d.adapt_threads ? "on" : "off")
+    << ")\n"
        "  --allow-past-context generate past the model's context length (max_position_embeddings)\n"
        "                       instead of failing before the prefill; the positions past it were\n"
        "                       never trained (default: off)\n"
@@ -211,6 +218,10 @@ Options parse(int argc, char** argv) {
       const std::string v = value();
       if (v != "on" && v != "off") fail("--cuda-graph expects on or off, got '" + v + "'");
       o.cuda_graph = v == "on";
+    } else if (arg == "--adapt-threads") {
+      const std::string v = value();
+      if (v != "on" && v != "off") fail("--adapt-threads expects on or off, got '" + v + "'");
+      o.adapt_threads = v == "on";
     } else if (arg == "--threads") {
       const std::string v = value();
       try {
@@ -285,6 +296,7 @@ nlohmann::json result_json(const std::string& model, const kvcache::GenerateResu
   out["cache_length"] = r.cache_length;
   out["cache_bytes"] = r.cache_bytes;
   out["graph_steps"] = r.graph_steps;
+  out["single_thread_steps"] = r.single_thread_steps;
   return out;
 }
 
@@ -306,6 +318,9 @@ void print_stats(const kvcache::GenerateResult& r, std::int64_t prompt_tokens, s
               static_cast<long long>(r.decode_steps));
   if (model.device() == kvcache::Device::kCuda)
     std::printf(", %lld replayed from a CUDA graph", static_cast<long long>(r.graph_steps));
+  if (r.single_thread_steps > 0)
+    std::printf(", %lld on one thread (the other cores were busy)",
+                static_cast<long long>(r.single_thread_steps));
   std::printf(")\n");
   std::printf("cache: %lld tokens, %zu bytes\n", static_cast<long long>(r.cache_length),
               r.cache_bytes);
@@ -346,6 +361,7 @@ int main(int argc, char** argv) {
     // path falls back to the tokenizer's EOS when the config names none.
     gen.eos_token_ids = config.eos_token_ids;
     gen.cuda_graph = o.cuda_graph;
+    gen.adapt_decode_threads = o.adapt_threads;
     gen.allow_past_context = o.allow_past_context;
     gen.cache_implementation = o.cache;  // the cache generate() builds when none is passed
     gen.cache_config = o.cache_config;

@@ -9,14 +9,20 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <ctime>
 #include <limits>
 #include <memory>
 #include <numeric>
 #include <optional>
 #include <random>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include "decode_graph.hpp"
 #include "kvcache/attention/mask.hpp"
+#include "kvcache/backend/cpu.hpp"
 #include "kvcache/error.hpp"
 #include "kvcache/memory.hpp"
 
@@ -230,6 +236,159 @@ template std::unique_ptr<Cache<cuda::Backend>> make_generation_cache<cuda::Backe
 
 namespace {
 
+// CPU decode steps on a shared machine (GenerationConfig::adapt_decode_threads; issue #11). Each
+// OpenMP region of a step ends in a barrier, so a team thread whose core another process keeps
+// busy (off the CPU for whole scheduler slices) stalls every region. The signal is the process's
+// CPU time over a step against threads × the step's wall time: near 1 with every thread on a core
+// of its own (waiting workers spin), markedly below it when a thread was descheduled. Two such
+// team steps in a row start a try of the calling thread alone: three steps (the team's workers
+// may still spin on the free core during the first), judged by the fastest against the team's
+// last step, kept when faster by a tenth. From then on the team is tried again, one step, after
+// 16, 32, ... 1024 steps (each lost try doubles the wait), and only when /proc/stat shows at least
+// half a core idle since the last look: beside a busy core a team step can stall for 80-180 ms
+// waking its sleeping worker, so a try that cannot win is counted lost without running it. A lost
+// one-thread try keeps the team and holds off the next try as long. On an idle machine the ratio
+// stays near 1 and nothing is tried: the cost is two clock reads a step. Step 0 (the prefill) and
+// step 1 (the workers' warm-up) always run on the full team and are not judged; the thread count
+// in force is restored at the end. A machine of many cores gets only the all-or-one choice.
+class DecodeThreads {
+ public:
+  DecodeThreads(bool enabled, std::int64_t first_judged_step)
+      : full_(cpu::num_threads()), enabled_(enabled && full_ > 1), first_(first_judged_step) {}
+  ~DecodeThreads() {
+    if (solo_now_) cpu::set_num_threads(full_);
+  }
+  DecodeThreads(const DecodeThreads&) = delete;
+  DecodeThreads& operator=(const DecodeThreads&) = delete;
+
+  // Before step `step`: the thread count it runs on.
+  void begin(std::int64_t step) {
+    if (!enabled_) return;
+    step_ = step;
+    if (mode_solo_ && probe_ == step && !other_cores_idle()) {
+      // No core sat idle since the last look: the team would only wait for a thread that other
+      // processes keep off the CPU. The try counts as lost, without running it.
+      interval_ = std::min(2 * interval_, kMaxInterval);
+      probe_ = step + interval_;
+    }
+    const bool trying = probe_ >= 0 && step >= probe_ && step < probe_ + trial_steps();
+    const bool solo = step >= first_ && (mode_solo_ != trying);
+    if (solo != solo_now_) {
+      cpu::set_num_threads(solo ? 1 : full_);
+      solo_now_ = solo;
+    }
+    if (solo) ++solo_steps_;
+    wall0_ = Clock::now();
+    cpu0_ = process_cpu_seconds();
+  }
+
+  // Steps run on the calling thread alone so far.
+  std::int64_t solo_steps() const { return solo_steps_; }
+
+  // After the step begun last: judges it.
+  void end() {
+    if (!enabled_ || step_ < first_) return;
+    const double wall = std::chrono::duration<double>(Clock::now() - wall0_).count();
+    const double cpu = process_cpu_seconds() - cpu0_;
+    const bool trying = probe_ >= 0 && step_ >= probe_ && step_ < probe_ + trial_steps();
+    if (!trying) {
+      baseline_ = wall;  // the latest step of the mode in force
+      if (!solo_now_) {
+        // Two team steps in a row that got markedly less CPU than they had wall time: try one
+        // thread from the next step on.
+        starved_ = cpu < kStarvedShare * wall * full_ ? starved_ + 1 : 0;
+        if (starved_ >= 2 && probe_ < 0 && step_ >= quiet_until_) {
+          probe_ = step_ + 1;
+          best_try_ = 0.0;
+        }
+      }
+      return;
+    }
+    best_try_ = best_try_ > 0.0 ? std::min(best_try_, wall) : wall;
+    if (step_ + 1 < probe_ + trial_steps()) return;
+    // The try is over: its fastest step against the mode in force.
+    const bool wins = baseline_ > 0.0 && best_try_ < 0.9 * baseline_;
+    if (wins) {
+      mode_solo_ = !mode_solo_;
+      interval_ = kFirstInterval;
+      baseline_ = best_try_;
+      if (mode_solo_) (void)other_cores_idle();  // the idle time is counted from here
+    } else {
+      interval_ = std::min(2 * interval_, kMaxInterval);  // it lost: wait twice as long
+    }
+    // One thread: try the team again after the interval. The team after a lost one-thread try: no
+    // other try for the interval (after a won team try, starvation is watched at once).
+    probe_ = mode_solo_ ? step_ + interval_ : -1;
+    best_try_ = 0.0;
+    if (!mode_solo_ && !wins) quiet_until_ = step_ + interval_;
+    starved_ = 0;
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  static constexpr double kStarvedShare = 0.8;
+  static constexpr std::int64_t kFirstInterval = 16, kMaxInterval = 1024;
+
+  // Steps a try runs: one thread gets three (the team's workers may still spin on the free core
+  // for the first, and the scheduler moves the caller there after it), the team one.
+  std::int64_t trial_steps() const { return mode_solo_ ? 1 : 3; }
+
+  // Whether the machine's CPUs were idle for at least half a core on average since the last call
+  // (the idle and iowait times of /proc/stat's first line; true where it cannot be read, so the
+  // team is tried as it would be without this look).
+  bool other_cores_idle() {
+    double idle = 0.0;
+    const auto now = Clock::now();
+    if (!system_idle_seconds(idle)) return true;
+    const double wall = std::chrono::duration<double>(now - idle_at_).count();
+    const bool was_idle = idle_at_ == Clock::time_point{} || idle - idle0_ >= 0.5 * wall;
+    idle0_ = idle;
+    idle_at_ = now;
+    return was_idle;
+  }
+
+  static bool system_idle_seconds(double& idle) {
+    char buffer[512];
+    const int fd = ::open("/proc/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return false;
+    const ssize_t n = ::read(fd, buffer, sizeof(buffer) - 1);
+    ::close(fd);
+    if (n <= 0) return false;
+    buffer[n] = '\0';
+    unsigned long long v[5] = {};  // user nice system idle iowait
+    if (std::sscanf(buffer, "cpu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4]) != 5)
+      return false;
+    const long ticks = ::sysconf(_SC_CLK_TCK);
+    if (ticks <= 0) return false;
+    idle = static_cast<double>(v[3] + v[4]) / static_cast<double>(ticks);
+    return true;
+  }
+
+  static double process_cpu_seconds() {
+    timespec t{};
+    if (clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t) != 0) return 0.0;
+    return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+  }
+
+  int full_;
+  bool enabled_;
+  std::int64_t first_;
+  bool mode_solo_ = false;        // the mode steps run in between tries
+  bool solo_now_ = false;         // the thread count set now is 1
+  std::int64_t probe_ = -1;       // the step that tries the other mode (-1: none planned)
+  std::int64_t quiet_until_ = 0;  // no one-thread try before this step
+  std::int64_t interval_ = kFirstInterval;
+  int starved_ = 0;  // team steps in a row that got too little CPU
+  std::int64_t solo_steps_ = 0;
+  std::int64_t step_ = -1;
+  double baseline_ = 0.0;  // the latest step's wall time in the mode in force
+  double best_try_ = 0.0;  // the fastest step of the try under way
+  Clock::time_point wall0_{};
+  Clock::time_point idle_at_{};  // the last look at the machine's idle time
+  double idle0_ = 0.0;
+  double cpu0_ = 0.0;
+};
+
 // The GPU's sampling draws: one uniform per row from the seed's sequence (empty when greedy), the
 // same whether the step is launched kernel by kernel or replayed from a graph.
 std::vector<float> gpu_uniforms(std::int64_t batch, const GenerationConfig& config,
@@ -358,8 +517,11 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
   constexpr std::int64_t kGraphTokens = 4096;
   const std::int64_t wanted = past + prompt + std::min(config.max_new_tokens, kGraphTokens);
   const std::int64_t graph_capacity = replayable ? replayable->capacity(wanted) : wanted;
+  // CPU decode steps may drop to the calling thread alone on a shared machine (steps from 2 on).
+  DecodeThreads threads(B::kDevice == Device::kCpu && config.adapt_decode_threads, 2);
   for (std::int64_t step = 0; step < config.max_new_tokens; ++step) {
     std::vector<std::int64_t> next;
+    threads.begin(step);
     if (stream && step >= 2 && cache_position.front() + 1 <= graph_capacity) {
       // Step 1 ran kernel by kernel and sized the scratch workspace; step 2 captures.
       if constexpr (B::kDevice == Device::kCuda) {
@@ -375,6 +537,7 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
                                            .logits_to_keep = 1});
       next = choose_tokens(logits, config, rng_state, finished);
     }
+    threads.end();
     if (step == 0) {
       decode_start = Clock::now();
       result.prefill_ms = std::chrono::duration<double, std::milli>(decode_start - start).count();
@@ -405,6 +568,7 @@ GenerateResult generate_on(const LlamaModel& model, const Tensor& input_ids,
         static_cast<double>(result.decode_steps * batch) / (result.decode_ms / 1000.0);
   }
   if (graph) result.graph_steps = graph->replays();
+  result.single_thread_steps = threads.solo_steps();
   result.cache_length = past_key_values.get_seq_length();
   result.cache_bytes = past_key_values.nbytes();
   return result;

@@ -22,6 +22,10 @@
 #include "kvcache/attention/mask.hpp"
 #include "kvcache/backend/cuda.hpp"
 #include "kvcache/cache/cache.hpp"
+#include "kvcache/cache/dynamic_cache.hpp"
+#include "kvcache/cache/quantized_cache.hpp"
+#include "kvcache/cache/sink_cache.hpp"
+#include "kvcache/cache/static_cache.hpp"
 #include "test_util.hpp"
 
 namespace kvcache::testing {
@@ -198,6 +202,45 @@ long expect_strong_guarantee(const Kind<Backend>& kind, const Operation<Backend>
   }
   ADD_FAILURE() << kind.name << ", " << op.name << ": still allocating after " << kMaxAllocations;
   return failures;
+}
+
+// The cache kinds both backends have, each made with a few tokens in every layer: DynamicCache
+// (full layers, and a sliding layer 0 of window 4), StaticCache with its layers up front, SinkCache
+// and QuantizedCache (the CPU program adds the lazy StaticCache, the CUDA one OffloadedCache). The
+// CUDA program includes quantized_cache_cuda.hpp for QuantizedCache<cuda::Backend>.
+template <class Backend>
+std::vector<Kind<Backend>> shared_kinds() {
+  const std::string on = Backend::kDevice == Device::kCuda ? "<cuda>" : "";
+  std::vector<float> inv_freq;
+  for (int i = 0; i < kHeadDim / 2; ++i) inv_freq.push_back(1.0f / (1.0f + static_cast<float>(i)));
+  return {
+      {"DynamicCache" + on, [] { return std::make_unique<DynamicCache<Backend>>(); }},
+      {"DynamicCache" + on + " (sliding layer 0, window 4)",
+       [] {
+         return std::make_unique<DynamicCache<Backend>>(
+             DynamicCacheOptions{.sliding_windows = {4}});
+       }},
+      {"StaticCache" + on + " (up front)",
+       [] {
+         return std::make_unique<StaticCache<Backend>>(StaticCacheOptions{.max_batch_size = 4,
+                                                                          .max_cache_len = 64,
+                                                                          .num_layers = kLayers,
+                                                                          .num_kv_heads = kHeads,
+                                                                          .head_dim = kHeadDim});
+       },
+       5, false},
+      {"SinkCache" + on + " (window 7, 2 sinks)",
+       [inv_freq] {
+         return std::make_unique<SinkCache<Backend>>(
+             SinkCacheOptions{.window_length = 7, .num_sink_tokens = 2, .rope_inv_freq = inv_freq});
+       }},
+      {"QuantizedCache" + on + " (4 bits, groups of 4, residual 4)",
+       [] {
+         return std::make_unique<QuantizedCache<Backend>>(
+             QuantizedCacheOptions{.nbits = 4, .group_size = 4, .residual_length = 4});
+       },
+       11},
+  };
 }
 
 }  // namespace kvcache::testing

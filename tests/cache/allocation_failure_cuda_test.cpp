@@ -26,9 +26,6 @@ namespace kvcache {
 namespace {
 
 using testing::FailNthAllocation;
-using testing::kHeadDim;
-using testing::kHeads;
-using testing::kLayers;
 using Kind = testing::Kind<cuda::Backend>;
 
 // The backend's allocations counted with operator new's: the hook fails the armed Nth one.
@@ -43,47 +40,18 @@ class CudaAllocationFailure : public ::testing::Test {
   void TearDown() override { cuda::detail::set_allocation_fault_hook(nullptr); }
 };
 
-std::vector<float> inv_freq() {
-  std::vector<float> f;
-  for (int i = 0; i < kHeadDim / 2; ++i) f.push_back(1.0f / (1.0f + static_cast<float>(i)));
-  return f;
-}
-
+// OffloadedCache (growing, and with its capacity reserved up front), then the kinds both backends
+// have.
 std::vector<Kind> kinds() {
-  return {
+  std::vector<Kind> all = {
       {"OffloadedCache", [] { return std::make_unique<OffloadedCache>(); }},
       {"OffloadedCache (capacity 8 reserved)",
        [] {
          return std::make_unique<OffloadedCache>(OffloadedCacheOptions{.initial_capacity = 8});
        }},
-      {"DynamicCache<cuda>", [] { return std::make_unique<DynamicCache<cuda::Backend>>(); }},
-      {"DynamicCache<cuda> (sliding layer 0, window 4)",
-       [] {
-         return std::make_unique<DynamicCache<cuda::Backend>>(
-             DynamicCacheOptions{.sliding_windows = {4}});
-       }},
-      {"StaticCache<cuda> (up front)",
-       [] {
-         return std::make_unique<StaticCache<cuda::Backend>>(
-             StaticCacheOptions{.max_batch_size = 4,
-                                .max_cache_len = 64,
-                                .num_layers = kLayers,
-                                .num_kv_heads = kHeads,
-                                .head_dim = kHeadDim});
-       },
-       5, false},
-      {"SinkCache<cuda> (window 7, 2 sinks)",
-       [] {
-         return std::make_unique<SinkCache<cuda::Backend>>(SinkCacheOptions{
-             .window_length = 7, .num_sink_tokens = 2, .rope_inv_freq = inv_freq()});
-       }},
-      {"QuantizedCache<cuda> (4 bits, groups of 4, residual 4)",
-       [] {
-         return std::make_unique<QuantizedCache<cuda::Backend>>(
-             QuantizedCacheOptions{.nbits = 4, .group_size = 4, .residual_length = 4});
-       },
-       11},
   };
+  for (Kind& kind : testing::shared_kinds<cuda::Backend>()) all.push_back(std::move(kind));
+  return all;
 }
 
 TEST_F(CudaAllocationFailure, TheHookFailsDeviceAndPinnedAllocationsAsKvcacheErrors) {

@@ -36,9 +36,6 @@ namespace {
 
 using testing::FailNthAllocation;
 using testing::kBatch;
-using testing::kHeadDim;
-using testing::kHeads;
-using testing::kLayers;
 using testing::kMaxAllocations;
 using testing::Probe;
 using testing::to_doubles;
@@ -46,41 +43,12 @@ using CpuCache = Cache<cpu::Backend>;
 using Kind = testing::Kind<cpu::Backend>;
 using Operation = testing::Operation<cpu::Backend>;
 
-std::vector<float> inv_freq() {
-  std::vector<float> f;
-  for (int i = 0; i < kHeadDim / 2; ++i) f.push_back(1.0f / (1.0f + static_cast<float>(i)));
-  return f;
-}
-
+// The kinds both backends have, and the StaticCache that makes its layers as they come.
 std::vector<Kind> kinds() {
-  return {
-      {"DynamicCache", [] { return std::make_unique<DynamicCache<>>(); }},
-      {"DynamicCache (sliding layer 0, window 4)",
-       [] {
-         return std::make_unique<DynamicCache<>>(DynamicCacheOptions{.sliding_windows = {4}});
-       }},
-      {"StaticCache (lazy)", [] { return std::make_unique<StaticCache<>>(4, 64); }},
-      {"StaticCache (up front)",
-       [] {
-         return std::make_unique<StaticCache<>>(StaticCacheOptions{.max_batch_size = 4,
-                                                                   .max_cache_len = 64,
-                                                                   .num_layers = kLayers,
-                                                                   .num_kv_heads = kHeads,
-                                                                   .head_dim = kHeadDim});
-       },
-       5, false},
-      {"SinkCache (window 7, 2 sinks)",
-       [] {
-         return std::make_unique<SinkCache<>>(SinkCacheOptions{
-             .window_length = 7, .num_sink_tokens = 2, .rope_inv_freq = inv_freq()});
-       }},
-      {"QuantizedCache (4 bits, groups of 4, residual 4)",
-       [] {
-         return std::make_unique<QuantizedCache<>>(
-             QuantizedCacheOptions{.nbits = 4, .group_size = 4, .residual_length = 4});
-       },
-       11},
-  };
+  std::vector<Kind> all = testing::shared_kinds<cpu::Backend>();
+  all.insert(all.begin() + 2,
+             {"StaticCache (lazy)", [] { return std::make_unique<StaticCache<>>(4, 64); }});
+  return all;
 }
 
 // Where an allocation's pointer escapes, so the compiler cannot elide the allocation.

@@ -75,6 +75,16 @@ struct GenerationConfig {
   /// that follow (RoPE computes any position alike; no error, nothing truncated), but the model
   /// never saw them in training and its output there typically degrades.
   bool allow_past_context = false;
+  /// CPU decode on a shared machine. With more than one CPU thread, every OpenMP region of a
+  /// decode step waits for its slowest thread, so a thread whose core another process keeps busy
+  /// stalls the whole step (two threads then decode slower than one). true (the default): a
+  /// decode step that got markedly less CPU time than its threads had wall time (the process's
+  /// CPU time against threads × wall time) has the next step tried on the calling thread alone;
+  /// while one thread is faster, decode steps run on one, and the full team is tried again at
+  /// growing intervals (8 to 256 steps). The prefill always runs on the full team, and a decode
+  /// step's results do not depend on its thread count, so the tokens are the same either way.
+  /// false: every step runs on the thread count in force (cpu::set_num_threads).
+  bool adapt_decode_threads = true;
 };
 
 }  // namespace kvcache

@@ -56,6 +56,9 @@ struct GenerateResult {
   std::size_t cache_bytes = 0;  // bytes of keys and values held
   /// Decode steps replayed from a CUDA graph (GPU only; 0 on the CPU).
   std::int64_t graph_steps = 0;  // decode steps replayed from a CUDA graph (GPU only)
+  /// CPU decode steps run on the calling thread alone because the full team was starved of CPU
+  /// time (GenerationConfig::adapt_decode_threads; 0 on an idle machine and on the GPU).
+  std::int64_t single_thread_steps = 0;  // CPU decode steps run on one thread (shared machine)
 };
 
 /// Called for every generated token: (row, token, step). Return false to stop generating.
