@@ -5,7 +5,9 @@
 // kernels of the default model) and for one row and a left-padded batch. The second runs
 // generate() while busy processes take the cores, so that steps really do move to one thread on a
 // small machine, and expects the tokens of an unloaded run. No timing is asserted: how many steps
-// ran on one thread depends on the machine, and is only printed.
+// ran on one thread depends on the machine, and is only printed. A prefill computes the same bits
+// on any thread count too (its GEMM panels are not sized per thread), checked past the row
+// kernels' sizes.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -152,6 +154,55 @@ TEST(DecodeThreads, ADecodeStepComputesTheSameBitsOnAnyThreadCount) {
   const std::optional<LlamaModel> model = default_gguf_model();
   if (!model) GTEST_SKIP() << "no default model (scripts/setup-model.sh)";
   expect_thread_count_invariant(*model, "default model (Q4_1 / Q8_0 blocks)");
+}
+
+// The last position's logits of a prefill of `tokens` tokens on `threads` threads.
+std::vector<float> prefill_logits(const LlamaModel& model, std::int64_t tokens, int threads) {
+  std::vector<std::int64_t> prompt;
+  for (std::int64_t i = 0; i < tokens; ++i)
+    prompt.push_back((3 + 41 * i) % model.config().vocab_size);
+  ThreadCountGuard guard;
+  cpu::set_num_threads(threads);
+  DynamicCache<> cache;
+  const Tensor logits = model.forward({.input_ids = ids_tensor({prompt}),
+                                       .cache_position = make_cache_position(0, tokens),
+                                       .past_key_values = &cache,
+                                       .logits_to_keep = 1});
+  const float* p = logits.data_as<float>();
+  return std::vector<float>(p, p + logits.numel());
+}
+
+// Prefills long enough for the GEMM path (past the row kernels' 16 dense / 32 Q4_1 rows), whose
+// panel split once followed the thread count.
+void expect_prefill_thread_count_invariant(const LlamaModel& model, const std::string& what) {
+  for (std::int64_t tokens : {40, 100}) {
+    const std::vector<float> one = prefill_logits(model, tokens, 1);
+    for (int threads : {2, 3}) {
+      const std::vector<float> many = prefill_logits(model, tokens, threads);
+      ASSERT_EQ(many.size(), one.size());
+      std::size_t differ = 0;
+      for (std::size_t i = 0; i < one.size(); ++i) differ += std::memcmp(&one[i], &many[i], 4) != 0;
+      EXPECT_EQ(differ, 0u) << what << ", prefill of " << tokens << ": " << threads
+                            << " threads against 1";
+    }
+  }
+}
+
+TEST(DecodeThreads, APrefillComputesTheSameBitsOnAnyThreadCount) {
+  ModelConfig config = testing::tiny_llama_config();
+  config.intermediate_size = 64;  // Q4_1 rows need a multiple of 32 values
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    const LlamaModel model =
+        LlamaModel::from_weights(config, random_llama_weights(config, 8, dtype, 0.3f));
+    expect_prefill_thread_count_invariant(model, "tiny model, " + std::string(dtype_name(dtype)));
+  }
+  const LlamaModel quantized =
+      LlamaModel::from_weights(config, random_llama_weights(config, 9, DType::kFloat32, 0.3f),
+                               {.quantize = cpu::QuantFormat::kQ4_1});
+  expect_prefill_thread_count_invariant(quantized, "tiny model, Q4_1 at load");
+  const std::optional<LlamaModel> model = default_gguf_model();
+  if (!model) GTEST_SKIP() << "no default model (scripts/setup-model.sh)";
+  expect_prefill_thread_count_invariant(*model, "default model (Q4_1 / Q8_0 blocks)");
 }
 
 TEST(DecodeThreads, StepsMovedToOneThreadByBusyCoresGiveTheTokensOfAnIdleRun) {

@@ -249,11 +249,12 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
     return y;
   }
   // Many rows: Eigen's GEMM over panels of W; 16-bit rows are widened a panel at a time. Many
-  // rows (prefill) get one panel per thread, so each thread packs x once; few rows panels of 64.
+  // rows (prefill) get detail::kPanelShares panels of a multiple of 16 rows (few packings of x;
+  // a count that does not follow the thread count, so neither do the bits); few rows panels of 64.
   const std::int64_t in = weight.size(1), out = weight.size(0);
-  const std::int64_t panel =
-      x.size(0) > 16 ? std::max<std::int64_t>(kOutBlock, (out + num_threads() - 1) / num_threads())
-                     : kOutBlock;
+  const std::int64_t share =
+      ((out + detail::kPanelShares - 1) / detail::kPanelShares + 15) / 16 * 16;
+  const std::int64_t panel = x.size(0) > 16 ? std::max<std::int64_t>(kOutBlock, share) : kOutBlock;
   detail::linear_panels(
       x.data_as<float>(), x.size(0), in, out, panel,
       bias.defined() ? bias.data_as<float>() : nullptr, y.data_as<float>(),

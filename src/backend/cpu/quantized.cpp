@@ -701,10 +701,11 @@ namespace {
 
 // Output rows per dequantized panel of the prefill path: about 64 (a panel of 64 × 576 float32
 // stays in L2 between its dequantization and the GEMM), a multiple of 16, and a count of panels
-// that the threads share evenly — linear_panels hands them out statically, and 64-row panels of a
-// 576- or 192-row matrix (9 and 3 of them) leave one of two threads idle for a panel.
+// that detail::kPanelShares divides — linear_panels hands them out statically, and 64-row panels
+// of a 576- or 192-row matrix (9 and 3 of them) would leave one of two threads idle for a panel.
+// The count does not follow the thread count, so neither do the prefill's bits.
 std::int64_t panel_rows(std::int64_t out) {
-  const std::int64_t threads = omp_get_max_threads();
+  const std::int64_t threads = detail::kPanelShares;
   for (std::int64_t per_thread = (out + 64 * threads - 1) / (64 * threads);; ++per_thread) {
     const std::int64_t rows = (out + threads * per_thread - 1) / (threads * per_thread);
     const std::int64_t panel = (rows + 15) / 16 * 16;
